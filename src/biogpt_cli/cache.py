@@ -1,0 +1,69 @@
+"""KVCache: preallocated keys and values for every layer, written in place.
+
+One tensor per kind, shaped [layers, batch, heads, capacity, head_dim]. A forward pass writes its
+new positions at `length` and attends over the prefix `[:length]`; nothing is concatenated per
+step. Capacity grows by doubling only when a caller decodes past it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, num_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (num_layers, batch, num_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # second buffer for reorder()
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def reserve(self, new_tokens: int, limit: int) -> None:
+        """Make room for `new_tokens` more positions (at most `limit` in all)."""
+        need = self.length + new_tokens
+        if need <= self.capacity:
+            return
+        grown = min(max(need, 2 * self.capacity), max(limit, need))
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:3], grown, old.shape[4])
+            new[:, :, :, : self.length] = old[:, :, :, : self.length]
+            setattr(self, name, new)
+        self._spare = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's [batch, heads, t, head_dim] keys/values; return the whole prefix."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, tokens: int) -> None:
+        """Called once per forward pass, after every layer has written its `update`."""
+        self.length += tokens
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search: row i becomes old row index[i]. Gathers into a spare buffer and swaps."""
+        if self._spare is None or self._spare[0].shape[1] != index.numel():
+            shape = (self.k.shape[0], index.numel(), *self.k.shape[2:])
+            self._spare = (self.k.new_empty(shape), self.v.new_empty(shape))
+        n = self.length
+        for src, dst in zip((self.k, self.v), self._spare, strict=True):
+            dst[:, :, :, :n] = src[:, :, :, :n].index_select(1, index)
+        (self.k, self.v), self._spare = self._spare, (self.k, self.v)
+
+    def expand(self, repeats: int) -> None:
+        """Repeat each row `repeats` times (a prompt's cache shared by its beams or samples)."""
+        index = torch.arange(self.batch_size, device=self.k.device).repeat_interleave(repeats)
+        self._spare = None
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)

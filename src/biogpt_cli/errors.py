@@ -1,0 +1,21 @@
+"""Errors a user can act on. The CLI catches `BioGptError` in one place and prints one line."""
+
+
+class BioGptError(Exception):
+    """Base class: the message says what is wrong and, where it can, what to do."""
+
+
+class ConfigError(BioGptError):
+    """A config.json (or a config built in code) that cannot describe a BioGPT model."""
+
+
+class CheckpointError(BioGptError):
+    """A model folder, weight file or Hub id that cannot be loaded."""
+
+
+class VocabularyError(BioGptError):
+    """Missing or inconsistent tokenizer files."""
+
+
+class InputError(BioGptError):
+    """A prompt or option value that generation cannot honour (e.g. too long for the model)."""

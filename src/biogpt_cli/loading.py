@@ -1,0 +1,349 @@
+"""Finding and reading checkpoints: local folders, Hub ids, Hub and fairseq layouts.
+
+Nothing here ever executes pickled code: `pytorch_model.bin` goes through
+`torch.load(weights_only=True)`, and the fairseq `checkpoint.pt` (which also pickles training
+state: config objects, optimizer history, meters) through an allow-list unpickler that turns every
+class it does not know into an inert stub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import BioGptConfig
+from .errors import BioGptError, CheckpointError, ConfigError
+from .tokenizer import HUB_FILES, BioGptTokenizer
+
+DEFAULT_MODEL = "microsoft/biogpt"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+FAIRSEQ_CHECKPOINT = "checkpoint.pt"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# -- where the files are -----------------------------------------------------------------------
+def resolve(path_or_id: str | Path, revision: str | None = None,
+            files: tuple[str, ...] = ("config.json", *HUB_FILES)) -> Path:
+    """A local folder as is; otherwise a Hub id, from the local Hub cache first, then the network.
+
+    `files` are fetched from the Hub (weights are fetched by `load_model`). Honours `HF_HOME` and
+    `HF_HUB_OFFLINE` through huggingface_hub.
+    """
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: expected a model folder, found a file")
+    name = str(path_or_id)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not re.fullmatch(r"[\w.\-/]+", name):
+        raise CheckpointError(f"{name}: no such model folder")
+    return _hub_folder(name, revision, files)
+
+
+def _hub_folder(repo_id: str, revision: str | None, files: tuple[str, ...]) -> Path:
+    """Download (or find cached) `files`; a group 'a|b' takes the first of its names that exists.
+
+    huggingface_hub writes a file under its final name only when it is complete, so a broken
+    download never looks like a cached model.
+    """
+    from huggingface_hub import hf_hub_download
+
+    def fetch(local_only: bool) -> Path:
+        folder = None
+        for group in files:
+            names = group.split("|")
+            for i, filename in enumerate(names):
+                try:
+                    folder = Path(hf_hub_download(repo_id, filename, revision=revision,
+                                                  local_files_only=local_only)).parent
+                    break
+                except Exception as e:  # noqa: BLE001 -- many error types, all mean "not here"
+                    if i == len(names) - 1 or "EntryNotFound" not in type(e).__name__:
+                        raise
+        assert folder is not None
+        return folder
+
+    try:
+        return fetch(local_only=True)
+    except Exception:  # noqa: BLE001 -- not (completely) cached: ask the network
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    hint = ("is not in the local Hugging Face cache" + (" and HF_HUB_OFFLINE is set" if offline else "")
+            + "; pass --model PATH for a local folder, or download it once while online "
+              "(then HF_HUB_OFFLINE=1 works)")
+    if offline:
+        raise CheckpointError(f"{repo_id} {hint}")
+    try:
+        return fetch(local_only=False)
+    except Exception as e:  # noqa: BLE001 -- network, auth, unknown repo: one message
+        reason = type(e).__name__
+        if "RepositoryNotFound" in reason:
+            raise CheckpointError(f"{repo_id}: no such model on the Hugging Face Hub (or it is private); "
+                                  "pass --model PATH for a local folder") from None
+        raise CheckpointError(f"{repo_id} {hint} ({reason})") from None
+
+
+# -- reading weights ---------------------------------------------------------------------------
+def read_checkpoint(folder: Path) -> tuple[BioGptConfig, dict[str, torch.Tensor]]:
+    """Config and state dict (Hub key names) from a Hub-layout or fairseq-layout folder."""
+    if (folder / FAIRSEQ_CHECKPOINT).is_file() and not (folder / "config.json").is_file():
+        return read_fairseq(folder / FAIRSEQ_CHECKPOINT)
+    config = BioGptConfig.from_json(folder / "config.json")
+    if (folder / WEIGHT_FILES[0]).is_file():
+        return config, read_safetensors(folder / WEIGHT_FILES[0])
+    if (folder / WEIGHT_FILES[1]).is_file():
+        return config, read_torch_bin(folder / WEIGHT_FILES[1], config)
+    raise CheckpointError(f"{folder}: no weights (expected {' or '.join(WEIGHT_FILES)})")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Memory-mapped: tensors are views of the file's pages, not copies."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupted?): {e}") from None
+
+
+def _converted_cache(path: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    base = Path(os.environ.get("BIOGPT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "biogpt-cli")
+    return base.expanduser() / "converted" / f"{key}.safetensors"
+
+
+def read_torch_bin(path: Path, config: BioGptConfig) -> dict[str, torch.Tensor]:
+    """`weights_only=True` refuses anything but tensors. The result is saved once as safetensors
+    in the user cache, so the next start maps it instead of unpickling 1.5 GB."""
+    cached = _converted_cache(path)
+    if cached.is_file():
+        try:
+            return read_safetensors(cached)
+        except CheckpointError:
+            cached.unlink(missing_ok=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: refused: it pickles objects other than tensors, and loading it "
+                              "could run code (only plain weight files are accepted)") from None
+    except Exception as e:  # noqa: BLE001 -- torch raises many types for a bad zip/pickle
+        raise CheckpointError(f"{path}: cannot read PyTorch weights ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors")
+    _save_converted(state, cached, config)
+    return state
+
+
+def _save_converted(state: dict[str, torch.Tensor], target: Path, config: BioGptConfig) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in state.items()
+               if not (config.tie_word_embeddings and k == "output_projection.weight")}
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, tmp)
+        os.replace(tmp, target)
+    except OSError:  # a read-only cache only costs speed
+        tmp.unlink(missing_ok=True)
+
+
+class _Stub:
+    """Stands in for any class the fairseq unpickler does not allow; keeps its state as data."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Stub:  # the "class" is called to build
+        return _Stub(*args, **kwargs)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    ALLOWED = {
+        ("collections", "OrderedDict"), ("collections", "defaultdict"), ("argparse", "Namespace"),
+        ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+        ("torch", "Size"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+        ("torch", "float32"), ("torch", "float16"), ("torch", "bfloat16"), ("torch", "int64"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED or (module == "torch" and name.endswith("Storage")):
+            return super().find_class(module, name)
+        return _Stub()
+
+
+class _SafePickleModule:
+    """What `torch.load(pickle_module=...)` needs: our Unpickler, and `load` for legacy files."""
+
+    Unpickler = _SafeUnpickler
+    __name__ = "biogpt_safe_pickle"
+
+    @staticmethod
+    def load(f: Any, **kwargs: Any) -> Any:
+        return _SafeUnpickler(f, **kwargs).load()
+
+
+def _plain(obj: Any) -> Any:
+    """Namespaces, dicts and stubbed omegaconf configs as plain nested dicts."""
+    if isinstance(obj, _Stub):
+        state = getattr(obj, "state", None)
+        if isinstance(state, dict):
+            if "_content" in state:
+                return _plain(state["_content"])
+            if "_val" in state:
+                return _plain(state["_val"])
+            return _plain(state)
+        return None
+    if hasattr(obj, "__dict__") and type(obj).__name__ == "Namespace":
+        return _plain(vars(obj))
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+def read_fairseq(path: Path) -> tuple[BioGptConfig, dict[str, torch.Tensor]]:
+    """The original release: `decoder.*` tensors; shapes from the tensors, heads from the args."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_SafePickleModule)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot read fairseq checkpoint ({type(e).__name__}: {e})") from None
+    model = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{path}: no 'model' state dict in this fairseq checkpoint")
+    state = {}
+    for key, value in model.items():
+        if not isinstance(value, torch.Tensor) or key.endswith(".version"):
+            continue
+        if key.endswith("output_projection.weight"):
+            state["output_projection.weight"] = value
+        elif key.startswith("decoder."):
+            state["biogpt." + key[len("decoder."):]] = value
+    cfg = _plain(ckpt.get("cfg")) or {}
+    args = {**(_plain(ckpt.get("args")) or {}), **(cfg.get("model") or {} if isinstance(cfg, dict) else {})}
+    try:
+        embed, fc1 = state["biogpt.embed_tokens.weight"], state["biogpt.layers.0.fc1.weight"]
+        layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("biogpt.layers."))
+        heads = args["decoder_attention_heads"]
+        config = BioGptConfig(
+            vocab_size=embed.shape[0], hidden_size=embed.shape[1], num_hidden_layers=layers,
+            num_attention_heads=int(heads), intermediate_size=fc1.shape[0],
+            max_position_embeddings=state["biogpt.embed_positions.weight"].shape[0] - 2,
+            hidden_act=args.get("activation_fn", "gelu"),
+            scale_embedding=not args.get("no_scale_embedding", False),
+            tie_word_embeddings=bool(args.get("share_decoder_input_output_embed", True)),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{path}: not a BioGPT fairseq checkpoint (missing {e})") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return config, state
+
+
+# -- building a model --------------------------------------------------------------------------
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise BioGptError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def load_model(cls: type[nn.Module], path_or_id: str | Path, *, revision: str | None = None,
+               dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+               fuse: bool = True) -> Any:
+    """Build `cls` on the meta device and assign the checkpoint's tensors (no second copy)."""
+    folder = resolve(path_or_id, revision, ("config.json", "|".join(WEIGHT_FILES)))
+    config, state = read_checkpoint(folder)
+    return from_state_dict(cls, config, state, dtype=dtype, device=device, fuse=fuse, source=str(folder))
+
+
+def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str, torch.Tensor], *,
+                    dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+                    fuse: bool = True, source: str = "state dict") -> Any:
+    """Check every key and shape, then assign. One error names everything that is wrong."""
+    with torch.device("meta"):
+        model = cls(config)
+    if cls.base_prefix == "":  # BioGptModel takes the decoder part of any checkpoint
+        state = {k.removeprefix("biogpt."): v for k, v in state.items()}
+    expected = model.state_dict()
+    optional = set(cls.optional_keys)
+    if config.tie_word_embeddings:
+        optional.add("output_projection.weight")
+    missing = [k for k in expected if k not in state and k not in optional]
+    unexpected = [k for k in state if k not in expected and k not in cls.ignored_keys]
+    misshaped = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape]
+    problems = [f"{label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+                if keys]
+    if problems:
+        raise CheckpointError(f"{source}: weights do not match the config ({'; '.join(problems)})")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    for name, param in list(model.named_parameters()):
+        if param.is_meta:  # a task head the checkpoint lacks: the reference's N(0, 0.02) init
+            module_name, _, attr = name.rpartition(".")
+            fresh = torch.zeros(param.shape) if attr == "bias" else torch.randn(param.shape) * 0.02
+            setattr(model.get_submodule(module_name), attr, nn.Parameter(fresh))
+    model.to(device=device, dtype=parse_dtype(dtype))
+    model.requires_grad_(False).eval()
+    if fuse:
+        model.fuse_qkv()
+    model.source = source
+    return model
+
+
+def load_pretrained(path_or_id: str | Path, *, revision: str | None = None,
+                    dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> tuple[Any, Any]:
+    """A causal LM and its tokenizer, checked against each other (e.g. Large weights, base vocab)."""
+    from .model import BioGptForCausalLM
+
+    model = BioGptForCausalLM.from_pretrained(path_or_id, revision=revision, dtype=dtype, device=device)
+    tokenizer = BioGptTokenizer.from_pretrained(path_or_id, revision)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise CheckpointError(f"{model.source}: the vocabulary has {tokenizer.vocab_size} tokens but the "
+                              f"model expects {model.config.vocab_size}: tokenizer files and weights do not match")
+    return model, tokenizer
+
+
+# -- conversion --------------------------------------------------------------------------------
+def convert(src: str | Path, dst: str | Path) -> Path:
+    """Write any loadable checkpoint (fairseq release included) in the Hub layout, as safetensors."""
+    from safetensors.torch import save_file
+
+    folder = resolve(src, None, ("config.json", "|".join(WEIGHT_FILES)))
+    config, state = read_checkpoint(folder)
+    tokenizer = BioGptTokenizer.from_folder(folder)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"{folder}: vocabulary has {tokenizer.vocab_size} tokens but the weights "
+                              f"expect {config.vocab_size}")
+    from .model import BioGptForCausalLM
+
+    from_state_dict(BioGptForCausalLM, config, state, fuse=False, source=str(folder))  # validates
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in state.items()
+               if not (config.tie_word_embeddings and k == "output_projection.weight")}
+    save_file(tensors, dst / "model.safetensors.tmp", metadata={"format": "pt"})
+    os.replace(dst / "model.safetensors.tmp", dst / "model.safetensors")
+    (dst / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    tokenizer.save_vocabulary(dst)
+    return dst
+
+

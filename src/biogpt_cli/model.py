@@ -1,0 +1,269 @@
+"""The BioGPT decoder: a pre-LayerNorm GPT with learned positions, in plain PyTorch.
+
+Module names follow the reference (`biogpt.layers.N.self_attn.q_proj`, ...) so a Hub state dict
+loads strictly; fusing QKV or quantizing happens after loading. The model's quirks, once:
+
+* Positions come from the cumulative sum of the attention mask (so left padding is harmless) and
+  index `embed_positions` with an offset of 2, a fairseq heritage.
+* Token embeddings are scaled by sqrt(hidden_size) when `scale_embedding` is set.
+* LayerNorm eps is torch's default 1e-5: the reference ignores `layer_norm_eps` from config.json.
+* Prompts start with `</s>` (id 2), not `<s>`; the tokenizer adds it.
+* The output projection is tied to the token embedding, so a checkpoint may omit it.
+
+Modules are pure: no tokenizing, sampling, printing or device policy in here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import BioGptConfig
+from .errors import InputError
+
+LAYER_NORM_EPS = 1e-5
+POSITION_OFFSET = 2
+
+_ACT = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+@dataclass
+class BioGptOutput:
+    """What every model's forward returns; fields a model does not produce stay None."""
+
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+
+
+class BioGptAttention(nn.Module):
+    def __init__(self, config: BioGptConfig) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, h)
+        self.out_proj = nn.Linear(h, h)
+        self.qkv_proj: nn.Linear | None = None
+
+    def fuse_qkv(self) -> None:
+        """Replace the three projections by one: one matrix read per step instead of three calls."""
+        h = self.out_proj.in_features
+        fused = nn.Linear(h, 3 * h, device="meta", dtype=self.q_proj.weight.dtype)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        fused.weight = nn.Parameter(torch.cat([p.weight for p in projections]), requires_grad=False)
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in projections]), requires_grad=False)
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
+                layer: int) -> torch.Tensor:
+        b, t, h = x.shape
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(h, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = (y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for y in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        causal = mask is None and t > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, h))
+
+
+class BioGptDecoderLayer(nn.Module):
+    def __init__(self, config: BioGptConfig) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.self_attn = BioGptAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(h, eps=LAYER_NORM_EPS)
+        self.fc1 = nn.Linear(h, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, h)
+        self.final_layer_norm = nn.LayerNorm(h, eps=LAYER_NORM_EPS)
+        self.act = _ACT[config.hidden_act]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
+                layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache, layer)
+        return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+
+
+class BioGptPreTrainedModel(nn.Module):
+    """Shared loading and cache plumbing; `base_prefix` maps a Hub key onto this class."""
+
+    config: BioGptConfig
+    base_prefix = "biogpt."
+    optional_keys: tuple[str, ...] = ()  # task heads a base checkpoint lacks: freshly initialised
+    ignored_keys: tuple[str, ...] = ("output_projection.weight",)  # present in LM checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, *, revision: str | None = None,
+                        dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+                        fuse: bool = True) -> BioGptPreTrainedModel:
+        """Load a Hub-layout or fairseq-layout checkpoint from a folder or a Hub id."""
+        from .loading import load_model
+
+        return load_model(cls, path_or_id, revision=revision, dtype=dtype, device=device, fuse=fuse)
+
+    def fuse_qkv(self) -> None:
+        for module in self.modules():
+            if isinstance(module, BioGptAttention) and module.qkv_proj is None:
+                module.fuse_qkv()
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        c, p = self.config, next(self.parameters())
+        return KVCache(c.num_hidden_layers, batch, c.num_attention_heads, c.head_dim,
+                       min(capacity, c.max_position_embeddings), p.dtype, p.device)
+
+
+class BioGptModel(BioGptPreTrainedModel):
+    base_prefix = ""
+
+    def __init__(self, config: BioGptConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.embed_scale = math.sqrt(h) if config.scale_embedding else 1.0
+        self.embed_tokens = nn.Embedding(config.vocab_size, h, padding_idx=config.pad_token_id)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, h)
+        self.layers = nn.ModuleList(BioGptDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layer_norm = nn.LayerNorm(h, eps=LAYER_NORM_EPS)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool = False) -> BioGptOutput:
+        """`attention_mask` covers the cached positions too ([batch, past + new]), as in the reference."""
+        b, t = input_ids.shape
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.new_cache(b, t)
+        past = cache.length if cache is not None else 0
+        if past + t > self.config.max_position_embeddings:
+            raise InputError(f"sequence of {past + t} tokens exceeds the model's "
+                             f"{self.config.max_position_embeddings} positions")
+        if cache is not None:
+            cache.reserve(t, self.config.max_position_embeddings)
+        positions, mask = self._positions_and_mask(attention_mask, b, t, past, input_ids.device)
+        x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(positions + POSITION_OFFSET)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, cache, i)
+        if cache is not None:
+            cache.advance(t)
+        return BioGptOutput(last_hidden_state=self.layer_norm(x), past_key_values=cache)
+
+    @staticmethod
+    def _positions_and_mask(attention_mask: torch.Tensor | None, b: int, t: int, past: int,
+                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions count only attended tokens; the boolean SDPA mask joins causality and padding.
+
+        Without padding and without history the mask is None (SDPA's causal kernel), and a
+        single new token needs none at all. A padded query still attends to itself, so no row
+        of the mask is empty (an empty row would give NaN).
+        """
+        total = past + t
+        if attention_mask is None:
+            positions = torch.arange(past, total, device=device).expand(b, t)
+            if past == 0 or t == 1:
+                return positions, None
+            key_ok = torch.ones(b, total, dtype=torch.bool, device=device)
+        else:
+            if attention_mask.shape != (b, total):
+                raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                                 f"expected {(b, total)} (cached + new positions)")
+            key_ok = attention_mask.bool()
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        query = torch.arange(past, total, device=device)[:, None]
+        key = torch.arange(total, device=device)[None, :]
+        mask = ((key <= query) & key_ok[:, None, :]) | (key == query)
+        return positions, mask[:, None]
+
+
+class BioGptForCausalLM(BioGptPreTrainedModel):
+    ignored_keys = ()
+
+    def __init__(self, config: BioGptConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.biogpt = BioGptModel(config)
+        self.output_projection = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.output_projection.weight = self.biogpt.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool = False,
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0) -> BioGptOutput:
+        """`logits_to_keep=1` projects only the last position (42384 x 1024 is costly per row)."""
+        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache)
+        hidden = out.last_hidden_state
+        out.logits = self.output_projection(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        if labels is not None:
+            out.loss = causal_lm_loss(out.logits, labels)
+        return out
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; labels of -100 are ignored (the reference's convention)."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+class BioGptForTokenClassification(BioGptPreTrainedModel):
+    optional_keys = ("classifier.weight", "classifier.bias")
+
+    def __init__(self, config: BioGptConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.biogpt = BioGptModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool = False,
+                labels: torch.Tensor | None = None) -> BioGptOutput:
+        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache)
+        out.logits = self.classifier(out.last_hidden_state)
+        if labels is not None:
+            if attention_mask is not None:  # padded positions do not count
+                labels = labels.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, -100)
+            out.loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return out
+
+
+class BioGptForSequenceClassification(BioGptPreTrainedModel):
+    optional_keys = ("score.weight",)
+
+    def __init__(self, config: BioGptConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.biogpt = BioGptModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool = False,
+                labels: torch.Tensor | None = None) -> BioGptOutput:
+        """Pools at the last non-pad token of each row, so left and right padding both work."""
+        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache)
+        logits = self.score(out.last_hidden_state)
+        index = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (index * (input_ids != self.config.pad_token_id)).argmax(-1)
+        out.logits = logits[torch.arange(input_ids.shape[0], device=logits.device), last]
+        if labels is not None:
+            if self.config.num_labels == 1:
+                out.loss = F.mse_loss(out.logits.squeeze(), labels.squeeze().to(out.logits.dtype))
+            elif labels.dtype in (torch.long, torch.int):
+                out.loss = F.cross_entropy(out.logits, labels.view(-1))
+            else:
+                out.loss = F.binary_cross_entropy_with_logits(out.logits, labels.to(out.logits.dtype))
+        return out

@@ -1,0 +1,175 @@
+"""BioGptTokenizer: Moses tokenization, then BPE with a `</w>` end-of-word marker.
+
+Id-for-id equal to the reference tokenizer: the special strings `<s> <pad> </s> <unk>` are split
+out of the text before Moses sees it, every encoded prompt starts with `</s>` (id 2), and decoding
+undoes BPE and then Moses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from sacremoses import MosesDetokenizer, MosesTokenizer
+
+from .errors import VocabularyError
+
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3 in every BioGPT vocabulary
+BOS_ID, PAD_ID, EOS_ID, UNK_ID = range(4)
+_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+HUB_FILES = ("vocab.json", "merges.txt")
+FAIRSEQ_FILES = ("dict.txt", "bpecodes")
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").split("\n")
+    except FileNotFoundError:
+        raise VocabularyError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise VocabularyError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _parse_merges(path: Path) -> list[tuple[str, str]]:
+    lines = _read_lines(path)
+    if lines and lines[-1] == "":
+        lines.pop()
+    merges = []
+    for n, line in enumerate(lines, 1):
+        parts = line.split()
+        if len(parts) < 2:
+            raise VocabularyError(f"{path}: line {n} is not a BPE merge ('a b [count]')")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+class BioGptTokenizer:
+    """Text <-> ids for BioGPT. Build it with `from_pretrained` or one of the `from_*_files` helpers."""
+
+    def __init__(self, encoder: dict[str, int], merges: Sequence[tuple[str, str]]) -> None:
+        if [encoder.get(t) for t in SPECIAL_TOKENS] != [0, 1, 2, 3]:
+            raise VocabularyError("vocabulary must map <s> <pad> </s> <unk> to ids 0 1 2 3")
+        self.encoder = encoder
+        self.decoder = {i: t for t, i in encoder.items()}
+        self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self._bpe_cache: dict[str, list[int]] = {}
+        self._moses = MosesTokenizer(lang="en")
+        self._detok = MosesDetokenizer(lang="en")
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_hub_files(cls, vocab_json: str | Path, merges_txt: str | Path) -> BioGptTokenizer:
+        vocab_json = Path(vocab_json)
+        try:
+            encoder = json.loads("\n".join(_read_lines(vocab_json)))
+        except json.JSONDecodeError as e:
+            raise VocabularyError(f"{vocab_json}: invalid JSON ({e})") from None
+        if not isinstance(encoder, dict) or not all(isinstance(i, int) for i in encoder.values()):
+            raise VocabularyError(f"{vocab_json}: expected a JSON object of token -> id")
+        return cls(encoder, _parse_merges(Path(merges_txt)))
+
+    @classmethod
+    def from_fairseq_files(cls, dict_txt: str | Path, bpecodes: str | Path) -> BioGptTokenizer:
+        """The original release: dict line i gets id i+4; `w@@` is the piece `w`, any other word `w</w>`."""
+        dict_txt = Path(dict_txt)
+        encoder = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+        lines = _read_lines(dict_txt)
+        if lines and lines[-1] == "":
+            lines.pop()
+        for n, line in enumerate(lines):
+            word = line.rsplit(" ", 1)[0]
+            if not word:
+                raise VocabularyError(f"{dict_txt}: line {n + 1} is empty")
+            encoder.setdefault(word[:-2] if word.endswith("@@") else word + "</w>", n + 4)
+        return cls(encoder, _parse_merges(Path(bpecodes)))
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> BioGptTokenizer:
+        folder = Path(folder)
+        if all((folder / f).is_file() for f in HUB_FILES):
+            return cls.from_hub_files(*(folder / f for f in HUB_FILES))
+        if all((folder / f).is_file() for f in FAIRSEQ_FILES):
+            return cls.from_fairseq_files(*(folder / f for f in FAIRSEQ_FILES))
+        raise VocabularyError(f"{folder}: no tokenizer files (vocab.json + merges.txt, or dict.txt + bpecodes)")
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, revision: str | None = None) -> BioGptTokenizer:
+        """Load from a local folder or a Hub id (see `loading.resolve`)."""
+        from .loading import resolve
+
+        return cls.from_folder(resolve(path_or_id, revision, HUB_FILES))
+
+    def save_vocabulary(self, save_directory: str | Path) -> tuple[str, str]:
+        """Write `vocab.json` and `merges.txt` (the Hub layout) into an existing folder."""
+        folder = Path(save_directory)
+        if not folder.is_dir():
+            raise VocabularyError(f"{folder}: not a directory")
+        vocab, merges = folder / "vocab.json", folder / "merges.txt"
+        vocab.write_text(json.dumps(self.encoder, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                         encoding="utf-8")
+        merges.write_text("".join(f"{a} {b}\n" for a, b in self.bpe_ranks), encoding="utf-8")
+        return str(vocab), str(merges)
+
+    # -- encoding ----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return len(self.encoder)
+
+    def _bpe(self, word: str) -> list[int]:
+        """Ids of one Moses token; cached, since corpora repeat words endlessly."""
+        ids = self._bpe_cache.get(word)
+        if ids is not None:
+            return ids
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        ranks = self.bpe_ranks
+        while len(parts) > 1:
+            best, best_rank = -1, None
+            for i in range(len(parts) - 1):
+                rank = ranks.get((parts[i], parts[i + 1]))
+                if rank is not None and (best_rank is None or rank < best_rank):
+                    best, best_rank = i, rank
+            if best_rank is None:
+                break
+            first, second = parts[best], parts[best + 1]
+            merged, i = [], 0
+            while i < len(parts):  # merge every occurrence, left to right, like the reference
+                if i < len(parts) - 1 and parts[i] == first and parts[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        ids = [self.encoder.get(p, UNK_ID) for p in parts]
+        self._bpe_cache[word] = ids
+        return ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids exactly as the reference's `input_ids`: `</s>` first, then the text."""
+        ids = [EOS_ID] if add_special_tokens else []
+        for piece in _SPECIAL_SPLIT.split(text):
+            if piece in SPECIAL_TOKENS:
+                ids.append(self.encoder[piece])
+            elif piece:
+                for word in self._moses.tokenize(piece, aggressive_dash_splits=True, escape=True):
+                    if word:
+                        ids.extend(self._bpe(word))
+        return ids
+
+    def tokenize(self, text: str) -> list[str]:
+        """BPE pieces of `text` (no leading `</s>`)."""
+        return self.convert_ids_to_tokens(self.encode(text, add_special_tokens=False))
+
+    # -- decoding ----------------------------------------------------------------------------
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
+        return [self.decoder.get(int(i), "<unk>") for i in ids]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Undo BPE (`</w>` ends a word), then Moses detokenization."""
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i > UNK_ID]
+        text = "".join(t.replace(" ", "").replace("</w>", " ") for t in self.convert_ids_to_tokens(ids))
+        return self._detok.detokenize(text.split())

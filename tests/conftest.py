@@ -1,0 +1,95 @@
+"""Fixtures: tiny random-weight checkpoints built by the reference, and the real vocabularies.
+
+Nothing here downloads. The real BioGPT vocabularies come from `$BIOGPT_SHARED` or `../shared`
+beside the checkout; tests that need them skip when they are absent (a user's fresh clone).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64)
+
+
+def shared_dir() -> Path | None:
+    path = Path(os.environ.get("BIOGPT_SHARED", ROOT.parent / "shared"))
+    return path if (path / "vocab" / "biogpt" / "dict.txt").is_file() else None
+
+
+def write_hub_vocab_from_fairseq(src: Path, dst: Path) -> None:
+    """The documented derivation: ids 0..3 special, dict line i -> id i+4, `w@@` -> `w`, else `w</w>`."""
+    encoder = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for i, line in enumerate((src / "dict.txt").read_text(encoding="utf-8").splitlines()):
+        word = line.rsplit(" ", 1)[0]
+        encoder.setdefault(word[:-2] if word.endswith("@@") else word + "</w>", i + 4)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "vocab.json").write_text(json.dumps(encoder, ensure_ascii=False), encoding="utf-8")
+    (dst / "merges.txt").write_bytes((src / "bpecodes").read_bytes())
+
+
+def write_tiny_vocab(dst: Path) -> int:
+    """A character-level vocabulary with a few merges, so tiny checkpoints need no shared data."""
+    chars = string.ascii_letters + string.digits + string.punctuation
+    encoder = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    merges = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>")]
+    for piece in [c for ch in chars for c in (ch, ch + "</w>")] + [a + b for a, b in merges]:
+        encoder.setdefault(piece, len(encoder))
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
+    (dst / "merges.txt").write_text("".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    return len(encoder)
+
+
+def make_reference(folder: Path, seed: int = 0, tie: bool = True, **overrides):
+    """A random reference BioGptForCausalLM saved in the Hub layout (safetensors, tied key omitted)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    vocab_size = write_tiny_vocab(folder)
+    cfg = transformers.BioGptConfig(**{**TINY, "vocab_size": vocab_size, "tie_word_embeddings": tie, **overrides})
+    torch.manual_seed(seed)
+    ref = transformers.BioGptForCausalLM(cfg).eval()
+    with torch.no_grad():  # make layer norms and biases non-trivial so bugs there show
+        for name, p in ref.named_parameters():
+            if "layer_norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    if tie:
+        state.pop("output_projection.weight")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg.to_json_file(folder / "config.json")
+    return ref
+
+
+@pytest.fixture(scope="session")
+def tiny_ref(tmp_path_factory):
+    """(reference model, folder) for a tiny random checkpoint; shared by many tests, never mutated."""
+    folder = tmp_path_factory.mktemp("tiny")
+    return make_reference(folder), folder
+
+
+@pytest.fixture(scope="session")
+def real_vocab(tmp_path_factory):
+    """(fairseq folder, hub folder) of the real microsoft/biogpt vocabulary."""
+    shared = shared_dir()
+    if shared is None:
+        pytest.skip("real BioGPT vocabulary not found: set BIOGPT_SHARED or put shared/ beside the checkout")
+    hub = tmp_path_factory.mktemp("hubvocab")
+    write_hub_vocab_from_fairseq(shared / "vocab" / "biogpt", hub)
+    return shared / "vocab" / "biogpt", hub
+
+
+@pytest.fixture(scope="session")
+def corpus_lines():
+    shared = shared_dir()
+    if shared is None:
+        pytest.skip("PubMed dev corpus not found: set BIOGPT_SHARED or put shared/ beside the checkout")
+    return (shared / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()

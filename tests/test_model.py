@@ -1,0 +1,160 @@
+"""Model parity with the reference: logits, padding, cache, loss, classification heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from biogpt_cli import (
+    BioGptConfig,
+    BioGptForCausalLM,
+    BioGptForSequenceClassification,
+    BioGptForTokenClassification,
+    BioGptModel,
+    ConfigError,
+)
+from biogpt_cli.loading import from_state_dict
+
+ATOL = 1e-4
+
+
+def ours_from(ref, cls=BioGptForCausalLM, fuse=True):
+    cfg = BioGptConfig.from_dict(ref.config.to_dict())
+    return from_state_dict(cls, cfg, dict(ref.state_dict()), fuse=fuse)
+
+
+def ref_positions(mask):
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)  # what the reference's generate() passes
+
+
+def padded_batch(prompts, side, pad=1):
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        sl = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[i, sl], mask[i, sl] = torch.tensor(p), 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_single_prompt_logits_equal(tiny_ref, fuse):
+    ref, _ = tiny_ref
+    ours = ours_from(ref, fuse=fuse)
+    ids = torch.randint(4, ref.config.vocab_size, (1, 17))
+    ids[0, 0] = 2
+    with torch.no_grad():
+        expected = ref(ids).logits
+    assert torch.allclose(ours(ids).logits, expected, atol=ATOL)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_logits_equal(tiny_ref, side):
+    ref, _ = tiny_ref
+    ours = ours_from(ref)
+    g = torch.Generator().manual_seed(1)
+    prompts = [[2, *torch.randint(4, ref.config.vocab_size, (n,), generator=g).tolist()] for n in (3, 11, 7)]
+    ids, mask = padded_batch(prompts, side)
+    with torch.no_grad():
+        expected = ref(ids, attention_mask=mask, position_ids=ref_positions(mask)).logits
+    got = ours(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert torch.allclose(got[keep], expected[keep], atol=ATOL)
+    for i, p in enumerate(prompts):  # and each row equals the prompt run alone
+        alone = ours(torch.tensor([p])).logits[0]
+        assert torch.allclose(got[i][keep[i]], alone, atol=ATOL)
+
+
+def test_cached_decoding_equals_full_pass(tiny_ref):
+    ref, _ = tiny_ref
+    ours = ours_from(ref)
+    ids, mask = padded_batch([[2, 9, 8, 7, 6, 5, 4, 30, 31], [2, 40, 41, 42]], "left")
+    full = ours(ids, attention_mask=mask).logits
+    out = ours(ids[:, :3], attention_mask=mask[:, :3], use_cache=True)
+    steps = [out.logits]
+    for t in range(3, ids.shape[1]):
+        out = ours(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values)
+        steps.append(out.logits)
+    keep = mask.bool()
+    assert torch.allclose(torch.cat(steps, 1)[keep], full[keep], atol=ATOL)
+
+
+def test_cache_grows_past_its_first_capacity(tiny_ref):
+    ref, _ = tiny_ref
+    ours = ours_from(ref)
+    ids = torch.tensor([[2, *range(10, 30)]])
+    out = ours(ids[:, :2], use_cache=True)
+    assert out.past_key_values.capacity == 2
+    logits = [out.logits]
+    for t in range(2, ids.shape[1]):
+        out = ours(ids[:, t : t + 1], past_key_values=out.past_key_values)
+        logits.append(out.logits)
+    assert torch.allclose(torch.cat(logits, 1), ours(ids).logits, atol=ATOL)
+
+
+def test_loss_equals_reference(tiny_ref):
+    ref, _ = tiny_ref
+    ours = ours_from(ref)
+    ids = torch.randint(4, ref.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[1, :4] = -100
+    with torch.no_grad():
+        expected = ref(ids, labels=labels).loss
+    assert torch.allclose(ours(ids, labels=labels).loss, expected, atol=ATOL)
+
+
+def test_base_model_hidden_states_equal(tiny_ref):
+    ref, _ = tiny_ref
+    ours = ours_from(ref, BioGptModel)
+    ids = torch.randint(4, ref.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        expected = ref.biogpt(ids).last_hidden_state
+    assert torch.allclose(ours(ids).last_hidden_state, expected, atol=ATOL)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_classification_heads_equal(tiny_ref, side):
+    ref_lm, _ = tiny_ref
+    cfg = ref_lm.config
+    torch.manual_seed(3)
+    seq_ref = transformers.BioGptForSequenceClassification(cfg).eval()
+    tok_ref = transformers.BioGptForTokenClassification(cfg).eval()
+    ids, mask = padded_batch([[2, 10, 11, 12, 13], [2, 20, 21]], side)
+    with torch.no_grad():
+        for ref, cls in ((seq_ref, BioGptForSequenceClassification), (tok_ref, BioGptForTokenClassification)):
+            ours = ours_from(ref, cls)
+            labels = torch.tensor([1, 0]) if ref is seq_ref else torch.randint(0, 2, ids.shape)
+            exp = ref(ids, attention_mask=mask, position_ids=ref_positions(mask), labels=labels)
+            got = ours(ids, attention_mask=mask, labels=labels)
+            keep = mask.bool() if ref is tok_ref else slice(None)
+            assert torch.allclose(got.logits[keep], exp.logits[keep], atol=ATOL)
+            assert torch.allclose(got.loss, exp.loss, atol=ATOL)
+
+
+def test_full_size_logits_equal():
+    """The real microsoft/biogpt shape (random weights): 24 layers, 1024 hidden, 42384 vocab."""
+    torch.manual_seed(0)
+    ref = transformers.BioGptForCausalLM(transformers.BioGptConfig()).eval()
+    ours = ours_from(ref)
+    ids, mask = padded_batch([[2, *range(100, 140)], [2, *range(500, 520)]], "left")
+    with torch.no_grad():
+        expected = ref(ids, attention_mask=mask, position_ids=ref_positions(mask)).logits
+        got = ours(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert torch.allclose(got[keep], expected[keep], atol=ATOL)
+
+
+def test_config_defaults_and_validation():
+    cfg = BioGptConfig()
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (42384, 1024, 24, 16)
+    large = BioGptConfig.from_dict({"vocab_size": 57717, "hidden_size": 1600, "num_hidden_layers": 48,
+                                    "num_attention_heads": 25, "intermediate_size": 6400,
+                                    "max_position_embeddings": 2048, "unknown_key": 1})
+    assert large.head_dim == 64
+    with pytest.raises(ConfigError, match="not divisible"):
+        BioGptConfig(hidden_size=100, num_attention_heads=3)
+    with pytest.raises(ConfigError, match="positive"):
+        BioGptConfig(num_hidden_layers=0)
+    with pytest.raises(ConfigError, match="hidden_act"):
+        BioGptConfig(hidden_act="swish2")
