@@ -1,0 +1,371 @@
+"""Decoding: greedy, sampling and beam search over a cached forward pass.
+
+Strategies are small functions of `[rows, vocab]` scores; logits processors are plain functions
+`(history, scores) -> scores` composed in the reference's order, so the same weights and settings
+give the reference `generate()`'s tokens. `history` is `[rows, length]`: every row's tokens so
+far, with left padding replaced by the sentinel `vocab_size` (never a real token), which keeps a
+padded batch equal to each prompt decoded alone.
+
+Generation yields token ids only; turning them into text is `streaming.py`'s job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .model import BioGptForCausalLM
+
+Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NEG_INF = float("-inf")
+
+
+@dataclass
+class GenerationOptions:
+    """Decoding settings; the defaults are the reference's (top_k 50 applies only when sampling)."""
+
+    max_new_tokens: int = 50
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: list[list[int]] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Raise `InputError` for settings that make no sense, before any work is done."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise InputError(message)
+
+        need(self.max_new_tokens >= 1, "max_new_tokens must be at least 1")
+        need(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be between 0 and max_new_tokens")
+        need(self.num_beams >= 1, "num_beams must be at least 1")
+        need(self.num_return_sequences >= 1, "num_return_sequences must be at least 1")
+        need(self.temperature > 0, "temperature must be greater than 0")
+        need(self.top_k >= 0, "top_k must be 0 (off) or more")
+        need(0 < self.top_p <= 1, "top_p must be in (0, 1]")
+        need(self.min_p is None or 0 <= self.min_p <= 1, "min_p must be in [0, 1]")
+        need(self.repetition_penalty > 0, "repetition_penalty must be greater than 0")
+        need(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be 0 (off) or more")
+        need(self.early_stopping in (True, False, "never"), "early_stopping must be true, false or 'never'")
+        if self.do_sample:
+            need(self.num_beams == 1, "sampling with beam search is not supported: use --num-beams 1 with --sample")
+        elif self.num_beams == 1:
+            need(self.num_return_sequences == 1, "num_return_sequences > 1 needs --sample or beam search")
+        else:
+            need(self.num_return_sequences <= self.num_beams,
+                 f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})")
+
+
+@dataclass
+class GeneratedSequence:
+    prompt_index: int
+    ids: list[int]  # new tokens, without the final </s>
+    finish_reason: str  # "eos" | "length" | "stop"
+
+
+# -- logits processors -------------------------------------------------------------------------
+def repetition_penalty(penalty: float) -> Processor:
+    """Divide positive / multiply negative scores of every token already in the row (CTRL)."""
+    def apply(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        seen = torch.zeros(scores.shape[0], scores.shape[1] + 1, dtype=torch.bool, device=scores.device)
+        seen = seen.scatter_(1, history, True)[:, :-1]
+        return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+    return apply
+
+
+def _row_tokens(history: torch.Tensor, sentinel: int) -> list[list[int]]:
+    return [[t for t in row if t != sentinel] for row in history.tolist()]
+
+
+def no_repeat_ngram(n: int) -> Processor:
+    """Ban every token that would complete an n-gram already present in the row."""
+    def apply(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        for r, toks in enumerate(_row_tokens(history, scores.shape[1])):
+            if len(toks) < n:
+                continue
+            prefix = tuple(toks[len(toks) - n + 1:])
+            banned = [toks[i + n - 1] for i in range(len(toks) - n + 1) if tuple(toks[i:i + n - 1]) == prefix]
+            if banned:
+                scores[r, banned] = NEG_INF
+        return scores
+    return apply
+
+
+def _ends_with(toks: list[int], tail: Sequence[int]) -> bool:
+    return not tail or (len(toks) >= len(tail) and toks[len(toks) - len(tail):] == list(tail))
+
+
+def bad_words(sequences: Sequence[Sequence[int]]) -> Processor:
+    """Ban the last token of each sequence whenever the row ends with the rest of it."""
+    def apply(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        for r, toks in enumerate(_row_tokens(history, scores.shape[1])):
+            banned = [seq[-1] for seq in sequences if _ends_with(toks, seq[:-1])]
+            if banned:
+                scores[r, banned] = NEG_INF
+        return scores
+    return apply
+
+
+def min_new_tokens(count: int, eos: int, prompt_width: int) -> Processor:
+    def apply(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if history.shape[1] - prompt_width < count:
+            scores = scores.clone()
+            scores[:, eos] = NEG_INF
+        return scores
+    return apply
+
+
+def temperature(t: float) -> Processor:
+    return lambda history, scores: scores / t
+
+
+def top_k(k: int) -> Processor:
+    def apply(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        kth = torch.topk(scores, min(k, scores.shape[-1])).values[..., -1:]
+        return scores.masked_fill(scores < kth, NEG_INF)
+    return apply
+
+
+def top_p(p: float) -> Processor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    def apply(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        remove = sorted_scores.softmax(-1).cumsum(-1) <= 1 - p
+        remove[..., -1:] = False
+        return scores.masked_fill(remove.scatter(1, order, remove), NEG_INF)
+    return apply
+
+
+def min_p(p: float) -> Processor:
+    """Drop tokens less likely than p times the most likely one."""
+    def apply(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = scores.softmax(-1)
+        remove = probs < p * probs.amax(-1, keepdim=True)
+        remove.scatter_(-1, probs.argmax(-1, keepdim=True), False)
+        return scores.masked_fill(remove, NEG_INF)
+    return apply
+
+
+def make_processors(opts: GenerationOptions, eos: int, prompt_width: int) -> list[Processor]:
+    """The reference's order: penalties and bans, then (sampling only) the warpers."""
+    procs: list[Processor] = []
+    if opts.repetition_penalty != 1.0:
+        procs.append(repetition_penalty(opts.repetition_penalty))
+    if opts.no_repeat_ngram_size > 0:
+        procs.append(no_repeat_ngram(opts.no_repeat_ngram_size))
+    if opts.bad_words_ids:
+        procs.append(bad_words(opts.bad_words_ids))
+    if opts.min_new_tokens > 0:
+        procs.append(min_new_tokens(opts.min_new_tokens, eos, prompt_width))
+    if opts.do_sample:
+        if opts.temperature != 1.0:
+            procs.append(temperature(opts.temperature))
+        if opts.top_k:
+            procs.append(top_k(opts.top_k))
+        if opts.top_p < 1.0:
+            procs.append(top_p(opts.top_p))
+        if opts.min_p is not None:
+            procs.append(min_p(opts.min_p))
+    return procs
+
+
+def apply_all(procs: list[Processor], history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    for proc in procs:
+        scores = proc(history, scores)
+    return scores
+
+
+# -- the decoding loop -------------------------------------------------------------------------
+class _Batch:
+    """Left-padded prompts, their history buffer and the cached forward pass."""
+
+    def __init__(self, model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], max_new: int, repeats: int):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise InputError("every prompt needs at least one token")
+        cfg = model.config
+        self.model, self.width, self.vocab = model, max(map(len, prompts)), cfg.vocab_size
+        if self.width + max_new > cfg.max_position_embeddings:
+            raise InputError(f"prompt of {self.width} tokens plus {max_new} new tokens exceeds the model's "
+                             f"{cfg.max_position_embeddings} positions (shorten the prompt, lower "
+                             "--max-new-tokens, or use --truncate)")
+        device = next(model.parameters()).device
+        b, total = len(prompts), self.width + max_new
+        self.history = torch.full((b, total), self.vocab, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            self.history[i, self.width - len(p):self.width] = torch.tensor(p)
+        padded = any(len(p) < self.width for p in prompts)
+        self.mask = (self.history != self.vocab).long() if padded else None
+        if self.mask is not None:
+            self.mask[:, self.width:] = 1
+        ids = self.history[:, :self.width].clamp(max=self.vocab - 1)  # pad slots: any id, masked out
+        self.cache = model.new_cache(b, total)
+        with torch.no_grad():
+            out = model(ids, self._mask(self.width), past_key_values=self.cache, logits_to_keep=1)
+        self.logits = out.logits[:, -1].float()
+        if repeats > 1:  # beams/samples of one prompt share its prefill
+            index = torch.arange(b, device=device).repeat_interleave(repeats)
+            self.history, self.logits = self.history[index], self.logits[index]
+            self.mask = self.mask[index] if self.mask is not None else None
+            self.cache.expand(repeats)
+        self.length = self.width
+
+    def _mask(self, length: int) -> torch.Tensor | None:
+        return self.mask[:, :length] if self.mask is not None else None
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row; return next-token scores [rows, vocab] in float32."""
+        self.history[:, self.length] = tokens
+        self.length += 1
+        with torch.no_grad():
+            out = self.model(tokens[:, None], self._mask(self.length), past_key_values=self.cache, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+
+StopCheck = Callable[[int, list[int]], bool]
+
+
+def stream_tokens(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts: GenerationOptions,
+                  generator: torch.Generator | None = None,
+                  should_stop: StopCheck | None = None) -> Iterator[tuple[int, int | None, str | None]]:
+    """Greedy or sampled decoding. Yields `(row, token, finish_reason)` as tokens are chosen: a
+    token with reason None is a new token; a final event per row carries the reason ("eos"
+    with the </s> token, "length", or "stop" when `should_stop(row, new_ids)` said so).
+    With `num_return_sequences` k, row r belongs to prompt r // k."""
+    opts.validate()
+    if opts.num_beams != 1:
+        raise InputError("stream_tokens does greedy or sampled decoding; use beam_search for beams")
+    eos = model.config.eos_token_id
+    k = opts.num_return_sequences
+    batch = _Batch(model, prompts, opts.max_new_tokens, k)
+    procs = make_processors(opts, eos, batch.width)
+    rows = batch.history.shape[0]
+    alive = torch.ones(rows, dtype=torch.bool)
+    new_ids: list[list[int]] = [[] for _ in range(rows)]
+    scores = batch.logits
+    for step in range(opts.max_new_tokens):
+        scores = apply_all(procs, batch.history[:, :batch.length], scores)
+        if opts.do_sample:
+            tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        else:
+            tokens = scores.argmax(-1)
+        tokens = torch.where(alive, tokens, model.config.pad_token_id)
+        last = step == opts.max_new_tokens - 1
+        for r, tok in enumerate(tokens.tolist()):
+            if not alive[r]:
+                continue
+            if tok == eos:
+                alive[r] = False
+                yield r, tok, "eos"
+                continue
+            new_ids[r].append(tok)
+            yield r, tok, None
+            if should_stop is not None and should_stop(r, new_ids[r]):
+                alive[r] = False
+                yield r, None, "stop"
+            elif last:
+                alive[r] = False
+                yield r, None, "length"
+        if not alive.any():
+            return
+        scores = batch.step(tokens)
+
+
+def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]],
+                opts: GenerationOptions) -> list[list[GeneratedSequence]]:
+    """The reference's vectorised beam search: 2*beams candidates per step, finished hypotheses
+    scored as sum(log p) / new_length ** length_penalty, the same early-stopping heuristic."""
+    opts.validate()
+    eos, nb, max_new = model.config.eos_token_id, opts.num_beams, opts.max_new_tokens
+    batch = _Batch(model, prompts, max_new, nb)
+    procs = make_processors(opts, eos, batch.width)
+    b, v, width, total = len(prompts), batch.vocab, batch.width, batch.width + max_new
+    keep = 2 * nb
+    seqs = batch.history.view(b, nb, total).clone()
+    run_scores = torch.zeros(b, nb)
+    run_scores[:, 1:] = -1e9
+    fin_seqs, fin_scores = seqs.clone(), torch.full((b, nb), -1e9)
+    fin_len = torch.zeros(b, nb, dtype=torch.long)
+    finished = torch.zeros(b, nb, dtype=torch.bool)
+    improvable = torch.ones(b, 1, dtype=torch.bool)
+    top_mask = torch.arange(keep) < nb
+    offsets = (torch.arange(b) * nb)[:, None]
+    identity = torch.arange(b * nb)
+    scores = batch.logits
+    cur = width
+    while True:
+        logp = apply_all(procs, seqs.view(b * nb, total)[:, :cur], F.log_softmax(scores, -1))
+        logp = (logp.view(b, nb, v) + run_scores[:, :, None]).view(b, nb * v)
+        top_lp, top_idx = torch.topk(logp, keep)
+        beam_of, tokens = top_idx // v, top_idx % v
+        top_seqs = seqs.gather(1, beam_of[:, :, None].expand(-1, -1, total)).clone()
+        top_seqs[:, :, cur] = tokens
+        hits = (tokens == eos) | (cur + 1 >= total)
+        # the best `nb` unfinished candidates keep running
+        run_lp = top_lp + hits.float() * -1e9
+        nxt = torch.topk(run_lp, nb).indices
+        seqs, run_scores = top_seqs.gather(1, nxt[:, :, None].expand(-1, -1, total)), run_lp.gather(1, nxt)
+        reorder = (beam_of.gather(1, nxt) + offsets).view(-1)
+        # finished candidates among the top `nb` compete with earlier ones for the `nb` slots
+        fin_lp = top_lp / ((cur + 1 - width) ** opts.length_penalty)
+        fin_lp = fin_lp + (finished.all(-1, keepdim=True) & (opts.early_stopping is True)).float() * -1e9
+        fin_lp = fin_lp + (~improvable).float() * -1e9 + (~(hits & top_mask)).float() * -1e9
+        merged = torch.topk(torch.cat((fin_scores, fin_lp), 1), nb).indices
+        fin_seqs = torch.cat((fin_seqs, top_seqs), 1).gather(1, merged[:, :, None].expand(-1, -1, total))
+        fin_scores = torch.cat((fin_scores, fin_lp), 1).gather(1, merged)
+        fin_len = torch.cat((fin_len, torch.full((b, keep), cur + 1 - width)), 1).gather(1, merged)
+        finished = torch.cat((finished, hits & top_mask), 1).gather(1, merged)
+        cur += 1
+        never = opts.early_stopping == "never" and opts.length_penalty > 0
+        best_len = total - width if never else cur - width  # the reference's optimistic bound
+        best_running = run_scores[:, :1] / (best_len ** opts.length_penalty)
+        worst_finished = torch.where(finished, fin_scores.min(1, keepdim=True).values, -1e9)
+        improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
+        all_done = bool(finished.all()) and opts.early_stopping is True
+        if not improvable.any() or all_done or bool(hits.all()):
+            break
+        if not torch.equal(reorder, identity):
+            batch.cache.reorder(reorder)
+        scores = batch.step(seqs.view(b * nb, total)[:, cur - 1])
+    results = []
+    for i in range(b):
+        row = []
+        for j in range(opts.num_return_sequences):
+            ids = fin_seqs[i, j, width:width + int(fin_len[i, j])].tolist()
+            reason = "eos" if ids and ids[-1] == eos else "length"
+            row.append(GeneratedSequence(i, ids[:-1] if reason == "eos" else ids, reason))
+        results.append(row)
+    return results
+
+
+def generate(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts: GenerationOptions,
+             generator: torch.Generator | None = None,
+             should_stop: StopCheck | None = None) -> list[list[GeneratedSequence]]:
+    """All strategies, final results: one list of sequences per prompt."""
+    opts.validate()
+    if opts.num_beams > 1:
+        return beam_search(model, prompts, opts)
+    k = opts.num_return_sequences
+    ids: dict[int, list[int]] = {}
+    reasons: dict[int, str] = {}
+    for row, tok, reason in stream_tokens(model, prompts, opts, generator, should_stop):
+        if reason is None:
+            ids.setdefault(row, []).append(tok)
+        else:
+            reasons[row] = reason
+    return [[GeneratedSequence(i, ids.get(i * k + j, []), reasons[i * k + j]) for j in range(k)]
+            for i in range(len(prompts))]
