@@ -168,8 +168,16 @@ class BioGptTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Undo BPE (`</w>` ends a word), then Moses detokenization."""
+        return self.detokenize(self.words(ids, skip_special_tokens).split())
+
+    def words(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """BPE undone: Moses tokens separated by spaces; a word still open (no `</w>` yet) has no
+        trailing space, which is how the streaming detokenizer tells finished words apart."""
         ids = [int(i) for i in ids]
         if skip_special_tokens:
             ids = [i for i in ids if i > UNK_ID]
-        text = "".join(t.replace(" ", "").replace("</w>", " ") for t in self.convert_ids_to_tokens(ids))
-        return self._detok.detokenize(text.split())
+        return "".join(t.replace(" ", "").replace("</w>", " ") for t in self.convert_ids_to_tokens(ids))
+
+    def detokenize(self, words: list[str]) -> str:
+        """Moses detokenization of whole words (unescaping, spacing around punctuation)."""
+        return self._detok.detokenize(words)

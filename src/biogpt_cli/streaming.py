@@ -1,0 +1,147 @@
+"""Token ids to text, as they are generated: emit only text that later tokens cannot change.
+
+Moses detokenization decides the spacing of each word from that word and the words before it,
+with one exception: `@-@` (a hyphen Moses split off) glues its neighbours together ("IL @-@ 2"
+becomes "IL-2"). So the text of words [0, k) is final once word k is complete and neither word
+k - 1 nor word k is `@-@`. A `TextStream` emits the continuation's share of that final text and
+holds back any tail that could still grow into a stop string; `continuation` computes the same
+text in one go, so the concatenated stream equals it byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .generation import GenerationOptions, beam_search, stream_tokens
+from .model import BioGptForCausalLM
+from .tokenizer import BioGptTokenizer
+
+HYPHEN = "@-@"
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def continuation(tokenizer: BioGptTokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int],
+                 stop: Sequence[str] = ()) -> tuple[str, bool]:
+    """The text `new_ids` add to the prompt's decoded text, cut before the first stop string.
+
+    `decode(prompt) + text == decode(prompt + new)`, so the text usually starts with a space. Where
+    Moses rewrites the end of the prompt (a rare `@-@` join), the text starts where the two differ.
+    Returns the text and whether a stop string cut it.
+    """
+    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    full = tokenizer.decode([*prompt_ids, *new_ids], skip_special_tokens=True)
+    return _cut(full[_common_prefix(prompt, full):], stop)
+
+
+class TextStream:
+    """Incremental `continuation` for one sequence: `add(token)` returns the newly final text."""
+
+    def __init__(self, tokenizer: BioGptTokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
+        self.tokenizer, self.prompt_ids, self.stop = tokenizer, list(prompt_ids), tuple(s for s in stop if s)
+        self.prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        self.ids: list[int] = []
+        self.text = ""  # emitted so far
+        self.stopped = False  # a stop string appeared: the caller should end this sequence
+        self._words = tokenizer.words(prompt_ids, skip_special_tokens=True)
+        self._settled = 0  # words whose text is final
+        self._final = ""  # their text
+        self._start: int | None = None  # where the continuation begins in the full text, once known
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        self._words += self.tokenizer.words([token], skip_special_tokens=True)
+        words = self._words.split()
+        complete = len(words) if self._words[-1:].isspace() else len(words) - 1
+        k = complete - 1  # word k must be complete and known not to join its neighbours
+        while k > self._settled and HYPHEN in (words[k], words[k - 1]):
+            k -= 1
+        if k > self._settled:
+            self._settled, self._final = k, self.tokenizer.detokenize(words[:k])
+            if self._start is None and _common_prefix(self._final, self.prompt_text) < len(self._final):
+                self._start = _common_prefix(self._final, self.prompt_text)
+        if self.stop:
+            self.stopped = _cut(self._current(words), self.stop)[1]
+        if self.stopped or self._start is None:
+            return ""
+        ready = self._final[self._start:]
+        ready = ready[: len(ready) - self._stop_prefix(ready)]
+        return self._emit(ready)
+
+    def finish(self) -> str:
+        """The rest of the text, once the sequence has ended."""
+        text, self.stopped = continuation(self.tokenizer, self.prompt_ids, self.ids, self.stop)
+        if not text.startswith(self.text):
+            raise RuntimeError(f"streamed text {self.text!r} is not a prefix of the final text {text!r}")
+        return self._emit(text)
+
+    def _current(self, words: list[str]) -> str:
+        full = self.tokenizer.detokenize(words)
+        return full[self._start if self._start is not None else _common_prefix(full, self.prompt_text):]
+
+    def _stop_prefix(self, text: str) -> int:
+        """Length of the longest tail of `text` that a stop string starts with."""
+        return max((n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:n])), default=0)
+
+    def _emit(self, upto: str) -> str:
+        new = upto[len(self.text):] if len(upto) > len(self.text) else ""
+        self.text += new
+        return new
+
+
+@dataclass
+class Completion:
+    """One finished sequence: continuation text, new token ids (without `</s>`) and why it ended."""
+
+    prompt_index: int
+    text: str
+    ids: list[int]
+    finish_reason: str  # "eos" | "length" | "stop"
+
+
+@dataclass
+class TextEvent:
+    """Newly final text of sequence `row` (prompt `row // num_return_sequences`); `done` on its last event."""
+
+    row: int
+    text: str
+    done: Completion | None = None
+
+
+def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, prompts: Sequence[Sequence[int]],
+                       opts: GenerationOptions, stop: Sequence[str] = (),
+                       generator: torch.Generator | None = None) -> Iterator[TextEvent]:
+    """Generate for a batch of prompts, yielding text as it becomes final.
+
+    Greedy and sampled sequences stream token by token and stop at a stop string. Beam search
+    knows its winners only at the end: each yields its whole text once, cut at a stop string.
+    """
+    k = opts.num_return_sequences
+    if opts.num_beams > 1:
+        for i, seqs in enumerate(beam_search(model, prompts, opts)):
+            for j, seq in enumerate(seqs):
+                text, stopped = continuation(tokenizer, prompts[i], seq.ids, stop)
+                reason = "stop" if stopped else seq.finish_reason
+                yield TextEvent(i * k + j, text, Completion(i, text, seq.ids, reason))
+        return
+    streams = [TextStream(tokenizer, prompts[r // k], stop) for r in range(len(prompts) * k)]
+    for row, token, reason in stream_tokens(model, prompts, opts, generator,
+                                            should_stop=lambda r, _: streams[r].stopped):
+        s = streams[row]
+        if reason is None:
+            yield TextEvent(row, s.add(token))
+        else:
+            text = s.finish()
+            yield TextEvent(row, text, Completion(row // k, s.text, s.ids, "stop" if s.stopped else reason))

@@ -1,0 +1,128 @@
+"""The streamed text equals the text decoded at the end, byte for byte, for hostile token orders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from biogpt_cli import BioGptTokenizer
+from biogpt_cli.generation import GenerationOptions, generate
+from biogpt_cli.streaming import TextStream, continuation, stream_completions
+from tests.conftest import write_tiny_vocab
+from tests.test_model import ours_from
+
+# Pieces whose Moses detokenization depends on context: hyphen joins, quotes (parity), possessive
+# apostrophes, currency and brackets (no space after), punctuation (no space before), unfinished
+# BPE words, and the special ids that skip_special_tokens drops.
+PALETTE = ["@-@</w>", "&quot;</w>", "&apos;</w>", "&apos;s</w>", ",</w>", ".</w>", "(</w>", ")</w>", "$</w>",
+           "the</w>", "COVID</w>", "19</w>", "IL</w>", "th", "e</w>", "&amp;</w>", "&#124;</w>", "is</w>",
+           "patients</w>", "s</w>", "@</w>", "-</w>", "@", "-", "[</w>", "]</w>", "%</w>", "?</w>"]
+
+
+@pytest.fixture(scope="module")
+def real_tok(real_vocab):
+    return BioGptTokenizer.from_folder(real_vocab[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tinyvocab")
+    write_tiny_vocab(folder)
+    return BioGptTokenizer.from_folder(folder)
+
+
+def palette_ids(tok):
+    return [tok.encoder[p] for p in PALETTE if p in tok.encoder] + [0, 1, 3]
+
+
+def check_stream(tok, prompt, new, stop=()):
+    stream = TextStream(tok, prompt, stop)
+    pieces = []
+    for t in new:
+        pieces.append(stream.add(t))
+        if stream.stopped:
+            break
+    pieces.append(stream.finish())
+    expected, stopped = continuation(tok, prompt, stream.ids, stop)
+    assert "".join(pieces) == expected == stream.text
+    assert stream.stopped == stopped
+    return expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_stream_equals_final_text_real_vocab(real_tok, data):
+    ids = palette_ids(real_tok) + list(range(4, 20))
+    prompt = [2] + data.draw(st.lists(st.sampled_from(ids), max_size=6))
+    new = data.draw(st.lists(st.sampled_from(ids), max_size=25))
+    stop = data.draw(st.lists(st.sampled_from(["the", ", ", "COVID-19", "\"", ")", "s"]), max_size=2))
+    check_stream(real_tok, prompt, new, stop)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_stream_equals_final_text_tiny_vocab(tiny_tok, data):
+    ids = palette_ids(tiny_tok) + list(range(4, 20))
+    prompt = [2] + data.draw(st.lists(st.sampled_from(ids), max_size=6))
+    new = data.draw(st.lists(st.sampled_from(ids), max_size=25))
+    check_stream(tiny_tok, prompt, new, data.draw(st.lists(st.sampled_from(["a", "-", "@"]), max_size=1)))
+
+
+def test_stream_on_real_abstracts(real_tok, corpus_lines):
+    for line in corpus_lines[:50]:
+        ids = real_tok.encode(line)
+        cut = min(8, len(ids) - 1)
+        text = check_stream(real_tok, ids[:cut], ids[cut:])
+        assert real_tok.decode(ids[:cut], skip_special_tokens=True) + text == real_tok.decode(ids, True)
+
+
+@pytest.mark.parametrize("prompt,new", [("a ,", "@-@ b c d"), ("x (", "@-@ y z"), ("he said &quot;", "@-@ q r"),
+                                        ("IL", "@-@ 2 receptor ,"), ("a", ", @-@ @-@ b c")])
+def test_hyphen_joins_that_rewrite_earlier_text(real_tok, prompt, new):
+    words = prompt.split() + new.split()
+    ids = [2] + [real_tok.encoder[w + "</w>"] for w in words]  # "@-@" as a word: encode() would escape it
+    n = len(prompt.split()) + 1
+    check_stream(real_tok, ids[:n], ids[n:])
+    check_stream(real_tok, ids[:2], ids[2:])
+
+
+def test_text_is_emitted_before_the_end(real_tok):
+    stream = TextStream(real_tok, real_tok.encode("COVID-19 is"))
+    emitted = [stream.add(t) for t in real_tok.encode("a disease of the lungs .", add_special_tokens=False)]
+    assert "".join(emitted) == " a disease of the lungs"  # "." is complete, but a @-@ could follow it
+    assert stream.finish() == "."
+
+
+def test_stop_string_cuts_and_holds_back(real_tok):
+    prompt = real_tok.encode("Aspirin")
+    stream = TextStream(real_tok, prompt, stop=["in conclusion"])
+    out = [stream.add(t) for t in real_tok.encode("is used in pain . in conclusion it works",
+                                                   add_special_tokens=False) if not stream.stopped]
+    assert stream.stopped
+    assert "".join(out) + stream.finish() == " is used in pain. "
+    assert "".join(out) == " is used in pain."  # " in" was held back: it might have started the stop string
+
+
+@pytest.mark.parametrize("opts", [GenerationOptions(max_new_tokens=12),
+                                  GenerationOptions(max_new_tokens=12, do_sample=True, num_return_sequences=2),
+                                  GenerationOptions(max_new_tokens=12, num_beams=3, num_return_sequences=2)])
+def test_stream_completions_equal_generate(tiny_ref, tiny_tok, opts):
+    model = ours_from(tiny_ref[0])
+    prompts = [[2, 40, 41, 42], [2, 100, 7, 7, 9], [2]]
+    seed = 3 if opts.do_sample else None
+    gen = torch.Generator().manual_seed(seed) if seed else None
+    k = opts.num_return_sequences
+    text = [""] * (len(prompts) * k)
+    done = {}
+    for ev in stream_completions(model, tiny_tok, prompts, opts, generator=gen):
+        text[ev.row] += ev.text
+        if ev.done:
+            done[ev.row] = ev.done
+    expected = generate(model, prompts, opts, torch.Generator().manual_seed(seed) if seed else None)
+    for i, seqs in enumerate(expected):
+        for j, seq in enumerate(seqs):
+            c = done[i * k + j]
+            assert (c.ids, c.finish_reason, c.prompt_index) == (seq.ids, seq.finish_reason, i)
+            assert text[i * k + j] == c.text == continuation(tiny_tok, prompts[i], seq.ids)[0]
