@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from biogpt_cli import BioGptForCausalLM, BioGptModel, BioGptTokenizer, CheckpointError, ConfigError
-from biogpt_cli.loading import convert, load_pretrained, resolve
+from biogpt_cli.hub import resolve
+from biogpt_cli.loading import convert, load_pretrained
 
 IDS = torch.tensor([[2, 10, 20, 30, 40, 50]])
 
@@ -167,7 +168,7 @@ def test_hub_cache_offline(tiny, tmp_path):
 
 
 def test_unknown_hub_id_fails_fast_with_advice(tmp_path, monkeypatch):
-    code = ("from biogpt_cli.loading import resolve\n"
+    code = ("from biogpt_cli.hub import resolve\n"
             "try:\n    resolve('nobody/no-such-model')\nexcept Exception as e:\n    print(type(e).__name__, e)")
     for offline in ("1", "0"):
         env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": offline,

@@ -84,7 +84,7 @@ class BioGptConfig:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, revision: str | None = None) -> BioGptConfig:
-        from .loading import resolve
+        from .hub import resolve
 
         return cls.from_json(resolve(path_or_id, revision, ("config.json",)) / "config.json")
 

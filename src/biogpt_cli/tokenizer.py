@@ -15,11 +15,11 @@ from pathlib import Path
 from sacremoses import MosesDetokenizer, MosesTokenizer
 
 from .errors import VocabularyError
+from .hub import HUB_FILES, resolve
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3 in every BioGPT vocabulary
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = range(4)
 _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
-HUB_FILES = ("vocab.json", "merges.txt")
 FAIRSEQ_FILES = ("dict.txt", "bpecodes")
 
 
@@ -96,9 +96,7 @@ class BioGptTokenizer:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, revision: str | None = None) -> BioGptTokenizer:
-        """Load from a local folder or a Hub id (see `loading.resolve`)."""
-        from .loading import resolve
-
+        """Load from a local folder or a Hub id (see `hub.resolve`)."""
         return cls.from_folder(resolve(path_or_id, revision, HUB_FILES))
 
     def save_vocabulary(self, save_directory: str | Path) -> tuple[str, str]:
