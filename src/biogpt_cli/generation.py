@@ -191,6 +191,19 @@ def apply_all(procs: list[Processor], history: torch.Tensor, scores: torch.Tenso
 
 
 # -- the decoding loop -------------------------------------------------------------------------
+def fit_prompt(ids: list[int], max_new_tokens: int, max_positions: int, truncate: bool = False) -> list[int]:
+    """`ids` if they leave room for `max_new_tokens` in the position table; with `truncate`, the
+    leading `</s>` and the prompt's last tokens (the ones nearest to what comes next)."""
+    room = max_positions - max_new_tokens
+    if len(ids) <= room:
+        return ids
+    if not truncate or room < 2:
+        raise InputError(f"prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds the model's "
+                         f"{max_positions} positions (shorten it, lower --max-new-tokens, or pass --truncate)")
+    return ids[:1] + ids[len(ids) - room + 1:]
+
+
+
 class _Batch:
     """Left-padded prompts, their history buffer and the cached forward pass."""
 
@@ -199,10 +212,7 @@ class _Batch:
             raise InputError("every prompt needs at least one token")
         cfg = model.config
         self.model, self.width, self.vocab = model, max(map(len, prompts)), cfg.vocab_size
-        if self.width + max_new > cfg.max_position_embeddings:
-            raise InputError(f"prompt of {self.width} tokens plus {max_new} new tokens exceeds the model's "
-                             f"{cfg.max_position_embeddings} positions (shorten the prompt, lower "
-                             "--max-new-tokens, or use --truncate)")
+        fit_prompt([0] * self.width, max_new, cfg.max_position_embeddings)  # raises when it does not fit
         device = next(model.parameters()).device
         b, total = len(prompts), self.width + max_new
         self.history = torch.full((b, total), self.vocab, dtype=torch.long, device=device)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import pickle
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,9 @@ from torch import nn
 
 from .config import BioGptConfig
 from .errors import BioGptError, CheckpointError, ConfigError
-from .hub import resolve
+from .hub import HUB_FILES, resolve
+from .linear import optimize
+from .model import BioGptDecoderLayer
 from .tokenizer import BioGptTokenizer
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -48,7 +52,7 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Memory-mapped: every tensor is a view of one private (copy-on-write) mapping of the file,
-    so loading costs no copy and pages are read only when first touched."""
+    so loading costs no copy and pages are read only when first touched (see `release`)."""
     def bad(why: str) -> CheckpointError:
         return CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupted?): {why}")
 
@@ -62,9 +66,12 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise bad(f"header is not JSON ({e})") from None
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: never writes the file
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    data = torch.tensor([], dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(path), False, size))
+    data = torch.frombuffer(mapped, dtype=torch.uint8)  # the tensors keep the mapping alive
+    _MAPPED[:] = [m for m in _MAPPED if m[0]() is not None]
+    _MAPPED.append((weakref.ref(mapped), data.data_ptr(), size))
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -79,7 +86,10 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             count *= dim
         if end > size or end - start != count * dtype.itemsize:
             raise bad(f"tensor {name!r} lies outside the file")
-        tensors[name] = data[start:end].view(dtype).view(shape)
+        raw = data[start:end]
+        if start % dtype.itemsize:  # a misaligned tensor (rare writers): copy it rather than map it
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).view(shape)
     return tensors
 
 
@@ -230,17 +240,23 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 def load_model(cls: type[nn.Module], path_or_id: str | Path, *, revision: str | None = None,
                dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-               fuse: bool = True) -> Any:
+               fuse: bool = True, kernels: bool = True, quantize: str = "none") -> Any:
     """Build `cls` on the meta device and assign the checkpoint's tensors (no second copy)."""
     folder = resolve(path_or_id, revision, ("config.json", "|".join(WEIGHT_FILES)))
     config, state = read_checkpoint(folder)
-    return from_state_dict(cls, config, state, dtype=dtype, device=device, fuse=fuse, source=str(folder))
+    return from_state_dict(cls, config, state, dtype=dtype, device=device, fuse=fuse, kernels=kernels,
+                           quantize=quantize, source=str(folder))
 
 
 def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str, torch.Tensor], *,
                     dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-                    fuse: bool = True, source: str = "state dict") -> Any:
-    """Check every key and shape, then assign. One error names everything that is wrong."""
+                    fuse: bool = True, kernels: bool = True, quantize: str = "none",
+                    source: str = "state dict") -> Any:
+    """Check every key and shape, then assign; one error names everything that is wrong.
+
+    Then, for inference: convert dtype/device, fuse QKV and (`kernels`) swap in the fast linear
+    layers of `linear.py`, handing each mapped original back to the OS as soon as it is copied.
+    """
     with torch.device("meta"):
         model = cls(config)
     if cls.base_prefix == "":  # BioGptModel takes the decoder part of any checkpoint
@@ -259,6 +275,7 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
     if problems:
         raise CheckpointError(f"{source}: weights do not match the config ({'; '.join(problems)})")
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
+    del state, expected
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     for name, param in list(model.named_parameters()):
@@ -266,25 +283,109 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
             module_name, _, attr = name.rpartition(".")
             fresh = torch.zeros(param.shape) if attr == "bias" else torch.randn(param.shape) * 0.02
             setattr(model.get_submodule(module_name), attr, nn.Parameter(fresh))
-    model.to(device=device, dtype=parse_dtype(dtype))
+    _convert(model, parse_dtype(dtype), torch.device(device))
     model.requires_grad_(False).eval()
-    if fuse:
-        model.fuse_qkv()
+    for layer in [m for m in model.modules() if isinstance(m, BioGptDecoderLayer)]:  # one at a time:
+        if fuse:  # at most one layer is ever held twice
+            old = [p.weight for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)]
+            layer.self_attn.fuse_qkv()
+            for w in old:
+                release(w)
+        if kernels:
+            optimize(layer, quantize, release)
+    if kernels:
+        optimize(model, quantize, release)
     model.source = source
     return model
 
 
-def load_pretrained(path_or_id: str | Path, *, revision: str | None = None,
-                    dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> tuple[Any, Any]:
-    """A causal LM and its tokenizer, checked against each other (e.g. Large weights, base vocab)."""
+def _convert(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """`model.to(...)` one parameter at a time, keeping ties and releasing each mapped original."""
+    done: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) not in done:
+                new = p.detach().to(device=device, dtype=dtype)
+                copied = new.data_ptr() != p.data_ptr()
+                done[id(p)] = nn.Parameter(new, requires_grad=False) if copied else p
+                if copied:
+                    release(p)
+            setattr(module, name, done[id(p)])
+
+
+_MAPPED: list[tuple[weakref.ref, int, int]] = []  # (mapping, address, size) of mapped safetensors files
+
+
+def release(t: torch.Tensor) -> None:
+    """Hand back the resident pages of a tensor that lives in a mapped safetensors file, once it
+    has been copied: the mapping is private and never written, so a later read simply faults the
+    pages in again from the file. Tensors anywhere else are left alone."""
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    for ref, address, size in _MAPPED:
+        mapped = ref()
+        if mapped is not None and address <= start and end <= address + size and hasattr(mapped, "madvise"):
+            first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+            if last > first:
+                mapped.madvise(mmap.MADV_DONTNEED, first - address, last - first)
+            return
+
+
+def parse_device(name: str | torch.device) -> torch.device:
+    """A device this machine has: cpu, cuda[:N] (when CUDA is available) or mps."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise BioGptError(f"unknown device {name!r} (cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BioGptError(f"device {name!r}: this machine has no CUDA device (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise BioGptError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise BioGptError(f"device {name!r}: MPS is not available here (use --device cpu)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise BioGptError(f"device {name!r} is not supported (cpu, cuda, cuda:N or mps)")
+    return device
+
+
+def load_pretrained(path_or_id: str | Path, *, revision: str | None = None, dtype: torch.dtype | str | None = None,
+                    device: str | torch.device = "cpu", quantize: str = "none") -> tuple[Any, BioGptTokenizer]:
+    """A causal LM ready for inference and its tokenizer, checked against each other first
+    (e.g. BioGPT-Large weights with the base vocabulary)."""
     from .model import BioGptForCausalLM
 
-    model = BioGptForCausalLM.from_pretrained(path_or_id, revision=revision, dtype=dtype, device=device)
-    tokenizer = BioGptTokenizer.from_pretrained(path_or_id, revision)
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise CheckpointError(f"{model.source}: the vocabulary has {tokenizer.vocab_size} tokens but the "
-                              f"model expects {model.config.vocab_size}: tokenizer files and weights do not match")
+    folder = resolve(path_or_id, revision, ("config.json", *HUB_FILES, "|".join(WEIGHT_FILES)))
+    tokenizer = BioGptTokenizer.from_folder(folder)
+    config, state = read_checkpoint(folder)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"{folder}: the vocabulary has {tokenizer.vocab_size} tokens but the model expects "
+                              f"{config.vocab_size}: tokenizer files and weights do not match")
+    model = from_state_dict(BioGptForCausalLM, config, state, dtype=dtype, device=device, quantize=quantize,
+                            source=str(folder))
     return model, tokenizer
+
+
+def describe(path_or_id: str | Path, revision: str | None = None) -> dict[str, Any]:
+    """What `biogpt info` shows: where the model is, its shape, parameter count, dtypes and files.
+    Reads the mapped checkpoint only: no weights are copied or converted."""
+    folder = resolve(path_or_id, revision, ("config.json", *HUB_FILES, "|".join(WEIGHT_FILES)))
+    config, state = read_checkpoint(folder)
+    tied = config.tie_word_embeddings
+    counted = {k: t for k, t in state.items() if not (tied and k == "output_projection.weight")}
+    try:
+        vocabulary: int | str = BioGptTokenizer.from_folder(folder).vocab_size
+    except BioGptError as e:
+        vocabulary = f"unusable ({e})"
+    return {
+        "model": str(path_or_id),
+        "loaded from": str(folder.resolve()),
+        "parameters": sum(t.numel() for t in counted.values()),
+        "weight dtypes": ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in counted.values()})),
+        "weight bytes": sum(t.numel() * t.element_size() for t in counted.values()),
+        "vocabulary": vocabulary,
+        "config": config.to_dict(),
+        "files": {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()},
+    }
 
 
 # -- conversion --------------------------------------------------------------------------------

@@ -111,11 +111,15 @@ class BioGptPreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, *, revision: str | None = None,
                         dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-                        fuse: bool = True) -> BioGptPreTrainedModel:
-        """Load a Hub-layout or fairseq-layout checkpoint from a folder or a Hub id."""
+                        fuse: bool = True, kernels: bool = True, quantize: str = "none") -> BioGptPreTrainedModel:
+        """Load a Hub-layout or fairseq-layout checkpoint from a folder or a Hub id, for inference.
+
+        `kernels` swaps in the fast CPU linear layers (`linear.py`); `quantize="int8"` makes them int8.
+        """
         from .loading import load_model
 
-        return load_model(cls, path_or_id, revision=revision, dtype=dtype, device=device, fuse=fuse)
+        return load_model(cls, path_or_id, revision=revision, dtype=dtype, device=device, fuse=fuse,
+                          kernels=kernels, quantize=quantize)
 
     def fuse_qkv(self) -> None:
         for module in self.modules():

@@ -23,6 +23,21 @@ _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS)
 FAIRSEQ_FILES = ("dict.txt", "bpecodes")
 
 
+class _Moses(MosesTokenizer):
+    """sacremoses rebuilds a set of every lowercase / alphabetic Unicode character on each call to
+    `islower` / `isanyalpha` (most of its run time on PubMed text); same answers, sets built once."""
+
+    def __init__(self) -> None:
+        super().__init__(lang="en")
+        self._lower, self._alpha = frozenset(self.IsLower), frozenset(self.IsAlpha)
+
+    def islower(self, text: str) -> bool:
+        return not set(text).difference(self._lower)
+
+    def isanyalpha(self, text: str) -> bool:
+        return not set(text).isdisjoint(self._alpha)
+
+
 def _read_lines(path: Path) -> list[str]:
     try:
         return path.read_text(encoding="utf-8").split("\n")
@@ -55,7 +70,7 @@ class BioGptTokenizer:
         self.decoder = {i: t for t, i in encoder.items()}
         self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
         self._bpe_cache: dict[str, list[int]] = {}
-        self._moses = MosesTokenizer(lang="en")
+        self._moses = _Moses()
         self._detok = MosesDetokenizer(lang="en")
 
     # -- construction ------------------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""Reading lines and prompts (files or stdin, line numbers kept, bad bytes named) and mapping work
+over lines in worker processes, in order and in constant memory."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import signal
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    line: int  # 1-based line of the input (0: a command-line argument)
+    text: str
+    id: str | int | None = None  # the "id" field of a JSONL input line
+
+    @property
+    def key(self) -> tuple[str, str | int]:
+        """What `--resume` matches an output record on: the JSONL id, else the line number."""
+        return ("id", self.id) if self.id is not None else ("line", self.line)
+
+
+@contextmanager
+def open_input(path: str) -> Iterator[BinaryIO]:
+    """`-` is stdin. Binary, so that undecodable bytes are found per line, not at the first read."""
+    if path == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        f = open(path, "rb")  # noqa: SIM115 -- closed below
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not a file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot open ({e.strerror})") from None
+    with f:
+        yield f
+
+
+def read_lines(f: BinaryIO, name: str, errors: str = "strict") -> Iterator[tuple[int, str]]:
+    """(line number, text without its line ending). Invalid UTF-8 names the line unless `errors`
+    is "replace" (U+FFFD for each bad byte)."""
+    for n, raw in enumerate(f, 1):
+        raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+        try:
+            yield n, raw.decode("utf-8", errors=errors)
+        except UnicodeDecodeError as e:
+            raise InputError(f"{name}: line {n}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                             "pass --errors replace to substitute U+FFFD") from None
+
+
+def read_prompts(f: BinaryIO, name: str, jsonl: bool, errors: str = "strict") -> Iterator[Prompt]:
+    """Prompts, one per line: plain text, or JSON objects with "prompt" (and optionally "id").
+
+    A blank line comes out as a blank prompt: the caller decides whether to skip or report it.
+    """
+    for n, text in read_lines(f, name, errors):
+        if not jsonl or not text.strip():
+            yield Prompt(n, text)
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{name}: line {n}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise InputError(f'{name}: line {n}: expected an object with a string "prompt"')
+        pid = obj.get("id")
+        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, str | int)):
+            raise InputError(f'{name}: line {n}: "id" must be a string or an integer')
+        yield Prompt(n, obj["prompt"], pid)
+
+
+_WORK: Callable[[str], str] | None = None  # the function a worker process applies
+
+
+def _start_worker(fn: Callable[[str], str]) -> None:
+    global _WORK
+    _WORK = fn
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, once
+
+
+def _work(chunk: list[str]) -> list[str]:
+    return [_WORK(item) for item in chunk]
+
+
+def parallel_map(fn: Callable[[str], str], items: Iterable[str], jobs: int = 1, chunk: int = 256) -> Iterator[str]:
+    """`map(fn, items)` in input order. With `jobs` > 1, worker processes take chunks of items and
+    at most two chunks per worker are in flight, so memory stays constant on any input size."""
+    if jobs == 1:
+        yield from map(fn, items)
+        return
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(fn,)) as pool:
+        pending: deque[Future[list[str]]] = deque()
+        batch: list[str] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) == chunk:
+                pending.append(pool.submit(_work, batch))
+                batch = []
+                if len(pending) >= 2 * jobs:
+                    yield from pending.popleft().result()
+        if batch:
+            pending.append(pool.submit(_work, batch))
+        while pending:
+            yield from pending.popleft().result()
