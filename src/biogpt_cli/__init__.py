@@ -1,29 +1,35 @@
-"""biogpt-cli: a compact BioGPT that gives the reference's tokens, faster, from the command line."""
+"""biogpt-cli: a compact BioGPT that gives the reference's tokens, faster, from the command line.
 
-from .cache import KVCache
-from .config import BioGptConfig
-from .errors import BioGptError, CheckpointError, ConfigError, InputError, VocabularyError
-from .model import (
-    BioGptForCausalLM,
-    BioGptForSequenceClassification,
-    BioGptForTokenClassification,
-    BioGptModel,
-    BioGptOutput,
-)
-from .tokenizer import BioGptTokenizer
+The public names load on first use (PEP 562), so that `biogpt tokenize` never pays for importing
+torch; `from biogpt_cli import BioGptForCausalLM` works as usual.
+"""
 
-__all__ = [
-    "BioGptConfig",
-    "BioGptError",
-    "BioGptForCausalLM",
-    "BioGptForSequenceClassification",
-    "BioGptForTokenClassification",
-    "BioGptModel",
-    "BioGptOutput",
-    "BioGptTokenizer",
-    "CheckpointError",
-    "ConfigError",
-    "InputError",
-    "KVCache",
-    "VocabularyError",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "BioGptConfig": "config",
+    "BioGptError": "errors", "CheckpointError": "errors", "ConfigError": "errors", "InputError": "errors",
+    "VocabularyError": "errors",
+    "GenerationOptions": "generation", "generate": "generation",
+    "KVCache": "cache",
+    "BioGptForCausalLM": "model", "BioGptForSequenceClassification": "model",
+    "BioGptForTokenClassification": "model", "BioGptModel": "model", "BioGptOutput": "model",
+    "stream_completions": "streaming",
+    "BioGptTokenizer": "tokenizer",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'biogpt_cli' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

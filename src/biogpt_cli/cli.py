@@ -162,32 +162,33 @@ def generate(
             raise UsageError("no prompt: give PROMPT, --input FILE, or pipe prompts on stdin")
         input = "-"
 
-    from .output import Renderer, open_output
+    from .output import Renderer, check_output, open_output
 
-    writer, done = open_output(output, force=force, resume=resume, group=num_return_sequences)
-    live = output is None and fmt is Format.text and sys.stdout.isatty()
-    renderer = Renderer(fmt.value, None if live else writer, Console(highlight=False) if live else None,
-                        num_return_sequences)
-    lm, tokenizer = _load(model, revision, dtype.value, torch_device, quantize.value)
-    opts.bad_words_ids = [tokenizer.encode(b, add_special_tokens=False) for b in ban or () if b.strip()]
-    seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
-    generator = torch.Generator(torch_device).manual_seed(seed) if sample else None
-    if sample and verbose:
-        stderr.print(f"seed {seed}")
-    skipped = 0
-    try:
-        with _prompt_source(prompt, input, input_format, errors) as prompts:
+    check_output(output, force=force, resume=resume)
+    with _prompt_source(prompt, input, input_format, errors) as prompts:  # a bad input fails before loading
+        lm, tokenizer = _load(model, revision, dtype.value, torch_device, quantize.value)
+        opts.bad_words_ids = [tokenizer.encode(b, add_special_tokens=False) for b in ban or () if b.strip()]
+        seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+        generator = torch.Generator(torch_device).manual_seed(seed) if sample else None
+        if sample and verbose:
+            stderr.print(f"seed {seed}")
+        writer, done = open_output(output, force=force, resume=resume, group=num_return_sequences)
+        live = output is None and fmt is Format.text and sys.stdout.isatty()
+        renderer = Renderer(fmt.value, None if live else writer, Console(highlight=False) if live else None,
+                            num_return_sequences)
+        skipped = 0
+        try:
             for batch in _batches(prompts, batch_size):
                 todo = [p for p in batch if p.text.strip() and p.key not in done]
                 skipped += sum(not p.text.strip() for p in batch)
                 if todo:
                     _generate_batch(lm, tokenizer, todo, opts, stop or (), generator, renderer, truncate, verbose)
-    finally:
-        writer.close()
-        if skipped:
-            stderr.print(f"note: skipped {skipped} blank line{'s' * (skipped > 1)}")
-        if output is not None and verbose:
-            stderr.print(f"{writer.records} records written to {output}")
+        finally:
+            writer.close()
+            if skipped:
+                stderr.print(f"note: skipped {skipped} blank line{'s' * (skipped > 1)}")
+            if output is not None and verbose:
+                stderr.print(f"{writer.records} records written to {output}")
 
 
 def _load(model: str, revision: str | None, dtype: str, device: Any, quantize: str = "none") -> Any:

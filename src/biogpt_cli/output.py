@@ -58,19 +58,24 @@ def open_output(path: str | None, *, force: bool = False, resume: bool = False,
     """
     if path is None or path == "-":
         return LineWriter(1, "stdout"), set()
+    check_output(path, force=force, resume=resume)
     target = Path(path)
-    done: set[Key] = set()
-    if target.exists() and not target.is_file():
-        raise InputError(f"{target}: not a regular file")
-    if resume and target.exists():
-        done = _recover(target, group)
-    elif target.exists() and not force:
-        raise InputError(f"{target}: already exists; pass --force to overwrite it or --resume to finish it")
+    done = _recover(target, group) if resume and target.exists() else set()
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resume else os.O_TRUNC), 0o644)
     except OSError as e:
         raise InputError(f"{target}: cannot write ({e.strerror})") from None
     return LineWriter(fd, str(target)), done
+
+
+def check_output(path: str | None, *, force: bool = False, resume: bool = False) -> None:
+    """Refuse an output path that cannot be used, before any work is done."""
+    if path is None or path == "-" or not Path(path).exists():
+        return
+    if not Path(path).is_file():
+        raise InputError(f"{path}: not a regular file")
+    if not (force or resume):
+        raise InputError(f"{path}: already exists; pass --force to overwrite it or --resume to finish it")
 
 
 def _recover(path: Path, group: int) -> set[Key]:

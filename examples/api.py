@@ -1,0 +1,30 @@
+"""biogpt-cli as a library: stream a continuation, run beam search, score candidate answers.
+
+    python examples/api.py [MODEL]      (a folder or Hub id; default microsoft/biogpt)
+"""
+
+import sys
+
+from biogpt_cli import BioGptForCausalLM, BioGptTokenizer, GenerationOptions, generate, stream_completions
+from biogpt_cli.scoring import choice_probabilities
+
+name = sys.argv[1] if len(sys.argv) > 1 else "microsoft/biogpt"
+model = BioGptForCausalLM.from_pretrained(name)
+tokenizer = BioGptTokenizer.from_pretrained(name)
+prompt = tokenizer.encode("COVID-19 is")
+
+# Stream: text arrives as soon as later tokens can no longer change it.
+print("COVID-19 is", end="", flush=True)
+for event in stream_completions(model, tokenizer, [prompt], GenerationOptions(max_new_tokens=20)):
+    print(event.text, end="", flush=True)
+print()
+
+# Beam search returns token ids; decode them yourself.
+best = generate(model, [prompt], GenerationOptions(max_new_tokens=20, num_beams=5))[0][0]
+print("beam:", tokenizer.decode(prompt + best.ids, skip_special_tokens=True))
+
+# Which answer does the model find likeliest?
+question = tokenizer.encode("Is aspirin an anti-inflammatory drug? Answer:")
+answers = ["yes", "no", "maybe"]
+probs = choice_probabilities(model, question, [tokenizer.encode(a, add_special_tokens=False) for a in answers])
+print(", ".join(f"{a} {p:.2f}" for a, p in zip(answers, probs, strict=True)))

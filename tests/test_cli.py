@@ -1,0 +1,366 @@
+"""The `biogpt` command line: outputs equal the library's, exit codes, one-line errors, Unix manners.
+
+Most tests call `main()` in this process (fast); the ones about pipes and signals run a real process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import transformers
+
+from biogpt_cli import GenerationOptions, generate
+from biogpt_cli.cli import main
+from biogpt_cli.loading import load_pretrained
+from biogpt_cli.streaming import continuation
+from tests.conftest import ROOT
+
+PROMPTS = ["the cat and", "of the", "and then the dog", "in", "the end of the"]
+
+
+@pytest.fixture
+def cli(capfd, monkeypatch):
+    """run(args, stdin) -> (exit code, stdout, stderr), in-process, with fd-level capture."""
+    def run(*args: str, stdin: bytes = b""):
+        capfd.readouterr()
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+        code = main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return code, out, err
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_ref):
+    folder = tiny_ref[1]
+    model, tok = load_pretrained(folder)
+    return folder, model, tok
+
+
+def expected_texts(model, tok, prompts, opts):
+    ids = [tok.encode(p) for p in prompts]
+    return [[continuation(tok, i, s.ids)[0] for s in seqs] for i, seqs in zip(ids, generate(model, ids, opts),
+                                                                             strict=True)]
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+# -- generate ----------------------------------------------------------------------------------
+def test_generate_prompt_argument(cli, tiny):
+    folder, model, tok = tiny
+    code, out, err = cli("generate", PROMPTS[0], "-m", folder, "-n", "12")
+    assert (code, err) == (0, "")
+    expected = expected_texts(model, tok, PROMPTS[:1], GenerationOptions(max_new_tokens=12))
+    assert out == PROMPTS[0] + expected[0][0] + "\n"
+
+
+@pytest.mark.parametrize("batch", ["1", "2", "8"])
+def test_generate_from_stdin_in_order_any_batch_size(cli, tiny, batch):
+    folder, model, tok = tiny
+    stdin = "\n".join([PROMPTS[0], "", "   ", *PROMPTS[1:]]).encode() + b"\n"
+    code, out, err = cli("generate", "-m", folder, "-n", "7", "--batch-size", batch, stdin=stdin)
+    assert code == 0
+    assert err == "note: skipped 2 blank lines\n"
+    texts = expected_texts(model, tok, PROMPTS, GenerationOptions(max_new_tokens=7))
+    assert out.splitlines() == [p + t[0] for p, t in zip(PROMPTS, texts, strict=True)]
+
+
+def test_generate_jsonl_beams(cli, tiny):
+    folder, model, tok = tiny
+    code, out, err = cli("generate", "-m", folder, "-n", "6", "--num-beams", "3", "--num-return-sequences", "2",
+                         "--format", "jsonl", "--input", "-", stdin="\n".join(PROMPTS[:2]).encode())
+    assert (code, err) == (0, "")
+    records = [json.loads(line) for line in out.splitlines()]
+    opts = GenerationOptions(max_new_tokens=6, num_beams=3, num_return_sequences=2)
+    expected = generate(model, [tok.encode(p) for p in PROMPTS[:2]], opts)
+    assert [(r["prompt"], r["line"], r["sequence"], r["ids"], r["finish_reason"]) for r in records] == [
+        (PROMPTS[i], i + 1, j, s.ids, s.finish_reason) for i, seqs in enumerate(expected) for j, s in enumerate(seqs)]
+    assert all(r["text"] == continuation(tok, tok.encode(r["prompt"]), r["ids"])[0] for r in records)
+
+
+def test_generate_sampling_is_seeded(cli, tiny):
+    folder = tiny[0]
+    args = ("generate", "the", "-m", folder, "-n", "10", "--sample", "--top-k", "20", "--top-p", "0.9",
+            "--format", "jsonl")
+    runs = [json.loads(cli(*args, "--seed", s)[1])["ids"] for s in ("1", "1", "2")]
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_generate_stop_and_ban(cli, tiny):
+    folder, model, tok = tiny
+    base = ("generate", "the", "-m", folder, "-n", "10", "--format", "jsonl", "--no-repeat-ngram-size", "1")
+    free = json.loads(cli(*base)[1])  # the tiny model repeats itself; n-gram 1 makes every token new
+    words = free["text"].split()
+    stopped = json.loads(cli(*base, "--stop", words[3])[1])
+    assert stopped["finish_reason"] == "stop" and stopped["text"] == " " + " ".join(words[:3]) + " "
+    assert stopped["ids"] == free["ids"][:len(stopped["ids"])] and len(stopped["ids"]) < 10
+    out = json.loads(cli(*base, "--ban", words[1], "--ban", " ".join(words[2:4]))[1])
+    assert out["ids"] != free["ids"]
+    for banned in (words[1], " ".join(words[2:4])):  # as BPE ids: a word, and a phrase of two
+        seq = tok.encode(banned, add_special_tokens=False)
+        assert not any(out["ids"][i:i + len(seq)] == seq for i in range(len(out["ids"])))
+
+
+def test_generate_prompt_too_long_and_truncate(cli, tiny):
+    folder = tiny[0]
+    long = " ".join(["the"] * 70)  # the tiny model has 64 positions
+    code, out, err = cli("generate", long, "-m", folder, "-n", "5")
+    assert code == 1 and "exceeds the model's 64 positions" in one_error_line(err) and out == ""
+    code, out, err = cli("generate", long, "-m", folder, "-n", "5", "--truncate", "--format", "jsonl")
+    assert code == 0 and "cut to its last 58" in err
+    assert len(json.loads(out)["ids"]) == 5
+
+
+@pytest.mark.parametrize("args", [
+    ["--max-new-tokens", "-1"], ["--num-beams", "0"], ["--top-p", "0"], ["--top-p", "1.5"], ["--temperature", "-1"],
+    ["--temperature", "0"], ["--num-beams", "2", "--num-return-sequences", "3"], ["--num-return-sequences", "2"],
+    ["--dtype", "float64"], ["--device", "cuda"], ["--device", "tpu"], ["--resume"], ["--batch-size", "0"],
+    ["--repetition-penalty", "0"], ["--min-new-tokens", "99"], ["--bogus-option"], ["--format", "xml"],
+    ["--quantize", "int8", "--dtype", "float16"],
+])
+def test_bad_options_are_usage_errors_before_loading(cli, args):
+    code, out, err = cli("generate", "x", "-m", "/no/such/model", *args)  # loading it would exit 1
+    assert code == 2 and out == ""
+    one_error_line(err)
+
+
+def test_usage_errors_about_inputs(cli, tmp_path):
+    assert cli("generate", "", "-m", "/no/such/model")[0] == 2
+    assert cli("generate", "x", "-i", "-", "-m", "/no/such/model")[0] == 2
+    code, _, err = cli("generate", "-i", str(tmp_path / "missing.txt"), "-m", "/no/such/model")
+    assert code == 1 and "missing.txt: no such file" in one_error_line(err)
+
+
+def test_model_errors_are_one_line(cli, tmp_path):
+    code, out, err = cli("generate", "x", "-m", tmp_path)
+    assert code == 1 and out == "" and "no tokenizer files" in one_error_line(err)
+    code, _, err = cli("info", "-m", "/no/such/model")
+    assert code == 1 and "no such model folder" in one_error_line(err)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "biogpt_cli", "info", "-m", str(tmp_path), "--debug"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" in run.stderr
+
+
+# -- output files: refuse, force, resume -------------------------------------------------------
+def test_output_file_refused_forced_and_resumed(cli, tiny, tmp_path):
+    folder = tiny[0]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    out = tmp_path / "out.jsonl"
+    base = ("generate", "-m", folder, "-n", "5", "-i", prompts, "-o", out, "--format", "jsonl",
+            "--num-beams", "2", "--num-return-sequences", "2")
+    assert cli(*base)[0] == 0
+    complete = out.read_text()
+    assert [json.loads(x)["id"] for x in complete.splitlines()] == [f"p{i}" for i in range(5) for _ in range(2)]
+    code, _, err = cli(*base)
+    assert code == 1 and "already exists" in one_error_line(err) and out.read_text() == complete
+    assert cli(*base, "--force")[0] == 0 and out.read_text() == complete
+    # a run killed mid-way: 2 whole prompts, half of the third's group, a torn line
+    lines = complete.splitlines(keepends=True)
+    out.write_text("".join(lines[:5]) + lines[5][:17])
+    assert cli(*base, "--resume")[0] == 0
+    assert out.read_text() == complete
+
+
+def test_resume_refuses_a_damaged_file(cli, tiny, tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"line": 1, "prompt": "a"}\nnot json\n{"line": 3, "prompt": "b"}\n')
+    code, _, err = cli("generate", "-m", tiny[0], "-i", "-", "-o", out, "--format", "jsonl", "--resume",
+                       stdin=b"a\nb\nc\n")
+    assert code == 1 and "line 2 is not a record" in one_error_line(err)
+
+
+# -- tokenize / detokenize / score / info / convert --------------------------------------------
+def test_tokenize_equals_reference_on_corpus(cli, real_vocab, corpus_lines, tmp_path):
+    fairseq, hub = real_vocab
+    ref = transformers.BioGptTokenizer(str(hub / "vocab.json"), str(hub / "merges.txt"))
+    lines = corpus_lines[:300]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    expected = [" ".join(map(str, ref(x)["input_ids"])) for x in lines]
+    for jobs in ("1", "2"):
+        code, out, err = cli("tokenize", corpus, "-m", fairseq, "--jobs", jobs)
+        assert (code, err) == (0, "") and out.splitlines() == expected
+    code, out, _ = cli("tokenize", "-m", hub, "--tokens", "--no-special", stdin=lines[0].encode())
+    assert out.split() == ref.convert_ids_to_tokens(ref(lines[0])["input_ids"][1:])
+    code, out, _ = cli("tokenize", "-m", hub, "--format", "jsonl", stdin=lines[0].encode())
+    assert json.loads(out)["ids"] == ref(lines[0])["input_ids"]
+
+
+def test_tokenize_hostile_input(cli, tiny, tmp_path):
+    folder = tiny[0]
+    code, out, err = cli("tokenize", "-m", folder, stdin=b"fine\n\xff\xfe broken\n")
+    assert code == 1 and "line 2: invalid UTF-8 (byte 0xff at column 1)" in one_error_line(err)
+    code, out, err = cli("tokenize", "-m", folder, "--errors", "replace", stdin=b"fine\n\xff broken\n\n")
+    assert code == 0 and len(out.splitlines()) == 3
+    code, out, _ = cli("tokenize", "-m", folder, stdin=b"a\x00b\tc\r\n")
+    assert code == 0 and out.startswith("2 ")
+    binary = bytes(range(256)) * 64
+    assert cli("tokenize", "-m", folder, stdin=binary)[0] == 1
+    assert cli("tokenize", "-m", folder, "--errors", "replace", stdin=binary)[0] == 0
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"the cat and the dog " * 500_000 + b"\n")  # one 10 MB line
+    code, out, _ = cli("tokenize", big, "-m", folder, "--no-special")
+    assert code == 0 and len(out.split()) > 2_000_000
+
+
+def test_detokenize_round_trip(cli, tiny):
+    folder, _, tok = tiny
+    ids = tok.encode("the cat and the dog")
+    code, out, _ = cli("detokenize", "-m", folder, stdin=(" ".join(map(str, ids)) + "\n").encode())
+    assert (code, out) == (0, "the cat and the dog\n")
+    code, _, err = cli("detokenize", "-m", folder, stdin=b"2 99999\n")
+    assert code == 1 and "line 1: id 99999 is outside the vocabulary" in one_error_line(err)
+
+
+def test_score_equals_reference_loss(cli, tiny_ref, tiny):
+    ref, folder = tiny_ref
+    tok = tiny[2]
+    lines = ["the cat and the dog", "of", "and then"]
+    code, out, err = cli("score", "-m", folder, "--format", "jsonl", "--batch-size", "2",
+                         stdin="\n".join(lines).encode())
+    assert (code, err) == (0, "")
+    for line, record in zip(lines, map(json.loads, out.splitlines()), strict=True):
+        ids = torch.tensor([tok.encode(line)])
+        with torch.no_grad():
+            loss = ref(ids, labels=ids).loss.item()
+        assert record["tokens"] == ids.shape[1] and abs(record["nll"] - loss) < 1e-4
+        assert abs(record["ppl"] - math.exp(loss)) < 1e-3 * math.exp(loss)
+    code, out, _ = cli("score", "-m", folder, stdin=b"\n")  # a lone </s> predicts nothing
+    assert out == "1\tnan\tnan\n"
+
+
+def test_score_choices(cli, tiny_ref, tiny):
+    ref, folder = tiny_ref
+    tok = tiny[2]
+    code, out, _ = cli("score", "-m", folder, "--prompt", "the cat", "--choices", "and,of the,in")
+    probs = {c: float(p) for c, p in (line.split("\t") for line in out.splitlines())}
+    assert code == 0 and abs(sum(probs.values()) - 1) < 1e-5
+    prompt = tok.encode("the cat")
+    totals = {}
+    for choice in probs:
+        ids = prompt + tok.encode(choice, add_special_tokens=False)
+        with torch.no_grad():
+            logp = ref(torch.tensor([ids])).logits[0].log_softmax(-1)
+        totals[choice] = sum(logp[i - 1, ids[i]].item() for i in range(len(prompt), len(ids)))
+    norm = math.log(sum(math.exp(t) for t in totals.values()))
+    assert all(abs(probs[c] - math.exp(totals[c] - norm)) < 1e-5 for c in probs)
+    assert cli("score", "-m", folder, "--choices", "a,b")[0] == 2
+
+
+def test_info_and_convert(cli, tiny_ref, tiny, tmp_path):
+    folder = tiny[0]
+    code, out, _ = cli("info", "-m", folder, "--format", "jsonl")
+    facts = json.loads(out)
+    assert code == 0 and facts["config"]["hidden_size"] == 32 and "model.safetensors" in facts["files"]
+    assert facts["parameters"] == sum(p.numel() for p in tiny_ref[0].parameters())  # tied weights once
+    dst = tmp_path / "converted"
+    assert cli("convert", folder, dst)[0] == 0
+    assert cli("convert", folder, dst)[0] == 2  # not empty any more
+    code, out, _ = cli("generate", "the cat", "-m", dst, "-n", "5")
+    assert code == 0 and out == cli("generate", "the cat", "-m", folder, "-n", "5")[1]
+
+
+def test_live_terminal_rendering(tiny):
+    from rich.console import Console
+
+    from biogpt_cli.inputs import Prompt
+    from biogpt_cli.output import Renderer
+    from biogpt_cli.streaming import stream_completions
+
+    _, model, tok = tiny
+    screen = io.StringIO()
+    renderer = Renderer("text", None, Console(file=screen, force_terminal=True, width=200), 1)
+    prompts = [Prompt(1, PROMPTS[0]), Prompt(2, PROMPTS[1])]
+    renderer.begin(prompts)
+    opts = GenerationOptions(max_new_tokens=8)
+    for ev in stream_completions(model, tok, [tok.encode(p.text) for p in prompts], opts):
+        renderer.event(ev)
+    texts = expected_texts(model, tok, [p.text for p in prompts], GenerationOptions(max_new_tokens=8))
+    shown = screen.getvalue()
+    assert "\x1b[1m" + PROMPTS[0] in shown  # the prompt in bold
+    stripped = re.sub(r"\x1b\[[0-9;]*m", "", shown)
+    assert stripped == "".join(p.text + t[0] + "\n" for p, t in zip(prompts, texts, strict=True))
+
+
+# -- real processes: pipes, signals, examples --------------------------------------------------
+def biogpt(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "biogpt_cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kwargs)
+
+
+def test_broken_pipe_exits_quietly(tiny, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the cat\n" * 2000)
+    proc = biogpt("generate", "-m", tiny[0], "-n", "20", "-i", prompts, "--batch-size", "1")
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    proc.wait(timeout=120)
+    assert first.startswith(b"the cat") and proc.returncode == 141 and proc.stderr.read() == b""
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
+def test_killed_batch_resumes_to_exactly_one_record_per_prompt(tiny, tmp_path, how):
+    folder = tiny[0]
+    prompts = tmp_path / "p.txt"
+    n = 400
+    prompts.write_text("".join(f"the {'cat and ' * (i % 5)}dog\n" for i in range(n)))
+    out = tmp_path / "out.jsonl"
+    args = ("generate", "-m", folder, "-n", "40", "-i", prompts, "-o", out, "--format", "jsonl", "--batch-size", "1")
+    proc = biogpt(*args)
+    deadline = time.time() + 120
+    while (not out.exists() or out.stat().st_size < 2000) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(how)
+    proc.wait(timeout=60)
+    assert proc.returncode == {signal.SIGTERM: 143, signal.SIGKILL: -9, signal.SIGINT: 130}[how]
+    if how != signal.SIGKILL:
+        assert b"Traceback" not in proc.stderr.read()
+    partial = out.read_text()
+    assert partial.endswith("\n") and all(json.loads(x) for x in partial.splitlines())
+    assert 0 < len(partial.splitlines()) < n, "the run must be interrupted mid-way"
+    resumed = biogpt(*args, "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["line"] for r in records] == list(range(1, n + 1))
+    assert records[:len(partial.splitlines())] == [json.loads(x) for x in partial.splitlines()]
+
+
+def test_examples_run(tiny, tmp_path):
+    path = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"  # the venv's biogpt first
+    env = {**os.environ, "BIOGPT_MODEL": str(tiny[0]), "PATH": path}
+    titles = tmp_path / "titles.txt"
+    titles.write_text("the cat and\nof the dog\nin the end\nand then\n")
+    run = subprocess.run(["bash", str(ROOT / "examples" / "pipeline.sh"), str(titles)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "continued 3 titles" in run.stdout and "tokens:" in run.stdout
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "api.py"), str(tiny[0])], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("COVID-19 is") and "beam:" in run.stdout and "yes" in run.stdout
+
+
+def test_tokenizer_only_commands_do_not_import_torch(tiny):
+    code = ("import sys; from biogpt_cli.cli import main; main(['tokenize', '-m', sys.argv[1]]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    run = subprocess.run([sys.executable, "-c", code, str(tiny[0])], input="the cat", capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
