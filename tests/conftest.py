@@ -6,9 +6,11 @@ beside the checkout; tests that need them skip when they are absent (a user's fr
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import string
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,23 @@ def corpus_lines():
     if shared is None:
         pytest.skip("PubMed dev corpus not found: set BIOGPT_SHARED or put shared/ beside the checkout")
     return (shared / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
+
+
+@pytest.fixture
+def cli(capfd, monkeypatch):
+    """run(args, stdin) -> (exit code, stdout, stderr), in-process, with fd-level capture."""
+    from biogpt_cli.cli import main
+
+    def run(*args: str, stdin: bytes = b""):
+        capfd.readouterr()
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+        code = main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return code, out, err
+    return run
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]

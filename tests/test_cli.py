@@ -20,24 +20,11 @@ import torch
 import transformers
 
 from biogpt_cli import GenerationOptions, generate
-from biogpt_cli.cli import main
 from biogpt_cli.loading import load_pretrained
 from biogpt_cli.streaming import continuation
-from tests.conftest import ROOT
+from tests.conftest import ROOT, one_error_line
 
 PROMPTS = ["the cat and", "of the", "and then the dog", "in", "the end of the"]
-
-
-@pytest.fixture
-def cli(capfd, monkeypatch):
-    """run(args, stdin) -> (exit code, stdout, stderr), in-process, with fd-level capture."""
-    def run(*args: str, stdin: bytes = b""):
-        capfd.readouterr()
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
-        code = main([str(a) for a in args])
-        out, err = capfd.readouterr()
-        return code, out, err
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +38,6 @@ def expected_texts(model, tok, prompts, opts):
     ids = [tok.encode(p) for p in prompts]
     return [[continuation(tok, i, s.ids)[0] for s in seqs] for i, seqs in zip(ids, generate(model, ids, opts),
                                                                              strict=True)]
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 # -- generate ----------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from biogpt_cli import BioGptTokenizer, VocabularyError
 
@@ -79,3 +81,29 @@ def test_missing_or_broken_vocab_files(tmp_path):
     (tmp_path / "merges.txt").write_text("a b\n")
     with pytest.raises(VocabularyError, match="vocab.json: invalid JSON"):
         BioGptTokenizer.from_folder(tmp_path)
+
+
+# Arbitrary Unicode, weighted towards what Moses and BPE treat specially.
+TRICKY = st.sampled_from(list("-–—'\"`´‘’“”.,;:!?()[]{}<>&|@#$%^*_+=~/\\ \t\u00a0\u200b\ufeffαβμ±°µ中😀") +
+                         ["<unk>", "</s>", "<s>", "<pad>", "@-@", "&amp;", "&#124;", "...", "e.g.", "Dr.", "U.S."])
+TEXT = st.lists(st.one_of(st.text(max_size=8), TRICKY, st.sampled_from(["IL", "2", "cells", "the", "COVID", "19"])),
+                max_size=12).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=TEXT)
+def test_any_unicode_encodes_like_reference(tokenizers, text):
+    ref, ours = tokenizers
+    expected = ref(text)["input_ids"]
+    for tok in ours:
+        assert tok.encode(text) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=TEXT)
+def test_decode_then_encode_round_trip_like_reference(tokenizers, text):
+    ref, (tok, _) = tokenizers
+    ids = ref(text)["input_ids"]
+    decoded = tok.decode(ids, skip_special_tokens=True)
+    assert decoded == ref.decode(ids, skip_special_tokens=True)
+    assert tok.encode(decoded) == ref(decoded)["input_ids"]

@@ -216,12 +216,18 @@ def _prompt_source(prompt: str | None, path: str | None, input_format: InputForm
 
 
 def _batches(items: Iterator[Prompt], size: int) -> Iterator[list[Prompt]]:
+    """Groups of `size`; when reading fails (a bad line), the lines before it are still processed."""
     batch: list[Prompt] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
+    try:
+        for item in items:
+            batch.append(item)
+            if len(batch) == size:
+                yield batch
+                batch = []
+    except InputError:
+        if batch:
             yield batch
-            batch = []
+        raise
     if batch:
         yield batch
 

@@ -248,15 +248,10 @@ def load_model(cls: type[nn.Module], path_or_id: str | Path, *, revision: str | 
                            quantize=quantize, source=str(folder))
 
 
-def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str, torch.Tensor], *,
-                    dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-                    fuse: bool = True, kernels: bool = True, quantize: str = "none",
-                    source: str = "state dict") -> Any:
-    """Check every key and shape, then assign; one error names everything that is wrong.
-
-    Then, for inference: convert dtype/device, fuse QKV and (`kernels`) swap in the fast linear
-    layers of `linear.py`, handing each mapped original back to the OS as soon as it is copied.
-    """
+def check_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str, torch.Tensor],
+                     source: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """`cls` built on the meta device, and the part of `state` it takes under its own key names.
+    Raises one error that names every missing, unexpected and mis-shaped key."""
     with torch.device("meta"):
         model = cls(config)
     if cls.base_prefix == "":  # BioGptModel takes the decoder part of any checkpoint
@@ -274,8 +269,21 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
                 if keys]
     if problems:
         raise CheckpointError(f"{source}: weights do not match the config ({'; '.join(problems)})")
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
-    del state, expected
+    return model, {k: v for k, v in state.items() if k in expected}
+
+
+def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str, torch.Tensor], *,
+                    dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+                    fuse: bool = True, kernels: bool = True, quantize: str = "none",
+                    source: str = "state dict") -> Any:
+    """Check every key and shape, then assign (no copy).
+
+    Then, for inference: convert dtype/device, fuse QKV and (`kernels`) swap in the fast linear
+    layers of `linear.py`, handing each mapped original back to the OS as soon as it is copied.
+    """
+    model, state = check_state_dict(cls, config, state, source)
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     for name, param in list(model.named_parameters()):
@@ -368,8 +376,11 @@ def load_pretrained(path_or_id: str | Path, *, revision: str | None = None, dtyp
 def describe(path_or_id: str | Path, revision: str | None = None) -> dict[str, Any]:
     """What `biogpt info` shows: where the model is, its shape, parameter count, dtypes and files.
     Reads the mapped checkpoint only: no weights are copied or converted."""
+    from .model import BioGptForCausalLM
+
     folder = resolve(path_or_id, revision, ("config.json", *HUB_FILES, "|".join(WEIGHT_FILES)))
     config, state = read_checkpoint(folder)
+    check_state_dict(BioGptForCausalLM, config, state, str(folder))
     tied = config.tie_word_embeddings
     counted = {k: t for k, t in state.items() if not (tied and k == "output_projection.weight")}
     try:
@@ -401,7 +412,7 @@ def convert(src: str | Path, dst: str | Path) -> Path:
                               f"expect {config.vocab_size}")
     from .model import BioGptForCausalLM
 
-    from_state_dict(BioGptForCausalLM, config, state, fuse=False, source=str(folder))  # validates
+    check_state_dict(BioGptForCausalLM, config, state, str(folder))
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in state.items()
