@@ -19,9 +19,9 @@ from biogpt_cli.loading import from_state_dict
 ATOL = 1e-4
 
 
-def ours_from(ref, cls=BioGptForCausalLM, fuse=True):
+def ours_from(ref, cls=BioGptForCausalLM, fuse=True, kernels=True, **kwargs):
     cfg = BioGptConfig.from_dict(ref.config.to_dict())
-    return from_state_dict(cls, cfg, dict(ref.state_dict()), fuse=fuse)
+    return from_state_dict(cls, cfg, dict(ref.state_dict()), fuse=fuse, kernels=kernels, **kwargs)
 
 
 def ref_positions(mask):
@@ -38,10 +38,10 @@ def padded_batch(prompts, side, pad=1):
     return ids, mask
 
 
-@pytest.mark.parametrize("fuse", [False, True])
-def test_single_prompt_logits_equal(tiny_ref, fuse):
+@pytest.mark.parametrize("fuse,kernels", [(False, False), (True, False), (True, True)])
+def test_single_prompt_logits_equal(tiny_ref, fuse, kernels):
     ref, _ = tiny_ref
-    ours = ours_from(ref, fuse=fuse)
+    ours = ours_from(ref, fuse=fuse, kernels=kernels)
     ids = torch.randint(4, ref.config.vocab_size, (1, 17))
     ids[0, 0] = 2
     with torch.no_grad():
@@ -158,3 +158,23 @@ def test_config_defaults_and_validation():
         BioGptConfig(num_hidden_layers=0)
     with pytest.raises(ConfigError, match="hidden_act"):
         BioGptConfig(hidden_act="swish2")
+
+
+@pytest.mark.parametrize("kwargs,tolerance", [(dict(quantize="int8"), 5e-3), (dict(dtype="float16"), 2e-3),
+                                              (dict(dtype="bfloat16"), 1e-2)])
+def test_reduced_precision_stays_close(tiny_ref, kwargs, tolerance):
+    """int8 / float16 / bfloat16 kernels, prefill and cached decoding: near the float32 logits
+    (their real quality on the full-size shape is measured by benchmarks/bench.py)."""
+    ref, _ = tiny_ref
+    ours = ours_from(ref, **kwargs)
+    ids = torch.tensor([[2, *range(10, 30)]])
+    with torch.no_grad():
+        expected = ref(ids).logits
+    out = ours(ids[:, :5], use_cache=True)
+    steps = [out.logits]
+    for t in range(5, ids.shape[1]):
+        out = ours(ids[:, t : t + 1], past_key_values=out.past_key_values)
+        steps.append(out.logits)
+    got = torch.cat(steps, 1).float()
+    assert (got - expected).abs().max() < tolerance  # logits' std is about 0.12 here
+    assert not torch.allclose(got, expected, atol=1e-6)  # the reduced precision is really in use

@@ -68,15 +68,16 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
 
 
-def optimize(model: nn.Module, quantize: str = "none",
-             release: Callable[[torch.Tensor], None] = lambda t: None) -> nn.Module:
-    """Swap every `nn.Linear` of an inference model for the fastest kernel its dtype and device allow.
+def optimize(model: nn.Module, quantize: str = "none", release: Callable[[torch.Tensor], None] = lambda t: None,
+             recurse: bool = True) -> nn.Module:
+    """Swap every `nn.Linear` of an inference model (only its direct children without `recurse`)
+    for the fastest kernel its dtype and device allow.
 
     `release(weight)` is called for each original weight once it is no longer needed.
     """
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}")
-    for parent in list(model.modules()):
+    for parent in list(model.modules()) if recurse else [model]:
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
                 continue

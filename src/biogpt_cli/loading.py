@@ -8,12 +8,15 @@ class it does not know into an inert stub.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
 import os
 import pickle
 import weakref
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from torch import nn
 from .config import BioGptConfig
 from .errors import BioGptError, CheckpointError, ConfigError
 from .hub import HUB_FILES, resolve
-from .linear import optimize
+from .linear import can_pack, optimize
 from .model import BioGptDecoderLayer
 from .tokenizer import BioGptTokenizer
 
@@ -248,11 +251,26 @@ def load_model(cls: type[nn.Module], path_or_id: str | Path, *, revision: str | 
                            quantize=quantize, source=str(folder))
 
 
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip random initialisation while building on the meta device: it is pointless there, and
+    `normal_` on meta tensors imports torch._dynamo (over a second of every start)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def check_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str, torch.Tensor],
                      source: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """`cls` built on the meta device, and the part of `state` it takes under its own key names.
     Raises one error that names every missing, unexpected and mis-shaped key."""
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = cls(config)
     if cls.base_prefix == "":  # BioGptModel takes the decoder part of any checkpoint
         state = {k.removeprefix("biogpt."): v for k, v in state.items()}
@@ -293,16 +311,25 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
             setattr(model.get_submodule(module_name), attr, nn.Parameter(fresh))
     _convert(model, parse_dtype(dtype), torch.device(device))
     model.requires_grad_(False).eval()
-    for layer in [m for m in model.modules() if isinstance(m, BioGptDecoderLayer)]:  # one at a time:
-        if fuse:  # at most one layer is ever held twice
+
+    # oneDNN-packed q/k/v are as fast unfused (measured), and the concatenation would leave ~110 MB
+    # of freed heap that glibc keeps: fuse only for the other kernels (F.linear, int8).
+    w = model.biogpt.embed_tokens.weight if hasattr(model, "biogpt") else model.embed_tokens.weight
+    fuse = fuse and not (kernels and quantize == "none" and can_pack(w.dtype, w.device))
+
+    def prepare(layer: nn.Module) -> None:  # a layer at a time, so few are ever held twice
+        if isinstance(layer, BioGptDecoderLayer) and fuse:
             old = [p.weight for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)]
             layer.self_attn.fuse_qkv()
             for w in old:
                 release(w)
         if kernels:
-            optimize(layer, quantize, release)
-    if kernels:
-        optimize(model, quantize, release)
+            optimize(layer, quantize, release, recurse=layer is not model)
+
+    # the model's own linear children (the output projection, a task head) first: the largest
+    units = [model, *(m for m in model.modules() if isinstance(m, BioGptDecoderLayer))]
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:  # packing is single-threaded C++
+        list(pool.map(prepare, units))
     model.source = source
     return model
 
