@@ -51,14 +51,19 @@ class KVCache:
         """Called once per forward pass, after every layer has written its `update`."""
         self.length += tokens
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Beam search: row i becomes old row index[i]. Gathers into a spare buffer and swaps."""
-        if self._spare is None or self._spare[0].shape[1] != index.numel():
-            shape = (self.k.shape[0], index.numel(), *self.k.shape[2:])
-            self._spare = (self.k.new_empty(shape), self.v.new_empty(shape))
+    def reorder(self, index: torch.Tensor, start: int = 0) -> None:
+        """Beam search: row i becomes old row index[i], copied row by row into a spare buffer that
+        then takes the place of the current one (no temporary, one pass over the data).
+
+        Positions before `start` are left alone: the prompt, which every beam of a prompt shares
+        (beams are only ever exchanged within their prompt), is the same in both buffers.
+        """
+        if self._spare is None:
+            self._spare = (self.k.clone(), self.v.clone())
         n = self.length
         for src, dst in zip((self.k, self.v), self._spare, strict=True):
-            dst[:, :, :, :n] = src[:, :, :, :n].index_select(1, index)
+            for i, j in enumerate(index.tolist()):
+                dst[:, i, :, start:n].copy_(src[:, j, :, start:n])
         (self.k, self.v), self._spare = self._spare, (self.k, self.v)
 
     def expand(self, repeats: int) -> None:

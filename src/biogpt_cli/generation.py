@@ -349,7 +349,7 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]],
         if not improvable.any() or all_done or bool(hits.all()):
             break
         if not torch.equal(reorder, identity):
-            batch.cache.reorder(reorder)
+            batch.cache.reorder(reorder, start=width)
         scores = batch.step(seqs.view(b * nb, total)[:, cur - 1])
     results = []
     for i in range(b):
