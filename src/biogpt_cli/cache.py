@@ -2,7 +2,9 @@
 
 One tensor per kind, shaped [layers, batch, heads, capacity, head_dim]. A forward pass writes its
 new positions at `length` and attends over the prefix `[:length]`; nothing is concatenated per
-step. Capacity grows by doubling only when a caller decodes past it.
+step. Positions at or past `length` are never read, so buffers are allocated uninitialised and
+every copy below moves only the written prefix. Capacity grows by doubling only when a caller
+decodes past it.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ class KVCache:
     def __init__(self, num_layers: int, batch: int, num_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         shape = (num_layers, batch, num_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0
         self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # second buffer for reorder()
+        self._spare_shared = 0  # positions the spare already holds (the beams' common prompt)
 
     @property
     def capacity(self) -> int:
@@ -27,18 +30,22 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
+    def _rebuild(self, rows: torch.Tensor | None, capacity: int) -> None:
+        """New buffers holding the written prefix of `rows` (all rows when None)."""
+        n = self.length
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            prefix = old[:, :, :, :n] if rows is None else old[:, :, :, :n].index_select(1, rows)
+            new = old.new_empty(old.shape[0], prefix.shape[1], old.shape[2], capacity, old.shape[4])
+            new[:, :, :, :n] = prefix
+            setattr(self, name, new)
+        self._spare = None
+
     def reserve(self, new_tokens: int, limit: int) -> None:
         """Make room for `new_tokens` more positions (at most `limit` in all)."""
         need = self.length + new_tokens
-        if need <= self.capacity:
-            return
-        grown = min(max(need, 2 * self.capacity), max(limit, need))
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:3], grown, old.shape[4])
-            new[:, :, :, : self.length] = old[:, :, :, : self.length]
-            setattr(self, name, new)
-        self._spare = None
+        if need > self.capacity:
+            self._rebuild(None, min(max(need, 2 * self.capacity), max(limit, need)))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's [batch, heads, t, head_dim] keys/values; return the whole prefix."""
@@ -58,8 +65,11 @@ class KVCache:
         Positions before `start` are left alone: the prompt, which every beam of a prompt shares
         (beams are only ever exchanged within their prompt), is the same in both buffers.
         """
-        if self._spare is None:
-            self._spare = (self.k.clone(), self.v.clone())
+        if self._spare is None or start < self._spare_shared:
+            self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+            for src, dst in zip((self.k, self.v), self._spare, strict=True):
+                dst[:, :, :, :start] = src[:, :, :, :start]
+            self._spare_shared = start
         n = self.length
         for src, dst in zip((self.k, self.v), self._spare, strict=True):
             for i, j in enumerate(index.tolist()):
@@ -68,7 +78,4 @@ class KVCache:
 
     def expand(self, repeats: int) -> None:
         """Repeat each row `repeats` times (a prompt's cache shared by its beams or samples)."""
-        index = torch.arange(self.batch_size, device=self.k.device).repeat_interleave(repeats)
-        self._spare = None
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
+        self._rebuild(torch.arange(self.batch_size, device=self.k.device).repeat_interleave(repeats), self.capacity)
