@@ -51,23 +51,18 @@ def check_stream(tok, prompt, new, stop=()):
     return expected
 
 
-@settings(max_examples=300, deadline=None)
-@given(data=st.data())
-def test_stream_equals_final_text_real_vocab(real_tok, data):
-    ids = palette_ids(real_tok) + list(range(4, 20))
-    prompt = [2] + data.draw(st.lists(st.sampled_from(ids), max_size=6))
-    new = data.draw(st.lists(st.sampled_from(ids), max_size=25))
-    stop = data.draw(st.lists(st.sampled_from(["the", ", ", "COVID-19", "\"", ")", "s"]), max_size=2))
-    check_stream(real_tok, prompt, new, stop)
+STOPS = {"real_tok": ["the", ", ", "COVID-19", "\"", ")", "s"], "tiny_tok": ["a", "-", "@", "th"]}
 
 
-@settings(max_examples=200, deadline=None)
+@pytest.mark.parametrize("vocab", ["real_tok", "tiny_tok"])  # tiny: runs without ../shared too
+@settings(max_examples=250, deadline=None)
 @given(data=st.data())
-def test_stream_equals_final_text_tiny_vocab(tiny_tok, data):
-    ids = palette_ids(tiny_tok) + list(range(4, 20))
+def test_stream_equals_final_text(request, vocab, data):
+    tok = request.getfixturevalue(vocab)
+    ids = palette_ids(tok) + list(range(4, 20))
     prompt = [2] + data.draw(st.lists(st.sampled_from(ids), max_size=6))
     new = data.draw(st.lists(st.sampled_from(ids), max_size=25))
-    check_stream(tiny_tok, prompt, new, data.draw(st.lists(st.sampled_from(["a", "-", "@"]), max_size=1)))
+    check_stream(tok, prompt, new, data.draw(st.lists(st.sampled_from(STOPS[vocab]), max_size=2)))
 
 
 def test_stream_on_real_abstracts(real_tok, corpus_lines):

@@ -192,8 +192,12 @@ def generate(
                 stderr.print(f"{writer.records} records written to {output}")
 
 
+@functools.lru_cache(maxsize=1)
 def _load(model: str, revision: str | None, dtype: str, device: Any, quantize: str = "none") -> Any:
-    """The model and tokenizer, with a spinner on stderr while it loads (on a terminal only)."""
+    """The model and tokenizer, with a spinner on stderr while it loads (on a terminal only).
+
+    Kept for the life of the process: a second command run in it reuses the model, and `entry`
+    exits without freeing 1.4 GB object by object."""
     from .loading import load_pretrained
 
     with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else contextlib.nullcontext():

@@ -51,13 +51,11 @@ def _parse_merges(path: Path) -> list[tuple[str, str]]:
     lines = _read_lines(path)
     if lines and lines[-1] == "":
         lines.pop()
-    merges = []
-    for n, line in enumerate(lines, 1):
-        parts = line.split()
-        if len(parts) < 2:
-            raise VocabularyError(f"{path}: line {n} is not a BPE merge ('a b [count]')")
-        merges.append((parts[0], parts[1]))
-    return merges
+    parts = [line.split(maxsplit=2) for line in lines]  # 40k lines: comprehensions, not a loop
+    if any(len(p) < 2 for p in parts):
+        n = next(n for n, p in enumerate(parts, 1) if len(p) < 2)
+        raise VocabularyError(f"{path}: line {n} is not a BPE merge ('a b [count]')")
+    return [(p[0], p[1]) for p in parts]
 
 
 class BioGptTokenizer:
