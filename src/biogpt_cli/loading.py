@@ -1,9 +1,10 @@
-"""Finding and reading checkpoints: local folders, Hub ids, Hub and fairseq layouts.
+"""Reading checkpoints (Hub layout; the fairseq release via `fairseq.py`) and building models
+ready for inference from them.
 
 Nothing here ever executes pickled code: `pytorch_model.bin` goes through
-`torch.load(weights_only=True)`, and the fairseq `checkpoint.pt` (which also pickles training
-state: config objects, optimizer history, meters) through an allow-list unpickler that turns every
-class it does not know into an inert stub.
+`torch.load(weights_only=True)`, the fairseq `checkpoint.pt` through an allow-list unpickler.
+Safetensors files are memory-mapped, and pages that have been copied (packed, converted) are
+handed back to the OS, so a loaded model costs about one copy of its weights.
 """
 
 from __future__ import annotations
@@ -23,23 +24,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import fairseq
 from .config import BioGptConfig
-from .errors import BioGptError, CheckpointError, ConfigError
+from .errors import BioGptError, CheckpointError
 from .hub import HUB_FILES, resolve
 from .linear import can_pack, optimize
 from .model import BioGptDecoderLayer
 from .tokenizer import BioGptTokenizer
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-FAIRSEQ_CHECKPOINT = "checkpoint.pt"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # -- reading weights ---------------------------------------------------------------------------
 def read_checkpoint(folder: Path) -> tuple[BioGptConfig, dict[str, torch.Tensor]]:
     """Config and state dict (Hub key names) from a Hub-layout or fairseq-layout folder."""
-    if (folder / FAIRSEQ_CHECKPOINT).is_file() and not (folder / "config.json").is_file():
-        return read_fairseq(folder / FAIRSEQ_CHECKPOINT)
+    if (folder / fairseq.CHECKPOINT).is_file() and not (folder / "config.json").is_file():
+        return fairseq.read_checkpoint(folder / fairseq.CHECKPOINT)
     config = BioGptConfig.from_json(folder / "config.json")
     if (folder / WEIGHT_FILES[0]).is_file():
         return config, read_safetensors(folder / WEIGHT_FILES[0])
@@ -137,97 +138,6 @@ def _save_converted(state: dict[str, torch.Tensor], target: Path, config: BioGpt
         os.replace(tmp, target)
     except OSError:  # a read-only cache only costs speed
         tmp.unlink(missing_ok=True)
-
-
-class _Stub:
-    """Stands in for any class the fairseq unpickler does not allow; keeps its state as data."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    ALLOWED = {
-        ("collections", "OrderedDict"), ("collections", "defaultdict"), ("argparse", "Namespace"),
-        ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
-        ("torch", "Size"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
-        ("torch", "float32"), ("torch", "float16"), ("torch", "bfloat16"), ("torch", "int64"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self.ALLOWED or (module == "torch" and name.endswith("Storage")):
-            return super().find_class(module, name)
-        return type(name, (_Stub,), {"__module__": "biogpt_cli.stubbed." + module})
-
-
-class _SafePickleModule:
-    """What `torch.load(pickle_module=...)` needs: our Unpickler, and `load` for legacy files."""
-
-    Unpickler = _SafeUnpickler
-    __name__ = "biogpt_safe_pickle"
-
-    @staticmethod
-    def load(f: Any, **kwargs: Any) -> Any:
-        return _SafeUnpickler(f, **kwargs).load()
-
-
-def _plain(obj: Any) -> Any:
-    """Namespaces, dicts and stubbed omegaconf configs as plain nested dicts."""
-    if isinstance(obj, _Stub):
-        state = getattr(obj, "state", None)
-        if isinstance(state, dict):
-            if "_content" in state:
-                return _plain(state["_content"])
-            if "_val" in state:
-                return _plain(state["_val"])
-            return _plain(state)
-        return None
-    if hasattr(obj, "__dict__") and type(obj).__name__ == "Namespace":
-        return _plain(vars(obj))
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    return obj
-
-
-def read_fairseq(path: Path) -> tuple[BioGptConfig, dict[str, torch.Tensor]]:
-    """The original release: `decoder.*` tensors; shapes from the tensors, heads from the args."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_SafePickleModule)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot read fairseq checkpoint ({type(e).__name__}: {e})") from None
-    model = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if not isinstance(model, dict):
-        raise CheckpointError(f"{path}: no 'model' state dict in this fairseq checkpoint")
-    state = {}
-    for key, value in model.items():
-        if not isinstance(value, torch.Tensor) or key.endswith(".version"):
-            continue
-        if key.endswith("output_projection.weight"):
-            state["output_projection.weight"] = value
-        elif key.startswith("decoder."):
-            state["biogpt." + key[len("decoder."):]] = value
-    cfg = _plain(ckpt.get("cfg")) or {}
-    args = {**(_plain(ckpt.get("args")) or {}), **(cfg.get("model") or {} if isinstance(cfg, dict) else {})}
-    try:
-        embed, fc1 = state["biogpt.embed_tokens.weight"], state["biogpt.layers.0.fc1.weight"]
-        layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("biogpt.layers."))
-        heads = args["decoder_attention_heads"]
-        config = BioGptConfig(
-            vocab_size=embed.shape[0], hidden_size=embed.shape[1], num_hidden_layers=layers,
-            num_attention_heads=int(heads), intermediate_size=fc1.shape[0],
-            max_position_embeddings=state["biogpt.embed_positions.weight"].shape[0] - 2,
-            hidden_act=args.get("activation_fn", "gelu"),
-            scale_embedding=not args.get("no_scale_embedding", False),
-            tie_word_embeddings=bool(args.get("share_decoder_input_output_embed", True)),
-        )
-    except KeyError as e:
-        raise CheckpointError(f"{path}: not a BioGPT fairseq checkpoint (missing {e})") from None
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    return config, state
 
 
 # -- building a model --------------------------------------------------------------------------
