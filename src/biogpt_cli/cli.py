@@ -39,9 +39,9 @@ class UsageError(BioGptError):
 class _Quit(BaseException):
     """Leaves through typer untouched (it is no Exception) and ends the process with `code`."""
 
-    def __init__(self, code: int, message: str = "") -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 class Format(str, Enum):

@@ -264,7 +264,7 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], op
     batch = _Batch(model, prompts, opts.max_new_tokens, k)
     procs = make_processors(opts, eos, batch.width)
     rows = batch.history.shape[0]
-    alive = torch.ones(rows, dtype=torch.bool)
+    alive = torch.ones(rows, dtype=torch.bool, device=batch.history.device)
     new_ids: list[list[int]] = [[] for _ in range(rows)]
     scores = batch.logits
     for step in range(opts.max_new_tokens):
@@ -306,15 +306,16 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]],
     b, v, width, total = len(prompts), batch.vocab, batch.width, batch.width + max_new
     keep = 2 * nb
     seqs = batch.history.view(b, nb, total).clone()
-    run_scores = torch.zeros(b, nb)
+    dev = batch.history.device
+    run_scores = torch.zeros(b, nb, device=dev)
     run_scores[:, 1:] = -1e9
-    fin_seqs, fin_scores = seqs.clone(), torch.full((b, nb), -1e9)
-    fin_len = torch.zeros(b, nb, dtype=torch.long)
-    finished = torch.zeros(b, nb, dtype=torch.bool)
-    improvable = torch.ones(b, 1, dtype=torch.bool)
-    top_mask = torch.arange(keep) < nb
-    offsets = (torch.arange(b) * nb)[:, None]
-    identity = torch.arange(b * nb)
+    fin_seqs, fin_scores = seqs.clone(), torch.full((b, nb), -1e9, device=dev)
+    fin_len = torch.zeros(b, nb, dtype=torch.long, device=dev)
+    finished = torch.zeros(b, nb, dtype=torch.bool, device=dev)
+    improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
+    top_mask = torch.arange(keep, device=dev) < nb
+    offsets = (torch.arange(b, device=dev) * nb)[:, None]
+    identity = torch.arange(b * nb, device=dev)
     scores = batch.logits
     cur = width
     while True:
@@ -337,7 +338,7 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]],
         merged = torch.topk(torch.cat((fin_scores, fin_lp), 1), nb).indices
         fin_seqs = torch.cat((fin_seqs, top_seqs), 1).gather(1, merged[:, :, None].expand(-1, -1, total))
         fin_scores = torch.cat((fin_scores, fin_lp), 1).gather(1, merged)
-        fin_len = torch.cat((fin_len, torch.full((b, keep), cur + 1 - width)), 1).gather(1, merged)
+        fin_len = torch.cat((fin_len, torch.full((b, keep), cur + 1 - width, device=dev)), 1).gather(1, merged)
         finished = torch.cat((finished, hits & top_mask), 1).gather(1, merged)
         cur += 1
         never = opts.early_stopping == "never" and opts.length_penalty > 0
