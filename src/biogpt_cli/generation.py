@@ -203,7 +203,6 @@ def fit_prompt(ids: list[int], max_new_tokens: int, max_positions: int, truncate
     return ids[:1] + ids[len(ids) - room + 1:]
 
 
-
 class _Batch:
     """Left-padded prompts, their history buffer and the cached forward pass."""
 
@@ -264,7 +263,7 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], op
     batch = _Batch(model, prompts, opts.max_new_tokens, k)
     procs = make_processors(opts, eos, batch.width)
     rows = batch.history.shape[0]
-    alive = torch.ones(rows, dtype=torch.bool, device=batch.history.device)
+    alive = [True] * rows
     new_ids: list[list[int]] = [[] for _ in range(rows)]
     scores = batch.logits
     for step in range(opts.max_new_tokens):
@@ -273,7 +272,6 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], op
             tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
         else:
             tokens = scores.argmax(-1)
-        tokens = torch.where(alive, tokens, model.config.pad_token_id)
         last = step == opts.max_new_tokens - 1
         for r, tok in enumerate(tokens.tolist()):
             if not alive[r]:
@@ -290,9 +288,10 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], op
             elif last:
                 alive[r] = False
                 yield r, None, "length"
-        if not alive.any():
+        if not any(alive):
             return
-        scores = batch.step(tokens)
+        finished = torch.tensor([not a for a in alive], device=tokens.device)
+        scores = batch.step(tokens.masked_fill(finished, model.config.pad_token_id))  # as the reference does
 
 
 def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]],
