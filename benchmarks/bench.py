@@ -193,11 +193,12 @@ def tokenizer_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) 
     lines = lines * (1 if args.quick else 5)
     ref = transformers.BioGptTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
     ours = BioGptTokenizer.from_folder(folder)
-    render = functools.partial(_tokenize_line, ours, True, "ids")
+    render = functools.partial(_tokenize_line, ours, True, "ids", "corpus")
+    numbered = list(enumerate(lines, 1))
     expected = [" ".join(map(str, ref(x)["input_ids"])) + "\n" for x in lines]
-    assert list(parallel_map(render, lines, 2)) == expected, "tokenizer ids differ from the reference"
+    assert list(parallel_map(render, numbered, 2)) == expected, "tokenizer ids differ from the reference"
     for jobs in (1, 2):
-        t, t_ref = compare(lambda jobs=jobs: list(parallel_map(render, lines, jobs)),
+        t, t_ref = compare(lambda jobs=jobs: list(parallel_map(render, numbered, jobs)),
                            lambda: [" ".join(map(str, ref(x)["input_ids"])) + "\n" for x in lines], args.repeats)
         rows.append(row(f"tokenize, --jobs {jobs} ({len(lines)} PubMed lines)", len(lines) / t, len(lines) / t_ref,
                         "lines/s", higher=True, target=TARGETS["tokenize"] if jobs == 2 else None,

@@ -196,6 +196,9 @@ def test_tokenize_hostile_input(cli, tiny, tmp_path):
     binary = bytes(range(256)) * 64
     assert cli("tokenize", "-m", folder, stdin=binary)[0] == 1
     assert cli("tokenize", "-m", folder, "--errors", "replace", stdin=binary)[0] == 0
+    for jobs in ("1", "2"):  # BPE time grows with the square of a word's length: refused, not hung
+        code, out, err = cli("tokenize", "-m", folder, "--jobs", jobs, stdin=b"fine\n" + b"ab" * 6000 + b"\n")
+        assert code == 1 and "stdin: line 2: a 12,000-character run without spaces" in one_error_line(err)
     big = tmp_path / "big.txt"
     big.write_bytes(b"the cat and the dog " * 500_000 + b"\n")  # one 10 MB line
     code, out, _ = cli("tokenize", big, "-m", folder, "--no-special")

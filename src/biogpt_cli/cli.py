@@ -241,8 +241,8 @@ def _generate_batch(lm: Any, tokenizer: Any, prompts: list[Prompt], opts: Any, s
     ids = []
     for p in prompts:
         where = f"line {p.line}: " if p.line else ""
-        full = tokenizer.encode(p.text)
         try:
+            full = tokenizer.encode(p.text)
             ids.append(fit_prompt(full, opts.max_new_tokens, lm.config.max_position_embeddings, truncate))
         except InputError as e:
             raise InputError(f"{where}{e}") from None
@@ -283,17 +283,20 @@ def tokenize(
     """Moses + BPE ids (exactly the reference's input_ids), one output line per input line."""
     from .inputs import parallel_map
 
+    name = "stdin" if file == "-" else file
     render = functools.partial(_tokenize_line, _tokenizer(model, revision), not no_special,
-                               "jsonl" if fmt is Format.jsonl else "tokens" if tokens else "ids")
+                               "jsonl" if fmt is Format.jsonl else "tokens" if tokens else "ids", name)
     with open_input(file) as f:
-        lines = (text for _, text in read_lines(f, "stdin" if file == "-" else file, errors.value))
-        for out in parallel_map(render, lines, jobs):
+        for out in parallel_map(render, read_lines(f, name, errors.value), jobs):
             _out(out)
 
 
-def _tokenize_line(tok: Any, special: bool, mode: str, text: str) -> str:
+def _tokenize_line(tok: Any, special: bool, mode: str, name: str, line: tuple[int, str]) -> str:
     """One output line of `tokenize` (module level, so worker processes can run it)."""
-    ids = tok.encode(text, add_special_tokens=special)
+    try:
+        ids = tok.encode(line[1], add_special_tokens=special)
+    except InputError as e:
+        raise InputError(f"{name}: line {line[0]}: {e}") from None
     if mode == "jsonl":
         return json.dumps({"ids": ids, "tokens": tok.convert_ids_to_tokens(ids)}, ensure_ascii=False) + "\n"
     return " ".join(tok.convert_ids_to_tokens(ids) if mode == "tokens" else map(str, ids)) + "\n"
@@ -360,10 +363,15 @@ def score(
     limit = lm.config.max_position_embeddings
     with open_input(file) as f:
         for batch in _batches((Prompt(n, t) for n, t in read_lines(f, name, errors.value)), batch_size):
-            ids = [tok.encode(p.text) for p in batch]
-            for p, row in zip(batch, ids, strict=True):
-                if len(row) > limit:
-                    raise InputError(f"{name}: line {p.line}: {len(row)} tokens exceed the model's {limit} positions")
+            ids = []
+            for p in batch:
+                try:
+                    ids.append(tok.encode(p.text))
+                except InputError as e:
+                    raise InputError(f"{name}: line {p.line}: {e}") from None
+                if len(ids[-1]) > limit:
+                    raise InputError(f"{name}: line {p.line}: {len(ids[-1])} tokens exceed the model's {limit} "
+                                     "positions")
             for p, (count, nll) in zip(batch, sequence_nll(lm, ids), strict=True):
                 finite = math.isfinite(nll)
                 if fmt is Format.jsonl:

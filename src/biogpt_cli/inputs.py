@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from .errors import InputError
 
@@ -80,20 +80,21 @@ def read_prompts(f: BinaryIO, name: str, jsonl: bool, errors: str = "strict") ->
         yield Prompt(n, obj["prompt"], pid)
 
 
-_WORK: Callable[[str], str] | None = None  # the function a worker process applies
+T = TypeVar("T")
+_WORK: Callable[[Any], str] | None = None  # the function a worker process applies
 
 
-def _start_worker(fn: Callable[[str], str]) -> None:
+def _start_worker(fn: Callable[[Any], str]) -> None:
     global _WORK
     _WORK = fn
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, once
 
 
-def _work(chunk: list[str]) -> list[str]:
+def _work(chunk: list[Any]) -> list[str]:
     return [_WORK(item) for item in chunk]
 
 
-def parallel_map(fn: Callable[[str], str], items: Iterable[str], jobs: int = 1, chunk: int = 256) -> Iterator[str]:
+def parallel_map(fn: Callable[[T], str], items: Iterable[T], jobs: int = 1, chunk: int = 256) -> Iterator[str]:
     """`map(fn, items)` in input order. With `jobs` > 1, worker processes take chunks of items and
     at most two chunks per worker are in flight, so memory stays constant on any input size."""
     if jobs == 1:
@@ -102,7 +103,7 @@ def parallel_map(fn: Callable[[str], str], items: Iterable[str], jobs: int = 1, 
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(fn,)) as pool:
         pending: deque[Future[list[str]]] = deque()
-        batch: list[str] = []
+        batch: list[T] = []
         for item in items:
             batch.append(item)
             if len(batch) == chunk:

@@ -14,11 +14,13 @@ from pathlib import Path
 
 from sacremoses import MosesDetokenizer, MosesTokenizer
 
-from .errors import VocabularyError
+from .errors import InputError, VocabularyError
 from .hub import HUB_FILES, resolve
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3 in every BioGPT vocabulary
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = range(4)
+BPE_CACHE_SIZE = 200_000  # words; bounds memory, while common words stay cached in practice
+MAX_WORD = 10_000  # characters in one Moses token: about half a second of BPE at worst
 _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 FAIRSEQ_FILES = ("dict.txt", "bpecodes")
 
@@ -133,6 +135,9 @@ class BioGptTokenizer:
         ids = self._bpe_cache.get(word)
         if ids is not None:
             return ids
+        if len(word) > MAX_WORD:
+            raise InputError(f"a {len(word):,}-character run without spaces ({word[:12]!r}...) is too long to "
+                             f"tokenize: BPE time grows with its square (limit {MAX_WORD:,})")
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         ranks = self.bpe_ranks
         while len(parts) > 1:
@@ -154,6 +159,8 @@ class BioGptTokenizer:
                     i += 1
             parts = merged
         ids = [self.encoder.get(p, UNK_ID) for p in parts]
+        if len(self._bpe_cache) >= BPE_CACHE_SIZE:  # a multi-GB corpus has millions of rare words
+            self._bpe_cache.clear()
         self._bpe_cache[word] = ids
         return ids
 
