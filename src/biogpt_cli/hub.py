@@ -5,6 +5,7 @@ Kept free of torch so that commands needing only the tokenizer start quickly.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -41,9 +42,6 @@ def _hub_folder(repo_id: str, revision: str | None, files: tuple[str, ...]) -> P
     download never looks like a cached model.
     """
     from huggingface_hub import hf_hub_download, model_info
-    from huggingface_hub.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # its retry warnings would break our one-line errors
 
     def fetch(local_only: bool) -> Path:
         folder = None
@@ -70,6 +68,9 @@ def _hub_folder(repo_id: str, revision: str | None, files: tuple[str, ...]) -> P
               "(then HF_HUB_OFFLINE=1 works)")
     if offline:
         raise CheckpointError(f"{repo_id} {hint}")
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry warnings would break our one-line errors
     try:
         # One quick request first: huggingface_hub retries a failing download for ~25 s.
         model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S)
@@ -82,3 +83,5 @@ def _hub_folder(repo_id: str, revision: str | None, files: tuple[str, ...]) -> P
         if "RevisionNotFound" in reason:
             raise CheckpointError(f"{repo_id}: no revision {revision!r} on the Hugging Face Hub") from None
         raise CheckpointError(f"{repo_id} {hint} (the Hub did not answer: {reason})") from None
+    finally:
+        hub_log.setLevel(level)

@@ -121,11 +121,6 @@ class BioGptPreTrainedModel(nn.Module):
         return load_model(cls, path_or_id, revision=revision, dtype=dtype, device=device, fuse=fuse,
                           kernels=kernels, quantize=quantize)
 
-    def fuse_qkv(self) -> None:
-        for module in self.modules():
-            if isinstance(module, BioGptAttention) and module.qkv_proj is None:
-                module.fuse_qkv()
-
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c, p = self.config, next(self.parameters())
         return KVCache(c.num_hidden_layers, batch, c.num_attention_heads, c.head_dim,

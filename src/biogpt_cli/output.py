@@ -27,8 +27,8 @@ _HELD = {signal.SIGINT, signal.SIGTERM}
 class LineWriter:
     """Writes whole lines to a file descriptor, uninterrupted by Ctrl-C or SIGTERM."""
 
-    def __init__(self, fd: int, name: str) -> None:
-        self.fd, self.name, self.records = fd, name, 0
+    def __init__(self, fd: int) -> None:
+        self.fd, self.records = fd, 0
 
     def write(self, text: str, records: int = 1) -> None:
         data = memoryview(text.encode("utf-8"))
@@ -57,7 +57,7 @@ def open_output(path: str | None, *, force: bool = False, resume: bool = False,
     An existing file is never clobbered silently: `--force` overwrites, `--resume` continues it.
     """
     if path is None or path == "-":
-        return LineWriter(1, "stdout"), set()
+        return LineWriter(1), set()
     check_output(path, force=force, resume=resume)
     target = Path(path)
     done = _recover(target, group) if resume and target.exists() else set()
@@ -65,7 +65,7 @@ def open_output(path: str | None, *, force: bool = False, resume: bool = False,
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resume else os.O_TRUNC), 0o644)
     except OSError as e:
         raise InputError(f"{target}: cannot write ({e.strerror})") from None
-    return LineWriter(fd, str(target)), done
+    return LineWriter(fd), done
 
 
 def check_output(path: str | None, *, force: bool = False, resume: bool = False) -> None:
