@@ -16,9 +16,8 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -44,31 +43,11 @@ class _Quit(BaseException):
         self.code = code
 
 
-class Format(str, Enum):
-    text = "text"
-    jsonl = "jsonl"
-
-
-class InputFormat(str, Enum):
-    auto = "auto"
-    text = "text"
-    jsonl = "jsonl"
-
-
-class Errors(str, Enum):
-    strict = "strict"
-    replace = "replace"
-
-
-class DType(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class Quantize(str, Enum):
-    none = "none"
-    int8 = "int8"
+Format = Literal["text", "jsonl"]
+InputFormat = Literal["auto", "text", "jsonl"]
+Errors = Literal["strict", "replace"]
+DType = Literal["float32", "bfloat16", "float16"]
+Quantize = Literal["none", "int8"]
 
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", envvar="BIOGPT_MODEL",
@@ -119,18 +98,17 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="Stop when the text contains this (repeatable).")] = None,
     ban: Annotated[list[str] | None, typer.Option(help="Never generate this word or phrase (repeatable).")] = None,
     input: Annotated[str | None, typer.Option("--input", "-i", help="Prompts, one per line ('-': stdin).")] = None,
-    input_format: Annotated[InputFormat, typer.Option(help="auto: JSONL if the name ends in .jsonl.")] = (
-        InputFormat.auto),
+    input_format: Annotated[InputFormat, typer.Option(help="auto: JSONL if the name ends in .jsonl.")] = "auto",
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
-    fmt: FormatOpt = Format.text,
+    fmt: FormatOpt = "text",
     force: Annotated[bool, typer.Option(help="Overwrite an existing --output file.")] = False,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted --output file (JSONL).")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts decoded together.")] = 8,
     truncate: Annotated[bool, typer.Option(help="Cut over-long prompts from the left instead of failing.")] = False,
-    dtype: Annotated[DType, typer.Option(help="Weight precision.")] = DType.float32,
+    dtype: Annotated[DType, typer.Option(help="Weight precision.")] = "float32",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
-    quantize: Annotated[Quantize, typer.Option(help="int8: dynamic int8 linear layers (CPU).")] = Quantize.none,
-    errors: ErrorsOpt = Errors.strict,
+    quantize: Annotated[Quantize, typer.Option(help="int8: dynamic int8 linear layers (CPU).")] = "none",
+    errors: ErrorsOpt = "strict",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Timings on stderr.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -150,9 +128,9 @@ def generate(
         torch_device = parse_device(device)
     except BioGptError as e:
         raise UsageError(str(e)) from None
-    if quantize is Quantize.int8 and (dtype is not DType.float32 or torch_device.type != "cpu"):
+    if quantize == "int8" and (dtype != "float32" or torch_device.type != "cpu"):
         raise UsageError("--quantize int8 runs on the CPU with float32 activations: drop --dtype/--device")
-    if resume and (output is None or fmt is not Format.jsonl):
+    if resume and (output is None or fmt != "jsonl"):
         raise UsageError("--resume needs --output FILE and --format jsonl")
     if prompt is not None and input is not None:
         raise UsageError("give a PROMPT or --input, not both")
@@ -167,15 +145,15 @@ def generate(
 
     check_output(output, force=force, resume=resume)
     with _prompt_source(prompt, input, input_format, errors) as prompts:  # a bad input fails before loading
-        lm, tokenizer = _load(model, revision, dtype.value, torch_device, quantize.value)
+        lm, tokenizer = _load(model, revision, dtype, torch_device, quantize)
         opts.bad_words_ids = [tokenizer.encode(b, add_special_tokens=False) for b in ban or () if b.strip()]
         seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
         generator = torch.Generator(torch_device).manual_seed(seed) if sample else None
         if sample and verbose:
             stderr.print(f"seed {seed}")
         writer, done = open_output(output, force=force, resume=resume, group=num_return_sequences)
-        live = output is None and fmt is Format.text and sys.stdout.isatty()
-        renderer = Renderer(fmt.value, None if live else writer, Console(highlight=False) if live else None,
+        live = output is None and fmt == "text" and sys.stdout.isatty()
+        renderer = Renderer(fmt, None if live else writer, Console(highlight=False) if live else None,
                             num_return_sequences)
         skipped = 0
         try:
@@ -211,9 +189,9 @@ def _prompt_source(prompt: str | None, path: str | None, input_format: InputForm
     if path is None:
         yield iter([Prompt(0, prompt or "")])
         return
-    jsonl = input_format is InputFormat.jsonl or (input_format is InputFormat.auto and path.endswith(".jsonl"))
+    jsonl = input_format == "jsonl" or (input_format == "auto" and path.endswith(".jsonl"))
     with open_input(path) as f:
-        yield read_prompts(f, "stdin" if path == "-" else path, jsonl, errors.value)
+        yield read_prompts(f, "stdin" if path == "-" else path, jsonl, errors)
 
 
 def _batches(items: Iterator[Prompt], size: int) -> Iterator[list[Prompt]]:
@@ -275,9 +253,9 @@ def tokenize(
     revision: RevisionOpt = None,
     tokens: Annotated[bool, typer.Option("--tokens", help="BPE pieces instead of ids.")] = False,
     no_special: Annotated[bool, typer.Option("--no-special", help="Drop the leading </s>.")] = False,
-    fmt: FormatOpt = Format.text,
+    fmt: FormatOpt = "text",
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes (output order kept).")] = 1,
-    errors: ErrorsOpt = Errors.strict,
+    errors: ErrorsOpt = "strict",
     debug: DebugOpt = False,
 ) -> None:
     """Moses + BPE ids (exactly the reference's input_ids), one output line per input line."""
@@ -285,9 +263,9 @@ def tokenize(
 
     name = "stdin" if file == "-" else file
     render = functools.partial(_tokenize_line, _tokenizer(model, revision), not no_special,
-                               "jsonl" if fmt is Format.jsonl else "tokens" if tokens else "ids", name)
+                               "jsonl" if fmt == "jsonl" else "tokens" if tokens else "ids", name)
     with open_input(file) as f:
-        for out in parallel_map(render, read_lines(f, name, errors.value), jobs):
+        for out in parallel_map(render, read_lines(f, name, errors), jobs):
             _out(out)
 
 
@@ -332,11 +310,11 @@ def score(
     revision: RevisionOpt = None,
     choices: Annotated[str | None, typer.Option(help="Comma-separated continuations of --prompt to compare.")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="The prompt the --choices continue.")] = None,
-    fmt: FormatOpt = Format.text,
+    fmt: FormatOpt = "text",
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    dtype: Annotated[DType, typer.Option()] = DType.float32,
+    dtype: Annotated[DType, typer.Option()] = "float32",
     device: Annotated[str, typer.Option()] = "cpu",
-    errors: ErrorsOpt = Errors.strict,
+    errors: ErrorsOpt = "strict",
     debug: DebugOpt = False,
 ) -> None:
     """Per line: tokens, mean negative log-likelihood, perplexity. With --choices: their probabilities."""
@@ -352,17 +330,17 @@ def score(
         torch_device = parse_device(device)
     except BioGptError as e:
         raise UsageError(str(e)) from None
-    lm, tok = _load(model, revision, dtype.value, torch_device)
+    lm, tok = _load(model, revision, dtype, torch_device)
     if options is not None:
         probs = choice_probabilities(lm, tok.encode(prompt), [tok.encode(c, add_special_tokens=False) for c in options])
         for choice, p in zip(options, probs, strict=True):
-            _out(json.dumps({"choice": choice, "probability": p}) + "\n" if fmt is Format.jsonl
+            _out(json.dumps({"choice": choice, "probability": p}) + "\n" if fmt == "jsonl"
                  else f"{choice}\t{p:.6f}\n")
         return
     name = "stdin" if file == "-" else file
     limit = lm.config.max_position_embeddings
     with open_input(file) as f:
-        for batch in _batches((Prompt(n, t) for n, t in read_lines(f, name, errors.value)), batch_size):
+        for batch in _batches((Prompt(n, t) for n, t in read_lines(f, name, errors)), batch_size):
             ids = []
             for p in batch:
                 try:
@@ -374,7 +352,7 @@ def score(
                                      "positions")
             for p, (count, nll) in zip(batch, sequence_nll(lm, ids), strict=True):
                 finite = math.isfinite(nll)
-                if fmt is Format.jsonl:
+                if fmt == "jsonl":
                     _out(json.dumps({"line": p.line, "tokens": count, "nll": nll if finite else None,
                                      "ppl": math.exp(nll) if finite else None}) + "\n")
                 else:
@@ -386,14 +364,14 @@ def score(
 def info(
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
-    fmt: Annotated[Format, typer.Option("--format", help="text, or jsonl for one JSON object.")] = Format.text,
+    fmt: Annotated[Format, typer.Option("--format", help="text, or jsonl for one JSON object.")] = "text",
     debug: DebugOpt = False,
 ) -> None:
     """Config, parameter count, files, dtype and where the model was loaded from."""
     from .loading import describe
 
     facts = describe(model, revision)
-    if fmt is Format.jsonl:
+    if fmt == "jsonl":
         _out(json.dumps(facts) + "\n")
         return
     for key, value in facts.items():
