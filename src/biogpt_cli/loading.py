@@ -224,8 +224,8 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
 
     # oneDNN-packed q/k/v are as fast unfused (measured), and the concatenation would leave ~110 MB
     # of freed heap that glibc keeps: fuse only for the other kernels (F.linear, int8).
-    w = model.biogpt.embed_tokens.weight if hasattr(model, "biogpt") else model.embed_tokens.weight
-    fuse = fuse and not (kernels and quantize == "none" and can_pack(w.dtype, w.device))
+    embed = model.biogpt.embed_tokens.weight if hasattr(model, "biogpt") else model.embed_tokens.weight
+    fuse = fuse and not (kernels and quantize == "none" and can_pack(embed.dtype, embed.device))
 
     def prepare(layer: nn.Module) -> None:  # a layer at a time, so few are ever held twice
         if isinstance(layer, BioGptDecoderLayer) and fuse:
