@@ -24,7 +24,7 @@ from rich.console import Console
 
 from .errors import BioGptError, InputError
 from .hub import DEFAULT_MODEL
-from .inputs import Prompt, open_input, read_lines, read_prompts
+from .inputs import Prompt, input_name, open_input, read_lines, read_prompts
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="BioGPT text generation, tokenization and scoring, token-for-token equal to the reference.")
@@ -191,7 +191,7 @@ def _prompt_source(prompt: str | None, path: str | None, input_format: InputForm
         return
     jsonl = input_format == "jsonl" or (input_format == "auto" and path.endswith(".jsonl"))
     with open_input(path) as f:
-        yield read_prompts(f, "stdin" if path == "-" else path, jsonl, errors)
+        yield read_prompts(f, input_name(path), jsonl, errors)
 
 
 def _batches(items: Iterator[Prompt], size: int) -> Iterator[list[Prompt]]:
@@ -261,7 +261,7 @@ def tokenize(
     """Moses + BPE ids (exactly the reference's input_ids), one output line per input line."""
     from .inputs import parallel_map
 
-    name = "stdin" if file == "-" else file
+    name = input_name(file)
     render = functools.partial(_tokenize_line, _tokenizer(model, revision), not no_special,
                                "jsonl" if fmt == "jsonl" else "tokens" if tokens else "ids", name)
     with open_input(file) as f:
@@ -289,7 +289,7 @@ def detokenize(
 ) -> None:
     """Space-separated ids per line back to text (special tokens dropped)."""
     tok = _tokenizer(model, revision)
-    name = "stdin" if file == "-" else file
+    name = input_name(file)
     with open_input(file) as f:
         for n, text in read_lines(f, name):
             try:
@@ -337,7 +337,7 @@ def score(
             _out(json.dumps({"choice": choice, "probability": p}) + "\n" if fmt == "jsonl"
                  else f"{choice}\t{p:.6f}\n")
         return
-    name = "stdin" if file == "-" else file
+    name = input_name(file)
     limit = lm.config.max_position_embeddings
     with open_input(file) as f:
         for batch in _batches((Prompt(n, t) for n, t in read_lines(f, name, errors)), batch_size):

@@ -29,6 +29,11 @@ class Prompt:
         return ("id", self.id) if self.id is not None else ("line", self.line)
 
 
+def input_name(path: str) -> str:
+    """How messages name an input: `-` is stdin."""
+    return "stdin" if path == "-" else path
+
+
 @contextmanager
 def open_input(path: str) -> Iterator[BinaryIO]:
     """`-` is stdin. Binary, so that undecodable bytes are found per line, not at the first read."""
