@@ -7,7 +7,13 @@ torch; `from biogpt_cli import BioGptForCausalLM` works as usual.
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+
+try:
+    __version__ = version("biogpt-cli")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "unknown"
 
 _HOMES = {
     "BioGptConfig": "config",

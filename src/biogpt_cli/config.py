@@ -31,6 +31,13 @@ class BioGptConfig:
     eos_token_id: int = 2
     tie_word_embeddings: bool = True
     num_labels: int = 2
+    architecture: str = "BioGptForCausalLM"  # config.json's `architectures[0]`
+    labels: tuple[str, ...] = ()  # config.json's `id2label`, in id order
+    # A fine-tuned task checkpoint of the original release (see tasks.py): which task, how many
+    # learned prompt tokens (`learned1..N`, the last N vocabulary ids) and the source limit in tokens.
+    task: str | None = None
+    learned_prompt: int = 0
+    max_source_positions: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -43,6 +50,11 @@ class BioGptConfig:
                               f"num_attention_heads {self.num_attention_heads}")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (one of {', '.join(ACTIVATIONS)})")
+        if not isinstance(self.learned_prompt, int) or not 0 <= self.learned_prompt < self.vocab_size:
+            raise ConfigError(f"learned_prompt must be a count of prompt tokens, got {self.learned_prompt!r}")
+        if self.max_source_positions is not None and (
+                not isinstance(self.max_source_positions, int) or self.max_source_positions < 2):
+            raise ConfigError(f"max_source_positions must be an integer >= 2, got {self.max_source_positions!r}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < self.vocab_size:
@@ -59,8 +71,15 @@ class BioGptConfig:
             raise ConfigError("config must be a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
-        if isinstance(data.get("id2label"), dict) and "num_labels" not in data:
-            kwargs["num_labels"] = len(data["id2label"])
+        id2label = data.get("id2label")
+        if isinstance(id2label, dict) and id2label:
+            try:
+                kwargs["labels"] = tuple(str(label) for _, label in sorted((int(k), v) for k, v in id2label.items()))
+            except (TypeError, ValueError):
+                raise ConfigError("id2label must map integer ids to label names") from None
+            kwargs.setdefault("num_labels", len(id2label))
+        if isinstance(data.get("architectures"), list) and data["architectures"]:
+            kwargs["architecture"] = str(data["architectures"][0])
         if isinstance(kwargs.get("eos_token_id"), list) and kwargs["eos_token_id"]:
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         try:
@@ -89,5 +108,12 @@ class BioGptConfig:
         return cls.from_json(resolve(path_or_id, revision, ("config.json",)) / "config.json")
 
     def to_dict(self) -> dict[str, Any]:
-        """A Hub-compatible config dict (the reference reads it back unchanged)."""
-        return {"model_type": "biogpt", "architectures": ["BioGptForCausalLM"], **dataclasses.asdict(self)}
+        """A Hub-compatible config dict (the reference reads it back unchanged; it keeps the task
+        fields as plain attributes)."""
+        data = dataclasses.asdict(self)
+        data["architectures"] = [data.pop("architecture")]
+        labels = data.pop("labels")
+        if labels:
+            data["id2label"] = dict(enumerate(labels))
+            data["label2id"] = {label: i for i, label in enumerate(labels)}
+        return {"model_type": "biogpt", **{k: v for k, v in data.items() if v is not None}}

@@ -1,5 +1,9 @@
 """The original fairseq release of BioGPT: `checkpoint.pt` (`decoder.*` tensors) + `dict.txt` + `bpecodes`.
 
+Fine-tuned task checkpoints are the same model with N learned prompt tokens appended to the
+dictionary at start-up (`cfg.task.learned_prompt`), so their embedding has N more rows than
+`dict.txt` has entries; the task itself is named only by the data folder they were trained on.
+
 Its checkpoint also pickles training state (config objects, optimizer history, meters). An
 allow-list unpickler reads it: tensors, containers and argparse namespaces are rebuilt, every
 other class becomes an inert stub holding its state as data, and no pickled code ever runs.
@@ -16,7 +20,14 @@ import torch
 from .config import BioGptConfig
 from .errors import CheckpointError, ConfigError
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINTS = ("checkpoint.pt", "checkpoint_avg.pt", "checkpoint_last.pt")  # what the release's scripts load
+# cfg.task.data of the release's training scripts (data/BC5CDR/relis-bin, ...) -> our task names
+DATA_TASKS = {"bc5cdr": "bc5cdr", "ddi": "ddi", "kd-dti": "kd-dti", "hoc": "hoc", "pubmedqa": "pubmedqa"}
+
+
+def find_checkpoint(folder: Path) -> Path | None:
+    """The release's checkpoint file in `folder`, if any."""
+    return next((folder / name for name in CHECKPOINTS if (folder / name).is_file()), None)
 
 
 class _Stub:
@@ -90,7 +101,11 @@ def read_checkpoint(path: Path) -> tuple[BioGptConfig, dict[str, torch.Tensor]]:
         elif key.startswith("decoder."):
             state["biogpt." + key[len("decoder."):]] = value
     cfg = _plain(ckpt.get("cfg")) or {}
-    args = {**(_plain(ckpt.get("args")) or {}), **(cfg.get("model") or {} if isinstance(cfg, dict) else {})}
+    cfg = cfg if isinstance(cfg, dict) else {}
+    legacy = _plain(ckpt.get("args")) or {}
+    args = {**legacy, **(cfg.get("model") or {})}
+    task = {**legacy, **(cfg.get("task") or {})}
+    learned = int(task.get("learned_prompt") or 0)
     try:
         embed, fc1 = state["biogpt.embed_tokens.weight"], state["biogpt.layers.0.fc1.weight"]
         layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("biogpt.layers."))
@@ -102,9 +117,19 @@ def read_checkpoint(path: Path) -> tuple[BioGptConfig, dict[str, torch.Tensor]]:
             hidden_act=args.get("activation_fn", "gelu"),
             scale_embedding=not args.get("no_scale_embedding", False),
             tie_word_embeddings=bool(args.get("share_decoder_input_output_embed", True)),
+            learned_prompt=learned,
+            max_source_positions=int(task["max_source_positions"]) if learned and task.get("max_source_positions")
+            else None,
+            task=_task_of(str(task.get("data") or "")) if learned else None,
         )
-    except KeyError as e:
-        raise CheckpointError(f"{path}: not a BioGPT fairseq checkpoint (missing {e})") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a BioGPT fairseq checkpoint (missing or bad {e})") from None
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return config, state
+
+
+def _task_of(data: str) -> str | None:
+    """The task a checkpoint was fine-tuned for, from its training data folder (data/DDI/relis-bin)."""
+    parts = [p.lower() for p in data.replace("\\", "/").split("/")]
+    return next((DATA_TASKS[p] for p in parts if p in DATA_TASKS), None)

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
 from .errors import InputError
@@ -22,6 +22,7 @@ class Prompt:
     line: int  # 1-based line of the input (0: a command-line argument)
     text: str
     id: str | int | None = None  # the "id" field of a JSONL input line
+    fields: dict[str, Any] = field(default_factory=dict, compare=False)  # a JSONL line's whole object
 
     @property
     def key(self) -> tuple[str, str | int]:
@@ -64,25 +65,29 @@ def read_lines(f: BinaryIO, name: str, errors: str = "strict") -> Iterator[tuple
                              "pass --errors replace to substitute U+FFFD") from None
 
 
-def read_prompts(f: BinaryIO, name: str, jsonl: bool, errors: str = "strict") -> Iterator[Prompt]:
-    """Prompts, one per line: plain text, or JSON objects with "prompt" (and optionally "id").
+def read_prompts(f: BinaryIO, name: str, jsonl: bool, errors: str = "strict",
+                 text_field: str | None = "prompt") -> Iterator[Prompt]:
+    """Prompts, one per line: plain text, or JSON objects with `text_field` (and optionally "id");
+    with `text_field` None any object is taken (its fields are the caller's to check).
 
     A blank line comes out as a blank prompt: the caller decides whether to skip or report it.
     """
     for n, text in read_lines(f, name, errors):
         if not jsonl or not text.strip():
-            yield Prompt(n, text)
+            yield Prompt(n, text, fields={"text": text})
             continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise InputError(f"{name}: line {n}: not JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise InputError(f'{name}: line {n}: expected an object with a string "prompt"')
+        if not isinstance(obj, dict):
+            raise InputError(f"{name}: line {n}: expected a JSON object")
+        if text_field is not None and not isinstance(obj.get(text_field), str):
+            raise InputError(f'{name}: line {n}: expected an object with a string "{text_field}"')
         pid = obj.get("id")
         if pid is not None and (isinstance(pid, bool) or not isinstance(pid, str | int)):
             raise InputError(f'{name}: line {n}: "id" must be a string or an integer')
-        yield Prompt(n, obj["prompt"], pid)
+        yield Prompt(n, obj[text_field] if text_field else "", pid, obj)
 
 
 T = TypeVar("T")

@@ -10,11 +10,13 @@ handed back to the OS, so a loaded model costs about one copy of its weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import mmap
 import os
 import pickle
+import shutil
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +28,7 @@ from torch import nn
 
 from . import fairseq
 from .config import BioGptConfig
-from .errors import BioGptError, CheckpointError
+from .errors import BioGptError, CheckpointError, VocabularyError
 from .hub import HUB_FILES, resolve
 from .linear import can_pack, optimize
 from .model import BioGptDecoderLayer
@@ -39,8 +41,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # -- reading weights ---------------------------------------------------------------------------
 def read_checkpoint(folder: Path) -> tuple[BioGptConfig, dict[str, torch.Tensor]]:
     """Config and state dict (Hub key names) from a Hub-layout or fairseq-layout folder."""
-    if (folder / fairseq.CHECKPOINT).is_file() and not (folder / "config.json").is_file():
-        return fairseq.read_checkpoint(folder / fairseq.CHECKPOINT)
+    checkpoint = fairseq.find_checkpoint(folder)
+    if checkpoint is not None and not (folder / "config.json").is_file():
+        return fairseq.read_checkpoint(checkpoint)
     config = BioGptConfig.from_json(folder / "config.json")
     if (folder / WEIGHT_FILES[0]).is_file():
         return config, read_safetensors(folder / WEIGHT_FILES[0])
@@ -293,37 +296,79 @@ def parse_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def load_pretrained(path_or_id: str | Path, *, revision: str | None = None, dtype: torch.dtype | str | None = None,
-                    device: str | torch.device = "cpu", quantize: str = "none") -> tuple[Any, BioGptTokenizer]:
-    """A causal LM ready for inference and its tokenizer, checked against each other first
-    (e.g. BioGPT-Large weights with the base vocabulary)."""
-    from .model import BioGptForCausalLM
+def open_checkpoint(folder: Path) -> tuple[BioGptConfig, dict[str, torch.Tensor], BioGptTokenizer]:
+    """Config, state dict and tokenizer of a model folder, checked against each other (e.g.
+    BioGPT-Large weights with the base vocabulary).
 
-    folder = resolve(path_or_id, revision, ("config.json", *HUB_FILES, "|".join(WEIGHT_FILES)))
+    A task checkpoint's learned prompt tokens are reconciled here: a vocabulary without them
+    (`dict.txt`, or a Hub folder whose config.json names `learned_prompt`) gets them appended, and
+    a vocabulary that has them (a converted checkpoint) sets the config's count.
+    """
     tokenizer = BioGptTokenizer.from_folder(folder)
     config, state = read_checkpoint(folder)
+    n = config.learned_prompt
+    if n and not tokenizer.prompt_ids and tokenizer.vocab_size + n == config.vocab_size:
+        tokenizer.add_prompt_tokens(n)
     if tokenizer.vocab_size != config.vocab_size:
+        extra = config.vocab_size - tokenizer.vocab_size
+        if n:
+            raise CheckpointError(f"{folder}: the checkpoint says {n} learned prompt tokens, but its embedding has "
+                                  f"{config.vocab_size} rows for a vocabulary of {tokenizer.vocab_size} "
+                                  f"({extra:+d} rows)")
+        hint = (f" (if it is a fine-tuned task checkpoint with {extra} learned prompt tokens, add "
+                f'"learned_prompt": {extra} to its config.json)' if 0 < extra <= 64 else "")
         raise CheckpointError(f"{folder}: the vocabulary has {tokenizer.vocab_size} tokens but the model expects "
-                              f"{config.vocab_size}: tokenizer files and weights do not match")
-    model = from_state_dict(BioGptForCausalLM, config, state, dtype=dtype, device=device, quantize=quantize,
-                            source=str(folder))
+                              f"{config.vocab_size}: tokenizer files and weights do not match{hint}")
+    if len(tokenizer.prompt_ids) != n:
+        if n:
+            raise CheckpointError(f"{folder}: config.json says {n} learned prompt tokens but the vocabulary has "
+                                  f"{len(tokenizer.prompt_ids)}")
+        config = dataclasses.replace(config, learned_prompt=len(tokenizer.prompt_ids))
+    return config, state, tokenizer
+
+
+def fingerprint(folder: str | Path) -> str:
+    """A model's identity for a run manifest: config.json's bytes and every file's name and size
+    (cheap: weights are not read). A Hub snapshot's folder name is its commit as well."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file():
+            digest.update(f"{path.name}:{path.stat().st_size};".encode())
+            if path.name == "config.json":
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def model_class(config: BioGptConfig) -> type[nn.Module]:
+    """The class config.json's `architectures` names (a causal LM unless it names a task head)."""
+    from . import model
+
+    return getattr(model, config.architecture if config.architecture in model.ARCHITECTURES else "BioGptForCausalLM")
+
+
+def load_pretrained(path_or_id: str | Path, *, revision: str | None = None, dtype: torch.dtype | str | None = None,
+                    device: str | torch.device = "cpu", quantize: str = "none",
+                    cls: type[nn.Module] | None = None) -> tuple[Any, BioGptTokenizer]:
+    """A model ready for inference (`cls`, else the class its config names) and its tokenizer."""
+    folder = resolve(path_or_id, revision, ("config.json", *HUB_FILES, "|".join(WEIGHT_FILES)))
+    config, state, tokenizer = open_checkpoint(folder)
+    model = from_state_dict(cls or model_class(config), config, state, dtype=dtype, device=device,
+                            quantize=quantize, source=str(folder))
     return model, tokenizer
 
 
 def describe(path_or_id: str | Path, revision: str | None = None) -> dict[str, Any]:
     """What `biogpt info` shows: where the model is, its shape, parameter count, dtypes and files.
     Reads the mapped checkpoint only: no weights are copied or converted."""
-    from .model import BioGptForCausalLM
-
     folder = resolve(path_or_id, revision, ("config.json", *HUB_FILES, "|".join(WEIGHT_FILES)))
-    config, state = read_checkpoint(folder)
-    check_state_dict(BioGptForCausalLM, config, state, str(folder))
+    try:
+        config, state, tokenizer = open_checkpoint(folder)
+        vocabulary: int | str = tokenizer.vocab_size
+    except VocabularyError as e:
+        (config, state), vocabulary = read_checkpoint(folder), f"unusable ({e})"
+    check_state_dict(model_class(config), config, state, str(folder))
     tied = config.tie_word_embeddings
     counted = {k: t for k, t in state.items() if not (tied and k == "output_projection.weight")}
-    try:
-        vocabulary: int | str = BioGptTokenizer.from_folder(folder).vocab_size
-    except BioGptError as e:
-        vocabulary = f"unusable ({e})"
     return {
         "model": str(path_or_id),
         "loaded from": str(folder.resolve()),
@@ -331,6 +376,9 @@ def describe(path_or_id: str | Path, revision: str | None = None) -> dict[str, A
         "weight dtypes": ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in counted.values()})),
         "weight bytes": sum(t.numel() * t.element_size() for t in counted.values()),
         "vocabulary": vocabulary,
+        "task": config.task or ("unknown (pass --task)" if config.learned_prompt else "none (a language model)"),
+        "learned prompt tokens": config.learned_prompt,
+        "source limit": config.max_source_positions or "the task's default" if config.learned_prompt else "-",
         "config": config.to_dict(),
         "files": {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()},
     }
@@ -338,26 +386,31 @@ def describe(path_or_id: str | Path, revision: str | None = None) -> dict[str, A
 
 # -- conversion --------------------------------------------------------------------------------
 def convert(src: str | Path, dst: str | Path) -> Path:
-    """Write any loadable checkpoint (fairseq release included) in the Hub layout, as safetensors."""
+    """Write any loadable checkpoint (fairseq release included) in the Hub layout, as safetensors.
+
+    A task checkpoint keeps its learned prompt tokens in vocab.json and its task, prompt length and
+    source limit in config.json, so the converted folder needs no flags. Files are written under
+    temporary names and renamed at the end: a failed conversion leaves nothing of its own behind.
+    """
     from safetensors.torch import save_file
 
     folder = resolve(src, None, ("config.json", "|".join(WEIGHT_FILES)))
-    config, state = read_checkpoint(folder)
-    tokenizer = BioGptTokenizer.from_folder(folder)
-    if tokenizer.vocab_size != config.vocab_size:
-        raise CheckpointError(f"{folder}: vocabulary has {tokenizer.vocab_size} tokens but the weights "
-                              f"expect {config.vocab_size}")
-    from .model import BioGptForCausalLM
-
-    check_state_dict(BioGptForCausalLM, config, state, str(folder))
+    config, state, tokenizer = open_checkpoint(folder)
+    check_state_dict(model_class(config), config, state, str(folder))
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
+    created = not dst.exists()
     tensors = {k: v.contiguous() for k, v in state.items()
                if not (config.tie_word_embeddings and k == "output_projection.weight")}
-    save_file(tensors, dst / "model.safetensors.tmp", metadata={"format": "pt"})
-    os.replace(dst / "model.safetensors.tmp", dst / "model.safetensors")
-    (dst / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-    tokenizer.save_vocabulary(dst)
+    staging = dst / f".biogpt-convert-{os.getpid()}"
+    try:
+        staging.mkdir(parents=True)
+        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        tokenizer.save_vocabulary(staging)
+        for path in staging.iterdir():
+            os.replace(path, dst / path.name)
+        staging.rmdir()
+    except BaseException:
+        shutil.rmtree(dst if created else staging, ignore_errors=True)
+        raise
     return dst
-
-

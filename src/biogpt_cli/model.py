@@ -27,6 +27,7 @@ from .cache import KVCache
 from .config import BioGptConfig
 from .errors import InputError
 
+ARCHITECTURES = ("BioGptForCausalLM", "BioGptForSequenceClassification", "BioGptForTokenClassification", "BioGptModel")
 LAYER_NORM_EPS = 1e-5
 POSITION_OFFSET = 2
 

@@ -3,15 +3,21 @@
 Rows of a batch finish out of order; records go out in input order. A record (or the group of
 records of one prompt) is written with one `write` while SIGINT and SIGTERM are held back, so an
 interrupted run leaves only complete lines, and `--resume` can trust every line it finds.
+
+Beside an output file, a manifest (`FILE.manifest.json`) records what defines the run (model and
+its files, options, seed, input) for `--resume` to compare, and for a paper's methods section.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.text import Text
@@ -50,17 +56,21 @@ def record_key(record: dict) -> Key:
     return ("id", record["id"]) if "id" in record else ("line", record["line"])
 
 
-def open_output(path: str | None, *, force: bool = False, resume: bool = False,
-                group: int = 1) -> tuple[LineWriter, set[Key]]:
+def open_output(path: str | None, *, force: bool = False, resume: bool = False, group: int = 1,
+                run: dict[str, Any] | None = None) -> tuple[LineWriter, set[Key]]:
     """The writer for `-o PATH` (stdout without one) and, when resuming, the keys already done.
 
-    An existing file is never clobbered silently: `--force` overwrites, `--resume` continues it.
+    An existing file is never clobbered silently: `--force` overwrites, `--resume` continues it,
+    and only when `run` (what defines the run) equals the manifest the file was written under.
     """
     if path is None or path == "-":
         return LineWriter(1), set()
     check_output(path, force=force, resume=resume)
     target = Path(path)
+    if resume and target.exists():
+        check_manifest(target, run or {})
     done = _recover(target, group) if resume and target.exists() else set()
+    write_manifest(target, run or {}, status="running")
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resume else os.O_TRUNC), 0o644)
     except OSError as e:
@@ -76,6 +86,58 @@ def check_output(path: str | None, *, force: bool = False, resume: bool = False)
         raise InputError(f"{path}: not a regular file")
     if not (force or resume):
         raise InputError(f"{path}: already exists; pass --force to overwrite it or --resume to finish it")
+
+
+def manifest_path(output: Path) -> Path:
+    return output.with_name(output.name + ".manifest.json")
+
+
+def write_manifest(output: Path, run: dict[str, Any], **state: Any) -> None:
+    """Record the run beside its output (atomically); `state` adds status, record counts, times."""
+    from . import __version__
+
+    path = manifest_path(output)
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = {}
+    data = {"tool": f"biogpt-cli {__version__}", "started": old.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "run": run, **{k: v for k, v in old.items() if k not in ("tool", "started", "run")}, **state}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise InputError(f"{path}: cannot write the run manifest ({e.strerror})") from None
+
+
+def check_manifest(output: Path, run: dict[str, Any]) -> None:
+    """Refuse to resume `output` under a run that differs from the one that wrote it, naming what differs."""
+    path = manifest_path(output)
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{output}: no readable run manifest ({path.name}) beside it, so a resume cannot tell "
+                         "whether it is the same run; pass --force to start over") from None
+    keys = sorted(set(recorded) | set(run))
+    differ = [f"{k} {_show(recorded.get(k))} -> {_show(run.get(k))}" for k in keys if recorded.get(k) != run.get(k)]
+    if differ:
+        raise InputError(f"{output}: written by a different run ({'; '.join(differ)}); resume with the same "
+                         "settings, or pass --force to start over")
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes: the identity of an input file in a run manifest."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _recover(path: Path, group: int) -> set[Key]:
@@ -104,15 +166,26 @@ def _recover(path: Path, group: int) -> set[Key]:
     return {k for k, c in counts.items() if c >= group}
 
 
-def format_record(prompt: Prompt, done: Completion, sequence: int, sequences: int) -> str:
-    record: dict = {"prompt": prompt.text, "text": done.text, "ids": done.ids, "finish_reason": done.finish_reason}
+def generation_record(prompt: Prompt, done: Completion) -> dict[str, Any]:
+    """`generate`'s record: the prompt first, then what every record has."""
+    return {"prompt": prompt.text, **base_record(prompt, done)}
+
+
+def base_record(prompt: Prompt, done: Completion) -> dict[str, Any]:
+    record: dict[str, Any] = {"text": done.text, "ids": done.ids, "finish_reason": done.finish_reason}
     if prompt.line:
         record["line"] = prompt.line
     if prompt.id is not None:
         record["id"] = prompt.id
-    if sequences > 1:
-        record["sequence"] = sequence
-    return json.dumps(record, ensure_ascii=False) + "\n"
+    return record
+
+
+def generation_line(prompt: Prompt, done: Completion) -> str:
+    return prompt.text.rstrip() + done.text
+
+
+RecordFn = Callable[[Prompt, Completion], dict[str, Any]]
+LineFn = Callable[[Prompt, Completion], str]
 
 
 class Renderer:
@@ -123,8 +196,11 @@ class Renderer:
     `prompt + text` lines, or JSONL records.
     """
 
-    def __init__(self, fmt: str, writer: LineWriter | None, console: Console | None, sequences: int) -> None:
+    def __init__(self, fmt: str, writer: LineWriter | None, console: Console | None, sequences: int = 1,
+                 record: RecordFn = generation_record, line: LineFn = generation_line,
+                 summary: LineFn | None = None) -> None:
         self.fmt, self.writer, self.console, self.k = fmt, writer, console, sequences
+        self.record, self.line, self.summary = record, line, summary  # summary: shown after live text
         self.prompts: Sequence[Prompt] = ()
 
     def begin(self, prompts: Sequence[Prompt]) -> None:
@@ -142,7 +218,8 @@ class Renderer:
             if ev.row == self.cur:
                 self.console.print(ev.text, end="", markup=False, highlight=False, soft_wrap=True)
             while self.cur in self.done:
-                self.console.print()
+                suffix = self.summary(self.prompts[self.cur // self.k], self.done[self.cur]) if self.summary else ""
+                self.console.print(f"  [{suffix}]" if suffix else "", style="dim", markup=False, highlight=False)
                 self.cur += 1
                 self._open_row()
             return
@@ -150,6 +227,12 @@ class Renderer:
                                                                                  (self.cur + 1) * self.k)):
             self._write_prompt(self.cur)
             self.cur += 1
+
+    def _record(self, prompt: Prompt, done: Completion, sequence: int) -> dict[str, Any]:
+        record = self.record(prompt, done)
+        if self.k > 1:
+            record["sequence"] = sequence
+        return record
 
     def _open_row(self) -> None:
         if self.cur < len(self.prompts) * self.k:
@@ -160,7 +243,8 @@ class Renderer:
     def _write_prompt(self, i: int) -> None:
         prompt, rows = self.prompts[i], range(i * self.k, (i + 1) * self.k)
         if self.fmt == "jsonl":
-            lines = [format_record(prompt, self.done[r], r - i * self.k, self.k) for r in rows]
+            records = [self._record(prompt, self.done[r], r - i * self.k) for r in rows]
+            lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
         else:
-            lines = [prompt.text.rstrip() + self.done[r].text + "\n" for r in rows]
+            lines = [self.line(prompt, self.done[r]) + "\n" for r in rows]
         self.writer.write("".join(lines), records=self.k)

@@ -54,3 +54,47 @@ def choice_probabilities(model: BioGptForCausalLM, prompt: Sequence[int],
     logprobs = token_logprobs(model, [[*prompt, *c] for c in choices])
     totals = torch.stack([lp[len(prompt) - 1:].sum() for lp in logprobs])
     return totals.softmax(0).tolist()
+
+
+def _labels(model: torch.nn.Module) -> list[str]:
+    c = model.config
+    return list(c.labels) if len(c.labels) == c.num_labels else [f"LABEL_{i}" for i in range(c.num_labels)]
+
+
+@torch.inference_mode()
+def classify_sequences(model: torch.nn.Module, sequences: Sequence[Sequence[int]]) -> list[dict]:
+    """A sequence-classification head's label and per-class probabilities, one right-padded batch."""
+    pad = model.config.pad_token_id
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    device = model.biogpt.embed_tokens.weight.device
+    probs = model(ids.to(device), attention_mask=mask.to(device)).logits.float().softmax(-1).cpu()
+    labels = _labels(model)
+    return [{"label": labels[int(p.argmax())], "scores": dict(zip(labels, p.tolist(), strict=True))} for p in probs]
+
+
+@torch.inference_mode()
+def label_tokens(model: torch.nn.Module, tokenizer: object, text: str) -> list[dict]:
+    """A token-classification head's entities: each Moses word takes its first token's label, and
+    B-X / I-X runs merge into one span of words [start, end) labelled X (O is outside any)."""
+    words = tokenizer.encode_words(text)
+    ids = [tokenizer.encoder["</s>"]] + [i for _, word_ids in words for i in word_ids]
+    device = model.biogpt.embed_tokens.weight.device
+    predicted = model(torch.tensor([ids], device=device)).logits[0].argmax(-1).tolist()
+    labels, first, entities = _labels(model), 1, []
+    for n, (_, word_ids) in enumerate(words):
+        label = labels[predicted[first]]
+        first += len(word_ids)
+        kind = label[2:] if label[:2] in ("B-", "I-") else None if label == "O" else label
+        if kind is None:
+            continue
+        if entities and entities[-1]["end"] == n and entities[-1]["label"] == kind and not label.startswith("B-"):
+            entities[-1]["end"] = n + 1
+        else:
+            entities.append({"label": kind, "start": n, "end": n + 1})
+    for e in entities:
+        e["text"] = tokenizer.detokenize([w for w, _ in words[e["start"]:e["end"]]])
+    return entities

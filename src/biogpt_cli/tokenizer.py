@@ -3,6 +3,10 @@
 Id-for-id equal to the reference tokenizer: the special strings `<s> <pad> </s> <unk>` are split
 out of the text before Moses sees it, every encoded prompt starts with `</s>` (id 2), and decoding
 undoes BPE and then Moses.
+
+A fine-tuned task checkpoint adds N learned prompt tokens `learned1 ... learnedN` at the end of
+the vocabulary. They are special: text never encodes to them (BPE has no merges that build them),
+and `decode(..., skip_special_tokens=True)` hides them like `</s>`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ BOS_ID, PAD_ID, EOS_ID, UNK_ID = range(4)
 BPE_CACHE_SIZE = 200_000  # words; bounds memory, while common words stay cached in practice
 MAX_WORD = 10_000  # characters in one Moses token: about half a second of BPE at worst
 _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
-FAIRSEQ_FILES = ("dict.txt", "bpecodes")
+FAIRSEQ_DICTS = ("dict.txt", "dict.x.txt")  # dict.x.txt: the copy in a task's binarized data folder
+PROMPT_PATTERN = "learned"  # the release's `--learned-prompt-pattern`: tokens learned1, learned2, ...
 
 
 class _Moses(MosesTokenizer):
@@ -68,10 +73,32 @@ class BioGptTokenizer:
             raise VocabularyError("vocabulary must map <s> <pad> </s> <unk> to ids 0 1 2 3")
         self.encoder = encoder
         self.decoder = {i: t for t, i in encoder.items()}
+        self.prompt_ids = self._find_prompt_tokens()
         self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
         self._bpe_cache: dict[str, list[int]] = {}
         self._moses = _Moses()
         self._detok = MosesDetokenizer(lang="en")
+
+    # -- learned prompt tokens ---------------------------------------------------------------
+    def _find_prompt_tokens(self) -> list[int]:
+        """Ids of `learned1..N` when they are the last N ids of the vocabulary (a converted task
+        checkpoint); none otherwise (a base vocabulary has the word `learned`, never `learned1`)."""
+        ids = []
+        while (i := self.encoder.get(f"{PROMPT_PATTERN}{len(ids) + 1}</w>")) is not None:
+            ids.append(i)
+        first = len(self.encoder) - len(ids)
+        return ids if ids == list(range(first, len(self.encoder))) else []
+
+    def add_prompt_tokens(self, count: int) -> None:
+        """Append `learned1..count` (the original release adds them to `dict.txt` at start-up)."""
+        if self.prompt_ids:
+            raise VocabularyError(f"the vocabulary already has {len(self.prompt_ids)} learned prompt tokens")
+        for k in range(1, count + 1):
+            token, i = f"{PROMPT_PATTERN}{k}</w>", len(self.encoder)
+            if token in self.encoder:
+                raise VocabularyError(f"cannot add prompt token {token!r}: the vocabulary has it already")
+            self.encoder[token], self.decoder[i] = i, token
+        self.prompt_ids = self._find_prompt_tokens()
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -105,8 +132,9 @@ class BioGptTokenizer:
         folder = Path(folder)
         if all((folder / f).is_file() for f in HUB_FILES):
             return cls.from_hub_files(*(folder / f for f in HUB_FILES))
-        if all((folder / f).is_file() for f in FAIRSEQ_FILES):
-            return cls.from_fairseq_files(*(folder / f for f in FAIRSEQ_FILES))
+        for name in FAIRSEQ_DICTS:
+            if (folder / name).is_file() and (folder / "bpecodes").is_file():
+                return cls.from_fairseq_files(folder / name, folder / "bpecodes")
         raise VocabularyError(f"{folder}: no tokenizer files (vocab.json + merges.txt, or dict.txt + bpecodes)")
 
     @classmethod
@@ -167,14 +195,20 @@ class BioGptTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Ids exactly as the reference's `input_ids`: `</s>` first, then the text."""
         ids = [EOS_ID] if add_special_tokens else []
+        for _, word_ids in self.encode_words(text):
+            ids.extend(word_ids)
+        return ids
+
+    def encode_words(self, text: str) -> list[tuple[str, list[int]]]:
+        """(Moses token, its BPE ids) for each word of `text`: how token labels map back to words."""
+        words = []
         for piece in _SPECIAL_SPLIT.split(text):
             if piece in SPECIAL_TOKENS:
-                ids.append(self.encoder[piece])
+                words.append((piece, [self.encoder[piece]]))
             elif piece:
-                for word in self._moses.tokenize(piece, aggressive_dash_splits=True, escape=True):
-                    if word:
-                        ids.extend(self._bpe(word))
-        return ids
+                words.extend((w, self._bpe(w)) for w in self._moses.tokenize(piece, aggressive_dash_splits=True,
+                                                                                 escape=True) if w)
+        return words
 
     def tokenize(self, text: str) -> list[str]:
         """BPE pieces of `text` (no leading `</s>`)."""
@@ -193,7 +227,8 @@ class BioGptTokenizer:
         trailing space, which is how the streaming detokenizer tells finished words apart."""
         ids = [int(i) for i in ids]
         if skip_special_tokens:
-            ids = [i for i in ids if i > UNK_ID]
+            first_prompt = self.prompt_ids[0] if self.prompt_ids else len(self.encoder)
+            ids = [i for i in ids if UNK_ID < i < first_prompt]
         return "".join(t.replace(" ", "").replace("</w>", " ") for t in self.convert_ids_to_tokens(ids))
 
     def detokenize(self, words: list[str]) -> str:

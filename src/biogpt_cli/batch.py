@@ -1,0 +1,101 @@
+"""The batch engine: model-input jobs in, finished sequences out to a renderer, in input order.
+
+Every command that generates for many inputs (`generate`, `qa`, `extract`, `classify`) builds its
+jobs and its renderer and calls `run`; the reading of lines, the skipping of work a resumed output
+file already holds, batching and decoding live here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from .errors import InputError
+from .generation import GenerationOptions, fit_prompt
+from .inputs import Prompt
+from .streaming import TextEvent, stream_completions
+
+
+@dataclass
+class Job:
+    item: Prompt  # where it came from: line, id, and the text a terminal shows
+    ids: list[int]  # the model input
+
+
+class Renderer(Protocol):
+    def begin(self, prompts: Sequence[Prompt]) -> None: ...
+    def event(self, ev: TextEvent) -> None: ...
+
+
+@dataclass
+class Stats:
+    """What `-v` reports: counts and the time spent generating (not loading)."""
+
+    prompts: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    first_token: float | None = None  # seconds from the start of the first batch to its first text
+
+    def summary(self) -> str:
+        rate = self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+        first = f"first token after {self.first_token:.2f} s, " if self.first_token is not None else ""
+        return (f"{self.prompts} prompt{'s' * (self.prompts != 1)}, {self.prompt_tokens} prompt tokens, "
+                f"{self.new_tokens} new tokens in {self.seconds:.2f} s; {first}{rate:.1f} new tokens/s")
+
+
+def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Groups of `size`; when reading fails (a bad line), the items before it are still processed."""
+    batch: list[Any] = []
+    try:
+        for item in items:
+            batch.append(item)
+            if len(batch) == size:
+                yield batch
+                batch = []
+    except InputError:
+        if batch:
+            yield batch
+        raise
+    if batch:
+        yield batch
+
+
+def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions, renderer: Renderer, *,
+        batch_size: int, stop: Sequence[str] = (), generator: torch.Generator | None = None,
+        done: set[Any] | frozenset[Any] = frozenset()) -> Stats:
+    """Generate for every job whose key is not in `done`, `batch_size` prompts at a time.
+
+    `opts.max_new_tokens` of 0 means "until </s> or the model's positions run out": each batch
+    gets what its longest prompt leaves.
+    """
+    stats = Stats()
+    limit = model.config.max_position_embeddings
+    for batch in batches(jobs, batch_size):
+        todo = [j for j in batch if j.item.key not in done]
+        if not todo:
+            continue
+        width = max(len(j.ids) for j in todo)
+        batch_opts = opts if opts.max_new_tokens else dataclasses.replace(opts, max_new_tokens=max(1, limit - width))
+        for j in todo:
+            try:
+                fit_prompt(j.ids, batch_opts.max_new_tokens, limit)
+            except InputError as e:
+                raise InputError(f"line {j.item.line}: {e}" if j.item.line else str(e)) from None
+        renderer.begin([j.item for j in todo])
+        start = time.perf_counter()
+        for ev in stream_completions(model, tokenizer, [j.ids for j in todo], batch_opts, stop, generator):
+            if stats.first_token is None and ev.text:
+                stats.first_token = time.perf_counter() - start
+            if ev.done is not None:
+                stats.new_tokens += len(ev.done.ids) + (ev.done.finish_reason == "eos")
+            renderer.event(ev)
+        stats.seconds += time.perf_counter() - start
+        stats.prompts += len(todo)
+        stats.prompt_tokens += sum(len(j.ids) for j in todo)
+    return stats

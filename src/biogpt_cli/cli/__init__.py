@@ -1,0 +1,97 @@
+"""The `biogpt` command line. Commands only parse, check and render; the work lives in the library.
+One module per command family: generate (and the batch plumbing), text (tokenize/detokenize),
+score, models (info/convert), tasks (qa/extract/classify/evaluate).
+
+Errors are mapped once, in `main`: one `error: ...` line on stderr, exit 1 (2 for usage errors,
+130 for Ctrl-C, 143 for SIGTERM, 141 quietly when the reader of stdout goes away). `--debug`
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from typing import Annotated
+
+import typer
+
+from ..errors import BioGptError
+from . import generate, models, score, tasks, text  # noqa: F401 -- registers the commands
+from .common import ARGV, Quit, UsageError, app, stderr
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"biogpt-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """BioGPT text generation, tasks, tokenization and scoring, token-for-token equal to the reference."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Quit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else argv
+    ARGV[:] = argv
+    debug = "--debug" in argv
+    signal.signal(signal.SIGTERM, _terminate)
+    code = 0
+    try:
+        result = typer.main.get_command(app).main(argv, prog_name="biogpt", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except Quit as q:
+        code = q.code
+    except BioGptError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        code = 2 if isinstance(e, UsageError) else 1
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as e:
+        if type(e).__name__ == "Abort":  # click's Ctrl-C
+            code = 130
+        elif type(e).__name__ == "NoArgsIsHelpError":
+            stderr.print(e.format_message(), markup=False)  # the help text
+            code = e.exit_code
+        elif debug:
+            raise
+        elif hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
+            # click's usage errors (bad option values, unknown options); typer may vendor click, so by shape
+            print(f"error: {e.format_message()}".replace("\n", " "), file=sys.stderr)
+            code = e.exit_code
+        else:  # a bug, or a failure we did not foresee: still one line
+            print(f"error: {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)
+            code = 1
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = code or 141
+    if code in (130, 141, 143):  # nothing more may reach a closed or abandoned stdout
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return code
+
+
+def entry() -> None:
+    """The `biogpt` executable: `main`, then exit without tearing the interpreter down, which
+    frees a loaded model object by object (about half a second). Output is flushed first; files
+    were closed by the commands."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+__all__ = ["app", "entry", "main"]

@@ -1,0 +1,264 @@
+"""`biogpt generate`, and `run_batch`: the input -> engine -> output plumbing every generating
+command shares (output file and manifest, resume, live terminal output, interrupts, -v)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from ..errors import BioGptError, InputError
+from ..hub import DEFAULT_MODEL
+from ..inputs import Prompt, input_name, open_input, read_prompts
+from .common import (
+    ARGV,
+    BatchOpt,
+    DebugOpt,
+    DeviceOpt,
+    DTypeOpt,
+    ErrorsOpt,
+    ForceOpt,
+    InputFormat,
+    InputFormatOpt,
+    InputOpt,
+    ModelOpt,
+    OutputFormatOpt,
+    OutputOpt,
+    QuantizeOpt,
+    Quit,
+    ResumeOpt,
+    RevisionOpt,
+    UsageError,
+    VerboseOpt,
+    command,
+    device_or_usage_error,
+    load,
+    output_format,
+    stderr,
+)
+
+MAX_SEED = 2**63 - 1
+
+
+@command
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="The prompt. Without it: --input, or stdin when piped.")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="New tokens at most.")] = 50,
+    min_new_tokens: Annotated[int, typer.Option(min=0, help="New tokens before </s> may end a sequence.")] = 0,
+    num_beams: Annotated[int, typer.Option(min=1, help="Beam search with this many beams.")] = 1,
+    length_penalty: Annotated[float | None, typer.Option(help="Beams: score = log p / length ** this [1].")] = None,
+    early_stopping: Annotated[bool | None, typer.Option(help="Beams: stop once num_beams are done.")] = None,
+    no_repeat_ngram_size: Annotated[int, typer.Option(min=0, help="Never repeat an n-gram of this size.")] = 0,
+    repetition_penalty: Annotated[float, typer.Option(help="Penalise tokens already present (1: off).")] = 1.0,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy/beam decoding.")] = False,
+    temperature: Annotated[float | None, typer.Option(help="Sampling: divide logits by this [1].")] = None,
+    top_k: Annotated[int | None, typer.Option(min=0, help="Sampling: keep the k likeliest, 0: off [50].")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Sampling: nucleus mass, in (0, 1] [1].")] = None,
+    min_p: Annotated[float | None, typer.Option(min=0, max=1, help="Sampling: drop p < min_p * max p.")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, max=MAX_SEED, help="Sampling: seed (random without).")] = None,
+    num_return_sequences: Annotated[int, typer.Option(min=1, help="Sequences per prompt (sampling/beams).")] = 1,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop when the text contains this (repeatable).")] = None,
+    ban: Annotated[list[str] | None, typer.Option(help="Never generate this word or phrase (repeatable).")] = None,
+    input: InputOpt = None,
+    input_format: InputFormatOpt = "auto",
+    output: OutputOpt = None,
+    fmt: OutputFormatOpt = "auto",
+    force: ForceOpt = False,
+    resume: ResumeOpt = False,
+    batch_size: BatchOpt = 8,
+    truncate: Annotated[bool, typer.Option(help="Cut over-long prompts from the left instead of failing.")] = False,
+    dtype: DTypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = "none",
+    errors: ErrorsOpt = "strict",
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Continue prompts: streamed to a terminal, whole lines or JSONL records otherwise."""
+    import torch
+
+    from ..generation import GenerationOptions, fit_prompt
+
+    sampling = {"--temperature": temperature, "--top-k": top_k, "--top-p": top_p, "--min-p": min_p, "--seed": seed}
+    given = [name for name, value in sampling.items() if value is not None]
+    if given and not sample:
+        raise UsageError(f"{', '.join(given)} only apply when sampling: add --sample")
+    beams = {"--length-penalty": length_penalty, "--early-stopping": early_stopping}
+    given = [name for name, value in beams.items() if value is not None]
+    if given and num_beams == 1:
+        raise UsageError(f"{', '.join(given)} only apply to beam search: add --num-beams N (N > 1)")
+    opts = GenerationOptions(
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+        length_penalty=1.0 if length_penalty is None else length_penalty, early_stopping=bool(early_stopping),
+        num_return_sequences=num_return_sequences, do_sample=sample,
+        temperature=1.0 if temperature is None else temperature, top_k=50 if top_k is None else top_k,
+        top_p=1.0 if top_p is None else top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size)
+    try:
+        opts.validate()
+    except BioGptError as e:
+        raise UsageError(str(e)) from None
+    torch_device = device_or_usage_error(device)
+    if quantize == "int8" and (dtype != "float32" or torch_device.type != "cpu"):
+        raise UsageError("--quantize int8 runs on the CPU with float32 activations: drop --dtype/--device")
+    fmt = output_format(fmt, output)
+    check_batch_options(output, fmt, force, resume)
+    if prompt is not None and input is not None:
+        raise UsageError("give a PROMPT or --input, not both")
+    if prompt is not None and not prompt.strip():
+        raise UsageError("the prompt is empty")
+    if prompt is None and input is None:
+        if sys.stdin.isatty():
+            raise UsageError("no prompt: give PROMPT, --input FILE, or pipe prompts on stdin")
+        input = "-"
+
+    with prompt_source(prompt, input, input_format, errors) as prompts:  # a bad input fails before loading
+        lm, tokenizer = load_model(model, revision, dtype, torch_device, quantize, verbose)
+        opts.bad_words_ids = [tokenizer.encode(b, add_special_tokens=False) for b in ban or () if b.strip()]
+        seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+        generator = torch.Generator(torch_device).manual_seed(seed) if sample else None
+        if sample and verbose:
+            stderr.print(f"seed {seed}")
+
+        def job(p: Prompt) -> Any:
+            from ..batch import Job
+
+            full = tokenizer.encode(p.text)
+            ids = fit_prompt(full, opts.max_new_tokens, lm.config.max_position_embeddings, truncate)
+            if len(ids) < len(full):
+                stderr.print(f"warning: {where(p)}prompt of {len(full)} tokens cut to its last {len(ids) - 1}")
+            return Job(p, ids)
+
+        options = {k: v for k, v in vars(opts).items() if k != "bad_words_ids"}
+        run = {"command": "generate", **model_identity(lm, model, revision, dtype, quantize), "options": options,
+               "stop": stop or [], "ban": ban or [], "truncate": truncate, **input_identity(prompt, input),
+               **({"seed": seed, "batch_size": batch_size} if sample else {})}
+        run_batch(lm, tokenizer, prompts, job, opts, run=run, output=output, fmt=fmt, force=force, resume=resume,
+                  batch_size=batch_size, stop=stop or (), generator=generator, verbose=verbose,
+                  sequences=num_return_sequences)
+
+
+def where(p: Prompt) -> str:
+    return f"line {p.line}: " if p.line else f"id {p.id}: " if p.id is not None else ""
+
+
+def check_batch_options(output: str | None, fmt: str, force: bool, resume: bool) -> None:
+    from ..output import check_output
+
+    if resume and (output is None or fmt != "jsonl"):
+        raise UsageError("--resume needs --output FILE with JSONL records (a .jsonl name, or --format jsonl)")
+    if resume and force:
+        raise UsageError("--resume continues the --output file and --force overwrites it: give one")
+    check_output(output, force=force, resume=resume)
+
+
+def load_model(model: str, revision: str | None, dtype: str, device: Any, quantize: str, verbose: bool) -> Any:
+    start = time.perf_counter()
+    loaded = load(model, revision, dtype, device, quantize)
+    if verbose:
+        stderr.print(f"loaded {model} in {time.perf_counter() - start:.2f} s")
+    return loaded
+
+
+def model_identity(lm: Any, model: str, revision: str | None, dtype: str, quantize: str) -> dict[str, Any]:
+    from ..loading import fingerprint
+
+    return {"model": model, "revision": revision, "model_files": fingerprint(lm.source), "dtype": dtype,
+            "quantize": quantize}
+
+
+def input_identity(prompt: str | None, path: str | None) -> dict[str, Any]:
+    """What a manifest records of the input: the prompt, the file and its sha256, or stdin."""
+    from ..output import file_digest
+
+    if path is None:
+        return {"prompt": prompt}
+    if path == "-":
+        return {"input": "stdin"}
+    return {"input": str(Path(path).resolve()), "input_sha256": file_digest(path)}
+
+
+@contextlib.contextmanager
+def prompt_source(prompt: str | None, path: str | None, input_format: InputFormat, errors: str,
+                  text_field: str | None = "prompt") -> Iterator[Iterator[Prompt]]:
+    """The PROMPT argument, or the items of an --input file (opened on entry: a missing one fails early)."""
+    if path is None:
+        yield iter([Prompt(0, prompt or "", fields={"text": prompt or ""})])
+        return
+    jsonl = input_format == "jsonl" or (input_format == "auto" and path.endswith(".jsonl"))
+    with open_input(path) as f:
+        yield read_prompts(f, input_name(path), jsonl, errors, text_field)
+
+
+def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], job: Callable[[Prompt], Any], opts: Any, *,
+              run: dict[str, Any], output: str | None, fmt: str, force: bool, resume: bool, batch_size: int,
+              stop: Any = (), generator: Any = None, verbose: bool = False, sequences: int = 1,
+              blank: Callable[[Prompt], bool] = lambda p: not p.text.strip(), **renderer: Any) -> None:
+    """Jobs from `items` (blank ones skipped and counted) through the batch engine into the output;
+    `renderer` passes the record/line functions of a command's records to `output.Renderer`."""
+    from .. import batch
+    from ..output import Renderer, open_output, write_manifest
+
+    writer, done = open_output(output, force=force, resume=resume, group=sequences, run=run)
+    if resume and output is not None:
+        stderr.print(f"resuming {output}: {len(done)} input{'s' * (len(done) != 1)} already done, "
+                     "finishing the rest")
+    live = output is None and fmt == "text" and sys.stdout.isatty()
+    render = Renderer(fmt, None if live else writer, Console(highlight=False) if live else None, sequences,
+                      **renderer)
+    skipped = 0
+
+    def jobs() -> Iterator[Any]:
+        nonlocal skipped
+        for p in items:
+            if blank(p):
+                skipped += 1
+            elif p.key not in done:
+                try:
+                    yield job(p)
+                except InputError as e:
+                    raise InputError(f"{where(p)}{e}") from None
+
+    status = "interrupted"
+    try:
+        stats = batch.run(lm, tokenizer, jobs(), opts, render, batch_size=batch_size, stop=stop,
+                          generator=generator, done=done)
+        status = "complete"
+    except (KeyboardInterrupt, Quit) as e:
+        if live:
+            sys.stdout.write("\n")
+        if not isinstance(e, Quit) or e.code in (130, 143):  # not a closed pipe (141)
+            _say_interrupted(output, writer.records + len(done) * sequences)
+        raise
+    except BioGptError:
+        status = "failed"
+        raise
+    finally:
+        writer.close()
+        if output is not None:
+            write_manifest(Path(output), run, status=status, records=writer.records + len(done) * sequences,
+                           updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if skipped:
+            stderr.print(f"note: skipped {skipped} blank line{'s' * (skipped > 1)}")
+    if verbose:
+        stderr.print(stats.summary())
+        if output is not None:
+            stderr.print(f"{writer.records} records written to {output}")
+
+
+def _say_interrupted(output: str | None, records: int) -> None:
+    if output is None:
+        return
+    args = [a for a in ARGV if a not in ("--force", "--resume")]
+    stderr.print(f"interrupted: {output} holds {records} complete record{'s' * (records != 1)}; to finish it: "
+                 f"biogpt {shlex.join(args)} --resume", markup=False)

@@ -1,0 +1,48 @@
+"""`biogpt info` and `biogpt convert`: what a checkpoint is, and the Hub layout from any layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..hub import DEFAULT_MODEL
+from .common import DebugOpt, Format, ModelOpt, RevisionOpt, UsageError, command, out, stderr
+
+
+@command
+def info(
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    fmt: Annotated[Format, typer.Option("--format", help="text, or jsonl for one JSON object.")] = "text",
+    debug: DebugOpt = False,
+) -> None:
+    """Config, task, parameter count, files, dtype and where the model was loaded from."""
+    from ..loading import describe
+
+    facts = describe(model, revision)
+    if fmt == "jsonl":
+        out(json.dumps(facts) + "\n")
+        return
+    for key, value in facts.items():
+        if isinstance(value, dict):
+            out(f"{key}:\n" + "".join(f"  {k}: {v}\n" for k, v in value.items()))
+        else:
+            out(f"{key}: {value}\n")
+
+
+@command
+def convert(
+    src: Annotated[str, typer.Argument(help="A model folder (fairseq release or Hub layout) or Hub id.")],
+    dst: Annotated[Path, typer.Argument(help="Folder to write the Hub layout (safetensors) into.")],
+    force: Annotated[bool, typer.Option(help="Write into a non-empty DST.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a checkpoint in the Hub layout: config.json, model.safetensors, vocab.json, merges.txt."""
+    from ..loading import convert as convert_checkpoint
+
+    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not force)):
+        raise UsageError(f"{dst}: exists and is not an empty folder (pass --force to write into it)")
+    stderr.print(f"wrote {convert_checkpoint(src, dst)}")

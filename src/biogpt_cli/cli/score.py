@@ -1,0 +1,97 @@
+"""`biogpt score`: how likely the model finds each line, or which of several choices."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Annotated
+
+import typer
+
+from ..errors import InputError
+from ..hub import DEFAULT_MODEL
+from ..inputs import Prompt, input_name, open_input, read_lines
+from .common import (
+    BatchOpt,
+    DebugOpt,
+    DeviceOpt,
+    DTypeOpt,
+    ErrorsOpt,
+    FormatOpt,
+    ModelOpt,
+    RevisionOpt,
+    UsageError,
+    command,
+    device_or_usage_error,
+    load,
+    out,
+    stderr,
+)
+
+
+@command
+def score(
+    file: Annotated[str | None, typer.Argument(help="Texts to score, one per line; '-' or nothing: stdin.")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    choices: Annotated[str | None, typer.Option(help="Comma-separated continuations of --prompt to compare.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="The prompt the --choices continue.")] = None,
+    fmt: FormatOpt = "text",
+    batch_size: BatchOpt = 8,
+    truncate: Annotated[bool, typer.Option(help="Score the end of over-long lines instead of failing.")] = False,
+    dtype: DTypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    errors: ErrorsOpt = "strict",
+    debug: DebugOpt = False,
+) -> None:
+    """Per line: tokens, mean negative log-likelihood, perplexity. With --choices: their probabilities."""
+    from ..batch import batches
+    from ..generation import fit_prompt
+    from ..scoring import choice_probabilities, sequence_nll
+
+    options = [c.strip() for c in choices.split(",")] if choices is not None else None
+    if options is not None and (prompt is None or len(options) < 2 or not all(options)):
+        raise UsageError("--choices needs --prompt and at least two non-empty, comma-separated choices")
+    if options is None and prompt is not None:
+        raise UsageError("--prompt goes with --choices (to score a text, pass it on stdin or in FILE)")
+    if options is not None and file is not None:
+        raise UsageError("--choices scores the continuations of --prompt; it reads no FILE: drop one")
+    torch_device = device_or_usage_error(device)
+    lm, tok = load(model, revision, dtype, torch_device)
+    if options is not None:
+        probs = choice_probabilities(lm, tok.encode(prompt), [tok.encode(c, add_special_tokens=False) for c in options])
+        for choice, p in zip(options, probs, strict=True):
+            out(json.dumps({"choice": choice, "probability": p}) + "\n" if fmt == "jsonl" else f"{choice}\t{p:.6f}\n")
+        return
+    file = file or "-"
+    name = input_name(file)
+    limit = lm.config.max_position_embeddings
+    if fmt == "text" and sys.stdout.isatty():
+        stderr.print("tokens\tnll\tppl", style="bold")
+    skipped = 0
+    with open_input(file) as f:
+        lines = (Prompt(n, t) for n, t in read_lines(f, name, errors))
+        for batch in batches(lines, batch_size):
+            kept, ids = [], []
+            for p in batch:
+                if not p.text.strip():
+                    skipped += 1
+                    continue
+                try:
+                    full = tok.encode(p.text)
+                    ids.append(fit_prompt(full, 0, limit, truncate))
+                except InputError as e:
+                    raise InputError(f"{name}: line {p.line}: {e}") from None
+                if len(ids[-1]) < len(full):
+                    stderr.print(f"warning: line {p.line}: {len(full)} tokens cut to the last {len(ids[-1]) - 1}")
+                kept.append(p)
+            for p, (count, nll) in zip(kept, sequence_nll(lm, ids) if ids else [], strict=True):
+                finite = math.isfinite(nll)
+                if fmt == "jsonl":
+                    out(json.dumps({"line": p.line, "tokens": count, "nll": nll if finite else None,
+                                    "ppl": math.exp(nll) if finite else None}) + "\n")
+                else:
+                    out(f"{count}\t{nll:.6f}\t{math.exp(nll) if finite else math.nan:.4f}\n")
+    if skipped:
+        stderr.print(f"note: skipped {skipped} blank line{'s' * (skipped > 1)}")

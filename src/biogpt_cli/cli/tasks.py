@@ -1,0 +1,285 @@
+"""`biogpt qa`, `extract`, `classify` and `evaluate`: BioGPT's fine-tuned tasks (see tasks.py).
+
+The task commands read records, build each model input as the original release does, and run
+the same batch engine and output machinery as `generate`; records add the parsed result. A
+classification checkpoint with a head (`BioGptForSequenceClassification` /
+`BioGptForTokenClassification`) is a forward pass instead of generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sys
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+import typer
+
+from ..errors import InputError
+from ..hub import DEFAULT_MODEL
+from ..inputs import Prompt
+from .common import (
+    BatchOpt,
+    DebugOpt,
+    DeviceOpt,
+    DTypeOpt,
+    ErrorsOpt,
+    ForceOpt,
+    InputFormatOpt,
+    InputOpt,
+    ModelOpt,
+    OutputFormatOpt,
+    OutputOpt,
+    QuantizeOpt,
+    ResumeOpt,
+    RevisionOpt,
+    UsageError,
+    VerboseOpt,
+    command,
+    device_or_usage_error,
+    out,
+    output_format,
+    stderr,
+)
+from .generate import check_batch_options, input_identity, load_model, model_identity, prompt_source, run_batch
+
+ExtractTask = Literal["bc5cdr", "ddi", "kd-dti"]
+EvalTask = Literal["pubmedqa", "hoc", "ddi", "kd-dti", "bc5cdr"]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", min=0,
+                                        help="New tokens at most; 0: until </s> or the model's limit.")]
+
+
+@dataclasses.dataclass
+class TaskRun:
+    """Options every task command shares, as given on the command line."""
+
+    model: str
+    revision: str | None
+    input: str | None
+    input_format: str
+    output: str | None
+    fmt: str
+    force: bool
+    resume: bool
+    batch_size: int
+    max_new_tokens: int
+    dtype: str
+    device: str
+    quantize: str
+    errors: str
+    verbose: bool
+
+
+def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextlib.AbstractContextManager) -> None:
+    """Check options, open the input, load the model, then run the task over every record."""
+    from ..generation import GenerationOptions
+    from ..tasks import build_input, parse, render, source_limit, task_for
+
+    torch_device = device_or_usage_error(run.device)
+    if run.quantize == "int8" and (run.dtype != "float32" or torch_device.type != "cpu"):
+        raise UsageError("--quantize int8 runs on the CPU with float32 activations: drop --dtype/--device")
+    fmt = output_format(run.fmt, run.output)  # type: ignore[arg-type]
+    check_batch_options(run.output, fmt, run.force, run.resume)
+    with items as records:
+        lm, tok = load_model(run.model, run.revision, run.dtype, torch_device, run.quantize, run.verbose)
+        head = lm.config.architecture in ("BioGptForSequenceClassification", "BioGptForTokenClassification")
+        if command_name == "classify" and head:
+            return _classify_with_head(lm, tok, records, run, fmt)
+        task = task_for(command_name, task_name, lm.config, run.model)
+        limit = source_limit(task, lm.config)
+        opts = GenerationOptions(max_new_tokens=run.max_new_tokens, bad_words_ids=[[lm.config.pad_token_id]])
+        unparsed = 0
+
+        def job(p: Prompt) -> Any:
+            from ..batch import Job
+
+            shown = next((p.fields[k] for k in ("question", "title", "text", "abstract")
+                          if isinstance(p.fields.get(k), str)), "")
+            return Job(dataclasses.replace(p, text=shown[:200]), build_input(task, tok, p.fields, limit))
+
+        def result(done: Any) -> Any:
+            nonlocal unparsed
+            value = parse(task, tok.decode(done.ids))  # learned tokens shown: the release strips their echoes
+            unparsed += value is None
+            return value
+
+        def record(p: Prompt, done: Any) -> dict[str, Any]:
+            from ..output import base_record
+
+            return {**base_record(p, done), task.result: result(done)}
+
+        identity = {"command": command_name, "task": task.name, "source_limit": limit,
+                    **model_identity(lm, run.model, run.revision, run.dtype, run.quantize),
+                    "max_new_tokens": run.max_new_tokens, **input_identity(None, run.input)}
+        try:
+            run_batch(lm, tok, records, job, opts, run=identity, output=run.output, fmt=fmt, force=run.force,
+                      resume=run.resume, batch_size=run.batch_size, verbose=run.verbose, blank=lambda p: not p.fields,
+                      record=record, line=lambda p, done: render(task, result(done)),
+                      summary=lambda p, done: f"{task.result}: {json.dumps(result(done), ensure_ascii=False)}")
+        finally:
+            if unparsed:
+                stderr.print(f"note: {unparsed} output{'s' * (unparsed > 1)} did not parse as a {task.name} answer "
+                             f"({task.result}: null)")
+
+
+def _classify_with_head(lm: Any, tok: Any, records: Iterator[Prompt], run: TaskRun, fmt: str) -> None:
+    """Sequence or token classification heads: one forward pass per batch, records in input order."""
+    from ..batch import batches
+    from ..output import open_output
+    from ..scoring import classify_sequences, label_tokens
+    from ..tasks import text_field
+
+    identity = {"command": "classify", **model_identity(lm, run.model, run.revision, run.dtype, run.quantize),
+                **input_identity(None, run.input)}
+    writer, done = open_output(run.output, force=run.force, resume=run.resume, run=identity)
+    try:
+        for batch in batches((p for p in records if p.fields and p.key not in done), run.batch_size):
+            texts = []
+            for p in batch:
+                try:
+                    texts.append(text_field(p.fields, "text"))
+                except InputError as e:
+                    raise InputError(f"line {p.line}: {e}") from None
+            if lm.config.architecture == "BioGptForSequenceClassification":
+                results = classify_sequences(lm, [tok.encode(t) for t in texts])
+            else:
+                results = [{"entities": label_tokens(lm, tok, t)} for t in texts]
+            lines = []
+            for p, res in zip(batch, results, strict=True):
+                key = {"line": p.line} if p.line else {}
+                key |= {"id": p.id} if p.id is not None else {}
+                lines.append(json.dumps({**res, **key}, ensure_ascii=False) if fmt == "jsonl"
+                             else res.get("label") or json.dumps(res["entities"], ensure_ascii=False))
+            writer.write("".join(line + "\n" for line in lines), records=len(lines))
+    finally:
+        writer.close()
+
+
+def _pubmedqa_json(path: str, reasoning_free: bool) -> Iterator[Prompt]:
+    """The official PubMedQA file, {pmid: {QUESTION, CONTEXTS, LONG_ANSWER, ...}}: ids are the pmids."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read a PubMedQA JSON file ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise InputError(f"{path}: expected the PubMedQA layout, an object of pmid -> {{QUESTION, CONTEXTS, ...}}")
+    for pmid, item in data.items():
+        fields = {"question": item.get("QUESTION"), "context": item.get("CONTEXTS")}
+        if reasoning_free:
+            fields["long_answer"] = item.get("LONG_ANSWER")
+        yield Prompt(0, "", pmid, fields)
+
+
+def _items(text: str | None, fields: dict[str, Any] | None, input: str | None, input_format: str, errors: str,
+           plain: bool = True) -> contextlib.AbstractContextManager:
+    """A single record from the command line, or the records of --input (stdin when piped)."""
+    if (text is not None or fields) and input is not None:
+        raise UsageError("give the input on the command line or with --input, not both")
+    if text is None and not fields and input is None:
+        if sys.stdin.isatty():
+            raise UsageError("no input: give it on the command line, --input FILE, or pipe records on stdin")
+        input = "-"
+    if input is None:
+        fields = fields or {"text": text}
+        return contextlib.nullcontext(iter([Prompt(0, "", fields=fields)]))
+    if not plain and input_format == "auto" and not input.endswith(".jsonl"):
+        input_format = "jsonl"  # qa has no plain-text form
+    return prompt_source(None, input, input_format, errors, text_field=None)  # type: ignore[arg-type]
+
+
+@command
+def qa(
+    question: Annotated[str | None, typer.Option(help="One question (with --context).")] = None,
+    context: Annotated[str | None, typer.Option(help="The abstract that answers --question.")] = None,
+    long_answer: Annotated[str | None, typer.Option(help="Reasoning-free form: the abstract's conclusion.")] = None,
+    reasoning_free: Annotated[bool, typer.Option(help="PubMedQA JSON input: add LONG_ANSWER (Hub Large model).")]
+    = False,
+    model: ModelOpt = DEFAULT_MODEL, revision: RevisionOpt = None, input: InputOpt = None,
+    input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
+    force: ForceOpt = False, resume: ResumeOpt = False, batch_size: BatchOpt = 8, max_new_tokens: MaxNewOpt = 0,
+    dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
+    errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, debug: DebugOpt = False,
+) -> None:
+    """PubMedQA: yes, no or maybe, from a fine-tuned QA checkpoint. Input: JSONL with question,
+    context (and long_answer), or the official PubMedQA JSON file."""
+    if (question is None) != (context is None):
+        raise UsageError("--question and --context go together")
+    fields = {k: v for k, v in (("question", question), ("context", context), ("long_answer", long_answer)) if v}
+    if long_answer is not None and question is None:
+        raise UsageError("--long-answer goes with --question and --context")
+    run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
+                  dtype, device, quantize, errors, verbose)
+    if input is not None and input.endswith(".json"):
+        if fields:
+            raise UsageError("give the input on the command line or with --input, not both")
+        items: contextlib.AbstractContextManager = contextlib.nullcontext(_pubmedqa_json(input, reasoning_free))
+    else:
+        items = _items(None, fields or None, input, input_format, errors, plain=False)
+    _run("qa", "pubmedqa", run, items)
+
+
+@command
+def extract(
+    text: Annotated[str | None, typer.Argument(help="One document. Without it: --input, or stdin when piped.")]
+    = None,
+    task: Annotated[ExtractTask | None, typer.Option(help="Needed when the checkpoint does not say.")] = None,
+    model: ModelOpt = DEFAULT_MODEL, revision: RevisionOpt = None, input: InputOpt = None,
+    input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
+    force: ForceOpt = False, resume: ResumeOpt = False, batch_size: BatchOpt = 8, max_new_tokens: MaxNewOpt = 0,
+    dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
+    errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Relations (head, relation, tail) from an RE checkpoint: BC5CDR, DDI or KD-DTI. Input: JSONL
+    with title and abstract (or text), or plain text lines."""
+    run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
+                  dtype, device, quantize, errors, verbose)
+    _run("extract", task, run, _items(text, None, input, input_format, errors))
+
+
+@command
+def classify(
+    text: Annotated[str | None, typer.Argument(help="One document. Without it: --input, or stdin when piped.")]
+    = None,
+    model: ModelOpt = DEFAULT_MODEL, revision: RevisionOpt = None, input: InputOpt = None,
+    input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
+    force: ForceOpt = False, resume: ResumeOpt = False, batch_size: BatchOpt = 8, max_new_tokens: MaxNewOpt = 0,
+    dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
+    errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, debug: DebugOpt = False,
+) -> None:
+    """HoC labels from the DC-HoC checkpoint, or label + scores / entities from a checkpoint with a
+    classification head. Input: JSONL with text, or plain text lines."""
+    run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
+                  dtype, device, quantize, errors, verbose)
+    _run("classify", None, run, _items(text, None, input, input_format, errors))
+
+
+@command
+def evaluate(
+    predictions: Annotated[str, typer.Argument(help="Our JSONL records (qa / extract / classify output).")],
+    gold: Annotated[str, typer.Argument(help="The official gold file of the task's test set.")],
+    task: Annotated[EvalTask, typer.Option(help="Which task's metric.")],
+    entities: Annotated[str | None, typer.Option(help="bc5cdr: test.entities.json (mention -> MeSH id).")] = None,
+    fmt: Annotated[Literal["text", "jsonl"], typer.Option("--format", help="A table, or one JSON object.")] = "text",
+    debug: DebugOpt = False,
+) -> None:
+    """The paper's metric for a task, computed as the original evaluation scripts do."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..evaluate import evaluate as compute
+
+    scores = compute(task, predictions, gold, entities)
+    if fmt == "jsonl":
+        out(json.dumps({"task": task, **scores}) + "\n")
+        return
+    table = Table(title=f"{task}: {predictions}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in scores.items():
+        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console(highlight=False).print(table)
+    if scores.get("missing"):
+        stderr.print(f"note: {scores['missing']} gold items have no prediction and count as wrong")

@@ -1,0 +1,74 @@
+"""`biogpt tokenize` and `biogpt detokenize`: the tokenizer alone (torch is never imported)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import InputError
+from ..hub import DEFAULT_MODEL
+from ..inputs import input_name, open_input, parallel_map, read_lines
+from .common import DebugOpt, ErrorsOpt, FileArg, FormatOpt, ModelOpt, RevisionOpt, command, out
+
+
+def _tokenizer(model: str, revision: str | None) -> Any:
+    from ..tokenizer import BioGptTokenizer
+
+    return BioGptTokenizer.from_pretrained(model, revision)
+
+
+@command
+def tokenize(
+    file: FileArg = "-",
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    tokens: Annotated[bool, typer.Option("--tokens", help="BPE pieces instead of ids.")] = False,
+    no_special: Annotated[bool, typer.Option("--no-special", help="Drop the leading </s>.")] = False,
+    fmt: FormatOpt = "text",
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes (output order kept).")] = 1,
+    errors: ErrorsOpt = "strict",
+    debug: DebugOpt = False,
+) -> None:
+    """Moses + BPE ids (exactly the reference's input_ids), one output line per input line."""
+    name = input_name(file)
+    render = functools.partial(_tokenize_line, _tokenizer(model, revision), not no_special,
+                               "jsonl" if fmt == "jsonl" else "tokens" if tokens else "ids", name)
+    with open_input(file) as f:
+        for line in parallel_map(render, read_lines(f, name, errors), jobs):
+            out(line)
+
+
+def _tokenize_line(tok: Any, special: bool, mode: str, name: str, line: tuple[int, str]) -> str:
+    """One output line of `tokenize` (module level, so worker processes can run it)."""
+    try:
+        ids = tok.encode(line[1], add_special_tokens=special)
+    except InputError as e:
+        raise InputError(f"{name}: line {line[0]}: {e}") from None
+    if mode == "jsonl":
+        return json.dumps({"ids": ids, "tokens": tok.convert_ids_to_tokens(ids)}, ensure_ascii=False) + "\n"
+    return " ".join(tok.convert_ids_to_tokens(ids) if mode == "tokens" else map(str, ids)) + "\n"
+
+
+@command
+def detokenize(
+    file: FileArg = "-",
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Space-separated ids per line back to text (special tokens dropped)."""
+    tok = _tokenizer(model, revision)
+    name = input_name(file)
+    with open_input(file) as f:
+        for n, text in read_lines(f, name):
+            try:
+                ids = [int(x) for x in text.split()]
+            except ValueError:
+                raise InputError(f"{name}: line {n}: expected space-separated integer ids") from None
+            bad = [i for i in ids if not 0 <= i < tok.vocab_size]
+            if bad:
+                raise InputError(f"{name}: line {n}: id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1})")
+            out(tok.decode(ids, skip_special_tokens=True) + "\n")

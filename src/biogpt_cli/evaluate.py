@@ -1,0 +1,221 @@
+"""The paper's metrics, computed the way the original release's evaluation scripts compute them,
+from our JSONL predictions and the official gold files. Predictions missing for a gold item count
+as wrong (an empty answer) and are reported in `missing`.
+
+* PubMedQA: accuracy against `test_ground_truth.json` ({pmid: yes|no|maybe}), matched on `id`.
+* HoC: micro-F1 over the 11 labels (including `empty`; other labels are ignored, as sklearn's
+  MultiLabelBinarizer does) against the release's `test.tsv` (label in the last column), matched
+  on the input `line` (run `classify` on the TSV's first column so the line numbers agree).
+* DDI / KD-DTI: `hard_match_evaluation.py`: names lowercased without spaces, each set scored under
+  two normalisations (abbreviation in brackets, or the name without it), the better one kept;
+  per-document (sample) and corpus-level (ontology) figures. The paper's F1 (38.42 for KD-DTI,
+  below both its P and R) can only be the mean per-document F1, so `f1` is `sample_f1`.
+* BC5CDR: relation P/R/F over (pmid, chemical MeSH, disease MeSH) against the PubTator gold file,
+  names mapped to MeSH ids with the release's `test.entities.json` (-1 when unknown).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .tasks import HOC_LABELS
+
+Scores = dict[str, float | int]
+
+
+def read_predictions(path: str | Path, key: str = "id") -> dict[str, dict[str, Any]]:
+    """Our JSONL records by `key` (`id`, else `line`), as strings."""
+    records: dict[str, dict[str, Any]] = {}
+    for n, line in enumerate(_read(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: line {n}: not JSON ({e.msg})") from None
+        value = record.get(key, record.get("line")) if isinstance(record, dict) else None
+        if value is None:
+            raise InputError(f'{path}: line {n}: a prediction record needs "{key}" or "line"')
+        records[str(value)] = record
+    return records
+
+
+def _read(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({e})") from None
+
+
+def _json(path: str | Path) -> Any:
+    try:
+        return json.loads(_read(path))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _prf(tp: int, predicted: int, gold: int) -> tuple[float, float, float]:
+    p = tp / predicted if predicted else 0.0
+    r = tp / gold if gold else 0.0
+    return p, r, 2 * p * r / (p + r) if p + r else 0.0
+
+
+# -- PubMedQA and HoC --------------------------------------------------------------------------
+def pubmedqa(predictions: str | Path, gold: str | Path) -> Scores:
+    truth = _json(gold)
+    if not isinstance(truth, dict):
+        raise InputError(f"{gold}: expected test_ground_truth.json, an object of pmid -> yes|no|maybe")
+    preds = read_predictions(predictions)
+    correct = sum(preds.get(str(pmid), {}).get("answer") == label for pmid, label in truth.items())
+    return {"accuracy": correct / len(truth) if truth else 0.0, "correct": correct, "n": len(truth),
+            "missing": sum(str(pmid) not in preds for pmid in truth)}
+
+
+def hoc(predictions: str | Path, gold: str | Path) -> Scores:
+    truth = {str(n): line.split("\t")[-1] for n, line in enumerate(_read(gold).splitlines(), 1) if line.strip()}
+    preds = read_predictions(predictions, key="line")
+    known = set(HOC_LABELS)
+    tp = fp = fn = 0
+    for key, labels in truth.items():
+        g = {w.strip() for w in labels.strip().split("|")} & known
+        p = set(preds.get(key, {}).get("labels") or ()) & known
+        tp, fp, fn = tp + len(g & p), fp + len(p - g), fn + len(g - p)
+    precision, recall, f1 = _prf(tp, tp + fp, tp + fn)
+    return {"f1": f1, "precision": precision, "recall": recall, "n": len(truth),
+            "missing": sum(key not in preds for key in truth)}
+
+
+# -- DDI and KD-DTI (hard_match_evaluation.py) -------------------------------------------------
+_ROMAN = dict(zip("0123456789", ["0", "I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX"], strict=True))
+
+
+def _normalize(s: str) -> str:
+    s = s.strip()
+    if len(s) > 2 and s[-1].isnumeric() and not s[-2].isnumeric() and s[-1] in _ROMAN:
+        s = s[:-1] + _ROMAN[s[-1]]
+    return re.sub("[^a-zA-Z0-9]+", "", s.replace("-type", ""))
+
+
+def _main_name(s: str) -> str:
+    s = s.strip()
+    return _normalize(s[:s.rfind("(")].strip()) if "(" in s and s[-1] == ")" else _normalize(s)
+
+
+def _abbreviation(s: str) -> str:
+    s = s.strip()
+    return _normalize(s[s.rfind("(") + 1:-1].strip()) if "(" in s and s[-1] == ")" else _normalize(s)
+
+
+def _normed(items: set, fn: Any) -> set:
+    return {tuple(fn(x) for x in item) if isinstance(item, tuple) else fn(item) for item in items}
+
+
+def _precision(pred: set, gold: set) -> float:
+    return int(pred == gold) if not pred else len(pred & gold) / len(pred)
+
+
+def _recall(pred: set, gold: set) -> float:
+    return int(pred == gold) if not gold else len(pred & gold) / len(gold)
+
+
+def _accuracy(pred: set, gold: set) -> float:
+    return int(pred == gold) if not gold else len(pred & gold) / len(pred | gold)
+
+
+def _best(pred: set, gold: set, metric: Any) -> float:
+    """Both the abbreviation and the main name count as a match: the better score."""
+    return max(metric(_normed(pred, _abbreviation), _normed(gold, _abbreviation)),
+               metric(_normed(pred, _main_name), _normed(gold, _main_name)))
+
+
+def _f1(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _squash(s: str) -> str:
+    return s.strip().lower().replace(" ", "")
+
+
+def _triples(items: Iterable[tuple[str, str, str]]) -> tuple[set, set, set, set]:
+    """(drug, target, interaction) triples -> their drug, target, interaction and triple sets."""
+    triples = {tuple(_squash(x) for x in item) for item in items}
+    return {t[0] for t in triples}, {t[1] for t in triples}, {t[2] for t in triples}, triples
+
+
+def hard_match(predictions: str | Path, gold: str | Path) -> Scores:
+    """DDI / KD-DTI over the gold documents that have triples (the release's relis_test.pmid)."""
+    truth = _json(gold)
+    if not isinstance(truth, dict):
+        raise InputError(f"{gold}: expected the release's test.json, an object of pmid -> document")
+    preds = read_predictions(predictions)
+    sample: dict[str, list[float]] = {k: [] for k in ("p", "r", "f1", "d", "t", "i")}
+    corpus: list[set] = [set(), set(), set(), set(), set(), set(), set(), set()]  # pred d t i triple, gold d t i triple
+    docs = {str(k): v for k, v in truth.items() if isinstance(v, dict) and v.get("triples")}
+    for pmid, doc in docs.items():
+        relations = preds.get(pmid, {}).get("relations") or []
+        pred = _triples((r["head"], r["tail"], r["relation"]) for r in relations)
+        gold_sets = _triples((t["drug"], t["target"], t["interaction"]) for t in doc["triples"])
+        p, r = _best(pred[3], gold_sets[3], _precision), _best(pred[3], gold_sets[3], _recall)
+        sample["p"].append(p)
+        sample["r"].append(r)
+        sample["f1"].append(_f1(p, r))
+        for name, ps, gs in zip("dti", pred[:3], gold_sets[:3], strict=True):
+            sample[name].append(_best(ps, gs, _accuracy))
+        for i, s in enumerate((*pred, *gold_sets)):
+            corpus[i] |= s
+    pred_all, gold_all = corpus[:4], corpus[4:]
+    onto = [(_best(p, g, _precision), _best(p, g, _recall)) for p, g in zip(pred_all, gold_all, strict=True)]
+    p, r = _mean(sample["p"]), _mean(sample["r"])
+    return {
+        "precision": p, "recall": r, "f1": _mean(sample["f1"]),
+        "sample_precision": p, "sample_recall": r, "sample_f1": _mean(sample["f1"]), "sample_macro_f1": _f1(p, r),
+        "sample_acc_drug": _mean(sample["d"]), "sample_acc_target": _mean(sample["t"]),
+        "sample_acc_interaction": _mean(sample["i"]),
+        "onto_precision": onto[3][0], "onto_recall": onto[3][1], "onto_f1": _f1(*onto[3]),
+        "onto_f1_drug": _f1(*onto[0]), "onto_f1_target": _f1(*onto[1]), "onto_f1_interaction": _f1(*onto[2]),
+        "n": len(docs), "missing": sum(pmid not in preds for pmid in docs),
+    }
+
+
+# -- BC5CDR ------------------------------------------------------------------------------------
+def bc5cdr(predictions: str | Path, gold: str | Path, entities: str | Path) -> Scores:
+    ent2id = _json(entities)
+    if not isinstance(ent2id, dict) or not all(isinstance(ent2id.get(k), dict) for k in ("chemical2id", "disease2id")):
+        raise InputError(f"{entities}: expected the release's test.entities.json with chemical2id and disease2id")
+    pmids, truth = set(), set()
+    for line in _read(gold).splitlines():
+        if "|t|" in line[:20]:
+            pmids.add(line.split("|", 1)[0])
+        cols = line.split("\t")
+        if len(cols) >= 4 and cols[1] == "CID":
+            pmids.add(cols[0])
+            truth.add((cols[0], cols[2], cols[3]))
+    preds = read_predictions(predictions)
+    predicted = {(pmid, ent2id["chemical2id"].get(r["head"], "-1"), ent2id["disease2id"].get(r["tail"], "-1"))
+                 for pmid, record in preds.items() if pmid in pmids for r in record.get("relations") or ()}
+    precision, recall, f1 = _prf(len(predicted & truth), len(predicted), len(truth))
+    return {"precision": precision, "recall": recall, "f1": f1, "n": len(pmids), "gold_relations": len(truth),
+            "predicted_relations": len(predicted), "missing": len(pmids - set(preds))}
+
+
+def evaluate(task: str, predictions: str | Path, gold: str | Path, entities: str | Path | None = None) -> Scores:
+    if task == "pubmedqa":
+        return pubmedqa(predictions, gold)
+    if task == "hoc":
+        return hoc(predictions, gold)
+    if task in ("ddi", "kd-dti"):
+        return hard_match(predictions, gold)
+    if entities is None:
+        raise InputError("bc5cdr needs --entities test.entities.json (the release's mention -> MeSH id map)")
+    return bc5cdr(predictions, gold, entities)
