@@ -37,25 +37,28 @@ def write_hub_vocab_from_fairseq(src: Path, dst: Path) -> None:
     (dst / "merges.txt").write_bytes((src / "bpecodes").read_bytes())
 
 
-def write_tiny_vocab(dst: Path) -> int:
-    """A character-level vocabulary with a few merges, so tiny checkpoints need no shared data."""
+def write_tiny_vocab(dst: Path, prompt_tokens: int = 0) -> int:
+    """A character-level vocabulary with a few merges, so tiny checkpoints need no shared data;
+    `prompt_tokens` learned prompt tokens (`learned1</w>`, ...) at the end, as a converted task checkpoint has."""
     chars = string.ascii_letters + string.digits + string.punctuation
     encoder = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     merges = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>")]
     for piece in [c for ch in chars for c in (ch, ch + "</w>")] + [a + b for a, b in merges]:
         encoder.setdefault(piece, len(encoder))
+    for k in range(1, prompt_tokens + 1):
+        encoder[f"learned{k}</w>"] = len(encoder)
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
     (dst / "merges.txt").write_text("".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     return len(encoder)
 
 
-def make_reference(folder: Path, seed: int = 0, tie: bool = True, **overrides):
+def make_reference(folder: Path, seed: int = 0, tie: bool = True, prompt_tokens: int = 0, **overrides):
     """A random reference BioGptForCausalLM saved in the Hub layout (safetensors, tied key omitted)."""
     import transformers
     from safetensors.torch import save_file
 
-    vocab_size = write_tiny_vocab(folder)
+    vocab_size = write_tiny_vocab(folder, prompt_tokens)
     cfg = transformers.BioGptConfig(**{**TINY, "vocab_size": vocab_size, "tie_word_embeddings": tie, **overrides})
     torch.manual_seed(seed)
     ref = transformers.BioGptForCausalLM(cfg).eval()

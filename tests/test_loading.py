@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,7 +78,8 @@ def test_pytorch_bin_with_code_is_refused(tiny, monkeypatch):
     assert not (folder / "pwned-by-pickle").exists()
 
 
-def write_fairseq(ref, folder: Path, evil: bool = False) -> None:
+def write_fairseq(ref, folder: Path, evil: bool = False, task: dict | None = None,
+                  name: str = "checkpoint.pt") -> None:
     """A checkpoint.pt shaped like the original release, with training state beside the weights."""
     meters = types.ModuleType("fake_fairseq_meters")
 
@@ -95,21 +97,23 @@ def write_fairseq(ref, folder: Path, evil: bool = False) -> None:
         model["decoder.version"] = torch.tensor([3.0])
         args = argparse.Namespace(decoder_attention_heads=ref.config.num_attention_heads, activation_fn="gelu",
                                   share_decoder_input_output_embed=True, no_scale_embedding=False)
-        ckpt = {"model": model, "args": None, "cfg": {"model": args},
+        ckpt = {"model": model, "args": None, "cfg": {"model": args, "task": task or {}},
                 "optimizer_history": [{"optimizer_name": "AdamOptimizer", "num_updates": 200000}],
                 "extra_state": {"meters": {"loss": AverageMeter()}}}
         if evil:
             ckpt["extra_state"]["payload"] = _Evil()
-        torch.save(ckpt, folder / "checkpoint.pt")
+        torch.save(ckpt, folder / name)
     finally:
         del sys.modules[meters.__name__]
 
 
-def fairseq_folder(ref, hub_vocab_folder: Path, dst: Path, evil: bool = False) -> Path:
+def fairseq_folder(ref, hub_vocab_folder: Path, dst: Path, evil: bool = False, task: dict | None = None,
+                   name: str = "checkpoint.pt") -> Path:
+    """The release's layout; a task checkpoint's dict.txt lacks its learned prompt tokens, as the release's does."""
     dst.mkdir()
-    write_fairseq(ref, dst, evil)
+    write_fairseq(ref, dst, evil, task, name)
     encoder = json.loads((hub_vocab_folder / "vocab.json").read_text())
-    words = sorted(encoder, key=encoder.get)[4:]  # back to dict.txt form
+    words = [w for w in sorted(encoder, key=encoder.get)[4:] if not re.fullmatch(r"learned\d+</w>", w)]
     (dst / "dict.txt").write_text("".join(
         f"{w[:-4] if w.endswith('</w>') else w + '@@'} 1\n" for w in words), encoding="utf-8")
     shutil.copy(hub_vocab_folder / "merges.txt", dst / "bpecodes")

@@ -74,7 +74,7 @@ def read_prompts(f: BinaryIO, name: str, jsonl: bool, errors: str = "strict",
     """
     for n, text in read_lines(f, name, errors):
         if not jsonl or not text.strip():
-            yield Prompt(n, text, fields={"text": text})
+            yield Prompt(n, text, fields={"text": text} if text.strip() else {})  # a blank line has no fields
             continue
         try:
             obj = json.loads(text)

@@ -218,7 +218,7 @@ def qa(
         items: contextlib.AbstractContextManager = contextlib.nullcontext(_pubmedqa_json(input, reasoning_free))
     else:
         items = _items(None, fields or None, input, input_format, errors, plain=False)
-    _run("qa", "pubmedqa", run, items)
+    _run("qa", None, run, items)
 
 
 @command
