@@ -9,12 +9,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import string
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.fixtures import write_tiny_vocab  # noqa: F401 -- re-exported for the test modules
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -35,22 +36,6 @@ def write_hub_vocab_from_fairseq(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "vocab.json").write_text(json.dumps(encoder, ensure_ascii=False), encoding="utf-8")
     (dst / "merges.txt").write_bytes((src / "bpecodes").read_bytes())
-
-
-def write_tiny_vocab(dst: Path, prompt_tokens: int = 0) -> int:
-    """A character-level vocabulary with a few merges, so tiny checkpoints need no shared data;
-    `prompt_tokens` learned prompt tokens (`learned1</w>`, ...) at the end, as a converted task checkpoint has."""
-    chars = string.ascii_letters + string.digits + string.punctuation
-    encoder = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    merges = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>")]
-    for piece in [c for ch in chars for c in (ch, ch + "</w>")] + [a + b for a, b in merges]:
-        encoder.setdefault(piece, len(encoder))
-    for k in range(1, prompt_tokens + 1):
-        encoder[f"learned{k}</w>"] = len(encoder)
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
-    (dst / "merges.txt").write_text("".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    return len(encoder)
 
 
 def make_reference(folder: Path, seed: int = 0, tie: bool = True, prompt_tokens: int = 0, **overrides):

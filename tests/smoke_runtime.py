@@ -1,0 +1,50 @@
+"""Smoke test in a venv with only the runtime dependencies (no test extras, so no transformers,
+pytest or whatever they bring): the README's set-up command's `generate` against a local model, a
+.bin load and `convert`, each with nothing on stderr but the expected lines.
+
+    python tests/smoke_runtime.py        (run by .ci/run in .venv-runtime)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.fixtures import write_tiny_vocab  # noqa: E402
+
+from biogpt_cli import BioGptConfig, BioGptForCausalLM  # noqa: E402
+
+
+def biogpt(*args: str, expect_err: str = "") -> str:
+    run = subprocess.run([str(Path(sys.executable).parent / "biogpt"), *map(str, args)], capture_output=True,
+                         text=True)
+    if run.returncode != 0 or not run.stderr.startswith(expect_err) or run.stderr.count("\n") > 1:
+        sys.exit(f"smoke: biogpt {' '.join(map(str, args))}: exit {run.returncode}, stderr:\n{run.stderr}")
+    return run.stdout
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "tiny"
+        config = BioGptConfig(vocab_size=write_tiny_vocab(folder), hidden_size=32, num_hidden_layers=2,
+                              num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+        torch.manual_seed(0)
+        state = BioGptForCausalLM(config).state_dict()
+        torch.save(state, folder / "pytorch_model.bin")
+        (folder / "config.json").write_text(json.dumps(config.to_dict()))
+        out = biogpt("generate", "COVID-19 is", "-m", folder, "-n", "5", "--format", "jsonl")
+        assert json.loads(out)["finish_reason"] in ("eos", "length"), out
+        biogpt("convert", folder, Path(tmp) / "converted", expect_err="wrote ")
+        biogpt("generate", "COVID-19 is", "-m", Path(tmp) / "converted", "-n", "5")
+        biogpt("tokenize", "--help")
+    print("smoke: generate, .bin load and convert ran with a clean stderr")
+
+
+if __name__ == "__main__":
+    main()
