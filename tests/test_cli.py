@@ -317,13 +317,18 @@ def test_killed_batch_resumes_to_exactly_one_record_per_prompt(tiny, tmp_path, h
     proc.send_signal(how)
     proc.wait(timeout=60)
     assert proc.returncode == {signal.SIGTERM: 143, signal.SIGKILL: -9, signal.SIGINT: 130}[how]
-    if how != signal.SIGKILL:
-        assert b"Traceback" not in proc.stderr.read()
     partial = out.read_text()
+    if how != signal.SIGKILL:
+        err = proc.stderr.read().decode()
+        assert "Traceback" not in err
+        count = len(partial.splitlines())
+        assert f"interrupted: {out} holds {count} complete records; to finish it: biogpt generate" in err
+        assert err.rstrip().endswith("--resume")
     assert partial.endswith("\n") and all(json.loads(x) for x in partial.splitlines())
     assert 0 < len(partial.splitlines()) < n, "the run must be interrupted mid-way"
     resumed = biogpt(*args, "--resume")
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert resumed.wait(timeout=300) == 0
+    assert f"{len(partial.splitlines())} inputs already done" in resumed.stderr.read().decode()
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["line"] for r in records] == list(range(1, n + 1))
     assert records[:len(partial.splitlines())] == [json.loads(x) for x in partial.splitlines()]
@@ -350,3 +355,128 @@ def test_tokenizer_only_commands_do_not_import_torch(tiny):
     run = subprocess.run([sys.executable, "-c", code, str(tiny[0])], input="the cat", capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+# -- first contact: options that never silently do nothing, manifests, formats, -v, help ------
+@pytest.mark.parametrize("args, named", [
+    (["--temperature", "0.5"], "--temperature"), (["--top-p", "0.9"], "--top-p"), (["--top-k", "5"], "--top-k"),
+    (["--min-p", "0.1"], "--min-p"), (["--seed", "3"], "--seed"), (["--length-penalty", "2"], "--length-penalty"),
+    (["--early-stopping"], "--early-stopping"), (["--sample", "--seed", str(2**70)], "--seed"),
+    (["--resume", "--force", "-o", "x.jsonl"], "--resume"),
+])
+def test_options_that_would_do_nothing_are_usage_errors(cli, args, named):
+    code, out, err = cli("generate", "x", "-m", "/no/such/model", *args)
+    assert code == 2 and out == "" and named in one_error_line(err)
+
+
+def test_score_file_with_choices_is_a_usage_error(cli, tmp_path):
+    (tmp_path / "f.txt").write_text("a\n")
+    code, _, err = cli("score", tmp_path / "f.txt", "-m", "/no/such", "--prompt", "p", "--choices", "a,b")
+    assert code == 2 and "--choices" in one_error_line(err)
+
+
+def test_output_format_follows_the_file_name(cli, tiny, tmp_path):
+    code, _, _ = cli("generate", "the cat", "-m", tiny[0], "-n", "3", "-o", tmp_path / "x.jsonl")
+    assert code == 0 and json.loads((tmp_path / "x.jsonl").read_text())["prompt"] == "the cat"
+    code, _, _ = cli("generate", "the cat", "-m", tiny[0], "-n", "3", "-o", tmp_path / "x.txt")
+    assert code == 0 and (tmp_path / "x.txt").read_text().startswith("the cat")
+    code, _, _ = cli("generate", "the cat", "-m", tiny[0], "-n", "3", "-o", tmp_path / "y.jsonl", "--format", "text")
+    assert code == 0 and (tmp_path / "y.jsonl").read_text().startswith("the cat")
+
+
+def test_resume_refuses_another_run_and_names_what_differs(cli, tiny, tmp_path):
+    prompts, other = tmp_path / "p.txt", tmp_path / "q.txt"
+    prompts.write_text("the cat\nof the\n")
+    other.write_text("in\nthe end\n")
+    out = tmp_path / "out.jsonl"
+    assert cli("generate", "-m", tiny[0], "-n", "5", "-i", prompts, "-o", out)[0] == 0
+    manifest = json.loads((tmp_path / "out.jsonl.manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["records"] == 2
+    assert manifest["run"]["options"]["max_new_tokens"] == 5 and len(manifest["run"]["input_sha256"]) == 64
+    code, _, err = cli("generate", "-m", tiny[0], "-n", "20", "-i", prompts, "-o", out, "--resume")
+    assert code == 1 and "options" in one_error_line(err) and '"max_new_tokens": 5' in err and "different run" in err
+    code, _, err = cli("generate", "-m", tiny[0], "-n", "5", "-i", other, "-o", out, "--resume")
+    assert code == 1 and "input" in one_error_line(err)
+    (tmp_path / "out.jsonl.manifest.json").unlink()
+    code, _, err = cli("generate", "-m", tiny[0], "-n", "5", "-i", prompts, "-o", out, "--resume")
+    assert code == 1 and "no readable run manifest" in one_error_line(err)
+    assert len(out.read_text().splitlines()) == 2  # refused runs leave the file as it was
+
+
+def test_verbose_figures_are_real_for_beam_search(cli, tiny, monkeypatch):
+    import biogpt_cli.streaming as streaming
+
+    slow = streaming.beam_search
+
+    def beam_search(*args, **kwargs):
+        time.sleep(0.3)
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "beam_search", beam_search)
+    code, _, err = cli("generate", "the cat", "-m", tiny[0], "-n", "6", "--num-beams", "3", "-v")
+    assert code == 0 and re.search(r"^loaded .* in \d+\.\d\d s$", err, re.M), err
+    m = re.search(r"(\d+) new tokens in ([\d.]+) s; first token after [\d.]+ s, ([\d.]+) new tokens/s", err)
+    new, seconds, rate = int(m[1]), float(m[2]), float(m[3])
+    assert seconds >= 0.3 and 0 < rate <= new / 0.3 + 1e-6
+
+
+def test_help_reads_well_at_80_columns_and_version(tmp_path):
+    env = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
+    for name in ("generate", "qa", "extract", "classify", "score", "evaluate", "tokenize"):
+        text = subprocess.run([sys.executable, "-m", "biogpt_cli", name, "--help"], capture_output=True,
+                              text=True, env=env).stdout
+        assert "…" not in text and max(map(len, text.splitlines())) <= 80, text
+        assert "--help" in text
+    import typer
+
+    from biogpt_cli.cli import app
+
+    for name, cmd in typer.main.get_command(app).commands.items():
+        undocumented = [p.name for p in cmd.params if not getattr(p, "help", None)]
+        assert not undocumented, f"{name}: options without help: {undocumented}"
+    version = subprocess.run([sys.executable, "-m", "biogpt_cli", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("biogpt-cli ")
+
+
+def test_failed_convert_removes_what_it_created(cli, tiny, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    code, _, err = cli("convert", tiny[0], tmp_path / "dst")
+    assert code == 1 and "No space left" in one_error_line(err) and not (tmp_path / "dst").exists()
+
+
+def run_in_pty(args: list[str], timeout: float = 60, env: dict | None = None) -> tuple[int, str]:
+    """Run `python -m biogpt_cli ARGS` with a terminal for stdin, stdout and stderr; (exit code, screen)."""
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stdio are the terminal
+        os.execve(sys.executable, [sys.executable, "-m", "biogpt_cli", *args], {**os.environ, **(env or {})})
+    screen, deadline = b"", time.time() + timeout
+    while time.time() < deadline:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), screen.decode(errors="replace")
+
+
+def test_beam_search_on_a_terminal_shows_its_steps(tiny):
+    code, screen = run_in_pty(["generate", "the cat", "-m", str(tiny[0]), "-n", "12", "--num-beams", "3"])
+    assert code == 0 and "beam search: step" in screen and "the cat" in screen
+
+
+def test_score_prints_a_header_on_a_terminal_only(cli, tiny, tmp_path):
+    (tmp_path / "f.txt").write_text("the cat\n")
+    code, screen = run_in_pty(["score", str(tmp_path / "f.txt"), "-m", str(tiny[0])])
+    assert code == 0 and re.search(r"tokens\s+nll\s+ppl", screen)
+    code, out, err = cli("score", tmp_path / "f.txt", "-m", tiny[0])
+    assert code == 0 and "nll" not in out + err

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -68,11 +68,12 @@ def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions, renderer: Renderer, *,
         batch_size: int, stop: Sequence[str] = (), generator: torch.Generator | None = None,
-        done: set[Any] | frozenset[Any] = frozenset()) -> Stats:
+        done: set[Any] | frozenset[Any] = frozenset(), progress: Callable[[int], None] | None = None) -> Stats:
     """Generate for every job whose key is not in `done`, `batch_size` prompts at a time.
 
     `opts.max_new_tokens` of 0 means "until </s> or the model's positions run out": each batch
-    gets what its longest prompt leaves.
+    gets what its longest prompt leaves. `progress(step)` follows beam search, which yields nothing
+    until its winners are known.
     """
     stats = Stats()
     limit = model.config.max_position_embeddings
@@ -89,7 +90,8 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions
                 raise InputError(f"line {j.item.line}: {e}" if j.item.line else str(e)) from None
         renderer.begin([j.item for j in todo])
         start = time.perf_counter()
-        for ev in stream_completions(model, tokenizer, [j.ids for j in todo], batch_opts, stop, generator):
+        for ev in stream_completions(model, tokenizer, [j.ids for j in todo], batch_opts, stop, generator,
+                                     progress):
             if stats.first_token is None and ev.text:
                 stats.first_token = time.perf_counter() - start
             if ev.done is not None:

@@ -294,10 +294,11 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], op
         scores = batch.step(tokens.masked_fill(finished, model.config.pad_token_id))  # as the reference does
 
 
-def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]],
-                opts: GenerationOptions) -> list[list[GeneratedSequence]]:
+def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts: GenerationOptions,
+                progress: Callable[[int], None] | None = None) -> list[list[GeneratedSequence]]:
     """The reference's vectorised beam search: 2*beams candidates per step, finished hypotheses
-    scored as sum(log p) / new_length ** length_penalty, the same early-stopping heuristic."""
+    scored as sum(log p) / new_length ** length_penalty, the same early-stopping heuristic.
+    `progress(step)` is called after each step (the winners are known only at the end)."""
     opts.validate()
     eos, nb, max_new = model.config.eos_token_id, opts.num_beams, opts.max_new_tokens
     batch = _Batch(model, prompts, max_new, nb)
@@ -340,6 +341,8 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]],
         fin_len = torch.cat((fin_len, torch.full((b, keep), cur + 1 - width, device=dev)), 1).gather(1, merged)
         finished = torch.cat((finished, hits & top_mask), 1).gather(1, merged)
         cur += 1
+        if progress is not None:
+            progress(cur - width)
         never = opts.early_stopping == "never" and opts.length_penalty > 0
         best_len = total - width if never else cur - width  # the reference's optimistic bound
         best_running = run_scores[:, :1] / (best_len ** opts.length_penalty)

@@ -10,7 +10,7 @@ text in one go, so the concatenated stream equals it byte for byte.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -122,15 +122,17 @@ class TextEvent:
 
 def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, prompts: Sequence[Sequence[int]],
                        opts: GenerationOptions, stop: Sequence[str] = (),
-                       generator: torch.Generator | None = None) -> Iterator[TextEvent]:
+                       generator: torch.Generator | None = None,
+                       progress: Callable[[int], None] | None = None) -> Iterator[TextEvent]:
     """Generate for a batch of prompts, yielding text as it becomes final.
 
     Greedy and sampled sequences stream token by token and stop at a stop string. Beam search
-    knows its winners only at the end: each yields its whole text once, cut at a stop string.
+    knows its winners only at the end: each yields its whole text once, cut at a stop string;
+    `progress(step)` follows its steps until then.
     """
     k = opts.num_return_sequences
     if opts.num_beams > 1:
-        for i, seqs in enumerate(beam_search(model, prompts, opts)):
+        for i, seqs in enumerate(beam_search(model, prompts, opts, progress)):
             for j, seq in enumerate(seqs):
                 text, stopped = continuation(tokenizer, prompts[i], seq.ids, stop)
                 reason = "stop" if stopped else seq.finish_reason

@@ -230,9 +230,12 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], job: Callable[[P
                     raise InputError(f"{where(p)}{e}") from None
 
     status = "interrupted"
+    spinner = stderr.status("beam search", spinner="dots") if live and opts.num_beams > 1 else None
     try:
-        stats = batch.run(lm, tokenizer, jobs(), opts, render, batch_size=batch_size, stop=stop,
-                          generator=generator, done=done)
+        with spinner or contextlib.nullcontext():
+            stats = batch.run(lm, tokenizer, jobs(), opts, _Quieting(render, spinner) if spinner else render,
+                              batch_size=batch_size, stop=stop, generator=generator, done=done,
+                              progress=_beam_progress(spinner))
         status = "complete"
     except (KeyboardInterrupt, Quit) as e:
         if live:
@@ -254,6 +257,29 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], job: Callable[[P
         stderr.print(stats.summary())
         if output is not None:
             stderr.print(f"{writer.records} records written to {output}")
+
+
+def _beam_progress(spinner: Any) -> Callable[[int], None] | None:
+    """On a terminal, beam search shows its step count until its winners are printed."""
+    if spinner is None:
+        return None
+
+    def show(step: int) -> None:
+        spinner.update(f"beam search: step {step}")
+        spinner.start()  # again, after a previous batch's winners stopped it
+    return show
+
+
+class _Quieting:
+    """A renderer that stops the spinner before the winners are printed."""
+
+    def __init__(self, renderer: Any, spinner: Any) -> None:
+        self.renderer, self.spinner = renderer, spinner
+        self.begin = renderer.begin
+
+    def event(self, ev: Any) -> None:
+        self.spinner.stop()
+        self.renderer.event(ev)
 
 
 def _say_interrupted(output: str | None, records: int) -> None:
