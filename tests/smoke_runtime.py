@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fixtures import write_tiny_vocab  # noqa: E402
-
 from biogpt_cli import BioGptConfig, BioGptForCausalLM  # noqa: E402
+from tests.fixtures import write_tiny_vocab  # noqa: E402
 
 
 def biogpt(*args: str, expect_err: str = "") -> str:
