@@ -1,8 +1,9 @@
 """Smoke test in a venv with only the runtime dependencies (no test extras, so no transformers,
-pytest or whatever they bring): the README's set-up command's `generate` against a local model, a
-.bin load and `convert`, each with nothing on stderr but the expected lines.
+pytest or whatever they bring), at the newest and at the lowest allowed versions: the README's
+set-up command's `generate` against a local model, a .bin load, `convert`, `tokenize` and the
+one-line errors, each with nothing on stderr but the expected lines.
 
-    python tests/smoke_runtime.py        (run by .ci/run in .venv-runtime)
+    python tests/smoke_runtime.py        (run by .ci/run in .venv-runtime and .venv-lowest)
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from biogpt_cli import BioGptConfig, BioGptForCausalLM  # noqa: E402
 from tests.fixtures import write_tiny_vocab  # noqa: E402
 
 
-def biogpt(*args: str, expect_err: str = "") -> str:
+def biogpt(*args: str, expect_err: str = "", code: int = 0, stdin: str = "") -> str:
     run = subprocess.run([str(Path(sys.executable).parent / "biogpt"), *map(str, args)], capture_output=True,
-                         text=True)
-    if run.returncode != 0 or not run.stderr.startswith(expect_err) or run.stderr.count("\n") > 1:
+                         text=True, input=stdin)
+    if run.returncode != code or not run.stderr.startswith(expect_err) or run.stderr.count("\n") > 1:
         sys.exit(f"smoke: biogpt {' '.join(map(str, args))}: exit {run.returncode}, stderr:\n{run.stderr}")
     return run.stdout
 
@@ -41,8 +42,12 @@ def main() -> None:
         assert json.loads(out)["finish_reason"] in ("eos", "length"), out
         biogpt("convert", folder, Path(tmp) / "converted", expect_err="wrote ")
         biogpt("generate", "COVID-19 is", "-m", Path(tmp) / "converted", "-n", "5")
-        biogpt("tokenize", "--help")
-    print("smoke: generate, .bin load and convert ran with a clean stderr")
+        ids = biogpt("tokenize", "-m", folder, stdin="the cat\n")
+        assert ids.split()[0] == "2", ids
+        biogpt("generate", "x", "-m", Path(tmp) / "missing", expect_err="error: ", code=1)
+        biogpt("generate", "x", "-m", folder, "--top-p", "2", "--sample", expect_err="error: ", code=2)
+        biogpt("generate", "x", "-m", folder, "--no-such-option", expect_err="error: ", code=2)
+    print("smoke: generate, .bin load, convert, tokenize and errors ran with a clean stderr")
 
 
 if __name__ == "__main__":

@@ -178,3 +178,80 @@ def test_reduced_precision_stays_close(tiny_ref, kwargs, tolerance):
     got = torch.cat(steps, 1).float()
     assert (got - expected).abs().max() < tolerance  # logits' std is about 0.12 here
     assert not torch.allclose(got, expected, atol=1e-6)  # the reduced precision is really in use
+
+
+# -- hardening: positions, honest modules, thread-safe loading, bf16 without AVX-512 -----------
+def test_positions_both_behaviours(tiny_ref):
+    """Ours numbers positions from the mask (left padding is harmless); the reference numbers them
+    0..n-1 unless told. Given the same `position_ids`, both agree."""
+    ref, _ = tiny_ref
+    ours = ours_from(ref)
+    ids, mask = padded_batch([[2, 10, 11, 12, 13], [2, 20, 21]], "left")
+    with torch.no_grad():
+        ref_default = ref(ids, attention_mask=mask).logits
+        ref_told = ref(ids, attention_mask=mask, position_ids=ref_positions(mask)).logits
+    keep = mask.bool()
+    assert torch.allclose(ours(ids, attention_mask=mask).logits[keep], ref_told[keep], atol=ATOL)
+    plain = torch.arange(ids.shape[1]).expand_as(ids)
+    assert torch.allclose(ours(ids, attention_mask=mask, position_ids=plain).logits[keep], ref_default[keep], atol=ATOL)
+    assert not torch.allclose(ref_default[1][keep[1]], ref_told[1][keep[1]], atol=ATOL)  # the two really differ
+
+
+def test_inference_model_refuses_what_it_cannot_do_and_plain_models_can(tiny_ref, tmp_path):
+    import copy
+
+    from biogpt_cli import BioGptError
+
+    ref, folder = tiny_ref
+    fast = BioGptForCausalLM.from_pretrained(folder)
+    for action in (lambda m: m.state_dict(), lambda m: copy.deepcopy(m), lambda m: m.half(), lambda m: m.to("cpu"),
+                   lambda m: torch.save(m, tmp_path / "m.pt")):
+        with pytest.raises(BioGptError, match="loaded for inference.*kernels=False"):
+            action(fast)
+    plain = BioGptForCausalLM.from_pretrained(folder, kernels=False)
+    assert set(plain.state_dict()) == set(ref.state_dict()) and next(plain.parameters()).requires_grad
+    copy.deepcopy(plain).half()
+    torch.save(plain.state_dict(), tmp_path / "sd.pt")
+    heads = BioGptForSequenceClassification.from_pretrained(folder)  # heads default to plain nn.Linear
+    assert type(heads.score) is torch.nn.Linear and not heads.inference_kernels
+
+
+def test_loading_in_threads_leaves_torch_init_alone(tiny_ref):
+    import threading
+
+    from torch import nn
+
+    folder = tiny_ref[1]
+    originals = {name: getattr(nn.init, name) for name in ("normal_", "uniform_", "kaiming_uniform_", "ones_")}
+    stop, bad = threading.Event(), []
+
+    def build_layers():
+        while not stop.is_set():
+            layer = nn.Linear(64, 64)
+            if not (0.02 < layer.weight.std() < 0.2) or not torch.isfinite(layer.weight).all():
+                bad.append(layer.weight.std().item())
+
+    builder = threading.Thread(target=build_layers)
+    builder.start()
+    loaders = [threading.Thread(target=BioGptForCausalLM.from_pretrained, args=(folder,)) for _ in range(4)]
+    for t in loaders:
+        t.start()
+    for t in loaders:
+        t.join()
+    stop.set()
+    builder.join()
+    assert not bad, "a layer built during a load was not initialised"
+    assert {name: getattr(nn.init, name) for name in originals} == originals
+
+
+def test_bfloat16_falls_back_without_avx512():
+    """oneDNN cannot pack bfloat16 on an AVX2-only CPU: emulated with ONEDNN_MAX_CPU_ISA=AVX2."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from biogpt_cli.linear import can_pack; "
+            "print(torch.ops.mkldnn._is_mkldnn_bf16_supported(), can_pack(torch.bfloat16, torch.device('cpu')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert out.returncode == 0 and out.stdout.split() == ["False", "False"], out.stderr

@@ -16,6 +16,7 @@ Packing copies a weight, so the mapped original's pages are handed back to the O
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -64,8 +65,34 @@ def _int8(linear: nn.Linear) -> nn.Module:
         return DynamicInt8Linear.from_float(linear)
 
 
+@functools.cache
+def _packing_available() -> bool:
+    """oneDNN's prepacked linear ops are private to torch: a build without them falls back to F.linear."""
+    try:
+        return torch.backends.mkldnn.is_available() and all(
+            hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.cache
+def _bf16_packing() -> bool:
+    """oneDNN packs bfloat16 only where the CPU computes it (AVX-512 BF16 / AMX); on AVX2 it cannot."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+    if device.type != "cpu" or not _packing_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _bf16_packing())
+
+
+def is_kernel(module: nn.Module) -> bool:
+    """One of the inference-only layers `optimize` swaps in."""
+    return isinstance(module, PackedLinear | HalfLinear) or type(module).__module__.startswith("torch.ao.")
 
 
 def optimize(model: nn.Module, quantize: str = "none", release: Callable[[torch.Tensor], None] = lambda t: None,

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import mmap
 import os
 import pickle
 import shutil
+import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from . import fairseq
 from .config import BioGptConfig
 from .errors import BioGptError, CheckpointError, VocabularyError
 from .hub import HUB_FILES, resolve
-from .linear import can_pack, optimize
+from .linear import can_pack, is_kernel, optimize
 from .model import BioGptDecoderLayer
 from .tokenizer import BioGptTokenizer
 
@@ -156,7 +158,7 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 def load_model(cls: type[nn.Module], path_or_id: str | Path, *, revision: str | None = None,
                dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-               fuse: bool = True, kernels: bool = True, quantize: str = "none") -> Any:
+               fuse: bool = True, kernels: bool | None = None, quantize: str = "none") -> Any:
     """Build `cls` on the meta device and assign the checkpoint's tensors (no second copy)."""
     folder = resolve(path_or_id, revision, ("config.json", "|".join(WEIGHT_FILES)))
     config, state = read_checkpoint(folder)
@@ -164,19 +166,41 @@ def load_model(cls: type[nn.Module], path_or_id: str | Path, *, revision: str | 
                            quantize=quantize, source=str(folder))
 
 
+_INIT_NAMES = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_")
+_init_lock = threading.Lock()
+_init_users = 0
+_init_originals: dict[str, Callable[..., Any]] = {}
+
+
+def _meta_noop(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return tensor if tensor.is_meta else fn(tensor, *args, **kwargs)
+    return init
+
+
 @contextlib.contextmanager
 def _no_init() -> Iterator[None]:
-    """Skip random initialisation while building on the meta device: it is pointless there, and
-    `normal_` on meta tensors imports torch._dynamo (over a second of every start)."""
-    names = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_")
-    saved = {name: getattr(nn.init, name) for name in names}
-    for name in names:
-        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    """Skip random initialisation of meta tensors while a model is built on the meta device: it is
+    pointless there, and `normal_` on meta tensors imports torch._dynamo (over a second of every
+    start). The stand-ins skip meta tensors only, so a layer built meanwhile in another thread is
+    initialised as usual; loads in several threads share one installation (counted under a lock),
+    and the last to finish puts torch's own functions back."""
+    global _init_users
+    with _init_lock:
+        if _init_users == 0:
+            for name in _INIT_NAMES:
+                _init_originals[name] = getattr(nn.init, name)
+                setattr(nn.init, name, _meta_noop(_init_originals[name]))
+        _init_users += 1
     try:
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
+        with _init_lock:
+            _init_users -= 1
+            if _init_users == 0:
+                for name, fn in _init_originals.items():
+                    setattr(nn.init, name, fn)
 
 
 def check_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str, torch.Tensor],
@@ -205,13 +229,14 @@ def check_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str
 
 def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str, torch.Tensor], *,
                     dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-                    fuse: bool = True, kernels: bool = True, quantize: str = "none",
+                    fuse: bool = True, kernels: bool | None = None, quantize: str = "none",
                     source: str = "state dict") -> Any:
     """Check every key and shape, then assign (no copy).
 
     Then, for inference: convert dtype/device, fuse QKV and (`kernels`) swap in the fast linear
     layers of `linear.py`, handing each mapped original back to the OS as soon as it is copied.
     """
+    kernels = cls.default_kernels if kernels is None else kernels
     model, state = check_state_dict(cls, config, state, source)
     model.load_state_dict(state, strict=False, assign=True)
     del state
@@ -223,12 +248,13 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
             fresh = torch.zeros(param.shape) if attr == "bias" else torch.randn(param.shape) * 0.02
             setattr(model.get_submodule(module_name), attr, nn.Parameter(fresh))
     _convert(model, parse_dtype(dtype), torch.device(device))
-    model.requires_grad_(False).eval()
+    model.eval()
 
     # oneDNN-packed q/k/v are as fast unfused (measured), and the concatenation would leave ~110 MB
-    # of freed heap that glibc keeps: fuse only for the other kernels (F.linear, int8).
+    # of freed heap that glibc keeps: fuse only for the other inference kernels (F.linear, int8). A
+    # plain model (no kernels) keeps the reference's module names, for training and state dicts.
     embed = model.biogpt.embed_tokens.weight if hasattr(model, "biogpt") else model.embed_tokens.weight
-    fuse = fuse and not (kernels and quantize == "none" and can_pack(embed.dtype, embed.device))
+    fuse = fuse and kernels and not (quantize == "none" and can_pack(embed.dtype, embed.device))
 
     def prepare(layer: nn.Module) -> None:  # a layer at a time, so few are ever held twice
         if isinstance(layer, BioGptDecoderLayer) and fuse:
@@ -243,6 +269,8 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
     units = [model, *(m for m in model.modules() if isinstance(m, BioGptDecoderLayer))]
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:  # packing is single-threaded C++
         list(pool.map(prepare, units))
+    model.inference_kernels = any(is_kernel(m) for m in model.modules())
+    model.requires_grad_(not model.inference_kernels)
     model.source = source
     return model
 

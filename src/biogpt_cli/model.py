@@ -4,7 +4,8 @@ Module names follow the reference (`biogpt.layers.N.self_attn.q_proj`, ...) so a
 loads strictly; fusing QKV or quantizing happens after loading. The model's quirks, once:
 
 * Positions come from the cumulative sum of the attention mask (so left padding is harmless) and
-  index `embed_positions` with an offset of 2, a fairseq heritage.
+  index `embed_positions` with an offset of 2, a fairseq heritage. The reference numbers positions
+  0..n-1 whatever the mask unless given `position_ids`; both accept `position_ids` to say.
 * Token embeddings are scaled by sqrt(hidden_size) when `scale_embedding` is set.
 * LayerNorm eps is torch's default 1e-5: the reference ignores `layer_norm_eps` from config.json.
 * Prompts start with `</s>` (id 2), not `<s>`; the tokenizer adds it.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import BioGptConfig
-from .errors import InputError
+from .errors import BioGptError, InputError
 
 ARCHITECTURES = ("BioGptForCausalLM", "BioGptForSequenceClassification", "BioGptForTokenClassification", "BioGptModel")
 LAYER_NORM_EPS = 1e-5
@@ -102,9 +104,16 @@ class BioGptDecoderLayer(nn.Module):
 
 
 class BioGptPreTrainedModel(nn.Module):
-    """Shared loading and cache plumbing; `base_prefix` maps a Hub key onto this class."""
+    """Shared loading and cache plumbing; `base_prefix` maps a Hub key onto this class.
+
+    A model loaded with the fast CPU kernels (`inference_kernels`) runs forward only: its packed or
+    quantized weights cannot be saved, copied, moved or trained, and those calls say so instead of
+    failing deep inside oneDNN (or silently returning a partial state dict).
+    """
 
     config: BioGptConfig
+    inference_kernels = False  # set by loading when linear.py's kernels replaced nn.Linear
+    default_kernels = False  # task heads and BioGptModel load as plain modules, ready to fine-tune
     base_prefix = "biogpt."
     optional_keys: tuple[str, ...] = ()  # task heads a base checkpoint lacks: freshly initialised
     ignored_keys: tuple[str, ...] = ("output_projection.weight",)  # present in LM checkpoints
@@ -112,15 +121,36 @@ class BioGptPreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, *, revision: str | None = None,
                         dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-                        fuse: bool = True, kernels: bool = True, quantize: str = "none") -> BioGptPreTrainedModel:
-        """Load a Hub-layout or fairseq-layout checkpoint from a folder or a Hub id, for inference.
+                        fuse: bool = True, kernels: bool | None = None,
+                        quantize: str = "none") -> BioGptPreTrainedModel:
+        """Load a Hub-layout or fairseq-layout checkpoint from a folder or a Hub id.
 
-        `kernels` swaps in the fast CPU linear layers (`linear.py`); `quantize="int8"` makes them int8.
+        `kernels` swaps in the fast CPU linear layers (`linear.py`; the default for
+        `BioGptForCausalLM`, which is then inference-only); `quantize="int8"` makes them int8.
         """
         from .loading import load_model
 
         return load_model(cls, path_or_id, revision=revision, dtype=dtype, device=device, fuse=fuse,
                           kernels=kernels, quantize=quantize)
+
+    def _refuse(self, what: str) -> None:
+        if self.inference_kernels:
+            raise BioGptError(f"{what}: this {type(self).__name__} was loaded for inference, with packed or quantized "
+                              "CPU kernels that only run forward; load it with kernels=False "
+                              f"({type(self).__name__}.from_pretrained(path, kernels=False)) for a model that can "
+                              "be saved, copied, moved to another device or dtype, or trained")
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse("state_dict()")
+        return super().state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .half(), .float(), .cuda(), ...
+        self._refuse("changing device or dtype")
+        return super()._apply(fn, recurse)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # torch.save(model), copy.deepcopy(model)
+        self._refuse("pickling or copying")
+        return super().__reduce_ex__(protocol)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c, p = self.config, next(self.parameters())
@@ -142,8 +172,10 @@ class BioGptModel(BioGptPreTrainedModel):
         self.layer_norm = nn.LayerNorm(h, eps=LAYER_NORM_EPS)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: KVCache | None = None, use_cache: bool = False) -> BioGptOutput:
-        """`attention_mask` covers the cached positions too ([batch, past + new]), as in the reference."""
+                past_key_values: KVCache | None = None, use_cache: bool = False,
+                position_ids: torch.Tensor | None = None) -> BioGptOutput:
+        """`attention_mask` covers the cached positions too ([batch, past + new]), as in the reference.
+        `position_ids` ([batch, new], from 0) override the positions the mask implies."""
         b, t = input_ids.shape
         cache = past_key_values
         if cache is None and use_cache:
@@ -155,6 +187,8 @@ class BioGptModel(BioGptPreTrainedModel):
         if cache is not None:
             cache.reserve(t, self.config.max_position_embeddings)
         positions, mask = self._positions_and_mask(attention_mask, b, t, past, input_ids.device)
+        if position_ids is not None:
+            positions = position_ids.expand(b, t)
         x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(positions + POSITION_OFFSET)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, cache, i)
@@ -191,6 +225,7 @@ class BioGptModel(BioGptPreTrainedModel):
 
 class BioGptForCausalLM(BioGptPreTrainedModel):
     ignored_keys = ()
+    default_kernels = True
 
     def __init__(self, config: BioGptConfig) -> None:
         super().__init__()
@@ -205,9 +240,10 @@ class BioGptForCausalLM(BioGptPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                labels: torch.Tensor | None = None, logits_to_keep: int = 0) -> BioGptOutput:
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0,
+                position_ids: torch.Tensor | None = None) -> BioGptOutput:
         """`logits_to_keep=1` projects only the last position (42384 x 1024 is costly per row)."""
-        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache)
+        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache, position_ids)
         hidden = out.last_hidden_state
         out.logits = self.output_projection(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         if labels is not None:
@@ -231,8 +267,8 @@ class BioGptForTokenClassification(BioGptPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                labels: torch.Tensor | None = None) -> BioGptOutput:
-        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache)
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> BioGptOutput:
+        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache, position_ids)
         out.logits = self.classifier(out.last_hidden_state)
         if labels is not None:
             if attention_mask is not None:  # padded positions do not count
@@ -252,9 +288,9 @@ class BioGptForSequenceClassification(BioGptPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                labels: torch.Tensor | None = None) -> BioGptOutput:
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> BioGptOutput:
         """Pools at the last non-pad token of each row, so left and right padding both work."""
-        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache)
+        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache, position_ids)
         logits = self.score(out.last_hidden_state)
         index = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = (index * (input_ids != self.config.pad_token_id)).argmax(-1)
