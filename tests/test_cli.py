@@ -480,3 +480,21 @@ def test_score_prints_a_header_on_a_terminal_only(cli, tiny, tmp_path):
     assert code == 0 and re.search(r"tokens\s+nll\s+ppl", screen)
     code, out, err = cli("score", tmp_path / "f.txt", "-m", tiny[0])
     assert code == 0 and "nll" not in out + err
+
+
+def test_seeded_samples_do_not_depend_on_batching_neighbours_or_resume(cli, tiny, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"{p}\n" for p in PROMPTS))
+    args = ("generate", "-m", tiny[0], "-n", "8", "--sample", "--seed", "11", "-i", prompts, "--format", "jsonl")
+    runs = [cli(*args, "--batch-size", b)[1] for b in ("1", "2", "8")]
+    assert runs[0] == runs[1] == runs[2]
+    first = json.loads(runs[0].splitlines()[2])
+    (tmp_path / "alone.txt").write_text("\n\n" + PROMPTS[2] + "\n")  # the same line number, no neighbours
+    alone = json.loads(cli(*args[:-4], "-i", tmp_path / "alone.txt", "--format", "jsonl")[1])
+    assert alone["ids"] == first["ids"]
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(runs[0].splitlines(keepends=True)[:2]))
+    cli(*args[:-2], "-o", out, "--force")  # a fresh run writes its manifest, then it is cut back
+    out.write_text("".join(runs[0].splitlines(keepends=True)[:2]))
+    assert cli(*args[:-2], "-o", out, "--resume")[0] == 0
+    assert out.read_text() == runs[0]

@@ -13,6 +13,7 @@ from biogpt_cli.generation import (
     generate,
     min_p,
     no_repeat_ngram,
+    prompt_generator,
     repetition_penalty,
     top_k,
     top_p,
@@ -88,13 +89,14 @@ def test_eos_paths_are_exercised(eos_ref):
                                   GenerationOptions(max_new_tokens=9, do_sample=True, num_return_sequences=2)])
 def test_batch_equals_single(eos_ref, opts):
     ours = ours_from(eos_ref)
-    together = generate(ours, PROMPTS, opts, torch.Generator().manual_seed(0) if opts.do_sample else None)
+    streams = [prompt_generator(7, i) for i in range(len(PROMPTS))] if opts.do_sample else None  # one per prompt
+    together = generate(ours, PROMPTS, opts, streams)
     for i, prompt in enumerate(PROMPTS):
-        alone = generate(ours, [prompt], opts, torch.Generator().manual_seed(0) if opts.do_sample else None)
-        if opts.do_sample:  # different draws per batch layout; the distributions match, the stream does not
-            assert len(alone[0]) == len(together[i])
-        else:
-            assert [s.ids for s in alone[0]] == [s.ids for s in together[i]]
+        alone = generate(ours, [prompt], opts, [prompt_generator(7, i)] if opts.do_sample else None)
+        assert [s.ids for s in alone[0]] == [s.ids for s in together[i]]
+    if opts.do_sample:  # and the streams really are the prompts' own: another seed draws differently
+        other = generate(ours, PROMPTS, opts, [prompt_generator(8, i) for i in range(len(PROMPTS))])
+        assert [[s.ids for s in row] for row in other] != [[s.ids for s in row] for row in together]
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny_ref):

@@ -13,10 +13,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import torch
-
 from .errors import InputError
-from .generation import GenerationOptions, fit_prompt
+from .generation import GenerationOptions, fit_prompt, prompt_generator
 from .inputs import Prompt
 from .streaming import TextEvent, stream_completions
 
@@ -67,12 +65,14 @@ def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions, renderer: Renderer, *,
-        batch_size: int, stop: Sequence[str] = (), generator: torch.Generator | None = None,
+        batch_size: int, stop: Sequence[str] = (), seed: int | None = None,
         done: set[Any] | frozenset[Any] = frozenset(), progress: Callable[[int], None] | None = None) -> Stats:
     """Generate for every job whose key is not in `done`, `batch_size` prompts at a time.
 
     `opts.max_new_tokens` of 0 means "until </s> or the model's positions run out": each batch
-    gets what its longest prompt leaves. `progress(step)` follows beam search, which yields nothing
+    gets what its longest prompt leaves. When sampling, each prompt draws from its own stream,
+    derived from `seed` and its key, so a seeded run gives each prompt the same samples in any
+    batch, next to any neighbours, and after a resume. `progress(step)` follows beam search, which yields nothing
     until its winners are known.
     """
     stats = Stats()
@@ -90,7 +90,9 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions
                 raise InputError(f"line {j.item.line}: {e}" if j.item.line else str(e)) from None
         renderer.begin([j.item for j in todo])
         start = time.perf_counter()
-        for ev in stream_completions(model, tokenizer, [j.ids for j in todo], batch_opts, stop, generator,
+        device = next(model.parameters()).device
+        generators = [prompt_generator(seed, j.item.key, device) for j in todo] if opts.do_sample else None
+        for ev in stream_completions(model, tokenizer, [j.ids for j in todo], batch_opts, stop, generators,
                                      progress):
             if stats.first_token is None and ev.text:
                 stats.first_token = time.perf_counter() - start

@@ -11,6 +11,7 @@ Generation yields token ids only; turning them into text is `streaming.py`'s job
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -246,10 +247,29 @@ class _Batch:
 
 
 StopCheck = Callable[[int, list[int]], bool]
+# One generator for the batch (the reference's way), or one per prompt: then each prompt's samples
+# depend on its own stream only, never on its neighbours in the batch.
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def prompt_generator(seed: int, key: object, device: torch.device | str = "cpu") -> torch.Generator:
+    """A prompt's own random stream, from the run's seed and the prompt's key (its id or line)."""
+    digest = hashlib.sha256(f"{seed}:{key!r}".encode()).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _sample(probs: torch.Tensor, generator: Generators, k: int, alive: list[bool]) -> torch.Tensor:
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    tokens = probs.argmax(-1)  # finished rows draw nothing, so a prompt's stream is the same in any batch
+    for r, live in enumerate(alive):
+        if live:
+            tokens[r] = torch.multinomial(probs[r:r + 1], 1, generator=generator[r // k])[0, 0]
+    return tokens
 
 
 def stream_tokens(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts: GenerationOptions,
-                  generator: torch.Generator | None = None,
+                  generator: Generators = None,
                   should_stop: StopCheck | None = None) -> Iterator[tuple[int, int | None, str | None]]:
     """Greedy or sampled decoding. Yields `(row, token, finish_reason)` as tokens are chosen: a
     token with reason None is a new token; a final event per row carries the reason ("eos"
@@ -268,10 +288,7 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], op
     scores = batch.logits
     for step in range(opts.max_new_tokens):
         scores = apply_all(procs, batch.history[:, :batch.length], scores)
-        if opts.do_sample:
-            tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-        else:
-            tokens = scores.argmax(-1)
+        tokens = _sample(scores.softmax(-1), generator, k, alive) if opts.do_sample else scores.argmax(-1)
         last = step == opts.max_new_tokens - 1
         for r, tok in enumerate(tokens.tolist()):
             if not alive[r]:
@@ -366,7 +383,7 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
 
 
 def generate(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts: GenerationOptions,
-             generator: torch.Generator | None = None,
+             generator: Generators = None,
              should_stop: StopCheck | None = None) -> list[list[GeneratedSequence]]:
     """All strategies, final results: one list of sequences per prompt."""
     opts.validate()

@@ -13,9 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import torch
-
-from .generation import GenerationOptions, beam_search, stream_tokens
+from .generation import GenerationOptions, Generators, beam_search, stream_tokens
 from .model import BioGptForCausalLM
 from .tokenizer import BioGptTokenizer
 
@@ -122,7 +120,7 @@ class TextEvent:
 
 def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, prompts: Sequence[Sequence[int]],
                        opts: GenerationOptions, stop: Sequence[str] = (),
-                       generator: torch.Generator | None = None,
+                       generator: Generators = None,
                        progress: Callable[[int], None] | None = None) -> Iterator[TextEvent]:
     """Generate for a batch of prompts, yielding text as it becomes final.
 

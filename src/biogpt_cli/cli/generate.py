@@ -85,7 +85,6 @@ def generate(
     debug: DebugOpt = False,
 ) -> None:
     """Continue prompts: streamed to a terminal, whole lines or JSONL records otherwise."""
-    import torch
 
     from ..generation import GenerationOptions, fit_prompt
 
@@ -126,7 +125,6 @@ def generate(
         lm, tokenizer = load_model(model, revision, dtype, torch_device, quantize, verbose)
         opts.bad_words_ids = [tokenizer.encode(b, add_special_tokens=False) for b in ban or () if b.strip()]
         seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
-        generator = torch.Generator(torch_device).manual_seed(seed) if sample else None
         if sample and verbose:
             stderr.print(f"seed {seed}")
 
@@ -142,9 +140,9 @@ def generate(
         options = {k: v for k, v in vars(opts).items() if k != "bad_words_ids"}
         run = {"command": "generate", **model_identity(lm, model, revision, dtype, quantize), "options": options,
                "stop": stop or [], "ban": ban or [], "truncate": truncate, **input_identity(prompt, input),
-               **({"seed": seed, "batch_size": batch_size} if sample else {})}
+               **({"seed": seed} if sample else {})}
         run_batch(lm, tokenizer, prompts, job, opts, run=run, output=output, fmt=fmt, force=force, resume=resume,
-                  batch_size=batch_size, stop=stop or (), generator=generator, verbose=verbose,
+                  batch_size=batch_size, stop=stop or (), seed=seed, verbose=verbose,
                   sequences=num_return_sequences)
 
 
@@ -202,7 +200,7 @@ def prompt_source(prompt: str | None, path: str | None, input_format: InputForma
 
 def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], job: Callable[[Prompt], Any], opts: Any, *,
               run: dict[str, Any], output: str | None, fmt: str, force: bool, resume: bool, batch_size: int,
-              stop: Any = (), generator: Any = None, verbose: bool = False, sequences: int = 1,
+              stop: Any = (), seed: int | None = None, verbose: bool = False, sequences: int = 1,
               blank: Callable[[Prompt], bool] = lambda p: not p.text.strip(), **renderer: Any) -> None:
     """Jobs from `items` (blank ones skipped and counted) through the batch engine into the output;
     `renderer` passes the record/line functions of a command's records to `output.Renderer`."""
@@ -234,7 +232,7 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], job: Callable[[P
     try:
         with spinner or contextlib.nullcontext():
             stats = batch.run(lm, tokenizer, jobs(), opts, _Quieting(render, spinner) if spinner else render,
-                              batch_size=batch_size, stop=stop, generator=generator, done=done,
+                              batch_size=batch_size, stop=stop, seed=seed, done=done,
                               progress=_beam_progress(spinner))
         status = "complete"
     except (KeyboardInterrupt, Quit) as e:
