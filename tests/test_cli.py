@@ -109,7 +109,7 @@ def test_generate_prompt_too_long_and_truncate(cli, tiny):
 @pytest.mark.parametrize("args", [
     ["--max-new-tokens", "-1"], ["--num-beams", "0"], ["--top-p", "0"], ["--top-p", "1.5"], ["--temperature", "-1"],
     ["--temperature", "0"], ["--num-beams", "2", "--num-return-sequences", "3"], ["--num-return-sequences", "2"],
-    ["--dtype", "float64"], ["--device", "cuda"], ["--device", "tpu"], ["--resume"], ["--batch-size", "0"],
+    ["--dtype", "float64"], ["--device", "cuda:99"], ["--device", "tpu"], ["--resume"], ["--batch-size", "0"],
     ["--repetition-penalty", "0"], ["--min-new-tokens", "99"], ["--bogus-option"], ["--format", "xml"],
     ["--quantize", "int8", "--dtype", "float16"],
 ])
@@ -350,7 +350,7 @@ def test_examples_run(tiny, tmp_path):
 
 
 def test_tokenizer_only_commands_do_not_import_torch(tiny):
-    code = ("import sys; from biogpt_cli.cli import main; main(['tokenize', '-m', sys.argv[1]]); "
+    code = ("import sys; from biogpt_cli.cli import main; assert main(['tokenize', '-m', sys.argv[1]]) == 0; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     run = subprocess.run([sys.executable, "-c", code, str(tiny[0])], input="the cat", capture_output=True,
                          text=True, timeout=120)
@@ -498,3 +498,69 @@ def test_seeded_samples_do_not_depend_on_batching_neighbours_or_resume(cli, tiny
     out.write_text("".join(runs[0].splitlines(keepends=True)[:2]))
     assert cli(*args[:-2], "-o", out, "--resume")[0] == 0
     assert out.read_text() == runs[0]
+
+
+def test_beam_search_stop_keeps_the_ids_up_to_the_stop(cli, tiny):
+    base = ("generate", "the", "-m", tiny[0], "-n", "10", "--format", "jsonl", "--num-beams", "2",
+            "--no-repeat-ngram-size", "1")
+    free = json.loads(cli(*base)[1])
+    word = free["text"].split()[3]
+    stopped = json.loads(cli(*base, "--stop", word)[1])
+    assert stopped["finish_reason"] == "stop" and word not in stopped["text"]
+    greedy_rule = [n for n in range(1, len(free["ids"]) + 1)
+                   if word in continuation(tiny[2], tiny[2].encode("the"), free["ids"][:n])[0]][0]
+    assert stopped["ids"] == free["ids"][:greedy_rule]
+
+
+def test_text_commands_write_utf8_whatever_the_locale(tiny, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny[0], tmp_path / "μοντέλο")  # Greek: not in cp1252
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    run = subprocess.run([sys.executable, "-m", "biogpt_cli", "info", "-m", str(folder)], capture_output=True,
+                         env=env, timeout=60)
+    assert run.returncode == 0 and run.stderr == b"" and "μοντέλο".encode() in run.stdout
+
+
+def test_unwritable_converted_cache_only_costs_speed(tiny_ref, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    ref, folder = tiny_ref
+    for f in ("config.json", "vocab.json", "merges.txt"):
+        (tmp_path / f).write_bytes((folder / f).read_bytes())
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
+
+    def refuse(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 30, kind: ReadOnlyFilesystem })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", refuse)
+    monkeypatch.setenv("BIOGPT_CACHE", str(tmp_path / "cache"))
+    model, _ = load_pretrained(tmp_path)
+    assert model.config.vocab_size == ref.config.vocab_size
+
+
+def test_a_signal_from_another_thread_never_splits_a_record(tmp_path, monkeypatch):
+    """Torch's threads leave SIGINT unblocked: the kernel may hand it to any of them mid-write."""
+    import threading
+
+    from biogpt_cli import output
+
+    real_write, sent = os.write, []
+
+    def one_byte_at_a_time(fd, data):
+        if not sent:  # a Ctrl-C that another thread receives, while the record is half written
+            sent.append(threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT)))
+            sent[0].start()
+            sent[0].join()
+            time.sleep(0.05)
+        return real_write(fd, bytes(data[:1]))
+
+    monkeypatch.setattr(output.os, "write", one_byte_at_a_time)
+    path = tmp_path / "out.jsonl"
+    writer = output.LineWriter(os.open(path, os.O_WRONLY | os.O_CREAT))
+    record = json.dumps({"text": "x" * 200}) + "\n"
+    with pytest.raises(KeyboardInterrupt):
+        writer.write(record)
+    writer.close()
+    assert path.read_text() == record and writer.records == 1

@@ -151,7 +151,9 @@ def test_dtype_choice(tiny):
     _, folder, expected = tiny
     model = BioGptForCausalLM.from_pretrained(folder, dtype="bfloat16")
     assert model.biogpt.embed_tokens.weight.dtype == torch.bfloat16
-    assert (logits_of(model).float() - expected).abs().max() < 0.1
+    got = logits_of(model).float()
+    assert (got - expected).abs().max() < 0.1 * expected.std()  # measured: 0.002 against a std of 0.12
+    assert not torch.allclose(got, expected, atol=1e-6)  # bfloat16 is really in use
 
 
 def test_hub_cache_offline(tiny, tmp_path):

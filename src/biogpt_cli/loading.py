@@ -132,6 +132,7 @@ def read_torch_bin(path: Path, config: BioGptConfig) -> dict[str, torch.Tensor]:
 
 
 def _save_converted(state: dict[str, torch.Tensor], target: Path, config: BioGptConfig) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {k: v.contiguous() for k, v in state.items()
@@ -141,8 +142,9 @@ def _save_converted(state: dict[str, torch.Tensor], target: Path, config: BioGpt
         target.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, tmp)
         os.replace(tmp, target)
-    except OSError:  # a read-only cache only costs speed
-        tmp.unlink(missing_ok=True)
+    except (OSError, SafetensorError):  # an unwritable cache only costs speed (safetensors has its own error)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 # -- building a model --------------------------------------------------------------------------

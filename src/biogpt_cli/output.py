@@ -1,8 +1,10 @@
 """Writing results: in input order, whole lines only, resumable, and live text on a terminal.
 
 Rows of a batch finish out of order; records go out in input order. A record (or the group of
-records of one prompt) is written with one `write` while SIGINT and SIGTERM are held back, so an
-interrupted run leaves only complete lines, and `--resume` can trust every line it finds.
+records of one prompt) is written whole: a SIGINT or SIGTERM that arrives meanwhile is recorded by
+a stand-in handler and delivered once the write is done, so an interrupted run leaves only
+complete lines, and `--resume` can trust every line it finds (a `kill -9` can still cut a write
+short; `--resume` drops that torn last line).
 
 Beside an output file, a manifest (`FILE.manifest.json`) records what defines the run (model and
 its files, options, seed, input) for `--resume` to compare, and for a paper's methods section.
@@ -10,12 +12,14 @@ its files, options, seed, input) for `--resume` to compare, and for a paper's me
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,29 @@ Key = tuple[str, str | int]
 _HELD = {signal.SIGINT, signal.SIGTERM}
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM arriving inside the block are delivered after it.
+
+    Python runs signal handlers in the main thread between bytecodes, whichever thread the OS
+    interrupted (torch has several), so swapping the handlers for ones that only take note holds
+    for every thread. Handlers can be swapped only from the main thread; elsewhere, where no
+    handler can interrupt the code anyway, this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in _HELD}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for signum in pending:
+            signal.raise_signal(signum)
+
+
 class LineWriter:
     """Writes whole lines to a file descriptor, uninterrupted by Ctrl-C or SIGTERM."""
 
@@ -38,14 +65,10 @@ class LineWriter:
 
     def write(self, text: str, records: int = 1) -> None:
         data = memoryview(text.encode("utf-8"))
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD) if hasattr(signal, "pthread_sigmask") else None
-        try:
+        with signals_deferred():
             while data:
                 data = data[os.write(self.fd, data):]
             self.records += records
-        finally:
-            if old is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def close(self) -> None:
         if self.fd > 2:

@@ -118,6 +118,13 @@ class TextEvent:
     done: Completion | None = None
 
 
+def _through_stop(tokenizer: BioGptTokenizer, prompt: Sequence[int], ids: Sequence[int],
+                  stop: Sequence[str]) -> list[int]:
+    """The ids up to the token that completed a stop string, as greedy decoding keeps them."""
+    n = next(n for n in range(1, len(ids) + 1) if continuation(tokenizer, prompt, ids[:n], stop)[1])
+    return list(ids[:n])
+
+
 def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, prompts: Sequence[Sequence[int]],
                        opts: GenerationOptions, stop: Sequence[str] = (),
                        generator: Generators = None,
@@ -133,8 +140,9 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, pro
         for i, seqs in enumerate(beam_search(model, prompts, opts, progress)):
             for j, seq in enumerate(seqs):
                 text, stopped = continuation(tokenizer, prompts[i], seq.ids, stop)
+                ids = _through_stop(tokenizer, prompts[i], seq.ids, stop) if stopped else seq.ids
                 reason = "stop" if stopped else seq.finish_reason
-                yield TextEvent(i * k + j, text, Completion(i, text, seq.ids, reason))
+                yield TextEvent(i * k + j, text, Completion(i, text, ids, reason))
         return
     streams = [TextStream(tokenizer, prompts[r // k], stop) for r in range(len(prompts) * k)]
     for row, token, reason in stream_tokens(model, prompts, opts, generator,

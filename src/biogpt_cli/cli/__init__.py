@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit code (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else argv
     ARGV[:] = argv
+    if hasattr(sys.stdout, "reconfigure"):  # every command writes UTF-8, whatever the locale says
+        sys.stdout.reconfigure(encoding="utf-8")
     debug = "--debug" in argv
     signal.signal(signal.SIGTERM, _terminate)
     code = 0
