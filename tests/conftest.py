@@ -82,7 +82,10 @@ def corpus_lines():
     shared = shared_dir()
     if shared is None:
         pytest.skip("PubMed dev corpus not found: set BIOGPT_SHARED or put shared/ beside the checkout")
-    return (shared / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
+    corpus = shared / "corpus" / "pubmed_abstracts_dev.txt"
+    if not corpus.is_file():  # the shared data is there but incomplete: an error, not a silent skip
+        pytest.fail(f"{corpus} is missing from the shared data at {shared}")
+    return corpus.read_text(encoding="utf-8").splitlines()
 
 
 @pytest.fixture

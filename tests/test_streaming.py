@@ -33,6 +33,14 @@ def tiny_tok(tmp_path_factory):
     return BioGptTokenizer.from_folder(folder)
 
 
+@pytest.fixture(scope="module")
+def word_tok():
+    """Whole words as tokens (no merges needed): the words the Moses edge cases below are made of."""
+    words = ["a", ",", "b", "c", "d", "x", "(", "y", "z", "he", "said", "&quot;", "q", "r", "IL", "@-@", "2", "receptor"]
+    encoder = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", *dict.fromkeys(w + "</w>" for w in words)])}
+    return BioGptTokenizer(encoder, [])
+
+
 def palette_ids(tok):
     return [tok.encoder[p] for p in PALETTE if p in tok.encoder] + [0, 1, 3]
 
@@ -75,25 +83,25 @@ def test_stream_on_real_abstracts(real_tok, corpus_lines):
 
 @pytest.mark.parametrize("prompt,new", [("a ,", "@-@ b c d"), ("x (", "@-@ y z"), ("he said &quot;", "@-@ q r"),
                                         ("IL", "@-@ 2 receptor ,"), ("a", ", @-@ @-@ b c")])
-def test_hyphen_joins_that_rewrite_earlier_text(real_tok, prompt, new):
+def test_hyphen_joins_that_rewrite_earlier_text(word_tok, prompt, new):
     words = prompt.split() + new.split()
-    ids = [2] + [real_tok.encoder[w + "</w>"] for w in words]  # "@-@" as a word: encode() would escape it
+    ids = [2] + [word_tok.encoder[w + "</w>"] for w in words]  # "@-@" as a word: encode() would escape it
     n = len(prompt.split()) + 1
-    check_stream(real_tok, ids[:n], ids[n:])
-    check_stream(real_tok, ids[:2], ids[2:])
+    check_stream(word_tok, ids[:n], ids[n:])
+    check_stream(word_tok, ids[:2], ids[2:])
 
 
-def test_text_is_emitted_before_the_end(real_tok):
-    stream = TextStream(real_tok, real_tok.encode("COVID-19 is"))
-    emitted = [stream.add(t) for t in real_tok.encode("a disease of the lungs .", add_special_tokens=False)]
+def test_text_is_emitted_before_the_end(tiny_tok):
+    stream = TextStream(tiny_tok, tiny_tok.encode("COVID-19 is"))
+    emitted = [stream.add(t) for t in tiny_tok.encode("a disease of the lungs .", add_special_tokens=False)]
     assert "".join(emitted) == " a disease of the lungs"  # "." is complete, but a @-@ could follow it
     assert stream.finish() == "."
 
 
-def test_stop_string_cuts_and_holds_back(real_tok):
-    prompt = real_tok.encode("Aspirin")
-    stream = TextStream(real_tok, prompt, stop=["in conclusion"])
-    out = [stream.add(t) for t in real_tok.encode("is used in pain . in conclusion it works",
+def test_stop_string_cuts_and_holds_back(tiny_tok):
+    prompt = tiny_tok.encode("Aspirin")
+    stream = TextStream(tiny_tok, prompt, stop=["in conclusion"])
+    out = [stream.add(t) for t in tiny_tok.encode("is used in pain . in conclusion it works",
                                                    add_special_tokens=False) if not stream.stopped]
     assert stream.stopped
     assert "".join(out) + stream.finish() == " is used in pain. "
