@@ -36,8 +36,10 @@ def tiny_tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def word_tok():
     """Whole words as tokens (no merges needed): the words the Moses edge cases below are made of."""
-    words = ["a", ",", "b", "c", "d", "x", "(", "y", "z", "he", "said", "&quot;", "q", "r", "IL", "@-@", "2", "receptor"]
-    encoder = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", *dict.fromkeys(w + "</w>" for w in words)])}
+    words = ["a", ",", "b", "c", "d", "x", "(", "y", "z", "he", "said", "&quot;", "q", "r", "IL", "@-@", "2",
+             "receptor"]
+    tokens = ["<s>", "<pad>", "</s>", "<unk>", *dict.fromkeys(w + "</w>" for w in words)]
+    encoder = {t: i for i, t in enumerate(tokens)}
     return BioGptTokenizer(encoder, [])
 
 
