@@ -10,6 +10,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ import torch
 from tests.fixtures import write_tiny_vocab  # noqa: F401 -- re-exported for the test modules
 
 ROOT = Path(__file__).resolve().parents[1]
+# Kernel timings and converted weights go to a temporary cache, never the user's (subprocesses inherit it).
+os.environ["BIOGPT_CACHE"] = tempfile.mkdtemp(prefix="biogpt-test-cache-")
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64)
 

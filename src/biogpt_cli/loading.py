@@ -32,7 +32,7 @@ from . import fairseq
 from .config import BioGptConfig
 from .errors import BioGptError, CheckpointError, VocabularyError
 from .hub import HUB_FILES, resolve
-from .linear import can_pack, is_kernel, optimize
+from .linear import can_pack, choose_packing, is_kernel, optimize
 from .model import BioGptDecoderLayer
 from .tokenizer import BioGptTokenizer
 
@@ -252,11 +252,15 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
     _convert(model, parse_dtype(dtype), torch.device(device))
     model.eval()
 
-    # oneDNN-packed q/k/v are as fast unfused (measured), and the concatenation would leave ~110 MB
-    # of freed heap that glibc keeps: fuse only for the other inference kernels (F.linear, int8). A
+    # Packed or plain F.linear: whichever is faster on this CPU (measured once, then cached). oneDNN-
+    # packed q/k/v are as fast unfused (measured), and the concatenation would leave ~110 MB of freed
+    # heap that glibc keeps: fuse only for the other inference kernels (F.linear, int8, int4). A
     # plain model (no kernels) keeps the reference's module names, for training and state dicts.
     embed = model.biogpt.embed_tokens.weight if hasattr(model, "biogpt") else model.embed_tokens.weight
-    fuse = fuse and kernels and not (quantize == "none" and can_pack(embed.dtype, embed.device))
+    pack = kernels and quantize == "none" and can_pack(embed.dtype, embed.device) and choose_packing(
+        [m for layer in model.modules() if isinstance(layer, BioGptDecoderLayer)
+         for m in layer.modules() if isinstance(m, nn.Linear)])
+    fuse = fuse and kernels and not pack
 
     def prepare(layer: nn.Module) -> None:  # a layer at a time, so few are ever held twice
         if isinstance(layer, BioGptDecoderLayer) and fuse:
@@ -265,13 +269,13 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
             for w in old:
                 release(w)
         if kernels:
-            optimize(layer, quantize, release, recurse=layer is not model)
+            optimize(layer, quantize, release, recurse=layer is not model, pack=pack)
 
     # the model's own linear children (the output projection, a task head) first: the largest
     units = [model, *(m for m in model.modules() if isinstance(m, BioGptDecoderLayer))]
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:  # packing is single-threaded C++
         list(pool.map(prepare, units))
-    model.inference_kernels = any(is_kernel(m) for m in model.modules())
+    model.inference_kernels = fuse or any(is_kernel(m) for m in model.modules())
     model.requires_grad_(not model.inference_kernels)
     model.source = source
     return model

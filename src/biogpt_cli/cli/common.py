@@ -37,7 +37,7 @@ OutputFormat = Literal["auto", "text", "jsonl"]
 InputFormat = Literal["auto", "text", "jsonl"]
 Errors = Literal["strict", "replace"]
 DType = Literal["float32", "bfloat16", "float16"]
-Quantize = Literal["none", "int8"]
+Quantize = Literal["none", "int8", "int4"]
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", envvar="BIOGPT_MODEL",
                                        help="Model folder or Hugging Face Hub id.")]
@@ -55,7 +55,7 @@ ResumeOpt = Annotated[bool, typer.Option(help="Finish an interrupted --output fi
 BatchOpt = Annotated[int, typer.Option(min=1, help="Inputs decoded together.")]
 DTypeOpt = Annotated[DType, typer.Option(help="Weight precision.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")]
-QuantizeOpt = Annotated[Quantize, typer.Option(help="int8: dynamic int8 linear layers (CPU).")]
+QuantizeOpt = Annotated[Quantize, typer.Option(help="CPU weights: int8 (dynamic) or int4 (group-wise).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Load time, counts and speed on stderr.")]
 
 
@@ -80,6 +80,12 @@ def output_format(fmt: OutputFormat, output: str | None) -> Format:
     if fmt != "auto":
         return fmt
     return "jsonl" if output is not None and output.endswith(".jsonl") else "text"
+
+
+def check_precision(quantize: str, dtype: str, device: Any) -> None:
+    if quantize != "none" and (dtype != "float32" or device.type != "cpu"):
+        raise UsageError(f"--quantize {quantize} runs on the CPU with its own activation precision: "
+                         "drop --dtype/--device")
 
 
 def device_or_usage_error(name: str) -> Any:

@@ -38,6 +38,7 @@ from .common import (
     RevisionOpt,
     UsageError,
     VerboseOpt,
+    check_precision,
     command,
     device_or_usage_error,
     load,
@@ -108,8 +109,7 @@ def generate(
     except BioGptError as e:
         raise UsageError(str(e)) from None
     torch_device = device_or_usage_error(device)
-    if quantize == "int8" and (dtype != "float32" or torch_device.type != "cpu"):
-        raise UsageError("--quantize int8 runs on the CPU with float32 activations: drop --dtype/--device")
+    check_precision(quantize, dtype, torch_device)
     fmt = output_format(fmt, output)
     check_batch_options(output, fmt, force, resume)
     if prompt is not None and input is not None:

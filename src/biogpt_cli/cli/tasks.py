@@ -37,6 +37,7 @@ from .common import (
     RevisionOpt,
     UsageError,
     VerboseOpt,
+    check_precision,
     command,
     device_or_usage_error,
     out,
@@ -78,8 +79,7 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
     from ..tasks import build_input, parse, render, source_limit, task_for
 
     torch_device = device_or_usage_error(run.device)
-    if run.quantize == "int8" and (run.dtype != "float32" or torch_device.type != "cpu"):
-        raise UsageError("--quantize int8 runs on the CPU with float32 activations: drop --dtype/--device")
+    check_precision(run.quantize, run.dtype, torch_device)
     fmt = output_format(run.fmt, run.output)  # type: ignore[arg-type]
     check_batch_options(run.output, fmt, run.force, run.resume)
     with items as records:
