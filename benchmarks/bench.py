@@ -1,11 +1,15 @@
 """biogpt-cli against the reference (`transformers`), side by side in one run, on this machine.
 
-    python benchmarks/bench.py [--quick] [--json] [--repeats N] [--new-tokens N] [--workdir DIR] [--compile]
+    python benchmarks/bench.py [--quick] [--json] [--repeats N] [--new-tokens N] [--workdir DIR]
+                               [--only decode|process|tokenize|bulk|quality] [--device cuda] [--compile]
 
 Builds random weights of the full microsoft/biogpt shape (saved once as safetensors with the real
 vocabulary from ../shared), then times the same work both ways and prints ratios: absolute times
 on a shared machine are noise, ratios measured in one run are the figures. Every figure is the
-median of `--repeats` runs. Not a test: nothing here asserts a speed.
+median of `--repeats` runs, printed with the machine it ran on (CPU, ISA level, threads, torch,
+measured read bandwidth); decode figures also as a share of their bandwidth bound (bytes read per
+token / bandwidth). Not a test: nothing here asserts a speed. Needs only the runtime dependencies
+and transformers (the reference), not the test tools.
 """
 
 from __future__ import annotations
@@ -24,11 +28,16 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for tests.conftest's vocabulary helper
+sys.path.insert(0, str(ROOT))  # for tests.fixtures' vocabulary helper (no pytest needed)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import machine  # noqa: E402
+import quality  # noqa: E402
 
 from biogpt_cli import BioGptForCausalLM, BioGptTokenizer, GenerationOptions, generate  # noqa: E402
 from biogpt_cli.inputs import parallel_map  # noqa: E402
-from tests.conftest import shared_dir, write_hub_vocab_from_fairseq  # noqa: E402
+from biogpt_cli.scoring import sequence_nll  # noqa: E402
+from tests.fixtures import shared_dir, write_hub_vocab_from_fairseq  # noqa: E402
 
 PROMPT = "COVID-19 is a disease caused by a coronavirus that was first identified in"
 
@@ -65,14 +74,25 @@ def build_checkpoint(folder: Path) -> None:
     ref.config.to_json_file(folder / "config.json")
 
 
-def decode_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+def bound_note(model: torch.nn.Module, rate: float, bandwidth: float, reference: float | None = None) -> str:
+    """A decode rate (and the reference's) as a share of what reading the weights once per step allows."""
+    bound = bandwidth / machine.weight_bytes(model)
+    theirs = f", reference {reference / bound:.0%}" if reference is not None else ""
+    return f"{rate / bound:.0%} of the bandwidth bound ({bound:.1f} steps/s){theirs}"
+
+
+def reference_model(folder: Path, device: str, dtype: torch.dtype = torch.float32):
     import transformers
 
+    return transformers.BioGptForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+
+
+def decode_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
     tok = BioGptTokenizer.from_folder(folder)
     prompt = tok.encode(PROMPT)
-    ids = torch.tensor([prompt])
-    ref = transformers.BioGptForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ours = BioGptForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([prompt], device=args.device)
+    ref = reference_model(folder, args.device)
+    ours = BioGptForCausalLM.from_pretrained(folder, device=args.device)
     n = args.new_tokens
     cases = {
         "greedy decode, float32": ({}, {}),
@@ -82,14 +102,15 @@ def decode_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> 
     }
     for name, (mine, theirs) in cases.items():
         opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n, **mine)
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator(args.device).manual_seed(0)
         with torch.inference_mode():
             t_ours, t_ref = compare(lambda opts=opts, gen=gen: generate(ours, [prompt], opts, gen),
                                     lambda theirs=theirs: ref.generate(ids, attention_mask=torch.ones_like(ids),
                                                                        max_new_tokens=n, min_new_tokens=n, **theirs),
                                     args.repeats)
-        rows.append(row(name, n / t_ours, n / t_ref, "tokens/s", higher=True, target=TARGETS.get(name)))
-    long = torch.randint(4, 42384, (1, 256))
+        rows.append(row(name, n / t_ours, n / t_ref, "tokens/s", higher=True, target=TARGETS.get(name),
+                        note=bound_note(ours, n / t_ours, args.bandwidth, n / t_ref)))
+    long = torch.randint(4, 42384, (1, 256), device=args.device)
     long[0, 0] = 2
     with torch.inference_mode():
         t_ours, t_ref = compare(lambda: generate(ours, [long[0].tolist()], GenerationOptions(max_new_tokens=1)),
@@ -98,6 +119,10 @@ def decode_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> 
     rows.append(row("prefill, 256-token prompt", t_ours, t_ref, "s", higher=False))
     ref_greedy = next(r["reference"] for r in rows if r["figure"] == "greedy decode, float32")
     variants(folder, ours, prompt, args, rows, ref_greedy)
+    if not args.device.startswith("cuda"):
+        packed = any(type(m).__name__ == "PackedLinear" for m in ours.modules())
+        rows.append(row("float32 kernel chosen on this CPU (measured at first load)", 1, 1, "-", higher=True,
+                        note="oneDNN-packed" if packed else "plain F.linear (MKL)"))
 
 
 def variants(folder: Path, fp32: BioGptForCausalLM, prompt: list[int], args: argparse.Namespace, rows: list[dict],
@@ -109,20 +134,23 @@ def variants(folder: Path, fp32: BioGptForCausalLM, prompt: list[int], args: arg
     with torch.inference_mode():
         seq = prompt + generate(fp32, [prompt], GenerationOptions(max_new_tokens=args.agreement_tokens,
                                                                   min_new_tokens=args.agreement_tokens))[0][0].ids
-        base = fp32(torch.tensor([seq])).logits[0, len(prompt) - 1:].float()
-    for label, kwargs, target in (("--quantize int8", {"quantize": "int8"}, "int8"),
-                                  ("--dtype float16", {"dtype": "float16"}, "float16"),
-                                  ("--dtype bfloat16", {"dtype": "bfloat16"}, None)):
-        model = BioGptForCausalLM.from_pretrained(folder, **kwargs)
+        base = fp32(torch.tensor([seq], device=args.device)).logits[0, len(prompt) - 1:].float()
+    cases = [("--dtype float16", {"dtype": "float16"}, "float16"), ("--dtype bfloat16", {"dtype": "bfloat16"}, None)]
+    if not args.device.startswith("cuda"):
+        cases[:0] = [("--quantize int8", {"quantize": "int8"}, "int8"),
+                     ("--quantize int4", {"quantize": "int4"}, "int4")]
+    for label, kwargs, target in cases:
+        model = BioGptForCausalLM.from_pretrained(folder, device=args.device, **kwargs)
         with torch.inference_mode():
             t = statistics.median(seconds(lambda model=model: generate(model, [prompt], opts))
                                   for _ in range(args.repeats))
-            logits = model(torch.tensor([seq])).logits[0, len(prompt) - 1:].float()
+            logits = model(torch.tensor([seq], device=args.device)).logits[0, len(prompt) - 1:].float()
         agree = (logits.argmax(-1) == base.argmax(-1)).float().mean().item()
         err = (logits - base).abs().max().item()
         rows.append(row(f"{label} greedy decode (vs reference float32)", n / t, ref_greedy, "tokens/s",
                         higher=True, target=TARGETS.get(target),
-                        note=f"top-1 agreement {agree:.1%}, max logit error {err:.3g} (logit std {base.std():.2f})"))
+                        note=f"{bound_note(model, n / t, args.bandwidth)}; on random weights: top-1 agreement "
+                             f"{agree:.1%}, max logit error {err:.3g} (logit std {base.std():.2f})"))
         del model
 
 
@@ -186,7 +214,7 @@ def tokenizer_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) 
 
     import transformers
 
-    from biogpt_cli.cli import _tokenize_line
+    from biogpt_cli.cli.text import _tokenize_line
 
     shared = shared_dir()
     lines = (shared / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
@@ -203,6 +231,63 @@ def tokenizer_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) 
         rows.append(row(f"tokenize, --jobs {jobs} ({len(lines)} PubMed lines)", len(lines) / t, len(lines) / t_ref,
                         "lines/s", higher=True, target=TARGETS["tokenize"] if jobs == 2 else None,
                         note="identical ids"))
+
+
+def bulk_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """Many prompts: `generate -i`'s engine against the reference's batched generate() (batch 8,
+    left padding), and scoring lines against the reference's loss per line."""
+    from biogpt_cli.batch import Job, run
+    from biogpt_cli.inputs import Prompt
+
+    tok = BioGptTokenizer.from_folder(folder)
+    lines = (shared_dir() / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
+    prompts = [tok.encode(" ".join(line.split()[:4 + 3 * (i % 8)])) for i, line in enumerate(lines[:64])]
+    n = 16 if args.quick else 64
+    ref = reference_model(folder, args.device)
+    ours = BioGptForCausalLM.from_pretrained(folder, device=args.device)
+    opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n)
+    sink = type("Sink", (), {"begin": lambda self, p: None, "add": lambda self, p: None,
+                             "event": lambda self, ev: None})()
+    jobs = [Job(Prompt(i + 1, ""), p) for i, p in enumerate(prompts)]
+
+    def reference() -> None:
+        for k in range(0, len(prompts), 8):
+            chunk = prompts[k:k + 8]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[1] * (width - len(p)) + p for p in chunk], device=args.device)
+            ref.generate(ids, attention_mask=(ids != 1).long(), max_new_tokens=n, min_new_tokens=n, pad_token_id=1)
+
+    with torch.inference_mode():
+        t_ours, t_ref = compare(lambda: run(ours, tok, jobs, opts, sink, batch_size=8), reference, args.repeats)
+    total = len(prompts) * n
+    rows.append(row(f"bulk generate, {len(prompts)} prompts x {n} new tokens", total / t_ours, total / t_ref,
+                    "tokens/s", higher=True, target=TARGETS["bulk"]))
+    texts = [tok.encode(line)[:256] for line in lines[:128]]
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+
+    def reference_scores() -> None:
+        for k in range(0, len(texts), 8):
+            chunk = texts[k:k + 8]
+            width = max(map(len, chunk))
+            ids = torch.tensor([p + [1] * (width - len(p)) for p in chunk], device=args.device)
+            logits = ref(ids, attention_mask=(ids != 1).long()).logits
+            loss(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    with torch.inference_mode():
+        t_ours, t_ref = compare(lambda: [sequence_nll(ours, texts[k:k + 8]) for k in range(0, len(texts), 8)],
+                                reference_scores, args.repeats)
+    rows.append(row(f"score, {len(texts)} PubMed lines (batch 8)", len(texts) / t_ours, len(texts) / t_ref,
+                    "lines/s", higher=True))
+
+
+def quality_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    lines = (shared_dir() / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
+    trained = quality.train(folder, lines, args.workdir / "quality-model")
+    for r in quality.measure(trained, lines):
+        goal = {"--quantize int8": "<= +1%", "--quantize int4": "<= +5%"}.get(r["precision"], "")
+        rows.append(row(f"{r['precision']}: held-out perplexity (trained model)", r["perplexity"],
+                        r["perplexity"] / (1 + r["vs_float32"]), "ppl", higher=False, target=goal,
+                        note=f"{r['vs_float32']:+.2%} vs float32, top-1 agreement {r['top1_agreement']:.1%}"))
 
 
 def compile_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
@@ -226,7 +311,7 @@ TARGETS = {
     "greedy decode, float32": ">= 1.6x", "beam search, 5 beams, float32": ">= 3x",
     "sampling (top-k 50, top-p 0.9), float32": ">= 1.6x", "int8": ">= 4x, top-1 >= 99%",
     "float16": ">= 2x, logits within 1e-2", "cold start": "<= 0.5x", "memory": "<= 1.2x weights",
-    "tokenize": ">= 1.8x",
+    "tokenize": ">= 1.8x", "bulk": ">= 3x", "int4": ">= 5x",
 }
 
 
@@ -247,22 +332,29 @@ def main() -> None:
     parser.add_argument("--agreement-tokens", type=int, default=200)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "biogpt-bench",
                         help="where the random full-size checkpoint is kept between runs")
-    parser.add_argument("--only", choices=["decode", "process", "tokenize"], action="append")
+    parser.add_argument("--only", choices=["decode", "process", "tokenize", "bulk", "quality"], action="append")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (decode and bulk figures)")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes)")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.new_tokens, args.agreement_tokens = 1, 16, 48
     folder = args.workdir / "biogpt-random"
     build_checkpoint(folder)
+    where = machine.describe(args.device)
+    args.bandwidth = where["read_bandwidth_gbps"] * 1e9
+    if not args.json:
+        print("machine: " + ", ".join(f"{k} {v}" for k, v in where.items()))
     rows: list[dict] = []
     # whole processes first, while this process is still small; then the in-process figures
-    for part, fn in (("process", process_figures), ("tokenize", tokenizer_figures), ("decode", decode_figures)):
-        if not args.only or part in args.only:
+    parts = (("process", process_figures), ("tokenize", tokenizer_figures), ("decode", decode_figures),
+             ("bulk", bulk_figures), ("quality", quality_figures))
+    for part, fn in parts:
+        if (not args.only and (args.device == "cpu" or part in ("decode", "bulk"))) or part in (args.only or ()):
             fn(folder, args, rows)
     if args.compile:
         compile_figures(folder, args, rows)
     if args.json:
-        print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+        print(json.dumps({"machine": where, "rows": rows}, indent=2))
         return
     print(f"{'figure':58} {'ours':>10} {'reference':>10}  {'unit':8} {'better by':>9}  target")
     for r in rows:

@@ -7,7 +7,6 @@ beside the checkout; tests that need them skip when they are absent (a user's fr
 from __future__ import annotations
 
 import io
-import json
 import os
 import sys
 import tempfile
@@ -16,29 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures import write_tiny_vocab  # noqa: F401 -- re-exported for the test modules
+from tests.fixtures import ROOT, shared_dir, write_hub_vocab_from_fairseq, write_tiny_vocab  # noqa: F401
 
-ROOT = Path(__file__).resolve().parents[1]
 # Kernel timings and converted weights go to a temporary cache, never the user's (subprocesses inherit it).
 os.environ["BIOGPT_CACHE"] = tempfile.mkdtemp(prefix="biogpt-test-cache-")
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64)
-
-
-def shared_dir() -> Path | None:
-    path = Path(os.environ.get("BIOGPT_SHARED", ROOT.parent / "shared"))
-    return path if (path / "vocab" / "biogpt" / "dict.txt").is_file() else None
-
-
-def write_hub_vocab_from_fairseq(src: Path, dst: Path) -> None:
-    """The documented derivation: ids 0..3 special, dict line i -> id i+4, `w@@` -> `w`, else `w</w>`."""
-    encoder = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for i, line in enumerate((src / "dict.txt").read_text(encoding="utf-8").splitlines()):
-        word = line.rsplit(" ", 1)[0]
-        encoder.setdefault(word[:-2] if word.endswith("@@") else word + "</w>", i + 4)
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / "vocab.json").write_text(json.dumps(encoder, ensure_ascii=False), encoding="utf-8")
-    (dst / "merges.txt").write_bytes((src / "bpecodes").read_bytes())
 
 
 def make_reference(folder: Path, seed: int = 0, tie: bool = True, prompt_tokens: int = 0, **overrides):

@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
 import string
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path | None:
+    path = Path(os.environ.get("BIOGPT_SHARED", ROOT.parent / "shared"))
+    return path if (path / "vocab" / "biogpt" / "dict.txt").is_file() else None
+
+
+def write_hub_vocab_from_fairseq(src: Path, dst: Path) -> None:
+    """The documented derivation: ids 0..3 special, dict line i -> id i+4, `w@@` -> `w`, else `w</w>`."""
+    encoder = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for i, line in enumerate((src / "dict.txt").read_text(encoding="utf-8").splitlines()):
+        word = line.rsplit(" ", 1)[0]
+        encoder.setdefault(word[:-2] if word.endswith("@@") else word + "</w>", i + 4)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "vocab.json").write_text(json.dumps(encoder, ensure_ascii=False), encoding="utf-8")
+    (dst / "merges.txt").write_bytes((src / "bpecodes").read_bytes())
 
 
 def write_tiny_vocab(dst: Path, prompt_tokens: int = 0) -> int:

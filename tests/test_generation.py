@@ -164,3 +164,28 @@ def test_position_limit_is_reported(tiny_ref):
     ours = ours_from(tiny_ref[0])
     with pytest.raises(InputError, match="exceeds the model's 64 positions"):
         generate(ours, [[2] + [10] * 60], GenerationOptions(max_new_tokens=10))
+
+
+@pytest.mark.parametrize("opts", [GenerationOptions(max_new_tokens=10), GenerationOptions(max_new_tokens=10,
+                                  min_new_tokens=4), GenerationOptions(max_new_tokens=9, repetition_penalty=1.3,
+                                  no_repeat_ngram_size=2), GenerationOptions(max_new_tokens=9, do_sample=True)],
+                         ids=["greedy", "min-new", "penalties", "sampling"])
+def test_continuous_batching_equals_each_prompt_alone(eos_ref, monkeypatch, opts):
+    """More prompts than rows: finished rows take the next prompt, and every prompt's tokens are
+    those it gets alone."""
+    from biogpt_cli import generation
+
+    ours = ours_from(eos_ref)
+    prompts = [[2, *range(40 + n, 40 + 2 * n)] for n in (1, 7, 3, 12, 2, 5, 9, 4, 6, 1, 8, 3)]
+    admitted = []
+    admit = generation._Batch.admit
+    monkeypatch.setattr(generation._Batch, "admit", lambda self, r, p: admitted.append(r) or admit(self, r, p))
+    streams = (lambda i: prompt_generator(3, i)) if opts.do_sample else None
+    got: dict[int, list[int]] = {}
+    for seq, tok, reason in generation.stream_tokens(ours, iter(prompts), opts, streams, slots=3):
+        if reason is None:
+            got.setdefault(seq, []).append(tok)
+    assert len(admitted) >= 3, "no row was reused"
+    for i, prompt in enumerate(prompts):
+        alone = generate(ours, [prompt], opts, [prompt_generator(3, i)] if opts.do_sample else None)[0][0]
+        assert got.get(i, []) == alone.ids, f"prompt {i}"

@@ -7,11 +7,12 @@ file already holds, batching and decoding live here once.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import torch
 
 from .errors import InputError
 from .generation import GenerationOptions, fit_prompt, prompt_generator
@@ -27,6 +28,7 @@ class Job:
 
 class Renderer(Protocol):
     def begin(self, prompts: Sequence[Prompt]) -> None: ...
+    def add(self, prompt: Prompt) -> None: ...
     def event(self, ev: TextEvent) -> None: ...
 
 
@@ -67,39 +69,52 @@ def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions, renderer: Renderer, *,
         batch_size: int, stop: Sequence[str] = (), seed: int | None = None,
         done: set[Any] | frozenset[Any] = frozenset(), progress: Callable[[int], None] | None = None) -> Stats:
-    """Generate for every job whose key is not in `done`, `batch_size` prompts at a time.
+    """Generate for every job whose key is not in `done`, `batch_size` rows at a time.
 
-    `opts.max_new_tokens` of 0 means "until </s> or the model's positions run out": each batch
-    gets what its longest prompt leaves. When sampling, each prompt draws from its own stream,
-    derived from `seed` and its key, so a seeded run gives each prompt the same samples in any
-    batch, next to any neighbours, and after a resume. `progress(step)` follows beam search, which yields nothing
-    until its winners are known.
+    Greedy and sampled decoding use continuous batching: when a row finishes, the next job takes
+    its place, and the results equal each job decoded alone. Beam search runs fixed batches, and
+    `progress(step)` follows it, since it yields nothing until its winners are known. When
+    sampling, each job draws from its own stream, derived from `seed` and its key, so a seeded run
+    gives each job the same samples in any batch, next to any neighbours, and after a resume.
+    A bad input line stops the reading, but the jobs before it are finished first.
     """
     stats = Stats()
     limit = model.config.max_position_embeddings
-    for batch in batches(jobs, batch_size):
-        todo = [j for j in batch if j.item.key not in done]
-        if not todo:
-            continue
-        width = max(len(j.ids) for j in todo)
-        batch_opts = opts if opts.max_new_tokens else dataclasses.replace(opts, max_new_tokens=max(1, limit - width))
-        for j in todo:
+    todo = (j for j in jobs if j.item.key not in done)
+    groups = batches(todo, batch_size) if opts.num_beams > 1 else iter([todo])
+    device = next(model.parameters()).device
+    failure: list[InputError] = []
+    for group in groups:
+        taken: list[Job] = []
+
+        def feed(group: Iterable[Job] = group, taken: list[Job] = taken) -> Iterator[list[int]]:
             try:
-                fit_prompt(j.ids, batch_opts.max_new_tokens, limit)
-            except InputError as e:
-                raise InputError(f"line {j.item.line}: {e}" if j.item.line else str(e)) from None
-        renderer.begin([j.item for j in todo])
+                for job in group:
+                    try:
+                        fit_prompt(job.ids, opts.max_new_tokens, limit)
+                    except InputError as e:
+                        raise InputError(f"line {job.item.line}: {e}" if job.item.line else str(e)) from None
+                    taken.append(job)
+                    renderer.add(job.item)
+                    stats.prompts += 1
+                    stats.prompt_tokens += len(job.ids)
+                    yield job.ids
+            except InputError as e:  # finish what was read, then report
+                failure.append(e)
+
+        def stream(i: int, taken: list[Job] = taken) -> torch.Generator:
+            return prompt_generator(seed, taken[i].item.key, device)
+
+        renderer.begin([])
         start = time.perf_counter()
-        device = next(model.parameters()).device
-        generators = [prompt_generator(seed, j.item.key, device) for j in todo] if opts.do_sample else None
-        for ev in stream_completions(model, tokenizer, [j.ids for j in todo], batch_opts, stop, generators,
-                                     progress):
+        for ev in stream_completions(model, tokenizer, feed(), opts, stop, stream if opts.do_sample else None,
+                                     progress, slots=batch_size):
             if stats.first_token is None and ev.text:
                 stats.first_token = time.perf_counter() - start
             if ev.done is not None:
                 stats.new_tokens += len(ev.done.ids) + (ev.done.finish_reason == "eos")
             renderer.event(ev)
         stats.seconds += time.perf_counter() - start
-        stats.prompts += len(todo)
-        stats.prompt_tokens += sum(len(j.ids) for j in todo)
+        if failure:
+            raise failure[0]
     return stats

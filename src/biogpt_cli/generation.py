@@ -11,8 +11,10 @@ Generation yields token ids only; turning them into text is `streaming.py`'s job
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+import itertools
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -122,11 +124,13 @@ def bad_words(sequences: Sequence[Sequence[int]]) -> Processor:
     return apply
 
 
-def min_new_tokens(count: int, eos: int, prompt_width: int) -> Processor:
+def min_new_tokens(count: int, eos: int, prompt_width: int | torch.Tensor) -> Processor:
+    """`prompt_width`: where new tokens start, for all rows or per row (a tensor the caller updates)."""
     def apply(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if history.shape[1] - prompt_width < count:
+        short = torch.as_tensor(history.shape[1] - prompt_width < count, device=scores.device)
+        if short.any():
             scores = scores.clone()
-            scores[:, eos] = NEG_INF
+            scores[:, eos] = scores[:, eos].masked_fill(short, NEG_INF)
         return scores
     return apply
 
@@ -162,7 +166,7 @@ def min_p(p: float) -> Processor:
     return apply
 
 
-def make_processors(opts: GenerationOptions, eos: int, prompt_width: int) -> list[Processor]:
+def make_processors(opts: GenerationOptions, eos: int, prompt_width: int | torch.Tensor) -> list[Processor]:
     """The reference's order: penalties and bans, then (sampling only) the warpers."""
     procs: list[Processor] = []
     if opts.repetition_penalty != 1.0:
@@ -207,14 +211,15 @@ def fit_prompt(ids: list[int], max_new_tokens: int, max_positions: int, truncate
 class _Batch:
     """Left-padded prompts, their history buffer and the cached forward pass."""
 
-    def __init__(self, model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], max_new: int, repeats: int):
+    def __init__(self, model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], max_new: int, repeats: int,
+                 columns: int = 0):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InputError("every prompt needs at least one token")
         cfg = model.config
         self.model, self.width, self.vocab = model, max(map(len, prompts)), cfg.vocab_size
         fit_prompt([0] * self.width, max_new, cfg.max_position_embeddings)  # raises when it does not fit
         device = next(model.parameters()).device
-        b, total = len(prompts), self.width + max_new
+        b, total = len(prompts), max(columns, self.width + max_new)  # the cache grows only as decoding needs
         self.history = torch.full((b, total), self.vocab, dtype=torch.long, device=device)
         for i, p in enumerate(prompts):
             self.history[i, self.width - len(p):self.width] = torch.tensor(p)
@@ -223,7 +228,7 @@ class _Batch:
         if self.mask is not None:
             self.mask[:, self.width:] = 1
         ids = self.history[:, :self.width].clamp(max=self.vocab - 1)  # pad slots: any id, masked out
-        self.cache = model.new_cache(b, total)
+        self.cache = model.new_cache(b, self.width + max_new)
         with torch.no_grad():
             out = model(ids, self._mask(self.width), past_key_values=self.cache, logits_to_keep=1)
         self.logits = out.logits[:, -1].float()
@@ -237,6 +242,30 @@ class _Batch:
     def _mask(self, length: int) -> torch.Tensor | None:
         return self.mask[:, :length] if self.mask is not None else None
 
+    def fits(self, prompt: Sequence[int], max_new: int) -> bool:
+        """Whether `prompt` can take a finished row now: right-aligned at the current length, with
+        room for its new tokens within the model's positions."""
+        return len(prompt) <= self.length and self.length + max_new <= self.model.config.max_position_embeddings
+
+    def admit(self, row: int, prompt: Sequence[int]) -> torch.Tensor:
+        """Continuous batching: a new prompt takes the place of finished row `row`, right-aligned at
+        the current length (its padding masked, so its positions start at 0 as when alone). Its
+        prefill runs alone, exactly as a prompt decoded alone does. Returns its next-token logits."""
+        n, end = len(prompt), self.length
+        own = self.model.new_cache(1, n)
+        ids = torch.tensor([prompt], device=self.history.device)
+        with torch.no_grad():
+            logits = self.model(ids, past_key_values=own, logits_to_keep=1).logits[0, -1].float()
+        self.cache.k[:, row, :, end - n:end] = own.k[:, 0, :, :n]
+        self.cache.v[:, row, :, end - n:end] = own.v[:, 0, :, :n]
+        self.history[row] = self.vocab
+        self.history[row, end - n:end] = ids[0]
+        if self.mask is None:
+            self.mask = torch.ones_like(self.history)
+        self.mask[row] = 0
+        self.mask[row, end - n:] = 1
+        return logits
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row; return next-token scores [rows, vocab] in float32."""
         self.history[:, self.length] = tokens
@@ -247,9 +276,9 @@ class _Batch:
 
 
 StopCheck = Callable[[int, list[int]], bool]
-# One generator for the batch (the reference's way), or one per prompt: then each prompt's samples
-# depend on its own stream only, never on its neighbours in the batch.
-Generators = torch.Generator | Sequence[torch.Generator] | None
+# One generator for the batch (the reference's way), or one per prompt (a list, or a function of the
+# prompt's index): then each prompt's samples depend on its own stream only, never on its neighbours.
+Generators = torch.Generator | Sequence[torch.Generator] | Callable[[int], torch.Generator] | None
 
 
 def prompt_generator(seed: int, key: object, device: torch.device | str = "cpu") -> torch.Generator:
@@ -258,57 +287,114 @@ def prompt_generator(seed: int, key: object, device: torch.device | str = "cpu")
     return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def _sample(probs: torch.Tensor, generator: Generators, k: int, alive: list[bool]) -> torch.Tensor:
-    if generator is None or isinstance(generator, torch.Generator):
+def _sample(probs: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None,
+            alive: list[bool]) -> torch.Tensor:
+    """One token per row: from one shared stream, or from each row's own (a list)."""
+    if not isinstance(generator, list):
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
     tokens = probs.argmax(-1)  # finished rows draw nothing, so a prompt's stream is the same in any batch
     for r, live in enumerate(alive):
         if live:
-            tokens[r] = torch.multinomial(probs[r:r + 1], 1, generator=generator[r // k])[0, 0]
+            tokens[r] = torch.multinomial(probs[r:r + 1], 1, generator=generator[r])[0, 0]
     return tokens
 
 
-def stream_tokens(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts: GenerationOptions,
-                  generator: Generators = None,
-                  should_stop: StopCheck | None = None) -> Iterator[tuple[int, int | None, str | None]]:
-    """Greedy or sampled decoding. Yields `(row, token, finish_reason)` as tokens are chosen: a
-    token with reason None is a new token; a final event per row carries the reason ("eos"
-    with the </s> token, "length", or "stop" when `should_stop(row, new_ids)` said so).
-    With `num_return_sequences` k, row r belongs to prompt r // k."""
+class _Queue:
+    """Numbered prompts, with a look at the next one before taking it."""
+
+    def __init__(self, prompts: Iterable[Sequence[int]]) -> None:
+        self.items, self.next = enumerate(prompts), None
+
+    def __iter__(self) -> Iterator[tuple[int, Sequence[int]]]:
+        return self
+
+    def __next__(self) -> tuple[int, Sequence[int]]:
+        item, self.next = self.next or next(self.items), None
+        return item
+
+    def take_if(self, fits: Callable[[Sequence[int]], bool]) -> tuple[int, Sequence[int]] | None:
+        if self.next is None:
+            self.next = next(self.items, None)
+        if self.next is None or not fits(self.next[1]):
+            return None
+        return next(self)
+
+
+def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], opts: GenerationOptions,
+                  generator: Generators = None, should_stop: StopCheck | None = None,
+                  slots: int | None = None) -> Iterator[tuple[int, int | None, str | None]]:
+    """Greedy or sampled decoding. Yields `(sequence, token, finish_reason)` as tokens are chosen:
+    a token with reason None is a new token; a final event per sequence carries the reason ("eos"
+    with the </s> token, "length", or "stop" when `should_stop(sequence, new_ids)` said so).
+    With `num_return_sequences` k, sequence s belongs to prompt s // k.
+
+    With `slots` (and k = 1), prompts are decoded `slots` at a time with continuous batching: when
+    a sequence ends, the next prompt takes its row, so rows do not idle while the longest of a
+    batch finishes; every prompt's tokens equal those it gets alone. `generator` is then a function
+    of the prompt's index, giving its own stream."""
     opts.validate()
     if opts.num_beams != 1:
         raise InputError("stream_tokens does greedy or sampled decoding; use beam_search for beams")
-    eos = model.config.eos_token_id
-    k = opts.num_return_sequences
-    batch = _Batch(model, prompts, opts.max_new_tokens, k)
-    procs = make_processors(opts, eos, batch.width)
-    rows = batch.history.shape[0]
-    alive = [True] * rows
-    new_ids: list[list[int]] = [[] for _ in range(rows)]
-    scores = batch.logits
-    for step in range(opts.max_new_tokens):
-        scores = apply_all(procs, batch.history[:, :batch.length], scores)
-        tokens = _sample(scores.softmax(-1), generator, k, alive) if opts.do_sample else scores.argmax(-1)
-        last = step == opts.max_new_tokens - 1
-        for r, tok in enumerate(tokens.tolist()):
-            if not alive[r]:
-                continue
-            if tok == eos:
-                alive[r] = False
-                yield r, tok, "eos"
-                continue
-            new_ids[r].append(tok)
-            yield r, tok, None
-            if should_stop is not None and should_stop(r, new_ids[r]):
-                alive[r] = False
-                yield r, None, "stop"
-            elif last:
-                alive[r] = False
-                yield r, None, "length"
-        if not any(alive):
-            return
-        finished = torch.tensor([not a for a in alive], device=tokens.device)
-        scores = batch.step(tokens.masked_fill(finished, model.config.pad_token_id))  # as the reference does
+    eos, k = model.config.eos_token_id, opts.num_return_sequences
+    if slots is None or k > 1:
+        prompts = list(prompts)
+        slots = len(prompts)
+    queue = _Queue(prompts)
+    stream_of = generator if callable(generator) or generator is None or isinstance(generator, torch.Generator) \
+        else generator.__getitem__
+    while first := list(itertools.islice(queue, slots)):
+        refill = len(first) == slots and k == 1  # more prompts may follow: keep rows busy
+        columns = model.config.max_position_embeddings if refill else 0
+        batch = _Batch(model, [p for _, p in first], opts.max_new_tokens, k, columns)
+        rows = batch.history.shape[0]
+        seq_of = [j * k + r for j, _ in first for r in range(k)]  # row -> sequence index
+        starts = torch.full((rows,), batch.width, device=batch.history.device)
+        procs = make_processors(opts, eos, starts)
+        per_row = callable(stream_of) and not isinstance(stream_of, torch.Generator)
+        draw = [stream_of(s // k) for s in seq_of] if per_row else stream_of
+        alive, new_ids, scores = [True] * rows, [[] for _ in range(rows)], batch.logits
+        while True:
+            scores = apply_all(procs, batch.history[:, :batch.length], scores)
+            tokens = _sample(scores.softmax(-1), draw, alive) if opts.do_sample else scores.argmax(-1)
+            for r, tok in enumerate(tokens.tolist()):
+                if alive[r]:
+                    alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos, opts.max_new_tokens, should_stop)
+            for r in (r for r in range(rows) if refill and not alive[r]):
+                taken = queue.take_if(functools.partial(batch.fits, max_new=opts.max_new_tokens))
+                if taken is None:
+                    break
+                j, prompt = taken
+                scores[r] = batch.admit(r, prompt)
+                seq_of[r], new_ids[r], starts[r] = j, [], batch.length
+                if per_row:
+                    draw[r] = stream_of(j)
+                one = apply_all(procs, batch.history[:, :batch.length], scores)[r:r + 1]
+                tok = int((_sample(one.softmax(-1), draw[r:r + 1] if per_row else draw, [True])
+                           if opts.do_sample else one.argmax(-1))[0])
+                alive[r] = yield from _advance(j, tok, new_ids[r], eos, opts.max_new_tokens, should_stop)
+                tokens[r] = tok
+            if not any(alive):
+                break
+            finished = torch.tensor([not a for a in alive], device=tokens.device)
+            scores = batch.step(tokens.masked_fill(finished, model.config.pad_token_id))  # as the reference does
+
+
+def _advance(seq: int, tok: int, new_ids: list[int], eos: int, max_new: int,
+             should_stop: StopCheck | None) -> Generator[tuple[int, int | None, str | None], None, bool]:
+    """One chosen token of a sequence: yields its events, returns whether it goes on. The token's
+    event is consumed before `should_stop` is asked (a caller's text stream decides it)."""
+    if tok == eos:
+        yield seq, tok, "eos"
+        return False
+    new_ids.append(tok)
+    yield seq, tok, None
+    if should_stop is not None and should_stop(seq, new_ids):
+        yield seq, None, "stop"
+        return False
+    if len(new_ids) == max_new:
+        yield seq, None, "length"
+        return False
+    return True
 
 
 def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts: GenerationOptions,

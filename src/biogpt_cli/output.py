@@ -227,9 +227,15 @@ class Renderer:
         self.prompts: Sequence[Prompt] = ()
 
     def begin(self, prompts: Sequence[Prompt]) -> None:
-        self.prompts, self.cur = prompts, 0
+        self.prompts, self.cur, self.opened = list(prompts), 0, -1
         self.text: dict[int, str] = {}
         self.done: dict[int, Completion] = {}
+        if self.console is not None:
+            self._open_row()
+
+    def add(self, prompt: Prompt) -> None:
+        """One more prompt (continuous batching reads them as rows free up)."""
+        self.prompts.append(prompt)
         if self.console is not None:
             self._open_row()
 
@@ -258,7 +264,8 @@ class Renderer:
         return record
 
     def _open_row(self) -> None:
-        if self.cur < len(self.prompts) * self.k:
+        if self.opened < self.cur < len(self.prompts) * self.k:
+            self.opened = self.cur
             text = Text(self.prompts[self.cur // self.k].text.rstrip(), style="bold")
             text.append(self.text.get(self.cur, ""))
             self.console.print(text, end="", soft_wrap=True)

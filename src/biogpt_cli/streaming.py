@@ -10,7 +10,7 @@ text in one go, so the concatenated stream equals it byte for byte.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .generation import GenerationOptions, Generators, beam_search, stream_tokens
@@ -125,18 +125,19 @@ def _through_stop(tokenizer: BioGptTokenizer, prompt: Sequence[int], ids: Sequen
     return list(ids[:n])
 
 
-def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, prompts: Sequence[Sequence[int]],
+def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, prompts: Iterable[Sequence[int]],
                        opts: GenerationOptions, stop: Sequence[str] = (),
-                       generator: Generators = None,
-                       progress: Callable[[int], None] | None = None) -> Iterator[TextEvent]:
+                       generator: Generators = None, progress: Callable[[int], None] | None = None,
+                       slots: int | None = None) -> Iterator[TextEvent]:
     """Generate for a batch of prompts, yielding text as it becomes final.
 
     Greedy and sampled sequences stream token by token and stop at a stop string. Beam search
     knows its winners only at the end: each yields its whole text once, cut at a stop string;
-    `progress(step)` follows its steps until then.
+    `progress(step)` follows its steps until then. `slots`: continuous batching (`stream_tokens`).
     """
     k = opts.num_return_sequences
     if opts.num_beams > 1:
+        prompts = list(prompts)
         for i, seqs in enumerate(beam_search(model, prompts, opts, progress)):
             for j, seq in enumerate(seqs):
                 text, stopped = continuation(tokenizer, prompts[i], seq.ids, stop)
@@ -144,12 +145,20 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, pro
                 reason = "stop" if stopped else seq.finish_reason
                 yield TextEvent(i * k + j, text, Completion(i, text, ids, reason))
         return
-    streams = [TextStream(tokenizer, prompts[r // k], stop) for r in range(len(prompts) * k)]
-    for row, token, reason in stream_tokens(model, prompts, opts, generator,
-                                            should_stop=lambda r, _: streams[r].stopped):
-        s = streams[row]
+    seen: list[Sequence[int]] = []
+    streams: dict[int, TextStream] = {}
+
+    def feed() -> Iterator[Sequence[int]]:
+        for p in prompts:
+            seen.append(p)
+            yield p
+
+    for row, token, reason in stream_tokens(model, feed(), opts, generator,
+                                            should_stop=lambda r, _: streams[r].stopped, slots=slots):
+        s = streams.get(row) or streams.setdefault(row, TextStream(tokenizer, seen[row // k], stop))
         if reason is None:
             yield TextEvent(row, s.add(token))
         else:
             text = s.finish()
             yield TextEvent(row, text, Completion(row // k, s.text, s.ids, "stop" if s.stopped else reason))
+            del streams[row]

@@ -273,7 +273,7 @@ class _Quieting:
 
     def __init__(self, renderer: Any, spinner: Any) -> None:
         self.renderer, self.spinner = renderer, spinner
-        self.begin = renderer.begin
+        self.begin, self.add = renderer.begin, renderer.add
 
     def event(self, ev: Any) -> None:
         self.spinner.stop()

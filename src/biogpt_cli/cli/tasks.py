@@ -49,7 +49,7 @@ from .generate import check_batch_options, input_identity, load_model, model_ide
 ExtractTask = Literal["bc5cdr", "ddi", "kd-dti"]
 EvalTask = Literal["pubmedqa", "hoc", "ddi", "kd-dti", "bc5cdr"]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", min=0,
-                                        help="New tokens at most; 0: until </s> or the model's limit.")]
+                                        help="New tokens at most; 0: until </s> or the positions left.")]
 
 
 @dataclasses.dataclass
@@ -89,7 +89,15 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
             return _classify_with_head(lm, tok, records, run, fmt)
         task = task_for(command_name, task_name, lm.config, run.model)
         limit = source_limit(task, lm.config)
-        opts = GenerationOptions(max_new_tokens=run.max_new_tokens, bad_words_ids=[[lm.config.pad_token_id]])
+        # -n 0: until </s> or the positions that the longest possible input (`</s>`, the source at its
+        # limit, the prompt tokens) leaves, as the release stops at the model's limit (at least 64:
+        # a source limit that leaves less, or a larger -n, shortens the source limit instead)
+        positions, prompt = lm.config.max_position_embeddings, len(tok.prompt_ids)
+        new = run.max_new_tokens or max(positions - (1 + limit + prompt), 64)
+        limit = min(limit, positions - 1 - prompt - new)
+        if limit < 2:
+            raise InputError(f"-n {new} leaves no room for a source in the model's {positions} positions")
+        opts = GenerationOptions(max_new_tokens=new, bad_words_ids=[[lm.config.pad_token_id]])
         unparsed = 0
 
         def job(p: Prompt) -> Any:

@@ -1,0 +1,70 @@
+"""Where a benchmark ran: the CPU (model, ISA level), threads, torch, and a measured memory-read
+bandwidth, which bounds how fast any kernel can decode (a step reads every weight once)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def cpu() -> tuple[str, set[str]]:
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return model, flags
+
+
+def isa(flags: set[str]) -> str:
+    extras = [f for f in ("avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8") if f in flags]
+    level = "amx" if "amx_tile" in flags else "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "-"
+    return level + (f" ({', '.join(extras)})" if extras else "")
+
+
+def bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second of a `sum` over a buffer far larger than any cache (best of `repeats`)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def describe(device: str = "cpu") -> dict:
+    model, flags = cpu()
+    info = {"cpu": model, "isa": isa(flags), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "read_bandwidth_gbps": round(bandwidth() / 1e9, 1)}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decoding step reads: every linear layer (whatever its kernel) once."""
+    total = 0
+    for m in model.modules():
+        name = type(m).__name__
+        if not (hasattr(m, "in_features") and hasattr(m, "out_features")) or name == "BioGptForCausalLM":
+            continue
+        n = m.in_features * m.out_features
+        if name == "Int4Linear":
+            total += n // 2 + m.scales_zeros.numel() * 2
+        elif name == "PackedLinear":
+            total += n * m.packed.element_size()
+        elif isinstance(m, nn.Linear):
+            total += n * m.weight.element_size()
+        else:  # torch.ao's dynamic int8 Linear
+            total += n
+    return total
