@@ -86,8 +86,7 @@ def generate(
     debug: DebugOpt = False,
 ) -> None:
     """Continue prompts: streamed to a terminal, whole lines or JSONL records otherwise."""
-
-    from ..generation import GenerationOptions, fit_prompt
+    from ..plans import generate_plan, generation_options
 
     sampling = {"--temperature": temperature, "--top-k": top_k, "--top-p": top_p, "--min-p": min_p, "--seed": seed}
     given = [name for name, value in sampling.items() if value is not None]
@@ -97,15 +96,13 @@ def generate(
     given = [name for name, value in beams.items() if value is not None]
     if given and num_beams == 1:
         raise UsageError(f"{', '.join(given)} only apply to beam search: add --num-beams N (N > 1)")
-    opts = GenerationOptions(
-        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-        length_penalty=1.0 if length_penalty is None else length_penalty, early_stopping=bool(early_stopping),
-        num_return_sequences=num_return_sequences, do_sample=sample,
-        temperature=1.0 if temperature is None else temperature, top_k=50 if top_k is None else top_k,
-        top_p=1.0 if top_p is None else top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size)
+    settings = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+                    length_penalty=length_penalty, early_stopping=early_stopping,
+                    num_return_sequences=num_return_sequences, sample=sample, temperature=temperature, top_k=top_k,
+                    top_p=top_p, min_p=min_p, seed=seed, repetition_penalty=repetition_penalty,
+                    no_repeat_ngram_size=no_repeat_ngram_size, stop=stop or [], ban=ban or [], truncate=truncate)
     try:
-        opts.validate()
+        generation_options(settings).validate()
     except BioGptError as e:
         raise UsageError(str(e)) from None
     torch_device = device_or_usage_error(device)
@@ -123,31 +120,13 @@ def generate(
 
     with prompt_source(prompt, input, input_format, errors) as prompts:  # a bad input fails before loading
         lm, tokenizer = load_model(model, revision, dtype, torch_device, quantize, verbose)
-        opts.bad_words_ids = [tokenizer.encode(b, add_special_tokens=False) for b in ban or () if b.strip()]
-        seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+        settings["seed"] = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
         if sample and verbose:
-            stderr.print(f"seed {seed}")
-
-        def job(p: Prompt) -> Any:
-            from ..batch import Job
-
-            full = tokenizer.encode(p.text)
-            ids = fit_prompt(full, opts.max_new_tokens, lm.config.max_position_embeddings, truncate)
-            if len(ids) < len(full):
-                stderr.print(f"warning: {where(p)}prompt of {len(full)} tokens cut to its last {len(ids) - 1}")
-            return Job(p, ids)
-
-        options = {k: v for k, v in vars(opts).items() if k != "bad_words_ids"}
-        run = {"command": "generate", **model_identity(lm, model, revision, dtype, quantize), "options": options,
-               "stop": stop or [], "ban": ban or [], "truncate": truncate, **input_identity(prompt, input),
-               **({"seed": seed} if sample else {})}
-        run_batch(lm, tokenizer, prompts, job, opts, run=run, output=output, fmt=fmt, force=force, resume=resume,
-                  batch_size=batch_size, stop=stop or (), seed=seed, verbose=verbose,
-                  sequences=num_return_sequences)
-
-
-def where(p: Prompt) -> str:
-    return f"line {p.line}: " if p.line else f"id {p.id}: " if p.id is not None else ""
+            stderr.print(f"seed {settings['seed']}")
+        plan = generate_plan(lm, tokenizer, settings, stderr.print)
+        run = {**plan.identity, **model_identity(lm, model, revision, dtype, quantize), **input_identity(prompt, input)}
+        run_batch(lm, tokenizer, prompts, plan, run=run, output=output, fmt=fmt, force=force, resume=resume,
+                  batch_size=batch_size, verbose=verbose)
 
 
 def check_batch_options(output: str | None, fmt: str, force: bool, resume: bool) -> None:
@@ -198,14 +177,15 @@ def prompt_source(prompt: str | None, path: str | None, input_format: InputForma
         yield read_prompts(f, input_name(path), jsonl, errors, text_field)
 
 
-def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], job: Callable[[Prompt], Any], opts: Any, *,
-              run: dict[str, Any], output: str | None, fmt: str, force: bool, resume: bool, batch_size: int,
-              stop: Any = (), seed: int | None = None, verbose: bool = False, sequences: int = 1,
-              blank: Callable[[Prompt], bool] = lambda p: not p.text.strip(), **renderer: Any) -> None:
-    """Jobs from `items` (blank ones skipped and counted) through the batch engine into the output;
-    `renderer` passes the record/line functions of a command's records to `output.Renderer`."""
+def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, run: dict[str, Any],
+              output: str | None, fmt: str, force: bool, resume: bool, batch_size: int, verbose: bool = False) -> None:
+    """A plan's jobs for `items` (blank ones skipped and counted) through the batch engine into
+    the output file (with its manifest) or stdout, live on a terminal."""
     from .. import batch
     from ..output import Renderer, open_output, write_manifest
+    from ..plans import where
+
+    opts, sequences = plan.opts, plan.opts.num_return_sequences
 
     writer, done = open_output(output, force=force, resume=resume, group=sequences, run=run)
     if resume and output is not None:
@@ -213,17 +193,17 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], job: Callable[[P
                      "finishing the rest")
     live = output is None and fmt == "text" and sys.stdout.isatty()
     render = Renderer(fmt, None if live else writer, Console(highlight=False) if live else None, sequences,
-                      **renderer)
+                      plan.record, plan.line, plan.summary)
     skipped = 0
 
     def jobs() -> Iterator[Any]:
         nonlocal skipped
         for p in items:
-            if blank(p):
+            if plan.blank(p):
                 skipped += 1
             elif p.key not in done:
                 try:
-                    yield job(p)
+                    yield plan.job(p)
                 except InputError as e:
                     raise InputError(f"{where(p)}{e}") from None
 
@@ -232,7 +212,7 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], job: Callable[[P
     try:
         with spinner or contextlib.nullcontext():
             stats = batch.run(lm, tokenizer, jobs(), opts, _Quieting(render, spinner) if spinner else render,
-                              batch_size=batch_size, stop=stop, seed=seed, done=done,
+                              batch_size=batch_size, stop=plan.stop, seed=plan.seed, done=done,
                               progress=_beam_progress(spinner))
         status = "complete"
     except (KeyboardInterrupt, Quit) as e:
@@ -251,6 +231,9 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], job: Callable[[P
                            updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if skipped:
             stderr.print(f"note: skipped {skipped} blank line{'s' * (skipped > 1)}")
+        if plan.unparsed[0]:
+            n, task = plan.unparsed[0], plan.identity.get("task")
+            stderr.print(f"note: {n} output{'s' * (n > 1)} did not parse as a {task} answer (a null result)")
     if verbose:
         stderr.print(stats.summary())
         if output is not None:

@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 
-from ..errors import InputError
 from ..hub import DEFAULT_MODEL
 from ..inputs import Prompt, input_name, open_input, read_lines
 from .common import (
@@ -47,8 +46,8 @@ def score(
 ) -> None:
     """Per line: tokens, mean negative log-likelihood, perplexity. With --choices: their probabilities."""
     from ..batch import batches
-    from ..generation import fit_prompt
-    from ..scoring import choice_probabilities, sequence_nll
+    from ..plans import score_records
+    from ..scoring import choice_probabilities
 
     options = [c.strip() for c in choices.split(",")] if choices is not None else None
     if options is not None and (prompt is None or len(options) < 2 or not all(options)):
@@ -66,32 +65,17 @@ def score(
         return
     file = file or "-"
     name = input_name(file)
-    limit = lm.config.max_position_embeddings
     if fmt == "text" and sys.stdout.isatty():
         stderr.print("tokens\tnll\tppl", style="bold")
     skipped = 0
     with open_input(file) as f:
         lines = (Prompt(n, t) for n, t in read_lines(f, name, errors))
-        for batch in batches(lines, batch_size):
-            kept, ids = [], []
-            for p in batch:
-                if not p.text.strip():
-                    skipped += 1
-                    continue
-                try:
-                    full = tok.encode(p.text)
-                    ids.append(fit_prompt(full, 0, limit, truncate))
-                except InputError as e:
-                    raise InputError(f"{name}: line {p.line}: {e}") from None
-                if len(ids[-1]) < len(full):
-                    stderr.print(f"warning: line {p.line}: {len(full)} tokens cut to the last {len(ids[-1]) - 1}")
-                kept.append(p)
-            for p, (count, nll) in zip(kept, sequence_nll(lm, ids) if ids else [], strict=True):
-                finite = math.isfinite(nll)
-                if fmt == "jsonl":
-                    out(json.dumps({"line": p.line, "tokens": count, "nll": nll if finite else None,
-                                    "ppl": math.exp(nll) if finite else None}) + "\n")
-                else:
-                    out(f"{count}\t{nll:.6f}\t{math.exp(nll) if finite else math.nan:.4f}\n")
+        for group in batches(lines, batch_size):
+            kept = [p for p in group if p.text.strip()]
+            skipped += len(group) - len(kept)
+            for r in score_records(lm, tok, kept, batch_size, truncate, stderr.print):
+                nll = math.nan if r["nll"] is None else r["nll"]
+                out(json.dumps(r) + "\n" if fmt == "jsonl"
+                    else f"{r['tokens']}\t{nll:.6f}\t{math.exp(nll) if math.isfinite(nll) else math.nan:.4f}\n")
     if skipped:
         stderr.print(f"note: skipped {skipped} blank line{'s' * (skipped > 1)}")

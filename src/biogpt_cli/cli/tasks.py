@@ -75,8 +75,7 @@ class TaskRun:
 
 def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextlib.AbstractContextManager) -> None:
     """Check options, open the input, load the model, then run the task over every record."""
-    from ..generation import GenerationOptions
-    from ..tasks import build_input, parse, render, source_limit, task_for
+    from ..plans import task_plan
 
     torch_device = device_or_usage_error(run.device)
     check_precision(run.quantize, run.dtype, torch_device)
@@ -87,49 +86,13 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
         head = lm.config.architecture in ("BioGptForSequenceClassification", "BioGptForTokenClassification")
         if command_name == "classify" and head:
             return _classify_with_head(lm, tok, records, run, fmt)
-        task = task_for(command_name, task_name, lm.config, run.model)
-        limit = source_limit(task, lm.config)
-        # -n 0: until </s> or the positions that the longest possible input (`</s>`, the source at its
-        # limit, the prompt tokens) leaves, as the release stops at the model's limit (at least 64:
-        # a source limit that leaves less, or a larger -n, shortens the source limit instead)
-        positions, prompt = lm.config.max_position_embeddings, len(tok.prompt_ids)
-        new = run.max_new_tokens or max(positions - (1 + limit + prompt), 64)
-        limit = min(limit, positions - 1 - prompt - new)
-        if limit < 2:
-            raise InputError(f"-n {new} leaves no room for a source in the model's {positions} positions")
-        opts = GenerationOptions(max_new_tokens=new, bad_words_ids=[[lm.config.pad_token_id]])
-        unparsed = 0
-
-        def job(p: Prompt) -> Any:
-            from ..batch import Job
-
-            shown = next((p.fields[k] for k in ("question", "title", "text", "abstract")
-                          if isinstance(p.fields.get(k), str)), "")
-            return Job(dataclasses.replace(p, text=shown[:200]), build_input(task, tok, p.fields, limit))
-
-        def result(done: Any) -> Any:
-            nonlocal unparsed
-            value = parse(task, tok.decode(done.ids))  # learned tokens shown: the release strips their echoes
-            unparsed += value is None
-            return value
-
-        def record(p: Prompt, done: Any) -> dict[str, Any]:
-            from ..output import base_record
-
-            return {**base_record(p, done), task.result: result(done)}
-
-        identity = {"command": command_name, "task": task.name, "source_limit": limit,
-                    **model_identity(lm, run.model, run.revision, run.dtype, run.quantize),
-                    "max_new_tokens": run.max_new_tokens, **input_identity(None, run.input)}
-        try:
-            run_batch(lm, tok, records, job, opts, run=identity, output=run.output, fmt=fmt, force=run.force,
-                      resume=run.resume, batch_size=run.batch_size, verbose=run.verbose, blank=lambda p: not p.fields,
-                      record=record, line=lambda p, done: render(task, result(done)),
-                      summary=lambda p, done: f"{task.result}: {json.dumps(result(done), ensure_ascii=False)}")
-        finally:
-            if unparsed:
-                stderr.print(f"note: {unparsed} output{'s' * (unparsed > 1)} did not parse as a {task.name} answer "
-                             f"({task.result}: null)")
+        settings = {"command": command_name, "task": task_name, "model": run.model,
+                    "max_new_tokens": run.max_new_tokens}
+        plan = task_plan(lm, tok, settings, stderr.print)
+        identity = {**plan.identity, **model_identity(lm, run.model, run.revision, run.dtype, run.quantize),
+                    **input_identity(None, run.input)}
+        run_batch(lm, tok, records, plan, run=identity, output=run.output, fmt=fmt, force=run.force,
+                  resume=run.resume, batch_size=run.batch_size, verbose=run.verbose)
 
 
 def _classify_with_head(lm: Any, tok: Any, records: Iterator[Prompt], run: TaskRun, fmt: str) -> None:

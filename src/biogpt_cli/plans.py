@@ -1,0 +1,165 @@
+"""What a batch command does with each input record, apart from where records come from and go.
+
+A plan is built from a loaded model and plain settings (the command's options, picklable), so the
+local command and a Ray worker build the same plan and write the same records: `generate`, the
+task commands (`qa`, `extract`, `classify` on a task checkpoint) and `score`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .batch import Job, batches, run
+from .errors import InputError
+from .generation import GenerationOptions, fit_prompt
+from .inputs import Prompt
+from .output import LineFn, RecordFn, Renderer, base_record, generation_line, generation_record
+from .streaming import Completion
+
+Warn = Callable[[str], None]
+
+
+@dataclass
+class Plan:
+    opts: GenerationOptions
+    job: Callable[[Prompt], Job]  # the model input of a record; InputError for a bad one
+    record: RecordFn = generation_record  # a finished sequence's JSONL record
+    line: LineFn = generation_line  # ... or its plain-text line
+    summary: LineFn | None = None  # shown after the live text on a terminal
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    blank: Callable[[Prompt], bool] = lambda p: not p.text.strip()
+    identity: dict[str, Any] = field(default_factory=dict)  # what defines the run, for its manifest
+    unparsed: list[int] = field(default_factory=lambda: [0])  # task outputs that did not parse
+
+
+def where(p: Prompt) -> str:
+    return f"line {p.line}: " if p.line else f"id {p.id}: " if p.id is not None else ""
+
+
+def generation_options(s: dict[str, Any]) -> GenerationOptions:
+    """`generate`'s decoding settings, with the reference's defaults for what was not given."""
+    return GenerationOptions(
+        max_new_tokens=s["max_new_tokens"], min_new_tokens=s.get("min_new_tokens", 0),
+        num_beams=s.get("num_beams", 1), length_penalty=s.get("length_penalty") or 1.0,
+        early_stopping=bool(s.get("early_stopping")), num_return_sequences=s.get("num_return_sequences", 1),
+        do_sample=bool(s.get("sample")), temperature=s.get("temperature") or 1.0,
+        top_k=50 if s.get("top_k") is None else s["top_k"], top_p=s.get("top_p") or 1.0, min_p=s.get("min_p"),
+        repetition_penalty=s.get("repetition_penalty", 1.0), no_repeat_ngram_size=s.get("no_repeat_ngram_size", 0))
+
+
+def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
+    opts = generation_options(s)
+    opts.bad_words_ids = [tok.encode(b, add_special_tokens=False) for b in s.get("ban") or () if b.strip()]
+
+    def job(p: Prompt) -> Job:
+        full = tok.encode(p.text)
+        ids = fit_prompt(full, opts.max_new_tokens, lm.config.max_position_embeddings, s.get("truncate", False))
+        if len(ids) < len(full):
+            warn(f"warning: {where(p)}prompt of {len(full)} tokens cut to its last {len(ids) - 1}")
+        return Job(p, ids)
+
+    options = {k: v for k, v in vars(opts).items() if k != "bad_words_ids"}
+    identity = {"command": "generate", "options": options, "stop": s.get("stop") or [], "ban": s.get("ban") or [],
+                "truncate": s.get("truncate", False), **({"seed": s["seed"]} if opts.do_sample else {})}
+    return Plan(opts, job, stop=tuple(s.get("stop") or ()), seed=s.get("seed"), identity=identity)
+
+
+def task_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
+    """A task command on a fine-tuned checkpoint: the release's input, greedy to `</s>` with
+    `<pad>` banned, the release's post-processing (tasks.py)."""
+    from .tasks import build_input, parse, render, source_limit, task_for
+
+    task = task_for(s["command"], s.get("task"), lm.config, s["model"])
+    limit = source_limit(task, lm.config)
+    # -n 0: until </s> or the positions that the longest possible input (`</s>`, the source at its
+    # limit, the prompt tokens) leaves, as the release stops at the model's limit (at least 64: a
+    # source limit that leaves less, or a larger -n, shortens the source limit instead)
+    positions, prompt = lm.config.max_position_embeddings, len(tok.prompt_ids)
+    new = s.get("max_new_tokens") or max(positions - (1 + limit + prompt), 64)
+    limit = min(limit, positions - 1 - prompt - new)
+    if limit < 2:
+        raise InputError(f"-n {new} leaves no room for a source in the model's {positions} positions")
+    unparsed = [0]
+
+    def job(p: Prompt) -> Job:
+        shown = next((p.fields[k] for k in ("question", "title", "text", "abstract")
+                      if isinstance(p.fields.get(k), str)), "")
+        return Job(Prompt(p.line, shown[:200], p.id, p.fields), build_input(task, tok, p.fields, limit))
+
+    def result(done: Completion) -> Any:
+        value = parse(task, tok.decode(done.ids))  # learned tokens shown: the release strips their echoes
+        unparsed[0] += value is None
+        return value
+
+    identity = {"command": s["command"], "task": task.name, "source_limit": limit, "max_new_tokens": new}
+    return Plan(GenerationOptions(max_new_tokens=new, bad_words_ids=[[lm.config.pad_token_id]]), job,
+                record=lambda p, done: {**base_record(p, done), task.result: result(done)},
+                line=lambda p, done: render(task, result(done)),
+                summary=lambda p, done: f"{task.result}: {json.dumps(result(done), ensure_ascii=False)}",
+                blank=lambda p: not p.fields, identity=identity, unparsed=unparsed)
+
+
+PLANS = {"generate": generate_plan, "qa": task_plan, "extract": task_plan, "classify": task_plan}
+
+
+class MemoryWriter:
+    """A LineWriter that keeps the lines (a Ray worker writes them as one part file)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.records = 0
+
+    def write(self, text: str, records: int = 1) -> None:
+        self.lines.append(text)
+        self.records += records
+
+
+def generated_records(lm: Any, tok: Any, plan: Plan, items: list[Prompt], batch_size: int) -> list[str]:
+    """JSONL lines for `items`, in order: a record that cannot be built (too long, bad fields)
+    becomes `{"id"/"line", "error"}` instead of failing the others."""
+    jobs, errors = [], {}
+    for i, p in enumerate(items):
+        try:
+            jobs.append(plan.job(p))
+        except InputError as e:
+            errors[i] = {**({"line": p.line} if p.line else {}), **({"id": p.id} if p.id is not None else {}),
+                         "error": str(e)}
+    writer = MemoryWriter()
+    k = plan.opts.num_return_sequences
+    run(lm, tok, jobs, plan.opts, Renderer("jsonl", writer, None, k, plan.record, plan.line),
+        batch_size=batch_size, stop=plan.stop, seed=plan.seed)
+    done = iter("".join(writer.lines).splitlines(keepends=True))
+    out = []
+    for i in range(len(items)):
+        out.extend([json.dumps(errors[i], ensure_ascii=False) + "\n"] if i in errors
+                   else [next(done) for _ in range(k)])
+    return out
+
+
+def score_records(lm: Any, tok: Any, items: list[Prompt], batch_size: int, truncate: bool,
+                  warn: Warn) -> list[dict[str, Any]]:
+    """`score`'s record per non-blank item: tokens, mean NLL and perplexity (None when the text
+    predicts nothing); with `truncate`, an over-long text is scored on its end."""
+    from .scoring import sequence_nll
+
+    limit, out = lm.config.max_position_embeddings, []
+    for group in batches(iter(items), batch_size):
+        ids = []
+        for p in group:
+            try:
+                full = tok.encode(p.text)
+                ids.append(fit_prompt(full, 0, limit, truncate))
+            except InputError as e:
+                raise InputError(f"{where(p)}{e}") from None
+            if len(ids[-1]) < len(full):
+                warn(f"warning: {where(p)}{len(full)} tokens cut to the last {len(ids[-1]) - 1}")
+        for p, (count, nll) in zip(group, sequence_nll(lm, ids), strict=True):
+            finite = math.isfinite(nll)
+            out.append({**({"line": p.line} if p.line else {}), **({"id": p.id} if p.id is not None else {}),
+                        "tokens": count, "nll": nll if finite else None, "ppl": math.exp(nll) if finite else None})
+    return out
