@@ -22,10 +22,10 @@ from biogpt_cli.scoring import token_logprobs
 SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
              max_position_embeddings=256)
 HELD_OUT = 100
-SEQ = 96
+SEQ = 64
 
 
-def train(vocab_folder: Path, lines: list[str], folder: Path, steps: int = 600) -> Path:
+def train(vocab_folder: Path, lines: list[str], folder: Path, steps: int = 300) -> Path:
     """Train on all but the last HELD_OUT lines; saved in the Hub layout in `folder` (reused)."""
     from safetensors.torch import save_file
 
