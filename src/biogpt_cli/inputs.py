@@ -53,6 +53,12 @@ def open_input(path: str) -> Iterator[BinaryIO]:
         yield f
 
 
+def count_lines(path: str) -> int:
+    """Lines in a file (a progress bar's total), read in large chunks."""
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
 def read_lines(f: BinaryIO, name: str, errors: str = "strict") -> Iterator[tuple[int, str]]:
     """(line number, text without its line ending). Invalid UTF-8 names the line unless `errors`
     is "replace" (U+FFFD for each bad byte)."""

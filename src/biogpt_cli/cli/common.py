@@ -4,9 +4,11 @@ loaded model (kept for the process)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
 import typer
@@ -57,6 +59,52 @@ DTypeOpt = Annotated[DType, typer.Option(help="Weight precision.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")]
 QuantizeOpt = Annotated[Quantize, typer.Option(help="CPU weights: int8 (dynamic) or int4 (group-wise).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Load time, counts and speed on stderr.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar on a terminal.")]
+EngineOpt = Annotated[Literal["local", "ray"], typer.Option(help="ray: a Ray cluster (-i JSONL, -o FOLDER).")]
+AddressOpt = Annotated[str | None, typer.Option(help="Ray cluster address [RAY_ADDRESS, else a local one].")]
+WorkersOpt = Annotated[int, typer.Option(min=1, help="Ray: worker actors, each with the model loaded.")]
+CpusOpt = Annotated[float, typer.Option(min=0, help="Ray: CPUs per worker (also its torch threads).")]
+GpusOpt = Annotated[float, typer.Option(min=0, help="Ray: GPUs per worker (0: CPU workers).")]
+
+
+@dataclasses.dataclass
+class Engine:
+    """Where a batch command runs: here, or on a Ray cluster (cluster.py)."""
+
+    engine: str = "local"
+    address: str | None = None
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    quiet: bool = False
+
+
+@contextlib.contextmanager
+def progress(total: int | None, quiet: bool, unit: str = "items") -> Iterator[Callable[..., None]]:
+    """A progress bar on stderr (done / total, rate, elapsed, ETA) when stderr is a terminal and
+    not `quiet`; `update(done, tokens=...)` moves it. Nothing at all otherwise: stdout stays clean."""
+    if quiet or not stderr.is_terminal:
+        yield lambda done, tokens=0, total=None: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [TextColumn(unit), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    start = time.perf_counter()
+    with Progress(*columns, console=stderr, transient=False) as bar:
+        task = bar.add_task(unit, total=total, rate="")
+
+        def update(done: int, tokens: int = 0, total: int | None = None) -> None:
+            rate = f"{tokens / (time.perf_counter() - start):.1f} tok/s" if tokens else ""
+            bar.update(task, completed=done, rate=rate, **({"total": total} if total is not None else {}))
+        yield update
 
 
 def command(fn: Callable[..., None]) -> Callable[..., None]:
@@ -108,3 +156,31 @@ def load(model: str, revision: str | None, dtype: str, device: Any, quantize: st
     with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else contextlib.nullcontext():
         return load_pretrained(model, revision=revision, dtype=dtype, device=device, quantize=quantize)
 
+
+
+def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model: str, revision: str | None,
+               dtype: str, device: str, quantize: str, input: str | None, output: str | None,
+               batch_size: int) -> None:
+    """A batch command on Ray: the same plan in every worker, part files in the -o folder."""
+    from .. import cluster
+    from ..config import BioGptConfig
+    from ..loading import describe
+
+    if input is None or input == "-":
+        raise UsageError("--engine ray reads a JSONL file or a folder of them: give -i PATH")
+    if output is None:
+        raise UsageError("--engine ray writes a folder of JSONL part files: give -o FOLDER")
+    cluster.ray_module()
+    config = BioGptConfig.from_dict(describe(model, revision)["config"])  # a model that cannot load fails now
+    if command in ("qa", "extract", "classify"):
+        from ..tasks import task_for
+
+        task_for(command, settings.get("task"), config, model)
+    load = {"path_or_id": model, "revision": revision, "dtype": dtype, "quantize": quantize,
+            "device": "cuda" if engine.gpus_per_worker else device}
+    with progress(None, engine.quiet, "records") as update:
+        now, before = cluster.run(command, settings, load, input, output, address=engine.address,
+                                  workers=engine.workers, cpus_per_worker=engine.cpus_per_worker,
+                                  gpus_per_worker=engine.gpus_per_worker, batch_size=batch_size,
+                                  progress=lambda done, total: update(done, total=total))
+    stderr.print(f"{now} records written to {output}" + (f" ({before} were there already)" if before else ""))

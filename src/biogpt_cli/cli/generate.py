@@ -17,15 +17,20 @@ from rich.console import Console
 
 from ..errors import BioGptError, InputError
 from ..hub import DEFAULT_MODEL
-from ..inputs import Prompt, input_name, open_input, read_prompts
+from ..inputs import Prompt, count_lines, input_name, open_input, read_prompts
 from .common import (
     ARGV,
+    AddressOpt,
     BatchOpt,
+    CpusOpt,
     DebugOpt,
     DeviceOpt,
     DTypeOpt,
+    Engine,
+    EngineOpt,
     ErrorsOpt,
     ForceOpt,
+    GpusOpt,
     InputFormat,
     InputFormatOpt,
     InputOpt,
@@ -33,16 +38,20 @@ from .common import (
     OutputFormatOpt,
     OutputOpt,
     QuantizeOpt,
+    QuietOpt,
     Quit,
     ResumeOpt,
     RevisionOpt,
     UsageError,
     VerboseOpt,
+    WorkersOpt,
     check_precision,
     command,
     device_or_usage_error,
     load,
     output_format,
+    progress,
+    run_on_ray,
     stderr,
 )
 
@@ -83,6 +92,12 @@ def generate(
     quantize: QuantizeOpt = "none",
     errors: ErrorsOpt = "strict",
     verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
+    workers: WorkersOpt = 1,
+    cpus_per_worker: CpusOpt = 1.0,
+    gpus_per_worker: GpusOpt = 0.0,
     debug: DebugOpt = False,
 ) -> None:
     """Continue prompts: streamed to a terminal, whole lines or JSONL records otherwise."""
@@ -107,6 +122,11 @@ def generate(
         raise UsageError(str(e)) from None
     torch_device = device_or_usage_error(device)
     check_precision(quantize, dtype, torch_device)
+    if engine == "ray":
+        settings["seed"] = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+        return run_on_ray("generate", settings, Engine(engine, address, workers, cpus_per_worker, gpus_per_worker,
+                                                       quiet), model=model, revision=revision, dtype=dtype,
+                          device=device, quantize=quantize, input=input, output=output, batch_size=batch_size)
     fmt = output_format(fmt, output)
     check_batch_options(output, fmt, force, resume)
     if prompt is not None and input is not None:
@@ -126,7 +146,7 @@ def generate(
         plan = generate_plan(lm, tokenizer, settings, stderr.print)
         run = {**plan.identity, **model_identity(lm, model, revision, dtype, quantize), **input_identity(prompt, input)}
         run_batch(lm, tokenizer, prompts, plan, run=run, output=output, fmt=fmt, force=force, resume=resume,
-                  batch_size=batch_size, verbose=verbose)
+                  batch_size=batch_size, verbose=verbose, total=progress_total(input, output), quiet=quiet)
 
 
 def check_batch_options(output: str | None, fmt: str, force: bool, resume: bool) -> None:
@@ -177,10 +197,17 @@ def prompt_source(prompt: str | None, path: str | None, input_format: InputForma
         yield read_prompts(f, input_name(path), jsonl, errors, text_field)
 
 
+def progress_total(input: str | None, output: str | None) -> int | None:
+    """What a progress bar counts to: the lines of an input file written to an output file."""
+    return None if input in (None, "-") or output is None else count_lines(input)
+
+
 def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, run: dict[str, Any],
-              output: str | None, fmt: str, force: bool, resume: bool, batch_size: int, verbose: bool = False) -> None:
+              output: str | None, fmt: str, force: bool, resume: bool, batch_size: int, verbose: bool = False,
+              total: int | None = None, quiet: bool = False) -> None:
     """A plan's jobs for `items` (blank ones skipped and counted) through the batch engine into
-    the output file (with its manifest) or stdout, live on a terminal."""
+    the output file (with its manifest) or stdout, live on a terminal; with an output file and a
+    `total`, a progress bar on stderr."""
     from .. import batch
     from ..output import Renderer, open_output, write_manifest
     from ..plans import where
@@ -210,10 +237,10 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
     status = "interrupted"
     spinner = stderr.status("beam search", spinner="dots") if live and opts.num_beams > 1 else None
     try:
-        with spinner or contextlib.nullcontext():
-            stats = batch.run(lm, tokenizer, jobs(), opts, _Quieting(render, spinner) if spinner else render,
-                              batch_size=batch_size, stop=plan.stop, seed=plan.seed, done=done,
-                              progress=_beam_progress(spinner))
+        with spinner or contextlib.nullcontext(), progress(total, quiet or total is None, "records") as update:
+            shown = _Quieting(render, spinner) if spinner else _Counting(render, update, len(done))
+            stats = batch.run(lm, tokenizer, jobs(), opts, shown, batch_size=batch_size, stop=plan.stop,
+                              seed=plan.seed, done=done, progress=_beam_progress(spinner))
         status = "complete"
     except (KeyboardInterrupt, Quit) as e:
         if live:
@@ -249,6 +276,21 @@ def _beam_progress(spinner: Any) -> Callable[[int], None] | None:
         spinner.update(f"beam search: step {step}")
         spinner.start()  # again, after a previous batch's winners stopped it
     return show
+
+
+class _Counting:
+    """A renderer that moves the progress bar as prompts finish."""
+
+    def __init__(self, renderer: Any, update: Callable[..., None], done: int) -> None:
+        self.renderer, self.update, self.done, self.tokens = renderer, update, done, 0
+        self.begin, self.add = renderer.begin, renderer.add
+
+    def event(self, ev: Any) -> None:
+        self.renderer.event(ev)
+        if ev.done is not None:
+            self.done += 1
+            self.tokens += len(ev.done.ids)
+            self.update(self.done, self.tokens)
 
 
 class _Quieting:

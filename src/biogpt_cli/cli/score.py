@@ -12,19 +12,28 @@ import typer
 from ..hub import DEFAULT_MODEL
 from ..inputs import Prompt, input_name, open_input, read_lines
 from .common import (
+    AddressOpt,
     BatchOpt,
+    CpusOpt,
     DebugOpt,
     DeviceOpt,
     DTypeOpt,
+    Engine,
+    EngineOpt,
     ErrorsOpt,
     FormatOpt,
+    GpusOpt,
     ModelOpt,
+    OutputOpt,
+    QuietOpt,
     RevisionOpt,
     UsageError,
+    WorkersOpt,
     command,
     device_or_usage_error,
     load,
     out,
+    run_on_ray,
     stderr,
 )
 
@@ -42,6 +51,13 @@ def score(
     dtype: DTypeOpt = "float32",
     device: DeviceOpt = "cpu",
     errors: ErrorsOpt = "strict",
+    quiet: QuietOpt = False,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
+    workers: WorkersOpt = 1,
+    cpus_per_worker: CpusOpt = 1.0,
+    gpus_per_worker: GpusOpt = 0.0,
+    output: OutputOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Per line: tokens, mean negative log-likelihood, perplexity. With --choices: their probabilities."""
@@ -57,6 +73,13 @@ def score(
     if options is not None and file is not None:
         raise UsageError("--choices scores the continuations of --prompt; it reads no FILE: drop one")
     torch_device = device_or_usage_error(device)
+    if engine == "ray":
+        return run_on_ray("score", {"truncate": truncate}, Engine(engine, address, workers, cpus_per_worker,
+                                                                  gpus_per_worker, quiet),
+                          model=model, revision=revision, dtype=dtype, device=device, quantize="none", input=file,
+                          output=output, batch_size=batch_size)
+    if output is not None:
+        raise UsageError("score writes to stdout; -o FOLDER is for --engine ray")
     lm, tok = load(model, revision, dtype, torch_device)
     if options is not None:
         probs = choice_probabilities(lm, tok.encode(prompt), [tok.encode(c, add_special_tokens=False) for c in options])

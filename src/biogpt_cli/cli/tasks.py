@@ -21,30 +21,46 @@ from ..errors import InputError
 from ..hub import DEFAULT_MODEL
 from ..inputs import Prompt
 from .common import (
+    AddressOpt,
     BatchOpt,
+    CpusOpt,
     DebugOpt,
     DeviceOpt,
     DTypeOpt,
+    Engine,
+    EngineOpt,
     ErrorsOpt,
     ForceOpt,
+    GpusOpt,
     InputFormatOpt,
     InputOpt,
     ModelOpt,
     OutputFormatOpt,
     OutputOpt,
     QuantizeOpt,
+    QuietOpt,
     ResumeOpt,
     RevisionOpt,
     UsageError,
     VerboseOpt,
+    WorkersOpt,
     check_precision,
     command,
     device_or_usage_error,
     out,
     output_format,
+    run_on_ray,
     stderr,
 )
-from .generate import check_batch_options, input_identity, load_model, model_identity, prompt_source, run_batch
+from .generate import (
+    check_batch_options,
+    input_identity,
+    load_model,
+    model_identity,
+    progress_total,
+    prompt_source,
+    run_batch,
+)
 
 ExtractTask = Literal["bc5cdr", "ddi", "kd-dti"]
 EvalTask = Literal["pubmedqa", "hoc", "ddi", "kd-dti", "bc5cdr"]
@@ -71,6 +87,7 @@ class TaskRun:
     quantize: str
     errors: str
     verbose: bool
+    engine: Engine
 
 
 def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextlib.AbstractContextManager) -> None:
@@ -79,6 +96,11 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
 
     torch_device = device_or_usage_error(run.device)
     check_precision(run.quantize, run.dtype, torch_device)
+    settings = {"command": command_name, "task": task_name, "model": run.model, "max_new_tokens": run.max_new_tokens}
+    if run.engine.engine == "ray":
+        return run_on_ray(command_name, settings, run.engine, model=run.model, revision=run.revision, dtype=run.dtype,
+                          device=run.device, quantize=run.quantize, input=run.input, output=run.output,
+                          batch_size=run.batch_size)
     fmt = output_format(run.fmt, run.output)  # type: ignore[arg-type]
     check_batch_options(run.output, fmt, run.force, run.resume)
     with items as records:
@@ -86,13 +108,12 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
         head = lm.config.architecture in ("BioGptForSequenceClassification", "BioGptForTokenClassification")
         if command_name == "classify" and head:
             return _classify_with_head(lm, tok, records, run, fmt)
-        settings = {"command": command_name, "task": task_name, "model": run.model,
-                    "max_new_tokens": run.max_new_tokens}
         plan = task_plan(lm, tok, settings, stderr.print)
         identity = {**plan.identity, **model_identity(lm, run.model, run.revision, run.dtype, run.quantize),
                     **input_identity(None, run.input)}
         run_batch(lm, tok, records, plan, run=identity, output=run.output, fmt=fmt, force=run.force,
-                  resume=run.resume, batch_size=run.batch_size, verbose=run.verbose)
+                  resume=run.resume, batch_size=run.batch_size, verbose=run.verbose,
+                  total=progress_total(run.input, run.output), quiet=run.engine.quiet)
 
 
 def _classify_with_head(lm: Any, tok: Any, records: Iterator[Prompt], run: TaskRun, fmt: str) -> None:
@@ -172,7 +193,9 @@ def qa(
     input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
     force: ForceOpt = False, resume: ResumeOpt = False, batch_size: BatchOpt = 8, max_new_tokens: MaxNewOpt = 0,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
-    errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, debug: DebugOpt = False,
+    errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, quiet: QuietOpt = False, engine: EngineOpt = "local",
+    address: AddressOpt = None, workers: WorkersOpt = 1, cpus_per_worker: CpusOpt = 1.0,
+    gpus_per_worker: GpusOpt = 0.0, debug: DebugOpt = False,
 ) -> None:
     """PubMedQA: yes, no or maybe, from a fine-tuned QA checkpoint. Input: JSONL with question,
     context (and long_answer), or the official PubMedQA JSON file."""
@@ -182,7 +205,8 @@ def qa(
     if long_answer is not None and question is None:
         raise UsageError("--long-answer goes with --question and --context")
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
-                  dtype, device, quantize, errors, verbose)
+                  dtype, device, quantize, errors, verbose,
+                  Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet))
     if input is not None and input.endswith(".json"):
         if fields:
             raise UsageError("give the input on the command line or with --input, not both")
@@ -201,12 +225,15 @@ def extract(
     input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
     force: ForceOpt = False, resume: ResumeOpt = False, batch_size: BatchOpt = 8, max_new_tokens: MaxNewOpt = 0,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
-    errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, debug: DebugOpt = False,
+    errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, quiet: QuietOpt = False, engine: EngineOpt = "local",
+    address: AddressOpt = None, workers: WorkersOpt = 1, cpus_per_worker: CpusOpt = 1.0,
+    gpus_per_worker: GpusOpt = 0.0, debug: DebugOpt = False,
 ) -> None:
     """Relations (head, relation, tail) from an RE checkpoint: BC5CDR, DDI or KD-DTI. Input: JSONL
     with title and abstract (or text), or plain text lines."""
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
-                  dtype, device, quantize, errors, verbose)
+                  dtype, device, quantize, errors, verbose,
+                  Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet))
     _run("extract", task, run, _items(text, None, input, input_format, errors))
 
 
@@ -218,12 +245,15 @@ def classify(
     input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
     force: ForceOpt = False, resume: ResumeOpt = False, batch_size: BatchOpt = 8, max_new_tokens: MaxNewOpt = 0,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
-    errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, debug: DebugOpt = False,
+    errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, quiet: QuietOpt = False, engine: EngineOpt = "local",
+    address: AddressOpt = None, workers: WorkersOpt = 1, cpus_per_worker: CpusOpt = 1.0,
+    gpus_per_worker: GpusOpt = 0.0, debug: DebugOpt = False,
 ) -> None:
     """HoC labels from the DC-HoC checkpoint, or label + scores / entities from a checkpoint with a
     classification head. Input: JSONL with text, or plain text lines."""
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
-                  dtype, device, quantize, errors, verbose)
+                  dtype, device, quantize, errors, verbose,
+                  Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet))
     _run("classify", None, run, _items(text, None, input, input_format, errors))
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from typing import Annotated, Any
 
 import typer
 
 from ..errors import InputError
 from ..hub import DEFAULT_MODEL
-from ..inputs import input_name, open_input, parallel_map, read_lines
-from .common import DebugOpt, ErrorsOpt, FileArg, FormatOpt, ModelOpt, RevisionOpt, command, out
+from ..inputs import count_lines, input_name, open_input, parallel_map, read_lines
+from .common import DebugOpt, ErrorsOpt, FileArg, FormatOpt, ModelOpt, QuietOpt, RevisionOpt, command, out, progress
 
 
 def _tokenizer(model: str, revision: str | None) -> Any:
@@ -30,15 +31,19 @@ def tokenize(
     fmt: FormatOpt = "text",
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes (output order kept).")] = 1,
     errors: ErrorsOpt = "strict",
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Moses + BPE ids (exactly the reference's input_ids), one output line per input line."""
     name = input_name(file)
     render = functools.partial(_tokenize_line, _tokenizer(model, revision), not no_special,
                                "jsonl" if fmt == "jsonl" else "tokens" if tokens else "ids", name)
-    with open_input(file) as f:
-        for line in parallel_map(render, read_lines(f, name, errors), jobs):
+    total = None if file == "-" or sys.stdout.isatty() else count_lines(file)
+    with open_input(file) as f, progress(total, quiet or total is None, "lines") as update:
+        for n, line in enumerate(parallel_map(render, read_lines(f, name, errors), jobs), 1):
             out(line)
+            if n % 256 == 0 or n == total:
+                update(n)
 
 
 def _tokenize_line(tok: Any, special: bool, mode: str, name: str, line: tuple[int, str]) -> str:

@@ -1,0 +1,165 @@
+"""Batch commands on a Ray cluster (`--engine ray`, the `ray` extra; the core never imports this).
+
+Ray Data reads the JSONL input, an actor pool loads the model once per worker, and each worker
+runs the same plan (plans.py) as a local run, so the records are the ones the local run writes.
+Each batch is written as one part file, `part-<hash of its ids>.jsonl`, under a temporary name
+and renamed when complete: a killed worker leaves no partial file, Ray redoes its batch under the
+same name, and a re-run of the same command skips the ids already in part files. A bad record
+becomes a record with an `error` field; a model that cannot load fails the run before any work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import BioGptError, InputError
+
+PART = "part-*.jsonl"
+
+
+def ray_module() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise BioGptError("--engine ray needs Ray: pip install 'biogpt-cli[ray]'") from None
+    return ray
+
+
+def input_files(path: str) -> list[Path]:
+    """A JSONL file, or a folder of them."""
+    p = Path(path)
+    files = sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
+    if not files or not all(f.is_file() for f in files):
+        raise InputError(f"{path}: no JSONL input (a .jsonl file or a folder of them)")
+    return files
+
+
+def check_ids(files: list[Path]) -> int:
+    """Every record has an `id`, and no id is repeated (Ray joins output to input by id)."""
+    seen: dict[Any, str] = {}
+    for f in files:
+        with open(f, "rb") as lines:
+            for n, raw in enumerate(lines, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except ValueError as e:
+                    raise InputError(f"{f}: line {n}: not JSON ({e})") from None
+                rid = record.get("id") if isinstance(record, dict) else None
+                if rid is None or isinstance(rid, bool) or not isinstance(rid, str | int):
+                    raise InputError(f'{f}: line {n}: --engine ray needs a string or integer "id" in every record')
+                if rid in seen:
+                    raise InputError(f"{f}: line {n}: id {rid!r} is repeated (first at {seen[rid]})")
+                seen[rid] = f"{f.name} line {n}"
+    return len(seen)
+
+
+def done_ids(output: Path) -> set[Any]:
+    """Ids whose records are already committed in part files of `output`."""
+    done = set()
+    for part in output.glob(PART):
+        for line in part.read_text(encoding="utf-8").splitlines():
+            done.add(json.loads(line)["id"])
+    return done
+
+
+class Worker:
+    """One actor: loads the model once, then turns batches of input rows into part files."""
+
+    def __init__(self, command: str, settings: dict[str, Any], load: dict[str, Any], output: str,
+                 batch_size: int, threads: int) -> None:
+        import torch
+
+        from .loading import load_pretrained
+        from .plans import PLANS
+
+        torch.set_num_threads(threads)
+        self.command, self.output, self.batch_size = command, Path(output), batch_size
+        self.lm, self.tok = load_pretrained(**load)
+        self.plan = None if command == "score" else PLANS[command](self.lm, self.tok, settings, lambda m: None)
+        self.truncate = settings.get("truncate", False)
+
+    def records(self, rows: list[dict[str, Any]]) -> list[str]:
+        from .inputs import Prompt
+        from .plans import generated_records, score_records
+
+        text = "prompt" if self.command == "generate" else "text"
+        items = [Prompt(0, row.get(text) if isinstance(row.get(text), str) else "", row["id"],
+                        {k: v for k, v in row.items() if v is not None}) for row in rows]
+        if self.plan is not None:
+            return generated_records(self.lm, self.tok, self.plan, items, self.batch_size)
+        out = []
+        for p in items:  # one at a time, so that one bad text becomes an error record
+            try:
+                out += [json.dumps(r) + "\n" for r in score_records(self.lm, self.tok, [p], 1, self.truncate, print)]
+            except BioGptError as e:
+                out.append(json.dumps({"id": p.id, "error": str(e)}) + "\n")
+        return out
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow
+
+        rows = batch.to_pylist()
+        ids = [row["id"] for row in rows]
+        name = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:20]
+        target = self.output / f"part-{name}.jsonl"
+        tmp = self.output / f".part-{name}.{os.getpid()}.tmp"
+        tmp.write_text("".join(self.records(rows)), encoding="utf-8")
+        os.replace(tmp, target)  # the batch is committed whole, or not at all
+        return pyarrow.table({"done": [len(ids)]})
+
+
+def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str, output: str, *,
+        address: str | None, workers: int, cpus_per_worker: float, gpus_per_worker: float, batch_size: int,
+        rows_per_batch: int = 32, progress: Callable[[int, int], None] | None = None,
+        worker: type = Worker) -> tuple[int, int]:
+    """Run `command` over the JSONL `input` into part files in the folder `output`; returns
+    (records done now, records done before). `progress(done, total)` follows the run."""
+    ray = ray_module()
+    files = input_files(input)
+    total = check_ids(files)
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{output}: --engine ray writes a folder of part files; this is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".part-*.tmp"):  # a worker killed mid-write
+        stale.unlink()
+    done = done_ids(out)
+    todo = total - len(done)
+    if todo == 0:
+        return 0, len(done)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 **({} if address else {"num_cpus": os.cpu_count()}))
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if workers * cpus_per_worker + 1 > cpus:
+        raise InputError(f"{workers} workers x {cpus_per_worker:g} CPUs + 1 for reading the input need more than the "
+                         f"cluster's {cpus:g} CPUs (Ray would wait forever): use fewer --workers or less "
+                         "--cpus-per-worker")
+    threads = max(1, int(cpus_per_worker))
+    ds = ray.data.read_json([str(f) for f in files])
+    if done:
+        ds = ds.filter(lambda row: row["id"] not in done)
+    ds = ds.map_batches(worker, fn_constructor_kwargs={
+        "command": command, "settings": settings, "load": load, "output": str(out), "batch_size": batch_size,
+        "threads": threads}, compute=ray.data.ActorPoolStrategy(size=workers), batch_size=rows_per_batch,
+        batch_format="pyarrow", num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None)
+    finished = 0
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            finished += sum(batch.column("done").to_pylist())
+            if progress is not None:
+                progress(finished, todo)
+    except Exception as e:  # noqa: BLE001 -- Ray wraps worker failures in its own types
+        cause = str(e).strip().splitlines()
+        raise BioGptError(f"the Ray run failed ({type(e).__name__}: {cause[-1] if cause else ''}); "
+                          "re-run the same command to finish the remaining ids") from None
+    return finished, len(done)
