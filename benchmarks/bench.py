@@ -315,12 +315,22 @@ TARGETS = {
 }
 
 
+QUIET = False  # --json: print nothing until the end
+
+
 def row(name: str, ours: float, reference: float, unit: str, higher: bool, target: str | None = None,
         note: str = "") -> dict:
-    """`ratio` is always 'how many times better': ours/reference for rates, reference/ours for costs."""
-    return {"figure": name, "ours": ours, "reference": reference, "unit": unit,
-            "speedup": ours / reference if higher else reference / ours,
-            "ratio ours/reference": ours / reference, "target": target or "", "note": note}
+    """`ratio` is always 'how many times better': ours/reference for rates, reference/ours for costs.
+    Printed at once (a long run shows its figures as they come)."""
+    r = {"figure": name, "ours": ours, "reference": reference, "unit": unit,
+         "speedup": ours / reference if higher else reference / ours,
+         "ratio ours/reference": ours / reference, "target": target or "", "note": note}
+    if not QUIET:
+        print(f"{r['figure']:58} {r['ours']:10.3f} {r['reference']:10.3f}  {r['unit']:8} {r['speedup']:8.2f}x  "
+              f"{r['target']}", flush=True)
+        if r["note"]:
+            print(f"{'':60}{r['note']}", flush=True)
+    return r
 
 
 def main() -> None:
@@ -342,8 +352,11 @@ def main() -> None:
     build_checkpoint(folder)
     where = machine.describe(args.device)
     args.bandwidth = where["read_bandwidth_gbps"] * 1e9
+    global QUIET
+    QUIET = args.json
     if not args.json:
         print("machine: " + ", ".join(f"{k} {v}" for k, v in where.items()))
+        print(f"{'figure':58} {'ours':>10} {'reference':>10}  {'unit':8} {'better by':>9}  target", flush=True)
     rows: list[dict] = []
     # whole processes first, while this process is still small; then the in-process figures
     parts = (("process", process_figures), ("tokenize", tokenizer_figures), ("decode", decode_figures),
@@ -355,13 +368,6 @@ def main() -> None:
         compile_figures(folder, args, rows)
     if args.json:
         print(json.dumps({"machine": where, "rows": rows}, indent=2))
-        return
-    print(f"{'figure':58} {'ours':>10} {'reference':>10}  {'unit':8} {'better by':>9}  target")
-    for r in rows:
-        print(f"{r['figure']:58} {r['ours']:10.3f} {r['reference']:10.3f}  {r['unit']:8} {r['speedup']:8.2f}x  "
-              f"{r['target']}")
-        if r["note"]:
-            print(f"{'':60}{r['note']}")
 
 
 if __name__ == "__main__":

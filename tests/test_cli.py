@@ -449,12 +449,16 @@ def test_failed_convert_removes_what_it_created(cli, tiny, tmp_path, monkeypatch
     assert code == 1 and "No space left" in one_error_line(err) and not (tmp_path / "dst").exists()
 
 
-def run_in_pty(args: list[str], timeout: float = 60, env: dict | None = None) -> tuple[int, str]:
-    """Run `python -m biogpt_cli ARGS` with a terminal for stdin, stdout and stderr; (exit code, screen)."""
+def run_in_pty(args: list[str], timeout: float = 60, env: dict | None = None,
+               stdout: str | None = None) -> tuple[int, str]:
+    """Run `python -m biogpt_cli ARGS` with a terminal for stdin, stdout (unless sent to the file
+    `stdout`) and stderr; (exit code, screen)."""
     import pty
 
     pid, fd = pty.fork()
     if pid == 0:  # the child: stdio are the terminal
+        if stdout is not None:
+            os.dup2(os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
         os.execve(sys.executable, [sys.executable, "-m", "biogpt_cli", *args], {**os.environ, **(env or {})})
     screen, deadline = b"", time.time() + timeout
     while time.time() < deadline:
@@ -564,3 +568,17 @@ def test_a_signal_from_another_thread_never_splits_a_record(tmp_path, monkeypatc
         writer.write(record)
     writer.close()
     assert path.read_text() == record and writer.records == 1
+
+
+def test_progress_bar_on_a_terminal_and_never_on_a_pipe(cli, tiny, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the cat\nof the\nin the end\n")
+    args = ["generate", "-m", str(tiny[0]), "-n", "4", "-i", str(prompts), "-o", str(tmp_path / "a.jsonl")]
+    code, screen = run_in_pty(args)
+    assert code == 0 and re.search(r"records .*3/3", screen), screen
+    code, screen = run_in_pty([*args[:-1], str(tmp_path / "b.jsonl"), "--quiet"])
+    assert code == 0 and "3/3" not in screen
+    code, out, err = cli(*args[:-1], tmp_path / "c.jsonl")
+    assert code == 0 and out == "" and err == ""
+    code, screen = run_in_pty(["tokenize", str(prompts), "-m", str(tiny[0])], stdout=str(tmp_path / "ids.txt"))
+    assert code == 0 and re.search(r"lines .*3/3", screen) and len((tmp_path / "ids.txt").read_text().splitlines()) == 3

@@ -68,7 +68,8 @@ def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions, renderer: Renderer, *,
         batch_size: int, stop: Sequence[str] = (), seed: int | None = None,
-        done: set[Any] | frozenset[Any] = frozenset(), progress: Callable[[int], None] | None = None) -> Stats:
+        done: set[Any] | frozenset[Any] = frozenset(), progress: Callable[[int], None] | None = None,
+        confidence: bool = False) -> Stats:
     """Generate for every job whose key is not in `done`, `batch_size` rows at a time.
 
     Greedy and sampled decoding use continuous batching: when a row finishes, the next job takes
@@ -108,7 +109,7 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions
         renderer.begin([])
         start = time.perf_counter()
         for ev in stream_completions(model, tokenizer, feed(), opts, stop, stream if opts.do_sample else None,
-                                     progress, slots=batch_size):
+                                     progress, slots=batch_size, confidence=confidence):
             if stats.first_token is None and ev.text:
                 stats.first_token = time.perf_counter() - start
             if ev.done is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,19 +89,30 @@ class Worker:
 
     def records(self, rows: list[dict[str, Any]]) -> list[str]:
         from .inputs import Prompt
-        from .plans import generated_records, score_records
+        from .plans import error_record, generated_records
 
-        text = "prompt" if self.command == "generate" else "text"
-        items = [Prompt(0, row.get(text) if isinstance(row.get(text), str) else "", row["id"],
+        text = {"generate": "prompt", "score": "text"}.get(self.command)
+        items = [Prompt(0, row.get(text) if text and isinstance(row.get(text), str) else "", row["id"],
                         {k: v for k, v in row.items() if v is not None}) for row in rows]
+        bad = {i for i, row in enumerate(rows) if text and not isinstance(row.get(text), str)}
+        good = [p for i, p in enumerate(items) if i not in bad]
         if self.plan is not None:
-            return generated_records(self.lm, self.tok, self.plan, items, self.batch_size)
+            lines = iter(generated_records(self.lm, self.tok, self.plan, good, self.batch_size))
+        else:
+            lines = iter(self._scores(good))
+        return [line for i, p in enumerate(items)
+                for line in ([error_record(p, f'expected a string "{text}"')] if i in bad else next(lines))]
+
+    def _scores(self, items: list[Any]) -> list[list[str]]:
+        from .plans import error_record, score_records
+
         out = []
         for p in items:  # one at a time, so that one bad text becomes an error record
             try:
-                out += [json.dumps(r) + "\n" for r in score_records(self.lm, self.tok, [p], 1, self.truncate, print)]
+                out.append([json.dumps(r) + "\n" for r in score_records(self.lm, self.tok, [p], 1, self.truncate,
+                                                                         lambda m: None)])
             except BioGptError as e:
-                out.append(json.dumps({"id": p.id, "error": str(e)}) + "\n")
+                out.append([error_record(p, str(e))])
         return out
 
     def __call__(self, batch: Any) -> Any:
@@ -114,6 +126,19 @@ class Worker:
         tmp.write_text("".join(self.records(rows)), encoding="utf-8")
         os.replace(tmp, target)  # the batch is committed whole, or not at all
         return pyarrow.table({"done": [len(ids)]})
+
+
+def _quiet(ray: Any) -> None:
+    """Ray's own progress logs and notices stay in its log files: stderr is ours (one line on
+    failure, a progress bar on a terminal)."""
+    import logging
+
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the C++ core's notices (it says so once, at init)
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
 
 
 def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str, output: str, *,
@@ -136,9 +161,17 @@ def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str
     if todo == 0:
         return 0, len(done)
     address = address or os.environ.get("RAY_ADDRESS") or None
+    _quiet(ray)
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 **({} if address else {"num_cpus": os.cpu_count()}))
+        saved = os.dup(2)  # the core's start-up notice goes to Ray's log folder, not our stderr
+        try:
+            with open(Path(tempfile.gettempdir()) / "biogpt-ray-init.log", "ab") as log:
+                os.dup2(log.fileno(), 2)
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                         **({} if address else {"num_cpus": os.cpu_count()}))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
     cpus = ray.cluster_resources().get("CPU", 0)
     if workers * cpus_per_worker + 1 > cpus:
         raise InputError(f"{workers} workers x {cpus_per_worker:g} CPUs + 1 for reading the input need more than the "

@@ -322,7 +322,8 @@ class _Queue:
 
 def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], opts: GenerationOptions,
                   generator: Generators = None, should_stop: StopCheck | None = None,
-                  slots: int | None = None) -> Iterator[tuple[int, int | None, str | None]]:
+                  slots: int | None = None, observe: Callable[[int, int, float], None] | None = None,
+                  ) -> Iterator[tuple[int, int | None, str | None]]:
     """Greedy or sampled decoding. Yields `(sequence, token, finish_reason)` as tokens are chosen:
     a token with reason None is a new token; a final event per sequence carries the reason ("eos"
     with the </s> token, "length", or "stop" when `should_stop(sequence, new_ids)` said so).
@@ -331,7 +332,8 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], op
     With `slots` (and k = 1), prompts are decoded `slots` at a time with continuous batching: when
     a sequence ends, the next prompt takes its row, so rows do not idle while the longest of a
     batch finishes; every prompt's tokens equal those it gets alone. `generator` is then a function
-    of the prompt's index, giving its own stream."""
+    of the prompt's index, giving its own stream. `observe(sequence, token, logprob)` hears the
+    model's log-probability (raw logits, before any processor) of each chosen token."""
     opts.validate()
     if opts.num_beams != 1:
         raise InputError("stream_tokens does greedy or sampled decoding; use beam_search for beams")
@@ -354,10 +356,13 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], op
         draw = [stream_of(s // k) for s in seq_of] if per_row else stream_of
         alive, new_ids, scores = [True] * rows, [[] for _ in range(rows)], batch.logits
         while True:
+            raw = F.log_softmax(scores, -1) if observe is not None else None
             scores = apply_all(procs, batch.history[:, :batch.length], scores)
             tokens = _sample(scores.softmax(-1), draw, alive) if opts.do_sample else scores.argmax(-1)
             for r, tok in enumerate(tokens.tolist()):
                 if alive[r]:
+                    if raw is not None:
+                        observe(seq_of[r], tok, raw[r, tok].item())
                     alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos, opts.max_new_tokens, should_stop)
             for r in (r for r in range(rows) if refill and not alive[r]):
                 taken = queue.take_if(functools.partial(batch.fits, max_new=opts.max_new_tokens))
@@ -371,6 +376,8 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], op
                 one = apply_all(procs, batch.history[:, :batch.length], scores)[r:r + 1]
                 tok = int((_sample(one.softmax(-1), draw[r:r + 1] if per_row else draw, [True])
                            if opts.do_sample else one.argmax(-1))[0])
+                if observe is not None:
+                    observe(j, tok, F.log_softmax(scores[r], -1)[tok].item())
                 alive[r] = yield from _advance(j, tok, new_ids[r], eos, opts.max_new_tokens, should_stop)
                 tokens[r] = tok
             if not any(alive):

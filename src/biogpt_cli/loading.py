@@ -382,12 +382,12 @@ def model_class(config: BioGptConfig) -> type[nn.Module]:
 
 def load_pretrained(path_or_id: str | Path, *, revision: str | None = None, dtype: torch.dtype | str | None = None,
                     device: str | torch.device = "cpu", quantize: str = "none",
-                    cls: type[nn.Module] | None = None) -> tuple[Any, BioGptTokenizer]:
+                    cls: type[nn.Module] | None = None, kernels: bool | None = None) -> tuple[Any, BioGptTokenizer]:
     """A model ready for inference (`cls`, else the class its config names) and its tokenizer."""
     folder = resolve(path_or_id, revision, ("config.json", *HUB_FILES, "|".join(WEIGHT_FILES)))
     config, state, tokenizer = open_checkpoint(folder)
     model = from_state_dict(cls or model_class(config), config, state, dtype=dtype, device=device,
-                            quantize=quantize, source=str(folder))
+                            quantize=quantize, kernels=kernels, source=str(folder))
     return model, tokenizer
 
 

@@ -207,6 +207,16 @@ def generation_line(prompt: Prompt, done: Completion) -> str:
     return prompt.text.rstrip() + done.text
 
 
+CONFIDENCE = ((0.9, "green"), (0.5, "yellow"), (0.2, "dark_orange"), (0.0, "red"))
+CONFIDENCE_LEGEND = ("confidence: green >= 90%, yellow >= 50%, orange >= 20%, red < 20% "
+                     "(the probability of the least likely token of each piece of text)")
+
+
+def confidence_style(p: float | None) -> str | None:
+    """The colour of text whose least likely token had probability `p`."""
+    return None if p is None else next(colour for floor, colour in CONFIDENCE if p >= floor)
+
+
 RecordFn = Callable[[Prompt, Completion], dict[str, Any]]
 LineFn = Callable[[Prompt, Completion], str]
 
@@ -221,9 +231,10 @@ class Renderer:
 
     def __init__(self, fmt: str, writer: LineWriter | None, console: Console | None, sequences: int = 1,
                  record: RecordFn = generation_record, line: LineFn = generation_line,
-                 summary: LineFn | None = None) -> None:
+                 summary: LineFn | None = None, confidence: bool = False) -> None:
         self.fmt, self.writer, self.console, self.k = fmt, writer, console, sequences
         self.record, self.line, self.summary = record, line, summary  # summary: shown after live text
+        self.confidence = confidence  # colour live text by the events' confidence
         self.prompts: Sequence[Prompt] = ()
 
     def begin(self, prompts: Sequence[Prompt]) -> None:
@@ -245,7 +256,8 @@ class Renderer:
             self.done[ev.row] = ev.done
         if self.console is not None:
             if ev.row == self.cur:
-                self.console.print(ev.text, end="", markup=False, highlight=False, soft_wrap=True)
+                style = confidence_style(ev.confidence) if self.confidence else None
+                self.console.print(ev.text, end="", markup=False, highlight=False, soft_wrap=True, style=style)
             while self.cur in self.done:
                 suffix = self.summary(self.prompts[self.cur // self.k], self.done[self.cur]) if self.summary else ""
                 self.console.print(f"  [{suffix}]" if suffix else "", style="dim", markup=False, highlight=False)

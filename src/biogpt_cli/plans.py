@@ -53,20 +53,42 @@ def generation_options(s: dict[str, Any]) -> GenerationOptions:
 
 
 def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
+    """`generate`; with `logprobs` K, each record also has every new token's log-probability and
+    the K likeliest tokens at its step."""
     opts = generation_options(s)
     opts.bad_words_ids = [tok.encode(b, add_special_tokens=False) for b in s.get("ban") or () if b.strip()]
+    inputs: dict[Any, list[int]] = {}
 
     def job(p: Prompt) -> Job:
         full = tok.encode(p.text)
         ids = fit_prompt(full, opts.max_new_tokens, lm.config.max_position_embeddings, s.get("truncate", False))
         if len(ids) < len(full):
             warn(f"warning: {where(p)}prompt of {len(full)} tokens cut to its last {len(ids) - 1}")
+        if s.get("logprobs") is not None:
+            inputs[p.key] = ids
         return Job(p, ids)
+
+    def record(p: Prompt, done: Completion) -> dict[str, Any]:
+        out = generation_record(p, done)
+        if s.get("logprobs") is not None:
+            out["logprobs"] = logprob_entries(lm, tok, inputs[p.key], done.ids, s["logprobs"])
+        return out
 
     options = {k: v for k, v in vars(opts).items() if k != "bad_words_ids"}
     identity = {"command": "generate", "options": options, "stop": s.get("stop") or [], "ban": s.get("ban") or [],
-                "truncate": s.get("truncate", False), **({"seed": s["seed"]} if opts.do_sample else {})}
-    return Plan(opts, job, stop=tuple(s.get("stop") or ()), seed=s.get("seed"), identity=identity)
+                "truncate": s.get("truncate", False), **({"seed": s["seed"]} if opts.do_sample else {}),
+                **({"logprobs": s["logprobs"]} if s.get("logprobs") is not None else {})}
+    return Plan(opts, job, record=record, stop=tuple(s.get("stop") or ()), seed=s.get("seed"), identity=identity)
+
+
+def logprob_entries(lm: Any, tok: Any, prompt: list[int], new: list[int], k: int) -> list[dict[str, Any]]:
+    """`[{"token", "logprob", "top": [{"token", "logprob"}, ...]}]` per new token."""
+    from .scoring import top_logprobs
+
+    names = tok.convert_ids_to_tokens
+    return [{"token": names([t])[0], "id": t, "logprob": lp,
+             "top": [{"token": names([i])[0], "id": i, "logprob": v} for i, v in top]}
+            for t, (lp, top) in zip(new, top_logprobs(lm, prompt, new, k), strict=True)]
 
 
 def task_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
@@ -119,26 +141,27 @@ class MemoryWriter:
         self.records += records
 
 
-def generated_records(lm: Any, tok: Any, plan: Plan, items: list[Prompt], batch_size: int) -> list[str]:
-    """JSONL lines for `items`, in order: a record that cannot be built (too long, bad fields)
-    becomes `{"id"/"line", "error"}` instead of failing the others."""
+def error_record(p: Prompt, message: str) -> str:
+    """The record of an input that could not be processed (Ray runs: one bad row fails no others)."""
+    key = {**({"line": p.line} if p.line else {}), **({"id": p.id} if p.id is not None else {})}
+    return json.dumps({**key, "error": message}, ensure_ascii=False) + "\n"
+
+
+def generated_records(lm: Any, tok: Any, plan: Plan, items: list[Prompt], batch_size: int) -> list[list[str]]:
+    """Each item's JSONL lines, in order: an item that cannot be built (too long, bad fields)
+    gets one error record instead of failing the others."""
     jobs, errors = [], {}
     for i, p in enumerate(items):
         try:
             jobs.append(plan.job(p))
         except InputError as e:
-            errors[i] = {**({"line": p.line} if p.line else {}), **({"id": p.id} if p.id is not None else {}),
-                         "error": str(e)}
+            errors[i] = error_record(p, str(e))
     writer = MemoryWriter()
     k = plan.opts.num_return_sequences
     run(lm, tok, jobs, plan.opts, Renderer("jsonl", writer, None, k, plan.record, plan.line),
         batch_size=batch_size, stop=plan.stop, seed=plan.seed)
     done = iter("".join(writer.lines).splitlines(keepends=True))
-    out = []
-    for i in range(len(items)):
-        out.extend([json.dumps(errors[i], ensure_ascii=False) + "\n"] if i in errors
-                   else [next(done) for _ in range(k)])
-    return out
+    return [[errors[i]] if i in errors else [next(done) for _ in range(k)] for i in range(len(items))]
 
 
 def score_records(lm: Any, tok: Any, items: list[Prompt], batch_size: int, truncate: bool,

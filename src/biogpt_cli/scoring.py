@@ -98,3 +98,43 @@ def label_tokens(model: torch.nn.Module, tokenizer: object, text: str) -> list[d
     for e in entities:
         e["text"] = tokenizer.detokenize([w for w, _ in words[e["start"]:e["end"]]])
     return entities
+
+
+@torch.inference_mode()
+def embed(model: torch.nn.Module, sequences: Sequence[Sequence[int]], pool: str = "mean") -> torch.Tensor:
+    """One vector per sequence from the final hidden state (after the last layer norm): the mean
+    over the text's tokens (not the leading `</s>`), or the last token's. One right-padded batch;
+    padding is masked, so a batch gives the vectors each sequence gives alone."""
+    if any(len(s) < 2 for s in sequences):
+        raise InputError("a text to embed needs at least one token after </s>")
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), model.config.pad_token_id)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    base = getattr(model, "biogpt", model)
+    device = base.embed_tokens.weight.device
+    hidden = base(ids.to(device), attention_mask=mask.to(device)).last_hidden_state.float().cpu()
+    lengths = mask.sum(1)
+    if pool == "last":
+        return hidden[torch.arange(len(sequences)), lengths - 1]
+    text = mask.clone()
+    text[:, 0] = 0  # the leading </s> is no part of the text
+    return (hidden * text[..., None]).sum(1) / text.sum(1, keepdim=True)
+
+
+@torch.inference_mode()
+def top_logprobs(model: BioGptForCausalLM, prompt: Sequence[int], new: Sequence[int],
+                 k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For each new token: its log-probability under the model (the raw logits, before any
+    sampling filter) and the `k` likeliest tokens at that step with theirs, from one forward pass
+    over prompt + new tokens (the values the reference's logits give for the same weights)."""
+    if not new:
+        return []
+    ids = torch.tensor([[*prompt, *new]], device=model.biogpt.embed_tokens.weight.device)
+    hidden = model.biogpt(ids).last_hidden_state[0, len(prompt) - 1:-1]
+    logp = F.log_softmax(model.output_projection(hidden).float(), -1).cpu()
+    chosen = logp.gather(1, torch.tensor(new)[:, None])[:, 0].tolist()
+    best = torch.topk(logp, k) if k else None
+    return [(chosen[i], list(zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True)) if best else [])
+            for i in range(len(new))]

@@ -10,6 +10,7 @@ text in one go, so the concatenated stream equals it byte for byte.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -116,6 +117,7 @@ class TextEvent:
     row: int
     text: str
     done: Completion | None = None
+    confidence: float | None = None  # with `confidence=True`: the least probable token behind this text
 
 
 def _through_stop(tokenizer: BioGptTokenizer, prompt: Sequence[int], ids: Sequence[int],
@@ -128,12 +130,13 @@ def _through_stop(tokenizer: BioGptTokenizer, prompt: Sequence[int], ids: Sequen
 def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, prompts: Iterable[Sequence[int]],
                        opts: GenerationOptions, stop: Sequence[str] = (),
                        generator: Generators = None, progress: Callable[[int], None] | None = None,
-                       slots: int | None = None) -> Iterator[TextEvent]:
+                       slots: int | None = None, confidence: bool = False) -> Iterator[TextEvent]:
     """Generate for a batch of prompts, yielding text as it becomes final.
 
     Greedy and sampled sequences stream token by token and stop at a stop string. Beam search
     knows its winners only at the end: each yields its whole text once, cut at a stop string;
     `progress(step)` follows its steps until then. `slots`: continuous batching (`stream_tokens`).
+    `confidence`: each event carries the lowest probability among the tokens behind its text.
     """
     k = opts.num_return_sequences
     if opts.num_beams > 1:
@@ -147,6 +150,16 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, pro
         return
     seen: list[Sequence[int]] = []
     streams: dict[int, TextStream] = {}
+    probs: dict[int, list[float]] = {}
+
+    def observe(seq: int, token: int, logprob: float) -> None:
+        probs.setdefault(seq, []).append(math.exp(logprob))
+
+    def least(row: int, text: str) -> float | None:
+        if not confidence or not text:
+            return None
+        pending = probs.pop(row, [])
+        return min(pending) if pending else None
 
     def feed() -> Iterator[Sequence[int]]:
         for p in prompts:
@@ -154,11 +167,15 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, pro
             yield p
 
     for row, token, reason in stream_tokens(model, feed(), opts, generator,
-                                            should_stop=lambda r, _: streams[r].stopped, slots=slots):
+                                            should_stop=lambda r, _: streams[r].stopped, slots=slots,
+                                            observe=observe if confidence else None):
         s = streams.get(row) or streams.setdefault(row, TextStream(tokenizer, seen[row // k], stop))
         if reason is None:
-            yield TextEvent(row, s.add(token))
+            text = s.add(token)
+            yield TextEvent(row, text, confidence=least(row, text))
         else:
             text = s.finish()
-            yield TextEvent(row, text, Completion(row // k, s.text, s.ids, "stop" if s.stopped else reason))
+            yield TextEvent(row, text, Completion(row // k, s.text, s.ids, "stop" if s.stopped else reason),
+                            least(row, text))
             del streams[row]
+            probs.pop(row, None)

@@ -1,6 +1,7 @@
 """The `biogpt` command line. Commands only parse, check and render; the work lives in the library.
 One module per command family: generate (and the batch plumbing), text (tokenize/detokenize),
-score, models (info/convert), tasks (qa/extract/classify/evaluate).
+score, models (info/convert), tasks (qa/extract/classify/evaluate), embed; interactive (the
+REPL `generate` opens at a terminal); common (shared options, the loaded model, progress bars).
 
 Errors are mapped once, in `main`: one `error: ...` line on stderr, exit 1 (2 for usage errors,
 130 for Ctrl-C, 143 for SIGTERM, 141 quietly when the reader of stdout goes away). `--debug`
@@ -18,7 +19,7 @@ from typing import Annotated
 import typer
 
 from ..errors import BioGptError
-from . import generate, models, score, tasks, text  # noqa: F401 -- registers the commands
+from . import embed, generate, models, score, tasks, text  # noqa: F401 -- registers the commands
 from .common import ARGV, Quit, UsageError, app, stderr
 
 

@@ -98,7 +98,7 @@ def progress(total: int | None, quiet: bool, unit: str = "items") -> Iterator[Ca
     columns = [TextColumn(unit), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     start = time.perf_counter()
-    with Progress(*columns, console=stderr, transient=False) as bar:
+    with Progress(*columns, console=stderr, transient=False, redirect_stdout=False, redirect_stderr=False) as bar:
         task = bar.add_task(unit, total=total, rate="")
 
         def update(done: int, tokens: int = 0, total: int | None = None) -> None:

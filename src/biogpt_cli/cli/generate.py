@@ -92,6 +92,9 @@ def generate(
     quantize: QuantizeOpt = "none",
     errors: ErrorsOpt = "strict",
     verbose: VerboseOpt = False,
+    logprobs: Annotated[int | None, typer.Option(min=0, max=20, help="JSONL: each token's logprob and K best.")]
+    = None,
+    show_confidence: Annotated[bool, typer.Option(help="Terminal: colour each word by its probability.")] = False,
     quiet: QuietOpt = False,
     engine: EngineOpt = "local",
     address: AddressOpt = None,
@@ -115,7 +118,8 @@ def generate(
                     length_penalty=length_penalty, early_stopping=early_stopping,
                     num_return_sequences=num_return_sequences, sample=sample, temperature=temperature, top_k=top_k,
                     top_p=top_p, min_p=min_p, seed=seed, repetition_penalty=repetition_penalty,
-                    no_repeat_ngram_size=no_repeat_ngram_size, stop=stop or [], ban=ban or [], truncate=truncate)
+                    no_repeat_ngram_size=no_repeat_ngram_size, stop=stop or [], ban=ban or [], truncate=truncate,
+                    logprobs=logprobs)
     try:
         generation_options(settings).validate()
     except BioGptError as e:
@@ -129,13 +133,18 @@ def generate(
                           device=device, quantize=quantize, input=input, output=output, batch_size=batch_size)
     fmt = output_format(fmt, output)
     check_batch_options(output, fmt, force, resume)
+    if logprobs is not None and fmt != "jsonl":
+        raise UsageError("--logprobs adds to JSONL records: add --format jsonl (or -o FILE.jsonl)")
     if prompt is not None and input is not None:
         raise UsageError("give a PROMPT or --input, not both")
     if prompt is not None and not prompt.strip():
         raise UsageError("the prompt is empty")
     if prompt is None and input is None:
-        if sys.stdin.isatty():
-            raise UsageError("no prompt: give PROMPT, --input FILE, or pipe prompts on stdin")
+        if sys.stdin.isatty():  # a person at a terminal: the interactive mode
+            from .interactive import interact
+
+            return interact(settings, model=model, revision=revision, dtype=dtype, device=torch_device,
+                            quantize=quantize, confidence=show_confidence)
         input = "-"
 
     with prompt_source(prompt, input, input_format, errors) as prompts:  # a bad input fails before loading
@@ -146,7 +155,8 @@ def generate(
         plan = generate_plan(lm, tokenizer, settings, stderr.print)
         run = {**plan.identity, **model_identity(lm, model, revision, dtype, quantize), **input_identity(prompt, input)}
         run_batch(lm, tokenizer, prompts, plan, run=run, output=output, fmt=fmt, force=force, resume=resume,
-                  batch_size=batch_size, verbose=verbose, total=progress_total(input, output), quiet=quiet)
+                  batch_size=batch_size, verbose=verbose, total=progress_total(input, output), quiet=quiet,
+                  confidence=show_confidence)
 
 
 def check_batch_options(output: str | None, fmt: str, force: bool, resume: bool) -> None:
@@ -204,12 +214,12 @@ def progress_total(input: str | None, output: str | None) -> int | None:
 
 def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, run: dict[str, Any],
               output: str | None, fmt: str, force: bool, resume: bool, batch_size: int, verbose: bool = False,
-              total: int | None = None, quiet: bool = False) -> None:
+              total: int | None = None, quiet: bool = False, confidence: bool = False) -> None:
     """A plan's jobs for `items` (blank ones skipped and counted) through the batch engine into
     the output file (with its manifest) or stdout, live on a terminal; with an output file and a
     `total`, a progress bar on stderr."""
     from .. import batch
-    from ..output import Renderer, open_output, write_manifest
+    from ..output import CONFIDENCE_LEGEND, Renderer, open_output, write_manifest
     from ..plans import where
 
     opts, sequences = plan.opts, plan.opts.num_return_sequences
@@ -219,8 +229,11 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
         stderr.print(f"resuming {output}: {len(done)} input{'s' * (len(done) != 1)} already done, "
                      "finishing the rest")
     live = output is None and fmt == "text" and sys.stdout.isatty()
+    confidence = confidence and live
+    if confidence:
+        stderr.print(CONFIDENCE_LEGEND, style="dim")
     render = Renderer(fmt, None if live else writer, Console(highlight=False) if live else None, sequences,
-                      plan.record, plan.line, plan.summary)
+                      plan.record, plan.line, plan.summary, confidence)
     skipped = 0
 
     def jobs() -> Iterator[Any]:
@@ -240,7 +253,7 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
         with spinner or contextlib.nullcontext(), progress(total, quiet or total is None, "records") as update:
             shown = _Quieting(render, spinner) if spinner else _Counting(render, update, len(done))
             stats = batch.run(lm, tokenizer, jobs(), opts, shown, batch_size=batch_size, stop=plan.stop,
-                              seed=plan.seed, done=done, progress=_beam_progress(spinner))
+                              seed=plan.seed, done=done, progress=_beam_progress(spinner), confidence=confidence)
         status = "complete"
     except (KeyboardInterrupt, Quit) as e:
         if live:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import InputError
 from ..hub import DEFAULT_MODEL
 from ..inputs import Prompt, input_name, open_input, read_lines
 from .common import (
@@ -58,6 +59,7 @@ def score(
     cpus_per_worker: CpusOpt = 1.0,
     gpus_per_worker: GpusOpt = 0.0,
     output: OutputOpt = None,
+    show: Annotated[bool, typer.Option(help="Each token with its surprisal (coloured on a terminal).")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Per line: tokens, mean negative log-likelihood, perplexity. With --choices: their probabilities."""
@@ -88,6 +90,8 @@ def score(
         return
     file = file or "-"
     name = input_name(file)
+    if show:
+        return _show(lm, tok, file, name, errors)
     if fmt == "text" and sys.stdout.isatty():
         stderr.print("tokens\tnll\tppl", style="bold")
     skipped = 0
@@ -102,3 +106,31 @@ def score(
                     else f"{r['tokens']}\t{nll:.6f}\t{math.exp(nll) if math.isfinite(nll) else math.nan:.4f}\n")
     if skipped:
         stderr.print(f"note: skipped {skipped} blank line{'s' * (skipped > 1)}")
+
+
+def _show(lm: object, tok: object, file: str, name: str, errors: str) -> None:
+    """Per line, each token and its surprisal in bits: coloured on a terminal (green: expected,
+    red: surprising), `token(bits)` as plain text otherwise."""
+    from rich.console import Console
+    from rich.text import Text
+
+    from ..scoring import token_logprobs
+
+    console = Console(highlight=False) if sys.stdout.isatty() else None
+    with open_input(file) as f:
+        for n, line in read_lines(f, name, errors):
+            if not line.strip():
+                continue
+            ids = tok.encode(line)
+            if len(ids) > lm.config.max_position_embeddings:
+                raise InputError(f"{name}: line {n}: {len(ids)} tokens exceed the model's positions")
+            bits = (-token_logprobs(lm, [ids])[0] / math.log(2)).tolist()
+            pieces = [(t.replace("</w>", ""), b) for t, b in zip(tok.convert_ids_to_tokens(ids[1:]), bits, strict=True)]
+            if console is None:
+                out(" ".join(f"{t}({b:.1f})" for t, b in pieces) + "\n")
+                continue
+            text = Text()
+            for t, b in pieces:
+                text.append(t + " ", style="green" if b < 4 else "yellow" if b < 8 else "dark_orange" if b < 12
+                            else "red")
+            console.print(text)

@@ -1,0 +1,104 @@
+"""`biogpt embed`: one vector per input line, from the final hidden state."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from ..errors import InputError
+from ..hub import DEFAULT_MODEL
+from .common import (
+    BatchOpt,
+    DebugOpt,
+    DeviceOpt,
+    DTypeOpt,
+    ErrorsOpt,
+    ForceOpt,
+    InputFormatOpt,
+    InputOpt,
+    ModelOpt,
+    RevisionOpt,
+    UsageError,
+    command,
+    device_or_usage_error,
+    stderr,
+)
+
+
+@command
+def embed(
+    prompt: Annotated[str | None, typer.Argument(help="One text. Without it: --input, or stdin when piped.")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    pool: Annotated[Literal["mean", "last"], typer.Option(help="Mean of the text's tokens, or the last token.")]
+    = "mean",
+    input: InputOpt = None,
+    input_format: InputFormatOpt = "auto",
+    output: Annotated[str | None, typer.Option("--output", "-o", help="FILE.jsonl, or FILE.safetensors (a matrix).")]
+    = None,
+    force: ForceOpt = False,
+    batch_size: BatchOpt = 8,
+    dtype: DTypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    errors: ErrorsOpt = "strict",
+    debug: DebugOpt = False,
+) -> None:
+    """Embeddings: the final hidden state (after the last layer norm), pooled per text; JSONL
+    records {"line"/"id", "embedding"} or one safetensors matrix, rows in input order."""
+    import torch
+
+    from ..batch import batches
+    from ..loading import load_pretrained
+    from ..model import BioGptModel
+    from ..output import LineWriter, check_output, open_output
+    from ..scoring import embed as pooled
+    from .generate import prompt_source
+
+    torch_device = device_or_usage_error(device)
+    matrix = output is not None and output.endswith(".safetensors")
+    check_output(output, force=force)
+    if prompt is not None and input is not None:
+        raise UsageError("give a PROMPT or --input, not both")
+    if prompt is None and input is None:
+        if sys.stdin.isatty():
+            raise UsageError("no text: give PROMPT, --input FILE, or pipe texts on stdin")
+        input = "-"
+    with prompt_source(prompt, input, input_format, errors) as items:
+        lm, tok = load_pretrained(model, revision=revision, dtype=dtype, device=torch_device, cls=BioGptModel,
+                                  kernels=True)
+        writer: LineWriter | None = None if matrix else open_output(output, force=force)[0]
+        rows, keys, skipped = [], [], 0
+        try:
+            for group in batches(items, batch_size):
+                kept = [p for p in group if p.text.strip()]
+                skipped += len(group) - len(kept)
+                if not kept:
+                    continue
+                try:
+                    vectors = pooled(lm, [tok.encode(p.text) for p in kept], pool)
+                except InputError as e:
+                    raise InputError(f"lines {kept[0].line}-{kept[-1].line}: {e}") from None
+                for p, v in zip(kept, vectors, strict=True):
+                    key = {"id": p.id} if p.id is not None else {"line": p.line} if p.line else {}
+                    if matrix:
+                        rows.append(v)
+                        keys.append(key)
+                    else:
+                        writer.write(json.dumps({**key, "embedding": [round(x, 6) for x in v.tolist()]}) + "\n")
+        finally:
+            if writer is not None:
+                writer.close()
+        if matrix:
+            from safetensors.torch import save_file
+
+            tmp = Path(f"{output}.{os.getpid()}.tmp")
+            save_file({"embeddings": torch.stack(rows) if rows else torch.empty(0, lm.config.hidden_size)}, tmp,
+                      metadata={"keys": json.dumps(keys), "pool": pool})
+            os.replace(tmp, output)  # never a half-written matrix under the final name
+        if skipped:
+            stderr.print(f"note: skipped {skipped} blank line{'s' * (skipped > 1)}")

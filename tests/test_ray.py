@@ -1,0 +1,119 @@
+"""--engine ray on a local 2-CPU Ray cluster: the local run's records, resume, a killed worker,
+bad rows, duplicate ids and layouts that would deadlock. Ray keeps to temporary folders here."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+
+from biogpt_cli import cluster  # noqa: E402
+from biogpt_cli.cluster import Worker  # noqa: E402
+from biogpt_cli.errors import BioGptError  # noqa: E402
+from tests.conftest import one_error_line  # noqa: E402
+
+N = 100
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One 2-CPU cluster for the module (start and stop take seconds); no auth token in ~/.ray."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    temp = tempfile.mkdtemp(prefix="ray-")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"the {'cat and ' * (i % 4)}dog {i}"}) + "\n"
+                            for i in range(N)))
+    return path
+
+
+def records(folder: Path) -> list[dict]:
+    return [json.loads(x) for part in sorted(folder.glob("part-*.jsonl")) for x in part.read_text().splitlines()]
+
+
+def settings(**extra):
+    return {"max_new_tokens": 6, "seed": 1, **extra}
+
+
+def run(folder, prompts, out, worker=Worker, workers=1, cpus=1.0):
+    load = {"path_or_id": str(folder), "revision": None, "dtype": "float32", "quantize": "none", "device": "cpu"}
+    return cluster.run("generate", settings(), load, str(prompts), str(out), address=None, workers=workers,
+                       cpus_per_worker=cpus, gpus_per_worker=0, batch_size=8, rows_per_batch=10, worker=worker)
+
+
+def test_records_equal_the_local_run(cli, local_ray, tiny_ref, prompts, tmp_path):
+    folder = tiny_ref[1]
+    code, _, err = cli("generate", "--engine", "ray", "-m", folder, "-n", "6", "-i", prompts, "-o", tmp_path / "out")
+    assert code == 0, err
+    got = {r["id"]: r for r in records(tmp_path / "out")}
+    assert len(got) == N and len(records(tmp_path / "out")) == N
+    code, local, _ = cli("generate", "-m", folder, "-n", "6", "-i", prompts, "--format", "jsonl")
+    expected = {r["id"]: r for r in map(json.loads, local.splitlines())}
+    assert {k: (v["ids"], v["text"]) for k, v in got.items()} == {k: (v["ids"], v["text"]) for k, v in expected.items()}
+
+
+def test_rerun_finishes_only_missing_ids(local_ray, tiny_ref, prompts, tmp_path):
+    class Dying(Worker):
+        def __call__(self, batch):
+            if any(int(i[1:]) >= 60 for i in batch.column("id").to_pylist()):
+                raise RuntimeError("this batch function dies after some ids")
+            return super().__call__(batch)
+
+    out = tmp_path / "out"
+    with pytest.raises(BioGptError, match="re-run the same command"):
+        run(tiny_ref[1], prompts, out, worker=Dying)
+    before = {r["id"] for r in records(out)}
+    assert 0 < len(before) < N
+    now, kept = run(tiny_ref[1], prompts, out)
+    assert kept == len(before) and now == N - len(before)  # only the missing ids were processed
+    ids = [r["id"] for r in records(out)]
+    assert sorted(ids) == sorted(f"p{i}" for i in range(N))
+
+
+def test_a_killed_worker_is_replaced(local_ray, tiny_ref, prompts, tmp_path):
+    marker = tmp_path / "killed"
+
+    class Killed(Worker):
+        def __call__(self, batch):
+            if not marker.exists() and "p30" in batch.column("id").to_pylist():
+                marker.touch()
+                os._exit(1)  # the actor process dies mid-batch, once
+            return super().__call__(batch)
+
+    run(tiny_ref[1], prompts, tmp_path / "out", worker=Killed)
+    ids = [r["id"] for r in records(tmp_path / "out")]
+    assert marker.exists() and sorted(ids) == sorted(f"p{i}" for i in range(N))
+
+
+def test_bad_rows_become_error_records(cli, local_ray, tiny_ref, tmp_path):
+    rows = [{"id": 1, "prompt": "the cat"}, {"id": 2, "prompt": "word " * 200}, {"id": 3, "text": "no prompt"}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = cli("generate", "--engine", "ray", "-m", tiny_ref[1], "-n", "4", "-i", tmp_path / "in.jsonl",
+                       "-o", tmp_path / "out")
+    assert code == 0, err
+    got = {r["id"]: r for r in records(tmp_path / "out")}
+    assert "ids" in got[1] and "exceeds the model's 64 positions" in got[2]["error"] and "error" in got[3]
+
+
+def test_duplicate_ids_and_impossible_layouts_are_refused_before_any_work(cli, tiny_ref, tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": "b"}\n{"id": 1, "prompt": "c"}\n')
+    code, _, err = cli("generate", "--engine", "ray", "-m", tiny_ref[1], "-i", tmp_path / "in.jsonl",
+                       "-o", tmp_path / "out")
+    assert code == 1 and "id 1 is repeated (first at in.jsonl line 1)" in one_error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_layout_that_would_deadlock_is_refused(local_ray, tiny_ref, prompts, tmp_path):
+    with pytest.raises(BioGptError, match="Ray would wait forever"):
+        run(tiny_ref[1], prompts, tmp_path / "out", workers=2, cpus=1.0)
