@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,9 @@ def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str
     threads = max(1, int(cpus_per_worker))
     ds = ray.data.read_json([str(f) for f in files])
     if done:
-        ds = ds.filter(lambda row: row["id"] not in done)
+        with warnings.catch_warnings():  # Ray suggests its expressions; a set lookup is what this needs
+            warnings.simplefilter("ignore")
+            ds = ds.filter(lambda row: row["id"] not in done)
     ds = ds.map_batches(worker, fn_constructor_kwargs={
         "command": command, "settings": settings, "load": load, "output": str(out), "batch_size": batch_size,
         "threads": threads}, compute=ray.data.ActorPoolStrategy(size=workers), batch_size=rows_per_batch,
