@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from ..errors import BioGptError
-from . import embed, generate, models, score, tasks, text  # noqa: F401 -- registers the commands
+from . import embed, generate, models, score, serve, tasks, text  # noqa: F401 -- registers the commands
 from .common import ARGV, Quit, UsageError, app, stderr
 
 

@@ -1,0 +1,48 @@
+"""`biogpt serve`: a local OpenAI-compatible completions server (server.py; the `serve` extra)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..errors import BioGptError
+from ..hub import DEFAULT_MODEL
+from .common import (
+    DebugOpt,
+    DeviceOpt,
+    DTypeOpt,
+    ModelOpt,
+    QuantizeOpt,
+    RevisionOpt,
+    check_precision,
+    command,
+    device_or_usage_error,
+    load,
+    stderr,
+)
+
+
+@command
+def serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="BIOGPT_API_KEY", help="Require Bearer KEY on requests.")]
+    = None,
+    dtype: DTypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = "none",
+    debug: DebugOpt = False,
+) -> None:
+    """Serve /v1/completions, /v1/models and /health, OpenAI-style, for any OpenAI client."""
+    try:
+        from ..server import serve as run_server
+    except ImportError:
+        raise BioGptError("biogpt serve needs its extra: pip install 'biogpt-cli[serve]'") from None
+    torch_device = device_or_usage_error(device)
+    check_precision(quantize, dtype, torch_device)
+    lm, tok = load(model, revision, dtype, torch_device, quantize)
+    stderr.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
+    run_server(lm, tok, model, host, port, api_key)

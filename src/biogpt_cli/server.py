@@ -1,0 +1,186 @@
+"""`biogpt serve`: an OpenAI-compatible completions server over the batch engine (the `serve`
+extra: FastAPI, uvicorn, sse-starlette; the core never imports this).
+
+A thin layer: each request becomes a plan (plans.py) run by `batch.run` in a worker thread, one
+request at a time in order of arrival (continuous batching serves the prompts of a request
+together). A streamed response sends text as the engine makes it final; a client that goes away
+cancels its generation at the next token. Every bad request is a 4xx in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette.sse import EventSourceResponse
+
+from .errors import BioGptError
+from .inputs import Prompt
+from .plans import generate_plan
+
+
+class CompletionRequest(BaseModel):
+    """The fields of OpenAI's /v1/completions this server honours; any other field is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | list[str] = Field(min_length=1)
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    stream: bool = False
+    user: str | None = None
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+
+
+class Cancelled(Exception):
+    """The client went away: the engine stops at the next event."""
+
+
+class Collector:
+    """A renderer for batch.run that hands each event to `sink` (in the worker thread)."""
+
+    def __init__(self, sink: Any, cancelled: threading.Event) -> None:
+        self.sink, self.cancelled = sink, cancelled
+
+    def begin(self, prompts: Any) -> None:
+        pass
+
+    def add(self, prompt: Prompt) -> None:
+        pass
+
+    def event(self, ev: Any) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled
+        self.sink(ev)
+
+
+def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="biogpt-cli", docs_url=None, redoc_url=None)
+    turn = asyncio.Lock()  # one generation at a time; waiters are served in order of arrival
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return error(400, f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid JSON body",
+                     param=where or None)
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next: Any) -> Any:
+        if api_key and request.url.path != "/health" and request.headers.get("authorization") != f"Bearer {api_key}":
+            return error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "model": name}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "biogpt-cli"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not all(p.strip() for p in prompts):
+            return error(400, "prompt: every prompt needs some text", param="prompt")
+        sample = body.temperature > 0
+        settings = {"max_new_tokens": body.max_tokens, "sample": sample, "temperature": body.temperature or None,
+                    "top_p": body.top_p if sample else None, "top_k": 0 if sample else None,
+                    "num_return_sequences": body.n if sample else 1, "logprobs": body.logprobs,
+                    "seed": body.seed if body.seed is not None else int.from_bytes(os.urandom(4), "little"),
+                    "stop": [body.stop] if isinstance(body.stop, str) else body.stop or []}
+        try:
+            plan = generate_plan(lm, tok, settings, lambda m: None)
+            jobs = [plan.job(Prompt(i + 1, p)) for i, p in enumerate(prompts)]
+            plan.opts.validate()
+        except BioGptError as e:
+            return error(400, str(e), param="prompt")
+        copies = 1 if sample else body.n  # greedy: n identical choices, as OpenAI gives at temperature 0
+        meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": name}
+        if body.stream:
+            return EventSourceResponse(stream(plan, jobs, copies, meta, request), ping=15)
+        choices: list[dict[str, Any]] = []
+        async with turn:
+            await asyncio.to_thread(run, plan, jobs, lambda ev: ev.done and choices.append(choice(plan, ev, jobs)),
+                                    threading.Event())
+        choices = [dict(c, index=(c["index"] * copies + k)) for c in sorted(choices, key=lambda c: c["index"])
+                   for k in range(copies)]
+        used = sum(len(c.pop("_ids")) for c in choices)
+        given = sum(len(j.ids) for j in jobs)
+        return {**meta, "choices": choices,
+                "usage": {"prompt_tokens": given, "completion_tokens": used, "total_tokens": given + used}}
+
+    def run(plan: Any, jobs: list[Any], sink: Any, cancelled: threading.Event) -> None:
+        from .batch import run as run_batch
+
+        run_batch(lm, tok, jobs, plan.opts, Collector(sink, cancelled), batch_size=max(len(jobs), 1),
+                  stop=plan.stop, seed=plan.seed)
+
+    def choice(plan: Any, ev: Any, jobs: list[Any]) -> dict[str, Any]:
+        done = ev.done
+        record = plan.record(jobs[done.prompt_index].item, done)
+        return {"text": done.text, "index": ev.row, "finish_reason": "length" if done.finish_reason == "length"
+                else "stop", "logprobs": legacy_logprobs(record.get("logprobs")), "_ids": done.ids}
+
+    async def stream(plan: Any, jobs: list[Any], copies: int, meta: dict[str, Any],
+                     request: Request) -> AsyncIterator[dict[str, str]]:
+        loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+
+        def sink(ev: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        async with turn:
+            task = asyncio.ensure_future(asyncio.to_thread(run, plan, jobs, sink, cancelled))
+            task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+            try:
+                while (ev := await queue.get()) is not None:
+                    finish = None if ev.done is None else "length" if ev.done.finish_reason == "length" else "stop"
+                    for k in range(copies):
+                        if ev.text or finish:
+                            chunk = {"text": ev.text, "index": ev.row * copies + k, "logprobs": None,
+                                     "finish_reason": finish}
+                            yield {"data": json.dumps({**meta, "choices": [chunk]})}
+                if task.exception() is not None and not isinstance(task.exception(), Cancelled):
+                    yield {"data": json.dumps({"error": {"message": str(task.exception()), "type": "server_error"}})}
+                yield {"data": "[DONE]"}
+            finally:
+                cancelled.set()  # a client that went away stops the engine at its next event
+                await asyncio.wait([task])
+
+    return app
+
+
+def legacy_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """Our per-token entries in the completions API's logprobs shape."""
+    if entries is None:
+        return None
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top"]} for e in entries],
+            "text_offset": []}
+
+
+def serve(lm: Any, tok: Any, name: str, host: str, port: int, api_key: str | None) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(lm, tok, name, api_key), host=host, port=port, log_level="warning")
+

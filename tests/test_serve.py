@@ -1,0 +1,138 @@
+"""`biogpt serve` through the official openai client and raw HTTP, on a real local server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
+openai = pytest.importorskip("openai", reason="openai (a test dependency) is not installed")
+import httpx  # noqa: E402
+import torch  # noqa: E402
+import uvicorn  # noqa: E402
+
+from biogpt_cli import GenerationOptions, generate  # noqa: E402
+from biogpt_cli.loading import load_pretrained  # noqa: E402
+from biogpt_cli.server import create_app  # noqa: E402
+from biogpt_cli.streaming import continuation  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ref):
+    """(base URL, model, tokenizer) of a server on a free loopback port, stopped at the end."""
+    lm, tok = load_pretrained(tiny_ref[1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(lm, tok, "tiny", api_key="sekret"), host="127.0.0.1", port=port,
+                                        log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", lm, tok
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="sekret", max_retries=0, timeout=60)
+
+
+def greedy_text(lm, tok, prompt, n):
+    ids = tok.encode(prompt)
+    return continuation(tok, ids, generate(lm, [ids], GenerationOptions(max_new_tokens=n))[0][0].ids)[0]
+
+
+def test_greedy_equals_generate_and_streaming_concatenates(server):
+    _, lm, tok = server
+    c = client(server)
+    out = c.completions.create(model="tiny", prompt="the cat and", max_tokens=12, temperature=0)
+    assert out.choices[0].text == greedy_text(lm, tok, "the cat and", 12)
+    assert out.usage.completion_tokens > 0 and out.usage.prompt_tokens == len(tok.encode("the cat and"))
+    chunks = list(c.completions.create(model="tiny", prompt="the cat and", max_tokens=12, temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == out.choices[0].text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    both = c.completions.create(model="tiny", prompt=["the cat and", "of the"], max_tokens=6, temperature=0)
+    assert [ch.text for ch in sorted(both.choices, key=lambda ch: ch.index)] == \
+        [greedy_text(lm, tok, p, 6) for p in ("the cat and", "of the")]
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+
+
+def test_n_with_a_seed_and_logprobs(server):
+    _, lm, tok = server
+    c = client(server)
+    args = dict(model="tiny", prompt="the cat", max_tokens=8, temperature=0.9, n=3, seed=5)
+    first, again = c.completions.create(**args), c.completions.create(**args)
+    assert len(first.choices) == 3 and [ch.text for ch in first.choices] == [ch.text for ch in again.choices]
+    out = c.completions.create(model="tiny", prompt="the cat", max_tokens=5, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    ids = tok.encode("the cat")
+    new = generate(lm, [ids], GenerationOptions(max_new_tokens=5))[0][0].ids
+    with torch.no_grad():
+        expected = torch.log_softmax(lm(torch.tensor([ids + new])).logits[0, len(ids) - 1:-1].float(), -1)
+    got = torch.tensor(lp.token_logprobs)
+    assert torch.allclose(got, expected.gather(1, torch.tensor(new)[:, None])[:, 0], atol=1e-4)
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+
+
+def test_ten_concurrent_clients(server):
+    _, lm, tok = server
+    prompts = [f"the {w}" for w in ("cat", "dog", "end", "of", "and", "in", "a", "b", "c", "d")]
+
+    def ask(p):
+        return client(server).completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(ask, prompts))
+    assert answers == [greedy_text(lm, tok, p, 6) for p in prompts]
+
+
+def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
+    """Slowed to 0.1 s a token, a 55-token stream takes 5.5 s: after its client hangs up at the
+    first chunk, the next request is answered well before that."""
+    from biogpt_cli import batch
+
+    real = batch.stream_completions
+
+    def slow(*args, **kwargs):
+        for ev in real(*args, **kwargs):
+            time.sleep(0.1)
+            yield ev
+
+    monkeypatch.setattr(batch, "stream_completions", slow)
+    base, headers = server[0], {"Authorization": "Bearer sekret"}
+    body = {"prompt": "the cat", "max_tokens": 55, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as h, h.stream("POST", base + "/v1/completions", json=body, headers=headers) as r:
+        assert r.status_code == 200
+        next(line for line in r.iter_lines() if line.startswith("data"))  # the first chunk, then hang up
+    start = time.time()
+    out = httpx.post(base + "/v1/completions", json={"prompt": "of the", "max_tokens": 3, "temperature": 0},
+                     headers=headers, timeout=30)
+    assert out.status_code == 200 and time.time() - start < 3
+
+
+@pytest.mark.parametrize("body, status", [
+    ("{not json", 400), ({"prompt": "x", "bogus": 1}, 400), ({"prompt": "x", "max_tokens": "many"}, 400),
+    ({"prompt": "x", "max_tokens": 0}, 400), ({"prompt": "x", "top_p": 1.5}, 400), ({"prompt": "x", "n": 0}, 400),
+    ({"prompt": "x", "temperature": -1}, 400), ({"prompt": "x " * 200, "max_tokens": 10}, 400),
+    ({"prompt": []}, 400), ({"prompt": "   "}, 400), ({}, 400), ({"prompt": "x", "logprobs": 99}, 400),
+])
+def test_bad_requests_get_400_in_openai_shape(server, body, status):
+    base = server[0]
+    headers = {"Authorization": "Bearer sekret", "Content-Type": "application/json"}
+    r = httpx.post(base + "/v1/completions", content=body if isinstance(body, str) else json.dumps(body),
+                   headers=headers, timeout=30)
+    assert r.status_code == status and set(r.json()["error"]) >= {"message", "type"}, r.text
+    assert httpx.get(base + "/health", timeout=10).json()["status"] == "ok"  # and it keeps serving
+
+
+def test_api_key_is_checked(server):
+    r = httpx.post(server[0] + "/v1/completions", json={"prompt": "x"}, timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
