@@ -97,6 +97,6 @@ def interact(settings: dict[str, Any], *, model: str, revision: str | None, dtyp
             batch.run(lm, tok, [plan.job(Prompt(turn, line))], plan.opts, renderer, batch_size=1, stop=plan.stop,
                       seed=plan.seed, confidence=confidence)
         except KeyboardInterrupt:
-            console.print("\n[stopped]", style="dim")
+            console.print("\n[stopped]", style="dim", markup=False)
         except BioGptError as e:
             stderr.print(f"error: {e}", markup=False)

@@ -1,0 +1,149 @@
+"""Where users meet it: the interactive mode, token confidence (--logprobs, --show-confidence,
+score --show) and embeddings."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import sys
+import time
+
+import pytest
+import torch
+import transformers
+
+from biogpt_cli import GenerationOptions, generate
+from biogpt_cli.loading import load_pretrained
+from biogpt_cli.streaming import continuation
+from tests.test_cli import run_in_pty
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_ref):
+    model, tok = load_pretrained(tiny_ref[1])
+    return tiny_ref[1], model, tok
+
+
+def greedy(model, tok, prompt, n):
+    ids = tok.encode(prompt)
+    return continuation(tok, ids, generate(model, [ids], GenerationOptions(max_new_tokens=n))[0][0].ids)[0]
+
+
+@pytest.fixture(scope="module")
+def slower(tmp_path_factory):
+    """A model big enough that 800 new tokens take a few seconds: time to press Ctrl-C."""
+    from tests.conftest import make_reference
+
+    folder = tmp_path_factory.mktemp("slower")
+    make_reference(folder, seed=4, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                   intermediate_size=2048, max_position_embeddings=1024)
+    model, tok = load_pretrained(folder)
+    return folder, model, tok
+
+
+def test_interactive_session(slower):
+    """Two prompts, a /set, a Ctrl-C in the middle of a generation, then Ctrl-D."""
+    import pty
+
+    folder, model, tok = slower
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-m", "biogpt_cli", "generate", "-m", str(folder), "-n", "5"])
+    screen, seen = b"", 0
+
+    def until(text: bytes, timeout: float = 60) -> None:
+        """Wait for `text` after what earlier waits matched."""
+        nonlocal screen, seen
+        deadline = time.time() + timeout
+        while text not in screen[seen:] and time.time() < deadline:
+            if select.select([fd], [], [], 0.2)[0]:
+                screen += os.read(fd, 4096)
+        assert text in screen[seen:], screen.decode(errors="replace")
+        seen = screen.index(text, seen) + len(text)
+
+    until(b"> ")
+    os.write(fd, b"the cat\n")
+    until(greedy(model, tok, "the cat", 5).encode())
+    until(b"> ")
+    os.write(fd, b"/set n 3\n")
+    until(b"max_new_tokens = 3")
+    os.write(fd, b"of the\n")
+    until(greedy(model, tok, "of the", 3).encode())
+    os.write(fd, b"/set n 800\n")
+    until(b"max_new_tokens = 800")
+    os.write(fd, b"the end\n")
+    time.sleep(1.0)
+    os.write(fd, b"\x03")  # Ctrl-C while it generates
+    until(b"[stopped]")
+    until(b"> ")
+    os.write(fd, b"\x04")  # Ctrl-D leaves
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_logprobs_equal_the_reference_log_softmax(cli, tiny, tiny_ref):
+    folder, model, tok = tiny
+    ref = tiny_ref[0]
+    code, out, err = cli("generate", "the cat", "-m", folder, "-n", "6", "--logprobs", "3", "--format", "jsonl")
+    assert code == 0, err
+    record = json.loads(out)
+    ids = tok.encode("the cat") + record["ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(ref(torch.tensor([ids])).logits[0], -1)
+    start = len(tok.encode("the cat")) - 1
+    for i, entry in enumerate(record["logprobs"]):
+        assert entry["id"] == record["ids"][i]
+        assert abs(entry["logprob"] - logp[start + i, entry["id"]].item()) < 1e-4
+        best = torch.topk(logp[start + i], 3)
+        assert [t["id"] for t in entry["top"]] == best.indices.tolist()
+    code, _, err = cli("generate", "the cat", "-m", folder, "--logprobs", "3")
+    assert code == 2 and "--logprobs" in err
+
+
+def test_show_confidence_colours_the_stream(tiny):
+    folder, model, tok = tiny
+    code, screen = run_in_pty(["generate", "the cat", "-m", str(folder), "-n", "8", "--show-confidence"])
+    assert code == 0 and "confidence: green" in screen
+    assert re.search(r"\x1b\[(3[1-3]|38;5;208)m", screen)  # red, green, yellow or orange text
+    plain = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", screen)
+    assert greedy(model, tok, "the cat", 8).strip() in plain
+
+
+def test_score_show(cli, tiny, tmp_path):
+    folder = tiny[0]
+    (tmp_path / "t.txt").write_text("the cat\n")
+    code, out, _ = cli("score", tmp_path / "t.txt", "-m", folder, "--show")
+    assert code == 0 and re.fullmatch(r"(\S+\(\d+\.\d\) ?)+\n", out), out
+    code, screen = run_in_pty(["score", str(tmp_path / "t.txt"), "-m", str(folder), "--show"])
+    assert code == 0 and "\x1b[" in screen
+
+
+@pytest.mark.parametrize("pool", ["mean", "last"])
+def test_embeddings_equal_the_reference_and_do_not_depend_on_batching(cli, tiny, tiny_ref, tmp_path, pool):
+    folder, _, tok = tiny
+    ref = transformers.BioGptModel.from_pretrained(folder).eval()
+    lines = ["the cat and the dog", "of", "in the end"]
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    runs = []
+    for batch in ("1", "3"):
+        code, out, err = cli("embed", "-i", tmp_path / "in.txt", "-m", folder, "--pool", pool, "--batch-size", batch)
+        assert code == 0, err
+        runs.append([json.loads(x) for x in out.splitlines()])
+    assert [r["line"] for r in runs[0]] == [1, 2, 3]
+    for line, a, b in zip(lines, *runs, strict=True):
+        ids = torch.tensor([tok.encode(line)])
+        with torch.no_grad():
+            hidden = ref(ids).last_hidden_state[0]
+        expected = hidden[1:].mean(0) if pool == "mean" else hidden[-1]
+        assert torch.allclose(torch.tensor(a["embedding"]), expected, atol=1e-4)
+        assert torch.allclose(torch.tensor(a["embedding"]), torch.tensor(b["embedding"]), atol=1e-5)
+    code, _, err = cli("embed", "-i", tmp_path / "in.txt", "-m", folder, "-o", tmp_path / "e.safetensors")
+    assert code == 0, err
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "e.safetensors", "pt") as f:
+        matrix = f.get_tensor("embeddings")
+        assert json.loads(f.metadata()["keys"]) == [{"line": 1}, {"line": 2}, {"line": 3}]
+    assert matrix.shape == (3, 32)
