@@ -147,3 +147,11 @@ def test_embeddings_equal_the_reference_and_do_not_depend_on_batching(cli, tiny,
         matrix = f.get_tensor("embeddings")
         assert json.loads(f.metadata()["keys"]) == [{"line": 1}, {"line": 2}, {"line": 3}]
     assert matrix.shape == (3, 32)
+
+
+def test_shell_completion_script():
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-m", "biogpt_cli", "--show-completion", "bash"], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0 and "complete" in run.stdout and "biogpt" in run.stdout.lower()

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from ..errors import BioGptError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, context_settings={"max_content_width": 100})
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 ARGV: list[str] = []  # this command's arguments, for the resume command an interrupted run prints
