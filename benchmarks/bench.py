@@ -142,6 +142,7 @@ def variants(folder: Path, fp32: BioGptForCausalLM, prompt: list[int], args: arg
     for label, kwargs, target in cases:
         model = BioGptForCausalLM.from_pretrained(folder, device=args.device, **kwargs)
         with torch.inference_mode():
+            generate(model, [prompt], GenerationOptions(max_new_tokens=2))  # one-time set-up is no decoding speed
             t = statistics.median(seconds(lambda model=model: generate(model, [prompt], opts))
                                   for _ in range(args.repeats))
             logits = model(torch.tensor([seq], device=args.device)).logits[0, len(prompt) - 1:].float()

@@ -31,13 +31,16 @@ def isa(flags: set[str]) -> str:
     return level + (f" ({', '.join(extras)})" if extras else "")
 
 
-def bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second of a `sum` over a buffer far larger than any cache (best of `repeats`)."""
-    x = torch.ones(int(gib * 2**30) // 4)
+def bandwidth(gib: float = 1.0, repeats: int = 5, device: str = "cpu") -> float:
+    """Bytes per second of a `sum` over a buffer far larger than any cache (best of `repeats`),
+    in the memory the model's weights live in."""
+    x = torch.ones(int(gib * 2**30) // 4, device=device)
     best = float("inf")
     for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        x.sum()
+        x.sum().item()
         best = min(best, time.perf_counter() - start)
     return x.numel() * 4 / best
 
@@ -45,7 +48,7 @@ def bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 def describe(device: str = "cpu") -> dict:
     model, flags = cpu()
     info = {"cpu": model, "isa": isa(flags), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "read_bandwidth_gbps": round(bandwidth() / 1e9, 1)}
+            "read_bandwidth_gbps": round(bandwidth(device=device) / 1e9, 1)}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
