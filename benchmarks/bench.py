@@ -281,6 +281,61 @@ def bulk_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> No
                     "lines/s", higher=True))
 
 
+def _tree_pss(root: int) -> int:
+    """Proportional set size (bytes) of a process and all its descendants (Ray's daemons included)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, grew = {root}, True
+    while grew:
+        grew = False
+        for pid, ppid in parents.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    total = 0
+    for pid in tree:
+        try:
+            total += next(int(line.split()[1]) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                          if line.startswith("Pss:")) * 1024
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+def ray_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """`generate` over the same JSONL as one plain process and as a local 2-CPU Ray run (one
+    worker): records per second and peak memory of the whole process tree (PSS)."""
+    lines = (shared_dir() / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
+    n = 16 if args.quick else 64
+    data = args.workdir / "ray-input.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "prompt": " ".join(line.split()[:8])}) + "\n"
+                            for i, line in enumerate(lines[:n])))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    measured = {}
+    for name, extra in (("plain", ["-o", str(args.workdir / "plain.jsonl"), "--force"]),
+                        ("ray", ["--engine", "ray", "--workers", "1", "-o", str(args.workdir / "ray-out")])):
+        subprocess.run(["rm", "-rf", str(args.workdir / "ray-out")], check=True)
+        command = [sys.executable, "-m", "biogpt_cli", "generate", "-m", str(folder), "-n", "16", "-i", str(data),
+                   *extra]
+        start, peak = time.perf_counter(), 0
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while proc.poll() is None:
+            peak = max(peak, _tree_pss(proc.pid))
+            time.sleep(0.25)
+        if proc.returncode:
+            sys.exit(f"error: the {name} run failed: {proc.stderr.read().decode()[-800:]}")
+        measured[name] = (n / (time.perf_counter() - start), peak)
+    (ray_rate, ray_peak), (plain_rate, plain_peak) = measured["ray"], measured["plain"]
+    rows.append(row(f"Ray (local, 2 CPUs, 1 worker) vs one process, {n} prompts x 16 tokens", ray_rate, plain_rate,
+                    "records/s", higher=True, note=f"whole processes; peak memory (PSS of the process tree) "
+                    f"{ray_peak / 1e9:.2f} GB with Ray, {plain_peak / 1e9:.2f} GB without"))
+
+
 def quality_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
     lines = (shared_dir() / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
     trained = quality.train(folder, lines, args.workdir / "quality-model")
@@ -343,7 +398,8 @@ def main() -> None:
     parser.add_argument("--agreement-tokens", type=int, default=200)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "biogpt-bench",
                         help="where the random full-size checkpoint is kept between runs")
-    parser.add_argument("--only", choices=["decode", "process", "tokenize", "bulk", "quality"], action="append")
+    parser.add_argument("--only", choices=["decode", "process", "tokenize", "bulk", "quality", "ray"], action="append",
+                        help="run only these parts (ray: only when named, it needs the ray extra)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (decode and bulk figures)")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes)")
     args = parser.parse_args()
@@ -361,9 +417,10 @@ def main() -> None:
     rows: list[dict] = []
     # whole processes first, while this process is still small; then the in-process figures
     parts = (("process", process_figures), ("tokenize", tokenizer_figures), ("decode", decode_figures),
-             ("bulk", bulk_figures), ("quality", quality_figures))
+             ("bulk", bulk_figures), ("quality", quality_figures), ("ray", ray_figures))
     for part, fn in parts:
-        if (not args.only and (args.device == "cpu" or part in ("decode", "bulk"))) or part in (args.only or ()):
+        everything = part != "ray" and (args.device == "cpu" or part in ("decode", "bulk"))
+        if (not args.only and everything) or part in (args.only or ()):
             fn(folder, args, rows)
     if args.compile:
         compile_figures(folder, args, rows)

@@ -4,25 +4,11 @@ bandwidth, which bounds how fast any kernel can decode (a step reads every weigh
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-
-def cpu() -> tuple[str, set[str]]:
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    return model, flags
+from biogpt_cli.linear import cpu_info
 
 
 def isa(flags: set[str]) -> str:
@@ -46,8 +32,8 @@ def bandwidth(gib: float = 1.0, repeats: int = 5, device: str = "cpu") -> float:
 
 
 def describe(device: str = "cpu") -> dict:
-    model, flags = cpu()
-    info = {"cpu": model, "isa": isa(flags), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    model, flags = cpu_info()
+    info = {"cpu": model, "isa": isa(set(flags)), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "read_bandwidth_gbps": round(bandwidth(device=device) / 1e9, 1)}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))

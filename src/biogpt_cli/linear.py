@@ -170,20 +170,26 @@ def optimize(model: nn.Module, quantize: str = "none", release: Callable[[torch.
 
 
 # -- choosing by measurement -------------------------------------------------------------------
-def cpu_id() -> str:
-    """The CPU model and its ISA flags: a kernel timing holds for this, and nothing else."""
-    model, flags = platform.processor(), ""
+def cpu_info() -> tuple[str, list[str]]:
+    """The CPU's model name and ISA flags (Linux; elsewhere what `platform` knows)."""
+    model, flags = platform.processor() or "unknown CPU", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name":
                 model = value.strip()
             elif key.strip() == "flags":
-                flags = value.strip()
+                flags = value.split()
                 break
     except OSError:
         pass
-    return f"{model} [{hashlib.sha256(flags.encode()).hexdigest()[:8]}]"
+    return model, flags
+
+
+def cpu_id() -> str:
+    """The CPU model and its ISA flags: a kernel timing holds for this, and nothing else."""
+    model, flags = cpu_info()
+    return f"{model} [{hashlib.sha256(' '.join(flags).encode()).hexdigest()[:8]}]"
 
 
 def _cache_file() -> Path:
