@@ -172,6 +172,8 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
         raise UsageError("--engine ray writes a folder of JSONL part files: give -o FOLDER")
     cluster.ray_module()
     config = BioGptConfig.from_dict(describe(model, revision)["config"])  # a model that cannot load fails now
+    if config.architecture != "BioGptForCausalLM":
+        raise UsageError(f"{model} has a {config.architecture} head: it runs without --engine ray")
     if command in ("qa", "extract", "classify"):
         from ..tasks import task_for
 
