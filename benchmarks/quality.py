@@ -39,6 +39,9 @@ def train(vocab_folder: Path, lines: list[str], folder: Path, steps: int = 300) 
     config = BioGptConfig(vocab_size=tok.vocab_size, **SHAPE)
     torch.manual_seed(0)
     model = BioGptForCausalLM(config)
+    for name, p in model.named_parameters():  # the reference's initialisation: N(0, 0.02), zero biases
+        if "layer_norm" not in name:
+            torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.zeros_(p)
     optim = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=2e-3, total_steps=steps)
     rng = random.Random(0)
