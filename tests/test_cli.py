@@ -582,3 +582,17 @@ def test_progress_bar_on_a_terminal_and_never_on_a_pipe(cli, tiny, tmp_path):
     assert code == 0 and out == "" and err == ""
     code, screen = run_in_pty(["tokenize", str(prompts), "-m", str(tiny[0])], stdout=str(tmp_path / "ids.txt"))
     assert code == 0 and re.search(r"lines .*3/3", screen) and len((tmp_path / "ids.txt").read_text().splitlines()) == 3
+
+
+def test_score_groups_lines_by_length_and_keeps_their_order(cli, tiny, tmp_path):
+    folder, model, tok = tiny
+    lines = ["the cat and the dog and the end of the story", "of", "the end", "a b c d e f g h i j k l", "in"]
+    (tmp_path / "f.txt").write_text("\n".join(lines) + "\n")
+    code, out, _ = cli("score", tmp_path / "f.txt", "-m", folder, "--format", "jsonl", "--batch-size", "2")
+    records = [json.loads(x) for x in out.splitlines()]
+    assert code == 0 and [r["line"] for r in records] == [1, 2, 3, 4, 5]
+    from biogpt_cli.scoring import sequence_nll
+
+    for line, r in zip(lines, records, strict=True):
+        count, nll = sequence_nll(model, [tok.encode(line)])[0]
+        assert r["tokens"] == count and abs(r["nll"] - nll) < 1e-4

@@ -166,23 +166,24 @@ def generated_records(lm: Any, tok: Any, plan: Plan, items: list[Prompt], batch_
 
 def score_records(lm: Any, tok: Any, items: list[Prompt], batch_size: int, truncate: bool,
                   warn: Warn) -> list[dict[str, Any]]:
-    """`score`'s record per non-blank item: tokens, mean NLL and perplexity (None when the text
-    predicts nothing); with `truncate`, an over-long text is scored on its end."""
+    """`score`'s record per non-blank item, in order: tokens, mean NLL and perplexity (None when the
+    text predicts nothing); with `truncate`, an over-long text is scored on its end. Items are
+    batched by length (less padding to compute), which changes no value."""
     from .scoring import sequence_nll
 
-    limit, out = lm.config.max_position_embeddings, []
-    for group in batches(iter(items), batch_size):
-        ids = []
-        for p in group:
-            try:
-                full = tok.encode(p.text)
-                ids.append(fit_prompt(full, 0, limit, truncate))
-            except InputError as e:
-                raise InputError(f"{where(p)}{e}") from None
-            if len(ids[-1]) < len(full):
-                warn(f"warning: {where(p)}{len(full)} tokens cut to the last {len(ids[-1]) - 1}")
-        for p, (count, nll) in zip(group, sequence_nll(lm, ids), strict=True):
-            finite = math.isfinite(nll)
-            out.append({**({"line": p.line} if p.line else {}), **({"id": p.id} if p.id is not None else {}),
-                        "tokens": count, "nll": nll if finite else None, "ppl": math.exp(nll) if finite else None})
+    limit, ids = lm.config.max_position_embeddings, []
+    for p in items:
+        try:
+            full = tok.encode(p.text)
+            ids.append(fit_prompt(full, 0, limit, truncate))
+        except InputError as e:
+            raise InputError(f"{where(p)}{e}") from None
+        if len(ids[-1]) < len(full):
+            warn(f"warning: {where(p)}{len(full)} tokens cut to the last {len(ids[-1]) - 1}")
+    out: list[dict[str, Any]] = [{} for _ in items]
+    for group in batches(iter(sorted(range(len(items)), key=lambda i: len(ids[i]))), batch_size):
+        for i, (count, nll) in zip(group, sequence_nll(lm, [ids[i] for i in group]), strict=True):
+            p, finite = items[i], math.isfinite(nll)
+            out[i] = {**({"line": p.line} if p.line else {}), **({"id": p.id} if p.id is not None else {}),
+                      "tokens": count, "nll": nll if finite else None, "ppl": math.exp(nll) if finite else None}
     return out

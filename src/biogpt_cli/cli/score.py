@@ -97,7 +97,7 @@ def score(
     skipped = 0
     with open_input(file) as f:
         lines = (Prompt(n, t) for n, t in read_lines(f, name, errors))
-        for group in batches(lines, batch_size):
+        for group in batches(lines, batch_size * 16):  # a window of lines, batched by length inside
             kept = [p for p in group if p.text.strip()]
             skipped += len(group) - len(kept)
             for r in score_records(lm, tok, kept, batch_size, truncate, stderr.print):
