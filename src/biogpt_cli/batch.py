@@ -94,7 +94,7 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions
                     try:
                         fit_prompt(job.ids, opts.max_new_tokens, limit)
                     except InputError as e:
-                        raise InputError(f"line {job.item.line}: {e}" if job.item.line else str(e)) from None
+                        raise InputError(f"{job.item.where}{e}") from None
                     taken.append(job)
                     renderer.add(job.item)
                     stats.prompts += 1

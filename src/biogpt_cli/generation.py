@@ -342,8 +342,8 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], op
         prompts = list(prompts)
         slots = len(prompts)
     queue = _Queue(prompts)
-    stream_of = generator if callable(generator) or generator is None or isinstance(generator, torch.Generator) \
-        else generator.__getitem__
+    per_row = generator is not None and not isinstance(generator, torch.Generator)  # each prompt its own stream
+    stream_of = (generator if callable(generator) else generator.__getitem__) if per_row else None
     while first := list(itertools.islice(queue, slots)):
         refill = len(first) == slots and k == 1  # more prompts may follow: keep rows busy
         columns = model.config.max_position_embeddings if refill else 0
@@ -352,8 +352,7 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], op
         seq_of = [j * k + r for j, _ in first for r in range(k)]  # row -> sequence index
         starts = torch.full((rows,), batch.width, device=batch.history.device)
         procs = make_processors(opts, eos, starts)
-        per_row = callable(stream_of) and not isinstance(stream_of, torch.Generator)
-        draw = [stream_of(s // k) for s in seq_of] if per_row else stream_of
+        draw = [stream_of(s // k) for s in seq_of] if per_row else generator
         alive, new_ids, scores = [True] * rows, [[] for _ in range(rows)], batch.logits
         while True:
             raw = F.log_softmax(scores, -1) if observe is not None else None

@@ -25,6 +25,11 @@ class Prompt:
     fields: dict[str, Any] = field(default_factory=dict, compare=False)  # a JSONL line's whole object
 
     @property
+    def where(self) -> str:
+        """How a message names it: `line N: `, `id X: `, or nothing for a command-line argument."""
+        return f"line {self.line}: " if self.line else f"id {self.id}: " if self.id is not None else ""
+
+    @property
     def key(self) -> tuple[str, str | int]:
         """What `--resume` matches an output record on: the JSONL id, else the line number."""
         return ("id", self.id) if self.id is not None else ("line", self.line)

@@ -37,10 +37,6 @@ class Plan:
     unparsed: list[int] = field(default_factory=lambda: [0])  # task outputs that did not parse
 
 
-def where(p: Prompt) -> str:
-    return f"line {p.line}: " if p.line else f"id {p.id}: " if p.id is not None else ""
-
-
 def generation_options(s: dict[str, Any]) -> GenerationOptions:
     """`generate`'s decoding settings, with the reference's defaults for what was not given."""
     return GenerationOptions(
@@ -63,7 +59,7 @@ def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
         full = tok.encode(p.text)
         ids = fit_prompt(full, opts.max_new_tokens, lm.config.max_position_embeddings, s.get("truncate", False))
         if len(ids) < len(full):
-            warn(f"warning: {where(p)}prompt of {len(full)} tokens cut to its last {len(ids) - 1}")
+            warn(f"warning: {p.where}prompt of {len(full)} tokens cut to its last {len(ids) - 1}")
         if s.get("logprobs") is not None:
             inputs[p.key] = ids
         return Job(p, ids)
@@ -177,9 +173,9 @@ def score_records(lm: Any, tok: Any, items: list[Prompt], batch_size: int, trunc
             full = tok.encode(p.text)
             ids.append(fit_prompt(full, 0, limit, truncate))
         except InputError as e:
-            raise InputError(f"{where(p)}{e}") from None
+            raise InputError(f"{p.where}{e}") from None
         if len(ids[-1]) < len(full):
-            warn(f"warning: {where(p)}{len(full)} tokens cut to the last {len(ids[-1]) - 1}")
+            warn(f"warning: {p.where}{len(full)} tokens cut to the last {len(ids[-1]) - 1}")
     out: list[dict[str, Any]] = [{} for _ in items]
     for group in batches(iter(sorted(range(len(items)), key=lambda i: len(ids[i]))), batch_size):
         for i, (count, nll) in zip(group, sequence_nll(lm, [ids[i] for i in group]), strict=True):

@@ -220,7 +220,6 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
     `total`, a progress bar on stderr."""
     from .. import batch
     from ..output import CONFIDENCE_LEGEND, Renderer, open_output, write_manifest
-    from ..plans import where
 
     opts, sequences = plan.opts, plan.opts.num_return_sequences
 
@@ -245,7 +244,7 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
                 try:
                     yield plan.job(p)
                 except InputError as e:
-                    raise InputError(f"{where(p)}{e}") from None
+                    raise InputError(f"{p.where}{e}") from None
 
     status = "interrupted"
     spinner = stderr.status("beam search", spinner="dots") if live and opts.num_beams > 1 else None

@@ -133,7 +133,7 @@ def _classify_with_head(lm: Any, tok: Any, records: Iterator[Prompt], run: TaskR
                 try:
                     texts.append(text_field(p.fields, "text"))
                 except InputError as e:
-                    raise InputError(f"line {p.line}: {e}") from None
+                    raise InputError(f"{p.where}{e}") from None
             if lm.config.architecture == "BioGptForSequenceClassification":
                 results = classify_sequences(lm, [tok.encode(t) for t in texts])
             else:
