@@ -153,7 +153,8 @@ def generate(
         if sample and verbose:
             stderr.print(f"seed {settings['seed']}")
         plan = generate_plan(lm, tokenizer, settings, stderr.print)
-        run = {**plan.identity, **model_identity(lm, model, revision, dtype, quantize), **input_identity(prompt, input)}
+        run = {**plan.identity, **model_identity(lm, model, revision, dtype, quantize),
+               **input_identity(prompt, input, output)}
         run_batch(lm, tokenizer, prompts, plan, run=run, output=output, fmt=fmt, force=force, resume=resume,
                   batch_size=batch_size, verbose=verbose, total=progress_total(input, output), quiet=quiet,
                   confidence=show_confidence)
@@ -184,10 +185,13 @@ def model_identity(lm: Any, model: str, revision: str | None, dtype: str, quanti
             "quantize": quantize}
 
 
-def input_identity(prompt: str | None, path: str | None) -> dict[str, Any]:
-    """What a manifest records of the input: the prompt, the file and its sha256, or stdin."""
+def input_identity(prompt: str | None, path: str | None, output: str | None) -> dict[str, Any]:
+    """What a manifest records of the input: the prompt, the file and its sha256, or stdin. Only
+    an output file has a manifest, so without one the input is not read twice to hash it."""
     from ..output import file_digest
 
+    if output is None:
+        return {}
     if path is None:
         return {"prompt": prompt}
     if path == "-":

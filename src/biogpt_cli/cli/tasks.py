@@ -110,7 +110,7 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
             return _classify_with_head(lm, tok, records, run, fmt)
         plan = task_plan(lm, tok, settings, stderr.print)
         identity = {**plan.identity, **model_identity(lm, run.model, run.revision, run.dtype, run.quantize),
-                    **input_identity(None, run.input)}
+                    **input_identity(None, run.input, run.output)}
         run_batch(lm, tok, records, plan, run=identity, output=run.output, fmt=fmt, force=run.force,
                   resume=run.resume, batch_size=run.batch_size, verbose=run.verbose,
                   total=progress_total(run.input, run.output), quiet=run.engine.quiet)
@@ -124,7 +124,7 @@ def _classify_with_head(lm: Any, tok: Any, records: Iterator[Prompt], run: TaskR
     from ..tasks import text_field
 
     identity = {"command": "classify", **model_identity(lm, run.model, run.revision, run.dtype, run.quantize),
-                **input_identity(None, run.input)}
+                **input_identity(None, run.input, run.output)}
     writer, done = open_output(run.output, force=run.force, resume=run.resume, run=identity)
     try:
         for batch in batches((p for p in records if p.fields and p.key not in done), run.batch_size):
