@@ -36,6 +36,7 @@ import quality  # noqa: E402
 
 from biogpt_cli import BioGptForCausalLM, BioGptTokenizer, GenerationOptions, generate  # noqa: E402
 from biogpt_cli.inputs import parallel_map  # noqa: E402
+from biogpt_cli.linear import is_kernel  # noqa: E402
 from biogpt_cli.scoring import sequence_nll  # noqa: E402
 from tests.fixtures import shared_dir, write_hub_vocab_from_fairseq  # noqa: E402
 
@@ -148,10 +149,11 @@ def variants(folder: Path, fp32: BioGptForCausalLM, prompt: list[int], args: arg
             logits = model(torch.tensor([seq], device=args.device)).logits[0, len(prompt) - 1:].float()
         agree = (logits.argmax(-1) == base.argmax(-1)).float().mean().item()
         err = (logits - base).abs().max().item()
+        kernel = "+".join(sorted({type(m).__name__ for m in model.biogpt.layers.modules() if is_kernel(m)})) or "plain"
         rows.append(row(f"{label} greedy decode (vs reference float32)", n / t, ref_greedy, "tokens/s",
                         higher=True, target=TARGETS.get(target),
-                        note=f"{bound_note(model, n / t, args.bandwidth)}; on random weights: top-1 agreement "
-                             f"{agree:.1%}, max logit error {err:.3g} (logit std {base.std():.2f})"))
+                        note=f"{kernel}; {bound_note(model, n / t, args.bandwidth)}; on random weights: top-1 "
+                             f"agreement {agree:.1%}, max logit error {err:.3g} (logit std {base.std():.2f})"))
         del model
 
 

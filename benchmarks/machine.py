@@ -52,8 +52,10 @@ def weight_bytes(model: nn.Module) -> int:
             total += n // 2 + m.scales_zeros.numel() * 2
         elif name == "PackedLinear":
             total += n * m.packed.element_size()
-        elif isinstance(m, nn.Linear):
+        elif name == "Float32Linear":
+            total += 0  # its inner layer (PackedLinear or nn.Linear) is counted
+        elif hasattr(m, "weight"):  # nn.Linear, HalfLinear
             total += n * m.weight.element_size()
-        else:  # torch.ao's dynamic int8 Linear
+        else:  # Int8Linear
             total += n
     return total

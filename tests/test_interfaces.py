@@ -152,6 +152,8 @@ def test_embeddings_equal_the_reference_and_do_not_depend_on_batching(cli, tiny,
 def test_shell_completion_script():
     import subprocess
 
-    run = subprocess.run([sys.executable, "-m", "biogpt_cli", "--show-completion", "bash"], capture_output=True,
-                         text=True, timeout=60)
+    # typer finds the shell from the parent process (with shellingham installed): run it under bash ("; exit"
+    # keeps bash from exec-ing python in its place)
+    command = f"'{sys.executable}' -m biogpt_cli --show-completion; exit $?"
+    run = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "complete" in run.stdout and "biogpt" in run.stdout.lower()

@@ -285,21 +285,55 @@ def test_kernel_choice_is_measured_once_and_survives_a_bad_cache(tmp_path, monke
     layers = [torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)]
     cache = tmp_path / "kernels.json"
     cache.write_text("{not json")  # corrupt: measured again and rewritten
-    first = linear.choose_packing(layers)
+    first = linear.choose_kernel(layers)
     entry = next(iter(json.loads(cache.read_text()).values()))
-    assert entry["kernel"] == ("packed" if first else "plain") and set(entry["ms"]) == {"plain", "packed"}
+    assert entry["kernel"] == first and set(entry["ms"]) == set(linear.candidates(torch.float32, torch.device("cpu")))
 
     def no_timing(*args, **kwargs):
         raise AssertionError("timed again although cached")
 
     monkeypatch.setattr(linear, "_time", no_timing)
-    assert linear.choose_packing(layers) == first  # a second start pays nothing
+    assert linear.choose_kernel(layers) == first  # a second start pays nothing
     stale = {k.replace("torch ", "torch 0.0."): v for k, v in json.loads(cache.read_text()).items()}
     cache.write_text(json.dumps(stale))  # another torch version's entry does not apply
     with pytest.raises(AssertionError, match="timed again"):
-        linear.choose_packing(layers)
+        linear.choose_kernel(layers)
     monkeypatch.setenv("BIOGPT_KERNEL", "plain")
-    assert linear.choose_packing(layers) is False
+    assert linear.choose_kernel(layers) == "plain"
+
+
+def test_half_precision_times_the_float32_fallback(tmp_path, monkeypatch):
+    """float16 weights: the half kernels and float32 (upcast once) are all timed, and float32's own
+    choice on the same shapes decides which float32 variant takes part."""
+    from biogpt_cli import linear
+
+    monkeypatch.setenv("BIOGPT_CACHE", str(tmp_path))
+    monkeypatch.delenv("BIOGPT_KERNEL", raising=False)
+    layers = [torch.nn.Linear(64, 128).half(), torch.nn.Linear(128, 64).half()]
+    kernel = linear.choose_kernel(layers)
+    entries = json.loads((tmp_path / "kernels.json").read_text())
+    half = next(v for k, v in entries.items() if "float16" in k)
+    wide = next(v for k, v in entries.items() if "float32" in k)
+    assert half["kernel"] == kernel and {"plain", "float32" + ("-packed" if wide["kernel"] == "packed" else "")} <= set(
+        half["ms"])
+    x = torch.randn(3, 64).half()
+    expected = torch.nn.functional.linear(x.float(), layers[0].weight.float(), layers[0].bias.float())
+    for name in linear.candidates(torch.float16, torch.device("cpu")):
+        for rows in (x[:1], x):  # one row (decoding) and several (prefill, beams)
+            got = linear.as_kernel(layers[0], name)(rows)
+            assert got.dtype == torch.float16 and torch.allclose(got.float(), expected[: len(rows)], atol=2e-2)
+
+
+@pytest.mark.parametrize("kernel,dtype", [("float32", "float16"), ("float32-packed", "bfloat16"),
+                                          ("plain", "bfloat16")])
+def test_half_precision_kernels_stay_close(tiny_ref, monkeypatch, kernel, dtype):
+    monkeypatch.setenv("BIOGPT_KERNEL", kernel)
+    ref, folder = tiny_ref
+    ours = BioGptForCausalLM.from_pretrained(folder, dtype=dtype)
+    assert any(type(m).__name__ == ("Float32Linear" if "float32" in kernel else "HalfLinear") for m in ours.modules())
+    ids = torch.tensor([[2, *range(10, 30)]])
+    with torch.no_grad():
+        assert (ours(ids).logits.float() - ref(ids).logits).abs().max() < 1e-2
 
 
 @pytest.mark.parametrize("kernel", ["packed", "plain"])

@@ -10,6 +10,7 @@ handed back to the OS, so a loaded model costs about one copy of its weights.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import hashlib
@@ -32,8 +33,9 @@ from . import fairseq
 from .config import BioGptConfig
 from .errors import BioGptError, CheckpointError, VocabularyError
 from .hub import HUB_FILES, resolve
-from .linear import can_pack, choose_packing, is_kernel, optimize
+from .linear import cache_dir, choose_kernel, is_kernel, optimize
 from .model import BioGptDecoderLayer
+from .prepared import load_prepared, prepared_path, save_prepared
 from .tokenizer import BioGptTokenizer
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -105,8 +107,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _converted_cache(path: Path) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
-    base = Path(os.environ.get("BIOGPT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "biogpt-cli")
-    return base.expanduser() / "converted" / f"{key}.safetensors"
+    return cache_dir() / "converted" / f"{key}.safetensors"
 
 
 def read_torch_bin(path: Path, config: BioGptConfig) -> dict[str, torch.Tensor]:
@@ -165,7 +166,7 @@ def load_model(cls: type[nn.Module], path_or_id: str | Path, *, revision: str | 
     folder = resolve(path_or_id, revision, ("config.json", "|".join(WEIGHT_FILES)))
     config, state = read_checkpoint(folder)
     return from_state_dict(cls, config, state, dtype=dtype, device=device, fuse=fuse, kernels=kernels,
-                           quantize=quantize, source=str(folder))
+                           quantize=quantize, source=str(folder), prepared=prepared_path(folder, cls, quantize))
 
 
 _INIT_NAMES = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_")
@@ -232,11 +233,13 @@ def check_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str
 def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str, torch.Tensor], *,
                     dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
                     fuse: bool = True, kernels: bool | None = None, quantize: str = "none",
-                    source: str = "state dict") -> Any:
+                    source: str = "state dict", prepared: Path | None = None) -> Any:
     """Check every key and shape, then assign (no copy).
 
     Then, for inference: convert dtype/device, fuse QKV and (`kernels`) swap in the fast linear
     layers of `linear.py`, handing each mapped original back to the OS as soon as it is copied.
+    Quantized layers come from `prepared` (`prepared.py`) when it holds them, and are saved there
+    when it does not.
     """
     kernels = cls.default_kernels if kernels is None else kernels
     model, state = check_state_dict(cls, config, state, source)
@@ -249,32 +252,36 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
             module_name, _, attr = name.rpartition(".")
             fresh = torch.zeros(param.shape) if attr == "bias" else torch.randn(param.shape) * 0.02
             setattr(model.get_submodule(module_name), attr, nn.Parameter(fresh))
+    quantized = kernels and quantize != "none" and torch.device(device).type == "cpu"
+    cached = quantized and prepared is not None and load_prepared(model, prepared, read_safetensors, release)
     _convert(model, parse_dtype(dtype), torch.device(device))
     model.eval()
 
-    # Packed or plain F.linear: whichever is faster on this CPU (measured once, then cached). oneDNN-
-    # packed q/k/v are as fast unfused (measured), and the concatenation would leave ~110 MB of freed
-    # heap that glibc keeps: fuse only for the other inference kernels (F.linear, int8, int4). A
-    # plain model (no kernels) keeps the reference's module names, for training and state dicts.
-    embed = model.biogpt.embed_tokens.weight if hasattr(model, "biogpt") else model.embed_tokens.weight
-    pack = kernels and quantize == "none" and can_pack(embed.dtype, embed.device) and choose_packing(
-        [m for layer in model.modules() if isinstance(layer, BioGptDecoderLayer)
-         for m in layer.modules() if isinstance(m, nn.Linear)])
-    fuse = fuse and kernels and not pack
+    # The fastest kernel on this CPU (measured once, then cached: see linear.py). oneDNN-packed q/k/v
+    # are as fast unfused (measured), and the concatenation would leave ~110 MB of freed heap that
+    # glibc keeps: fuse only for the other inference kernels (F.linear, int8, int4). A plain model
+    # (no kernels) keeps the reference's module names, for training and state dicts.
+    linears = [m for layer in model.modules() if isinstance(layer, BioGptDecoderLayer)
+               for m in layer.modules() if isinstance(m, nn.Linear)]
+    kernel = choose_kernel(linears) if kernels and quantize == "none" and linears else "plain"
+    fuse = fuse and kernels and kernel != "packed"
 
     def prepare(layer: nn.Module) -> None:  # a layer at a time, so few are ever held twice
-        if isinstance(layer, BioGptDecoderLayer) and fuse:
+        if isinstance(layer, BioGptDecoderLayer) and fuse and layer.self_attn.qkv_proj is None:
             old = [p.weight for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)]
             layer.self_attn.fuse_qkv()
             for w in old:
                 release(w)
         if kernels:
-            optimize(layer, quantize, release, recurse=layer is not model, pack=pack)
+            optimize(layer, quantize, release, recurse=layer is not model, kernel=kernel)
 
     # the model's own linear children (the output projection, a task head) first: the largest
     units = [model, *(m for m in model.modules() if isinstance(m, BioGptDecoderLayer))]
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:  # packing is single-threaded C++
         list(pool.map(prepare, units))
+    if quantized and prepared is not None and not cached:
+        save_prepared(model, prepared)
+    _trim_heap()
     model.inference_kernels = fuse or any(is_kernel(m) for m in model.modules())
     model.requires_grad_(not model.inference_kernels)
     model.source = source
@@ -293,6 +300,13 @@ def _convert(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None
                 if copied:
                     release(p)
             setattr(module, name, done[id(p)])
+
+
+def _trim_heap() -> None:
+    """Give the OS back the heap that preparing layers freed (glibc keeps it otherwise: about 0.9 GB
+    after quantizing to int4 the first time). Elsewhere than glibc, nothing to do."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 _MAPPED: list[tuple[weakref.ref, int, int]] = []  # (mapping, address, size) of mapped safetensors files
@@ -386,8 +400,9 @@ def load_pretrained(path_or_id: str | Path, *, revision: str | None = None, dtyp
     """A model ready for inference (`cls`, else the class its config names) and its tokenizer."""
     folder = resolve(path_or_id, revision, ("config.json", *HUB_FILES, "|".join(WEIGHT_FILES)))
     config, state, tokenizer = open_checkpoint(folder)
-    model = from_state_dict(cls or model_class(config), config, state, dtype=dtype, device=device,
-                            quantize=quantize, kernels=kernels, source=str(folder))
+    cls = cls or model_class(config)
+    model = from_state_dict(cls, config, state, dtype=dtype, device=device, quantize=quantize, kernels=kernels,
+                            source=str(folder), prepared=prepared_path(folder, cls, quantize))
     return model, tokenizer
 
 

@@ -61,13 +61,15 @@ class BioGptAttention(nn.Module):
         self.out_proj = nn.Linear(h, h)
         self.qkv_proj: nn.Linear | None = None
 
-    def fuse_qkv(self) -> None:
-        """Replace the three projections by one: one matrix read per step instead of three calls."""
-        h = self.out_proj.in_features
-        fused = nn.Linear(h, 3 * h, device="meta", dtype=self.q_proj.weight.dtype)
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        fused.weight = nn.Parameter(torch.cat([p.weight for p in projections]), requires_grad=False)
-        fused.bias = nn.Parameter(torch.cat([p.bias for p in projections]), requires_grad=False)
+    def fuse_qkv(self, fused: nn.Module | None = None) -> None:
+        """Replace the three projections by one (`fused`, else their concatenation): one matrix
+        read per step instead of three calls."""
+        if fused is None:
+            h = self.out_proj.in_features
+            fused = nn.Linear(h, 3 * h, device="meta", dtype=self.q_proj.weight.dtype)
+            projections = (self.q_proj, self.k_proj, self.v_proj)
+            fused.weight = nn.Parameter(torch.cat([p.weight for p in projections]), requires_grad=False)
+            fused.bias = nn.Parameter(torch.cat([p.bias for p in projections]), requires_grad=False)
         self.qkv_proj = fused
         del self.q_proj, self.k_proj, self.v_proj
 

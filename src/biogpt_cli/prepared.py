@@ -1,0 +1,87 @@
+"""Quantized weights, prepared once and cached like the converted `.bin` weights.
+
+Quantizing microsoft/biogpt's 24 layers takes seconds at every start (int8's per-channel scales,
+int4's groups and packing). The result depends only on the checkpoint's files, the method and
+(for int4's packed layout) the CPU and torch version, so the first start saves it as safetensors
+under the user cache and later starts map it: no float32 weight of a quantized layer is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .linear import Int4Linear, Int8Linear, cache_dir, cpu_id
+
+FORMAT = 1  # bump when a kernel's tensors change meaning: old files are then never read
+KINDS: dict[str, type[Int4Linear | Int8Linear]] = {"int4": Int4Linear, "int8": Int8Linear}
+
+
+def prepared_path(folder: Path, cls: type[nn.Module], quantize: str) -> Path:
+    """The cache file for these weights: every file's name, size and mtime (rewritten weights get a
+    new file), the class (task heads), the method, the CPU and torch version."""
+    files = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.iterdir()) if p.is_file()]
+    key = f"{FORMAT}|{folder.resolve()}|{files}|{cls.__name__}|{quantize}|{cpu_id()}|torch {torch.__version__}"
+    return cache_dir() / "prepared" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+
+def load_prepared(model: nn.Module, path: Path, read: Callable[[Path], dict[str, torch.Tensor]],
+                  release: Callable[[torch.Tensor], None]) -> bool:
+    """Put the cached quantized layers into `model` (a fused q/k/v included). False when there is
+    no usable file (absent, corrupt, or not this model's): the caller prepares them as usual."""
+    if not path.is_file():
+        return False
+    try:
+        tensors = read(path)
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            module, kind, name = key.rsplit(".", 2)
+            groups.setdefault(f"{module}.{kind}", {})[name] = t
+        def build(item: tuple[str, dict[str, torch.Tensor]]) -> nn.Module:
+            layer = KINDS[item[0].rpartition(".")[2]].from_tensors(item[1])
+            if isinstance(layer, Int8Linear):  # packed into fbgemm's own copy: the file's pages can go
+                for t in item[1].values():
+                    release(t)
+            return layer
+
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:  # int8 packing is single-threaded C++
+            layers = dict(zip(groups, pool.map(build, groups.items()), strict=True))
+        for key, layer in layers.items():
+            parent_name, _, attr = key.rpartition(".")[0].rpartition(".")
+            parent = model.get_submodule(parent_name)
+            if attr == "qkv_proj":
+                parent.fuse_qkv(layer)
+            elif isinstance(getattr(parent, attr), nn.Linear):
+                setattr(parent, attr, layer)
+            else:
+                raise KeyError(key)
+    except (CheckpointError, KeyError, ValueError, AttributeError, RuntimeError):  # not ours: prepared again
+        path.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def save_prepared(model: nn.Module, path: Path) -> None:
+    """Save every quantized layer of `model` (written under a temporary name, then renamed)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    names = {cls: kind for kind, cls in KINDS.items()}
+    tensors = {f"{module}.{names[type(m)]}.{key}": t.contiguous()
+               for module, m in model.named_modules() if type(m) in names for key, t in m.tensors().items()}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError):  # an unwritable cache only costs time at the next start
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
