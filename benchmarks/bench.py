@@ -117,9 +117,11 @@ def decode_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> 
         t_ours, t_ref = compare(lambda: generate(ours, [long[0].tolist()], GenerationOptions(max_new_tokens=1)),
                                 lambda: ref.generate(long, attention_mask=torch.ones_like(long), max_new_tokens=1),
                                 args.repeats)
-    rows.append(row("prefill, 256-token prompt", t_ours, t_ref, "s", higher=False))
-    ref_greedy = next(r["reference"] for r in rows if r["figure"] == "greedy decode, float32")
-    variants(folder, ours, prompt, args, rows, ref_greedy)
+    rows.append(row("prefill, 256-token prompt", t_ours, t_ref, "s", higher=False, target=TARGETS["prefill"]))
+    def reference_greedy() -> None:
+        ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n)
+
+    variants(folder, ours, prompt, args, rows, reference_greedy)
     if not args.device.startswith("cuda"):
         packed = any(type(m).__name__ == "PackedLinear" for m in ours.modules())
         rows.append(row("float32 kernel chosen on this CPU (measured at first load)", 1, 1, "-", higher=True,
@@ -127,16 +129,19 @@ def decode_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> 
 
 
 def variants(folder: Path, fp32: BioGptForCausalLM, prompt: list[int], args: argparse.Namespace, rows: list[dict],
-             ref_greedy: float) -> None:
-    """int8 / float16 / bfloat16 greedy speed and their quality against float32 on the same weights:
-    top-1 agreement and max |logit error| over a teacher-forced sequence (the float32 greedy one)."""
+             reference_greedy: Callable[[], object]) -> None:
+    """int8 / int4 / float16 / bfloat16 greedy speed, each timed alternately with the reference's
+    float32 greedy decode (a shared machine's load drifts between cases), and their quality against
+    float32 on the same weights: top-1 agreement and max |logit error| over a teacher-forced
+    sequence (the float32 greedy one)."""
     n = args.new_tokens
     opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n)
     with torch.inference_mode():
         seq = prompt + generate(fp32, [prompt], GenerationOptions(max_new_tokens=args.agreement_tokens,
                                                                   min_new_tokens=args.agreement_tokens))[0][0].ids
         base = fp32(torch.tensor([seq], device=args.device)).logits[0, len(prompt) - 1:].float()
-    cases = [("--dtype float16", {"dtype": "float16"}, "float16"), ("--dtype bfloat16", {"dtype": "bfloat16"}, None)]
+    cases = [("--dtype float16", {"dtype": "float16"}, "float16"),
+             ("--dtype bfloat16", {"dtype": "bfloat16"}, "bfloat16")]
     if not args.device.startswith("cuda"):
         cases[:0] = [("--quantize int8", {"quantize": "int8"}, "int8"),
                      ("--quantize int4", {"quantize": "int4"}, "int4")]
@@ -144,13 +149,12 @@ def variants(folder: Path, fp32: BioGptForCausalLM, prompt: list[int], args: arg
         model = BioGptForCausalLM.from_pretrained(folder, device=args.device, **kwargs)
         with torch.inference_mode():
             generate(model, [prompt], GenerationOptions(max_new_tokens=2))  # one-time set-up is no decoding speed
-            t = statistics.median(seconds(lambda model=model: generate(model, [prompt], opts))
-                                  for _ in range(args.repeats))
+            t, t_ref = compare(lambda model=model: generate(model, [prompt], opts), reference_greedy, args.repeats)
             logits = model(torch.tensor([seq], device=args.device)).logits[0, len(prompt) - 1:].float()
         agree = (logits.argmax(-1) == base.argmax(-1)).float().mean().item()
         err = (logits - base).abs().max().item()
         kernel = "+".join(sorted({type(m).__name__ for m in model.biogpt.layers.modules() if is_kernel(m)})) or "plain"
-        rows.append(row(f"{label} greedy decode (vs reference float32)", n / t, ref_greedy, "tokens/s",
+        rows.append(row(f"{label} greedy decode (vs reference float32)", n / t, n / t_ref, "tokens/s",
                         higher=True, target=TARGETS.get(target),
                         note=f"{kernel}; {bound_note(model, n / t, args.bandwidth)}; on random weights: top-1 "
                              f"agreement {agree:.1%}, max logit error {err:.3g} (logit std {base.std():.2f})"))
@@ -365,11 +369,11 @@ def compile_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) ->
                     higher=True, note=f"first call, compiling included: {first:.0f} s"))
 
 
-TARGETS = {
-    "greedy decode, float32": ">= 1.6x", "beam search, 5 beams, float32": ">= 3x",
-    "sampling (top-k 50, top-p 0.9), float32": ">= 1.6x", "int8": ">= 4x, top-1 >= 99%",
-    "float16": ">= 2x, logits within 1e-2", "cold start": "<= 0.5x", "memory": "<= 1.2x weights",
-    "tokenize": ">= 1.8x", "bulk": ">= 3x", "int4": ">= 5x",
+TARGETS = {  # issue 11's goals; every figure on every CPU is also to be >= 1.0x the reference
+    "greedy decode, float32": ">= 1.0x, >= 85% of bound", "beam search, 5 beams, float32": ">= 85% of bound",
+    "sampling (top-k 50, top-p 0.9), float32": ">= 1.0x", "prefill": ">= 1.0x", "int8": ">= 3.5x, ppl <= +1%",
+    "int4": ">= 5x, ppl <= +5%", "float16": ">= 2x where native", "bfloat16": ">= 2x where native",
+    "cold start": "<= 0.5x", "memory": "<= 1.2x weights", "bulk": ">= 3x", "tokenize": ">= 1.0x",
 }
 
 
