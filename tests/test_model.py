@@ -312,8 +312,8 @@ def test_half_precision_times_the_float32_fallback(tmp_path, monkeypatch):
     layers = [torch.nn.Linear(64, 128).half(), torch.nn.Linear(128, 64).half()]
     kernel = linear.choose_kernel(layers)
     entries = json.loads((tmp_path / "kernels.json").read_text())
-    half = next(v for k, v in entries.items() if "float16" in k)
-    wide = next(v for k, v in entries.items() if "float32" in k)
+    half = next(v for k, v in entries.items() if "torch.float16 |" in k)
+    wide = next(v for k, v in entries.items() if "torch.float32 |" in k)
     assert half["kernel"] == kernel and {"plain", "float32" + ("-packed" if wide["kernel"] == "packed" else "")} <= set(
         half["ms"])
     x = torch.randn(3, 64).half()

@@ -11,12 +11,14 @@ and which kernel is best depends on the CPU:
   (`HalfLinear`: one row through `F.linear`, several rows upcast for the call); or `float32`
   (`Float32Linear`: weights upcast once, for CPUs with no fast half kernel at all, where the
   half precision would otherwise run slower than float32).
-So the first load on a machine times the candidates on the model's own weights (`choose_kernel`)
-and keeps the winner, cached per CPU, torch version, dtype and shape; later starts read the cache.
 * int8 is fbgemm's dynamic quantized linear: per-channel int8 weights, activations quantized per
   call, the output projection included (a quarter of the bytes read per token).
 * int4 is group-wise (128 columns) asymmetric int4 weights with bfloat16 activations, torch's CPU
   int4 kernel; the output projection is int8 (the logits decide the next token).
+
+For float32 and the half precisions, the first load on a machine times the candidates on the
+model's own weights (`choose_kernel`) and keeps the winner, cached per CPU, torch version, dtype and
+shape; later starts read the cache.
 
 Packing copies a weight, so the mapped original's pages are handed back to the OS at once
 (`release`) and peak memory stays near one copy of the weights.
@@ -40,6 +42,7 @@ from torch import nn
 
 QUANTIZE = ("none", "int8", "int4")
 INT4_GROUP = 128
+HALF = (torch.float16, torch.bfloat16)
 # torch 2.13 announces the end of its quantized tensors (for torchao) at every use; fbgemm's int8
 # kernel is still what it ships, and the tests fail when it goes. Only that message is hidden (a
 # filter, not catch_warnings, which is not thread-safe and the layers are built in threads).
@@ -201,10 +204,6 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32 or (dtype in HALF and _half_packing(dtype))
 
 
-HALF = (torch.float16, torch.bfloat16)
-KERNELS = ("plain", "packed", "float32", "float32-packed")
-
-
 def candidates(dtype: torch.dtype, device: torch.device) -> list[str]:
     """The kernels worth timing for weights of this dtype on this device."""
     if device.type != "cpu":
@@ -219,7 +218,7 @@ def is_kernel(module: nn.Module) -> bool:
 
 
 def as_kernel(linear: nn.Linear, kernel: str) -> nn.Module:
-    """`linear` run by `kernel`, one of `KERNELS` (float32-packed: upcast once, then packed)."""
+    """`linear` run by `kernel`, one of `candidates` (float32-packed: upcast once, then packed)."""
     half = linear.weight.dtype in HALF and linear.weight.device.type == "cpu"
     if kernel == "packed":
         return PackedLinear(linear)
@@ -311,9 +310,10 @@ SAMPLE_BYTES = 384 << 20  # far beyond any last-level cache, a third of microsof
 
 def choose_kernel(linears: list[nn.Linear]) -> str:
     """The fastest of `candidates` for these layers on this CPU, timed once per CPU, torch version,
-    threads, dtype and shape, then cached. One decoding step (1 row) decides: plain `F.linear` is
-    what the reference runs, so where it wins no figure falls below the reference's, and where
-    packing wins one row it wins more at 5 rows (beams, batches; both are recorded). The timing
+    threads, dtype, shape and candidates, then cached. One decoding step (1 row) decides: plain
+    `F.linear` is what the reference runs, so where it wins the other figures run the reference's
+    own GEMM, and where packing wins one row it wins more at 5 rows (beams, batches; both are
+    recorded, and on an Intel Xeon plain wins one row but loses at 5: one layout only). The timing
     runs on the first layers, up to `SAMPLE_BYTES` of float32. `BIOGPT_KERNEL=plain|packed|float32`
     (or float32-packed) overrides where that kernel applies (benchmarks, tests)."""
     dtype, device = linears[0].weight.dtype, linears[0].weight.device
@@ -323,6 +323,7 @@ def choose_kernel(linears: list[nn.Linear]) -> str:
         return forced if forced in names else names[0]
     shapes = sorted({tuple(m.weight.shape) for m in linears})
     key = f"{cpu_id()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {dtype} | {shapes}"
+    key += "" if names == ["plain", "packed"] else f" | {names}"  # new candidates are timed again
     path = cache_dir() / "kernels.json"
     entry = _read_cache(path).get(key)
     if isinstance(entry, dict) and entry.get("kernel") in names:
