@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +20,9 @@ from tests.fixtures import ROOT, shared_dir, write_hub_vocab_from_fairseq, write
 
 # Kernel timings and converted weights go to a temporary cache, never the user's (subprocesses inherit it).
 os.environ["BIOGPT_CACHE"] = tempfile.mkdtemp(prefix="biogpt-test-cache-")
+# The Ctrl-C tests need SIGINT delivered: a non-interactive shell starts a background job (`.ci/run &`)
+# with it ignored, which Python and every child would keep (a handled signal is reset to the default on exec).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64)
 

@@ -325,12 +325,14 @@ def test_half_precision_times_the_float32_fallback(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kernel,dtype", [("float32", "float16"), ("float32-packed", "bfloat16"),
-                                          ("plain", "bfloat16")])
+                                          ("plain", "bfloat16"), ("plain-direct", "float16")])
 def test_half_precision_kernels_stay_close(tiny_ref, monkeypatch, kernel, dtype):
     monkeypatch.setenv("BIOGPT_KERNEL", kernel)
     ref, folder = tiny_ref
     ours = BioGptForCausalLM.from_pretrained(folder, dtype=dtype)
     assert any(type(m).__name__ == ("Float32Linear" if "float32" in kernel else "HalfLinear") for m in ours.modules())
+    rows = {m.direct_rows for m in ours.modules() if hasattr(m, "direct_rows")}
+    assert rows == ({8} if kernel == "plain-direct" else {1} if kernel == "plain" else set())
     ids = torch.tensor([[2, *range(10, 30)]])
     with torch.no_grad():
         assert (ours(ids).logits.float() - ref(ids).logits).abs().max() < 1e-2
