@@ -77,3 +77,17 @@ def test_a_bad_or_stale_prepared_file_is_prepared_again(checkpoint, tmp_path, mo
     changed = logits(BioGptForCausalLM.from_pretrained(checkpoint, quantize="int8"))
     assert not torch.allclose(changed, expected, atol=1e-3)
     assert len(list(prepared.parent.iterdir())) == 2
+
+
+def test_another_models_prepared_file_is_refused(checkpoint, tmp_path):
+    """A file whose layers do not fit this model (copied over, or a hash collision) is prepared again."""
+    from biogpt_cli.prepared import prepared_path
+
+    expected = logits(BioGptForCausalLM.from_pretrained(checkpoint, quantize="int8"))
+    other = tmp_path / "other"
+    other.mkdir()
+    make_reference(other, seed=5, hidden_size=64, intermediate_size=128)
+    BioGptForCausalLM.from_pretrained(other, quantize="int8")
+    mine = prepared_path(checkpoint, BioGptForCausalLM, "int8")
+    mine.write_bytes(prepared_path(other, BioGptForCausalLM, "int8").read_bytes())
+    assert torch.equal(logits(BioGptForCausalLM.from_pretrained(checkpoint, quantize="int8")), expected)

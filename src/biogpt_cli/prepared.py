@@ -45,6 +45,7 @@ def load_prepared(model: nn.Module, path: Path, read: Callable[[Path], dict[str,
         for key, t in tensors.items():
             module, kind, name = key.rsplit(".", 2)
             groups.setdefault(f"{module}.{kind}", {})[name] = t
+
         def build(item: tuple[str, dict[str, torch.Tensor]]) -> nn.Module:
             layer = KINDS[item[0].rpartition(".")[2]].from_tensors(item[1])
             if isinstance(layer, Int8Linear):  # packed into fbgemm's own copy: the file's pages can go
@@ -57,12 +58,15 @@ def load_prepared(model: nn.Module, path: Path, read: Callable[[Path], dict[str,
         for key, layer in layers.items():
             parent_name, _, attr = key.rpartition(".")[0].rpartition(".")
             parent = model.get_submodule(parent_name)
-            if attr == "qkv_proj":
+            fused = attr == "qkv_proj"
+            target = parent.q_proj if fused else getattr(parent, attr)
+            if not isinstance(target, nn.Linear) or (layer.in_features, layer.out_features) != (
+                    target.in_features, (3 if fused else 1) * target.out_features):
+                raise KeyError(key)  # not this model's layer
+            if fused:
                 parent.fuse_qkv(layer)
-            elif isinstance(getattr(parent, attr), nn.Linear):
-                setattr(parent, attr, layer)
             else:
-                raise KeyError(key)
+                setattr(parent, attr, layer)
     except (CheckpointError, KeyError, ValueError, AttributeError, RuntimeError):  # not ours: prepared again
         path.unlink(missing_ok=True)
         return False
