@@ -118,6 +118,7 @@ def decode_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> 
                                 lambda: ref.generate(long, attention_mask=torch.ones_like(long), max_new_tokens=1),
                                 args.repeats)
     rows.append(row("prefill, 256-token prompt", t_ours, t_ref, "s", higher=False, target=TARGETS["prefill"]))
+
     def reference_greedy() -> None:
         ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n)
 
