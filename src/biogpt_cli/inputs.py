@@ -30,6 +30,11 @@ class Prompt:
         return f"line {self.line}: " if self.line else f"id {self.id}: " if self.id is not None else ""
 
     @property
+    def origin(self) -> dict[str, Any]:
+        """Its output record's fields naming it: `line` (read from a file) and `id` (JSONL), as present."""
+        return {**({"line": self.line} if self.line else {}), **({"id": self.id} if self.id is not None else {})}
+
+    @property
     def key(self) -> tuple[str, str | int]:
         """What `--resume` matches an output record on: the JSONL id, else the line number."""
         return ("id", self.id) if self.id is not None else ("line", self.line)

@@ -260,6 +260,7 @@ def optimize(model: nn.Module, quantize: str = "none", release: Callable[[torch.
 
 
 # -- choosing by measurement -------------------------------------------------------------------
+@functools.cache
 def cpu_info() -> tuple[str, list[str]]:
     """The CPU's model name and ISA flags (Linux; elsewhere what `platform` knows)."""
     model, flags = platform.processor() or "unknown CPU", []

@@ -195,12 +195,7 @@ def generation_record(prompt: Prompt, done: Completion) -> dict[str, Any]:
 
 
 def base_record(prompt: Prompt, done: Completion) -> dict[str, Any]:
-    record: dict[str, Any] = {"text": done.text, "ids": done.ids, "finish_reason": done.finish_reason}
-    if prompt.line:
-        record["line"] = prompt.line
-    if prompt.id is not None:
-        record["id"] = prompt.id
-    return record
+    return {"text": done.text, "ids": done.ids, "finish_reason": done.finish_reason, **prompt.origin}
 
 
 def generation_line(prompt: Prompt, done: Completion) -> str:

@@ -139,8 +139,7 @@ class MemoryWriter:
 
 def error_record(p: Prompt, message: str) -> str:
     """The record of an input that could not be processed (Ray runs: one bad row fails no others)."""
-    key = {**({"line": p.line} if p.line else {}), **({"id": p.id} if p.id is not None else {})}
-    return json.dumps({**key, "error": message}, ensure_ascii=False) + "\n"
+    return json.dumps({**p.origin, "error": message}, ensure_ascii=False) + "\n"
 
 
 def generated_records(lm: Any, tok: Any, plan: Plan, items: list[Prompt], batch_size: int) -> list[list[str]]:
@@ -179,7 +178,7 @@ def score_records(lm: Any, tok: Any, items: list[Prompt], batch_size: int, trunc
     out: list[dict[str, Any]] = [{} for _ in items]
     for group in batches(iter(sorted(range(len(items)), key=lambda i: len(ids[i]))), batch_size):
         for i, (count, nll) in zip(group, sequence_nll(lm, [ids[i] for i in group]), strict=True):
-            p, finite = items[i], math.isfinite(nll)
-            out[i] = {**({"line": p.line} if p.line else {}), **({"id": p.id} if p.id is not None else {}),
-                      "tokens": count, "nll": nll if finite else None, "ppl": math.exp(nll) if finite else None}
+            finite = math.isfinite(nll)
+            out[i] = {**items[i].origin, "tokens": count, "nll": nll if finite else None,
+                      "ppl": math.exp(nll) if finite else None}
     return out

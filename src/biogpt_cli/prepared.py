@@ -25,9 +25,11 @@ FORMAT = 1  # bump when a kernel's tensors change meaning: old files are then ne
 KINDS: dict[str, type[Int4Linear | Int8Linear]] = {"int4": Int4Linear, "int8": Int8Linear}
 
 
-def prepared_path(folder: Path, cls: type[nn.Module], quantize: str) -> Path:
+def prepared_path(folder: Path, cls: type[nn.Module], quantize: str) -> Path | None:
     """The cache file for these weights: every file's name, size and mtime (rewritten weights get a
-    new file), the class (task heads), the method, the CPU and torch version."""
+    new file), the class (task heads), the method, the CPU and torch version. None unquantized."""
+    if quantize == "none":
+        return None
     files = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.iterdir()) if p.is_file()]
     key = f"{FORMAT}|{folder.resolve()}|{files}|{cls.__name__}|{quantize}|{cpu_id()}|torch {torch.__version__}"
     return cache_dir() / "prepared" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"

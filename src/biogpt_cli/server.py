@@ -139,8 +139,8 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
     def choice(plan: Any, ev: Any, jobs: list[Any]) -> dict[str, Any]:
         done = ev.done
         record = plan.record(jobs[done.prompt_index].item, done)
-        return {"text": done.text, "index": ev.row, "finish_reason": "length" if done.finish_reason == "length"
-                else "stop", "logprobs": legacy_logprobs(record.get("logprobs")), "_ids": done.ids}
+        return {"text": done.text, "index": ev.row, "finish_reason": finish_reason(done),
+                "logprobs": legacy_logprobs(record.get("logprobs")), "_ids": done.ids}
 
     async def stream(plan: Any, jobs: list[Any], copies: int, meta: dict[str, Any],
                      request: Request) -> AsyncIterator[dict[str, str]]:
@@ -154,7 +154,7 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
             task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
             try:
                 while (ev := await queue.get()) is not None:
-                    finish = None if ev.done is None else "length" if ev.done.finish_reason == "length" else "stop"
+                    finish = None if ev.done is None else finish_reason(ev.done)
                     for k in range(copies):
                         if ev.text or finish:
                             chunk = {"text": ev.text, "index": ev.row * copies + k, "logprobs": None,
@@ -168,6 +168,11 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
                 await asyncio.wait([task])
 
     return app
+
+
+def finish_reason(done: Any) -> str:
+    """OpenAI's reasons: "length", or "stop" for </s> and stop strings alike."""
+    return "length" if done.finish_reason == "length" else "stop"
 
 
 def legacy_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:

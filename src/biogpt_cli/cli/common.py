@@ -157,7 +157,6 @@ def load(model: str, revision: str | None, dtype: str, device: Any, quantize: st
         return load_pretrained(model, revision=revision, dtype=dtype, device=device, quantize=quantize)
 
 
-
 def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model: str, revision: str | None,
                dtype: str, device: str, quantize: str, input: str | None, output: str | None,
                batch_size: int) -> None:

@@ -140,9 +140,7 @@ def _classify_with_head(lm: Any, tok: Any, records: Iterator[Prompt], run: TaskR
                 results = [{"entities": label_tokens(lm, tok, t)} for t in texts]
             lines = []
             for p, res in zip(batch, results, strict=True):
-                key = {"line": p.line} if p.line else {}
-                key |= {"id": p.id} if p.id is not None else {}
-                lines.append(json.dumps({**res, **key}, ensure_ascii=False) if fmt == "jsonl"
+                lines.append(json.dumps({**res, **p.origin}, ensure_ascii=False) if fmt == "jsonl"
                              else res.get("label") or json.dumps(res["entities"], ensure_ascii=False))
             writer.write("".join(line + "\n" for line in lines), records=len(lines))
     finally:
