@@ -99,6 +99,28 @@ def test_batch_equals_single(eos_ref, opts):
         assert [[s.ids for s in row] for row in other] != [[s.ids for s in row] for row in together]
 
 
+def test_several_samples_per_prompt_decode_slots_prompts_at_a_time(eos_ref, monkeypatch):
+    """With k samples per prompt and `slots`, a batch holds `slots` prompts (k rows each), not every
+    prompt of the input, and each prompt's samples are those it gets alone."""
+    from biogpt_cli import generation
+
+    ours, opts = ours_from(eos_ref), GenerationOptions(max_new_tokens=6, do_sample=True, num_return_sequences=2)
+    prompts = PROMPTS * 3
+    sizes, init = [], generation._Batch.__init__
+    monkeypatch.setattr(generation._Batch, "__init__",
+                        lambda self, m, p, *a: sizes.append(len(p)) or init(self, m, p, *a))
+    got: dict[int, list[int]] = {}
+    for seq, tok, reason in generation.stream_tokens(ours, iter(prompts), opts, lambda i: prompt_generator(1, i),
+                                                     slots=2):
+        if reason is None:
+            got.setdefault(seq, []).append(tok)
+    assert sizes == [2, 2, 2, 2, 1]
+    assert any(got.get(2 * i) != got.get(2 * i + 1) for i in range(len(prompts))), "a prompt's samples are copies"
+    for i, prompt in enumerate(prompts):
+        alone = generate(ours, [prompt], opts, [prompt_generator(1, i)])[0]
+        assert [got.get(2 * i + j, []) for j in range(2)] == [s.ids for s in alone], f"prompt {i}"
+
+
 def test_sampling_is_reproducible_with_a_seed(tiny_ref):
     ours = ours_from(tiny_ref[0])
     opts = GenerationOptions(max_new_tokens=15, do_sample=True, top_k=20, top_p=0.9, temperature=0.8)
@@ -176,16 +198,22 @@ def test_continuous_batching_equals_each_prompt_alone(eos_ref, monkeypatch, opts
     from biogpt_cli import generation
 
     ours = ours_from(eos_ref)
-    prompts = [[2, *range(40 + n, 40 + 2 * n)] for n in (1, 7, 3, 12, 2, 5, 9, 4, 6, 1, 8, 3)]
-    admitted = []
-    admit = generation._Batch.admit
-    monkeypatch.setattr(generation._Batch, "admit", lambda self, r, p: admitted.append(r) or admit(self, r, p))
+    prompts = [[2, *range(40 + n, 40 + 2 * n)] for n in (1, 7, 3, 12, 2, 5, 9, 4, 6, 1, 8, 3, 1, 2, 20)]
+    admitted, moves, widths = [], [], []
+    admit, reframe, step = generation._Batch.admit, generation._Batch._reframe, generation._Batch.step
+    monkeypatch.setattr(generation._Batch, "admit",
+                        lambda self, r, p, keep: admitted.append(r) or admit(self, r, p, keep))
+    monkeypatch.setattr(generation._Batch, "_reframe", lambda self, start: moves.append(start) or reframe(self, start))
+    monkeypatch.setattr(generation._Batch, "step", lambda self, t: widths.append(self.length) or step(self, t))
     streams = (lambda i: prompt_generator(3, i)) if opts.do_sample else None
     got: dict[int, list[int]] = {}
     for seq, tok, reason in generation.stream_tokens(ours, iter(prompts), opts, streams, slots=3):
         if reason is None:
             got.setdefault(seq, []).append(tok)
     assert len(admitted) >= 3, "no row was reused"
+    # the window dropped the columns of finished prompts and opened columns for a longer prompt
+    assert min(moves) < 0 < max(moves)
+    assert max(widths) <= max(map(len, prompts)) + opts.max_new_tokens  # not the 64 columns the model allows
     for i, prompt in enumerate(prompts):
         alone = generate(ours, [prompt], opts, [prompt_generator(3, i)] if opts.do_sample else None)[0][0]
         assert got.get(i, []) == alone.ids, f"prompt {i}"

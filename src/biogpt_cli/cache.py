@@ -54,6 +54,18 @@ class KVCache:
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def shift(self, start: int) -> None:
+        """Column `start` becomes column 0: continuous batching drops the columns no live row reads
+        any more (attention over them costs every step), or, with `start` < 0, opens that many
+        unwritten columns in front for a prompt longer than the window. One layer at a time, so the
+        temporary is small; the caller has reserved the room."""
+        lo, n = max(start, 0), self.length
+        for buf in (self.k, self.v):
+            for layer in buf:
+                layer[:, :, lo - start:n - start] = layer[:, :, lo:n].clone()
+        self.length = n - start
+        self._spare = None
+
     def advance(self, tokens: int) -> None:
         """Called once per forward pass, after every layer has written its `update`."""
         self.length += tokens

@@ -76,7 +76,7 @@ class Worker:
     """One actor: loads the model once, then turns batches of input rows into part files."""
 
     def __init__(self, command: str, settings: dict[str, Any], load: dict[str, Any], output: str,
-                 batch_size: int, threads: int) -> None:
+                 batch_size: int | None, threads: int) -> None:
         import torch
 
         from .loading import load_pretrained
@@ -143,7 +143,7 @@ def _quiet(ray: Any) -> None:
 
 
 def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str, output: str, *,
-        address: str | None, workers: int, cpus_per_worker: float, gpus_per_worker: float, batch_size: int,
+        address: str | None, workers: int, cpus_per_worker: float, gpus_per_worker: float, batch_size: int | None,
         rows_per_batch: int = 32, progress: Callable[[int, int], None] | None = None,
         worker: type = Worker) -> tuple[int, int]:
     """Run `command` over the JSONL `input` into part files in the folder `output`; returns

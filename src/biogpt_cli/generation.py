@@ -209,14 +209,20 @@ def fit_prompt(ids: list[int], max_new_tokens: int, max_positions: int, truncate
 
 
 class _Batch:
-    """Left-padded prompts, their history buffer and the cached forward pass."""
+    """Left-padded prompts, their history buffer and the cached forward pass.
+
+    Columns are shared by all rows; a row's real tokens run from `first[row]` to `length`, and its
+    new ones from `starts[row]`. Under continuous batching a new prompt is right-aligned at the
+    current length, and the columns before every live row's first are dropped (`_reframe`) so that
+    attention reads only what some row still needs.
+    """
 
     def __init__(self, model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], max_new: int, repeats: int,
                  columns: int = 0):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InputError("every prompt needs at least one token")
         cfg = model.config
-        self.model, self.width, self.vocab = model, max(map(len, prompts)), cfg.vocab_size
+        self.model, self.width, self.vocab, self.max_new = model, max(map(len, prompts)), cfg.vocab_size, max_new
         fit_prompt([0] * self.width, max_new, cfg.max_position_embeddings)  # raises when it does not fit
         device = next(model.parameters()).device
         b, total = len(prompts), max(columns, self.width + max_new)  # the cache grows only as decoding needs
@@ -238,20 +244,35 @@ class _Batch:
             self.mask = self.mask[index] if self.mask is not None else None
             self.cache.expand(repeats)
         self.length = self.width
+        self.first = [self.width - len(p) for p in prompts for _ in range(repeats)]
+        self.starts = torch.full((len(self.first),), self.width, device=device)  # processors read it
 
     def _mask(self, length: int) -> torch.Tensor | None:
         return self.mask[:, :length] if self.mask is not None else None
 
-    def fits(self, prompt: Sequence[int], max_new: int) -> bool:
-        """Whether `prompt` can take a finished row now: right-aligned at the current length, with
-        room for its new tokens within the model's positions."""
-        return len(prompt) <= self.length and self.length + max_new <= self.model.config.max_position_embeddings
+    def window(self, alive: Sequence[bool]) -> int:
+        """The first column a live row still reads (the current length when none is live)."""
+        return min((f for f, live in zip(self.first, alive, strict=True) if live), default=self.length)
 
-    def admit(self, row: int, prompt: Sequence[int]) -> torch.Tensor:
+    def fits(self, prompt: Sequence[int], keep: int) -> bool:
+        """Whether `prompt` can take a finished row now, keeping the columns from `keep` on: the
+        window it needs, plus its new tokens, within the model's positions."""
+        need = max(self.length - keep, len(prompt)) + self.max_new
+        return need <= self.model.config.max_position_embeddings
+
+    def admit(self, row: int, prompt: Sequence[int], keep: int) -> torch.Tensor:
         """Continuous batching: a new prompt takes the place of finished row `row`, right-aligned at
         the current length (its padding masked, so its positions start at 0 as when alone). Its
-        prefill runs alone, exactly as a prompt decoded alone does. Returns its next-token logits."""
-        n, end = len(prompt), self.length
+        prefill runs alone, exactly as a prompt decoded alone does. Returns its next-token logits.
+
+        The window is moved first when the prompt is longer than it, when the columns before `keep`
+        (which no live row reads) are at least half of it, or when the new tokens would not fit."""
+        n = len(prompt)
+        start = min(keep, self.length - n)
+        too_long = self.length + self.max_new > self.model.config.max_position_embeddings
+        if start < 0 or (start > 0 and (2 * start >= self.length or too_long)):
+            self._reframe(start)
+        end = self.length
         own = self.model.new_cache(1, n)
         ids = torch.tensor([prompt], device=self.history.device)
         with torch.no_grad():
@@ -264,7 +285,24 @@ class _Batch:
             self.mask = torch.ones_like(self.history)
         self.mask[row] = 0
         self.mask[row, end - n:] = 1
+        self.first[row], self.starts[row] = end - n, end
         return logits
+
+    def _reframe(self, start: int) -> None:
+        """Column `start` becomes column 0 (negative: that many padding columns open in front), in
+        the cache, the history, the mask and every row's bookkeeping."""
+        lo, n = max(start, 0), self.length - start
+        self.cache.reserve(max(-start, 0), self.model.config.max_position_embeddings)
+        self.cache.shift(start)
+        if self.mask is None:
+            self.mask = torch.ones_like(self.history)
+        for buf, front, back in ((self.history, self.vocab, self.vocab), (self.mask, 0, 1)):
+            buf[:, lo - start:n] = buf[:, lo:self.length].clone()
+            buf[:, :lo - start] = front
+            buf[:, n:] = back
+        self.length = n
+        self.first = [f - start for f in self.first]
+        self.starts -= start
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row; return next-token scores [rows, vocab] in float32."""
@@ -329,16 +367,17 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], op
     with the </s> token, "length", or "stop" when `should_stop(sequence, new_ids)` said so).
     With `num_return_sequences` k, sequence s belongs to prompt s // k.
 
-    With `slots` (and k = 1), prompts are decoded `slots` at a time with continuous batching: when
-    a sequence ends, the next prompt takes its row, so rows do not idle while the longest of a
-    batch finishes; every prompt's tokens equal those it gets alone. `generator` is then a function
-    of the prompt's index, giving its own stream. `observe(sequence, token, logprob)` hears the
-    model's log-probability (raw logits, before any processor) of each chosen token."""
+    With `slots`, prompts are decoded `slots` at a time (each with its k rows), and for k = 1 with
+    continuous batching: when a sequence ends, the next prompt takes its row, so rows do not idle
+    while the longest of a batch finishes; every prompt's tokens equal those it gets alone.
+    `generator` is then a function of the prompt's index, giving the stream its k rows share.
+    `observe(sequence, token, logprob)` hears the model's log-probability (raw logits, before any
+    processor) of each chosen token."""
     opts.validate()
     if opts.num_beams != 1:
         raise InputError("stream_tokens does greedy or sampled decoding; use beam_search for beams")
     eos, k = model.config.eos_token_id, opts.num_return_sequences
-    if slots is None or k > 1:
+    if slots is None:
         prompts = list(prompts)
         slots = len(prompts)
     queue = _Queue(prompts)
@@ -350,9 +389,9 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], op
         batch = _Batch(model, [p for _, p in first], opts.max_new_tokens, k, columns)
         rows = batch.history.shape[0]
         seq_of = [j * k + r for j, _ in first for r in range(k)]  # row -> sequence index
-        starts = torch.full((rows,), batch.width, device=batch.history.device)
-        procs = make_processors(opts, eos, starts)
-        draw = [stream_of(s // k) for s in seq_of] if per_row else generator
+        procs = make_processors(opts, eos, batch.starts)
+        own = {j: stream_of(j) for j, _ in first} if per_row else {}  # a prompt's k rows share its stream
+        draw = [own[s // k] for s in seq_of] if per_row else generator
         alive, new_ids, scores = [True] * rows, [[] for _ in range(rows)], batch.logits
         while True:
             raw = F.log_softmax(scores, -1) if observe is not None else None
@@ -364,12 +403,13 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], op
                         observe(seq_of[r], tok, raw[r, tok].item())
                     alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos, opts.max_new_tokens, should_stop)
             for r in (r for r in range(rows) if refill and not alive[r]):
-                taken = queue.take_if(functools.partial(batch.fits, max_new=opts.max_new_tokens))
+                keep = batch.window(alive)
+                taken = queue.take_if(functools.partial(batch.fits, keep=keep))
                 if taken is None:
                     break
                 j, prompt = taken
-                scores[r] = batch.admit(r, prompt)
-                seq_of[r], new_ids[r], starts[r] = j, [], batch.length
+                scores[r] = batch.admit(r, prompt, keep)
+                seq_of[r], new_ids[r] = j, []
                 if per_row:
                     draw[r] = stream_of(j)
                 one = apply_all(procs, batch.history[:, :batch.length], scores)[r:r + 1]

@@ -142,7 +142,7 @@ def error_record(p: Prompt, message: str) -> str:
     return json.dumps({**p.origin, "error": message}, ensure_ascii=False) + "\n"
 
 
-def generated_records(lm: Any, tok: Any, plan: Plan, items: list[Prompt], batch_size: int) -> list[list[str]]:
+def generated_records(lm: Any, tok: Any, plan: Plan, items: list[Prompt], batch_size: int | None) -> list[list[str]]:
     """Each item's JSONL lines, in order: an item that cannot be built (too long, bad fields)
     gets one error record instead of failing the others."""
     jobs, errors = [], {}

@@ -55,6 +55,9 @@ OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Write her
 ForceOpt = Annotated[bool, typer.Option(help="Overwrite an existing --output file.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Finish an interrupted --output file of the same run.")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Inputs decoded together.")]
+DecodeBatchOpt = Annotated[int | None, typer.Option(
+    "--batch-size", min=1, show_default=False,
+    help="Inputs decoded together [16; 8 with beams or several sequences each].")]
 DTypeOpt = Annotated[DType, typer.Option(help="Weight precision.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")]
 QuantizeOpt = Annotated[Quantize, typer.Option(help="CPU weights: int8 (dynamic) or int4 (group-wise).")]
@@ -159,7 +162,7 @@ def load(model: str, revision: str | None, dtype: str, device: Any, quantize: st
 
 def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model: str, revision: str | None,
                dtype: str, device: str, quantize: str, input: str | None, output: str | None,
-               batch_size: int) -> None:
+               batch_size: int | None) -> None:
     """A batch command on Ray: the same plan in every worker, part files in the -o folder."""
     from .. import cluster
     from ..config import BioGptConfig

@@ -21,9 +21,9 @@ from ..inputs import Prompt, count_lines, input_name, open_input, read_prompts
 from .common import (
     ARGV,
     AddressOpt,
-    BatchOpt,
     CpusOpt,
     DebugOpt,
+    DecodeBatchOpt,
     DeviceOpt,
     DTypeOpt,
     Engine,
@@ -85,7 +85,7 @@ def generate(
     fmt: OutputFormatOpt = "auto",
     force: ForceOpt = False,
     resume: ResumeOpt = False,
-    batch_size: BatchOpt = 8,
+    batch_size: DecodeBatchOpt = None,
     truncate: Annotated[bool, typer.Option(help="Cut over-long prompts from the left instead of failing.")] = False,
     dtype: DTypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -217,7 +217,7 @@ def progress_total(input: str | None, output: str | None) -> int | None:
 
 
 def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, run: dict[str, Any],
-              output: str | None, fmt: str, force: bool, resume: bool, batch_size: int, verbose: bool = False,
+              output: str | None, fmt: str, force: bool, resume: bool, batch_size: int | None, verbose: bool = False,
               total: int | None = None, quiet: bool = False, confidence: bool = False) -> None:
     """A plan's jobs for `items` (blank ones skipped and counted) through the batch engine into
     the output file (with its manifest) or stdout, live on a terminal; with an output file and a

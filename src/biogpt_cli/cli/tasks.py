@@ -22,9 +22,9 @@ from ..hub import DEFAULT_MODEL
 from ..inputs import Prompt
 from .common import (
     AddressOpt,
-    BatchOpt,
     CpusOpt,
     DebugOpt,
+    DecodeBatchOpt,
     DeviceOpt,
     DTypeOpt,
     Engine,
@@ -80,7 +80,7 @@ class TaskRun:
     fmt: str
     force: bool
     resume: bool
-    batch_size: int
+    batch_size: int | None
     max_new_tokens: int
     dtype: str
     device: str
@@ -127,7 +127,7 @@ def _classify_with_head(lm: Any, tok: Any, records: Iterator[Prompt], run: TaskR
                 **input_identity(None, run.input, run.output)}
     writer, done = open_output(run.output, force=run.force, resume=run.resume, run=identity)
     try:
-        for batch in batches((p for p in records if p.fields and p.key not in done), run.batch_size):
+        for batch in batches((p for p in records if p.fields and p.key not in done), run.batch_size or 8):
             texts = []
             for p in batch:
                 try:
@@ -189,7 +189,8 @@ def qa(
     = False,
     model: ModelOpt = DEFAULT_MODEL, revision: RevisionOpt = None, input: InputOpt = None,
     input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
-    force: ForceOpt = False, resume: ResumeOpt = False, batch_size: BatchOpt = 8, max_new_tokens: MaxNewOpt = 0,
+    force: ForceOpt = False, resume: ResumeOpt = False, batch_size: DecodeBatchOpt = None,
+    max_new_tokens: MaxNewOpt = 0,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
     errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, quiet: QuietOpt = False, engine: EngineOpt = "local",
     address: AddressOpt = None, workers: WorkersOpt = 1, cpus_per_worker: CpusOpt = 1.0,
@@ -221,7 +222,8 @@ def extract(
     task: Annotated[ExtractTask | None, typer.Option(help="Needed when the checkpoint does not say.")] = None,
     model: ModelOpt = DEFAULT_MODEL, revision: RevisionOpt = None, input: InputOpt = None,
     input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
-    force: ForceOpt = False, resume: ResumeOpt = False, batch_size: BatchOpt = 8, max_new_tokens: MaxNewOpt = 0,
+    force: ForceOpt = False, resume: ResumeOpt = False, batch_size: DecodeBatchOpt = None,
+    max_new_tokens: MaxNewOpt = 0,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
     errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, quiet: QuietOpt = False, engine: EngineOpt = "local",
     address: AddressOpt = None, workers: WorkersOpt = 1, cpus_per_worker: CpusOpt = 1.0,
@@ -241,7 +243,8 @@ def classify(
     = None,
     model: ModelOpt = DEFAULT_MODEL, revision: RevisionOpt = None, input: InputOpt = None,
     input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
-    force: ForceOpt = False, resume: ResumeOpt = False, batch_size: BatchOpt = 8, max_new_tokens: MaxNewOpt = 0,
+    force: ForceOpt = False, resume: ResumeOpt = False, batch_size: DecodeBatchOpt = None,
+    max_new_tokens: MaxNewOpt = 0,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
     errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, quiet: QuietOpt = False, engine: EngineOpt = "local",
     address: AddressOpt = None, workers: WorkersOpt = 1, cpus_per_worker: CpusOpt = 1.0,
