@@ -36,7 +36,7 @@ import quality  # noqa: E402
 
 from biogpt_cli import BioGptForCausalLM, BioGptTokenizer, GenerationOptions, generate  # noqa: E402
 from biogpt_cli.inputs import parallel_map  # noqa: E402
-from biogpt_cli.linear import is_kernel  # noqa: E402
+from biogpt_cli.linear import PackedLinear, is_kernel  # noqa: E402
 from biogpt_cli.scoring import sequence_nll  # noqa: E402
 from tests.fixtures import shared_dir, write_hub_vocab_from_fairseq  # noqa: E402
 
@@ -82,6 +82,13 @@ def bound_note(model: torch.nn.Module, rate: float, bandwidth: float, reference:
     return f"{rate / bound:.0%} of the bandwidth bound ({bound:.1f} steps/s){theirs}"
 
 
+def kernel_name(model: torch.nn.Module) -> str:
+    """The kernel the decoder's linear layers run (chosen at load on this CPU)."""
+    names = {f"packed{'-1' if m.rows == 1 else ''}" if isinstance(m, PackedLinear) else type(m).__name__
+             for m in model.biogpt.layers.modules() if is_kernel(m)}
+    return "+".join(sorted(names)) or "plain F.linear"
+
+
 def reference_model(folder: Path, device: str, dtype: torch.dtype = torch.float32):
     import transformers
 
@@ -94,23 +101,24 @@ def decode_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> 
     ids = torch.tensor([prompt], device=args.device)
     ref = reference_model(folder, args.device)
     ours = BioGptForCausalLM.from_pretrained(folder, device=args.device)
+    single = BioGptForCausalLM.from_pretrained(folder, device=args.device, rows=1)  # as `generate PROMPT` loads
     n = args.new_tokens
     cases = {
-        "greedy decode, float32": ({}, {}),
-        "beam search, 5 beams, float32": ({"num_beams": 5}, {"num_beams": 5}),
+        "greedy decode, float32": ({}, {}, single),
+        "beam search, 5 beams, float32": ({"num_beams": 5}, {"num_beams": 5}, ours),
         "sampling (top-k 50, top-p 0.9), float32": ({"do_sample": True, "top_k": 50, "top_p": 0.9},
-                                                     {"do_sample": True, "top_k": 50, "top_p": 0.9}),
+                                                     {"do_sample": True, "top_k": 50, "top_p": 0.9}, single),
     }
-    for name, (mine, theirs) in cases.items():
+    for name, (mine, theirs, model) in cases.items():
         opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n, **mine)
         gen = torch.Generator(args.device).manual_seed(0)
         with torch.inference_mode():
-            t_ours, t_ref = compare(lambda opts=opts, gen=gen: generate(ours, [prompt], opts, gen),
+            t_ours, t_ref = compare(lambda opts=opts, gen=gen, model=model: generate(model, [prompt], opts, gen),
                                     lambda theirs=theirs: ref.generate(ids, attention_mask=torch.ones_like(ids),
                                                                        max_new_tokens=n, min_new_tokens=n, **theirs),
                                     args.repeats)
         rows.append(row(name, n / t_ours, n / t_ref, "tokens/s", higher=True, target=TARGETS.get(name),
-                        note=bound_note(ours, n / t_ours, args.bandwidth, n / t_ref)))
+                        note=f"{kernel_name(model)}; {bound_note(model, n / t_ours, args.bandwidth, n / t_ref)}"))
     long = torch.randint(4, 42384, (1, 256), device=args.device)
     long[0, 0] = 2
     with torch.inference_mode():
@@ -123,10 +131,6 @@ def decode_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> 
         ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n)
 
     variants(folder, ours, prompt, args, rows, reference_greedy)
-    if not args.device.startswith("cuda"):
-        packed = any(type(m).__name__ == "PackedLinear" for m in ours.modules())
-        rows.append(row("float32 kernel chosen on this CPU (measured at first load)", 1, 1, "-", higher=True,
-                        note="oneDNN-packed" if packed else "plain F.linear (MKL)"))
 
 
 def variants(folder: Path, fp32: BioGptForCausalLM, prompt: list[int], args: argparse.Namespace, rows: list[dict],
@@ -147,18 +151,17 @@ def variants(folder: Path, fp32: BioGptForCausalLM, prompt: list[int], args: arg
         cases[:0] = [("--quantize int8", {"quantize": "int8"}, "int8"),
                      ("--quantize int4", {"quantize": "int4"}, "int4")]
     for label, kwargs, target in cases:
-        model = BioGptForCausalLM.from_pretrained(folder, device=args.device, **kwargs)
+        model = BioGptForCausalLM.from_pretrained(folder, device=args.device, rows=1, **kwargs)
         with torch.inference_mode():
             generate(model, [prompt], GenerationOptions(max_new_tokens=2))  # one-time set-up is no decoding speed
             t, t_ref = compare(lambda model=model: generate(model, [prompt], opts), reference_greedy, args.repeats)
             logits = model(torch.tensor([seq], device=args.device)).logits[0, len(prompt) - 1:].float()
         agree = (logits.argmax(-1) == base.argmax(-1)).float().mean().item()
         err = (logits - base).abs().max().item()
-        kernel = "+".join(sorted({type(m).__name__ for m in model.biogpt.layers.modules() if is_kernel(m)})) or "plain"
         rows.append(row(f"{label} greedy decode (vs reference float32)", n / t, n / t_ref, "tokens/s",
                         higher=True, target=TARGETS.get(target),
-                        note=f"{kernel}; {bound_note(model, n / t, args.bandwidth)}; on random weights: top-1 "
-                             f"agreement {agree:.1%}, max logit error {err:.3g} (logit std {base.std():.2f})"))
+                        note=f"{kernel_name(model)}; {bound_note(model, n / t, args.bandwidth)}; on random weights: "
+                             f"top-1 agreement {agree:.1%}, max logit error {err:.3g} (logit std {base.std():.2f})"))
         del model
 
 

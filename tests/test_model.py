@@ -300,6 +300,13 @@ def test_kernel_choice_is_measured_once_and_survives_a_bad_cache(tmp_path, monke
         linear.choose_kernel(layers)
     monkeypatch.setenv("BIOGPT_KERNEL", "plain")
     assert linear.choose_kernel(layers) == "plain"
+    monkeypatch.delenv("BIOGPT_KERNEL")
+    monkeypatch.undo()  # timing again: one row adds the one-row layout, under its own key
+    monkeypatch.setenv("BIOGPT_CACHE", str(tmp_path))
+    one = linear.choose_kernel(layers, rows=1)
+    entries = json.loads(cache.read_text())
+    assert any(set(e["ms"]) == set(linear.candidates(torch.float32, torch.device("cpu"), 1)) and e["kernel"] == one
+               for e in entries.values())
 
 
 def test_half_precision_times_the_float32_fallback(tmp_path, monkeypatch):
@@ -314,8 +321,8 @@ def test_half_precision_times_the_float32_fallback(tmp_path, monkeypatch):
     entries = json.loads((tmp_path / "kernels.json").read_text())
     half = next(v for k, v in entries.items() if "torch.float16 |" in k)
     wide = next(v for k, v in entries.items() if "torch.float32 |" in k)
-    assert half["kernel"] == kernel and {"plain", "float32" + ("-packed" if wide["kernel"] == "packed" else "")} <= set(
-        half["ms"])
+    packed = wide["kernel"].startswith("packed")
+    assert half["kernel"] == kernel and {"plain", "float32" + ("-packed" if packed else "")} <= set(half["ms"])
     x = torch.randn(3, 64).half()
     expected = torch.nn.functional.linear(x.float(), layers[0].weight.float(), layers[0].bias.float())
     for name in linear.candidates(torch.float16, torch.device("cpu")):
@@ -338,13 +345,24 @@ def test_half_precision_kernels_stay_close(tiny_ref, monkeypatch, kernel, dtype)
         assert (ours(ids).logits.float() - ref(ids).logits).abs().max() < 1e-2
 
 
-@pytest.mark.parametrize("kernel", ["packed", "plain"])
+@pytest.mark.parametrize("kernel", ["packed", "packed-1", "packed-16", "plain"])
 def test_each_kernel_choice_gives_the_reference_logits(tiny_ref, monkeypatch, kernel):
+    """Prefill and one-row cached steps, in each oneDNN layout; packed-1 (for one row) is a
+    candidate only for a model loaded to decode one row, packed-16 only for one that decodes more."""
     monkeypatch.setenv("BIOGPT_KERNEL", kernel)
     ref, folder = tiny_ref
-    ours = BioGptForCausalLM.from_pretrained(folder)
-    packed = any(type(m).__name__ == "PackedLinear" for m in ours.modules())
-    assert packed == (kernel == "packed")
+    ours = BioGptForCausalLM.from_pretrained(folder, rows=1 if kernel == "packed-1" else None)
+    layouts = {m.rows for m in ours.modules() if type(m).__name__ == "PackedLinear"}
+    assert layouts == {"packed": {None}, "packed-1": {1}, "packed-16": {16}, "plain": set()}[kernel]
     ids = torch.tensor([[2, *range(10, 30)]])
     with torch.no_grad():
-        assert torch.allclose(ours(ids).logits, ref(ids).logits, atol=ATOL)
+        expected = ref(ids).logits
+        assert torch.allclose(ours(ids).logits, expected, atol=ATOL)
+        out = ours(ids[:, :10], use_cache=True)
+        for t in range(10, ids.shape[1]):
+            out = ours(ids[:, t:t + 1], past_key_values=out.past_key_values)
+            assert torch.allclose(out.logits[0, -1], expected[0, t], atol=ATOL)
+    from biogpt_cli import linear
+
+    assert ("packed-1" in linear.candidates(torch.float32, torch.device("cpu"))) is False
+    assert ("packed-16" in linear.candidates(torch.float32, torch.device("cpu"), rows=1)) is False

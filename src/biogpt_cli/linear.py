@@ -6,7 +6,10 @@ and which kernel is best depends on the CPU:
 * float32: oneDNN's prepacked (blocked) weight layout, or plain `F.linear` (MKL). On an AMD Zen 3
   (AVX2) the packed layout streams weights about twice as fast as MKL's GEMV and 3-4x as fast at
   2-8 rows (beams, batches), where MKL's small-M GEMM is a trap; on an Intel Xeon with AVX-512
-  MKL is already at the memory bandwidth and the packed layout is slower.
+  MKL is already at the memory bandwidth at one row, and packing wins at 5. oneDNN also lays
+  weights out for a given row count: for one row (`packed-1`, a candidate when the caller decodes
+  one row: a single prompt, greedy or sampled; on an AMD EPYC 24 % faster at one row and 31-54 %
+  slower at 5-16) and for 16 (`packed-16`, for beams and batches: 5-11 % faster at 1-16 rows).
 * float16 and bfloat16: packed where oneDNN computes them (AVX-512 FP16 / BF16, AMX); plain
   (`HalfLinear`: one row, or up to 8 where that is faster, through `F.linear`, more rows upcast
   for the call); or `float32`
@@ -52,12 +55,13 @@ warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.q
 
 
 class PackedLinear(nn.Module):
-    """`nn.Linear` on a oneDNN-prepacked weight (float32 or bfloat16)."""
+    """`nn.Linear` on a oneDNN-prepacked weight (float32 or bfloat16); `rows`: the layout for that
+    many rows (None: any)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, rows: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.packed, self.rows = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows), rows
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,14 +211,16 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32 or (dtype in HALF and _half_packing(dtype))
 
 
-def candidates(dtype: torch.dtype, device: torch.device) -> list[str]:
-    """The kernels worth timing for weights of this dtype on this device."""
+def candidates(dtype: torch.dtype, device: torch.device, rows: int | None = None) -> list[str]:
+    """The kernels worth timing for weights of this dtype on this device (`rows=1`: for a caller
+    that decodes one row at a time, the one-row packed layout too)."""
     if device.type != "cpu":
         return ["plain"]
+    packed = ["packed", "packed-1" if rows == 1 else "packed-16"] if can_pack(dtype, device) else []
     if dtype not in HALF:
-        return ["plain", *(["packed"] if can_pack(dtype, device) else [])]
+        return ["plain", *packed]
     wide = ["float32", *(["float32-packed"] if can_pack(torch.float32, device) else [])]
-    return ["plain", "plain-direct", *(["packed"] if can_pack(dtype, device) else []), *wide]
+    return ["plain", *([] if rows == 1 else ["plain-direct"]), *packed, *wide]
 
 
 def is_kernel(module: nn.Module) -> bool:
@@ -224,10 +230,10 @@ def is_kernel(module: nn.Module) -> bool:
 
 def as_kernel(linear: nn.Linear, kernel: str) -> nn.Module:
     """`linear` run by `kernel`, one of `candidates` (float32-packed: upcast once, then packed;
-    plain-direct: a few rows in the half precision too)."""
+    plain-direct: a few rows in the half precision too; packed-N: the layout for N rows)."""
     half = linear.weight.dtype in HALF and linear.weight.device.type == "cpu"
-    if kernel == "packed":
-        return PackedLinear(linear)
+    if kernel.startswith("packed"):
+        return PackedLinear(linear, int(kernel[7:]) if kernel != "packed" else None)
     if kernel.startswith("float32") and half:
         return Float32Linear(linear, packed=kernel == "float32-packed")
     return HalfLinear(linear, DIRECT_ROWS if kernel == "plain-direct" else 1) if half else linear
@@ -316,22 +322,24 @@ MARGIN = 0.95  # a kernel replaces the one before it in `candidates` only when 5
 SAMPLE_BYTES = 384 << 20  # far beyond any last-level cache, a third of microsoft/biogpt in float32
 
 
-def choose_kernel(linears: list[nn.Linear]) -> str:
+def choose_kernel(linears: list[nn.Linear], rows: int | None = None) -> str:
     """The fastest of `candidates` for these layers on this CPU, timed once per CPU, torch version,
-    threads, dtype, shape and candidates, then cached. One decoding step (1 row) decides: plain
-    `F.linear` is what the reference runs, so where it wins the other figures run the reference's
-    own GEMM, and where packing wins one row it wins more at 5 rows (beams, batches; both are
-    recorded, and on an Intel Xeon plain wins one row but loses at 5: one layout only). The timing
-    runs on the first layers, up to `SAMPLE_BYTES` of float32. `BIOGPT_KERNEL=plain|packed|float32`
-    (or float32-packed, plain-direct) overrides where that kernel applies (benchmarks, tests)."""
+    threads, dtype, shape and candidates, then cached. The rows the caller decodes decide: one row
+    for `rows=1` (a single prompt, greedy or sampled), else 5 (beams, batches; a prompt's many rows
+    run the same kernels). Both timings are recorded: on an Intel Xeon plain MKL wins one row and
+    packing wins five. A kernel replaces plain `F.linear`, the reference's own, only when clearly
+    faster. The timing runs on the first layers, up to `SAMPLE_BYTES` of float32.
+    `BIOGPT_KERNEL=plain|packed|packed-1|packed-16|float32|float32-packed|plain-direct` overrides
+    where that kernel applies (benchmarks, tests)."""
     dtype, device = linears[0].weight.dtype, linears[0].weight.device
-    names = candidates(dtype, device)
+    names = candidates(dtype, device, rows)
     forced = os.environ.get("BIOGPT_KERNEL", "").strip().lower()
     if forced in names or len(names) == 1:
         return forced if forced in names else names[0]
     shapes = sorted({tuple(m.weight.shape) for m in linears})
     key = f"{cpu_id()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {dtype} | {shapes}"
-    key += "" if names == ["plain", "packed"] else f" | {names}"  # new candidates are timed again
+    decide = 0 if rows == 1 else 1  # which of the timings, at 1 and 5 rows, decides
+    key += f" | {names} | decided at {(1, 5)[decide]} rows"  # new candidates, a new rule: timed again
     path = cache_dir() / "kernels.json"
     entry = _read_cache(path).get(key)
     if isinstance(entry, dict) and entry.get("kernel") in names:
@@ -343,7 +351,8 @@ def choose_kernel(linears: list[nn.Linear]) -> str:
         if total >= SAMPLE_BYTES:
             break
     if "float32-packed" in names:  # float32's own choice on these shapes decides which of the two is timed
-        names.remove("float32" if choose_kernel([widened(m) for m in sample]) == "packed" else "float32-packed")
+        names.remove("float32" if choose_kernel([widened(m) for m in sample]).startswith("packed")
+                     else "float32-packed")
     seconds = {}
     for name in names:
         layers = [as_kernel(m, name) for m in sample]
@@ -351,10 +360,8 @@ def choose_kernel(linears: list[nn.Linear]) -> str:
         del layers
     kernel = names[0]  # plain unless another is clearly faster: a tie in the noise goes to the reference's kernel
     for name in names[1:]:
-        if name != "plain-direct" and seconds[name][0] < MARGIN * seconds[kernel][0]:
+        if seconds[name][decide] < MARGIN * seconds[kernel][decide]:
             kernel = name
-    if kernel == "plain" and "plain-direct" in seconds and seconds["plain-direct"][1] < seconds["plain"][1]:
-        kernel = "plain-direct"  # the same one-row path; a few rows are faster in the half precision than upcast
     cache = _read_cache(path)  # again: float32's own choice may have been added meanwhile
     cache[key] = {"kernel": kernel, "ms": {k: [round(s * 1e3, 2) for s in v] for k, v in seconds.items()}}
     try:

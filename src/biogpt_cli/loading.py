@@ -161,12 +161,13 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 def load_model(cls: type[nn.Module], path_or_id: str | Path, *, revision: str | None = None,
                dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-               fuse: bool = True, kernels: bool | None = None, quantize: str = "none") -> Any:
+               fuse: bool = True, kernels: bool | None = None, quantize: str = "none", rows: int | None = None) -> Any:
     """Build `cls` on the meta device and assign the checkpoint's tensors (no second copy)."""
     folder = resolve(path_or_id, revision, ("config.json", "|".join(WEIGHT_FILES)))
     config, state = read_checkpoint(folder)
     return from_state_dict(cls, config, state, dtype=dtype, device=device, fuse=fuse, kernels=kernels,
-                           quantize=quantize, source=str(folder), prepared=prepared_path(folder, cls, quantize))
+                           quantize=quantize, source=str(folder), prepared=prepared_path(folder, cls, quantize),
+                           rows=rows)
 
 
 _INIT_NAMES = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_")
@@ -233,13 +234,13 @@ def check_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str
 def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str, torch.Tensor], *,
                     dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
                     fuse: bool = True, kernels: bool | None = None, quantize: str = "none",
-                    source: str = "state dict", prepared: Path | None = None) -> Any:
+                    source: str = "state dict", prepared: Path | None = None, rows: int | None = None) -> Any:
     """Check every key and shape, then assign (no copy).
 
     Then, for inference: convert dtype/device, fuse QKV and (`kernels`) swap in the fast linear
     layers of `linear.py`, handing each mapped original back to the OS as soon as it is copied.
     Quantized layers come from `prepared` (`prepared.py`) when it holds them, and are saved there
-    when it does not.
+    when it does not. `rows=1`: the caller decodes one row at a time (see `choose_kernel`).
     """
     kernels = cls.default_kernels if kernels is None else kernels
     model, state = check_state_dict(cls, config, state, source)
@@ -263,8 +264,8 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
     # (no kernels) keeps the reference's module names, for training and state dicts.
     linears = [m for layer in model.modules() if isinstance(layer, BioGptDecoderLayer)
                for m in layer.modules() if isinstance(m, nn.Linear)]
-    kernel = choose_kernel(linears) if kernels and quantize == "none" and linears else "plain"
-    fuse = fuse and kernels and kernel != "packed"
+    kernel = choose_kernel(linears, rows) if kernels and quantize == "none" and linears else "plain"
+    fuse = fuse and kernels and not kernel.startswith("packed")
 
     def prepare(layer: nn.Module) -> None:  # a layer at a time, so few are ever held twice
         if isinstance(layer, BioGptDecoderLayer) and fuse and layer.self_attn.qkv_proj is None:
@@ -396,13 +397,15 @@ def model_class(config: BioGptConfig) -> type[nn.Module]:
 
 def load_pretrained(path_or_id: str | Path, *, revision: str | None = None, dtype: torch.dtype | str | None = None,
                     device: str | torch.device = "cpu", quantize: str = "none",
-                    cls: type[nn.Module] | None = None, kernels: bool | None = None) -> tuple[Any, BioGptTokenizer]:
-    """A model ready for inference (`cls`, else the class its config names) and its tokenizer."""
+                    cls: type[nn.Module] | None = None, kernels: bool | None = None,
+                    rows: int | None = None) -> tuple[Any, BioGptTokenizer]:
+    """A model ready for inference (`cls`, else the class its config names) and its tokenizer;
+    `rows=1` for a caller that decodes one row at a time (see `choose_kernel`)."""
     folder = resolve(path_or_id, revision, ("config.json", *HUB_FILES, "|".join(WEIGHT_FILES)))
     config, state, tokenizer = open_checkpoint(folder)
     cls = cls or model_class(config)
     model = from_state_dict(cls, config, state, dtype=dtype, device=device, quantize=quantize, kernels=kernels,
-                            source=str(folder), prepared=prepared_path(folder, cls, quantize))
+                            source=str(folder), prepared=prepared_path(folder, cls, quantize), rows=rows)
     return model, tokenizer
 
 

@@ -124,16 +124,18 @@ class BioGptPreTrainedModel(nn.Module):
     def from_pretrained(cls, path_or_id: str | Path, *, revision: str | None = None,
                         dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
                         fuse: bool = True, kernels: bool | None = None,
-                        quantize: str = "none") -> BioGptPreTrainedModel:
+                        quantize: str = "none", rows: int | None = None) -> BioGptPreTrainedModel:
         """Load a Hub-layout or fairseq-layout checkpoint from a folder or a Hub id.
 
         `kernels` swaps in the fast CPU linear layers (`linear.py`; the default for
         `BioGptForCausalLM`, which is then inference-only); `quantize="int8"` makes them int8.
+        `rows=1` says that decoding will run one row at a time (one prompt, greedy or sampled):
+        the kernels may then use a weight layout that is faster there and slower for more rows.
         """
         from .loading import load_model
 
         return load_model(cls, path_or_id, revision=revision, dtype=dtype, device=device, fuse=fuse,
-                          kernels=kernels, quantize=quantize)
+                          kernels=kernels, quantize=quantize, rows=rows)
 
     def _refuse(self, what: str) -> None:
         if self.inference_kernels:

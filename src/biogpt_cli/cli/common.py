@@ -149,15 +149,17 @@ def device_or_usage_error(name: str) -> Any:
 
 
 @functools.lru_cache(maxsize=1)
-def load(model: str, revision: str | None, dtype: str, device: Any, quantize: str = "none") -> Any:
-    """The model and tokenizer, with a spinner on stderr while it loads (on a terminal only).
+def load(model: str, revision: str | None, dtype: str, device: Any, quantize: str = "none",
+         rows: int | None = None) -> Any:
+    """The model and tokenizer, with a spinner on stderr while it loads (on a terminal only);
+    `rows=1` when one row is decoded at a time (the kernels may use a one-row layout).
 
     Kept for the life of the process: a second command run in it reuses the model, and `entry`
     exits without freeing 1.4 GB object by object."""
     from ..loading import load_pretrained
 
     with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else contextlib.nullcontext():
-        return load_pretrained(model, revision=revision, dtype=dtype, device=device, quantize=quantize)
+        return load_pretrained(model, revision=revision, dtype=dtype, device=device, quantize=quantize, rows=rows)
 
 
 def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model: str, revision: str | None,

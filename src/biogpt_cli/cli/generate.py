@@ -148,7 +148,8 @@ def generate(
         input = "-"
 
     with prompt_source(prompt, input, input_format, errors) as prompts:  # a bad input fails before loading
-        lm, tokenizer = load_model(model, revision, dtype, torch_device, quantize, verbose)
+        one_row = prompt is not None and num_beams == 1 and num_return_sequences == 1
+        lm, tokenizer = load_model(model, revision, dtype, torch_device, quantize, verbose, rows=1 if one_row else None)
         settings["seed"] = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
         if sample and verbose:
             stderr.print(f"seed {settings['seed']}")
@@ -170,9 +171,10 @@ def check_batch_options(output: str | None, fmt: str, force: bool, resume: bool)
     check_output(output, force=force, resume=resume)
 
 
-def load_model(model: str, revision: str | None, dtype: str, device: Any, quantize: str, verbose: bool) -> Any:
+def load_model(model: str, revision: str | None, dtype: str, device: Any, quantize: str, verbose: bool,
+               rows: int | None = None) -> Any:
     start = time.perf_counter()
-    loaded = load(model, revision, dtype, device, quantize)
+    loaded = load(model, revision, dtype, device, quantize, rows)
     if verbose:
         stderr.print(f"loaded {model} in {time.perf_counter() - start:.2f} s")
     return loaded

@@ -67,7 +67,8 @@ def interact(settings: dict[str, Any], *, model: str, revision: str | None, dtyp
     from ..output import CONFIDENCE_LEGEND, Renderer
     from ..plans import generate_plan
 
-    lm, tok = load(model, revision, dtype, device, quantize)
+    one_row = settings["num_beams"] == 1 and settings["num_return_sequences"] == 1
+    lm, tok = load(model, revision, dtype, device, quantize, rows=1 if one_row else None)
     stderr.print(f"biogpt {model}: " + HELP.splitlines()[0], style="dim")
     if confidence:
         stderr.print(CONFIDENCE_LEGEND, style="dim")
