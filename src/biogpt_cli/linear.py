@@ -9,7 +9,8 @@ and which kernel is best depends on the CPU:
   MKL is already at the memory bandwidth at one row, and packing wins at 5. oneDNN also lays
   weights out for a given row count: for one row (`packed-1`, a candidate when the caller decodes
   one row: a single prompt, greedy or sampled; on an AMD EPYC 24 % faster at one row and 31-54 %
-  slower at 5-16) and for 16 (`packed-16`, for beams and batches: 5-11 % faster at 1-16 rows).
+  slower at 5-16) and for 16 (`packed-16`, for beams and batches: 5-11 % faster there in one
+  timing, level in another).
 * float16 and bfloat16: packed where oneDNN computes them (AVX-512 FP16 / BF16, AMX); plain
   (`HalfLinear`: one row, or up to 8 where that is faster, through `F.linear`, more rows upcast
   for the call); or `float32`
