@@ -84,7 +84,7 @@ def bound_note(model: torch.nn.Module, rate: float, bandwidth: float, reference:
 
 def kernel_name(model: torch.nn.Module) -> str:
     """The kernel the decoder's linear layers run (chosen at load on this CPU)."""
-    names = {f"packed{'-1' if m.rows == 1 else ''}" if isinstance(m, PackedLinear) else type(m).__name__
+    names = {"packed" + (f"-{m.rows}" if m.rows else "") if isinstance(m, PackedLinear) else type(m).__name__
              for m in model.biogpt.layers.modules() if is_kernel(m)}
     return "+".join(sorted(names)) or "plain F.linear"
 
