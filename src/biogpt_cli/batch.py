@@ -71,7 +71,7 @@ def default_batch_size(opts: GenerationOptions) -> int:
     cost little more than 8 (AMD EPYC: 88 against 67 ms a step) while their keys and values stay
     small (continuous batching keeps only the columns a live row reads). 8 prompts when each has
     several rows (beams, or several samples)."""
-    return 8 if opts.num_beams > 1 or opts.num_return_sequences > 1 else 16
+    return 16 if opts.rows_per_prompt == 1 else 8
 
 
 def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions, renderer: Renderer, *,

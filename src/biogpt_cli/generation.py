@@ -46,6 +46,11 @@ class GenerationOptions:
     no_repeat_ngram_size: int = 0
     bad_words_ids: list[list[int]] = field(default_factory=list)
 
+    @property
+    def rows_per_prompt(self) -> int:
+        """Rows each prompt decodes: its beams, else its sequences."""
+        return self.num_beams if self.num_beams > 1 else self.num_return_sequences
+
     def validate(self) -> None:
         """Raise `InputError` for settings that make no sense, before any work is done."""
         def need(ok: bool, message: str) -> None:

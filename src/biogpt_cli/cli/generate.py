@@ -121,7 +121,8 @@ def generate(
                     no_repeat_ngram_size=no_repeat_ngram_size, stop=stop or [], ban=ban or [], truncate=truncate,
                     logprobs=logprobs)
     try:
-        generation_options(settings).validate()
+        decoding = generation_options(settings)
+        decoding.validate()
     except BioGptError as e:
         raise UsageError(str(e)) from None
     torch_device = device_or_usage_error(device)
@@ -148,7 +149,7 @@ def generate(
         input = "-"
 
     with prompt_source(prompt, input, input_format, errors) as prompts:  # a bad input fails before loading
-        one_row = prompt is not None and num_beams == 1 and num_return_sequences == 1
+        one_row = prompt is not None and decoding.rows_per_prompt == 1
         lm, tokenizer = load_model(model, revision, dtype, torch_device, quantize, verbose, rows=1 if one_row else None)
         settings["seed"] = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
         if sample and verbose:

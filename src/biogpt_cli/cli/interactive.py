@@ -65,9 +65,9 @@ def interact(settings: dict[str, Any], *, model: str, revision: str | None, dtyp
     from .. import batch
     from ..inputs import Prompt
     from ..output import CONFIDENCE_LEGEND, Renderer
-    from ..plans import generate_plan
+    from ..plans import generate_plan, generation_options
 
-    one_row = settings["num_beams"] == 1 and settings["num_return_sequences"] == 1
+    one_row = generation_options(settings).rows_per_prompt == 1
     lm, tok = load(model, revision, dtype, device, quantize, rows=1 if one_row else None)
     stderr.print(f"biogpt {model}: " + HELP.splitlines()[0], style="dim")
     if confidence:
