@@ -57,7 +57,7 @@ ResumeOpt = Annotated[bool, typer.Option(help="Finish an interrupted --output fi
 BatchOpt = Annotated[int, typer.Option(min=1, help="Inputs decoded together.")]
 DecodeBatchOpt = Annotated[int | None, typer.Option(
     "--batch-size", min=1, show_default=False,
-    help="Inputs decoded together [16; 8 with beams or several sequences each].")]
+    help="Inputs decoded together [16; 8 with beams, several sequences or a head].")]
 DTypeOpt = Annotated[DType, typer.Option(help="Weight precision.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")]
 QuantizeOpt = Annotated[Quantize, typer.Option(help="CPU weights: int8 (dynamic) or int4 (group-wise).")]
