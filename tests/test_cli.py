@@ -5,6 +5,7 @@ Most tests call `main()` in this process (fast); the ones about pipes and signal
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import math
@@ -47,6 +48,19 @@ def test_generate_prompt_argument(cli, tiny):
     assert (code, err) == (0, "")
     expected = expected_texts(model, tok, PROMPTS[:1], GenerationOptions(max_new_tokens=12))
     assert out == PROMPTS[0] + expected[0][0] + "\n"
+
+
+def test_collector_returns_once_the_model_is_loaded(cli, tiny):
+    """`entry` starts with the garbage collector off (`end_startup`); loading the model turns it
+    back on, with what the start built frozen, so a long batch or a server collects as usual."""
+    gc.disable()
+    try:
+        code, _, err = cli("generate", PROMPTS[0], "-m", tiny[0], "-n", "2")
+        assert (code, err) == (0, "")
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.enable()
 
 
 @pytest.mark.parametrize("batch", ["1", "2", "8"])

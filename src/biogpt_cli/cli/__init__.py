@@ -11,6 +11,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -89,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The `biogpt` executable: `main`, then exit without tearing the interpreter down, which
     frees a loaded model object by object (about half a second). Output is flushed first; files
-    were closed by the commands."""
+    were closed by the commands.
+
+    The start runs without the cyclic garbage collector (`common.end_startup` turns it back on):
+    importing torch and building the model and vocabulary make about a million objects and no
+    garbage, and collections walking them took 0.4 s of a 2.3 s start on an AMD EPYC."""
+    gc.disable()
     code = main()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(BrokenPipeError, ValueError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -148,7 +149,6 @@ def device_or_usage_error(name: str) -> Any:
         raise UsageError(str(e)) from None
 
 
-@functools.lru_cache(maxsize=1)
 def load(model: str, revision: str | None, dtype: str, device: Any, quantize: str = "none",
          rows: int | None = None) -> Any:
     """The model and tokenizer, with a spinner on stderr while it loads (on a terminal only);
@@ -156,10 +156,26 @@ def load(model: str, revision: str | None, dtype: str, device: Any, quantize: st
 
     Kept for the life of the process: a second command run in it reuses the model, and `entry`
     exits without freeing 1.4 GB object by object."""
+    loaded = _load(model, revision, dtype, device, quantize, rows)
+    end_startup()
+    return loaded
+
+
+@functools.lru_cache(maxsize=1)
+def _load(model: str, revision: str | None, dtype: str, device: Any, quantize: str, rows: int | None) -> Any:
     from ..loading import load_pretrained
 
     with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else contextlib.nullcontext():
         return load_pretrained(model, revision=revision, dtype=dtype, device=device, quantize=quantize, rows=rows)
+
+
+def end_startup() -> None:
+    """Turn the garbage collector back on once the start is over, if `entry` turned it off. What
+    was built so far (torch, the model, the vocabulary) lives until exit: frozen, it is skipped
+    by every later collection."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model: str, revision: str | None,
@@ -174,6 +190,7 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
         raise UsageError("--engine ray reads a JSONL file or a folder of them: give -i PATH")
     if output is None:
         raise UsageError("--engine ray writes a folder of JSONL part files: give -o FOLDER")
+    end_startup()  # the driver loads no model, and Ray's client makes garbage
     cluster.ray_module()
     config = BioGptConfig.from_dict(describe(model, revision)["config"])  # a model that cannot load fails now
     if config.architecture != "BioGptForCausalLM":
