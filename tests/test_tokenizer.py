@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from biogpt_cli import BioGptTokenizer, VocabularyError
+from biogpt_cli.tokenizer import _parse_merges
 
 HARD = [
     "COVID-19 is", "α-helix and β-sheet; Δψ, γδ T cells", "5 ± 0.3 µg/mL at 37 °C",
@@ -81,6 +82,21 @@ def test_missing_or_broken_vocab_files(tmp_path):
     (tmp_path / "merges.txt").write_text("a b\n")
     with pytest.raises(VocabularyError, match="vocab.json: invalid JSON"):
         BioGptTokenizer.from_folder(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["", "a b", "a b 5\r\n c\td\n", "\u00a0x y z\n#version: 0.2\n"])
+def test_merges_split_like_str_split(tmp_path, text):
+    """The reference splits each line with `str.split()`: any Unicode whitespace, fields past two ignored."""
+    (tmp_path / "merges.txt").write_text(text, encoding="utf-8")
+    lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n") if text else []
+    assert _parse_merges(tmp_path / "merges.txt") == [tuple(line.split()[:2]) for line in lines]
+
+
+@pytest.mark.parametrize("text, line", [("a b\n\nc d\n", 2), ("a b\nc\n", 2), ("\n", 1), ("a b\n x", 2)])
+def test_bad_merge_line_is_named(tmp_path, text, line):
+    (tmp_path / "merges.txt").write_text(text, encoding="utf-8")
+    with pytest.raises(VocabularyError, match=f"line {line} is not a BPE merge"):
+        _parse_merges(tmp_path / "merges.txt")
 
 
 # Arbitrary Unicode, weighted towards what Moses and BPE treat specially.
