@@ -15,6 +15,7 @@ from biogpt_cli import (
     BioGptForTokenClassification,
     BioGptModel,
     ConfigError,
+    KVCache,
 )
 from biogpt_cli.loading import from_state_dict
 
@@ -93,6 +94,24 @@ def test_cache_grows_past_its_first_capacity(tiny_ref):
         out = ours(ids[:, t : t + 1], past_key_values=out.past_key_values)
         logits.append(out.logits)
     assert torch.allclose(torch.cat(logits, 1), ours(ids).logits, atol=ATOL)
+
+
+def test_beams_inherit_their_parents_keys_and_values():
+    """Two prompts of three beams: each new row's slot holds its parent's keys and values (the
+    first child in place, others copied into a childless row's slot of the same prompt)."""
+    cache = KVCache(2, 6, 1, 1, 8)
+    cache.k[:] = torch.arange(6.0)[None, :, None, None, None] * 10 + torch.arange(8.0)[None, None, None, :, None]
+    cache.v[:] = -cache.k
+    cache.length, old = 8, cache.k.clone()
+    slots = [1, 0, 2, 3, 5, 4]  # after an earlier step
+    parents = [2, 2, 0, 4, 4, 4]
+    new = cache.inherit(slots, parents, start=3)
+    assert sorted(new[:3]) == [0, 1, 2] and sorted(new[3:]) == [3, 4, 5]
+    assert new[0] == slots[2] and new[3] == slots[4]  # first children keep their parent's slot
+    for i, p in enumerate(parents):
+        assert torch.equal(cache.k[:, new[i], :, 3:], old[:, slots[p], :, 3:])
+        assert torch.equal(cache.v[:, new[i]], -cache.k[:, new[i]])
+    assert torch.equal(cache.k[:, :, :, :3], old[:, :, :, :3])  # the prompt is never copied
 
 
 def test_loss_equals_reference(tiny_ref):

@@ -19,8 +19,6 @@ class KVCache:
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0
-        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # second buffer for reorder()
-        self._spare_shared = 0  # positions the spare already holds (the beams' common prompt)
 
     @property
     def capacity(self) -> int:
@@ -39,7 +37,6 @@ class KVCache:
             new = old.new_empty(old.shape[0], prefix.shape[1], old.shape[2], capacity, old.shape[4])
             new[:, :, :, :n] = prefix
             setattr(self, name, new)
-        self._spare = None
 
     def reserve(self, new_tokens: int, limit: int) -> None:
         """Make room for `new_tokens` more positions (at most `limit` in all)."""
@@ -64,29 +61,32 @@ class KVCache:
             for layer in buf:
                 layer[:, :, lo - start:n - start] = layer[:, :, lo:n].clone()
         self.length = n - start
-        self._spare = None
 
     def advance(self, tokens: int) -> None:
         """Called once per forward pass, after every layer has written its `update`."""
         self.length += tokens
 
-    def reorder(self, index: torch.Tensor, start: int = 0) -> None:
-        """Beam search: row i becomes old row index[i], copied row by row into a spare buffer that
-        then takes the place of the current one (no temporary, one pass over the data).
+    def inherit(self, slots: list[int], parents: list[int], start: int = 0) -> list[int]:
+        """Beam search: new row i continues old row `parents[i]`; `slots[r]` is the cache row that
+        holds row r, and the new rows' slots are returned. A parent's first child takes over its
+        slot as it is; a further child gets the slot of a row left without children, and the
+        parent's positions from `start` on are copied there. Most steps copy one or two rows of
+        five, where reordering moved all five.
 
-        Positions before `start` are left alone: the prompt, which every beam of a prompt shares
-        (beams are only ever exchanged within their prompt), is the same in both buffers.
-        """
-        if self._spare is None or start < self._spare_shared:
-            self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
-            for src, dst in zip((self.k, self.v), self._spare, strict=True):
-                dst[:, :, :, :start] = src[:, :, :, :start]
-            self._spare_shared = start
-        n = self.length
-        for src, dst in zip((self.k, self.v), self._spare, strict=True):
-            for i, j in enumerate(index.tolist()):
-                dst[:, i, :, start:n].copy_(src[:, j, :, start:n])
-        (self.k, self.v), self._spare = self._spare, (self.k, self.v)
+        Parents lie in their child's group (one prompt's beams), so the childless rows, taken in
+        order, fall in the group of the child that needs one; before `start` (the prompt) a
+        group's rows hold the same."""
+        new, taken = [], set()
+        for p in parents:
+            new.append(-1 if slots[p] in taken else slots[p])
+            taken.add(slots[p])
+        free = [s for s in slots if s not in taken]
+        for i, p in enumerate(parents):
+            if new[i] < 0:
+                new[i] = free.pop(0)
+                for buf in (self.k, self.v):
+                    buf[:, new[i], :, start:self.length] = buf[:, slots[p], :, start:self.length]
+        return new
 
     def expand(self, repeats: int) -> None:
         """Repeat each row `repeats` times (a prompt's cache shared by its beams or samples)."""

@@ -469,7 +469,7 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
     improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
     top_mask = torch.arange(keep, device=dev) < nb
     offsets = (torch.arange(b, device=dev) * nb)[:, None]
-    identity = torch.arange(b * nb, device=dev)
+    slots = list(range(b * nb))  # slots[r]: the cache row (and batch row) that holds beam row r
     scores = batch.logits
     cur = width
     while True:
@@ -484,7 +484,7 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
         run_lp = top_lp + hits.float() * -1e9
         nxt = torch.topk(run_lp, nb).indices
         seqs, run_scores = top_seqs.gather(1, nxt[:, :, None].expand(-1, -1, total)), run_lp.gather(1, nxt)
-        reorder = (beam_of.gather(1, nxt) + offsets).view(-1)
+        parents = (beam_of.gather(1, nxt) + offsets).view(-1)
         # finished candidates among the top `nb` compete with earlier ones for the `nb` slots
         fin_lp = top_lp / ((cur + 1 - width) ** opts.length_penalty)
         fin_lp = fin_lp + (finished.all(-1, keepdim=True) & (opts.early_stopping is True)).float() * -1e9
@@ -505,9 +505,10 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
         all_done = bool(finished.all()) and opts.early_stopping is True
         if not improvable.any() or all_done or bool(hits.all()):
             break
-        if not torch.equal(reorder, identity):
-            batch.cache.reorder(reorder, start=width)
-        scores = batch.step(seqs.view(b * nb, total)[:, cur - 1])
+        slots = batch.cache.inherit(slots, parents.tolist(), start=width)
+        where = torch.tensor(slots, device=dev)
+        tokens = seqs.view(b * nb, total)[:, cur - 1]
+        scores = batch.step(torch.empty_like(tokens).index_copy_(0, where, tokens))[where]
     results = []
     for i in range(b):
         row = []
