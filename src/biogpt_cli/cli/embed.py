@@ -26,6 +26,7 @@ from .common import (
     UsageError,
     command,
     device_or_usage_error,
+    end_startup,
     stderr,
 )
 
@@ -71,6 +72,7 @@ def embed(
     with prompt_source(prompt, input, input_format, errors) as items:
         lm, tok = load_pretrained(model, revision=revision, dtype=dtype, device=torch_device, cls=BioGptModel,
                                   kernels=True)
+        end_startup()
         writer: LineWriter | None = None if matrix else open_output(output, force=force)[0]
         rows, keys, skipped = [], [], 0
         try:
