@@ -65,7 +65,7 @@ _MERGE = re.compile(r"^[^\S\n]*(\S+)[^\S\n]+(\S+)", re.MULTILINE)  # 'a b [count
 
 
 def _parse_merges(path: Path) -> list[tuple[str, str]]:
-    """One regular-expression pass: splitting 40k lines one by one left 8 MiB of resident memory
+    """One regular-expression pass: splitting 40k lines one by one left 6-8 MiB of resident memory
     behind (the freed lists) in every process that loads the vocabulary."""
     text = _read_text(path)
     merges = _MERGE.findall(text)  # at most one match per line: no part of the pattern crosses a newline
