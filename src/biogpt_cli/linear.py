@@ -234,7 +234,8 @@ def as_kernel(linear: nn.Linear, kernel: str) -> nn.Module:
     plain-direct: a few rows in the half precision too; packed-N: the layout for N rows)."""
     half = linear.weight.dtype in HALF and linear.weight.device.type == "cpu"
     if kernel.startswith("packed"):
-        return PackedLinear(linear, int(kernel[7:]) if kernel != "packed" else None)
+        rows = kernel.partition("-")[2]
+        return PackedLinear(linear, int(rows) if rows else None)
     if kernel.startswith("float32") and half:
         return Float32Linear(linear, packed=kernel == "float32-packed")
     return HalfLinear(linear, DIRECT_ROWS if kernel == "plain-direct" else 1) if half else linear
