@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from biogpt_cli import BioGptForCausalLM, BioGptModel, BioGptTokenizer, CheckpointError, ConfigError
 from biogpt_cli.hub import resolve
 from biogpt_cli.loading import convert, load_pretrained
+from tests.conftest import make_reference
 
 IDS = torch.tensor([[2, 10, 20, 30, 40, 50]])
 
@@ -45,11 +46,40 @@ def test_safetensors_without_and_with_tied_key(tiny):
     assert torch.allclose(logits_of(BioGptForCausalLM.from_pretrained(folder)), expected, atol=1e-4)
 
 
-def test_safetensors_is_memory_mapped_not_copied(tiny):
-    _, folder, _ = tiny
-    model = BioGptForCausalLM.from_pretrained(folder, fuse=False, kernels=False)
-    weight = model.biogpt.layers[0].fc1.weight
-    assert weight.untyped_storage().nbytes() >= (folder / "model.safetensors").stat().st_size - 10_000
+@pytest.fixture
+def big_table(tmp_path):
+    """A tiny checkpoint with one tensor above the copying threshold: a 1 MiB position table."""
+    make_reference(tmp_path, max_position_embeddings=8192)
+    return tmp_path
+
+
+def test_safetensors_is_memory_mapped_not_copied(big_table):
+    """Large tensors are views of the mapped file; small ones (biases, norms) are copied out of it."""
+    model = BioGptForCausalLM.from_pretrained(big_table, fuse=False, kernels=False)
+    table = model.biogpt.embed_positions.weight
+    assert table.nbytes >= 1 << 20
+    assert table.untyped_storage().nbytes() >= (big_table / "model.safetensors").stat().st_size - 10_000
+    assert model.biogpt.layers[0].fc1.weight.untyped_storage().nbytes() == model.biogpt.layers[0].fc1.weight.nbytes
+
+
+def _resident_pages(t: torch.Tensor) -> int:
+    """Pages wholly inside `t` that this process has mapped (Linux's /proc/self/pagemap, bit 63)."""
+    first, last = -(-t.data_ptr() // 4096), (t.data_ptr() + t.nbytes) // 4096
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        raw = f.read((last - first) * 8)
+    return sum(int.from_bytes(raw[i:i + 8], "little") >> 63 for i in range(0, len(raw), 8))
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="needs Linux's /proc/self/pagemap")
+def test_mapped_table_keeps_no_pages_behind(big_table):
+    """A table that stays mapped hands back the pages each lookup maps (Linux maps the cached pages
+    around a fault too: reading a few rows would otherwise keep far more than those rows resident)."""
+    model = BioGptForCausalLM.from_pretrained(big_table)
+    table = model.biogpt.embed_positions.weight
+    with torch.inference_mode():
+        model(IDS)
+    assert table.untyped_storage().nbytes() > table.nbytes and _resident_pages(table) == 0
 
 
 def test_pytorch_bin_loads_and_is_converted_once(tiny, tmp_path, monkeypatch):
