@@ -89,7 +89,7 @@ def test_merges_split_like_str_split(tmp_path, text):
     """The reference splits each line with `str.split()`: any Unicode whitespace, fields past two ignored."""
     (tmp_path / "merges.txt").write_text(text, encoding="utf-8")
     lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n") if text else []
-    assert _parse_merges(tmp_path / "merges.txt") == [tuple(line.split()[:2]) for line in lines]
+    assert _parse_merges(tmp_path / "merges.txt") == [" ".join(line.split()[:2]) for line in lines]
 
 
 @pytest.mark.parametrize("text, line", [("a b\n\nc d\n", 2), ("a b\nc\n", 2), ("\n", 1), ("a b\n x", 2)])
