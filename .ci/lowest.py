@@ -4,5 +4,5 @@ import re
 import tomllib
 
 for requirement in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
-    name, floor = re.fullmatch(r"([\w.-]+)>=([\w.]+)", requirement).groups()
+    name, floor = re.fullmatch(r"([\w.-]+)>=([\w.]+)(?:,<[\w.]+)?", requirement).groups()
     print(f"{name}=={floor}")
