@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import linecache
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -165,6 +166,9 @@ def load(model: str, revision: str | None, dtype: str, device: Any, quantize: st
 def _load(model: str, revision: str | None, dtype: str, device: Any, quantize: str, rows: int | None) -> Any:
     from ..loading import load_pretrained
 
+    # importing torch formats stack traces (torch.cuda's lazy calls), which reads 1 MB of source
+    # files into linecache: freed here, the vocabulary takes its place in the heap (2 MiB less peak)
+    linecache.clearcache()
     with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else contextlib.nullcontext():
         return load_pretrained(model, revision=revision, dtype=dtype, device=device, quantize=quantize, rows=rows)
 
