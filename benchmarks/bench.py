@@ -8,7 +8,7 @@ vocabulary from ../shared), then times the same work both ways and prints ratios
 on a shared machine are noise, ratios measured in one run are the figures. Every figure is the
 median of `--repeats` runs, printed with the machine it ran on (CPU, ISA level, threads, torch,
 measured read bandwidth); decode figures also as a share of their bandwidth bound (bytes read per
-token / bandwidth). Not a test: nothing here asserts a speed. Needs only the runtime dependencies
+token / the bandwidth, measured again right after each figure). Not a test: nothing here asserts a speed. Needs only the runtime dependencies
 and transformers (the reference), not the test tools.
 """
 
@@ -75,11 +75,13 @@ def build_checkpoint(folder: Path) -> None:
     ref.config.to_json_file(folder / "config.json")
 
 
-def bound_note(model: torch.nn.Module, rate: float, bandwidth: float, reference: float | None = None) -> str:
-    """A decode rate (and the reference's) as a share of what reading the weights once per step allows."""
+def bound_note(model: torch.nn.Module, rate: float, device: str, reference: float | None = None) -> str:
+    """A decode rate (and the reference's) as a share of what reading the weights once per step allows,
+    at the bandwidth measured right after the timing (on a VM it moves between runs of a figure)."""
+    bandwidth = machine.bandwidth(device=device)
     bound = bandwidth / machine.weight_bytes(model)
     theirs = f", reference {reference / bound:.0%}" if reference is not None else ""
-    return f"{rate / bound:.0%} of the bandwidth bound ({bound:.1f} steps/s){theirs}"
+    return f"{rate / bound:.0%} of the bandwidth bound ({bound:.1f} steps/s at {bandwidth / 1e9:.1f} GB/s){theirs}"
 
 
 def kernel_name(model: torch.nn.Module) -> str:
@@ -122,7 +124,7 @@ def decode_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> 
                                                                        max_new_tokens=n, min_new_tokens=n, **theirs),
                                     args.repeats)
         rows.append(row(name, n / t_ours, n / t_ref, "tokens/s", higher=True, target=TARGETS.get(name),
-                        note=f"{kernel_name(model)}; {bound_note(model, n / t_ours, args.bandwidth, n / t_ref)}"))
+                        note=f"{kernel_name(model)}; {bound_note(model, n / t_ours, args.device, n / t_ref)}"))
     long = torch.randint(4, 42384, (1, 256), device=args.device)
     long[0, 0] = 2
     with torch.inference_mode():
@@ -164,7 +166,7 @@ def variants(folder: Path, fp32: BioGptForCausalLM, prompt: list[int], args: arg
         err = (logits - base).abs().max().item()
         rows.append(row(f"{label} greedy decode (vs reference float32)", n / t, n / t_ref, "tokens/s",
                         higher=True, target=TARGETS.get(target),
-                        note=f"{kernel_name(model)}; {bound_note(model, n / t, args.bandwidth)}; on random weights: "
+                        note=f"{kernel_name(model)}; {bound_note(model, n / t, args.device)}; on random weights: "
                              f"top-1 agreement {agree:.1%}, max logit error {err:.3g} (logit std {base.std():.2f})"))
         del model
 
@@ -221,7 +223,7 @@ def process_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) ->
     m_ours, m_ref = statistics.median(peaks["ours"]), statistics.median(peaks["reference"])
     rows.append(row("peak resident memory of generate, float32", m_ours / 1e9, m_ref / 1e9, "GB", higher=False,
                     target=TARGETS["memory"],
-                    note=f"ours / weight bytes = {m_ours / weights:.2f} (reference {m_ref / weights:.2f})"))
+                    note=f"ours / weight bytes = {m_ours / weights:.3f} (reference {m_ref / weights:.3f})"))
 
 
 def tokenizer_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
@@ -428,7 +430,6 @@ def main() -> None:
     folder = args.workdir / "biogpt-random"
     build_checkpoint(folder)
     where = machine.describe(args.device)
-    args.bandwidth = where["read_bandwidth_gbps"] * 1e9
     global QUIET
     QUIET = args.json
     if not args.json:
