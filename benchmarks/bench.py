@@ -8,8 +8,8 @@ vocabulary from ../shared), then times the same work both ways and prints ratios
 on a shared machine are noise, ratios measured in one run are the figures. Every figure is the
 median of `--repeats` runs, printed with the machine it ran on (CPU, ISA level, threads, torch,
 measured read bandwidth); decode figures also as a share of their bandwidth bound (bytes read per
-token / the bandwidth, measured again right after each figure). Not a test: nothing here asserts a speed. Needs only the runtime dependencies
-and transformers (the reference), not the test tools.
+token / the bandwidth, measured again right after each figure). Not a test: nothing here asserts
+a speed. Needs only the runtime dependencies and transformers (the reference), not the test tools.
 """
 
 from __future__ import annotations
