@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import re
 import shutil
@@ -64,7 +65,7 @@ def test_safetensors_is_memory_mapped_not_copied(big_table):
 
 def _resident_pages(t: torch.Tensor) -> int:
     """Pages wholly inside `t` that this process has mapped (Linux's /proc/self/pagemap, bit 63)."""
-    first, last = -(-t.data_ptr() // 4096), (t.data_ptr() + t.nbytes) // 4096
+    first, last = -(-t.data_ptr() // mmap.PAGESIZE), (t.data_ptr() + t.nbytes) // mmap.PAGESIZE
     with open("/proc/self/pagemap", "rb") as f:
         f.seek(first * 8)
         raw = f.read((last - first) * 8)
