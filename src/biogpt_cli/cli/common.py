@@ -151,26 +151,29 @@ def device_or_usage_error(name: str) -> Any:
 
 
 def load(model: str, revision: str | None, dtype: str, device: Any, quantize: str = "none",
-         rows: int | None = None) -> Any:
+         rows: int | None = None, cls: Any = None, kernels: bool | None = None) -> Any:
     """The model and tokenizer, with a spinner on stderr while it loads (on a terminal only);
-    `rows=1` when one row is decoded at a time (the kernels may use a one-row layout).
+    `rows=1` when one row is decoded at a time (the kernels may use a one-row layout); `cls` and
+    `kernels` as `load_pretrained` takes them.
 
     Kept for the life of the process: a second command run in it reuses the model, and `entry`
     exits without freeing 1.4 GB object by object."""
-    loaded = _load(model, revision, dtype, device, quantize, rows)
+    loaded = _load(model, revision, dtype, device, quantize, rows, cls, kernels)
     end_startup()
     return loaded
 
 
 @functools.lru_cache(maxsize=1)
-def _load(model: str, revision: str | None, dtype: str, device: Any, quantize: str, rows: int | None) -> Any:
+def _load(model: str, revision: str | None, dtype: str, device: Any, quantize: str, rows: int | None,
+          cls: Any, kernels: bool | None) -> Any:
     from ..loading import load_pretrained
 
     # importing torch formats stack traces (torch.cuda's lazy calls), which reads 1 MB of source
     # files into linecache: freed here, the vocabulary takes its place in the heap (2 MiB less peak)
     linecache.clearcache()
     with stderr.status(f"loading {model}", spinner="dots") if stderr.is_terminal else contextlib.nullcontext():
-        return load_pretrained(model, revision=revision, dtype=dtype, device=device, quantize=quantize, rows=rows)
+        return load_pretrained(model, revision=revision, dtype=dtype, device=device, quantize=quantize, rows=rows,
+                               cls=cls, kernels=kernels)
 
 
 def end_startup() -> None:

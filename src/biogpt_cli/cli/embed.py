@@ -26,7 +26,7 @@ from .common import (
     UsageError,
     command,
     device_or_usage_error,
-    end_startup,
+    load,
     stderr,
 )
 
@@ -54,7 +54,6 @@ def embed(
     import torch
 
     from ..batch import batches
-    from ..loading import load_pretrained
     from ..model import BioGptModel
     from ..output import LineWriter, check_output, open_output
     from ..scoring import embed as pooled
@@ -70,9 +69,7 @@ def embed(
             raise UsageError("no text: give PROMPT, --input FILE, or pipe texts on stdin")
         input = "-"
     with prompt_source(prompt, input, input_format, errors) as items:
-        lm, tok = load_pretrained(model, revision=revision, dtype=dtype, device=torch_device, cls=BioGptModel,
-                                  kernels=True)
-        end_startup()
+        lm, tok = load(model, revision, dtype, torch_device, cls=BioGptModel, kernels=True)
         writer: LineWriter | None = None if matrix else open_output(output, force=force)[0]
         rows, keys, skipped = [], [], 0
         try:
