@@ -136,8 +136,9 @@ def test_bad_options_are_usage_errors_before_loading(cli, args):
 def test_usage_errors_about_inputs(cli, tmp_path):
     assert cli("generate", "", "-m", "/no/such/model")[0] == 2
     assert cli("generate", "x", "-i", "-", "-m", "/no/such/model")[0] == 2
-    code, _, err = cli("generate", "-i", str(tmp_path / "missing.txt"), "-m", "/no/such/model")
-    assert code == 1 and "missing.txt: no such file" in one_error_line(err)
+    for command in (["generate", "-i"], ["tokenize"], ["detokenize"]):  # named before any model loads
+        code, _, err = cli(*command, tmp_path / "missing.txt", "-m", "/no/such/model")
+        assert code == 1 and "missing.txt: no such file" in one_error_line(err)
 
 
 def test_model_errors_are_one_line(cli, tmp_path):
@@ -172,6 +173,16 @@ def test_output_file_refused_forced_and_resumed(cli, tiny, tmp_path):
     out.write_text("".join(lines[:5]) + lines[5][:17])
     assert cli(*base, "--resume")[0] == 0
     assert out.read_text() == complete
+
+
+@pytest.mark.parametrize("command", [["generate"], ["extract", "--task", "ddi"], ["embed"]])
+def test_output_that_is_the_input_is_refused_and_the_input_kept(cli, tmp_path, command):
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "abstract": "a"}) + "\n")
+    spelled_otherwise = f"{tmp_path}/./in.jsonl"
+    code, out, err = cli(*command, "-i", data, "-o", spelled_otherwise, "--force", "-m", "/no/such/model")
+    assert code == 1 and out == "" and "is also the input" in one_error_line(err)
+    assert data.read_text() == json.dumps({"prompt": "a", "abstract": "a"}) + "\n"
 
 
 def test_resume_refuses_a_damaged_file(cli, tiny, tmp_path):
@@ -381,6 +392,13 @@ def test_tokenizer_only_commands_do_not_import_torch(tiny):
 def test_options_that_would_do_nothing_are_usage_errors(cli, args, named):
     code, out, err = cli("generate", "x", "-m", "/no/such/model", *args)
     assert code == 2 and out == "" and named in one_error_line(err)
+
+
+def test_the_verb_agrees_with_the_options_named(cli):
+    _, _, err = cli("generate", "x", "-m", "/no/such/model", "--top-p", "0.9")
+    assert "--top-p only applies when sampling" in one_error_line(err)
+    _, _, err = cli("generate", "x", "-m", "/no/such/model", "--top-p", "0.9", "--seed", "1")
+    assert "--top-p, --seed only apply when sampling" in one_error_line(err)
 
 
 def test_score_file_with_choices_is_a_usage_error(cli, tmp_path):

@@ -101,12 +101,15 @@ def open_output(path: str | None, *, force: bool = False, resume: bool = False, 
     return LineWriter(fd), done
 
 
-def check_output(path: str | None, *, force: bool = False, resume: bool = False) -> None:
-    """Refuse an output path that cannot be used, before any work is done."""
+def check_output(path: str | None, *, force: bool = False, resume: bool = False, source: str | None = None) -> None:
+    """Refuse an output path that cannot be used, before any work is done: one that is the input
+    file `source` too would be emptied before its first line was read."""
     if path is None or path == "-" or not Path(path).exists():
         return
     if not Path(path).is_file():
         raise InputError(f"{path}: not a regular file")
+    if source not in (None, "-") and Path(source).exists() and os.path.samefile(source, path):
+        raise InputError(f"{path}: is also the input; write the output to another file")
     if not (force or resume):
         raise InputError(f"{path}: already exists; pass --force to overwrite it or --resume to finish it")
 

@@ -61,7 +61,7 @@ def embed(
 
     torch_device = device_or_usage_error(device)
     matrix = output is not None and output.endswith(".safetensors")
-    check_output(output, force=force)
+    check_output(output, force=force, source=input)
     if prompt is not None and input is not None:
         raise UsageError("give a PROMPT or --input, not both")
     if prompt is None and input is None:

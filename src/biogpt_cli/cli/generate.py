@@ -109,11 +109,11 @@ def generate(
     sampling = {"--temperature": temperature, "--top-k": top_k, "--top-p": top_p, "--min-p": min_p, "--seed": seed}
     given = [name for name, value in sampling.items() if value is not None]
     if given and not sample:
-        raise UsageError(f"{', '.join(given)} only apply when sampling: add --sample")
+        raise UsageError(f"{', '.join(given)} only {_apply(given)} when sampling: add --sample")
     beams = {"--length-penalty": length_penalty, "--early-stopping": early_stopping}
     given = [name for name, value in beams.items() if value is not None]
     if given and num_beams == 1:
-        raise UsageError(f"{', '.join(given)} only apply to beam search: add --num-beams N (N > 1)")
+        raise UsageError(f"{', '.join(given)} only {_apply(given)} to beam search: add --num-beams N (N > 1)")
     settings = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
                     length_penalty=length_penalty, early_stopping=early_stopping,
                     num_return_sequences=num_return_sequences, sample=sample, temperature=temperature, top_k=top_k,
@@ -133,7 +133,7 @@ def generate(
                                                        quiet), model=model, revision=revision, dtype=dtype,
                           device=device, quantize=quantize, input=input, output=output, batch_size=batch_size)
     fmt = output_format(fmt, output)
-    check_batch_options(output, fmt, force, resume)
+    check_batch_options(input, output, fmt, force, resume)
     if logprobs is not None and fmt != "jsonl":
         raise UsageError("--logprobs adds to JSONL records: add --format jsonl (or -o FILE.jsonl)")
     if prompt is not None and input is not None:
@@ -162,14 +162,18 @@ def generate(
                   confidence=show_confidence)
 
 
-def check_batch_options(output: str | None, fmt: str, force: bool, resume: bool) -> None:
+def _apply(options: list[str]) -> str:
+    return "applies" if len(options) == 1 else "apply"
+
+
+def check_batch_options(input: str | None, output: str | None, fmt: str, force: bool, resume: bool) -> None:
     from ..output import check_output
 
     if resume and (output is None or fmt != "jsonl"):
         raise UsageError("--resume needs --output FILE with JSONL records (a .jsonl name, or --format jsonl)")
     if resume and force:
         raise UsageError("--resume continues the --output file and --force overwrites it: give one")
-    check_output(output, force=force, resume=resume)
+    check_output(output, force=force, resume=resume, source=input)
 
 
 def load_model(model: str, revision: str | None, dtype: str, device: Any, quantize: str, verbose: bool,

@@ -105,7 +105,7 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
                           device=run.device, quantize=run.quantize, input=run.input, output=run.output,
                           batch_size=run.batch_size)
     fmt = output_format(run.fmt, run.output)  # type: ignore[arg-type]
-    check_batch_options(run.output, fmt, run.force, run.resume)
+    check_batch_options(run.input, run.output, fmt, run.force, run.resume)
     with items as records:
         lm, tok = load_model(run.model, run.revision, run.dtype, torch_device, run.quantize, run.verbose)
         head = lm.config.architecture in ("BioGptForSequenceClassification", "BioGptForTokenClassification")

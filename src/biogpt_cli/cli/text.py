@@ -36,14 +36,15 @@ def tokenize(
 ) -> None:
     """Moses + BPE ids (exactly the reference's input_ids), one output line per input line."""
     name = input_name(file)
-    render = functools.partial(_tokenize_line, _tokenizer(model, revision), not no_special,
-                               "jsonl" if fmt == "jsonl" else "tokens" if tokens else "ids", name)
-    total = None if file == "-" or sys.stdout.isatty() else count_lines(file)
-    with open_input(file) as f, progress(total, quiet or total is None, "lines") as update:
-        for n, line in enumerate(parallel_map(render, read_lines(f, name, errors), jobs), 1):
-            out(line)
-            if n % 256 == 0 or n == total:
-                update(n)
+    with open_input(file) as f:  # a missing input is named before the vocabulary loads
+        render = functools.partial(_tokenize_line, _tokenizer(model, revision), not no_special,
+                                   "jsonl" if fmt == "jsonl" else "tokens" if tokens else "ids", name)
+        total = None if file == "-" or sys.stdout.isatty() else count_lines(file)
+        with progress(total, quiet or total is None, "lines") as update:
+            for n, line in enumerate(parallel_map(render, read_lines(f, name, errors), jobs), 1):
+                out(line)
+                if n % 256 == 0 or n == total:
+                    update(n)
 
 
 def _tokenize_line(tok: Any, special: bool, mode: str, name: str, line: tuple[int, str]) -> str:
@@ -65,9 +66,9 @@ def detokenize(
     debug: DebugOpt = False,
 ) -> None:
     """Space-separated ids per line back to text (special tokens dropped)."""
-    tok = _tokenizer(model, revision)
     name = input_name(file)
     with open_input(file) as f:
+        tok = _tokenizer(model, revision)
         for n, text in read_lines(f, name):
             try:
                 ids = [int(x) for x in text.split()]
