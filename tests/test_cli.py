@@ -139,6 +139,8 @@ def test_usage_errors_about_inputs(cli, tmp_path):
     for command in (["generate", "-i"], ["tokenize"], ["detokenize"]):  # named before any model loads
         code, _, err = cli(*command, tmp_path / "missing.txt", "-m", "/no/such/model")
         assert code == 1 and "missing.txt: no such file" in one_error_line(err)
+    code, _, err = cli("generate", "x", "-m", "/no/such/model", "-o", tmp_path / "no" / "out.jsonl")
+    assert code == 1 and f"no folder {tmp_path / 'no'} to write it in" in one_error_line(err)
 
 
 def test_model_errors_are_one_line(cli, tmp_path):

@@ -104,7 +104,11 @@ def open_output(path: str | None, *, force: bool = False, resume: bool = False, 
 def check_output(path: str | None, *, force: bool = False, resume: bool = False, source: str | None = None) -> None:
     """Refuse an output path that cannot be used, before any work is done: one that is the input
     file `source` too would be emptied before its first line was read."""
-    if path is None or path == "-" or not Path(path).exists():
+    if path is None or path == "-":
+        return
+    if not Path(path).parent.is_dir():
+        raise InputError(f"{path}: no folder {Path(path).parent} to write it in")
+    if not Path(path).exists():
         return
     if not Path(path).is_file():
         raise InputError(f"{path}: not a regular file")
