@@ -267,6 +267,9 @@ def test_evaluate_pubmedqa(cli, tmp_path):
                                                {"id": "3", "answer": "maybe"}])
     scores = evaluate(cli, "--task", "pubmedqa", preds, gold)
     assert scores == {"task": "pubmedqa", "accuracy": 0.5, "correct": 2, "n": 4, "missing": 1}
+    gold.write_text("{}")  # nothing to score: an error, not an accuracy of 0
+    code, _, err = cli("evaluate", "--task", "pubmedqa", str(preds), str(gold))
+    assert code == 1 and "no gold items to score against" in one_error_line(err)
 
 
 def test_evaluate_hoc(cli, tmp_path):

@@ -210,12 +210,17 @@ def bc5cdr(predictions: str | Path, gold: str | Path, entities: str | Path) -> S
 
 
 def evaluate(task: str, predictions: str | Path, gold: str | Path, entities: str | Path | None = None) -> Scores:
+    """The task's scores; a gold file with nothing to score is an error, not an accuracy of 0."""
     if task == "pubmedqa":
-        return pubmedqa(predictions, gold)
-    if task == "hoc":
-        return hoc(predictions, gold)
-    if task in ("ddi", "kd-dti"):
-        return hard_match(predictions, gold)
-    if entities is None:
+        scores = pubmedqa(predictions, gold)
+    elif task == "hoc":
+        scores = hoc(predictions, gold)
+    elif task in ("ddi", "kd-dti"):
+        scores = hard_match(predictions, gold)
+    elif entities is None:
         raise InputError("bc5cdr needs --entities test.entities.json (the release's mention -> MeSH id map)")
-    return bc5cdr(predictions, gold, entities)
+    else:
+        scores = bc5cdr(predictions, gold, entities)
+    if not scores["n"]:
+        raise InputError(f"{gold}: no gold items to score against (is it the {task} test set?)")
+    return scores
