@@ -130,6 +130,8 @@ def test_bad_requests_get_400_in_openai_shape(server, body, status):
     r = httpx.post(base + "/v1/completions", content=body if isinstance(body, str) else json.dumps(body),
                    headers=headers, timeout=30)
     assert r.status_code == status and set(r.json()["error"]) >= {"message", "type"}, r.text
+    if body == "{not json":
+        assert r.json()["error"]["message"].startswith("invalid JSON body: ")
     assert httpx.get(base + "/health", timeout=10).json()["status"] == "ok"  # and it keeps serving
 
 

@@ -79,6 +79,8 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+            return error(400, f"invalid JSON body: {first.get('ctx', {}).get('error', 'cannot parse it')}")
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return error(400, f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid JSON body",
                      param=where or None)
