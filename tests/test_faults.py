@@ -133,3 +133,8 @@ def test_generate_input_faults(cli, tiny_ref, tmp_path):
     assert code == 0 and out.splitlines()[1].startswith("bad \ufffd( line") and len(out.splitlines()) == 3
     code, out, err = cli("generate", "-m", folder, "-i", "-", "--input-format", "jsonl", stdin=b'{"text": 1}\n')
     assert code == 1 and 'line 1: expected an object with a string "prompt"' in one_error_line(err)
+    # --resume matches records on their id: a repeated id would pass for done, so it is refused
+    code, out, err = cli("generate", "-m", folder, "-n", "1", "-i", "-", "--input-format", "jsonl",
+                         stdin=b'{"id": 7, "prompt": "a"}\n{"id": "7", "prompt": "b"}\n{"id": 7, "prompt": "c"}\n')
+    assert code == 1 and "stdin: line 3: id 7 is repeated (first at line 1)" in one_error_line(err)
+    assert len(out.splitlines()) == 2  # 7 and "7" are different ids

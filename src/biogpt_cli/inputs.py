@@ -87,7 +87,9 @@ def read_prompts(f: BinaryIO, name: str, jsonl: bool, errors: str = "strict",
     with `text_field` None any object is taken (its fields are the caller's to check).
 
     A blank line comes out as a blank prompt: the caller decides whether to skip or report it.
+    An "id" may not repeat: `--resume` matches records on it, and would take a repeat for done.
     """
+    ids: dict[str | int, int] = {}  # id -> its line
     for n, text in read_lines(f, name, errors):
         if not jsonl or not text.strip():
             yield Prompt(n, text, fields={"text": text} if text.strip() else {})  # a blank line has no fields
@@ -103,6 +105,8 @@ def read_prompts(f: BinaryIO, name: str, jsonl: bool, errors: str = "strict",
         pid = obj.get("id")
         if pid is not None and (isinstance(pid, bool) or not isinstance(pid, str | int)):
             raise InputError(f'{name}: line {n}: "id" must be a string or an integer')
+        if pid is not None and ids.setdefault(pid, n) != n:
+            raise InputError(f"{name}: line {n}: id {pid!r} is repeated (first at line {ids[pid]})")
         yield Prompt(n, obj[text_field] if text_field else "", pid, obj)
 
 
