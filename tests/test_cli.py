@@ -243,6 +243,15 @@ def test_detokenize_round_trip(cli, tiny):
     assert code == 1 and "line 1: id 99999 is outside the vocabulary" in one_error_line(err)
 
 
+def test_score_an_over_long_line(cli, tiny):
+    long = (" ".join(["the"] * 70) + "\n").encode()  # the tiny model has 64 positions
+    code, out, err = cli("score", "-m", tiny[0], stdin=long)
+    assert code == 1 and out == "" and "line 1: 71 tokens exceed the model's 64 positions (pass --truncate" in (
+        one_error_line(err))
+    code, out, err = cli("score", "-m", tiny[0], "--truncate", stdin=long)
+    assert code == 0 and out.split("\t")[0] == "64" and "71 tokens cut to the last 63" in err
+
+
 def test_score_equals_reference_loss(cli, tiny_ref, tiny):
     ref, folder = tiny_ref
     tok = tiny[2]

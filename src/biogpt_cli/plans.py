@@ -170,9 +170,12 @@ def score_records(lm: Any, tok: Any, items: list[Prompt], batch_size: int, trunc
     for p in items:
         try:
             full = tok.encode(p.text)
-            ids.append(fit_prompt(full, 0, limit, truncate))
         except InputError as e:
             raise InputError(f"{p.where}{e}") from None
+        if len(full) > limit and not truncate:  # a text is no prompt: no new tokens to lower
+            raise InputError(f"{p.where}{len(full)} tokens exceed the model's {limit} positions "
+                             f"(pass --truncate to score its last {limit - 1})")
+        ids.append(fit_prompt(full, 0, limit, truncate))
         if len(ids[-1]) < len(full):
             warn(f"warning: {p.where}{len(full)} tokens cut to the last {len(ids[-1]) - 1}")
     out: list[dict[str, Any]] = [{} for _ in items]
