@@ -57,6 +57,7 @@ OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Write her
 ForceOpt = Annotated[bool, typer.Option(help="Overwrite an existing --output file.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Finish an interrupted --output file of the same run.")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Inputs decoded together.")]
+FORWARD_BATCH = 8  # texts read whole in one forward pass (score, embed, a classification head)
 DecodeBatchOpt = Annotated[int | None, typer.Option(
     "--batch-size", min=1, show_default=False,
     help="Inputs decoded together [16; 8 with beams, several sequences or a head].")]

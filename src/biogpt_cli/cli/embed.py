@@ -13,6 +13,7 @@ import typer
 from ..errors import InputError
 from ..hub import DEFAULT_MODEL
 from .common import (
+    FORWARD_BATCH,
     BatchOpt,
     DebugOpt,
     DeviceOpt,
@@ -43,7 +44,7 @@ def embed(
     output: Annotated[str | None, typer.Option("--output", "-o", help="FILE.jsonl, or FILE.safetensors (a matrix).")]
     = None,
     force: ForceOpt = False,
-    batch_size: BatchOpt = 8,
+    batch_size: BatchOpt = FORWARD_BATCH,
     dtype: DTypeOpt = "float32",
     device: DeviceOpt = "cpu",
     errors: ErrorsOpt = "strict",

@@ -13,6 +13,7 @@ from ..errors import InputError
 from ..hub import DEFAULT_MODEL
 from ..inputs import Prompt, input_name, open_input, read_lines
 from .common import (
+    FORWARD_BATCH,
     AddressOpt,
     BatchOpt,
     CpusOpt,
@@ -47,7 +48,7 @@ def score(
     choices: Annotated[str | None, typer.Option(help="Comma-separated continuations of --prompt to compare.")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="The prompt the --choices continue.")] = None,
     fmt: FormatOpt = "text",
-    batch_size: BatchOpt = 8,
+    batch_size: BatchOpt = FORWARD_BATCH,
     truncate: Annotated[bool, typer.Option(help="Score the end of over-long lines instead of failing.")] = False,
     dtype: DTypeOpt = "float32",
     device: DeviceOpt = "cpu",

@@ -21,6 +21,7 @@ from ..errors import InputError
 from ..hub import DEFAULT_MODEL
 from ..inputs import Prompt
 from .common import (
+    FORWARD_BATCH,
     AddressOpt,
     CpusOpt,
     DebugOpt,
@@ -61,9 +62,6 @@ from .generate import (
     prompt_source,
     run_batch,
 )
-
-# A head reads whole texts in one forward pass each batch: 8 at a time, like `score` and `embed`.
-HEAD_BATCH = 8
 
 ExtractTask = Literal["bc5cdr", "ddi", "kd-dti"]
 EvalTask = Literal["pubmedqa", "hoc", "ddi", "kd-dti", "bc5cdr"]
@@ -130,7 +128,7 @@ def _classify_with_head(lm: Any, tok: Any, records: Iterator[Prompt], run: TaskR
                 **input_identity(None, run.input, run.output)}
     writer, done = open_output(run.output, force=run.force, resume=run.resume, run=identity)
     try:
-        for batch in batches((p for p in records if p.fields and p.key not in done), run.batch_size or HEAD_BATCH):
+        for batch in batches((p for p in records if p.fields and p.key not in done), run.batch_size or FORWARD_BATCH):
             texts = []
             for p in batch:
                 try:
