@@ -106,11 +106,12 @@ def check_output(path: str | None, *, force: bool = False, resume: bool = False,
     file `source` too would be emptied before its first line was read."""
     if path is None or path == "-":
         return
-    if not Path(path).parent.is_dir():
-        raise InputError(f"{path}: no folder {Path(path).parent} to write it in")
-    if not Path(path).exists():
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise InputError(f"{path}: no folder {target.parent} to write it in")
+    if not target.exists():
         return
-    if not Path(path).is_file():
+    if not target.is_file():
         raise InputError(f"{path}: not a regular file")
     if source not in (None, "-") and Path(source).exists() and os.path.samefile(source, path):
         raise InputError(f"{path}: is also the input; write the output to another file")
