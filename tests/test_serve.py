@@ -132,6 +132,8 @@ def test_bad_requests_get_400_in_openai_shape(server, body, status):
     assert r.status_code == status and set(r.json()["error"]) >= {"message", "type"}, r.text
     if body == "{not json":
         assert r.json()["error"]["message"].startswith("invalid JSON body: ")
+    if isinstance(body, dict) and body.get("max_tokens") == 10:  # the hint names the request's field, not a CLI flag
+        assert "lower max_tokens" in r.json()["error"]["message"] and "--" not in r.json()["error"]["message"]
     assert httpx.get(base + "/health", timeout=10).json()["status"] == "ok"  # and it keeps serving
 
 

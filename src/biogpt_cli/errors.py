@@ -19,3 +19,13 @@ class VocabularyError(BioGptError):
 
 class InputError(BioGptError):
     """A prompt or option value that generation cannot honour (e.g. too long for the model)."""
+
+
+class PromptTooLong(InputError):
+    """A prompt with no room left for its new tokens. It keeps the counts so that a front end whose
+    options have other names (`score`, the server's `max_tokens`) can word its own hint."""
+
+    def __init__(self, tokens: int, new: int, positions: int) -> None:
+        self.tokens, self.new, self.positions = tokens, new, positions
+        super().__init__(f"prompt of {tokens} tokens plus {new} new tokens exceeds the model's {positions} "
+                         "positions (shorten it, lower --max-new-tokens, or pass --truncate)")

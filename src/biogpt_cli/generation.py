@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .errors import InputError, PromptTooLong
 from .model import BioGptForCausalLM
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -208,8 +208,7 @@ def fit_prompt(ids: list[int], max_new_tokens: int, max_positions: int, truncate
     if len(ids) <= room:
         return ids
     if not truncate or room < 2:
-        raise InputError(f"prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds the model's "
-                         f"{max_positions} positions (shorten it, lower --max-new-tokens, or pass --truncate)")
+        raise PromptTooLong(len(ids), max_new_tokens, max_positions)
     return ids[:1] + ids[len(ids) - room + 1:]
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .batch import Job, batches, run
-from .errors import InputError
+from .errors import InputError, PromptTooLong
 from .generation import GenerationOptions, fit_prompt
 from .inputs import Prompt
 from .output import LineFn, RecordFn, Renderer, base_record, generation_line, generation_record
@@ -172,10 +172,11 @@ def score_records(lm: Any, tok: Any, items: list[Prompt], batch_size: int, trunc
             full = tok.encode(p.text)
         except InputError as e:
             raise InputError(f"{p.where}{e}") from None
-        if len(full) > limit and not truncate:  # a text is no prompt: no new tokens to lower
-            raise InputError(f"{p.where}{len(full)} tokens exceed the model's {limit} positions "
-                             f"(pass --truncate to score its last {limit - 1})")
-        ids.append(fit_prompt(full, 0, limit, truncate))
+        try:
+            ids.append(fit_prompt(full, 0, limit, truncate))
+        except PromptTooLong as e:  # a text is no prompt: no new tokens to lower
+            raise InputError(f"{p.where}{e.tokens} tokens exceed the model's {limit} positions "
+                             f"(pass --truncate to score its last {limit - 1})") from None
         if len(ids[-1]) < len(full):
             warn(f"warning: {p.where}{len(full)} tokens cut to the last {len(ids[-1]) - 1}")
     out: list[dict[str, Any]] = [{} for _ in items]

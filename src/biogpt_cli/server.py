@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
-from .errors import BioGptError
+from .errors import BioGptError, PromptTooLong
 from .inputs import Prompt
 from .plans import generate_plan
 
@@ -114,6 +114,9 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
             plan = generate_plan(lm, tok, settings, lambda m: None)
             jobs = [plan.job(Prompt(i + 1, p)) for i, p in enumerate(prompts)]
             plan.opts.validate()
+        except PromptTooLong as e:
+            return error(400, f"a prompt of {e.tokens} tokens plus max_tokens {e.new} exceeds the model's "
+                         f"{e.positions} positions (shorten the prompt or lower max_tokens)", param="prompt")
         except BioGptError as e:
             return error(400, str(e), param="prompt")
         copies = 1 if sample else body.n  # greedy: n identical choices, as OpenAI gives at temperature 0
