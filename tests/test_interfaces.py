@@ -44,7 +44,7 @@ def slower(tmp_path_factory):
 
 
 def test_interactive_session(slower):
-    """Two prompts, a /set, a Ctrl-C in the middle of a generation, then Ctrl-D."""
+    """Two prompts, a /set, a Ctrl-C in the middle of a generation, a prompt too long, then Ctrl-D."""
     import pty
 
     folder, model, tok = slower
@@ -77,6 +77,11 @@ def test_interactive_session(slower):
     time.sleep(1.0)
     os.write(fd, b"\x03")  # Ctrl-C while it generates
     until(b"[stopped]")
+    until(b"> ")
+    os.write(fd, b"/set n 1023\n")
+    until(b"max_new_tokens = 1023")
+    os.write(fd, b"the end\n")  # 3 tokens + 1023 > 1024 positions: the hint is the session's own setting
+    until(b"exceeds the model's 1024 positions (shorten it or /set n lower)")
     until(b"> ")
     os.write(fd, b"\x04")  # Ctrl-D leaves
     _, status = os.waitpid(pid, 0)

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
-from ..errors import BioGptError
+from ..errors import BioGptError, PromptTooLong
 from .common import load, stderr
 
 # /set NAME VALUE: the settings a person changes between prompts, with their types
@@ -99,5 +99,8 @@ def interact(settings: dict[str, Any], *, model: str, revision: str | None, dtyp
                       seed=plan.seed, confidence=confidence)
         except KeyboardInterrupt:
             console.print("\n[stopped]", style="dim", markup=False)
+        except PromptTooLong as e:
+            stderr.print(f"error: prompt of {e.tokens} tokens plus {e.new} new tokens exceeds the model's "
+                         f"{e.positions} positions (shorten it or /set n lower)", markup=False)
         except BioGptError as e:
             stderr.print(f"error: {e}", markup=False)
