@@ -122,7 +122,8 @@ def test_generate_prompt_too_long_and_truncate(cli, tiny):
 
 @pytest.mark.parametrize("args", [
     ["--max-new-tokens", "-1"], ["--num-beams", "0"], ["--top-p", "0"], ["--top-p", "1.5"], ["--temperature", "-1"],
-    ["--temperature", "0"], ["--num-beams", "2", "--num-return-sequences", "3"], ["--num-return-sequences", "2"],
+    ["--temperature", "0"], ["--sample", "--temperature", "0"], ["--num-beams", "2", "--num-return-sequences", "3"],
+    ["--num-return-sequences", "2"],
     ["--dtype", "float64"], ["--device", "cuda:99"], ["--device", "tpu"], ["--resume"], ["--batch-size", "0"],
     ["--repetition-penalty", "0"], ["--min-new-tokens", "99"], ["--bogus-option"], ["--format", "xml"],
     ["--quantize", "int8", "--dtype", "float16"],

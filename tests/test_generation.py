@@ -18,6 +18,7 @@ from biogpt_cli.generation import (
     top_k,
     top_p,
 )
+from biogpt_cli.plans import generation_options
 from tests.conftest import make_reference
 from tests.test_model import ours_from
 
@@ -60,6 +61,7 @@ CASES = [
     GenerationOptions(max_new_tokens=10, num_beams=5, num_return_sequences=3),
     GenerationOptions(max_new_tokens=10, num_beams=5, length_penalty=0.6, early_stopping=True),
     GenerationOptions(max_new_tokens=10, num_beams=3, length_penalty=2.0, early_stopping="never"),
+    GenerationOptions(max_new_tokens=10, num_beams=3, length_penalty=0.0),
     GenerationOptions(max_new_tokens=10, num_beams=3, no_repeat_ngram_size=2, repetition_penalty=1.5),
     GenerationOptions(max_new_tokens=10, num_beams=3, min_new_tokens=5, num_return_sequences=2),
 ]
@@ -173,13 +175,23 @@ def test_penalties_on_hand_made_scores():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(max_new_tokens=0), "max_new_tokens"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(top_p=-0.1), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(temperature=-1.0), "temperature"), (dict(num_beams=0), "num_beams"),
     (dict(num_beams=2, num_return_sequences=3), "cannot exceed"), (dict(num_return_sequences=2), "needs --sample"),
 ])
 def test_nonsense_options_are_rejected(bad, match):
     with pytest.raises(InputError, match=match):
         GenerationOptions(**bad).validate()
+
+
+def test_a_given_zero_is_a_value_not_a_default():
+    """Settings from the CLI or the server: length penalty 0 and top-p 0 (only the likeliest token)
+    are the reference's to honour, temperature 0 its to refuse; none may quietly become 1."""
+    opts = generation_options({"max_new_tokens": 5, "sample": True, "length_penalty": 0.0, "top_p": 0.0})
+    assert (opts.length_penalty, opts.top_p, opts.temperature) == (0.0, 0.0, 1.0)
+    opts.validate()
+    with pytest.raises(InputError, match="temperature"):
+        generation_options({"max_new_tokens": 5, "sample": True, "temperature": 0.0}).validate()
 
 
 def test_position_limit_is_reported(tiny_ref):

@@ -63,7 +63,7 @@ class GenerationOptions:
         need(self.num_return_sequences >= 1, "num_return_sequences must be at least 1")
         need(self.temperature > 0, "temperature must be greater than 0")
         need(self.top_k >= 0, "top_k must be 0 (off) or more")
-        need(0 < self.top_p <= 1, "top_p must be in (0, 1]")
+        need(0 <= self.top_p <= 1, "top_p must be in [0, 1]")
         need(self.min_p is None or 0 <= self.min_p <= 1, "min_p must be in [0, 1]")
         need(self.repetition_penalty > 0, "repetition_penalty must be greater than 0")
         need(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be 0 (off) or more")

@@ -38,14 +38,18 @@ class Plan:
 
 
 def generation_options(s: dict[str, Any]) -> GenerationOptions:
-    """`generate`'s decoding settings, with the reference's defaults for what was not given."""
+    """`generate`'s decoding settings, with the reference's defaults for what was not given (None);
+    a given 0 stays 0, to be honoured (length penalty, top-p) or refused (temperature)."""
+    def given(key: str, default: Any) -> Any:
+        return default if s.get(key) is None else s[key]
+
     return GenerationOptions(
-        max_new_tokens=s["max_new_tokens"], min_new_tokens=s.get("min_new_tokens", 0),
-        num_beams=s.get("num_beams", 1), length_penalty=s.get("length_penalty") or 1.0,
-        early_stopping=bool(s.get("early_stopping")), num_return_sequences=s.get("num_return_sequences", 1),
-        do_sample=bool(s.get("sample")), temperature=s.get("temperature") or 1.0,
-        top_k=50 if s.get("top_k") is None else s["top_k"], top_p=s.get("top_p") or 1.0, min_p=s.get("min_p"),
-        repetition_penalty=s.get("repetition_penalty", 1.0), no_repeat_ngram_size=s.get("no_repeat_ngram_size", 0))
+        max_new_tokens=s["max_new_tokens"], min_new_tokens=given("min_new_tokens", 0),
+        num_beams=given("num_beams", 1), length_penalty=given("length_penalty", 1.0),
+        early_stopping=bool(s.get("early_stopping")), num_return_sequences=given("num_return_sequences", 1),
+        do_sample=bool(s.get("sample")), temperature=given("temperature", 1.0), top_k=given("top_k", 50),
+        top_p=given("top_p", 1.0), min_p=s.get("min_p"), repetition_penalty=given("repetition_penalty", 1.0),
+        no_repeat_ngram_size=given("no_repeat_ngram_size", 0))
 
 
 def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:

@@ -73,7 +73,7 @@ def generate(
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy/beam decoding.")] = False,
     temperature: Annotated[float | None, typer.Option(help="Sampling: divide logits by this [1].")] = None,
     top_k: Annotated[int | None, typer.Option(min=0, help="Sampling: keep the k likeliest, 0: off [50].")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Sampling: nucleus mass, in (0, 1] [1].")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Sampling: nucleus mass, in [0, 1] [1].")] = None,
     min_p: Annotated[float | None, typer.Option(min=0, max=1, help="Sampling: drop p < min_p * max p.")] = None,
     seed: Annotated[int | None, typer.Option(min=0, max=MAX_SEED, help="Sampling: seed (random without).")] = None,
     num_return_sequences: Annotated[int, typer.Option(min=1, help="Sequences per prompt (sampling/beams).")] = 1,
