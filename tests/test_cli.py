@@ -270,6 +270,38 @@ def test_score_equals_reference_loss(cli, tiny_ref, tiny):
     assert code == 0 and len(out.splitlines()) == 1 and err == "note: skipped 1 blank line\n"
 
 
+@pytest.mark.parametrize("command", ["score", "embed"])
+def test_a_whole_file_output_appears_only_when_complete(cli, tiny, tmp_path, command):
+    """score and embed cannot resume, so -o takes its name only once every line is in: a run that
+    fails at line 20 leaves no file (nor a manifest saying it runs), and the file --force was to
+    replace keeps what it had."""
+    folder, good, bad, out = tiny[0], tmp_path / "good.txt", tmp_path / "bad.txt", tmp_path / "out.jsonl"
+    good.write_text("the cat\nof the\n")
+    bad.write_text("the cat\n" * 19 + " ".join(["the"] * 70) + "\n")  # 71 tokens: the tiny model has 64
+    run = (command, "-m", folder, "--batch-size", "1", "-o", out, "-i")
+    code, _, err = cli(*run, bad)
+    assert code == 1 and "line" in one_error_line(err) and "20" in err and sorted(tmp_path.iterdir()) == [bad, good]
+    code, _, err = cli(*run, good)
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert code == 0 and [r["line"] for r in records] == [1, 2] and sorted(tmp_path.iterdir()) == [bad, good, out]
+    assert cli(*run, good)[0] == 1  # there already
+    code, _, err = cli(*run, bad, "--force")
+    assert code == 1 and [json.loads(x) for x in out.read_text().splitlines()] == records
+    assert sorted(tmp_path.iterdir()) == [bad, good, out]
+
+
+def test_score_reads_file_or_input_and_writes_output(cli, tiny, tmp_path):
+    folder, text = tiny[0], tmp_path / "t.txt"
+    text.write_text("the cat\nof the\n")
+    code, by_argument, _ = cli("score", text, "-m", folder)
+    assert code == 0 and len(by_argument.splitlines()) == 2
+    assert cli("score", "-i", text, "-m", folder)[1] == by_argument
+    assert cli("score", text, "-i", text, "-m", folder)[0] == 2
+    assert cli("score", "-i", text, "-m", folder, "-o", tmp_path / "s.txt")[:2] == (0, "")
+    assert (tmp_path / "s.txt").read_text() == by_argument  # text: the name does not end in .jsonl
+    assert cli("score", "-i", text, "-m", folder, "--show", "--format", "jsonl")[0] == 2
+
+
 def test_score_choices(cli, tiny_ref, tiny):
     ref, folder = tiny_ref
     tok = tiny[2]

@@ -70,9 +70,36 @@ class LineWriter:
                 data = data[os.write(self.fd, data):]
             self.records += records
 
+    @classmethod
+    def create(cls, path: Path | None) -> LineWriter:
+        """A writer to a new (or emptied) file; to stdout without a path."""
+        if path is None:
+            return cls(1)
+        try:
+            return cls(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+        except OSError as e:
+            raise InputError(f"{path}: cannot write ({e.strerror})") from None
+
     def close(self) -> None:
         if self.fd > 2:
             os.close(self.fd)
+
+
+@contextlib.contextmanager
+def whole_file(path: str | None) -> Iterator[Path | None]:
+    """For a command that cannot resume (`score`, `embed`): a temporary file beside `path` that
+    takes its name only when the block ends without an error, so a failed or interrupted run
+    leaves no half-written file under that name, and the file `--force` was to replace intact.
+    None (stdout) without a path."""
+    if path is None or path == "-":
+        yield None
+        return
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def record_key(record: dict) -> Key:

@@ -163,6 +163,22 @@ def generated_records(lm: Any, tok: Any, plan: Plan, items: list[Prompt], batch_
     return [[errors[i]] if i in errors else [next(done) for _ in range(k)] for i in range(len(items))]
 
 
+def text_ids(lm: Any, tok: Any, p: Prompt, truncate: bool, warn: Warn) -> list[int]:
+    """A text's ids to score: all of them, or with `truncate` the end of one too long for the model."""
+    limit = lm.config.max_position_embeddings
+    try:
+        full = tok.encode(p.text)
+        ids = fit_prompt(full, 0, limit, truncate)
+    except PromptTooLong as e:  # a text is no prompt: no new tokens to lower
+        raise InputError(f"{p.where}{e.tokens} tokens exceed the model's {limit} positions "
+                         f"(pass --truncate to score its last {limit - 1})") from None
+    except InputError as e:
+        raise InputError(f"{p.where}{e}") from None
+    if len(ids) < len(full):
+        warn(f"warning: {p.where}{len(full)} tokens cut to the last {len(ids) - 1}")
+    return ids
+
+
 def score_records(lm: Any, tok: Any, items: list[Prompt], batch_size: int, truncate: bool,
                   warn: Warn) -> list[dict[str, Any]]:
     """`score`'s record per non-blank item, in order: tokens, mean NLL and perplexity (None when the
@@ -170,19 +186,7 @@ def score_records(lm: Any, tok: Any, items: list[Prompt], batch_size: int, trunc
     batched by length (less padding to compute), which changes no value."""
     from .scoring import sequence_nll
 
-    limit, ids = lm.config.max_position_embeddings, []
-    for p in items:
-        try:
-            full = tok.encode(p.text)
-        except InputError as e:
-            raise InputError(f"{p.where}{e}") from None
-        try:
-            ids.append(fit_prompt(full, 0, limit, truncate))
-        except PromptTooLong as e:  # a text is no prompt: no new tokens to lower
-            raise InputError(f"{p.where}{e.tokens} tokens exceed the model's {limit} positions "
-                             f"(pass --truncate to score its last {limit - 1})") from None
-        if len(ids[-1]) < len(full):
-            warn(f"warning: {p.where}{len(full)} tokens cut to the last {len(ids[-1]) - 1}")
+    ids = [text_ids(lm, tok, p, truncate, warn) for p in items]
     out: list[dict[str, Any]] = [{} for _ in items]
     for group in batches(iter(sorted(range(len(items)), key=lambda i: len(ids[i]))), batch_size):
         for i, (count, nll) in zip(group, sequence_nll(lm, [ids[i] for i in group]), strict=True):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
@@ -56,7 +54,7 @@ def embed(
 
     from ..batch import batches
     from ..model import BioGptModel
-    from ..output import LineWriter, check_output, open_output
+    from ..output import LineWriter, check_output, whole_file
     from ..scoring import embed as pooled
     from .generate import prompt_source
 
@@ -69,9 +67,9 @@ def embed(
         if sys.stdin.isatty():
             raise UsageError("no text: give PROMPT, --input FILE, or pipe texts on stdin")
         input = "-"
-    with prompt_source(prompt, input, input_format, errors) as items:
+    with prompt_source(prompt, input, input_format, errors) as items, whole_file(output) as target:
         lm, tok = load(model, revision, dtype, torch_device, cls=BioGptModel, kernels=True)
-        writer: LineWriter | None = None if matrix else open_output(output, force=force)[0]
+        writer = None if matrix else LineWriter.create(target)
         rows, keys, skipped = [], [], 0
         try:
             for group in batches(items, batch_size):
@@ -96,9 +94,7 @@ def embed(
         if matrix:
             from safetensors.torch import save_file
 
-            tmp = Path(f"{output}.{os.getpid()}.tmp")
-            save_file({"embeddings": torch.stack(rows) if rows else torch.empty(0, lm.config.hidden_size)}, tmp,
+            save_file({"embeddings": torch.stack(rows) if rows else torch.empty(0, lm.config.hidden_size)}, target,
                       metadata={"keys": json.dumps(keys), "pool": pool})
-            os.replace(tmp, output)  # never a half-written matrix under the final name
         if skipped:
             stderr.print(f"note: skipped {skipped} blank line{'s' * (skipped > 1)}")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Annotated
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..errors import InputError
 from ..hub import DEFAULT_MODEL
 from ..inputs import Prompt, input_name, open_input, read_lines
 from .common import (
@@ -23,10 +23,10 @@ from .common import (
     Engine,
     EngineOpt,
     ErrorsOpt,
-    FormatOpt,
+    ForceOpt,
     GpusOpt,
     ModelOpt,
-    OutputOpt,
+    OutputFormatOpt,
     QuietOpt,
     RevisionOpt,
     UsageError,
@@ -34,20 +34,25 @@ from .common import (
     command,
     device_or_usage_error,
     load,
-    out,
+    output_format,
     run_on_ray,
     stderr,
 )
+
+if TYPE_CHECKING:
+    from ..output import LineWriter
 
 
 @command
 def score(
     file: Annotated[str | None, typer.Argument(help="Texts to score, one per line; '-' or nothing: stdin.")] = None,
+    input: Annotated[str | None, typer.Option("--input", "-i", help="The same as FILE, as the other commands take it.")]
+    = None,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     choices: Annotated[str | None, typer.Option(help="Comma-separated continuations of --prompt to compare.")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="The prompt the --choices continue.")] = None,
-    fmt: FormatOpt = "text",
+    fmt: OutputFormatOpt = "auto",
     batch_size: BatchOpt = FORWARD_BATCH,
     truncate: Annotated[bool, typer.Option(help="Score the end of over-long lines instead of failing.")] = False,
     dtype: DTypeOpt = "float32",
@@ -59,15 +64,19 @@ def score(
     workers: WorkersOpt = 1,
     cpus_per_worker: CpusOpt = 1.0,
     gpus_per_worker: GpusOpt = 0.0,
-    output: OutputOpt = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Write FILE here instead of stdout (a "
+                                                "FOLDER with --engine ray).")] = None,
+    force: ForceOpt = False,
     show: Annotated[bool, typer.Option(help="Each token with its surprisal (coloured on a terminal).")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Per line: tokens, mean negative log-likelihood, perplexity. With --choices: their probabilities."""
-    from ..batch import batches
-    from ..plans import score_records
+    from ..output import LineWriter, check_output, whole_file
     from ..scoring import choice_probabilities
 
+    if file is not None and input is not None:
+        raise UsageError("give FILE or --input, not both")
+    file = file if input is None else input
     options = [c.strip() for c in choices.split(",")] if choices is not None else None
     if options is not None and (prompt is None or len(options) < 2 or not all(options)):
         raise UsageError("--choices needs --prompt and at least two non-empty, comma-separated choices")
@@ -75,63 +84,76 @@ def score(
         raise UsageError("--prompt goes with --choices (to score a text, pass it on stdin or in FILE)")
     if options is not None and file is not None:
         raise UsageError("--choices scores the continuations of --prompt; it reads no FILE: drop one")
+    if show and (options is not None or fmt == "jsonl"):
+        raise UsageError("--show prints each line's tokens as text: it goes with neither --choices nor --format jsonl")
     torch_device = device_or_usage_error(device)
     if engine == "ray":
         return run_on_ray("score", {"truncate": truncate}, Engine(engine, address, workers, cpus_per_worker,
                                                                   gpus_per_worker, quiet),
                           model=model, revision=revision, dtype=dtype, device=device, quantize="none", input=file,
                           output=output, batch_size=batch_size)
-    if output is not None:
-        raise UsageError("score writes to stdout; -o FOLDER is for --engine ray")
-    lm, tok = load(model, revision, dtype, torch_device)
-    if options is not None:
-        probs = choice_probabilities(lm, tok.encode(prompt), [tok.encode(c, add_special_tokens=False) for c in options])
-        for choice, p in zip(options, probs, strict=True):
-            out(json.dumps({"choice": choice, "probability": p}) + "\n" if fmt == "jsonl" else f"{choice}\t{p:.6f}\n")
-        return
+    check_output(output, force=force, source=file)
+    fmt = output_format(fmt, output)
     file = file or "-"
     name = input_name(file)
-    if show:
-        return _show(lm, tok, file, name, errors)
-    if fmt == "text" and sys.stdout.isatty():
+    with open_input(file) as f, whole_file(output) as target:
+        lm, tok = load(model, revision, dtype, torch_device)
+        writer = LineWriter.create(target)
+        try:
+            if options is not None:
+                probs = choice_probabilities(lm, tok.encode(prompt),
+                                             [tok.encode(c, add_special_tokens=False) for c in options])
+                for choice, p in zip(options, probs, strict=True):
+                    writer.write(json.dumps({"choice": choice, "probability": p}) + "\n" if fmt == "jsonl"
+                                 else f"{choice}\t{p:.6f}\n")
+            elif show:
+                _show(lm, tok, read_lines(f, name, errors), writer, truncate)
+            else:
+                _score(lm, tok, read_lines(f, name, errors), fmt, writer, batch_size, truncate)
+        finally:
+            writer.close()
+
+
+def _score(lm: Any, tok: Any, lines: Iterator[tuple[int, str]], fmt: str, writer: LineWriter, batch_size: int,
+           truncate: bool) -> None:
+    """A record per non-blank line, in windows of lines batched by length inside."""
+    from ..batch import batches
+    from ..plans import score_records
+
+    if fmt == "text" and writer.fd == 1 and sys.stdout.isatty():
         stderr.print("tokens\tnll\tppl", style="bold")
     skipped = 0
-    with open_input(file) as f:
-        lines = (Prompt(n, t) for n, t in read_lines(f, name, errors))
-        for group in batches(lines, batch_size * 16):  # a window of lines, batched by length inside
-            kept = [p for p in group if p.text.strip()]
-            skipped += len(group) - len(kept)
-            for r in score_records(lm, tok, kept, batch_size, truncate, stderr.print):
-                nll = math.nan if r["nll"] is None else r["nll"]
-                out(json.dumps(r) + "\n" if fmt == "jsonl"
-                    else f"{r['tokens']}\t{nll:.6f}\t{math.exp(nll) if math.isfinite(nll) else math.nan:.4f}\n")
+    for group in batches((Prompt(n, t) for n, t in lines), batch_size * 16):
+        kept = [p for p in group if p.text.strip()]
+        skipped += len(group) - len(kept)
+        for r in score_records(lm, tok, kept, batch_size, truncate, stderr.print):
+            nll = math.nan if r["nll"] is None else r["nll"]
+            writer.write(json.dumps(r) + "\n" if fmt == "jsonl"
+                         else f"{r['tokens']}\t{nll:.6f}\t{math.exp(nll) if math.isfinite(nll) else math.nan:.4f}\n")
     if skipped:
         stderr.print(f"note: skipped {skipped} blank line{'s' * (skipped > 1)}")
 
 
-def _show(lm: object, tok: object, file: str, name: str, errors: str) -> None:
+def _show(lm: Any, tok: Any, lines: Iterator[tuple[int, str]], writer: LineWriter, truncate: bool) -> None:
     """Per line, each token and its surprisal in bits: coloured on a terminal (green: expected,
     red: surprising), `token(bits)` as plain text otherwise."""
     from rich.console import Console
     from rich.text import Text
 
+    from ..plans import text_ids
     from ..scoring import token_logprobs
 
-    console = Console(highlight=False) if sys.stdout.isatty() else None
-    with open_input(file) as f:
-        for n, line in read_lines(f, name, errors):
-            if not line.strip():
-                continue
-            ids = tok.encode(line)
-            if len(ids) > lm.config.max_position_embeddings:
-                raise InputError(f"{name}: line {n}: {len(ids)} tokens exceed the model's positions")
-            bits = (-token_logprobs(lm, [ids])[0] / math.log(2)).tolist()
-            pieces = [(t.replace("</w>", ""), b) for t, b in zip(tok.convert_ids_to_tokens(ids[1:]), bits, strict=True)]
-            if console is None:
-                out(" ".join(f"{t}({b:.1f})" for t, b in pieces) + "\n")
-                continue
-            text = Text()
-            for t, b in pieces:
-                text.append(t + " ", style="green" if b < 4 else "yellow" if b < 8 else "dark_orange" if b < 12
-                            else "red")
-            console.print(text)
+    console = Console(highlight=False) if writer.fd == 1 and sys.stdout.isatty() else None
+    for n, line in lines:
+        if not line.strip():
+            continue
+        ids = text_ids(lm, tok, Prompt(n, line), truncate, stderr.print)
+        bits = (-token_logprobs(lm, [ids])[0] / math.log(2)).tolist()
+        pieces = [(t.replace("</w>", ""), b) for t, b in zip(tok.convert_ids_to_tokens(ids[1:]), bits, strict=True)]
+        if console is None:
+            writer.write(" ".join(f"{t}({b:.1f})" for t, b in pieces) + "\n")
+            continue
+        text = Text()
+        for t, b in pieces:
+            text.append(t + " ", style="green" if b < 4 else "yellow" if b < 8 else "dark_orange" if b < 12 else "red")
+        console.print(text)
