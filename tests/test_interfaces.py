@@ -17,6 +17,7 @@ import transformers
 from biogpt_cli import GenerationOptions, generate
 from biogpt_cli.loading import load_pretrained
 from biogpt_cli.streaming import continuation
+from tests.conftest import make_reference, one_error_line
 from tests.test_cli import run_in_pty
 
 
@@ -34,8 +35,6 @@ def greedy(model, tok, prompt, n):
 @pytest.fixture(scope="module")
 def slower(tmp_path_factory):
     """A model big enough that 800 new tokens take a few seconds: time to press Ctrl-C."""
-    from tests.conftest import make_reference
-
     folder = tmp_path_factory.mktemp("slower")
     make_reference(folder, seed=4, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                    intermediate_size=2048, max_position_embeddings=1024)
@@ -123,6 +122,11 @@ def test_score_show(cli, tiny, tmp_path):
     assert code == 0 and re.fullmatch(r"(\S+\(\d+\.\d\) ?)+\n", out), out
     code, screen = run_in_pty(["score", str(tmp_path / "t.txt"), "-m", str(folder), "--show"])
     assert code == 0 and "\x1b[" in screen
+    (tmp_path / "long.txt").write_text(" ".join(["the"] * 70) + "\n")  # 71 tokens: the tiny model has 64
+    code, _, err = cli("score", tmp_path / "long.txt", "-m", folder, "--show")
+    assert code == 1 and "line 1: 71 tokens exceed the model's 64 positions (pass --truncate" in one_error_line(err)
+    code, out, err = cli("score", tmp_path / "long.txt", "-m", folder, "--show", "--truncate")
+    assert code == 0 and len(out.split()) == 63 and "71 tokens cut to the last 63" in err
 
 
 @pytest.mark.parametrize("pool", ["mean", "last"])
