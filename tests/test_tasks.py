@@ -270,6 +270,9 @@ def test_evaluate_pubmedqa(cli, tmp_path):
     gold.write_text("{}")  # nothing to score: an error, not an accuracy of 0
     code, _, err = cli("evaluate", "--task", "pubmedqa", str(preds), str(gold))
     assert code == 1 and "no gold items to score against" in one_error_line(err)
+    gold.write_text(json.dumps({"id": "1", "answer": "yes"}))  # a prediction record given as the gold file
+    code, _, err = cli("evaluate", "--task", "pubmedqa", str(preds), str(gold))
+    assert code == 1 and 'pmid id has the label "1", not yes, no or maybe' in one_error_line(err)
 
 
 def test_evaluate_hoc(cli, tmp_path):

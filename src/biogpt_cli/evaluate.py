@@ -72,6 +72,10 @@ def pubmedqa(predictions: str | Path, gold: str | Path) -> Scores:
     truth = _json(gold)
     if not isinstance(truth, dict):
         raise InputError(f"{gold}: expected test_ground_truth.json, an object of pmid -> yes|no|maybe")
+    wrong = next(((pmid, label) for pmid, label in truth.items() if label not in ("yes", "no", "maybe")), None)
+    if wrong is not None:  # another file given as the gold one would score every answer wrong
+        raise InputError(f"{gold}: pmid {wrong[0]} has the label {json.dumps(wrong[1])}, not yes, no or maybe: "
+                         "expected test_ground_truth.json")
     preds = read_predictions(predictions)
     correct = sum(preds.get(str(pmid), {}).get("answer") == label for pmid, label in truth.items())
     return {"accuracy": correct / len(truth) if truth else 0.0, "correct": correct, "n": len(truth),
