@@ -80,6 +80,10 @@ def test_n_with_a_seed_and_logprobs(server):
     got = torch.tensor(lp.token_logprobs)
     assert torch.allclose(got, expected.gather(1, torch.tensor(new)[:, None])[:, 0], atol=1e-4)
     assert all(len(top) == 2 for top in lp.top_logprobs)
+    chunks = list(c.completions.create(model="tiny", prompt="the cat", max_tokens=5, temperature=0, logprobs=2,
+                                       stream=True))  # all of them with the last chunk
+    assert [ch.choices[0].logprobs for ch in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].choices[0].logprobs.token_logprobs == lp.token_logprobs
 
 
 def test_ten_concurrent_clients(server):
@@ -123,6 +127,7 @@ def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
     ({"prompt": "x", "max_tokens": 0}, 400), ({"prompt": "x", "top_p": 1.5}, 400), ({"prompt": "x", "n": 0}, 400),
     ({"prompt": "x", "temperature": -1}, 400), ({"prompt": "x " * 200, "max_tokens": 10}, 400),
     ({"prompt": []}, 400), ({"prompt": "   "}, 400), ({}, 400), ({"prompt": "x", "logprobs": 99}, 400),
+    ({"prompt": [1, 2]}, 400), ({"prompt": "x", "stop": 3}, 400),
 ])
 def test_bad_requests_get_400_in_openai_shape(server, body, status):
     base = server[0]
@@ -132,6 +137,8 @@ def test_bad_requests_get_400_in_openai_shape(server, body, status):
     assert r.status_code == status and set(r.json()["error"]) >= {"message", "type"}, r.text
     if body == "{not json":
         assert r.json()["error"]["message"].startswith("invalid JSON body: ")
+    if isinstance(body, dict) and (body.get("prompt") == [1, 2] or "stop" in body):  # not "prompt.str: ..."
+        assert r.json()["error"]["message"].endswith(": a string or a list of strings")
     if isinstance(body, dict) and body.get("max_tokens") == 10:  # the hint names the request's field, not a CLI flag
         assert "lower max_tokens" in r.json()["error"]["message"] and "--" not in r.json()["error"]["message"]
     assert httpx.get(base + "/health", timeout=10).json()["status"] == "ok"  # and it keeps serving
@@ -140,3 +147,10 @@ def test_bad_requests_get_400_in_openai_shape(server, body, status):
 def test_api_key_is_checked(server):
     r = httpx.post(server[0] + "/v1/completions", json={"prompt": "x"}, timeout=10)
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_unknown_paths_and_methods_answer_in_openai_shape(server):
+    base, headers = server[0], {"Authorization": "Bearer sekret"}
+    for r, status in ((httpx.get(base + "/v1/nothing", headers=headers), 404),
+                      (httpx.get(base + "/v1/completions", headers=headers), 405)):
+        assert r.status_code == status and r.json()["error"]["message"].startswith("GET /v1/"), r.text

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException
 
 from .errors import BioGptError, PromptTooLong
 from .inputs import Prompt
@@ -81,9 +82,16 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":  # its location is a character offset, not a field
             return error(400, f"invalid JSON body: {first.get('ctx', {}).get('error', 'cannot parse it')}")
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if loc[:1] in (["prompt"], ["stop"]) and len(loc) > 1:  # the first branch of `str | list[str]` failed
+            return error(400, f"{loc[0]}: a string or a list of strings", param=loc[0])
+        where = ".".join(loc)
         return error(400, f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid JSON body",
                      param=where or None)
+
+    @app.exception_handler(HTTPException)
+    async def unknown(request: Request, exc: HTTPException) -> JSONResponse:  # 404, 405: OpenAI's shape too
+        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
     @app.middleware("http")
     async def authorize(request: Request, call_next: Any) -> Any:
@@ -151,18 +159,20 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
                      request: Request) -> AsyncIterator[dict[str, str]]:
         loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
-        def sink(ev: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
+        def sink(ev: Any) -> None:  # in the worker thread, where a finished choice's logprobs are computed
+            logprobs = None if ev.done is None else choice(plan, ev, jobs)["logprobs"]
+            loop.call_soon_threadsafe(queue.put_nowait, (ev, logprobs))
 
         async with turn:
             task = asyncio.ensure_future(asyncio.to_thread(run, plan, jobs, sink, cancelled))
             task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
             try:
-                while (ev := await queue.get()) is not None:
+                while (item := await queue.get()) is not None:
+                    ev, logprobs = item
                     finish = None if ev.done is None else finish_reason(ev.done)
                     for k in range(copies):
-                        if ev.text or finish:
-                            chunk = {"text": ev.text, "index": ev.row * copies + k, "logprobs": None,
+                        if ev.text or finish:  # a choice's logprobs, all its tokens', come with its last chunk
+                            chunk = {"text": ev.text, "index": ev.row * copies + k, "logprobs": logprobs,
                                      "finish_reason": finish}
                             yield {"data": json.dumps({**meta, "choices": [chunk]})}
                 if task.exception() is not None and not isinstance(task.exception(), Cancelled):
