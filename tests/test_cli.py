@@ -242,6 +242,10 @@ def test_detokenize_round_trip(cli, tiny):
     assert (code, out) == (0, "the cat and the dog\n")
     code, _, err = cli("detokenize", "-m", folder, stdin=b"2 99999\n")
     assert code == 1 and "line 1: id 99999 is outside the vocabulary" in one_error_line(err)
+    code, records, _ = cli("tokenize", "-m", folder, "--format", "jsonl", stdin=b"the cat and the dog\nof\n")
+    assert cli("detokenize", "-m", folder, stdin=records.encode())[:2] == (0, "the cat and the dog\nof\n")
+    code, _, err = cli("detokenize", "-m", folder, stdin=b'{"ids": [2, "x"]}\n')
+    assert code == 1 and 'line 1: expected space-separated integer ids, or a JSON record with "ids"' in err
 
 
 def test_score_an_over_long_line(cli, tiny):

@@ -65,16 +65,29 @@ def detokenize(
     revision: RevisionOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Space-separated ids per line back to text (special tokens dropped)."""
+    """Ids back to text (special tokens dropped), per line: space-separated, or the "ids" of a JSONL
+    record (`tokenize --format jsonl`, `generate --format jsonl`)."""
     name = input_name(file)
     with open_input(file) as f:
         tok = _tokenizer(model, revision)
         for n, text in read_lines(f, name):
             try:
-                ids = [int(x) for x in text.split()]
+                ids = _ids(text)
             except ValueError:
-                raise InputError(f"{name}: line {n}: expected space-separated integer ids") from None
+                raise InputError(f'{name}: line {n}: expected space-separated integer ids, or a JSON record with '
+                                 '"ids"') from None
             bad = [i for i in ids if not 0 <= i < tok.vocab_size]
             if bad:
                 raise InputError(f"{name}: line {n}: id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1})")
             out(tok.decode(ids, skip_special_tokens=True) + "\n")
+
+
+def _ids(text: str) -> list[int]:
+    """A line's ids; ValueError when it holds none."""
+    if not text.lstrip().startswith("{"):
+        return [int(x) for x in text.split()]
+    record = json.loads(text)
+    ids = record.get("ids") if isinstance(record, dict) else None
+    if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+        raise ValueError("no list of integer ids")
+    return ids
