@@ -333,6 +333,9 @@ def test_info_and_convert(cli, tiny_ref, tiny, tmp_path):
     dst = tmp_path / "converted"
     assert cli("convert", folder, dst)[0] == 0
     assert cli("convert", folder, dst)[0] == 2  # not empty any more
+    (tmp_path / "a-file").write_text("x")
+    code, _, err = cli("convert", folder, tmp_path / "a-file", "--force")  # --force cannot help: not "pass --force"
+    assert code == 2 and "a-file: is a file; DST is the folder" in one_error_line(err)
     code, out, _ = cli("generate", "the cat", "-m", dst, "-n", "5")
     assert code == 0 and out == cli("generate", "the cat", "-m", folder, "-n", "5")[1]
 

@@ -43,6 +43,8 @@ def convert(
     """Write a checkpoint in the Hub layout: config.json, model.safetensors, vocab.json, merges.txt."""
     from ..loading import convert as convert_checkpoint
 
-    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not force)):
+    if dst.exists() and not dst.is_dir():
+        raise UsageError(f"{dst}: is a file; DST is the folder to write the checkpoint into")
+    if dst.exists() and any(dst.iterdir()) and not force:
         raise UsageError(f"{dst}: exists and is not an empty folder (pass --force to write into it)")
     stderr.print(f"wrote {convert_checkpoint(src, dst)}")
