@@ -27,5 +27,9 @@ class PromptTooLong(InputError):
 
     def __init__(self, tokens: int, new: int, positions: int) -> None:
         self.tokens, self.new, self.positions = tokens, new, positions
-        super().__init__(f"prompt of {tokens} tokens plus {new} new tokens exceeds the model's {positions} "
-                         "positions (shorten it, lower --max-new-tokens, or pass --truncate)")
+        super().__init__(self.hinted("shorten it, lower --max-new-tokens, or pass --truncate"))
+
+    def hinted(self, hint: str) -> str:
+        """The message with another front end's hint."""
+        return (f"prompt of {self.tokens} tokens plus {self.new} new tokens exceeds the model's {self.positions} "
+                f"positions ({hint})")

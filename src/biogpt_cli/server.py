@@ -123,8 +123,7 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
             jobs = [plan.job(Prompt(i + 1, p)) for i, p in enumerate(prompts)]
             plan.opts.validate()
         except PromptTooLong as e:
-            return error(400, f"a prompt of {e.tokens} tokens plus max_tokens {e.new} exceeds the model's "
-                         f"{e.positions} positions (shorten the prompt or lower max_tokens)", param="prompt")
+            return error(400, e.hinted("shorten it or lower max_tokens"), param="prompt")
         except BioGptError as e:
             return error(400, str(e), param="prompt")
         copies = 1 if sample else body.n  # greedy: n identical choices, as OpenAI gives at temperature 0

@@ -100,7 +100,6 @@ def interact(settings: dict[str, Any], *, model: str, revision: str | None, dtyp
         except KeyboardInterrupt:
             console.print("\n[stopped]", style="dim", markup=False)
         except PromptTooLong as e:
-            stderr.print(f"error: prompt of {e.tokens} tokens plus {e.new} new tokens exceeds the model's "
-                         f"{e.positions} positions (shorten it or /set n lower)", markup=False)
+            stderr.print(f"error: {e.hinted('shorten it or /set n lower')}", markup=False)
         except BioGptError as e:
             stderr.print(f"error: {e}", markup=False)
