@@ -363,3 +363,8 @@ def test_classify_with_a_classification_head(cli, tmp_path, head):
             covered = [n for s, e, _ in spans for n in range(s, e)]
             assert covered == [n for n, label in enumerate(words) if label != "O"]
             assert all(words[s].endswith("Chem") and words[s] != "O" for s, _, _ in spans)
+    out_file = tmp_path / "out.jsonl"  # -o: the same records, and a manifest that ends "complete", not "running"
+    code, _, err = cli("classify", "-m", tmp_path, "-o", out_file, stdin="\n".join(texts).encode())
+    assert code == 0 and out_file.read_text() == out, err
+    manifest = json.loads((tmp_path / "out.jsonl.manifest.json").read_text())
+    assert (manifest["status"], manifest["records"]) == ("complete", 2)

@@ -26,7 +26,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from .errors import InputError
+from .errors import BioGptError, InputError
 from .inputs import Prompt
 from .streaming import Completion, TextEvent
 
@@ -106,15 +106,19 @@ def record_key(record: dict) -> Key:
     return ("id", record["id"]) if "id" in record else ("line", record["line"])
 
 
+@contextlib.contextmanager
 def open_output(path: str | None, *, force: bool = False, resume: bool = False, group: int = 1,
-                run: dict[str, Any] | None = None) -> tuple[LineWriter, set[Key]]:
-    """The writer for `-o PATH` (stdout without one) and, when resuming, the keys already done.
+                run: dict[str, Any] | None = None) -> Iterator[tuple[LineWriter, set[Key]]]:
+    """The writer for `-o PATH` (stdout without one) and, when resuming, the keys already done;
+    when the block ends, the manifest gets the run's status (complete, failed or interrupted) and
+    record count (`group` records per input).
 
     An existing file is never clobbered silently: `--force` overwrites, `--resume` continues it,
     and only when `run` (what defines the run) equals the manifest the file was written under.
     """
     if path is None or path == "-":
-        return LineWriter(1), set()
+        yield LineWriter(1), set()
+        return
     check_output(path, force=force, resume=resume)
     target = Path(path)
     if resume and target.exists():
@@ -122,10 +126,20 @@ def open_output(path: str | None, *, force: bool = False, resume: bool = False, 
     done = _recover(target, group) if resume and target.exists() else set()
     write_manifest(target, run or {}, status="running")
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resume else os.O_TRUNC), 0o644)
+        writer = LineWriter(os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resume else os.O_TRUNC), 0o644))
     except OSError as e:
         raise InputError(f"{target}: cannot write ({e.strerror})") from None
-    return LineWriter(fd), done
+    status = "interrupted"
+    try:
+        yield writer, done
+        status = "complete"
+    except BioGptError:
+        status = "failed"
+        raise
+    finally:
+        writer.close()
+        write_manifest(target, run or {}, status=status, records=writer.records + len(done) * group,
+                       updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
 def check_output(path: str | None, *, force: bool = False, resume: bool = False, source: str | None = None) -> None:

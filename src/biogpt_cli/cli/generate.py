@@ -230,23 +230,14 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
     the output file (with its manifest) or stdout, live on a terminal; with an output file and a
     `total`, a progress bar on stderr."""
     from .. import batch
-    from ..output import CONFIDENCE_LEGEND, Renderer, open_output, write_manifest
+    from ..output import CONFIDENCE_LEGEND, Renderer, open_output
 
     opts, sequences = plan.opts, plan.opts.num_return_sequences
-
-    writer, done = open_output(output, force=force, resume=resume, group=sequences, run=run)
-    if resume and output is not None:
-        stderr.print(f"resuming {output}: {len(done)} input{'s' * (len(done) != 1)} already done, "
-                     "finishing the rest")
     live = output is None and fmt == "text" and sys.stdout.isatty()
     confidence = confidence and live
-    if confidence:
-        stderr.print(CONFIDENCE_LEGEND, style="dim")
-    render = Renderer(fmt, None if live else writer, Console(highlight=False) if live else None, sequences,
-                      plan.record, plan.line, plan.summary, confidence)
     skipped = 0
 
-    def jobs() -> Iterator[Any]:
+    def jobs(done: set[Any]) -> Iterator[Any]:
         nonlocal skipped
         for p in items:
             if plan.blank(p):
@@ -257,33 +248,32 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
                 except InputError as e:
                     raise InputError(f"{p.where}{e}") from None
 
-    status = "interrupted"
-    spinner = stderr.status("beam search", spinner="dots") if live and opts.num_beams > 1 else None
-    try:
-        with spinner or contextlib.nullcontext(), progress(total, quiet or total is None, "records") as update:
-            shown = _Quieting(render, spinner) if spinner else _Counting(render, update, len(done))
-            stats = batch.run(lm, tokenizer, jobs(), opts, shown, batch_size=batch_size, stop=plan.stop,
-                              seed=plan.seed, done=done, progress=_beam_progress(spinner), confidence=confidence)
-        status = "complete"
-    except (KeyboardInterrupt, Quit) as e:
-        if live:
-            sys.stdout.write("\n")
-        if not isinstance(e, Quit) or e.code in (130, 143):  # not a closed pipe (141)
-            _say_interrupted(output, writer.records + len(done) * sequences)
-        raise
-    except BioGptError:
-        status = "failed"
-        raise
-    finally:
-        writer.close()
-        if output is not None:
-            write_manifest(Path(output), run, status=status, records=writer.records + len(done) * sequences,
-                           updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        if skipped:
-            stderr.print(f"note: skipped {skipped} blank line{'s' * (skipped > 1)}")
-        if plan.unparsed[0]:
-            n, task = plan.unparsed[0], plan.identity.get("task")
-            stderr.print(f"note: {n} output{'s' * (n > 1)} did not parse as a {task} answer (a null result)")
+    with open_output(output, force=force, resume=resume, group=sequences, run=run) as (writer, done):
+        if resume and output is not None:
+            stderr.print(f"resuming {output}: {len(done)} input{'s' * (len(done) != 1)} already done, "
+                         "finishing the rest")
+        if confidence:
+            stderr.print(CONFIDENCE_LEGEND, style="dim")
+        render = Renderer(fmt, None if live else writer, Console(highlight=False) if live else None, sequences,
+                          plan.record, plan.line, plan.summary, confidence)
+        spinner = stderr.status("beam search", spinner="dots") if live and opts.num_beams > 1 else None
+        try:
+            with spinner or contextlib.nullcontext(), progress(total, quiet or total is None, "records") as update:
+                shown = _Quieting(render, spinner) if spinner else _Counting(render, update, len(done))
+                stats = batch.run(lm, tokenizer, jobs(done), opts, shown, batch_size=batch_size, stop=plan.stop,
+                                  seed=plan.seed, done=done, progress=_beam_progress(spinner), confidence=confidence)
+        except (KeyboardInterrupt, Quit) as e:
+            if live:
+                sys.stdout.write("\n")
+            if not isinstance(e, Quit) or e.code in (130, 143):  # not a closed pipe (141)
+                _say_interrupted(output, writer.records + len(done) * sequences)
+            raise
+        finally:
+            if skipped:
+                stderr.print(f"note: skipped {skipped} blank line{'s' * (skipped > 1)}")
+            if plan.unparsed[0]:
+                n, task = plan.unparsed[0], plan.identity.get("task")
+                stderr.print(f"note: {n} output{'s' * (n > 1)} did not parse as a {task} answer (a null result)")
     if verbose:
         stderr.print(stats.summary())
         if output is not None:

@@ -126,8 +126,7 @@ def _classify_with_head(lm: Any, tok: Any, records: Iterator[Prompt], run: TaskR
 
     identity = {"command": "classify", **model_identity(lm, run.model, run.revision, run.dtype, run.quantize),
                 **input_identity(None, run.input, run.output)}
-    writer, done = open_output(run.output, force=run.force, resume=run.resume, run=identity)
-    try:
+    with open_output(run.output, force=run.force, resume=run.resume, run=identity) as (writer, done):
         for batch in batches((p for p in records if p.fields and p.key not in done), run.batch_size or FORWARD_BATCH):
             texts = []
             for p in batch:
@@ -144,8 +143,6 @@ def _classify_with_head(lm: Any, tok: Any, records: Iterator[Prompt], run: TaskR
                 lines.append(json.dumps({**res, **p.origin}, ensure_ascii=False) if fmt == "jsonl"
                              else res.get("label") or json.dumps(res["entities"], ensure_ascii=False))
             writer.write("".join(line + "\n" for line in lines), records=len(lines))
-    finally:
-        writer.close()
 
 
 def _pubmedqa_json(path: str, reasoning_free: bool) -> Iterator[Prompt]:
