@@ -284,6 +284,9 @@ def test_evaluate_hoc(cli, tmp_path):
     # tp 2 (empty, angiogenesis), fp 0, fn 2 (cell death, line 4's empty): P 1, R 0.5, F1 2/3
     assert scores["precision"] == 1.0 and scores["recall"] == 0.5 and abs(scores["f1"] - 2 / 3) < 1e-9
     assert (scores["n"], scores["missing"]) == (3, 1)
+    write_jsonl(preds, [{"id": "1", "labels": ["empty"]}])  # HoC records join on the line only
+    code, _, err = cli("evaluate", "--task", "hoc", str(preds), str(gold))
+    assert code == 1 and one_error_line(err).endswith('line 1: a prediction record needs "line"')
 
 
 def test_evaluate_ddi_hard_match(cli, tmp_path):

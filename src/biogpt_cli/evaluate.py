@@ -40,7 +40,8 @@ def read_predictions(path: str | Path, key: str = "id") -> dict[str, dict[str, A
             raise InputError(f"{path}: line {n}: not JSON ({e.msg})") from None
         value = record.get(key, record.get("line")) if isinstance(record, dict) else None
         if value is None:
-            raise InputError(f'{path}: line {n}: a prediction record needs "{key}" or "line"')
+            fields = f'"{key}" or "line"' if key != "line" else '"line"'
+            raise InputError(f"{path}: line {n}: a prediction record needs {fields}")
         records[str(value)] = record
     return records
 
