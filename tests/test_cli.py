@@ -304,6 +304,16 @@ def test_score_reads_file_or_input_and_writes_output(cli, tiny, tmp_path):
     assert cli("score", "-i", text, "-m", folder, "-o", tmp_path / "s.txt")[:2] == (0, "")
     assert (tmp_path / "s.txt").read_text() == by_argument  # text: the name does not end in .jsonl
     assert cli("score", "-i", text, "-m", folder, "--show", "--format", "jsonl")[0] == 2
+    records = tmp_path / "t.jsonl"  # JSONL: records with "text" and "id", as --engine ray reads them
+    records.write_text('{"id": "a", "text": "the cat"}\n{"id": "b", "text": "of the"}\n')
+    code, out, _ = cli("score", "-i", records, "-m", folder, "--format", "jsonl")
+    scored = [json.loads(x) for x in out.splitlines()]
+    assert code == 0 and [r["id"] for r in scored] == ["a", "b"]
+    as_text = [x.rsplit("\t", 1)[0] for x in by_argument.splitlines()]  # tokens and nll of the plain lines
+    assert [f"{r['tokens']}\t{r['nll']:.6f}" for r in scored] == as_text
+    records.write_text('{"id": "a", "prompt": "the cat"}\n')
+    code, _, err = cli("score", "-i", records, "-m", folder)
+    assert code == 1 and 'line 1: expected an object with a string "text"' in one_error_line(err)
 
 
 def test_score_choices(cli, tiny_ref, tiny):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..hub import DEFAULT_MODEL
-from ..inputs import Prompt, input_name, open_input, read_lines
+from ..inputs import Prompt, input_name, open_input, read_prompts
 from .common import (
     FORWARD_BATCH,
     AddressOpt,
@@ -25,6 +25,7 @@ from .common import (
     ErrorsOpt,
     ForceOpt,
     GpusOpt,
+    InputFormat,
     ModelOpt,
     OutputFormatOpt,
     QuietOpt,
@@ -48,6 +49,8 @@ def score(
     file: Annotated[str | None, typer.Argument(help="Texts to score, one per line; '-' or nothing: stdin.")] = None,
     input: Annotated[str | None, typer.Option("--input", "-i", help="The same as FILE, as the other commands take it.")]
     = None,
+    input_format: Annotated[InputFormat, typer.Option(help="auto: JSONL records with \"text\" (and \"id\") if the "
+                                                           "name ends in .jsonl.")] = "auto",
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     choices: Annotated[str | None, typer.Option(help="Comma-separated continuations of --prompt to compare.")] = None,
@@ -95,8 +98,9 @@ def score(
     check_output(output, force=force, source=file)
     fmt = output_format(fmt, output)
     file = file or "-"
-    name = input_name(file)
+    jsonl = input_format == "jsonl" or (input_format == "auto" and file.endswith(".jsonl"))
     with open_input(file) as f, whole_file(output) as target:
+        items = read_prompts(f, input_name(file), jsonl, errors, text_field="text")
         lm, tok = load(model, revision, dtype, torch_device)
         writer = LineWriter.create(target)
         try:
@@ -107,23 +111,23 @@ def score(
                     writer.write(json.dumps({"choice": choice, "probability": p}) + "\n" if fmt == "jsonl"
                                  else f"{choice}\t{p:.6f}\n")
             elif show:
-                _show(lm, tok, read_lines(f, name, errors), writer, truncate)
+                _show(lm, tok, items, writer, truncate)
             else:
-                _score(lm, tok, read_lines(f, name, errors), fmt, writer, batch_size, truncate)
+                _score(lm, tok, items, fmt, writer, batch_size, truncate)
         finally:
             writer.close()
 
 
-def _score(lm: Any, tok: Any, lines: Iterator[tuple[int, str]], fmt: str, writer: LineWriter, batch_size: int,
+def _score(lm: Any, tok: Any, items: Iterator[Prompt], fmt: str, writer: LineWriter, batch_size: int,
            truncate: bool) -> None:
-    """A record per non-blank line, in windows of lines batched by length inside."""
+    """A record per non-blank item, in windows of items batched by length inside."""
     from ..batch import batches
     from ..plans import score_records
 
     if fmt == "text" and writer.fd == 1 and sys.stdout.isatty():
         stderr.print("tokens\tnll\tppl", style="bold")
     skipped = 0
-    for group in batches((Prompt(n, t) for n, t in lines), batch_size * 16):
+    for group in batches(items, batch_size * 16):
         kept = [p for p in group if p.text.strip()]
         skipped += len(group) - len(kept)
         for r in score_records(lm, tok, kept, batch_size, truncate, stderr.print):
@@ -134,7 +138,7 @@ def _score(lm: Any, tok: Any, lines: Iterator[tuple[int, str]], fmt: str, writer
         stderr.print(f"note: skipped {skipped} blank line{'s' * (skipped > 1)}")
 
 
-def _show(lm: Any, tok: Any, lines: Iterator[tuple[int, str]], writer: LineWriter, truncate: bool) -> None:
+def _show(lm: Any, tok: Any, items: Iterator[Prompt], writer: LineWriter, truncate: bool) -> None:
     """Per line, each token and its surprisal in bits: coloured on a terminal (green: expected,
     red: surprising), `token(bits)` as plain text otherwise."""
     from rich.console import Console
@@ -144,10 +148,10 @@ def _show(lm: Any, tok: Any, lines: Iterator[tuple[int, str]], writer: LineWrite
     from ..scoring import token_logprobs
 
     console = Console(highlight=False) if writer.fd == 1 and sys.stdout.isatty() else None
-    for n, line in lines:
-        if not line.strip():
+    for p in items:
+        if not p.text.strip():
             continue
-        ids = text_ids(lm, tok, Prompt(n, line), truncate, stderr.print)
+        ids = text_ids(lm, tok, p, truncate, stderr.print)
         bits = (-token_logprobs(lm, [ids])[0] / math.log(2)).tolist()
         pieces = [(t.replace("</w>", ""), b) for t, b in zip(tok.convert_ids_to_tokens(ids[1:]), bits, strict=True)]
         if console is None:
