@@ -5,6 +5,7 @@ Most tests call `main()` in this process (fast); the ones about pipes and signal
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import json
@@ -292,6 +293,33 @@ def test_a_whole_file_output_appears_only_when_complete(cli, tiny, tmp_path, com
     code, _, err = cli(*run, bad, "--force")
     assert code == 1 and [json.loads(x) for x in out.read_text().splitlines()] == records
     assert sorted(tmp_path.iterdir()) == [bad, good, out]
+
+
+@contextlib.contextmanager
+def pipe_path(data: bytes):
+    """A pipe holding `data`, as `<(cat FILE)` gives one: readable once, as /dev/fd/N."""
+    r, w = os.pipe()
+    os.write(w, data)
+    os.close(w)
+    try:
+        yield f"/dev/fd/{r}"
+    finally:
+        os.close(r)
+
+
+def test_a_pipe_given_as_the_input_file_is_read_once(cli, tiny, tmp_path):
+    """Counting a progress bar's total or hashing the input for the manifest read a pipe
+    (`-i <(zcat prompts.gz)`) to its end before the run: tokenize printed nothing and generate wrote
+    no record, with exit 0."""
+    folder, out = tiny[0], tmp_path / "out.jsonl"
+    with pipe_path(b"the cat\nof the\n") as path:
+        code, ids, _ = cli("tokenize", "-m", folder, path)
+    assert code == 0 and len(ids.splitlines()) == 2
+    with pipe_path(b"the cat\nof the\n") as path:
+        code, _, err = cli("generate", "-m", folder, "-n", "2", "-i", path, "-o", out)
+    assert code == 0 and len(out.read_text().splitlines()) == 2, err
+    run = json.loads((tmp_path / "out.jsonl.manifest.json").read_text())["run"]
+    assert run["input"].startswith("/dev/fd/") and "input_sha256" not in run
 
 
 def test_score_reads_file_or_input_and_writes_output(cli, tiny, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import signal
 import sys
 from collections import deque
@@ -63,8 +64,16 @@ def open_input(path: str) -> Iterator[BinaryIO]:
         yield f
 
 
-def count_lines(path: str) -> int:
-    """Lines in a file (a progress bar's total), read in large chunks."""
+def rereadable(path: str | None) -> bool:
+    """A regular file, which can be read once to count or hash it and again for its lines; stdin,
+    a pipe (`-i <(zcat x.gz)`) or a device would be emptied by the first read."""
+    return path not in (None, "-") and os.path.isfile(path)
+
+
+def count_lines(path: str) -> int | None:
+    """Lines in a file (a progress bar's total), read in large chunks; None for one not `rereadable`."""
+    if not rereadable(path):
+        return None
     with open(path, "rb") as f:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from ..errors import BioGptError, InputError
 from ..hub import DEFAULT_MODEL
-from ..inputs import Prompt, count_lines, input_name, open_input, read_prompts
+from ..inputs import Prompt, count_lines, input_name, open_input, read_prompts, rereadable
 from .common import (
     ARGV,
     AddressOpt,
@@ -203,6 +203,8 @@ def input_identity(prompt: str | None, path: str | None, output: str | None) -> 
         return {"prompt": prompt}
     if path == "-":
         return {"input": "stdin"}
+    if not rereadable(path):  # a pipe: hashing it would consume what the run is to read
+        return {"input": path}
     return {"input": str(Path(path).resolve()), "input_sha256": file_digest(path)}
 
 
@@ -220,7 +222,7 @@ def prompt_source(prompt: str | None, path: str | None, input_format: InputForma
 
 def progress_total(input: str | None, output: str | None) -> int | None:
     """What a progress bar counts to: the lines of an input file written to an output file."""
-    return None if input in (None, "-") or output is None else count_lines(input)
+    return None if input is None or output is None else count_lines(input)
 
 
 def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, run: dict[str, Any],

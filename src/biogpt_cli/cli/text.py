@@ -39,7 +39,7 @@ def tokenize(
     with open_input(file) as f:  # a missing input is named before the vocabulary loads
         render = functools.partial(_tokenize_line, _tokenizer(model, revision), not no_special,
                                    "jsonl" if fmt == "jsonl" else "tokens" if tokens else "ids", name)
-        total = None if file == "-" or sys.stdout.isatty() else count_lines(file)
+        total = None if sys.stdout.isatty() else count_lines(file)
         with progress(total, quiet or total is None, "lines") as update:
             for n, line in enumerate(parallel_map(render, read_lines(f, name, errors), jobs), 1):
                 out(line)
