@@ -322,6 +322,26 @@ def test_a_pipe_given_as_the_input_file_is_read_once(cli, tiny, tmp_path):
     assert run["input"].startswith("/dev/fd/") and "input_sha256" not in run
 
 
+def test_gzipped_inputs_are_read_through(cli, tiny, tmp_path):
+    """`-i prompts.txt.gz` (and .jsonl.gz records) read as the plain file reads; a truncated one is
+    one error line (click took gzip's EOFError for Ctrl-D: exit 130, no message)."""
+    import gzip
+
+    folder, text = tiny[0], "the cat\nof the dog\n"
+    (tmp_path / "p.txt").write_text(text)
+    (tmp_path / "p.txt.gz").write_bytes(gzip.compress(text.encode()))
+    (tmp_path / "p.jsonl.gz").write_bytes(gzip.compress(b'{"id": "a", "prompt": "the cat"}\n'))
+    plain = cli("tokenize", "-m", folder, tmp_path / "p.txt")
+    assert cli("tokenize", "-m", folder, tmp_path / "p.txt.gz")[:2] == plain[:2] and plain[0] == 0
+    code, out, err = cli("generate", "-m", folder, "-n", "3", "-i", tmp_path / "p.jsonl.gz", "--format", "jsonl")
+    assert code == 0 and json.loads(out)["id"] == "a", err
+    (tmp_path / "cut.txt.gz").write_bytes(gzip.compress(text.encode() * 50)[:40])
+    for command in (("tokenize", "-m", folder, tmp_path / "cut.txt.gz"),
+                    ("generate", "-m", folder, "-n", "2", "-i", tmp_path / "cut.txt.gz", "-o", tmp_path / "o.jsonl")):
+        code, _, err = cli(*command)
+        assert code == 1 and "cut.txt.gz: a damaged or truncated gzip file" in one_error_line(err)
+
+
 def test_score_reads_file_or_input_and_writes_output(cli, tiny, tmp_path):
     folder, text = tiny[0], tmp_path / "t.txt"
     text.write_text("the cat\nof the\n")

@@ -3,11 +3,13 @@ over lines in worker processes, in order and in constant memory."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import multiprocessing
 import os
 import signal
 import sys
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -61,7 +63,19 @@ def open_input(path: str) -> Iterator[BinaryIO]:
     except OSError as e:
         raise InputError(f"{path}: cannot open ({e.strerror})") from None
     with f:
-        yield f
+        if f.peek(2)[:2] == b"\x1f\x8b":  # gzip's magic: read through it (`-i prompts.txt.gz`)
+            with gzip.open(f) as unzipped:
+                yield unzipped
+        else:
+            yield f
+
+
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def jsonl_input(path: str, input_format: str) -> bool:
+    """`--input-format auto`: JSONL records when the name ends in .jsonl (or .jsonl.gz)."""
+    return input_format == "jsonl" or (input_format == "auto" and path.removesuffix(".gz").endswith(".jsonl"))
 
 
 def rereadable(path: str | None) -> bool:
@@ -74,20 +88,26 @@ def count_lines(path: str) -> int | None:
     """Lines in a file (a progress bar's total), read in large chunks; None for one not `rereadable`."""
     if not rereadable(path):
         return None
-    with open(path, "rb") as f:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    with open_input(path) as f:
+        try:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        except _GZIP_ERRORS:
+            return None  # reading its lines will say what is wrong, and where
 
 
 def read_lines(f: BinaryIO, name: str, errors: str = "strict") -> Iterator[tuple[int, str]]:
     """(line number, text without its line ending). Invalid UTF-8 names the line unless `errors`
     is "replace" (U+FFFD for each bad byte)."""
-    for n, raw in enumerate(f, 1):
-        raw = raw.removesuffix(b"\n").removesuffix(b"\r")
-        try:
-            yield n, raw.decode("utf-8", errors=errors)
-        except UnicodeDecodeError as e:
-            raise InputError(f"{name}: line {n}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                             "pass --errors replace to substitute U+FFFD") from None
+    try:
+        for n, raw in enumerate(f, 1):
+            raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+            try:
+                yield n, raw.decode("utf-8", errors=errors)
+            except UnicodeDecodeError as e:
+                raise InputError(f"{name}: line {n}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1}); pass --errors replace to substitute U+FFFD") from None
+    except _GZIP_ERRORS as e:  # click would take an EOFError for Ctrl-D
+        raise InputError(f"{name}: a damaged or truncated gzip file ({e})") from None
 
 
 def read_prompts(f: BinaryIO, name: str, jsonl: bool, errors: str = "strict",

@@ -52,7 +52,7 @@ OutputFormatOpt = Annotated[OutputFormat, typer.Option("--format", help="auto: J
 ErrorsOpt = Annotated[Errors, typer.Option("--errors", help="Invalid UTF-8 in the input: stop, or replace by U+FFFD.")]
 FileArg = Annotated[str, typer.Argument(help="Input file, one item per line; '-' or nothing reads stdin.")]
 InputOpt = Annotated[str | None, typer.Option("--input", "-i", help="Input file, one item per line ('-': stdin).")]
-InputFormatOpt = Annotated[InputFormat, typer.Option(help="auto: JSONL if the name ends in .jsonl.")]
+InputFormatOpt = Annotated[InputFormat, typer.Option(help="auto: JSONL if the name ends in .jsonl(.gz).")]
 OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Write here instead of stdout.")]
 ForceOpt = Annotated[bool, typer.Option(help="Overwrite an existing --output file.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Finish an interrupted --output file of the same run.")]

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from ..errors import BioGptError, InputError
 from ..hub import DEFAULT_MODEL
-from ..inputs import Prompt, count_lines, input_name, open_input, read_prompts, rereadable
+from ..inputs import Prompt, count_lines, input_name, jsonl_input, open_input, read_prompts, rereadable
 from .common import (
     ARGV,
     AddressOpt,
@@ -215,9 +215,8 @@ def prompt_source(prompt: str | None, path: str | None, input_format: InputForma
     if path is None:
         yield iter([Prompt(0, prompt or "", fields={"text": prompt or ""})])
         return
-    jsonl = input_format == "jsonl" or (input_format == "auto" and path.endswith(".jsonl"))
     with open_input(path) as f:
-        yield read_prompts(f, input_name(path), jsonl, errors, text_field)
+        yield read_prompts(f, input_name(path), jsonl_input(path, input_format), errors, text_field)
 
 
 def progress_total(input: str | None, output: str | None) -> int | None:

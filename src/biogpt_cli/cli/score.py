@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..hub import DEFAULT_MODEL
-from ..inputs import Prompt, input_name, open_input, read_prompts
+from ..inputs import Prompt, input_name, jsonl_input, open_input, read_prompts
 from .common import (
     FORWARD_BATCH,
     AddressOpt,
@@ -50,7 +50,7 @@ def score(
     input: Annotated[str | None, typer.Option("--input", "-i", help="The same as FILE, as the other commands take it.")]
     = None,
     input_format: Annotated[InputFormat, typer.Option(help="auto: JSONL records with \"text\" (and \"id\") if the "
-                                                           "name ends in .jsonl.")] = "auto",
+                                                           "name ends in .jsonl(.gz).")] = "auto",
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     choices: Annotated[str | None, typer.Option(help="Comma-separated continuations of --prompt to compare.")] = None,
@@ -98,9 +98,8 @@ def score(
     check_output(output, force=force, source=file)
     fmt = output_format(fmt, output)
     file = file or "-"
-    jsonl = input_format == "jsonl" or (input_format == "auto" and file.endswith(".jsonl"))
     with open_input(file) as f, whole_file(output) as target:
-        items = read_prompts(f, input_name(file), jsonl, errors, text_field="text")
+        items = read_prompts(f, input_name(file), jsonl_input(file, input_format), errors, text_field="text")
         lm, tok = load(model, revision, dtype, torch_device)
         writer = LineWriter.create(target)
         try:

@@ -173,7 +173,7 @@ def _items(text: str | None, fields: dict[str, Any] | None, input: str | None, i
     if input is None:
         fields = fields or {"text": text}
         return contextlib.nullcontext(iter([Prompt(0, "", fields=fields)]))
-    if not plain and input_format == "auto" and not input.endswith(".jsonl"):
+    if not plain and input_format == "auto":
         input_format = "jsonl"  # qa has no plain-text form
     return prompt_source(None, input, input_format, errors, text_field=None)  # type: ignore[arg-type]
 
