@@ -324,7 +324,7 @@ def test_a_pipe_given_as_the_input_file_is_read_once(cli, tiny, tmp_path):
 
 def test_gzipped_inputs_are_read_through(cli, tiny, tmp_path):
     """`-i prompts.txt.gz` (and .jsonl.gz records) read as the plain file reads; a truncated one is
-    one error line (click took gzip's EOFError for Ctrl-D: exit 130, no message)."""
+    one error line (click would take gzip's EOFError for Ctrl-D: exit 130, no message)."""
     import gzip
 
     folder, text = tiny[0], "the cat\nof the dog\n"
