@@ -220,8 +220,9 @@ def prompt_source(prompt: str | None, path: str | None, input_format: InputForma
 
 
 def progress_total(input: str | None, output: str | None) -> int | None:
-    """What a progress bar counts to: the lines of an input file written to an output file."""
-    return None if input is None or output is None else count_lines(input)
+    """What a progress bar counts to: the lines of an input file written to an output file (read
+    only when a bar is shown: a big file, or a gzipped one, costs a pass of its own)."""
+    return None if input is None or output is None or not stderr.is_terminal else count_lines(input)
 
 
 def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, run: dict[str, Any],

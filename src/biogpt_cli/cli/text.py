@@ -12,7 +12,19 @@ import typer
 from ..errors import InputError
 from ..hub import DEFAULT_MODEL
 from ..inputs import count_lines, input_name, open_input, parallel_map, read_lines
-from .common import DebugOpt, ErrorsOpt, FileArg, FormatOpt, ModelOpt, QuietOpt, RevisionOpt, command, out, progress
+from .common import (
+    DebugOpt,
+    ErrorsOpt,
+    FileArg,
+    FormatOpt,
+    ModelOpt,
+    QuietOpt,
+    RevisionOpt,
+    command,
+    out,
+    progress,
+    stderr,
+)
 
 
 def _tokenizer(model: str, revision: str | None) -> Any:
@@ -39,7 +51,7 @@ def tokenize(
     with open_input(file) as f:  # a missing input is named before the vocabulary loads
         render = functools.partial(_tokenize_line, _tokenizer(model, revision), not no_special,
                                    "jsonl" if fmt == "jsonl" else "tokens" if tokens else "ids", name)
-        total = None if sys.stdout.isatty() else count_lines(file)
+        total = None if quiet or sys.stdout.isatty() or not stderr.is_terminal else count_lines(file)
         with progress(total, quiet or total is None, "lines") as update:
             for n, line in enumerate(parallel_map(render, read_lines(f, name, errors), jobs), 1):
                 out(line)
