@@ -154,3 +154,36 @@ def test_unknown_paths_and_methods_answer_in_openai_shape(server):
     for r, status in ((httpx.get(base + "/v1/nothing", headers=headers), 404),
                       (httpx.get(base + "/v1/completions", headers=headers), 405)):
         assert r.status_code == status and r.json()["error"]["message"].startswith("GET /v1/"), r.text
+
+
+def test_the_serve_command_binds_first_then_serves(tiny_ref):
+    """`biogpt serve` itself: a port in use is one error line before the model loads (it was
+    uvicorn's log line and exit 3, after "serving ..." and the load); a free port serves."""
+    import subprocess
+    import sys
+
+    serve = [sys.executable, "-m", "biogpt_cli", "serve", "--port"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([*serve, str(port), "-m", "/no/such/model"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and run.stderr == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    proc = subprocess.Popen([*serve, str(port), "-m", str(tiny_ref[1])], stderr=subprocess.DEVNULL)
+    try:
+        deadline, base = time.time() + 60, f"http://127.0.0.1:{port}"
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        out = httpx.post(base + "/v1/completions", json={"prompt": "the cat", "max_tokens": 3, "temperature": 0},
+                         timeout=30)
+        assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

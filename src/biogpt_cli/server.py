@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from .errors import BioGptError, PromptTooLong
+from .errors import BioGptError, InputError, PromptTooLong
 from .inputs import Prompt
 from .plans import generate_plan
 
@@ -198,8 +199,25 @@ def legacy_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | No
             "text_offset": []}
 
 
-def serve(lm: Any, tok: Any, name: str, host: str, port: int, api_key: str | None) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use or an address this machine
+    lacks is one error line at once, not uvicorn's log line and exit 3 after the load."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def serve(lm: Any, tok: Any, name: str, sock: socket.socket, api_key: str | None) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(lm, tok, name, api_key), host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(create_app(lm, tok, name, api_key), log_level="warning")).run(sockets=[sock])
 

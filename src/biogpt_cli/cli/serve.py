@@ -38,11 +38,13 @@ def serve(
 ) -> None:
     """Serve /v1/completions, /v1/models and /health, OpenAI-style, for any OpenAI client."""
     try:
+        from ..server import listen
         from ..server import serve as run_server
     except ImportError:
         raise BioGptError("biogpt serve needs its extra: pip install 'biogpt-cli[serve]'") from None
     torch_device = device_or_usage_error(device)
     check_precision(quantize, dtype, torch_device)
+    sock = listen(host, port)
     lm, tok = load(model, revision, dtype, torch_device, quantize)
     stderr.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
-    run_server(lm, tok, model, host, port, api_key)
+    run_server(lm, tok, model, sock, api_key)
