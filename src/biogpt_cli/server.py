@@ -202,16 +202,15 @@ def legacy_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | No
 def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound before the model loads: a port in use or an address this machine
     lacks is one error line at once, not uvicorn's log line and exit 3 after the load."""
+    sock = None
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
-    except OSError as e:
-        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
     except OSError as e:
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
 
