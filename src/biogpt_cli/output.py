@@ -71,12 +71,12 @@ class LineWriter:
             self.records += records
 
     @classmethod
-    def create(cls, path: Path | None) -> LineWriter:
-        """A writer to a new (or emptied) file; to stdout without a path."""
+    def create(cls, path: Path | None, append: bool = False) -> LineWriter:
+        """A writer to a new (or emptied, or with `append` continued) file; to stdout without a path."""
         if path is None:
             return cls(1)
         try:
-            return cls(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+            return cls(os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), 0o644))
         except OSError as e:
             raise InputError(f"{path}: cannot write ({e.strerror})") from None
 
@@ -125,10 +125,7 @@ def open_output(path: str | None, *, force: bool = False, resume: bool = False, 
         check_manifest(target, run or {})
     done = _recover(target, group) if resume and target.exists() else set()
     write_manifest(target, run or {}, status="running")
-    try:
-        writer = LineWriter(os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resume else os.O_TRUNC), 0o644))
-    except OSError as e:
-        raise InputError(f"{target}: cannot write ({e.strerror})") from None
+    writer = LineWriter.create(target, append=resume)
     status = "interrupted"
     try:
         yield writer, done
