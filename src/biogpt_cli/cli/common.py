@@ -85,11 +85,17 @@ class Engine:
     quiet: bool = False
 
 
+def shows_progress(quiet: bool) -> bool:
+    """Whether `progress` draws a bar: on a terminal, unless `quiet`. A caller counts a bar's total
+    only then (counting reads the input once more)."""
+    return not quiet and stderr.is_terminal
+
+
 @contextlib.contextmanager
 def progress(total: int | None, quiet: bool, unit: str = "items") -> Iterator[Callable[..., None]]:
-    """A progress bar on stderr (done / total, rate, elapsed, ETA) when stderr is a terminal and
-    not `quiet`; `update(done, tokens=...)` moves it. Nothing at all otherwise: stdout stays clean."""
-    if quiet or not stderr.is_terminal:
+    """A progress bar on stderr (done / total, rate, elapsed, ETA) when `shows_progress`;
+    `update(done, tokens=...)` moves it. Nothing at all otherwise: stdout stays clean."""
+    if not shows_progress(quiet):
         yield lambda done, tokens=0, total=None: None
         return
     from rich.progress import (

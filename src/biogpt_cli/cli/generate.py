@@ -52,6 +52,7 @@ from .common import (
     output_format,
     progress,
     run_on_ray,
+    shows_progress,
     stderr,
 )
 
@@ -158,7 +159,7 @@ def generate(
         run = {**plan.identity, **model_identity(lm, model, revision, dtype, quantize),
                **input_identity(prompt, input, output)}
         run_batch(lm, tokenizer, prompts, plan, run=run, output=output, fmt=fmt, force=force, resume=resume,
-                  batch_size=batch_size, verbose=verbose, total=progress_total(input, output), quiet=quiet,
+                  batch_size=batch_size, verbose=verbose, total=progress_total(input, output, quiet), quiet=quiet,
                   confidence=show_confidence)
 
 
@@ -219,10 +220,10 @@ def prompt_source(prompt: str | None, path: str | None, input_format: InputForma
         yield read_prompts(f, input_name(path), jsonl_input(path, input_format), errors, text_field)
 
 
-def progress_total(input: str | None, output: str | None) -> int | None:
-    """What a progress bar counts to: the lines of an input file written to an output file (read
-    only when a bar is shown: a big file, or a gzipped one, costs a pass of its own)."""
-    return None if input is None or output is None or not stderr.is_terminal else count_lines(input)
+def progress_total(input: str | None, output: str | None, quiet: bool) -> int | None:
+    """What a progress bar counts to: the lines of an input file written to an output file, when a
+    bar is shown (a big file, or a gzipped one, costs a pass of its own)."""
+    return None if input is None or output is None or not shows_progress(quiet) else count_lines(input)
 
 
 def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, run: dict[str, Any],

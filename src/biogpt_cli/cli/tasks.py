@@ -114,7 +114,8 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
                     **input_identity(None, run.input, run.output)}
         run_batch(lm, tok, records, plan, run=identity, output=run.output, fmt=fmt, force=run.force,
                   resume=run.resume, batch_size=run.batch_size, verbose=run.verbose,
-                  total=progress_total(run.input, run.output), quiet=run.engine.quiet)
+                  total=progress_total(run.input, run.output, run.engine.quiet),
+                  quiet=run.engine.quiet)
 
 
 def _classify_with_head(lm: Any, tok: Any, records: Iterator[Prompt], run: TaskRun, fmt: str) -> None:

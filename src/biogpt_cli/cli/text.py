@@ -23,7 +23,7 @@ from .common import (
     command,
     out,
     progress,
-    stderr,
+    shows_progress,
 )
 
 
@@ -51,7 +51,7 @@ def tokenize(
     with open_input(file) as f:  # a missing input is named before the vocabulary loads
         render = functools.partial(_tokenize_line, _tokenizer(model, revision), not no_special,
                                    "jsonl" if fmt == "jsonl" else "tokens" if tokens else "ids", name)
-        total = None if quiet or sys.stdout.isatty() or not stderr.is_terminal else count_lines(file)
+        total = count_lines(file) if shows_progress(quiet) and not sys.stdout.isatty() else None
         with progress(total, quiet or total is None, "lines") as update:
             for n, line in enumerate(parallel_map(render, read_lines(f, name, errors), jobs), 1):
                 out(line)
