@@ -87,6 +87,7 @@ def score(
         raise UsageError("--prompt goes with --choices (to score a text, pass it on stdin or in FILE)")
     if options is not None and file is not None:
         raise UsageError("--choices scores the continuations of --prompt; it reads no FILE: drop one")
+    fmt = output_format(fmt, output)  # a FOLDER for --engine ray: its records are JSONL whatever this says
     if show and (options is not None or fmt == "jsonl"):
         raise UsageError("--show prints each line's tokens as text: it goes with neither --choices nor --format jsonl")
     torch_device = device_or_usage_error(device)
@@ -96,7 +97,6 @@ def score(
                           model=model, revision=revision, dtype=dtype, device=device, quantize="none", input=file,
                           output=output, batch_size=batch_size)
     check_output(output, force=force, source=file)
-    fmt = output_format(fmt, output)
     file = file or "-"
     with open_input(file) as f, whole_file(output) as target:
         items = read_prompts(f, input_name(file), jsonl_input(file, input_format), errors, text_field="text")
