@@ -228,6 +228,11 @@ def test_bad_task_inputs(cli, tiny_ref, task_ref, tmp_path):
     plain, fine_tuned = tiny_ref[1], task_ref[1]
     code, _, err = cli("qa", "-m", plain, "--question", "q", "--context", "c")
     assert code == 1 and "language model without learned prompt tokens" in one_error_line(err)
+    code, _, err = cli("extract", "-m", plain, "some text")
+    assert code == 1 and ("needs one: RE-BC5CDR-BioGPT, RE-DDI-BioGPT or RE-DTI-BioGPT from the original release"
+                          in one_error_line(err)) and err.count("github.com") == 1
+    code, _, err = cli("qa", "-m", fine_tuned, "--question", "q", "--context", "c", "--reasoning-free")
+    assert code == 2 and "--reasoning-free reads LONG_ANSWER from a PubMedQA .json file" in one_error_line(err)
     code, _, err = cli("extract", "-m", fine_tuned, "some text")
     assert code == 1 and "pass --task bc5cdr|ddi|kd-dti" in one_error_line(err)
     (tmp_path / "a.jsonl").write_text('{"question": "q"}\n')

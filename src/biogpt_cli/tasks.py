@@ -38,7 +38,7 @@ class Task:
     parse: Callable[[str], Any]  # answer text (post-processed) -> result; None when it does not parse
     max_source: int  # source limit in BPE tokens when the checkpoint does not say (the release's train.sh)
     prefixes: tuple[str, ...] = PREFIXES
-    checkpoint: str = ""  # where to get one, for messages and the README
+    checkpoint: str = ""  # the release's checkpoint name, for messages
 
 
 def text_field(fields: Mapping[str, Any], name: str, required: bool = True) -> str:
@@ -121,16 +121,15 @@ def _labels(text: str) -> list[str] | None:
     return labels or None
 
 
-RELEASE = "the original release's checkpoints (github.com/microsoft/BioGPT, README)"
+RELEASE = "from the original release's checkpoints (github.com/microsoft/BioGPT, README)"
+HUB_TASK_MODELS = {"qa": ", or microsoft/BioGPT-Large-PubMedQA on the Hub"}
 TASKS = {t.name: t for t in (
-    Task("pubmedqa", "qa", "answer", _question_context, _answer, 900,
-         checkpoint=f"QA-PubMedQA-BioGPT(-Large) from {RELEASE}, or microsoft/BioGPT-Large-PubMedQA on the Hub"),
+    Task("pubmedqa", "qa", "answer", _question_context, _answer, 900, checkpoint="QA-PubMedQA-BioGPT(-Large)"),
     Task("bc5cdr", "extract", "relations", _title_abstract, _bc5cdr, 640, BC5CDR_PREFIXES,
-         checkpoint=f"RE-BC5CDR-BioGPT from {RELEASE}"),
-    Task("ddi", "extract", "relations", _abstract, _interactions, 640, checkpoint=f"RE-DDI-BioGPT from {RELEASE}"),
-    Task("kd-dti", "extract", "relations", _title_abstract, _interactions, 640,
-         checkpoint=f"RE-DTI-BioGPT from {RELEASE}"),
-    Task("hoc", "classify", "labels", _sentence, _labels, 900, checkpoint=f"DC-HoC-BioGPT from {RELEASE}"),
+         checkpoint="RE-BC5CDR-BioGPT"),
+    Task("ddi", "extract", "relations", _abstract, _interactions, 640, checkpoint="RE-DDI-BioGPT"),
+    Task("kd-dti", "extract", "relations", _title_abstract, _interactions, 640, checkpoint="RE-DTI-BioGPT"),
+    Task("hoc", "classify", "labels", _sentence, _labels, 900, checkpoint="DC-HoC-BioGPT"),
 )}
 LARGE_PUBMEDQA_SOURCE = 1900  # BioGPT-Large (2048 positions) was fine-tuned with a longer source
 
@@ -139,9 +138,11 @@ def task_for(command: str, requested: str | None, config: BioGptConfig, source: 
     """The task a command runs on a checkpoint: the one it was fine-tuned for, checked against `--task`."""
     names = [t.name for t in TASKS.values() if t.command == command]
     if not config.learned_prompt:
+        *others, last = [TASKS[n].checkpoint for n in names]
         raise InputError(f"{source} is a language model without learned prompt tokens, not a fine-tuned "
                          f"{'/'.join(names)} checkpoint; `biogpt {command}` needs one: "
-                         + "; ".join(TASKS[n].checkpoint for n in names))
+                         f"{', '.join(others) + ' or ' if others else ''}{last} {RELEASE}"
+                         + HUB_TASK_MODELS.get(command, ""))
     if requested is not None and config.task is not None and requested != config.task:
         raise InputError(f"--task {requested} does not match {source}, fine-tuned for {config.task}")
     name = requested or config.task or (names[0] if len(names) == 1 else None)

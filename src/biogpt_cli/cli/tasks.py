@@ -202,6 +202,9 @@ def qa(
     fields = {k: v for k, v in (("question", question), ("context", context), ("long_answer", long_answer)) if v}
     if long_answer is not None and question is None:
         raise UsageError("--long-answer goes with --question and --context")
+    if reasoning_free and not (input or "").endswith(".json"):
+        raise UsageError("--reasoning-free reads LONG_ANSWER from a PubMedQA .json file; elsewhere give the long "
+                         'answer: --long-answer, or a "long_answer" field in JSONL records')
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
                   dtype, device, quantize, errors, verbose,
                   Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet))
