@@ -158,6 +158,25 @@ def test_embeddings_equal_the_reference_and_do_not_depend_on_batching(cli, tiny,
     assert matrix.shape == (3, 32)
 
 
+def test_embed_names_the_bad_line_and_truncates_on_request(cli, tiny, tmp_path):
+    folder, _, tok = tiny
+    (tmp_path / "in.txt").write_text("of\n" + " ".join(["the"] * 70) + "\n")  # 71 tokens: the tiny model has 64
+    code, _, err = cli("embed", "-i", tmp_path / "in.txt", "-m", folder)
+    assert code == 1 and "line 2: 71 tokens exceed the model's 64 positions (pass --truncate to embed its last 63)" \
+        in one_error_line(err)
+    code, out, err = cli("embed", "-i", tmp_path / "in.txt", "-m", folder, "--truncate")
+    assert code == 0 and "line 2: 71 tokens cut to the last 63" in err
+    (tmp_path / "cut.txt").write_text(" ".join(["the"] * 63) + "\n")  # what --truncate kept: the last 63
+    _, alone, _ = cli("embed", "-i", tmp_path / "cut.txt", "-m", folder)
+    assert json.loads(out.splitlines()[1])["embedding"] == json.loads(alone)["embedding"]
+    (tmp_path / "nul.txt").write_text("of\n\x00\n")  # Moses keeps no token of it
+    code, _, err = cli("embed", "-i", tmp_path / "nul.txt", "-m", folder)
+    assert code == 1 and "line 2: nothing to embed" in one_error_line(err)
+    code, _, err = cli("embed", "of", "-m", folder, "-o", tmp_path / "e.npy")
+    assert code == 2 and "embed writes FILE.jsonl (records) or FILE.safetensors" in one_error_line(err)
+    assert not (tmp_path / "e.npy").exists()
+
+
 def test_shell_completion_script():
     import subprocess
 

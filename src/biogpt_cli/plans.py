@@ -163,15 +163,16 @@ def generated_records(lm: Any, tok: Any, plan: Plan, items: list[Prompt], batch_
     return [[errors[i]] if i in errors else [next(done) for _ in range(k)] for i in range(len(items))]
 
 
-def text_ids(lm: Any, tok: Any, p: Prompt, truncate: bool, warn: Warn) -> list[int]:
-    """A text's ids to score: all of them, or with `truncate` the end of one too long for the model."""
+def text_ids(lm: Any, tok: Any, p: Prompt, truncate: bool, warn: Warn, verb: str = "score") -> list[int]:
+    """A text's ids to score (or embed): all of them, or with `truncate` the end of one too long
+    for the model."""
     limit = lm.config.max_position_embeddings
     try:
         full = tok.encode(p.text)
         ids = fit_prompt(full, 0, limit, truncate)
     except PromptTooLong as e:  # a text is no prompt: no new tokens to lower
         raise InputError(f"{p.where}{e.tokens} tokens exceed the model's {limit} positions "
-                         f"(pass --truncate to score its last {limit - 1})") from None
+                         f"(pass --truncate to {verb} its last {limit - 1})") from None
     except InputError as e:
         raise InputError(f"{p.where}{e}") from None
     if len(ids) < len(full):

@@ -42,6 +42,7 @@ def embed(
     output: Annotated[str | None, typer.Option("--output", "-o", help="FILE.jsonl, or FILE.safetensors (a matrix).")]
     = None,
     force: ForceOpt = False,
+    truncate: Annotated[bool, typer.Option(help="Embed the end of over-long lines instead of failing.")] = False,
     batch_size: BatchOpt = FORWARD_BATCH,
     dtype: DTypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -55,10 +56,13 @@ def embed(
     from ..batch import batches
     from ..model import BioGptModel
     from ..output import LineWriter, check_output, whole_file
+    from ..plans import text_ids
     from ..scoring import embed as pooled
     from .generate import prompt_source
 
     torch_device = device_or_usage_error(device)
+    if output is not None and not output.endswith((".jsonl", ".safetensors")):
+        raise UsageError(f"-o {output}: embed writes FILE.jsonl (records) or FILE.safetensors (a matrix)")
     matrix = output is not None and output.endswith(".safetensors")
     check_output(output, force=force, source=input)
     if prompt is not None and input is not None:
@@ -77,10 +81,11 @@ def embed(
                 skipped += len(group) - len(kept)
                 if not kept:
                     continue
-                try:
-                    vectors = pooled(lm, [tok.encode(p.text) for p in kept], pool)
-                except InputError as e:
-                    raise InputError(f"lines {kept[0].line}-{kept[-1].line}: {e}") from None
+                ids = [text_ids(lm, tok, p, truncate, stderr.print, "embed") for p in kept]
+                empty = next((p for p, s in zip(kept, ids, strict=True) if len(s) < 2), None)
+                if empty is not None:
+                    raise InputError(f"{empty.where}nothing to embed: the tokenizer keeps no token of this text")
+                vectors = pooled(lm, ids, pool)
                 for p, v in zip(kept, vectors, strict=True):
                     key = {"id": p.id} if p.id is not None else {"line": p.line} if p.line else {}
                     if matrix:
