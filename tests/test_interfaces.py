@@ -115,6 +115,14 @@ def test_show_confidence_colours_the_stream(tiny):
     assert greedy(model, tok, "the cat", 8).strip() in plain
 
 
+@pytest.mark.parametrize("where", [["--format", "jsonl"], ["-o", "out.txt"], ["--engine", "ray", "-i", "in.jsonl"]])
+def test_show_confidence_is_refused_where_nothing_shows_it(cli, tiny, tmp_path, where):
+    code, _, err = cli("generate", *(["the cat"] if "-i" not in where else []), "-m", tiny[0], "--show-confidence",
+                       *[str(tmp_path / w) if w.startswith(("out", "in")) else w for w in where])
+    assert code == 2 and "--show-confidence colours text streamed to a terminal" in one_error_line(err)
+    assert not (tmp_path / "out.txt").exists()
+
+
 def test_score_show(cli, tiny, tmp_path):
     folder = tiny[0]
     (tmp_path / "t.txt").write_text("the cat\n")

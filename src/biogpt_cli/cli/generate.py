@@ -115,6 +115,9 @@ def generate(
     given = [name for name, value in beams.items() if value is not None]
     if given and num_beams == 1:
         raise UsageError(f"{', '.join(given)} only {_apply(given)} to beam search: add --num-beams N (N > 1)")
+    if show_confidence and (output is not None or fmt == "jsonl" or engine == "ray"):
+        raise UsageError("--show-confidence colours text streamed to a terminal: not with -o, --format jsonl "
+                         "or --engine ray")
     settings = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
                     length_penalty=length_penalty, early_stopping=early_stopping,
                     num_return_sequences=num_return_sequences, sample=sample, temperature=temperature, top_k=top_k,
