@@ -177,7 +177,7 @@ def test_penalties_on_hand_made_scores():
 @pytest.mark.parametrize("bad,match", [
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(top_p=-0.1), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(temperature=-1.0), "temperature"), (dict(num_beams=0), "num_beams"),
-    (dict(num_beams=2, num_return_sequences=3), "cannot exceed"), (dict(num_return_sequences=2), "needs --sample"),
+    (dict(num_beams=2, num_return_sequences=3), "cannot exceed"), (dict(num_return_sequences=2), "needs sampling"),
 ])
 def test_nonsense_options_are_rejected(bad, match):
     with pytest.raises(InputError, match=match):

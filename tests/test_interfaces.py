@@ -42,6 +42,18 @@ def slower(tmp_path_factory):
     return folder, model, tok
 
 
+def test_interactive_settings_are_checked_in_their_own_words():
+    """/set refuses what the engine would, and its replies name settings, not the CLI's flags."""
+    from biogpt_cli.cli.interactive import command
+
+    settings = {"max_new_tokens": 5, "sample": True}
+    for line in ("/set beams 3", "/set t 0", "/set sample off"):
+        reply = command(line, {**settings, "num_return_sequences": 2} if "sample" in line else settings)
+        assert reply.startswith("not changed: ") and "--" not in reply, reply
+    assert command("/set p 0.5", settings) == "top_p = 0.5" and settings["top_p"] == 0.5
+    assert command("/exit", settings) is None
+
+
 def test_interactive_session(slower):
     """Two prompts, a /set, a Ctrl-C in the middle of a generation, a prompt too long, then Ctrl-D."""
     import pty

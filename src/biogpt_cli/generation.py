@@ -69,9 +69,9 @@ class GenerationOptions:
         need(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be 0 (off) or more")
         need(self.early_stopping in (True, False, "never"), "early_stopping must be true, false or 'never'")
         if self.do_sample:
-            need(self.num_beams == 1, "sampling with beam search is not supported: use --num-beams 1 with --sample")
+            need(self.num_beams == 1, "sampling with beam search is not supported: num_beams must be 1 when sampling")
         elif self.num_beams == 1:
-            need(self.num_return_sequences == 1, "num_return_sequences > 1 needs --sample or beam search")
+            need(self.num_return_sequences == 1, "num_return_sequences > 1 needs sampling or num_beams > 1")
         else:
             need(self.num_return_sequences <= self.num_beams,
                  f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})")
