@@ -127,7 +127,9 @@ def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
     ({"prompt": "x", "max_tokens": 0}, 400), ({"prompt": "x", "top_p": 1.5}, 400), ({"prompt": "x", "n": 0}, 400),
     ({"prompt": "x", "temperature": -1}, 400), ({"prompt": "x " * 200, "max_tokens": 10}, 400),
     ({"prompt": []}, 400), ({"prompt": "   "}, 400), ({}, 400), ({"prompt": "x", "logprobs": 99}, 400),
-    ({"prompt": [1, 2]}, 400), ({"prompt": "x", "stop": 3}, 400),
+    ({"prompt": [1, 2]}, 400), ({"prompt": "x", "stop": 3}, 400), ({"prompt": ""}, 400),
+    ({"prompt": "x", "presence_penalty": 0.5}, 400), ({"prompt": "x", "logit_bias": {"50": 5}}, 400),
+    ({"prompt": "x", "best_of": 3}, 400), ({"prompt": "x", "echo": True}, 400),
 ])
 def test_bad_requests_get_400_in_openai_shape(server, body, status):
     base = server[0]
@@ -139,9 +141,25 @@ def test_bad_requests_get_400_in_openai_shape(server, body, status):
         assert r.json()["error"]["message"].startswith("invalid JSON body: ")
     if isinstance(body, dict) and (body.get("prompt") == [1, 2] or "stop" in body):  # not "prompt.str: ..."
         assert r.json()["error"]["message"].endswith(": a string or a list of strings")
+    if body in ({"prompt": ""}, {"prompt": []}):  # not pydantic's "at least 1 item"
+        assert r.json()["error"]["message"] == "prompt: every prompt needs some text"
+    if isinstance(body, dict) and body.keys() & {"presence_penalty", "logit_bias", "best_of", "echo"}:
+        assert "not supported by this server" in r.json()["error"]["message"] and r.json()["error"]["param"]
     if isinstance(body, dict) and body.get("max_tokens") == 10:  # the hint names the request's field, not a CLI flag
         assert "lower max_tokens" in r.json()["error"]["message"] and "--" not in r.json()["error"]["message"]
     assert httpx.get(base + "/health", timeout=10).json()["status"] == "ok"  # and it keeps serving
+
+
+def test_fields_clients_send_at_their_inert_values_are_taken(server):
+    """LangChain's OpenAI LLM sends these with every request; they change nothing, so they are taken."""
+    base, headers = server[0], {"Authorization": "Bearer sekret"}
+    inert = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "best_of": 1, "echo": False,
+             "user": "me"}
+    plain = {"prompt": "the cat", "max_tokens": 4, "temperature": 0}
+    answers = [httpx.post(base + "/v1/completions", json=body, headers=headers, timeout=30) for body in
+               (plain, {**plain, **inert})]
+    assert [r.status_code for r in answers] == [200, 200], answers[1].text
+    assert answers[0].json()["choices"] == answers[1].json()["choices"]
 
 
 def test_api_key_is_checked(server):

@@ -36,7 +36,7 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    prompt: str | list[str] = Field(min_length=1)
+    prompt: str | list[str]
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, ge=0, le=1)
@@ -46,6 +46,20 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=5)
     stream: bool = False
     user: str | None = None
+    # fields this server does not implement, which clients send at the values that change nothing
+    # (LangChain: frequency_penalty 0, presence_penalty 0, logit_bias {}): taken there, refused otherwise
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field set to a value this server cannot honour."""
+        inert = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "best_of": (1, self.n),
+                 "echo": (False,), "suffix": ("",)}
+        return next((f for f, values in inert.items() if getattr(self, f) not in (None, *values)), None)
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
@@ -111,8 +125,11 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not all(p.strip() for p in prompts):
+        if not prompts or not all(p.strip() for p in prompts):
             return error(400, "prompt: every prompt needs some text", param="prompt")
+        if field := body.unsupported():
+            return error(400, f"{field}: not supported by this server (leave it out, or give the value that "
+                         "changes nothing)", param=field)
         sample = body.temperature > 0
         settings = {"max_new_tokens": body.max_tokens, "sample": sample, "temperature": body.temperature or None,
                     "top_p": body.top_p if sample else None, "top_k": 0 if sample else None,
