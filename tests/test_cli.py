@@ -289,10 +289,34 @@ def test_a_whole_file_output_appears_only_when_complete(cli, tiny, tmp_path, com
     code, _, err = cli(*run, good)
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert code == 0 and [r["line"] for r in records] == [1, 2] and sorted(tmp_path.iterdir()) == [bad, good, out]
-    assert cli(*run, good)[0] == 1  # there already
+    code, _, err = cli(*run, good)  # there already: the hint offers no --resume, which these commands lack
+    assert code == 1 and one_error_line(err).endswith(": already exists; pass --force to overwrite it")
     code, _, err = cli(*run, bad, "--force")
     assert code == 1 and [json.loads(x) for x in out.read_text().splitlines()] == records
     assert sorted(tmp_path.iterdir()) == [bad, good, out]
+
+
+@pytest.mark.parametrize("command, good, bad", [("tokenize", b"the cat\nof the\n", b"the cat\n" * 19 + b"\xff\n"),
+                                                ("detokenize", b"5 6\n7\n", b"5 6\n" * 19 + b"x\n")])
+def test_tokenize_and_detokenize_take_i_and_write_whole_files(cli, tiny, tmp_path, command, good, bad):
+    """-i and -o as the other commands take them; the output appears only once every line is in."""
+    folder, out = tiny[0], tmp_path / "out.txt"
+    (tmp_path / "good.txt").write_bytes(good)
+    (tmp_path / "bad.txt").write_bytes(bad)
+    _, expected, _ = cli(command, "-m", folder, tmp_path / "good.txt")
+    code, stdout, err = cli(command, "-m", folder, "-i", tmp_path / "good.txt", "-o", out)
+    assert code == 0 and stdout == "" and out.read_text() == expected and expected.count("\n") == 2, err
+    code, _, err = cli(command, "-m", folder, "-i", tmp_path / "good.txt", "-o", out)
+    assert code == 1 and one_error_line(err).endswith(": already exists; pass --force to overwrite it")
+    code, _, err = cli(command, "-m", folder, "-i", tmp_path / "bad.txt", "-o", out, "--force")
+    assert code == 1 and "line 20" in one_error_line(err) and out.read_text() == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "good.txt", "out.txt"]
+    code, _, err = cli(command, "-m", folder, tmp_path / "good.txt", "-i", tmp_path / "good.txt")
+    assert code == 2 and "give FILE or --input, not both" in one_error_line(err)
+    if command == "tokenize":  # --format auto: JSONL for a .jsonl name
+        assert cli(command, "-m", folder, tmp_path / "good.txt", "-o", tmp_path / "t.jsonl")[0] == 0
+        assert json.loads((tmp_path / "t.jsonl").read_text().splitlines()[0])["ids"] == [int(i) for i in
+                                                                                         expected.split()[:5]]
 
 
 @contextlib.contextmanager
@@ -488,12 +512,12 @@ def test_examples_run(tiny, tmp_path):
     assert run.stdout.startswith("COVID-19 is") and "beam:" in run.stdout and "yes" in run.stdout
 
 
-def test_tokenizer_only_commands_do_not_import_torch(tiny):
-    code = ("import sys; from biogpt_cli.cli import main; assert main(['tokenize', '-m', sys.argv[1]]) == 0; "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
-    run = subprocess.run([sys.executable, "-c", code, str(tiny[0])], input="the cat", capture_output=True,
-                         text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
+def test_tokenizer_only_commands_do_not_import_torch(tiny, tmp_path):
+    code = ("import sys; from biogpt_cli.cli import main; assert main(['tokenize', '-m', sys.argv[1], '-o', "
+            "sys.argv[2]]) == 0; assert 'torch' not in sys.modules, 'torch was imported'")
+    run = subprocess.run([sys.executable, "-c", code, str(tiny[0]), str(tmp_path / "ids.txt")], input="the cat",
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and (tmp_path / "ids.txt").read_text() == "2 193 8 4 43\n", run.stderr
 
 
 # -- first contact: options that never silently do nothing, manifests, formats, -v, help ------

@@ -21,14 +21,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.text import Text
 
 from .errors import BioGptError, InputError
 from .inputs import Prompt
-from .streaming import Completion, TextEvent
+
+if TYPE_CHECKING:
+    from .streaming import Completion, TextEvent
 
 Key = tuple[str, str | int]
 _HELD = {signal.SIGINT, signal.SIGTERM}
@@ -102,6 +104,17 @@ def whole_file(path: str | None) -> Iterator[Path | None]:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def whole_output(path: str | None) -> Iterator[LineWriter]:
+    """A writer to `path` through `whole_file` (stdout without one), closed when the block ends."""
+    with whole_file(path) as target:
+        writer = LineWriter.create(target)
+        try:
+            yield writer
+        finally:
+            writer.close()
+
+
 def record_key(record: dict) -> Key:
     return ("id", record["id"]) if "id" in record else ("line", record["line"])
 
@@ -139,9 +152,11 @@ def open_output(path: str | None, *, force: bool = False, resume: bool = False, 
                        updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
-def check_output(path: str | None, *, force: bool = False, resume: bool = False, source: str | None = None) -> None:
+def check_output(path: str | None, *, force: bool = False, resume: bool | None = None,
+                 source: str | None = None) -> None:
     """Refuse an output path that cannot be used, before any work is done: one that is the input
-    file `source` too would be emptied before its first line was read."""
+    file `source` too would be emptied before its first line was read. `resume` None: the command
+    cannot resume, so its hint offers --force only."""
     if path is None or path == "-":
         return
     target = Path(path)
@@ -154,7 +169,8 @@ def check_output(path: str | None, *, force: bool = False, resume: bool = False,
     if source not in (None, "-") and Path(source).exists() and os.path.samefile(source, path):
         raise InputError(f"{path}: is also the input; write the output to another file")
     if not (force or resume):
-        raise InputError(f"{path}: already exists; pass --force to overwrite it or --resume to finish it")
+        raise InputError(f"{path}: already exists; pass --force to overwrite it"
+                         + (" or --resume to finish it" if resume is not None else ""))
 
 
 def manifest_path(output: Path) -> Path:
@@ -258,8 +274,8 @@ def confidence_style(p: float | None) -> str | None:
     return None if p is None else next(colour for floor, colour in CONFIDENCE if p >= floor)
 
 
-RecordFn = Callable[[Prompt, Completion], dict[str, Any]]
-LineFn = Callable[[Prompt, Completion], str]
+RecordFn = Callable[[Prompt, "Completion"], dict[str, Any]]
+LineFn = Callable[[Prompt, "Completion"], str]
 
 
 class Renderer:

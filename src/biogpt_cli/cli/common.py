@@ -50,7 +50,9 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 FormatOpt = Annotated[Format, typer.Option("--format", help="Output format.")]
 OutputFormatOpt = Annotated[OutputFormat, typer.Option("--format", help="auto: JSONL for -o *.jsonl, else text.")]
 ErrorsOpt = Annotated[Errors, typer.Option("--errors", help="Invalid UTF-8 in the input: stop, or replace by U+FFFD.")]
-FileArg = Annotated[str, typer.Argument(help="Input file, one item per line; '-' or nothing reads stdin.")]
+FileArg = Annotated[str | None, typer.Argument(help="Input file, one item per line; '-' or nothing reads stdin.")]
+SameInputOpt = Annotated[str | None, typer.Option("--input", "-i", help="The same as FILE, as the other commands "
+                                                                        "take it.")]
 InputOpt = Annotated[str | None, typer.Option("--input", "-i", help="Input file, one item per line ('-': stdin).")]
 InputFormatOpt = Annotated[InputFormat, typer.Option(help="auto: JSONL if the name ends in .jsonl(.gz).")]
 OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Write here instead of stdout.")]
@@ -133,6 +135,13 @@ def command(fn: Callable[..., None]) -> Callable[..., None]:
 
 def out(text: str) -> None:
     sys.stdout.write(text)
+
+
+def file_or_input(file: str | None, input: str | None) -> str | None:
+    """The input of a command that takes FILE or, like the others, -i FILE (None: neither)."""
+    if file is not None and input is not None:
+        raise UsageError("give FILE or --input, not both")
+    return file if input is None else input
 
 
 def output_format(fmt: OutputFormat, output: str | None) -> Format:

@@ -30,10 +30,12 @@ from .common import (
     OutputFormatOpt,
     QuietOpt,
     RevisionOpt,
+    SameInputOpt,
     UsageError,
     WorkersOpt,
     command,
     device_or_usage_error,
+    file_or_input,
     load,
     output_format,
     run_on_ray,
@@ -47,8 +49,7 @@ if TYPE_CHECKING:
 @command
 def score(
     file: Annotated[str | None, typer.Argument(help="Texts to score, one per line; '-' or nothing: stdin.")] = None,
-    input: Annotated[str | None, typer.Option("--input", "-i", help="The same as FILE, as the other commands take it.")]
-    = None,
+    input: SameInputOpt = None,
     input_format: Annotated[InputFormat, typer.Option(help="auto: JSONL records with \"text\" (and \"id\") if the "
                                                            "name ends in .jsonl(.gz).")] = "auto",
     model: ModelOpt = DEFAULT_MODEL,
@@ -74,12 +75,10 @@ def score(
     debug: DebugOpt = False,
 ) -> None:
     """Per line: tokens, mean negative log-likelihood, perplexity. With --choices: their probabilities."""
-    from ..output import LineWriter, check_output, whole_file
+    from ..output import check_output, whole_output
     from ..scoring import choice_probabilities
 
-    if file is not None and input is not None:
-        raise UsageError("give FILE or --input, not both")
-    file = file if input is None else input
+    file = file_or_input(file, input)
     options = [c.strip() for c in choices.split(",")] if choices is not None else None
     if options is not None and (prompt is None or len(options) < 2 or not all(options)):
         raise UsageError("--choices needs --prompt and at least two non-empty, comma-separated choices")
@@ -98,23 +97,19 @@ def score(
                           output=output, batch_size=batch_size)
     check_output(output, force=force, source=file)
     file = file or "-"
-    with open_input(file) as f, whole_file(output) as target:
+    with open_input(file) as f, whole_output(output) as writer:
         items = read_prompts(f, input_name(file), jsonl_input(file, input_format), errors, text_field="text")
         lm, tok = load(model, revision, dtype, torch_device)
-        writer = LineWriter.create(target)
-        try:
-            if options is not None:
-                probs = choice_probabilities(lm, tok.encode(prompt),
-                                             [tok.encode(c, add_special_tokens=False) for c in options])
-                for choice, p in zip(options, probs, strict=True):
-                    writer.write(json.dumps({"choice": choice, "probability": p}) + "\n" if fmt == "jsonl"
-                                 else f"{choice}\t{p:.6f}\n")
-            elif show:
-                _show(lm, tok, items, writer, truncate)
-            else:
-                _score(lm, tok, items, fmt, writer, batch_size, truncate)
-        finally:
-            writer.close()
+        if options is not None:
+            probs = choice_probabilities(lm, tok.encode(prompt),
+                                         [tok.encode(c, add_special_tokens=False) for c in options])
+            for choice, p in zip(options, probs, strict=True):
+                writer.write(json.dumps({"choice": choice, "probability": p}) + "\n" if fmt == "jsonl"
+                             else f"{choice}\t{p:.6f}\n")
+        elif show:
+            _show(lm, tok, items, writer, truncate)
+        else:
+            _score(lm, tok, items, fmt, writer, batch_size, truncate)
 
 
 def _score(lm: Any, tok: Any, items: Iterator[Prompt], fmt: str, writer: LineWriter, batch_size: int,

@@ -12,16 +12,21 @@ import typer
 from ..errors import InputError
 from ..hub import DEFAULT_MODEL
 from ..inputs import count_lines, input_name, open_input, parallel_map, read_lines
+from ..output import whole_output
 from .common import (
     DebugOpt,
     ErrorsOpt,
     FileArg,
-    FormatOpt,
+    ForceOpt,
     ModelOpt,
+    OutputFormatOpt,
+    OutputOpt,
     QuietOpt,
     RevisionOpt,
+    SameInputOpt,
     command,
-    out,
+    file_or_input,
+    output_format,
     progress,
     shows_progress,
 )
@@ -35,28 +40,42 @@ def _tokenizer(model: str, revision: str | None) -> Any:
 
 @command
 def tokenize(
-    file: FileArg = "-",
+    file: FileArg = None,
+    input: SameInputOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     tokens: Annotated[bool, typer.Option("--tokens", help="BPE pieces instead of ids.")] = False,
     no_special: Annotated[bool, typer.Option("--no-special", help="Drop the leading </s>.")] = False,
-    fmt: FormatOpt = "text",
+    output: OutputOpt = None,
+    fmt: OutputFormatOpt = "auto",
+    force: ForceOpt = False,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes (output order kept).")] = 1,
     errors: ErrorsOpt = "strict",
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Moses + BPE ids (exactly the reference's input_ids), one output line per input line."""
+    file, fmt = _files(file, input, output, force), output_format(fmt, output)
     name = input_name(file)
-    with open_input(file) as f:  # a missing input is named before the vocabulary loads
+    with open_input(file) as f, whole_output(output) as writer:  # a missing input is named before the vocabulary
         render = functools.partial(_tokenize_line, _tokenizer(model, revision), not no_special,
                                    "jsonl" if fmt == "jsonl" else "tokens" if tokens else "ids", name)
-        total = count_lines(file) if shows_progress(quiet) and not sys.stdout.isatty() else None
+        shown = shows_progress(quiet) and (output is not None or not sys.stdout.isatty())
+        total = count_lines(file) if shown else None
         with progress(total, quiet or total is None, "lines") as update:
             for n, line in enumerate(parallel_map(render, read_lines(f, name, errors), jobs), 1):
-                out(line)
+                writer.write(line)
                 if n % 256 == 0 or n == total:
                     update(n)
+
+
+def _files(file: str | None, input: str | None, output: str | None, force: bool) -> str:
+    """The input (stdin without one), with the output file checked against it."""
+    from ..output import check_output
+
+    file = file_or_input(file, input) or "-"
+    check_output(output, force=force, source=file)
+    return file
 
 
 def _tokenize_line(tok: Any, special: bool, mode: str, name: str, line: tuple[int, str]) -> str:
@@ -72,15 +91,19 @@ def _tokenize_line(tok: Any, special: bool, mode: str, name: str, line: tuple[in
 
 @command
 def detokenize(
-    file: FileArg = "-",
+    file: FileArg = None,
+    input: SameInputOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
+    output: OutputOpt = None,
+    force: ForceOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Ids back to text (special tokens dropped), per line: space-separated, or the "ids" of a JSONL
     record (`tokenize --format jsonl`, `generate --format jsonl`)."""
+    file = _files(file, input, output, force)
     name = input_name(file)
-    with open_input(file) as f:
+    with open_input(file) as f, whole_output(output) as writer:
         tok = _tokenizer(model, revision)
         for n, text in read_lines(f, name):
             try:
@@ -91,7 +114,7 @@ def detokenize(
             bad = [i for i in ids if not 0 <= i < tok.vocab_size]
             if bad:
                 raise InputError(f"{name}: line {n}: id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1})")
-            out(tok.decode(ids, skip_special_tokens=True) + "\n")
+            writer.write(tok.decode(ids, skip_special_tokens=True) + "\n")
 
 
 def _ids(text: str) -> list[int]:
