@@ -112,6 +112,10 @@ def test_duplicate_ids_and_impossible_layouts_are_refused_before_any_work(cli, t
                        "-o", tmp_path / "out")
     assert code == 1 and "id 1 is repeated (first at in.jsonl line 1)" in one_error_line(err)
     assert not (tmp_path / "out").exists()
+    (tmp_path / "in.txt").write_text("a plain prompt\n")
+    code, _, err = cli("generate", "--engine", "ray", "-m", tiny_ref[1], "-i", tmp_path / "in.txt",
+                       "-o", tmp_path / "out")
+    assert code == 1 and 'line 1: not JSON' in err and 'reads JSONL records, each with an "id"' in one_error_line(err)
 
 
 def test_a_layout_that_would_deadlock_is_refused(local_ray, tiny_ref, prompts, tmp_path):

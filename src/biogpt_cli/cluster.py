@@ -53,7 +53,8 @@ def check_ids(files: list[Path]) -> int:
                 try:
                     record = json.loads(raw)
                 except ValueError as e:
-                    raise InputError(f"{f}: line {n}: not JSON ({e})") from None
+                    raise InputError(f'{f}: line {n}: not JSON ({e}); --engine ray reads JSONL records, each with '
+                                     'an "id"') from None
                 rid = record.get("id") if isinstance(record, dict) else None
                 if rid is None or isinstance(rid, bool) or not isinstance(rid, str | int):
                     raise InputError(f'{f}: line {n}: --engine ray needs a string or integer "id" in every record')
