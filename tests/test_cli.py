@@ -590,6 +590,13 @@ def test_verbose_figures_are_real_for_beam_search(cli, tiny, monkeypatch):
     assert seconds >= 0.3 and 0 < rate <= new / 0.3 + 1e-6
 
 
+def test_verbose_counts_read_well(cli, tiny, tmp_path):
+    (tmp_path / "in.txt").write_text("the cat\n\n")
+    code, _, err = cli("generate", "-m", tiny[0], "-n", "2", "-i", tmp_path / "in.txt", "-o", tmp_path / "o.jsonl",
+                       "-v")
+    assert code == 0 and "1 prompt, " in err and "\n1 record written to " in err and "skipped 1 blank line\n" in err
+
+
 def test_help_reads_well_at_80_columns_and_version(tmp_path):
     env = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
     for name in ("generate", "qa", "extract", "classify", "score", "evaluate", "tokenize"):

@@ -87,6 +87,17 @@ class Engine:
     quiet: bool = False
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 record`, `2 records`."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def note_skipped(blank: int) -> None:
+    """The note a command that skips blank input lines ends with."""
+    if blank:
+        stderr.print(f"note: skipped {counted(blank, 'blank line')}")
+
+
 def shows_progress(quiet: bool) -> bool:
     """Whether `progress` draws a bar: on a terminal, unless `quiet`. A caller counts a bar's total
     only then (counting reads the input once more)."""
@@ -229,4 +240,5 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
                                   workers=engine.workers, cpus_per_worker=engine.cpus_per_worker,
                                   gpus_per_worker=engine.gpus_per_worker, batch_size=batch_size,
                                   progress=lambda done, total: update(done, total=total))
-    stderr.print(f"{now} records written to {output}" + (f" ({before} were there already)" if before else ""))
+    already = f" ({before} were there already)" if before else ""
+    stderr.print(f"{counted(now, 'record')} written to {output}{already}")

@@ -26,6 +26,7 @@ from .common import (
     command,
     device_or_usage_error,
     load,
+    note_skipped,
     stderr,
 )
 
@@ -101,5 +102,4 @@ def embed(
 
             save_file({"embeddings": torch.stack(rows) if rows else torch.empty(0, lm.config.hidden_size)}, target,
                       metadata={"keys": json.dumps(keys), "pool": pool})
-        if skipped:
-            stderr.print(f"note: skipped {skipped} blank line{'s' * (skipped > 1)}")
+        note_skipped(skipped)

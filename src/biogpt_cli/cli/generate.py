@@ -47,8 +47,10 @@ from .common import (
     WorkersOpt,
     check_precision,
     command,
+    counted,
     device_or_usage_error,
     load,
+    note_skipped,
     output_format,
     progress,
     run_on_ray,
@@ -256,7 +258,7 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
 
     with open_output(output, force=force, resume=resume, group=sequences, run=run) as (writer, done):
         if resume and output is not None:
-            stderr.print(f"resuming {output}: {len(done)} input{'s' * (len(done) != 1)} already done, "
+            stderr.print(f"resuming {output}: {counted(len(done), 'input')} already done, "
                          "finishing the rest")
         if confidence:
             stderr.print(CONFIDENCE_LEGEND, style="dim")
@@ -275,15 +277,14 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
                 _say_interrupted(output, writer.records + len(done) * sequences)
             raise
         finally:
-            if skipped:
-                stderr.print(f"note: skipped {skipped} blank line{'s' * (skipped > 1)}")
+            note_skipped(skipped)
             if plan.unparsed[0]:
                 n, task = plan.unparsed[0], plan.identity.get("task")
-                stderr.print(f"note: {n} output{'s' * (n > 1)} did not parse as a {task} answer (a null result)")
+                stderr.print(f"note: {counted(n, 'output')} did not parse as a {task} answer (a null result)")
     if verbose:
         stderr.print(stats.summary())
         if output is not None:
-            stderr.print(f"{writer.records} records written to {output}")
+            stderr.print(f"{counted(writer.records, 'record')} written to {output}")
 
 
 def _beam_progress(spinner: Any) -> Callable[[int], None] | None:
@@ -328,5 +329,5 @@ def _say_interrupted(output: str | None, records: int) -> None:
     if output is None:
         return
     args = [a for a in ARGV if a not in ("--force", "--resume")]
-    stderr.print(f"interrupted: {output} holds {records} complete record{'s' * (records != 1)}; to finish it: "
+    stderr.print(f"interrupted: {output} holds {counted(records, 'complete record')}; to finish it: "
                  f"biogpt {shlex.join(args)} --resume", markup=False)

@@ -37,6 +37,7 @@ from .common import (
     device_or_usage_error,
     file_or_input,
     load,
+    note_skipped,
     output_format,
     run_on_ray,
     stderr,
@@ -128,8 +129,7 @@ def _score(lm: Any, tok: Any, items: Iterator[Prompt], fmt: str, writer: LineWri
             nll = math.nan if r["nll"] is None else r["nll"]
             writer.write(json.dumps(r) + "\n" if fmt == "jsonl"
                          else f"{r['tokens']}\t{nll:.6f}\t{math.exp(nll) if math.isfinite(nll) else math.nan:.4f}\n")
-    if skipped:
-        stderr.print(f"note: skipped {skipped} blank line{'s' * (skipped > 1)}")
+    note_skipped(skipped)
 
 
 def _show(lm: Any, tok: Any, items: Iterator[Prompt], writer: LineWriter, truncate: bool) -> None:
