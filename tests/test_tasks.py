@@ -238,6 +238,12 @@ def test_bad_task_inputs(cli, tiny_ref, task_ref, tmp_path):
     (tmp_path / "a.jsonl").write_text('{"question": "q"}\n')
     code, _, err = cli("qa", "-m", fine_tuned, "-i", tmp_path / "a.jsonl")
     assert code == 1 and 'line 1: expected a string field "context"' in one_error_line(err)
+    (tmp_path / "a.json").write_text('{"question": "q", "context": "c"}\n' * 2)  # JSONL under a .json name
+    code, _, err = cli("qa", "-m", fine_tuned, "-i", tmp_path / "a.json")
+    assert code == 1 and "not a PubMedQA JSON file" in one_error_line(err) and "--input-format jsonl" in err
+    code, out, err = cli("qa", "-m", fine_tuned, "-i", tmp_path / "a.json", "--input-format", "jsonl", "-n", "2",
+                         "--format", "jsonl")
+    assert code == 0 and [json.loads(x)["line"] for x in out.splitlines()] == [1, 2], err
     code, _, err = cli("qa", "-m", fine_tuned, "--question", "q", "--context", " ")
     assert code == 1 and 'the field "context" is empty' in one_error_line(err)
     code, _, err = cli("extract", "--task", "mesh", "-m", fine_tuned, "x")

@@ -151,8 +151,11 @@ def _pubmedqa_json(path: str, reasoning_free: bool) -> Iterator[Prompt]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read a PubMedQA JSON file ({e})") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise InputError(f"{path}: not a PubMedQA JSON file ({e}); for JSONL records in it, pass --input-format "
+                         "jsonl") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise InputError(f"{path}: expected the PubMedQA layout, an object of pmid -> {{QUESTION, CONTEXTS, ...}}")
     for pmid, item in data.items():
@@ -202,13 +205,13 @@ def qa(
     fields = {k: v for k, v in (("question", question), ("context", context), ("long_answer", long_answer)) if v}
     if long_answer is not None and question is None:
         raise UsageError("--long-answer goes with --question and --context")
-    if reasoning_free and not (input or "").endswith(".json"):
+    if reasoning_free and not ((input or "").endswith(".json") and input_format == "auto"):
         raise UsageError("--reasoning-free reads LONG_ANSWER from a PubMedQA .json file; elsewhere give the long "
                          'answer: --long-answer, or a "long_answer" field in JSONL records')
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
                   dtype, device, quantize, errors, verbose,
                   Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet))
-    if input is not None and input.endswith(".json"):
+    if input is not None and input.endswith(".json") and input_format == "auto":
         if fields:
             raise UsageError("give the input on the command line or with --input, not both")
         items: contextlib.AbstractContextManager = contextlib.nullcontext(_pubmedqa_json(input, reasoning_free))
