@@ -197,6 +197,18 @@ def test_resume_refuses_a_damaged_file(cli, tiny, tmp_path):
     out.write_text("\n".join([lines[0], "not json", lines[2]]) + "\n")
     code, _, err = cli(*args, "--resume", stdin=b"a\nb\nc\n")
     assert code == 1 and "line 2 is not a record" in one_error_line(err)
+    out.write_text("\n".join([lines[0], "[1, 2]", lines[2]]) + "\n")
+    code, _, err = cli(*args, "--resume", stdin=b"a\nb\nc\n")
+    assert code == 1 and "line 2 is not a record" in one_error_line(err)
+
+
+def test_resume_of_a_prompt_argument_run_keeps_its_record(cli, tiny, tmp_path):
+    """The PROMPT argument's record has no line or id: a resume still knows it is done."""
+    out, args = tmp_path / "out.jsonl", ("generate", "the cat", "-m", tiny[0], "-n", "3")
+    assert cli(*args, "-o", out)[0] == 0
+    complete = out.read_text()
+    code, _, err = cli(*args, "-o", out, "--resume")
+    assert code == 0 and "1 input already done" in err and out.read_text() == complete
 
 
 # -- tokenize / detokenize / score / info / convert --------------------------------------------

@@ -116,7 +116,8 @@ def whole_output(path: str | None) -> Iterator[LineWriter]:
 
 
 def record_key(record: dict) -> Key:
-    return ("id", record["id"]) if "id" in record else ("line", record["line"])
+    """A record's `Prompt.key`: its id, else its line (0, absent: the PROMPT argument's)."""
+    return ("id", record["id"]) if "id" in record else ("line", record.get("line", 0))
 
 
 @contextlib.contextmanager
@@ -235,7 +236,7 @@ def _recover(path: Path, group: int) -> set[Key]:
     for n, line in enumerate(lines[:-1], 1):  # the part after the last newline is torn (or empty)
         try:
             keys.append((record_key(json.loads(line)), offset))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, AttributeError, TypeError):
             if n < len(lines) - 1:
                 raise InputError(f"{path}: line {n} is not a record this tool wrote; cannot resume it") from None
             break
