@@ -382,3 +382,14 @@ def test_classify_with_a_classification_head(cli, tmp_path, head):
     assert code == 0 and out_file.read_text() == out, err
     manifest = json.loads((tmp_path / "out.jsonl.manifest.json").read_text())
     assert (manifest["status"], manifest["records"]) == ("complete", 2)
+    # a head generates nothing: the commands that decode say where it runs; embed takes its decoder
+    for args, status in ((["generate", "of"], 1), (["score"], 1), (["qa", "--question", "q", "--context", "c"], 1),
+                         (["classify", "of", "-n", "3"], 2)):
+        code, _, err = cli(*args, "-m", tmp_path, stdin=b"of\n")
+        assert code == status and ("head: run it with `biogpt classify`" in one_error_line(err) if status == 1
+                                   else "generates nothing" in one_error_line(err)), (args, err)
+    code, out, err = cli("embed", "the cat", "-m", tmp_path, "--pool", "last")
+    with torch.no_grad():
+        hidden = transformers.BioGptModel.from_pretrained(tmp_path)(torch.tensor([tok.encode("the cat")]))
+    assert code == 0 and torch.allclose(torch.tensor(json.loads(out)["embedding"]), hidden.last_hidden_state[0, -1],
+                                        atol=1e-4), err

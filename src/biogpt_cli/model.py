@@ -164,6 +164,8 @@ class BioGptPreTrainedModel(nn.Module):
 
 class BioGptModel(BioGptPreTrainedModel):
     base_prefix = ""
+    # the decoder of any checkpoint: a language model's, or a task head's (its hidden states, for embed)
+    ignored_keys = ("output_projection.weight", "score.weight", "classifier.weight", "classifier.bias")
 
     def __init__(self, config: BioGptConfig) -> None:
         super().__init__()

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.console import Console
 
-from ..errors import BioGptError
+from ..errors import BioGptError, InputError
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, context_settings={"max_content_width": 100})
@@ -178,15 +178,18 @@ def device_or_usage_error(name: str) -> Any:
 
 
 def load(model: str, revision: str | None, dtype: str, device: Any, quantize: str = "none",
-         rows: int | None = None, cls: Any = None, kernels: bool | None = None) -> Any:
+         rows: int | None = None, cls: Any = None, kernels: bool | None = None, heads: bool = False) -> Any:
     """The model and tokenizer, with a spinner on stderr while it loads (on a terminal only);
     `rows=1` when one row is decoded at a time (the kernels may use a one-row layout); `cls` and
-    `kernels` as `load_pretrained` takes them.
+    `kernels` as `load_pretrained` takes them. A checkpoint with a classification head is refused
+    unless `heads` (the task commands run it).
 
     Kept for the life of the process: a second command run in it reuses the model, and `entry`
     exits without freeing 1.4 GB object by object."""
     loaded = _load(model, revision, dtype, device, quantize, rows, cls, kernels)
     end_startup()
+    if cls is None and not heads and type(loaded[0]).__name__ != "BioGptForCausalLM":
+        raise InputError(f"{model} has a {type(loaded[0]).__name__} head: run it with `biogpt classify`")
     return loaded
 
 

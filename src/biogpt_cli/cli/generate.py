@@ -183,9 +183,9 @@ def check_batch_options(input: str | None, output: str | None, fmt: str, force: 
 
 
 def load_model(model: str, revision: str | None, dtype: str, device: Any, quantize: str, verbose: bool,
-               rows: int | None = None) -> Any:
+               rows: int | None = None, heads: bool = False) -> Any:
     start = time.perf_counter()
-    loaded = load(model, revision, dtype, device, quantize, rows)
+    loaded = load(model, revision, dtype, device, quantize, rows, heads=heads)
     if verbose:
         stderr.print(f"loaded {model} in {time.perf_counter() - start:.2f} s")
     return loaded

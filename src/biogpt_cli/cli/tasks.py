@@ -105,9 +105,12 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
     fmt = output_format(run.fmt, run.output)  # type: ignore[arg-type]
     check_batch_options(run.input, run.output, fmt, run.force, run.resume)
     with items as records:
-        lm, tok = load_model(run.model, run.revision, run.dtype, torch_device, run.quantize, run.verbose)
+        lm, tok = load_model(run.model, run.revision, run.dtype, torch_device, run.quantize, run.verbose,
+                             heads=command_name == "classify")
         head = lm.config.architecture in ("BioGptForSequenceClassification", "BioGptForTokenClassification")
         if command_name == "classify" and head:
+            if run.max_new_tokens:
+                raise UsageError(f"{run.model} has a classification head: it generates nothing, so -n does not apply")
             return _classify_with_head(lm, tok, records, run, fmt)
         plan = task_plan(lm, tok, settings, stderr.print)
         identity = {**plan.identity, **model_identity(lm, run.model, run.revision, run.dtype, run.quantize),
