@@ -229,3 +229,44 @@ def test_continuous_batching_equals_each_prompt_alone(eos_ref, monkeypatch, opts
     for i, prompt in enumerate(prompts):
         alone = generate(ours, [prompt], opts, [prompt_generator(3, i)] if opts.do_sample else None)[0][0]
         assert got.get(i, []) == alone.ids, f"prompt {i}"
+
+
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default")  # the default length, on purpose
+def test_model_generate_and_tokenizer_call_work_as_the_reference(tmp_path):
+    """A script written against transformers runs unchanged: tokenizer(texts, padding=True,
+    return_tensors="pt") then model.generate(**enc, ...) give the reference's tensors, eos and
+    padding included, for greedy, beams, penalties, max_length, global-seed sampling and no mask."""
+    import transformers
+
+    from biogpt_cli import BioGptForCausalLM, BioGptTokenizer
+
+    ref = make_reference(tmp_path, seed=5)
+    with torch.no_grad():
+        ref.biogpt.embed_tokens.weight[2] *= 3  # rows end at different steps: padding after </s> shows
+    ref.save_pretrained(tmp_path)
+    ours, tok, ref_tok = (BioGptForCausalLM.from_pretrained(tmp_path), BioGptTokenizer.from_folder(tmp_path),
+                          transformers.BioGptTokenizer.from_pretrained(tmp_path))
+    texts = ["the cat sat on the mat", "of", "and the dog"]
+    assert tok("the cat") == ref_tok("the cat")
+    assert tok(texts, padding=True, return_tensors="pt").input_ids.tolist() == \
+        ref_tok(texts, padding=True, return_tensors="pt").input_ids.tolist()  # right padding, as the reference
+    tok.padding_side = ref_tok.padding_side = "left"
+    enc, ref_enc = tok(texts, padding=True, return_tensors="pt"), ref_tok(texts, padding=True, return_tensors="pt")
+    assert all(torch.equal(enc[k], ref_enc[k]) for k in ("input_ids", "attention_mask"))
+    cases = [{}, {"max_new_tokens": 3}, {"max_length": 15}, {"repetition_penalty": 1.3, "max_new_tokens": 10},
+             {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 8}]
+    for kwargs in cases:
+        expected = ref.generate(**ref_enc, **kwargs)
+        got = ours.generate(**enc, **kwargs)
+        assert torch.equal(got, expected), kwargs
+    assert (expected[:, -1] == 1).any() and (expected == 2).sum() > len(texts)  # padded after an early </s>
+    torch.manual_seed(3)
+    expected = ref.generate(**ref_enc, do_sample=True, max_new_tokens=8)
+    torch.manual_seed(3)
+    assert torch.equal(ours.generate(**enc, do_sample=True, max_new_tokens=8), expected)
+    no_mask = ref.generate(ref_enc.input_ids, max_new_tokens=5)  # <pad> marks the padding
+    assert torch.equal(ours.generate(enc.input_ids, max_new_tokens=5), no_mask)
+    got = ours.generate(**enc, max_new_tokens=6)
+    assert tok.batch_decode(got, skip_special_tokens=True) == ref_tok.batch_decode(got, skip_special_tokens=True)
+    with pytest.raises(ValueError, match="does not take foo"):
+        ours.generate(**enc, foo=1)

@@ -15,7 +15,8 @@ import functools
 import hashlib
 import itertools
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -536,3 +537,35 @@ def generate(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts: G
             reasons[row] = reason
     return [[GeneratedSequence(i, ids.get(i * k + j, []), reasons[i * k + j]) for j in range(k)]
             for i in range(len(prompts))]
+
+
+def generate_padded(model: BioGptForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    *, max_length: int | None = None, pad_token_id: int | None = None, use_cache: bool = True,
+                    generator: Generators = None, **options: Any) -> torch.Tensor:
+    """The reference `generate()`'s tensor: each input row as given (left-padded, its attention
+    mask saying where: without one, `<pad>` marks padding), then its new tokens, the `</s>` that
+    ended them, and `pad_token_id` up to the longest row; `num_return_sequences` rows per input.
+    `options` are `GenerationOptions` fields; 20 new tokens unless `max_new_tokens` or
+    `max_length` say otherwise, as in the reference. `use_cache` is accepted: the cache is always on."""
+    unknown = sorted(set(options) - {f.name for f in fields(GenerationOptions)})
+    if unknown:
+        raise ValueError(f"generate() does not take {', '.join(unknown)}")
+    ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    config, width = model.config, ids.shape[1]
+    pad = config.pad_token_id if pad_token_id is None else pad_token_id
+    if attention_mask is None:  # the reference's rule: padding is <pad>, unless <pad> is also </s>
+        attention_mask = ids.ne(pad) if pad != config.eos_token_id else torch.ones_like(ids)
+    if max_length is not None and "max_new_tokens" not in options:
+        if max_length <= width:
+            raise ValueError(f"max_length {max_length} leaves no room after the {width} input positions: "
+                             "set max_new_tokens")
+        options["max_new_tokens"] = max_length - width
+    opts = GenerationOptions(**{"max_new_tokens": 20, **options})
+    prompts = [row[keep.bool()].tolist() for row, keep in zip(ids.cpu(), attention_mask.cpu(), strict=True)]
+    tails = [s.ids + [config.eos_token_id] * (s.finish_reason == "eos")
+             for seqs in generate(model, prompts, opts, generator) for s in seqs]
+    out = torch.full((len(tails), width + max(map(len, tails), default=0)), pad, dtype=ids.dtype)
+    out[:, :width] = ids.cpu().repeat_interleave(opts.num_return_sequences, 0)
+    for row, tail in zip(out, tails, strict=True):
+        row[width:width + len(tail)] = torch.tensor(tail, dtype=ids.dtype)
+    return out.to(ids.device)

@@ -256,6 +256,14 @@ class BioGptForCausalLM(BioGptPreTrainedModel):
             out.loss = causal_lm_loss(out.logits, labels)
         return out
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        """The reference's `model.generate(**tokenizer(texts, padding=True, return_tensors="pt"),
+        max_new_tokens=N, ...)`, for scripts written against it: see `generation.generate_padded`."""
+        from .generation import generate_padded
+
+        return generate_padded(self, input_ids, attention_mask, **kwargs)
+
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; labels of -100 are ignored (the reference's convention)."""

@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from sacremoses import MosesDetokenizer, MosesTokenizer
 
@@ -79,8 +80,24 @@ def _parse_merges(path: Path) -> list[str]:
     return [m if _ONE_SPACE.fullmatch(m) else " ".join(m.split()) for m in merges]
 
 
+class BatchEncoding(dict):
+    """What calling the tokenizer gives, as the reference's: `input_ids` and `attention_mask`, as
+    keys (`model(**enc)`) or attributes (`enc.input_ids`); `.to(device)` moves tensors."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device: Any) -> BatchEncoding:
+        return BatchEncoding({k: v.to(device) for k, v in self.items()})
+
+
 class BioGptTokenizer:
     """Text <-> ids for BioGPT. Build it with `from_pretrained` or one of the `from_*_files` helpers."""
+
+    pad_token_id, eos_token_id, padding_side = PAD_ID, EOS_ID, "right"  # the reference's; "left" to generate
 
     def __init__(self, encoder: dict[str, int], merges: Sequence[str | tuple[str, str]]) -> None:
         """`merges` in rank order, as 'a b' strings or (a, b) pairs."""
@@ -212,6 +229,29 @@ class BioGptTokenizer:
             ids.extend(word_ids)
         return ids
 
+    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True, padding: bool = False,
+                 return_tensors: str | None = None) -> BatchEncoding:
+        """The reference's call, for scripts written against it: the ids and attention mask of one
+        text or a list of them; `padding=True` pads a list to its longest with `<pad>` on
+        `padding_side` (set "left" before `model.generate`); `return_tensors="pt"` gives tensors."""
+        rows = [self.encode(t, add_special_tokens) for t in ([text] if isinstance(text, str) else text)]
+        width = max(map(len, rows), default=0) if padding else 0
+        pads = [[self.pad_token_id] * (width - len(r)) for r in rows]
+        left, ids, mask = self.padding_side == "left", [], []
+        for r, p in zip(rows, pads, strict=True):
+            ids.append(p + r if left else r + p)
+            mask.append([0] * len(p) + [1] * len(r) if left else [1] * len(r) + [0] * len(p))
+        if return_tensors is None:
+            return BatchEncoding(input_ids=ids[0] if isinstance(text, str) else ids,
+                                 attention_mask=mask[0] if isinstance(text, str) else mask)
+        if return_tensors != "pt":
+            raise ValueError(f'return_tensors={return_tensors!r}: only "pt" (torch) is supported')
+        if len({len(r) for r in ids}) > 1:
+            raise ValueError("texts of different lengths make a tensor only with padding=True")
+        import torch
+
+        return BatchEncoding(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+
     def encode_words(self, text: str) -> list[tuple[str, list[int]]]:
         """(Moses token, its BPE ids) for each word of `text`: how token labels map back to words."""
         words = []
@@ -234,6 +274,10 @@ class BioGptTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Undo BPE (`</w>` ends a word), then Moses detokenization."""
         return self.detokenize(self.words(ids, skip_special_tokens).split())
+
+    def batch_decode(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = False) -> list[str]:
+        """`decode` of each row (of a list, or of a `[rows, length]` tensor from `model.generate`)."""
+        return [self.decode(row, skip_special_tokens) for row in sequences]
 
     def words(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """BPE undone: Moses tokens separated by spaces; a word still open (no `</w>` yet) has no
