@@ -225,10 +225,14 @@ def test_inference_model_refuses_what_it_cannot_do_and_plain_models_can(tiny_ref
 
     ref, folder = tiny_ref
     fast = BioGptForCausalLM.from_pretrained(folder)
-    for action in (lambda m: m.state_dict(), lambda m: copy.deepcopy(m), lambda m: m.half(), lambda m: m.to("cpu"),
-                   lambda m: torch.save(m, tmp_path / "m.pt")):
+    for action in (lambda m: m.state_dict(), lambda m: copy.deepcopy(m), lambda m: m.half(),
+                   lambda m: m.to(torch.bfloat16), lambda m: m.to("meta"), lambda m: torch.save(m, tmp_path / "m.pt")):
         with pytest.raises(BioGptError, match="loaded for inference.*kernels=False"):
             action(fast)
+    # what a script does on its way in changes nothing here, so it is allowed
+    assert fast.to("cpu") is fast and fast.cpu().float().eval() is fast and fast.to(torch.float32) is fast
+    with torch.no_grad():
+        assert torch.allclose(fast(torch.tensor([[2, 5, 6]])).logits, ref(torch.tensor([[2, 5, 6]])).logits, atol=1e-5)
     plain = BioGptForCausalLM.from_pretrained(folder, kernels=False)
     assert set(plain.state_dict()) == set(ref.state_dict()) and next(plain.parameters()).requires_grad
     copy.deepcopy(plain).half()

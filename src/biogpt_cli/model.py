@@ -16,6 +16,7 @@ Modules are pure: no tokenizing, sampling, printing or device policy in here.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,14 @@ class BioGptDecoderLayer(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
+def _unchanged(fn: Any, tensor: torch.Tensor) -> bool:
+    """Whether `fn` (what `Module._apply` maps over tensors) returns `tensor` itself."""
+    try:
+        return fn(tensor) is tensor
+    except (RuntimeError, TypeError, ValueError, AssertionError):  # e.g. .cuda() where there is no CUDA
+        return False
+
+
 class BioGptPreTrainedModel(nn.Module):
     """Shared loading and cache plumbing; `base_prefix` maps a Hub key onto this class.
 
@@ -149,7 +158,10 @@ class BioGptPreTrainedModel(nn.Module):
         return super().state_dict(*args, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .half(), .float(), .cuda(), ...
-        self._refuse("changing device or dtype")
+        if self.inference_kernels:  # a move that moves nothing (`model.to("cpu")` in a script) is fine
+            if all(_unchanged(fn, t) for t in itertools.chain(self.parameters(), self.buffers())):
+                return self
+            self._refuse("changing device or dtype")
         return super()._apply(fn, recurse)
 
     def __reduce_ex__(self, protocol: Any) -> Any:  # torch.save(model), copy.deepcopy(model)
