@@ -47,7 +47,6 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", envvar="BIOGPT_MODEL",
                                        help="Model folder or Hugging Face Hub id.")]
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
-FormatOpt = Annotated[Format, typer.Option("--format", help="Output format.")]
 OutputFormatOpt = Annotated[OutputFormat, typer.Option("--format", help="auto: JSONL for -o *.jsonl, else text.")]
 ErrorsOpt = Annotated[Errors, typer.Option("--errors", help="Invalid UTF-8 in the input: stop, or replace by U+FFFD.")]
 FileArg = Annotated[str | None, typer.Argument(help="Input file, one item per line; '-' or nothing reads stdin.")]
