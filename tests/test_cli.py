@@ -248,6 +248,22 @@ def test_tokenize_hostile_input(cli, tiny, tmp_path):
     assert code == 0 and len(out.split()) > 2_000_000
 
 
+def test_a_byte_order_mark_is_no_part_of_the_text(cli, tiny, tmp_path):
+    """Windows editors start UTF-8 files with a BOM: read as text it became <unk>, and broke JSON."""
+    folder, bom = tiny[0], b"\xef\xbb\xbf"
+    plain, marked = cli("tokenize", "-m", folder, stdin=b"the cat\n")[1], cli("tokenize", "-m", folder,
+                                                                             stdin=bom + b"the cat\n")[1]
+    assert marked == plain and " 3 " not in marked
+    (tmp_path / "in.jsonl").write_bytes(bom + b'{"prompt": "the cat", "id": 7}\n')
+    code, out, err = cli("generate", "-m", folder, "-i", tmp_path / "in.jsonl", "-n", "2", "--format", "jsonl")
+    assert code == 0 and json.loads(out)["prompt"] == "the cat" and json.loads(out)["id"] == 7, err
+    (tmp_path / "gold.json").write_bytes(bom + b'{"7": "yes"}')
+    (tmp_path / "pred.jsonl").write_text('{"id": "7", "answer": "yes"}\n')
+    code, out, err = cli("evaluate", "--task", "pubmedqa", tmp_path / "pred.jsonl", tmp_path / "gold.json",
+                         "--format", "jsonl")
+    assert code == 0 and json.loads(out)["accuracy"] == 1.0, err
+
+
 def test_detokenize_round_trip(cli, tiny):
     folder, _, tok = tiny
     ids = tok.encode("the cat and the dog")

@@ -48,7 +48,7 @@ def read_predictions(path: str | Path, key: str = "id") -> dict[str, dict[str, A
 
 def _read(path: str | Path) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")  # a BOM (a Windows editor's) is no part of the text
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:

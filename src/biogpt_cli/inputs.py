@@ -96,11 +96,14 @@ def count_lines(path: str) -> int | None:
 
 
 def read_lines(f: BinaryIO, name: str, errors: str = "strict") -> Iterator[tuple[int, str]]:
-    """(line number, text without its line ending). Invalid UTF-8 names the line unless `errors`
-    is "replace" (U+FFFD for each bad byte)."""
+    """(line number, text without its line ending or a leading byte-order mark, which Windows
+    editors write). Invalid UTF-8 names the line unless `errors` is "replace" (U+FFFD for each bad
+    byte)."""
     try:
         for n, raw in enumerate(f, 1):
             raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+            if n == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             try:
                 yield n, raw.decode("utf-8", errors=errors)
             except UnicodeDecodeError as e:

@@ -152,7 +152,7 @@ def _classify_with_head(lm: Any, tok: Any, records: Iterator[Prompt], run: TaskR
 def _pubmedqa_json(path: str, reasoning_free: bool) -> Iterator[Prompt]:
     """The official PubMedQA file, {pmid: {QUESTION, CONTEXTS, LONG_ANSWER, ...}}: ids are the pmids."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except OSError as e:
         raise InputError(f"{path}: cannot read it ({e.strerror})") from None
