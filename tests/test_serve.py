@@ -172,6 +172,8 @@ def test_unknown_paths_and_methods_answer_in_openai_shape(server):
     for r, status in ((httpx.get(base + "/v1/nothing", headers=headers), 404),
                       (httpx.get(base + "/v1/completions", headers=headers), 405)):
         assert r.status_code == status and r.json()["error"]["message"].startswith("GET /v1/"), r.text
+    r = httpx.post(base + "/v1/chat/completions", headers=headers, json={"messages": []})
+    assert r.status_code == 404 and "POST /v1/completions with a prompt" in r.json()["error"]["message"]
 
 
 def test_the_serve_command_binds_first_then_serves(tiny_ref):

@@ -114,6 +114,11 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
             return error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
         return await call_next(request)
 
+    @app.post("/v1/chat/completions")
+    async def chat() -> JSONResponse:  # what many clients try first
+        return error(404, "POST /v1/chat/completions: BioGPT continues text and has no chat format: POST "
+                     "/v1/completions with a prompt")
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "model": name}
