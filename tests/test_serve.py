@@ -192,6 +192,9 @@ def test_the_serve_command_binds_first_then_serves(tiny_ref):
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
+    run = subprocess.run([*serve, str(port), "--host", "0.0.0.0", "-m", "/no/such/model"], capture_output=True,
+                         text=True, timeout=60)  # bound, then the load fails: the warning came first
+    assert run.returncode == 1 and run.stderr.startswith("warning: listening on 0.0.0.0 without --api-key")
     proc = subprocess.Popen([*serve, str(port), "-m", str(tiny_ref[1])], stderr=subprocess.DEVNULL)
     try:
         deadline, base = time.time() + 60, f"http://127.0.0.1:{port}"

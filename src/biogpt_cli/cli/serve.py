@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated
 
 import typer
@@ -45,6 +46,17 @@ def serve(
     torch_device = device_or_usage_error(device)
     check_precision(quantize, dtype, torch_device)
     sock = listen(host, port)
+    if not api_key and not _loopback(host):
+        stderr.print(f"warning: listening on {host} without --api-key: anyone who can reach port {port} can use "
+                     "this server")
     lm, tok = load(model, revision, dtype, torch_device, quantize)
     stderr.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
     run_server(lm, tok, model, sock, api_key)
+
+
+def _loopback(host: str) -> bool:
+    """Whether `host` is this machine only (127.0.0.1, ::1, localhost)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
