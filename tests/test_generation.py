@@ -248,8 +248,10 @@ def test_model_generate_and_tokenizer_call_work_as_the_reference(tmp_path):
                           transformers.BioGptTokenizer.from_pretrained(tmp_path))
     texts = ["the cat sat on the mat", "of", "and the dog"]
     assert tok("the cat") == ref_tok("the cat")
-    assert tok(texts, padding=True, return_tensors="pt").input_ids.tolist() == \
-        ref_tok(texts, padding=True, return_tensors="pt").input_ids.tolist()  # right padding, as the reference
+    for kwargs in ({"padding": True}, {"padding": "max_length", "truncation": True, "max_length": 6},
+                   {"padding": "longest", "truncation": True, "max_length": 4}):  # right padding, as the reference
+        assert tok(texts, return_tensors="pt", **kwargs).input_ids.tolist() == \
+            ref_tok(texts, return_tensors="pt", **kwargs).input_ids.tolist(), kwargs
     tok.padding_side = ref_tok.padding_side = "left"
     enc, ref_enc = tok(texts, padding=True, return_tensors="pt"), ref_tok(texts, padding=True, return_tensors="pt")
     assert all(torch.equal(enc[k], ref_enc[k]) for k in ("input_ids", "attention_mask"))

@@ -229,13 +229,23 @@ class BioGptTokenizer:
             ids.extend(word_ids)
         return ids
 
-    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True, padding: bool = False,
+    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True, padding: bool | str = False,
+                 truncation: bool = False, max_length: int | None = None,
                  return_tensors: str | None = None) -> BatchEncoding:
         """The reference's call, for scripts written against it: the ids and attention mask of one
-        text or a list of them; `padding=True` pads a list to its longest with `<pad>` on
-        `padding_side` (set "left" before `model.generate`); `return_tensors="pt"` gives tensors."""
-        rows = [self.encode(t, add_special_tokens) for t in ([text] if isinstance(text, str) else text)]
-        width = max(map(len, rows), default=0) if padding else 0
+        text or a list of them. `truncation=True` keeps each text's first `max_length` ids (the
+        reference's side); `padding=True` ("longest") pads a list to its longest with `<pad>`,
+        "max_length" to `max_length`, on `padding_side` (set "left" before `model.generate`);
+        `return_tensors="pt"` gives tensors."""
+        if (truncation or padding == "max_length") and max_length is None:
+            raise ValueError("truncation and padding='max_length' need max_length here")
+        rows = [self.encode(t, add_special_tokens)[:max_length if truncation else None]
+                for t in ([text] if isinstance(text, str) else text)]
+        width = 0  # no padding
+        if padding == "max_length":
+            width = max_length
+        elif padding not in (False, "do_not_pad"):
+            width = max(map(len, rows), default=0)
         pads = [[self.pad_token_id] * (width - len(r)) for r in rows]
         left, ids, mask = self.padding_side == "left", [], []
         for r, p in zip(rows, pads, strict=True):
