@@ -1,4 +1,5 @@
-"""biogpt-cli as a library: stream a continuation, run beam search, score candidate answers.
+"""biogpt-cli as a library: stream a continuation, run beam search, score candidate answers, and
+run a transformers-style padded batch.
 
     python examples/api.py [MODEL]      (a folder or Hub id; default microsoft/biogpt)
 """
@@ -28,3 +29,8 @@ question = tokenizer.encode("Is aspirin an anti-inflammatory drug? Answer:")
 answers = ["yes", "no", "maybe"]
 probs = choice_probabilities(model, question, [tokenizer.encode(a, add_special_tokens=False) for a in answers])
 print(", ".join(f"{a} {p:.2f}" for a, p in zip(answers, probs, strict=True)))
+
+# A script written against transformers runs as it is: padded batches in, the reference's tensor out.
+tokenizer.padding_side = "left"
+batch = tokenizer(["COVID-19 is", "Aspirin"], padding=True, return_tensors="pt")
+print(tokenizer.batch_decode(model.generate(**batch, max_new_tokens=10), skip_special_tokens=True))

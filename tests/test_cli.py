@@ -538,6 +538,7 @@ def test_examples_run(tiny, tmp_path):
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("COVID-19 is") and "beam:" in run.stdout and "yes" in run.stdout
+    assert run.stdout.splitlines()[-1].startswith("['COVID-19 is")  # the transformers-style batch
 
 
 def test_tokenizer_only_commands_do_not_import_torch(tiny, tmp_path):
