@@ -256,6 +256,7 @@ def test_model_generate_and_tokenizer_call_work_as_the_reference(tmp_path):
     enc, ref_enc = tok(texts, padding=True, return_tensors="pt"), ref_tok(texts, padding=True, return_tensors="pt")
     assert all(torch.equal(enc[k], ref_enc[k]) for k in ("input_ids", "attention_mask"))
     cases = [{}, {"max_new_tokens": 3}, {"max_length": 15}, {"repetition_penalty": 1.3, "max_new_tokens": 10},
+             {"min_length": 24, "max_length": 40, "num_beams": 5, "early_stopping": True},  # the model card's call
              {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 8}]
     for kwargs in cases:
         expected = ref.generate(**ref_enc, **kwargs)

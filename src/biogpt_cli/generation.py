@@ -540,13 +540,14 @@ def generate(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts: G
 
 
 def generate_padded(model: BioGptForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    *, max_length: int | None = None, pad_token_id: int | None = None, use_cache: bool = True,
-                    generator: Generators = None, **options: Any) -> torch.Tensor:
+                    *, max_length: int | None = None, min_length: int | None = None, pad_token_id: int | None = None,
+                    use_cache: bool = True, generator: Generators = None, **options: Any) -> torch.Tensor:
     """The reference `generate()`'s tensor: each input row as given (left-padded, its attention
     mask saying where: without one, `<pad>` marks padding), then its new tokens, the `</s>` that
     ended them, and `pad_token_id` up to the longest row; `num_return_sequences` rows per input.
     `options` are `GenerationOptions` fields; 20 new tokens unless `max_new_tokens` or
-    `max_length` say otherwise, as in the reference. `use_cache` is accepted: the cache is always on."""
+    `max_length` say otherwise, as in the reference, and `min_length` counts the input too (the
+    model card's call). `use_cache` is accepted: the cache is always on."""
     unknown = sorted(set(options) - {f.name for f in fields(GenerationOptions)})
     if unknown:
         raise ValueError(f"generate() does not take {', '.join(unknown)}")
@@ -560,6 +561,8 @@ def generate_padded(model: BioGptForCausalLM, input_ids: torch.Tensor, attention
             raise ValueError(f"max_length {max_length} leaves no room after the {width} input positions: "
                              "set max_new_tokens")
         options["max_new_tokens"] = max_length - width
+    if min_length is not None and "min_new_tokens" not in options:
+        options["min_new_tokens"] = max(min_length - width, 0)
     opts = GenerationOptions(**{"max_new_tokens": 20, **options})
     prompts = [row[keep.bool()].tolist() for row, keep in zip(ids.cpu(), attention_mask.cpu(), strict=True)]
     tails = [s.ids + [config.eos_token_id] * (s.finish_reason == "eos")
