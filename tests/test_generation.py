@@ -273,3 +273,5 @@ def test_model_generate_and_tokenizer_call_work_as_the_reference(tmp_path):
     assert tok.batch_decode(got, skip_special_tokens=True) == ref_tok.batch_decode(got, skip_special_tokens=True)
     with pytest.raises(ValueError, match="does not take foo"):
         ours.generate(**enc, foo=1)
+    with pytest.raises(InputError, match=r"64 positions \(shorten it, or lower max_length or max_new_tokens\)"):
+        ours.generate(**enc, max_length=1024)

@@ -565,8 +565,12 @@ def generate_padded(model: BioGptForCausalLM, input_ids: torch.Tensor, attention
         options["min_new_tokens"] = max(min_length - width, 0)
     opts = GenerationOptions(**{"max_new_tokens": 20, **options})
     prompts = [row[keep.bool()].tolist() for row, keep in zip(ids.cpu(), attention_mask.cpu(), strict=True)]
-    tails = [s.ids + [config.eos_token_id] * (s.finish_reason == "eos")
-             for seqs in generate(model, prompts, opts, generator) for s in seqs]
+    try:
+        results = generate(model, prompts, opts, generator)
+    except PromptTooLong as e:  # in this call's words, not the CLI's
+        e.args = (e.hinted("shorten it, or lower max_length or max_new_tokens"),)
+        raise
+    tails = [s.ids + [config.eos_token_id] * (s.finish_reason == "eos") for seqs in results for s in seqs]
     out = torch.full((len(tails), width + max(map(len, tails), default=0)), pad, dtype=ids.dtype)
     out[:, :width] = ids.cpu().repeat_interleave(opts.num_return_sequences, 0)
     for row, tail in zip(out, tails, strict=True):
