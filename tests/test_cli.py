@@ -684,6 +684,14 @@ def test_beam_search_on_a_terminal_shows_its_steps(tiny):
     assert code == 0 and "beam search: step" in screen and "the cat" in screen
 
 
+def test_only_the_prompt_is_bold_in_every_sequence_on_a_terminal(tiny):
+    """Sequences after the first wait their turn; the text they made meanwhile is no part of the
+    bold prompt (it was: rich's Text(style=...) styled what was appended to it too)."""
+    code, screen = run_in_pty(["generate", "the cat", "-m", str(tiny[0]), "-n", "6", "--sample", "--seed", "2",
+                               "--num-return-sequences", "3"])
+    assert code == 0 and re.findall(r"\x1b\[1m(.*?)\x1b\[0m", screen) == ["the cat"] * 3, screen
+
+
 def test_score_prints_a_header_on_a_terminal_only(cli, tiny, tmp_path):
     (tmp_path / "f.txt").write_text("the cat\n")
     code, screen = run_in_pty(["score", str(tmp_path / "f.txt"), "-m", str(tiny[0])])

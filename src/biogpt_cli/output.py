@@ -336,7 +336,8 @@ class Renderer:
     def _open_row(self) -> None:
         if self.opened < self.cur < len(self.prompts) * self.k:
             self.opened = self.cur
-            text = Text(self.prompts[self.cur // self.k].text.rstrip(), style="bold")
+            text = Text()  # the prompt in bold, what the row made while it waited its turn not
+            text.append(self.prompts[self.cur // self.k].text.rstrip(), style="bold")
             text.append(self.text.get(self.cur, ""))
             self.console.print(text, end="", soft_wrap=True)
 
