@@ -283,29 +283,31 @@ class Renderer:
     """Shows one batch's `TextEvent`s in input order.
 
     On a terminal (`console`), the current sequence streams live after its prompt in bold and later
-    ones wait their turn. Otherwise each prompt's sequences go out as whole lines once all are done:
-    `prompt + text` lines, or JSONL records.
+    ones wait their turn; with `eager` False a row's prompt waits for its first text (a spinner
+    that shares the terminal until then would erase it). Otherwise each prompt's sequences go out
+    as whole lines once all are done: `prompt + text` lines, or JSONL records.
     """
 
     def __init__(self, fmt: str, writer: LineWriter | None, console: Console | None, sequences: int = 1,
                  record: RecordFn = generation_record, line: LineFn = generation_line,
-                 summary: LineFn | None = None, confidence: bool = False) -> None:
+                 summary: LineFn | None = None, confidence: bool = False, eager: bool = True) -> None:
         self.fmt, self.writer, self.console, self.k = fmt, writer, console, sequences
         self.record, self.line, self.summary = record, line, summary  # summary: shown after live text
         self.confidence = confidence  # colour live text by the events' confidence
+        self.eager = eager
         self.prompts: Sequence[Prompt] = ()
 
     def begin(self, prompts: Sequence[Prompt]) -> None:
         self.prompts, self.cur, self.opened = list(prompts), 0, -1
         self.text: dict[int, str] = {}
         self.done: dict[int, Completion] = {}
-        if self.console is not None:
+        if self.console is not None and self.eager:
             self._open_row()
 
     def add(self, prompt: Prompt) -> None:
         """One more prompt (continuous batching reads them as rows free up)."""
         self.prompts.append(prompt)
-        if self.console is not None:
+        if self.console is not None and self.eager:
             self._open_row()
 
     def event(self, ev: TextEvent) -> None:
@@ -314,13 +316,17 @@ class Renderer:
             self.done[ev.row] = ev.done
         if self.console is not None:
             if ev.row == self.cur:
-                style = confidence_style(ev.confidence) if self.confidence else None
-                self.console.print(ev.text, end="", markup=False, highlight=False, soft_wrap=True, style=style)
+                if self.opened < self.cur:  # a row that waited for its text
+                    self._open_row()
+                else:
+                    style = confidence_style(ev.confidence) if self.confidence else None
+                    self.console.print(ev.text, end="", markup=False, highlight=False, soft_wrap=True, style=style)
             while self.cur in self.done:
                 suffix = self.summary(self.prompts[self.cur // self.k], self.done[self.cur]) if self.summary else ""
                 self.console.print(f"  [{suffix}]" if suffix else "", style="dim", markup=False, highlight=False)
                 self.cur += 1
-                self._open_row()
+                if self.eager or self.cur in self.done:
+                    self._open_row()
             return
         while self.cur < len(self.prompts) and all(r in self.done for r in range(self.cur * self.k,
                                                                                  (self.cur + 1) * self.k)):

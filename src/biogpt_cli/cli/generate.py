@@ -262,9 +262,9 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
                          "finishing the rest")
         if confidence:
             stderr.print(CONFIDENCE_LEGEND, style="dim")
-        render = Renderer(fmt, None if live else writer, Console(highlight=False) if live else None, sequences,
-                          plan.record, plan.line, plan.summary, confidence)
         spinner = stderr.status("beam search", spinner="dots") if live and opts.num_beams > 1 else None
+        render = Renderer(fmt, None if live else writer, Console(highlight=False) if live else None, sequences,
+                          plan.record, plan.line, plan.summary, confidence, eager=spinner is None)
         try:
             with spinner or contextlib.nullcontext(), progress(total, quiet or total is None, "records") as update:
                 shown = _Quieting(render, spinner) if spinner else _Counting(render, update, len(done))
