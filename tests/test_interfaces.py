@@ -51,6 +51,8 @@ def test_interactive_settings_are_checked_in_their_own_words():
         reply = command(line, {**settings, "num_return_sequences": 2} if "sample" in line else settings)
         assert reply.startswith("not changed: ") and "--" not in reply, reply
     assert command("/set p 0.5", settings) == "top_p = 0.5" and settings["top_p"] == 0.5
+    shown = command("/show", settings)  # the values decoding uses, not None for a default
+    assert "top_p=0.5" in shown and "temperature=1.0" in shown and "top_k=50" in shown and "sample=True" in shown
     assert command("/exit", settings) is None
 
 

@@ -40,8 +40,10 @@ def command(line: str, settings: dict[str, Any]) -> str | None:
         return None
     if words[0] == "/help":
         return HELP
-    if words[0] == "/show":
-        return "  ".join(f"{k}={settings.get(k)}" for k in SETTINGS)
+    if words[0] == "/show":  # the values decoding will use, defaults included
+        opts = generation_options(settings)
+        used = {k: getattr(opts, k, None) for k in SETTINGS} | {"sample": opts.do_sample, "seed": settings.get("seed")}
+        return "  ".join(f"{k}={used[k]}" for k in SETTINGS)
     if words[0] != "/set" or len(words) != 3:
         return "unknown command: /set NAME VALUE, /show, /help or /exit"
     name = ALIASES.get(words[1], words[1])
