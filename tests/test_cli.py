@@ -409,6 +409,8 @@ def test_score_reads_file_or_input_and_writes_output(cli, tiny, tmp_path):
     assert (tmp_path / "s.txt").read_text() == by_argument  # text: the name does not end in .jsonl
     assert cli("score", "-i", text, "-m", folder, "--show", "--format", "jsonl")[0] == 2
     assert cli("score", "-i", text, "-m", folder, "--show", "-o", tmp_path / "s.jsonl")[0] == 2  # JSONL by name
+    code, _, err = cli("score", "-i", text, "-m", folder, "--show", "--engine", "ray", "-o", tmp_path / "out")
+    assert code == 2 and "nor --engine ray" in one_error_line(err)
     records = tmp_path / "t.jsonl"  # JSONL: records with "text" and "id", as --engine ray reads them
     records.write_text('{"id": "a", "text": "the cat"}\n{"id": "b", "text": "of the"}\n')
     code, out, _ = cli("score", "-i", records, "-m", folder, "--format", "jsonl")

@@ -88,8 +88,9 @@ def score(
     if options is not None and file is not None:
         raise UsageError("--choices scores the continuations of --prompt; it reads no FILE: drop one")
     fmt = output_format(fmt, output)  # a FOLDER for --engine ray: its records are JSONL whatever this says
-    if show and (options is not None or fmt == "jsonl"):
-        raise UsageError("--show prints each line's tokens as text: it goes with neither --choices nor --format jsonl")
+    if show and (options is not None or fmt == "jsonl" or engine == "ray"):
+        raise UsageError("--show prints each line's tokens as text: it goes with neither --choices, --format jsonl "
+                         "nor --engine ray")
     torch_device = device_or_usage_error(device)
     if engine == "ray":
         return run_on_ray("score", {"truncate": truncate}, Engine(engine, address, workers, cpus_per_worker,
