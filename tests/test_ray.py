@@ -81,6 +81,34 @@ def test_rerun_finishes_only_missing_ids(local_ray, tiny_ref, prompts, tmp_path)
     assert sorted(ids) == sorted(f"p{i}" for i in range(N))
 
 
+def test_a_folder_keeps_its_run(cli, local_ray, tiny_ref, prompts, tmp_path):
+    """A re-run with other settings is refused instead of mixing its records in; --force starts over."""
+    out = tmp_path / "out"
+    run(tiny_ref[1], prompts, out)
+    manifest = json.loads((tmp_path / "out.manifest.json").read_text())
+    assert (manifest["status"], manifest["records"], manifest["seed"]) == ("complete", N, 1)
+    args = ("generate", "--engine", "ray", "-m", tiny_ref[1], "-i", prompts, "-o", out, "-n", "7")
+    code, _, err = cli(*args)
+    assert code == 1 and "written by a different run" in one_error_line(err) and '"max_new_tokens": 6' in err
+    assert len(records(out)) == N
+    code, _, err = cli(*args, "--force")
+    assert code == 0 and len(records(out)) == N and max(len(r["ids"]) for r in records(out)) == 7, err
+    assert json.loads((tmp_path / "out.manifest.json").read_text())["run"]["settings"]["max_new_tokens"] == 7
+
+
+def test_a_sampled_folder_is_finished_with_its_own_seed(tmp_path):
+    from biogpt_cli.output import write_manifest
+
+    write_manifest(tmp_path / "out", {}, seed=7)
+    assert cluster._with_seed({"seed": None}, tmp_path / "out", resuming=True)["seed"] == 7
+    assert cluster._with_seed({"seed": 7}, tmp_path / "out", resuming=True)["seed"] == 7
+    with pytest.raises(BioGptError, match="written with seed 7, not 8"):
+        cluster._with_seed({"seed": 8}, tmp_path / "out", resuming=True)
+    fresh = {cluster._with_seed({"seed": None}, tmp_path / "out", resuming=False)["seed"] for _ in range(3)}
+    assert 7 not in fresh and len(fresh) > 1
+    assert cluster._with_seed({}, tmp_path / "out", resuming=True) == {}  # score and the tasks draw nothing
+
+
 def test_a_killed_worker_is_replaced(local_ray, tiny_ref, prompts, tmp_path):
     marker = tmp_path / "killed"
 

@@ -4,8 +4,11 @@ Ray Data reads the JSONL input, an actor pool loads the model once per worker, a
 runs the same plan (plans.py) as a local run, so the records are the ones the local run writes.
 Each batch is written as one part file, `part-<hash of its ids>.jsonl`, under a temporary name
 and renamed when complete: a killed worker leaves no partial file, Ray redoes its batch under the
-same name, and a re-run of the same command skips the ids already in part files. A bad record
-becomes a record with an `error` field; a model that cannot load fails the run before any work.
+same name, and a re-run of the same command skips the ids already in part files. The folder's
+run manifest (`FOLDER.manifest.json`, as beside a local output file) keeps a re-run with other
+settings from mixing its records in, and keeps a sampled run's seed for the re-run that finishes
+it. A bad record becomes a record with an `error` field; a model that cannot load fails the run
+before any work.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BioGptError, InputError
+from .output import check_manifest, manifest_path, manifested
 
 PART = "part-*.jsonl"
 
@@ -146,9 +150,11 @@ def _quiet(ray: Any) -> None:
 def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str, output: str, *,
         address: str | None, workers: int, cpus_per_worker: float, gpus_per_worker: float, batch_size: int | None,
         rows_per_batch: int = 32, progress: Callable[[int, int], None] | None = None,
-        worker: type = Worker) -> tuple[int, int]:
+        worker: type = Worker, force: bool = False) -> tuple[int, int]:
     """Run `command` over the JSONL `input` into part files in the folder `output`; returns
-    (records done now, records done before). `progress(done, total)` follows the run."""
+    (records done now, records done before). `progress(done, total)` follows the run. A folder
+    with parts is finished if its manifest names the same run, refused otherwise; `force`
+    empties it first. A "seed" of None in `settings` is the finished run's, else a new one."""
     ray = ray_module()
     files = input_files(input)
     total = check_ids(files)
@@ -156,12 +162,46 @@ def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str
     if out.exists() and not out.is_dir():
         raise InputError(f"{output}: --engine ray writes a folder of part files; this is a file")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".part-*.tmp"):  # a worker killed mid-write
+    for stale in [*out.glob(".part-*.tmp"), *(out.glob(PART) if force else ())]:  # .tmp: a worker killed mid-write
         stale.unlink()
+    identity = {"command": command, "settings": {k: v for k, v in settings.items() if k != "seed"},
+                "model": {k: load[k] for k in ("path_or_id", "revision", "dtype", "quantize")},
+                "input": str(Path(input).resolve())}
     done = done_ids(out)
+    if done:
+        check_manifest(out, identity)
+    settings = _with_seed(settings, out, bool(done))
+    state = {"seed": settings["seed"]} if "seed" in settings else {}
     todo = total - len(done)
     if todo == 0:
         return 0, len(done)
+    with manifested(out, identity, lambda: len(done_ids(out)), **state):
+        _connect(ray, address, workers, cpus_per_worker)
+        threads = max(1, int(cpus_per_worker))
+        ds = ray.data.read_json([str(f) for f in files])
+        if done:
+            with warnings.catch_warnings():  # Ray suggests its expressions; a set lookup is what this needs
+                warnings.simplefilter("ignore")
+                ds = ds.filter(lambda row: row["id"] not in done)
+        ds = ds.map_batches(worker, fn_constructor_kwargs={
+            "command": command, "settings": settings, "load": load, "output": str(out), "batch_size": batch_size,
+            "threads": threads}, compute=ray.data.ActorPoolStrategy(size=workers), batch_size=rows_per_batch,
+            batch_format="pyarrow", num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None)
+        finished = 0
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                finished += sum(batch.column("done").to_pylist())
+                if progress is not None:
+                    progress(finished, todo)
+        except Exception as e:  # noqa: BLE001 -- Ray wraps worker failures in its own types
+            cause = str(e).strip().splitlines()
+            raise BioGptError(f"the Ray run failed ({type(e).__name__}: {cause[-1] if cause else ''}); "
+                              "re-run the same command to finish the remaining ids") from None
+    return finished, len(done)
+
+
+def _connect(ray: Any, address: str | None, workers: int, cpus_per_worker: float) -> None:
+    """Join the cluster at `address` (or start a local one), and refuse a layout it cannot hold."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     _quiet(ray)
     if not ray.is_initialized():
@@ -179,24 +219,18 @@ def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str
         raise InputError(f"{workers} workers x {cpus_per_worker:g} CPUs + 1 for reading the input need more than the "
                          f"cluster's {cpus:g} CPUs (Ray would wait forever): use fewer --workers or less "
                          "--cpus-per-worker")
-    threads = max(1, int(cpus_per_worker))
-    ds = ray.data.read_json([str(f) for f in files])
-    if done:
-        with warnings.catch_warnings():  # Ray suggests its expressions; a set lookup is what this needs
-            warnings.simplefilter("ignore")
-            ds = ds.filter(lambda row: row["id"] not in done)
-    ds = ds.map_batches(worker, fn_constructor_kwargs={
-        "command": command, "settings": settings, "load": load, "output": str(out), "batch_size": batch_size,
-        "threads": threads}, compute=ray.data.ActorPoolStrategy(size=workers), batch_size=rows_per_batch,
-        batch_format="pyarrow", num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None)
-    finished = 0
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            finished += sum(batch.column("done").to_pylist())
-            if progress is not None:
-                progress(finished, todo)
-    except Exception as e:  # noqa: BLE001 -- Ray wraps worker failures in its own types
-        cause = str(e).strip().splitlines()
-        raise BioGptError(f"the Ray run failed ({type(e).__name__}: {cause[-1] if cause else ''}); "
-                          "re-run the same command to finish the remaining ids") from None
-    return finished, len(done)
+
+
+def _with_seed(settings: dict[str, Any], out: Path, resuming: bool) -> dict[str, Any]:
+    """`settings` with the seed a sampled run draws from: the one given, or when finishing a run
+    the one it drew from (so every record of the folder comes from one stream), or a new one."""
+    if "seed" not in settings:
+        return settings
+    recorded = json.loads(manifest_path(out).read_text(encoding="utf-8")).get("seed") if resuming else None
+    seed = settings["seed"]
+    if resuming and seed is not None and recorded is not None and seed != recorded:
+        raise InputError(f"{out}: written with seed {recorded}, not {seed}; finish it with that seed (or none), or "
+                         "pass --force to start over")
+    if seed is None:
+        seed = recorded if recorded is not None else int.from_bytes(os.urandom(4), "little")
+    return {**settings, "seed": seed}

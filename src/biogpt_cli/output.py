@@ -138,19 +138,28 @@ def open_output(path: str | None, *, force: bool = False, resume: bool = False, 
     if resume and target.exists():
         check_manifest(target, run or {})
     done = _recover(target, group) if resume and target.exists() else set()
-    write_manifest(target, run or {}, status="running")
     writer = LineWriter.create(target, append=resume)
+    with manifested(target, run or {}, lambda: writer.records + len(done) * group):
+        try:
+            yield writer, done
+        finally:
+            writer.close()
+
+
+@contextlib.contextmanager
+def manifested(output: Path, run: dict[str, Any], records: Callable[[], int], **state: Any) -> Iterator[None]:
+    """The run manifest of `output` around a block that writes it: `running` (with `state`), then
+    `complete`, `failed` (an error of ours) or `interrupted`, with `records()` records."""
+    write_manifest(output, run, status="running", **state)
     status = "interrupted"
     try:
-        yield writer, done
+        yield
         status = "complete"
     except BioGptError:
         status = "failed"
         raise
     finally:
-        writer.close()
-        write_manifest(target, run or {}, status=status, records=writer.records + len(done) * group,
-                       updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        write_manifest(output, run, status=status, records=records(), updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
 def check_output(path: str | None, *, force: bool = False, resume: bool | None = None,

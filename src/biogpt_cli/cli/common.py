@@ -216,8 +216,9 @@ def end_startup() -> None:
 
 def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model: str, revision: str | None,
                dtype: str, device: str, quantize: str, input: str | None, output: str | None,
-               batch_size: int | None) -> None:
-    """A batch command on Ray: the same plan in every worker, part files in the -o folder."""
+               batch_size: int | None, force: bool = False) -> None:
+    """A batch command on Ray: the same plan in every worker, part files in the -o folder (emptied
+    first with `force`)."""
     from .. import cluster
     from ..config import BioGptConfig
     from ..loading import describe
@@ -241,6 +242,6 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
         now, before = cluster.run(command, settings, load, input, output, address=engine.address,
                                   workers=engine.workers, cpus_per_worker=engine.cpus_per_worker,
                                   gpus_per_worker=engine.gpus_per_worker, batch_size=batch_size,
-                                  progress=lambda done, total: update(done, total=total))
+                                  progress=lambda done, total: update(done, total=total), force=force)
     already = f" ({before} were there already)" if before else ""
     stderr.print(f"{counted(now, 'record')} written to {output}{already}")

@@ -134,10 +134,11 @@ def generate(
     torch_device = device_or_usage_error(device)
     check_precision(quantize, dtype, torch_device)
     if engine == "ray":
-        settings["seed"] = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+        settings["seed"] = seed  # None: the folder's own seed when finishing it, else a new one (cluster.py)
         return run_on_ray("generate", settings, Engine(engine, address, workers, cpus_per_worker, gpus_per_worker,
                                                        quiet), model=model, revision=revision, dtype=dtype,
-                          device=device, quantize=quantize, input=input, output=output, batch_size=batch_size)
+                          device=device, quantize=quantize, input=input, output=output, batch_size=batch_size,
+                          force=force)
     fmt = output_format(fmt, output)
     check_batch_options(input, output, fmt, force, resume)
     if logprobs is not None and fmt != "jsonl":

@@ -96,7 +96,7 @@ def score(
         return run_on_ray("score", {"truncate": truncate}, Engine(engine, address, workers, cpus_per_worker,
                                                                   gpus_per_worker, quiet),
                           model=model, revision=revision, dtype=dtype, device=device, quantize="none", input=file,
-                          output=output, batch_size=batch_size)
+                          output=output, batch_size=batch_size, force=force)
     check_output(output, force=force, source=file)
     file = file or "-"
     with open_input(file) as f, whole_output(output) as writer:
