@@ -171,12 +171,16 @@ def test_output_file_refused_forced_and_resumed(cli, tiny, tmp_path):
     assert [json.loads(x)["id"] for x in complete.splitlines()] == [f"p{i}" for i in range(5) for _ in range(2)]
     code, _, err = cli(*base)
     assert code == 1 and "already exists" in one_error_line(err) and out.read_text() == complete
+    manifest = tmp_path / "out.jsonl.manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "started": "earlier"}))
     assert cli(*base, "--force")[0] == 0 and out.read_text() == complete
+    assert json.loads(manifest.read_text())["started"] != "earlier"  # a new run, not the old one's record
     # a run killed mid-way: 2 whole prompts, half of the third's group, a torn line
     lines = complete.splitlines(keepends=True)
     out.write_text("".join(lines[:5]) + lines[5][:17])
+    started = json.loads(manifest.read_text())["started"]
     assert cli(*base, "--resume")[0] == 0
-    assert out.read_text() == complete
+    assert out.read_text() == complete and json.loads(manifest.read_text())["started"] == started
 
 
 @pytest.mark.parametrize("command", [["generate"], ["extract", "--task", "ddi"], ["embed"]])

@@ -175,7 +175,7 @@ def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str
     todo = total - len(done)
     if todo == 0:
         return 0, len(done)
-    with manifested(out, identity, lambda: len(done_ids(out)), **state):
+    with manifested(out, identity, lambda: len(done_ids(out)), fresh=not done, **state):
         _connect(ray, address, workers, cpus_per_worker)
         threads = max(1, int(cpus_per_worker))
         ds = ray.data.read_json([str(f) for f in files])

@@ -139,7 +139,7 @@ def open_output(path: str | None, *, force: bool = False, resume: bool = False, 
         check_manifest(target, run or {})
     done = _recover(target, group) if resume and target.exists() else set()
     writer = LineWriter.create(target, append=resume)
-    with manifested(target, run or {}, lambda: writer.records + len(done) * group):
+    with manifested(target, run or {}, lambda: writer.records + len(done) * group, fresh=not resume):
         try:
             yield writer, done
         finally:
@@ -147,9 +147,13 @@ def open_output(path: str | None, *, force: bool = False, resume: bool = False, 
 
 
 @contextlib.contextmanager
-def manifested(output: Path, run: dict[str, Any], records: Callable[[], int], **state: Any) -> Iterator[None]:
+def manifested(output: Path, run: dict[str, Any], records: Callable[[], int], fresh: bool,
+               **state: Any) -> Iterator[None]:
     """The run manifest of `output` around a block that writes it: `running` (with `state`), then
-    `complete`, `failed` (an error of ours) or `interrupted`, with `records()` records."""
+    `complete`, `failed` (an error of ours) or `interrupted`, with `records()` records. A `fresh`
+    run keeps nothing of an earlier manifest (its start time); a resumed one keeps it."""
+    if fresh:
+        manifest_path(output).unlink(missing_ok=True)
     write_manifest(output, run, status="running", **state)
     status = "interrupted"
     try:
