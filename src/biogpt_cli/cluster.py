@@ -156,11 +156,13 @@ def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str
     with parts is finished if its manifest names the same run, refused otherwise; `force`
     empties it first. A "seed" of None in `settings` is the finished run's, else a new one."""
     ray = ray_module()
-    files = input_files(input)
-    total = check_ids(files)
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise InputError(f"{output}: --engine ray writes a folder of part files; this is a file")
+    if out.exists() and out.resolve() == Path(input).resolve():  # its parts would be read as input next time
+        raise InputError(f"{output}: is also the input folder; write the part files to another folder")
+    files = input_files(input)
+    total = check_ids(files)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob(".part-*.tmp"), *(out.glob(PART) if force else ())]:  # .tmp: a worker killed mid-write
         stale.unlink()
