@@ -140,6 +140,10 @@ def test_duplicate_ids_and_impossible_layouts_are_refused_before_any_work(cli, t
                        "-o", tmp_path / "out")
     assert code == 1 and "id 1 is repeated (first at in.jsonl line 1)" in one_error_line(err)
     assert not (tmp_path / "out").exists()
+    for command, option in (("generate", "--format"), ("score", "--input-format"), ("qa", "--format")):
+        code, _, err = cli(command, "--engine", "ray", "-m", tiny_ref[1], "-i", tmp_path / "in.jsonl", "-o",
+                           tmp_path / "out", option, "text")
+        assert code == 2 and "reads and writes JSONL records" in one_error_line(err), (command, err)
     code, _, err = cli("generate", "--engine", "ray", "-m", tiny_ref[1], "-i", tmp_path, "-o", f"{tmp_path}/.")
     assert code == 1 and "is also the input folder" in one_error_line(err)
     (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "a"}\n')

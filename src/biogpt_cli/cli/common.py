@@ -216,13 +216,15 @@ def end_startup() -> None:
 
 def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model: str, revision: str | None,
                dtype: str, device: str, quantize: str, input: str | None, output: str | None,
-               batch_size: int | None, force: bool = False) -> None:
+               batch_size: int | None, force: bool = False, fmt: str = "auto", input_format: str = "auto") -> None:
     """A batch command on Ray: the same plan in every worker, part files in the -o folder (emptied
     first with `force`)."""
     from .. import cluster
     from ..config import BioGptConfig
     from ..loading import describe
 
+    if "text" in (fmt, input_format):
+        raise UsageError("--engine ray reads and writes JSONL records: drop --format text and --input-format text")
     if input is None or input == "-":
         raise UsageError("--engine ray reads a JSONL file or a folder of them: give -i PATH")
     if output is None:

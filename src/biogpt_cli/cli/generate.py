@@ -138,7 +138,7 @@ def generate(
         return run_on_ray("generate", settings, Engine(engine, address, workers, cpus_per_worker, gpus_per_worker,
                                                        quiet), model=model, revision=revision, dtype=dtype,
                           device=device, quantize=quantize, input=input, output=output, batch_size=batch_size,
-                          force=force)
+                          force=force, fmt=fmt, input_format=input_format)
     fmt = output_format(fmt, output)
     check_batch_options(input, output, fmt, force, resume)
     if logprobs is not None and fmt != "jsonl":

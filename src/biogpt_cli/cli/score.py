@@ -87,7 +87,8 @@ def score(
         raise UsageError("--prompt goes with --choices (to score a text, pass it on stdin or in FILE)")
     if options is not None and file is not None:
         raise UsageError("--choices scores the continuations of --prompt; it reads no FILE: drop one")
-    fmt = output_format(fmt, output)  # a FOLDER for --engine ray: its records are JSONL whatever this says
+    if engine == "local":  # a FOLDER for --engine ray, whose records are JSONL: a given --format text is refused
+        fmt = output_format(fmt, output)
     if show and (options is not None or fmt == "jsonl" or engine == "ray"):
         raise UsageError("--show prints each line's tokens as text: it goes with neither --choices, --format jsonl "
                          "nor --engine ray")
@@ -96,7 +97,8 @@ def score(
         return run_on_ray("score", {"truncate": truncate}, Engine(engine, address, workers, cpus_per_worker,
                                                                   gpus_per_worker, quiet),
                           model=model, revision=revision, dtype=dtype, device=device, quantize="none", input=file,
-                          output=output, batch_size=batch_size, force=force)
+                          output=output, batch_size=batch_size, force=force, fmt=fmt,
+                          input_format=input_format)
     check_output(output, force=force, source=file)
     file = file or "-"
     with open_input(file) as f, whole_output(output) as writer:
