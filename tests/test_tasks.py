@@ -382,6 +382,8 @@ def test_classify_with_a_classification_head(cli, tmp_path, head):
     assert code == 0 and out_file.read_text() == out, err
     manifest = json.loads((tmp_path / "out.jsonl.manifest.json").read_text())
     assert (manifest["status"], manifest["records"]) == ("complete", 2)
+    code, out, _ = cli("info", "-m", tmp_path, "--format", "jsonl")
+    assert code == 0 and json.loads(out)["task"].startswith("labels from a BioGptFor") and "head" in out
     # a head generates nothing: the commands that decode say where it runs; embed takes its decoder
     for args, status in ((["generate", "of"], 1), (["score"], 1), (["qa", "--question", "q", "--context", "c"], 1),
                          (["classify", "of", "-n", "3"], 2)):

@@ -418,6 +418,15 @@ def fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _task(config: BioGptConfig) -> str:
+    """What `info` says a checkpoint does."""
+    if config.task or config.learned_prompt:
+        return config.task or "unknown (pass --task)"
+    if config.architecture != "BioGptForCausalLM":
+        return f"labels from a {config.architecture} head (biogpt classify)"
+    return "none (a language model)"
+
+
 def model_class(config: BioGptConfig) -> type[nn.Module]:
     """The class config.json's `architectures` names (a causal LM unless it names a task head)."""
     from . import model
@@ -458,7 +467,7 @@ def describe(path_or_id: str | Path, revision: str | None = None) -> dict[str, A
         "weight dtypes": ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in counted.values()})),
         "weight bytes": sum(t.numel() * t.element_size() for t in counted.values()),
         "vocabulary": vocabulary,
-        "task": config.task or ("unknown (pass --task)" if config.learned_prompt else "none (a language model)"),
+        "task": _task(config),
         "learned prompt tokens": config.learned_prompt,
         "source limit": config.max_source_positions or "the task's default" if config.learned_prompt else "-",
         "config": config.to_dict(),
