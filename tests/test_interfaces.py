@@ -194,6 +194,11 @@ def test_embed_names_the_bad_line_and_truncates_on_request(cli, tiny, tmp_path):
     (tmp_path / "nul.txt").write_text("of\n\x00\n")  # Moses keeps no token of it
     code, _, err = cli("embed", "-i", tmp_path / "nul.txt", "-m", folder)
     assert code == 1 and "line 2: nothing to embed" in one_error_line(err)
+    (tmp_path / "in.jsonl").write_text('{"text": "of", "id": 1}\n{"prompt": "of", "id": 2}\n{"title": "of"}\n')
+    code, out, err = cli("embed", "-i", tmp_path / "in.jsonl", "-m", folder)  # score's field or generate's
+    assert code == 1 and 'line 3: expected an object with a string "text" or "prompt"' in one_error_line(err)
+    first, second = map(json.loads, out.splitlines())
+    assert (first["id"], second["id"]) == (1, 2) and first["embedding"] == second["embedding"]
     code, _, err = cli("embed", "of", "-m", folder, "-o", tmp_path / "e.npy")
     assert code == 2 and "embed writes FILE.jsonl (records) or FILE.safetensors" in one_error_line(err)
     assert not (tmp_path / "e.npy").exists()

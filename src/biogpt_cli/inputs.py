@@ -114,9 +114,10 @@ def read_lines(f: BinaryIO, name: str, errors: str = "strict") -> Iterator[tuple
 
 
 def read_prompts(f: BinaryIO, name: str, jsonl: bool, errors: str = "strict",
-                 text_field: str | None = "prompt") -> Iterator[Prompt]:
-    """Prompts, one per line: plain text, or JSON objects with `text_field` (and optionally "id");
-    with `text_field` None any object is taken (its fields are the caller's to check).
+                 text_field: str | tuple[str, ...] | None = "prompt") -> Iterator[Prompt]:
+    """Prompts, one per line: plain text, or JSON objects with `text_field` (the first of several
+    that the object has; and optionally "id"); with `text_field` None any object is taken (its
+    fields are the caller's to check).
 
     A blank line comes out as a blank prompt: the caller decides whether to skip or report it.
     An "id" may not repeat: `--resume` matches records on it, and would take a repeat for done.
@@ -132,14 +133,17 @@ def read_prompts(f: BinaryIO, name: str, jsonl: bool, errors: str = "strict",
             raise InputError(f"{name}: line {n}: not JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise InputError(f"{name}: line {n}: expected a JSON object")
-        if text_field is not None and not isinstance(obj.get(text_field), str):
-            raise InputError(f'{name}: line {n}: expected an object with a string "{text_field}"')
+        wanted = (text_field,) if isinstance(text_field, str) else text_field or ()
+        field = next((k for k in wanted if isinstance(obj.get(k), str)), None)
+        if wanted and field is None:
+            names = " or ".join(f'"{k}"' for k in wanted)
+            raise InputError(f"{name}: line {n}: expected an object with a string {names}")
         pid = obj.get("id")
         if pid is not None and (isinstance(pid, bool) or not isinstance(pid, str | int)):
             raise InputError(f'{name}: line {n}: "id" must be a string or an integer')
         if pid is not None and ids.setdefault(pid, n) != n:
             raise InputError(f"{name}: line {n}: id {pid!r} is repeated (first at line {ids[pid]})")
-        yield Prompt(n, obj[text_field] if text_field else "", pid, obj)
+        yield Prompt(n, obj[field] if field else "", pid, obj)
 
 
 T = TypeVar("T")

@@ -72,7 +72,7 @@ def embed(
         if sys.stdin.isatty():
             raise UsageError("no text: give PROMPT, --input FILE, or pipe texts on stdin")
         input = "-"
-    with prompt_source(prompt, input, input_format, errors) as items, whole_file(output) as target:
+    with prompt_source(prompt, input, input_format, errors, ("text", "prompt")) as items, whole_file(output) as target:
         lm, tok = load(model, revision, dtype, torch_device, cls=BioGptModel, kernels=True)
         writer = None if matrix else LineWriter.create(target)
         rows, keys, skipped = [], [], 0

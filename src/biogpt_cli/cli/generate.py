@@ -217,7 +217,7 @@ def input_identity(prompt: str | None, path: str | None, output: str | None) -> 
 
 @contextlib.contextmanager
 def prompt_source(prompt: str | None, path: str | None, input_format: InputFormat, errors: str,
-                  text_field: str | None = "prompt") -> Iterator[Iterator[Prompt]]:
+                  text_field: str | tuple[str, ...] | None = "prompt") -> Iterator[Iterator[Prompt]]:
     """The PROMPT argument, or the items of an --input file (opened on entry: a missing one fails early)."""
     if path is None:
         yield iter([Prompt(0, prompt or "", fields={"text": prompt or ""})])
