@@ -151,7 +151,7 @@ def test_bad_requests_get_400_in_openai_shape(server, body, status):
 
 
 def test_fields_clients_send_at_their_inert_values_are_taken(server):
-    """LangChain's OpenAI LLM sends these with every request; they change nothing, so they are taken."""
+    """Clients send these at values that change nothing (LangChain: both penalties, every request): taken."""
     base, headers = server[0], {"Authorization": "Bearer sekret"}
     inert = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "best_of": 1, "echo": False,
              "user": "me"}

@@ -47,7 +47,7 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     user: str | None = None
     # fields this server does not implement, which clients send at the values that change nothing
-    # (LangChain: frequency_penalty 0, presence_penalty 0, logit_bias {}): taken there, refused otherwise
+    # (LangChain: both penalties at 0, with every request): taken there, refused otherwise
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
