@@ -422,8 +422,8 @@ def _task(config: BioGptConfig) -> str:
     """What `info` says a checkpoint does."""
     if config.task or config.learned_prompt:
         return config.task or "unknown (pass --task)"
-    if config.architecture != "BioGptForCausalLM":
-        return f"labels from a {config.architecture} head (biogpt classify)"
+    if head := task_head(config):
+        return f"labels from a {head} head (biogpt classify)"
     return "none (a language model)"
 
 
@@ -432,6 +432,12 @@ def model_class(config: BioGptConfig) -> type[nn.Module]:
     from . import model
 
     return getattr(model, config.architecture if config.architecture in model.ARCHITECTURES else "BioGptForCausalLM")
+
+
+def task_head(config: BioGptConfig) -> str | None:
+    """The class a checkpoint with a classification head loads as; None for a language model."""
+    name = model_class(config).__name__
+    return None if name == "BioGptForCausalLM" else name
 
 
 def load_pretrained(path_or_id: str | Path, *, revision: str | None = None, dtype: torch.dtype | str | None = None,

@@ -39,6 +39,7 @@ class Task:
     max_source: int  # source limit in BPE tokens when the checkpoint does not say (the release's train.sh)
     prefixes: tuple[str, ...] = PREFIXES
     checkpoint: str = ""  # the release's checkpoint name, for messages
+    hub: str = ""  # a Hub model fine-tuned for it too, if any
 
 
 def text_field(fields: Mapping[str, Any], name: str, required: bool = True) -> str:
@@ -122,9 +123,9 @@ def _labels(text: str) -> list[str] | None:
 
 
 RELEASE = "from the original release's checkpoints (github.com/microsoft/BioGPT, README)"
-HUB_TASK_MODELS = {"qa": ", or microsoft/BioGPT-Large-PubMedQA on the Hub"}
 TASKS = {t.name: t for t in (
-    Task("pubmedqa", "qa", "answer", _question_context, _answer, 900, checkpoint="QA-PubMedQA-BioGPT(-Large)"),
+    Task("pubmedqa", "qa", "answer", _question_context, _answer, 900, checkpoint="QA-PubMedQA-BioGPT(-Large)",
+         hub="microsoft/BioGPT-Large-PubMedQA"),
     Task("bc5cdr", "extract", "relations", _title_abstract, _bc5cdr, 640, BC5CDR_PREFIXES,
          checkpoint="RE-BC5CDR-BioGPT"),
     Task("ddi", "extract", "relations", _abstract, _interactions, 640, checkpoint="RE-DDI-BioGPT"),
@@ -142,7 +143,7 @@ def task_for(command: str, requested: str | None, config: BioGptConfig, source: 
         raise InputError(f"{source} is a language model without learned prompt tokens, not a fine-tuned "
                          f"{'/'.join(names)} checkpoint; `biogpt {command}` needs one: "
                          f"{', '.join(others) + ' or ' if others else ''}{last} {RELEASE}"
-                         + HUB_TASK_MODELS.get(command, ""))
+                         + "".join(f", or {TASKS[n].hub} on the Hub" for n in names if TASKS[n].hub))
     if requested is not None and config.task is not None and requested != config.task:
         raise InputError(f"--task {requested} does not match {source}, fine-tuned for {config.task}")
     name = requested or config.task or (names[0] if len(names) == 1 else None)

@@ -185,10 +185,12 @@ def load(model: str, revision: str | None, dtype: str, device: Any, quantize: st
 
     Kept for the life of the process: a second command run in it reuses the model, and `entry`
     exits without freeing 1.4 GB object by object."""
+    from ..loading import task_head
+
     loaded = _load(model, revision, dtype, device, quantize, rows, cls, kernels)
     end_startup()
-    if cls is None and not heads and type(loaded[0]).__name__ != "BioGptForCausalLM":
-        raise InputError(f"{model} has a {type(loaded[0]).__name__} head: run it with `biogpt classify`")
+    if cls is None and not heads and (head := task_head(loaded[0].config)):
+        raise InputError(f"{model} has a {head} head: run it with `biogpt classify`")
     return loaded
 
 
@@ -221,7 +223,7 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
     first with `force`)."""
     from .. import cluster
     from ..config import BioGptConfig
-    from ..loading import describe
+    from ..loading import describe, task_head
 
     if "text" in (fmt, input_format):
         raise UsageError("--engine ray reads and writes JSONL records: drop --format text and --input-format text")
@@ -232,8 +234,8 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
     end_startup()  # the driver loads no model, and Ray's client makes garbage
     cluster.ray_module()
     config = BioGptConfig.from_dict(describe(model, revision)["config"])  # a model that cannot load fails now
-    if config.architecture != "BioGptForCausalLM":
-        raise UsageError(f"{model} has a {config.architecture} head: it runs without --engine ray")
+    if head := task_head(config):
+        raise UsageError(f"{model} has a {head} head: it runs without --engine ray")
     if command in ("qa", "extract", "classify"):
         from ..tasks import task_for
 

@@ -93,6 +93,7 @@ class TaskRun:
 
 def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextlib.AbstractContextManager) -> None:
     """Check options, open the input, load the model, then run the task over every record."""
+    from ..loading import task_head
     from ..plans import task_plan
 
     torch_device = device_or_usage_error(run.device)
@@ -107,8 +108,7 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
     with items as records:
         lm, tok = load_model(run.model, run.revision, run.dtype, torch_device, run.quantize, run.verbose,
                              heads=command_name == "classify")
-        head = lm.config.architecture in ("BioGptForSequenceClassification", "BioGptForTokenClassification")
-        if command_name == "classify" and head:
+        if command_name == "classify" and task_head(lm.config):
             if run.max_new_tokens:
                 raise UsageError(f"{run.model} has a classification head: it generates nothing, so -n does not apply")
             return _classify_with_head(lm, tok, records, run, fmt)
@@ -208,13 +208,14 @@ def qa(
     fields = {k: v for k, v in (("question", question), ("context", context), ("long_answer", long_answer)) if v}
     if long_answer is not None and question is None:
         raise UsageError("--long-answer goes with --question and --context")
-    if reasoning_free and not ((input or "").endswith(".json") and input_format == "auto"):
+    official = input is not None and input.endswith(".json") and input_format == "auto"  # the PubMedQA layout
+    if reasoning_free and not official:
         raise UsageError("--reasoning-free reads LONG_ANSWER from a PubMedQA .json file; elsewhere give the long "
                          'answer: --long-answer, or a "long_answer" field in JSONL records')
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
                   dtype, device, quantize, errors, verbose,
                   Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet))
-    if input is not None and input.endswith(".json") and input_format == "auto":
+    if official:
         if fields:
             raise UsageError("give the input on the command line or with --input, not both")
         items: contextlib.AbstractContextManager = contextlib.nullcontext(_pubmedqa_json(input, reasoning_free))
