@@ -170,14 +170,16 @@ def test_embeddings_equal_the_reference_and_do_not_depend_on_batching(cli, tiny,
         expected = hidden[1:].mean(0) if pool == "mean" else hidden[-1]
         assert torch.allclose(torch.tensor(a["embedding"]), expected, atol=1e-4)
         assert torch.allclose(torch.tensor(a["embedding"]), torch.tensor(b["embedding"]), atol=1e-5)
-    code, _, err = cli("embed", "-i", tmp_path / "in.txt", "-m", folder, "-o", tmp_path / "e.safetensors")
+    code, _, err = cli("embed", "-i", tmp_path / "in.txt", "-m", folder, "-o", tmp_path / "e.safetensors",
+                       "--pool", pool, "--normalize")
     assert code == 0, err
     from safetensors import safe_open
 
     with safe_open(tmp_path / "e.safetensors", "pt") as f:
         matrix = f.get_tensor("embeddings")
         assert json.loads(f.metadata()["keys"]) == [{"line": 1}, {"line": 2}, {"line": 3}]
-    assert matrix.shape == (3, 32)
+    raw = torch.tensor([r["embedding"] for r in runs[0]])
+    assert matrix.shape == (3, 32) and torch.allclose(matrix, raw / raw.norm(dim=1, keepdim=True), atol=1e-5)
 
 
 def test_embed_names_the_bad_line_and_truncates_on_request(cli, tiny, tmp_path):

@@ -18,6 +18,7 @@ import uvicorn  # noqa: E402
 
 from biogpt_cli import GenerationOptions, generate  # noqa: E402
 from biogpt_cli.loading import load_pretrained  # noqa: E402
+from biogpt_cli.scoring import embed  # noqa: E402
 from biogpt_cli.server import create_app  # noqa: E402
 from biogpt_cli.streaming import continuation  # noqa: E402
 
@@ -160,6 +161,37 @@ def test_fields_clients_send_at_their_inert_values_are_taken(server):
                (plain, {**plain, **inert})]
     assert [r.status_code for r in answers] == [200, 200], answers[1].text
     assert answers[0].json()["choices"] == answers[1].json()["choices"]
+
+
+def test_embeddings_through_the_openai_client(server):
+    """The client asks for base64 unless told otherwise and decodes it; both formats give each text's
+    vector alone, scaled to length 1 (OpenAI's are; clients may take dot products for cosines)."""
+    _, lm, tok = server
+    c = client(server)
+    texts = ["the cat and the dog", "of", "in the end of the cat"]
+    alone = torch.cat([embed(lm, [tok.encode(t)]) for t in texts])
+    out = c.embeddings.create(model="tiny", input=texts)
+    got = torch.tensor([d.embedding for d in sorted(out.data, key=lambda d: d.index)])
+    assert torch.allclose(got, alone / alone.norm(dim=1, keepdim=True), atol=1e-6)
+    assert torch.allclose(got.norm(dim=1), torch.ones(3)) and not torch.allclose(alone.norm(dim=1), torch.ones(3))
+    assert out.usage.prompt_tokens == sum(len(tok.encode(t)) for t in texts) and out.model == "tiny"
+    one = c.embeddings.create(model="tiny", input="of", encoding_format="float", dimensions=32)
+    assert torch.allclose(torch.tensor(one.data[0].embedding), got[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"input": [[5, 6]]}, "input: token ids are another tokenizer's"), ({"input": [5, 6]}, "input: token ids"),
+    ({"input": ""}, "input[0]: every input needs some text"), ({"input": ["of", " "]}, "input[1]: every input"),
+    ({"input": []}, "input: give some text"), ({"input": "of", "dimensions": 8}, "dimensions: this model's "
+                                                "embeddings have 32"),
+    ({"input": ["of", "x " * 70]}, "input[1]: 71 tokens exceed the model's 64 positions"),
+    ({"input": ["of", "\x00"]}, "input[1]: nothing to embed"), ({"input": 3}, "input: a string or a list of"),
+    ({"input": "of", "encoding_format": "hex"}, "encoding_format: "), ({"input": "of", "pool": "max"}, "pool: "),
+])
+def test_bad_embedding_requests_get_400_naming_the_input(server, body, message):
+    r = httpx.post(server[0] + "/v1/embeddings", json=body, headers={"Authorization": "Bearer sekret"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith(message), r.text
+    assert httpx.get(server[0] + "/health", timeout=10).json()["status"] == "ok"
 
 
 def test_api_key_is_checked(server):

@@ -21,6 +21,17 @@ class InputError(BioGptError):
     """A prompt or option value that generation cannot honour (e.g. too long for the model)."""
 
 
+class NothingToEmbed(InputError):
+    """A text of which the tokenizer keeps no token; `index` says which of the texts given, so that
+    a front end can name its line or its request field."""
+
+    reason = "nothing to embed: the tokenizer keeps no token of this text"
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        super().__init__(f"text {index}: {self.reason}")
+
+
 class PromptTooLong(InputError):
     """A prompt with no room left for its new tokens. It keeps the counts so that a front end whose
     options have other names (`score`, the server's `max_tokens`) can word its own hint."""

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .batch import batches
+from .errors import InputError, NothingToEmbed
 from .model import BioGptForCausalLM
 
 
@@ -100,13 +101,24 @@ def label_tokens(model: torch.nn.Module, tokenizer: object, text: str) -> list[d
     return entities
 
 
-@torch.inference_mode()
-def embed(model: torch.nn.Module, sequences: Sequence[Sequence[int]], pool: str = "mean") -> torch.Tensor:
+def embed(model: torch.nn.Module, sequences: Sequence[Sequence[int]], pool: str = "mean", *,
+          normalize: bool = False, batch_size: int = 8) -> torch.Tensor:
     """One vector per sequence from the final hidden state (after the last layer norm): the mean
-    over the text's tokens (not the leading `</s>`), or the last token's. One right-padded batch;
-    padding is masked, so a batch gives the vectors each sequence gives alone."""
-    if any(len(s) < 2 for s in sequences):
-        raise InputError("a text to embed needs at least one token after </s>")
+    over the text's tokens (not the leading `</s>`), or the last token's; with `normalize`, scaled
+    to length 1 (OpenAI's embeddings are, and clients may take their dot product for the cosine).
+    Sequences of similar length share a right-padded batch; padding is masked, so a batch gives the
+    vectors each sequence gives alone. Rows come back in the order given."""
+    empty = next((i for i, s in enumerate(sequences) if len(s) < 2), None)
+    if empty is not None:
+        raise NothingToEmbed(empty)
+    out = torch.empty(len(sequences), model.config.hidden_size)
+    for group in batches(iter(sorted(range(len(sequences)), key=lambda i: len(sequences[i]))), batch_size):
+        out[group] = _pooled(model, [sequences[i] for i in group], pool)
+    return F.normalize(out, dim=-1) if normalize else out
+
+
+@torch.inference_mode()
+def _pooled(model: torch.nn.Module, sequences: list[Sequence[int]], pool: str) -> torch.Tensor:
     width = max(map(len, sequences))
     ids = torch.full((len(sequences), width), model.config.pad_token_id)
     mask = torch.zeros(len(sequences), width, dtype=torch.long)

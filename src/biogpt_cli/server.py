@@ -1,23 +1,26 @@
-"""`biogpt serve`: an OpenAI-compatible completions server over the batch engine (the `serve`
-extra: FastAPI, uvicorn, sse-starlette; the core never imports this).
+"""`biogpt serve`: an OpenAI-compatible completions and embeddings server over the batch engine
+(the `serve` extra: FastAPI, uvicorn, sse-starlette; the core never imports this).
 
-A thin layer: each request becomes a plan (plans.py) run by `batch.run` in a worker thread, one
-request at a time in order of arrival (continuous batching serves the prompts of a request
-together). A streamed response sends text as the engine makes it final; a client that goes away
-cancels its generation at the next token. Every bad request is a 4xx in OpenAI's error shape.
+A thin layer: each request becomes a plan (plans.py) run by `batch.run` in a worker thread, or
+texts pooled by `scoring.embed`, one request at a time in order of arrival (continuous batching
+serves the prompts of a request together). A streamed response sends text as the engine makes
+it final; a client that goes away cancels its generation at the next token. Every bad request is
+a 4xx in OpenAI's error shape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import socket
+import struct
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,9 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from .errors import BioGptError, InputError, PromptTooLong
+from .errors import BioGptError, InputError, NothingToEmbed, PromptTooLong
 from .inputs import Prompt
 from .plans import generate_plan
+from .scoring import embed
 
 
 class CompletionRequest(BaseModel):
@@ -60,6 +64,18 @@ class CompletionRequest(BaseModel):
         inert = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "best_of": (1, self.n),
                  "echo": (False,), "suffix": ("",)}
         return next((f for f, values in inert.items() if getattr(self, f) not in (None, *values)), None)
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's /v1/embeddings. Token arrays are typed here only to be refused with a hint: clients
+    send them as tiktoken's ids (LangChain's OpenAIEmbeddings does by default), not BioGPT's."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
@@ -98,7 +114,7 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
         if first.get("type") == "json_invalid":  # its location is a character offset, not a field
             return error(400, f"invalid JSON body: {first.get('ctx', {}).get('error', 'cannot parse it')}")
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        if loc[:1] in (["prompt"], ["stop"]) and len(loc) > 1:  # the first branch of `str | list[str]` failed
+        if loc[:1] in (["prompt"], ["stop"], ["input"]) and len(loc) > 1:  # `str | list[...]`: the first failed
             return error(400, f"{loc[0]}: a string or a list of strings", param=loc[0])
         where = ".".join(loc)
         return error(400, f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid JSON body",
@@ -164,6 +180,36 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
         given = sum(len(j.ids) for j in jobs)
         return {**meta, "choices": choices,
                 "usage": {"prompt_tokens": given, "completion_tokens": used, "total_tokens": given + used}}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> Any:
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if texts and not all(isinstance(t, str) for t in texts):
+            return error(400, "input: token ids are another tokenizer's (tiktoken's, from most clients): send "
+                         "the texts (LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False))", param="input")
+        width = lm.config.hidden_size
+        if body.dimensions not in (None, width):
+            return error(400, f"dimensions: this model's embeddings have {width}", param="dimensions")
+        blank = next((i for i, t in enumerate(texts) if not t.strip()), None if texts else 0)
+        if blank is not None:
+            return error(400, f"input[{blank}]: every input needs some text" if texts else "input: give some text",
+                         param="input")
+        ids = [tok.encode(t) for t in texts]
+        limit = lm.config.max_position_embeddings
+        long = next((i for i, s in enumerate(ids) if len(s) > limit), None)
+        if long is not None:
+            return error(400, f"input[{long}]: {len(ids[long])} tokens exceed the model's {limit} positions",
+                         param="input")
+        try:
+            async with turn:
+                vectors = await asyncio.to_thread(embed, lm, ids, normalize=True)
+        except NothingToEmbed as e:
+            return error(400, f"input[{e.index}]: {e.reason}", param="input")
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(struct.pack(f"<{width}f", *v.tolist())).decode()
+                 if body.encoding_format == "base64" else v.tolist()} for i, v in enumerate(vectors)]
+        used = sum(map(len, ids))
+        return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": used, "total_tokens": used}}
 
     def run(plan: Any, jobs: list[Any], sink: Any, cancelled: threading.Event) -> None:
         from .batch import run as run_batch

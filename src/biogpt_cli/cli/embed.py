@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from ..errors import InputError
+from ..errors import InputError, NothingToEmbed
 from ..hub import DEFAULT_MODEL
 from .common import (
     FORWARD_BATCH,
@@ -38,6 +38,8 @@ def embed(
     revision: RevisionOpt = None,
     pool: Annotated[Literal["mean", "last"], typer.Option(help="Mean of the text's tokens, or the last token.")]
     = "mean",
+    normalize: Annotated[bool, typer.Option(help="Scale each vector to length 1 (as the server's /v1/embeddings).")]
+    = False,
     input: InputOpt = None,
     input_format: InputFormatOpt = "auto",
     output: Annotated[str | None, typer.Option("--output", "-o", help="FILE.jsonl, or FILE.safetensors (a matrix).")]
@@ -83,10 +85,10 @@ def embed(
                 if not kept:
                     continue
                 ids = [text_ids(lm, tok, p, truncate, stderr.print, "embed") for p in kept]
-                empty = next((p for p, s in zip(kept, ids, strict=True) if len(s) < 2), None)
-                if empty is not None:
-                    raise InputError(f"{empty.where}nothing to embed: the tokenizer keeps no token of this text")
-                vectors = pooled(lm, ids, pool)
+                try:
+                    vectors = pooled(lm, ids, pool, normalize=normalize, batch_size=batch_size)
+                except NothingToEmbed as e:
+                    raise InputError(f"{kept[e.index].where}{e.reason}") from None
                 for p, v in zip(kept, vectors, strict=True):
                     key = {"id": p.id} if p.id is not None else {"line": p.line} if p.line else {}
                     if matrix:
@@ -101,5 +103,5 @@ def embed(
             from safetensors.torch import save_file
 
             save_file({"embeddings": torch.stack(rows) if rows else torch.empty(0, lm.config.hidden_size)}, target,
-                      metadata={"keys": json.dumps(keys), "pool": pool})
+                      metadata={"keys": json.dumps(keys), "pool": pool, "normalize": str(normalize).lower()})
         note_skipped(skipped)

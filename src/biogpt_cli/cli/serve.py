@@ -1,4 +1,5 @@
-"""`biogpt serve`: a local OpenAI-compatible completions server (server.py; the `serve` extra)."""
+"""`biogpt serve`: a local OpenAI-compatible completions and embeddings server (server.py; the `serve`
+extra)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def serve(
     quantize: QuantizeOpt = "none",
     debug: DebugOpt = False,
 ) -> None:
-    """Serve /v1/completions, /v1/models and /health, OpenAI-style, for any OpenAI client."""
+    """Serve /v1/completions, /v1/embeddings, /v1/models and /health, OpenAI-style, for any OpenAI client."""
     try:
         from ..server import listen
         from ..server import serve as run_server
