@@ -368,7 +368,8 @@ def quality_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) ->
         goal = {"--quantize int8": "<= +1%", "--quantize int4": "<= +5%"}.get(r["precision"], "")
         rows.append(row(f"{r['precision']}: held-out perplexity (trained model)", r["perplexity"],
                         r["perplexity"] / (1 + r["vs_float32"]), "ppl", higher=False, target=goal,
-                        note=f"{r['vs_float32']:+.2%} vs float32, top-1 agreement {r['top1_agreement']:.1%}"))
+                        note=f"{r['vs_float32']:+.2%} vs float32, top-1 agreement {r['top1_agreement']:.1%}; "
+                        f"{r['batched_differs']} of {r['batched']} prompts give other greedy tokens batched"))
 
 
 def compile_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:

@@ -3,7 +3,9 @@
 Random weights give near-uniform logits, so agreement on them says little. This trains (once,
 cached in the work folder, a few minutes on 2 cores) a small BioGPT-shaped model on the PubMed dev
 corpus with the real vocabulary, then compares every precision with float32 on held-out lines:
-perplexity relative to float32, and top-1 agreement of the next-token predictions.
+perplexity relative to float32, and top-1 agreement of the next-token predictions. It also counts
+the prompts whose greedy tokens differ when they share a batch: int8 activations are quantized
+over all rows of a call, so a batch is not the same computation as each prompt alone.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from biogpt_cli import BioGptConfig, BioGptForCausalLM, BioGptTokenizer
+from biogpt_cli import BioGptConfig, BioGptForCausalLM, BioGptTokenizer, GenerationOptions, generate
 from biogpt_cli.scoring import token_logprobs
 
 SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
              max_position_embeddings=256)
 HELD_OUT = 100
 SEQ = 64
+BATCHED, PROMPT = 40, 8  # prompts of 8 tokens, greedy 20 new tokens, batched and alone
 
 
 def train(vocab_folder: Path, lines: list[str], folder: Path, steps: int = 300) -> Path:
@@ -80,6 +83,9 @@ def measure(folder: Path, lines: list[str]) -> list[dict]:
         if base is None:
             base = (nll, top1)
         agree = torch.cat([(a == b).float() for a, b in zip(top1, base[1], strict=True)]).mean().item()
+        prompts, opts = [seq[:PROMPT] for seq in held[:BATCHED]], GenerationOptions(max_new_tokens=20)
+        together = generate(model, prompts, opts)
+        differ = sum(generate(model, [p], opts)[0][0].ids != t[0].ids for p, t in zip(prompts, together, strict=True))
         results.append({"precision": label, "perplexity": math.exp(nll), "vs_float32": math.exp(nll - base[0]) - 1,
-                        "top1_agreement": agree})
+                        "top1_agreement": agree, "batched_differs": differ, "batched": len(prompts)})
     return results
