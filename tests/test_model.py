@@ -130,8 +130,14 @@ def test_base_model_hidden_states_equal(tiny_ref):
     ours = ours_from(ref, BioGptModel)
     ids = torch.randint(4, ref.config.vocab_size, (2, 9))
     with torch.no_grad():
-        expected = ref.biogpt(ids).last_hidden_state
-    assert torch.allclose(ours(ids).last_hidden_state, expected, atol=ATOL)
+        expected = ref.biogpt(ids, output_hidden_states=True)
+        got = ours(ids, output_hidden_states=True)
+        head = ours_from(ref, BioGptForCausalLM)(ids, output_hidden_states=True).hidden_states
+    assert torch.allclose(got.last_hidden_state, expected.last_hidden_state, atol=ATOL)
+    assert len(got.hidden_states) == len(expected.hidden_states) == ref.config.num_hidden_layers + 1
+    for a, b, c in zip(got.hidden_states, expected.hidden_states, head, strict=True):
+        assert torch.allclose(a, b, atol=ATOL) and torch.equal(a, c)
+    assert ours(ids).hidden_states is None
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -51,6 +51,7 @@ class BioGptOutput:
     last_hidden_state: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     past_key_values: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # with output_hidden_states: the reference's tuple
 
 
 class BioGptAttention(nn.Module):
@@ -191,9 +192,11 @@ class BioGptModel(BioGptPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                position_ids: torch.Tensor | None = None) -> BioGptOutput:
+                position_ids: torch.Tensor | None = None, output_hidden_states: bool = False) -> BioGptOutput:
         """`attention_mask` covers the cached positions too ([batch, past + new]), as in the reference.
-        `position_ids` ([batch, new], from 0) override the positions the mask implies."""
+        `position_ids` ([batch, new], from 0) override the positions the mask implies.
+        `output_hidden_states` adds the reference's tuple: the embeddings, each layer's output but
+        the last, then the last one after the final layer norm (`last_hidden_state`)."""
         b, t = input_ids.shape
         cache = past_key_values
         if cache is None and use_cache:
@@ -208,11 +211,16 @@ class BioGptModel(BioGptPreTrainedModel):
         if position_ids is not None:
             positions = position_ids.expand(b, t)
         x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(positions + POSITION_OFFSET)
+        states = []
         for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                states.append(x)
             x = layer(x, mask, cache, i)
         if cache is not None:
             cache.advance(t)
-        return BioGptOutput(last_hidden_state=self.layer_norm(x), past_key_values=cache)
+        x = self.layer_norm(x)
+        return BioGptOutput(last_hidden_state=x, past_key_values=cache,
+                            hidden_states=(*states, x) if output_hidden_states else None)
 
     @staticmethod
     def _positions_and_mask(attention_mask: torch.Tensor | None, b: int, t: int, past: int,
@@ -259,9 +267,9 @@ class BioGptForCausalLM(BioGptPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
                 labels: torch.Tensor | None = None, logits_to_keep: int = 0,
-                position_ids: torch.Tensor | None = None) -> BioGptOutput:
+                position_ids: torch.Tensor | None = None, output_hidden_states: bool = False) -> BioGptOutput:
         """`logits_to_keep=1` projects only the last position (42384 x 1024 is costly per row)."""
-        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache, position_ids)
+        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache, position_ids, output_hidden_states)
         hidden = out.last_hidden_state
         out.logits = self.output_projection(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         if labels is not None:
@@ -293,8 +301,9 @@ class BioGptForTokenClassification(BioGptPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> BioGptOutput:
-        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache, position_ids)
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> BioGptOutput:
+        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache, position_ids, output_hidden_states)
         out.logits = self.classifier(out.last_hidden_state)
         if labels is not None:
             if attention_mask is not None:  # padded positions do not count
@@ -314,9 +323,10 @@ class BioGptForSequenceClassification(BioGptPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> BioGptOutput:
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> BioGptOutput:
         """Pools at the last non-pad token of each row, so left and right padding both work."""
-        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache, position_ids)
+        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache, position_ids, output_hidden_states)
         logits = self.score(out.last_hidden_state)
         index = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = (index * (input_ids != self.config.pad_token_id)).argmax(-1)
