@@ -25,18 +25,25 @@ def token_logprobs(model: BioGptForCausalLM, sequences: Sequence[Sequence[int]])
     if too_long:
         raise InputError(f"sequence {too_long[0]} has {len(sequences[too_long[0]])} tokens; the model has "
                          f"{limit} positions")
+    ids, mask = right_padded(model, sequences)
+    hidden = model.biogpt(ids, attention_mask=mask).last_hidden_state
+    out = []
+    for i, s in enumerate(sequences):
+        logits = model.output_projection(hidden[i, : len(s) - 1]).float()
+        out.append(F.log_softmax(logits, -1).gather(1, ids[i, 1 : len(s), None])[:, 0].cpu())
+    return out
+
+
+def right_padded(model: torch.nn.Module, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of texts read whole: ids padded on the right and their attention mask, on the
+    model's device. Padding is masked, so each row gives what it gives alone."""
     width = max(map(len, sequences))
     ids = torch.full((len(sequences), width), model.config.pad_token_id)
     mask = torch.zeros(len(sequences), width, dtype=torch.long)
     for i, s in enumerate(sequences):
         ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-    device = model.biogpt.embed_tokens.weight.device
-    hidden = model.biogpt(ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-    out = []
-    for i, s in enumerate(sequences):
-        logits = model.output_projection(hidden[i, : len(s) - 1]).float()
-        out.append(F.log_softmax(logits, -1).gather(1, ids[i, 1 : len(s), None].to(device))[:, 0].cpu())
-    return out
+    device = getattr(model, "biogpt", model).embed_tokens.weight.device
+    return ids.to(device), mask.to(device)
 
 
 def sequence_nll(model: BioGptForCausalLM, sequences: Sequence[Sequence[int]]) -> list[tuple[int, float]]:
@@ -65,14 +72,8 @@ def _labels(model: torch.nn.Module) -> list[str]:
 @torch.inference_mode()
 def classify_sequences(model: torch.nn.Module, sequences: Sequence[Sequence[int]]) -> list[dict]:
     """A sequence-classification head's label and per-class probabilities, one right-padded batch."""
-    pad = model.config.pad_token_id
-    width = max(map(len, sequences))
-    ids = torch.full((len(sequences), width), pad)
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-    device = model.biogpt.embed_tokens.weight.device
-    probs = model(ids.to(device), attention_mask=mask.to(device)).logits.float().softmax(-1).cpu()
+    ids, mask = right_padded(model, sequences)
+    probs = model(ids, attention_mask=mask).logits.float().softmax(-1).cpu()
     labels = _labels(model)
     return [{"label": labels[int(p.argmax())], "scores": dict(zip(labels, p.tolist(), strict=True))} for p in probs]
 
@@ -119,20 +120,13 @@ def embed(model: torch.nn.Module, sequences: Sequence[Sequence[int]], pool: str 
 
 @torch.inference_mode()
 def _pooled(model: torch.nn.Module, sequences: list[Sequence[int]], pool: str) -> torch.Tensor:
-    width = max(map(len, sequences))
-    ids = torch.full((len(sequences), width), model.config.pad_token_id)
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-    base = getattr(model, "biogpt", model)
-    device = base.embed_tokens.weight.device
-    hidden = base(ids.to(device), attention_mask=mask.to(device)).last_hidden_state.float().cpu()
-    lengths = mask.sum(1)
+    ids, mask = right_padded(model, sequences)
+    hidden = getattr(model, "biogpt", model)(ids, attention_mask=mask).last_hidden_state.float()
     if pool == "last":
-        return hidden[torch.arange(len(sequences)), lengths - 1]
+        return hidden[torch.arange(len(sequences), device=hidden.device), mask.sum(1) - 1].cpu()
     text = mask.clone()
     text[:, 0] = 0  # the leading </s> is no part of the text
-    return (hidden * text[..., None]).sum(1) / text.sum(1, keepdim=True)
+    return ((hidden * text[..., None]).sum(1) / text.sum(1, keepdim=True)).cpu()
 
 
 @torch.inference_mode()
