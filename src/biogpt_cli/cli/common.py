@@ -57,8 +57,9 @@ InputFormatOpt = Annotated[InputFormat, typer.Option(help="auto: JSONL if the na
 OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Write here instead of stdout.")]
 ForceOpt = Annotated[bool, typer.Option(help="Overwrite an existing --output file.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Finish an interrupted --output file of the same run.")]
-BatchOpt = Annotated[int, typer.Option(min=1, help="Inputs decoded together.")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Texts read in one forward pass (of similar length: less padding).")]
 FORWARD_BATCH = 8  # texts read whole in one forward pass (score, embed, a classification head)
+LENGTH_WINDOW = 16  # batches of texts read ahead and grouped by length (score, embed): less padding
 DecodeBatchOpt = Annotated[int | None, typer.Option(
     "--batch-size", min=1, show_default=False,
     help="Inputs decoded together [16; 8 with beams, several sequences or a head].")]

@@ -12,6 +12,7 @@ from ..errors import InputError, NothingToEmbed
 from ..hub import DEFAULT_MODEL
 from .common import (
     FORWARD_BATCH,
+    LENGTH_WINDOW,
     BatchOpt,
     DebugOpt,
     DeviceOpt,
@@ -79,7 +80,7 @@ def embed(
         writer = None if matrix else LineWriter.create(target)
         rows, keys, skipped = [], [], 0
         try:
-            for group in batches(items, batch_size):
+            for group in batches(items, batch_size * LENGTH_WINDOW):
                 kept = [p for p in group if p.text.strip()]
                 skipped += len(group) - len(kept)
                 if not kept:

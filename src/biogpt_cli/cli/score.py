@@ -14,6 +14,7 @@ from ..hub import DEFAULT_MODEL
 from ..inputs import Prompt, input_name, jsonl_input, open_input, read_prompts
 from .common import (
     FORWARD_BATCH,
+    LENGTH_WINDOW,
     AddressOpt,
     BatchOpt,
     CpusOpt,
@@ -125,7 +126,7 @@ def _score(lm: Any, tok: Any, items: Iterator[Prompt], fmt: str, writer: LineWri
     if fmt == "text" and writer.fd == 1 and sys.stdout.isatty():
         stderr.print("tokens\tnll\tppl", style="bold")
     skipped = 0
-    for group in batches(items, batch_size * 16):
+    for group in batches(items, batch_size * LENGTH_WINDOW):
         kept = [p for p in group if p.text.strip()]
         skipped += len(group) - len(kept)
         for r in score_records(lm, tok, kept, batch_size, truncate, stderr.print):
