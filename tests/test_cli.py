@@ -452,7 +452,14 @@ def test_info_and_convert(cli, tiny_ref, tiny, tmp_path):
     assert code == 0 and facts["config"]["hidden_size"] == 32 and "model.safetensors" in facts["files"]
     assert facts["parameters"] == sum(p.numel() for p in tiny_ref[0].parameters())  # tied weights once
     dst = tmp_path / "converted"
-    assert cli("convert", folder, dst)[0] == 0
+    mask = os.umask(0o022)
+    try:
+        assert cli("convert", folder, dst)[0] == 0
+    finally:
+        os.umask(mask)
+    # every file readable as open() makes it (safetensors' own save_file creates its file 0600)
+    assert {p.name: p.stat().st_mode & 0o777 for p in dst.iterdir()} == dict.fromkeys(
+        ("config.json", "model.safetensors", "vocab.json", "merges.txt"), 0o644)
     assert cli("convert", folder, dst)[0] == 2  # not empty any more
     (tmp_path / "a-file").write_text("x")
     code, _, err = cli("convert", folder, tmp_path / "a-file", "--force")  # --force cannot help: not "pass --force"

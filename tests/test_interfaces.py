@@ -170,9 +170,13 @@ def test_embeddings_equal_the_reference_and_do_not_depend_on_batching(cli, tiny,
         expected = hidden[1:].mean(0) if pool == "mean" else hidden[-1]
         assert torch.allclose(torch.tensor(a["embedding"]), expected, atol=1e-4)
         assert torch.allclose(torch.tensor(a["embedding"]), torch.tensor(b["embedding"]), atol=1e-5)
-    code, _, err = cli("embed", "-i", tmp_path / "in.txt", "-m", folder, "-o", tmp_path / "e.safetensors",
-                       "--pool", pool, "--normalize")
-    assert code == 0, err
+    mask = os.umask(0o022)
+    try:
+        code, _, err = cli("embed", "-i", tmp_path / "in.txt", "-m", folder, "-o", tmp_path / "e.safetensors",
+                           "--pool", pool, "--normalize")
+    finally:
+        os.umask(mask)
+    assert code == 0 and (tmp_path / "e.safetensors").stat().st_mode & 0o777 == 0o644, err  # not safetensors' 0600
     from safetensors import safe_open
 
     with safe_open(tmp_path / "e.safetensors", "pt") as f:

@@ -482,6 +482,18 @@ def describe(path_or_id: str | Path, revision: str | None = None) -> dict[str, A
 
 
 # -- conversion --------------------------------------------------------------------------------
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                     metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, leaving the file the mode `open()` would give it: safetensors
+    creates it 0600, so a checkpoint converted into a shared folder was its owner's alone."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def convert(src: str | Path, dst: str | Path) -> Path:
     """Write any loadable checkpoint (fairseq release included) in the Hub layout, as safetensors.
 
@@ -489,8 +501,6 @@ def convert(src: str | Path, dst: str | Path) -> Path:
     source limit in config.json, so the converted folder needs no flags. Files are written under
     temporary names and renamed at the end: a failed conversion leaves nothing of its own behind.
     """
-    from safetensors.torch import save_file
-
     folder = resolve(src, None, ("config.json", "|".join(WEIGHT_FILES)))
     config, state, tokenizer = open_checkpoint(folder)
     check_state_dict(model_class(config), config, state, str(folder))
@@ -501,7 +511,7 @@ def convert(src: str | Path, dst: str | Path) -> Path:
     staging = dst / f".biogpt-convert-{os.getpid()}"
     try:
         staging.mkdir(parents=True)
-        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        save_safetensors(tensors, staging / "model.safetensors", metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
         tokenizer.save_vocabulary(staging)
         for path in staging.iterdir():

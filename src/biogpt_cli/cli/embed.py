@@ -101,8 +101,9 @@ def embed(
             if writer is not None:
                 writer.close()
         if matrix:
-            from safetensors.torch import save_file
+            from ..loading import save_safetensors
 
-            save_file({"embeddings": torch.stack(rows) if rows else torch.empty(0, lm.config.hidden_size)}, target,
-                      metadata={"keys": json.dumps(keys), "pool": pool, "normalize": str(normalize).lower()})
+            matrix = torch.stack(rows) if rows else torch.empty(0, lm.config.hidden_size)
+            save_safetensors({"embeddings": matrix}, target,
+                             metadata={"keys": json.dumps(keys), "pool": pool, "normalize": str(normalize).lower()})
         note_skipped(skipped)
