@@ -63,6 +63,32 @@ def test_records_equal_the_local_run(cli, local_ray, tiny_ref, prompts, tmp_path
     assert {k: (v["ids"], v["text"]) for k, v in got.items()} == {k: (v["ids"], v["text"]) for k, v in expected.items()}
 
 
+@pytest.mark.parametrize("command", ["score", "embed"])
+def test_texts_read_whole_give_the_local_records(cli, local_ray, tiny_ref, tmp_path, command):
+    """score and embed on Ray: the local run's records, batched; a bad text is an error record and
+    costs its batch nothing."""
+    texts = [f"the {'cat and ' * (i % 4)}dog {i}" for i in range(20)]
+    rows = [{"id": i, "text": t} for i, t in enumerate(texts)] + [{"id": 20, "text": "\x00"}, {"id": 21}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extra = ("--normalize", "--pool", "last") if command == "embed" else ()
+    code, _, err = cli(command, "--engine", "ray", "-m", tiny_ref[1], "-i", tmp_path / "in.jsonl", "-o",
+                       tmp_path / "out", *extra)
+    assert code == 0, err
+    got = {r.pop("id"): r for r in records(tmp_path / "out")}
+    (tmp_path / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
+    jsonl = ("--format", "jsonl") if command == "score" else ()  # embed writes nothing else
+    code, out, err = cli(command, "-m", tiny_ref[1], "-i", tmp_path / "good.jsonl", *extra, *jsonl)
+    assert code == 0, err
+    local = {r.pop("id"): r for r in map(json.loads, out.splitlines())}
+    for i in range(20):
+        local[i].pop("line")
+        assert got[i].keys() == local[i].keys()
+        for key, value in local[i].items():
+            assert got[i][key] == pytest.approx(value, abs=1e-5), (i, key)
+    assert "nothing to embed" in got[20]["error"] if command == "embed" else got[20]["nll"] is None
+    assert got[21] == {"error": 'expected a string "text"' + (' or "prompt"' if command == "embed" else "")}
+
+
 def test_rerun_finishes_only_missing_ids(local_ray, tiny_ref, prompts, tmp_path):
     class Dying(Worker):
         def __call__(self, batch):

@@ -90,36 +90,47 @@ class Worker:
         torch.set_num_threads(threads)
         self.command, self.output, self.batch_size = command, Path(output), batch_size
         self.lm, self.tok = load_pretrained(**load)
-        self.plan = None if command == "score" else PLANS[command](self.lm, self.tok, settings, lambda m: None)
-        self.truncate = settings.get("truncate", False)
+        self.settings = settings
+        self.plan = PLANS[command](self.lm, self.tok, settings, lambda m: None) if command in PLANS else None
 
     def records(self, rows: list[dict[str, Any]]) -> list[str]:
         from .inputs import Prompt
         from .plans import error_record, generated_records
 
-        text = {"generate": "prompt", "score": "text"}.get(self.command)
-        items = [Prompt(0, row.get(text) if text and isinstance(row.get(text), str) else "", row["id"],
-                        {k: v for k, v in row.items() if v is not None}) for row in rows]
-        bad = {i for i, row in enumerate(rows) if text and not isinstance(row.get(text), str)}
+        fields = {"generate": ("prompt",), "score": ("text",), "embed": ("text", "prompt")}.get(self.command, ())
+        texts = [next((row[f] for f in fields if isinstance(row.get(f), str)), None) for row in rows]
+        items = [Prompt(0, text or "", row["id"], {k: v for k, v in row.items() if v is not None})
+                 for row, text in zip(rows, texts, strict=True)]
+        bad = {i for i, text in enumerate(texts) if fields and text is None}
         good = [p for i, p in enumerate(items) if i not in bad]
         if self.plan is not None:
             lines = iter(generated_records(self.lm, self.tok, self.plan, good, self.batch_size))
         else:
-            lines = iter(self._scores(good))
+            lines = iter(self._forward(good))
+        expected = " or ".join(f'"{f}"' for f in fields)
         return [line for i, p in enumerate(items)
-                for line in ([error_record(p, f'expected a string "{text}"')] if i in bad else next(lines))]
+                for line in ([error_record(p, f"expected a string {expected}")] if i in bad else next(lines))]
 
-    def _scores(self, items: list[Any]) -> list[list[str]]:
-        from .plans import error_record, score_records
+    def _forward(self, items: list[Any]) -> list[list[str]]:
+        """`score` or `embed` records: the batch at once, or one at a time when a text in it is bad,
+        so that it becomes an error record and the others are still done."""
+        from .plans import FORWARD, error_record
 
-        out = []
-        for p in items:  # one at a time, so that one bad text becomes an error record
-            try:
-                out.append([json.dumps(r) + "\n" for r in score_records(self.lm, self.tok, [p], 1, self.truncate,
-                                                                         lambda m: None)])
-            except BioGptError as e:
-                out.append([error_record(p, str(e))])
-        return out
+        def lines(group: list[Any]) -> list[list[str]]:
+            records = FORWARD[self.command](self.lm, self.tok, group, self.batch_size or 8, self.settings,
+                                            lambda m: None)
+            return [[json.dumps(r) + "\n"] for r in records]
+
+        try:
+            return lines(items) if items else []
+        except BioGptError:
+            out = []
+            for p in items:
+                try:
+                    out.extend(lines([p]))
+                except BioGptError as e:
+                    out.append([error_record(p, str(e))])
+            return out
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow

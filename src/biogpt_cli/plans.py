@@ -2,7 +2,8 @@
 
 A plan is built from a loaded model and plain settings (the command's options, picklable), so the
 local command and a Ray worker build the same plan and write the same records: `generate`, the
-task commands (`qa`, `extract`, `classify` on a task checkpoint) and `score`.
+task commands (`qa`, `extract`, `classify` on a task checkpoint), and `score` and `embed`, which
+read each text whole (`FORWARD`).
 """
 
 from __future__ import annotations
@@ -180,14 +181,14 @@ def text_ids(lm: Any, tok: Any, p: Prompt, truncate: bool, warn: Warn, verb: str
     return ids
 
 
-def score_records(lm: Any, tok: Any, items: list[Prompt], batch_size: int, truncate: bool,
+def score_records(lm: Any, tok: Any, items: list[Prompt], batch_size: int, s: dict[str, Any],
                   warn: Warn) -> list[dict[str, Any]]:
     """`score`'s record per non-blank item, in order: tokens, mean NLL and perplexity (None when the
     text predicts nothing); with `truncate`, an over-long text is scored on its end. Items are
     batched by length (less padding to compute), which changes no value."""
     from .scoring import sequence_nll
 
-    ids = [text_ids(lm, tok, p, truncate, warn) for p in items]
+    ids = [text_ids(lm, tok, p, s.get("truncate", False), warn) for p in items]
     out: list[dict[str, Any]] = [{} for _ in items]
     for group in batches(iter(sorted(range(len(items)), key=lambda i: len(ids[i]))), batch_size):
         for i, (count, nll) in zip(group, sequence_nll(lm, [ids[i] for i in group]), strict=True):
@@ -195,3 +196,27 @@ def score_records(lm: Any, tok: Any, items: list[Prompt], batch_size: int, trunc
             out[i] = {**items[i].origin, "tokens": count, "nll": nll if finite else None,
                       "ppl": math.exp(nll) if finite else None}
     return out
+
+
+def embed_vectors(lm: Any, tok: Any, items: list[Prompt], batch_size: int, s: dict[str, Any], warn: Warn) -> Any:
+    """`embed`'s vector per non-blank item, rows in order (`pool`, `normalize`, `truncate`)."""
+    from .errors import NothingToEmbed
+    from .scoring import embed
+
+    ids = [text_ids(lm, tok, p, s.get("truncate", False), warn, "embed") for p in items]
+    try:
+        return embed(lm, ids, s.get("pool", "mean"), normalize=s.get("normalize", False), batch_size=batch_size)
+    except NothingToEmbed as e:
+        raise InputError(f"{items[e.index].where}{e.reason}") from None
+
+
+def embed_records(lm: Any, tok: Any, items: list[Prompt], batch_size: int, s: dict[str, Any],
+                  warn: Warn) -> list[dict[str, Any]]:
+    """`embed`'s JSONL record per non-blank item, in order: its line and id, and the vector (six
+    decimals: float32 holds about seven digits)."""
+    vectors = embed_vectors(lm, tok, items, batch_size, s, warn)
+    return [{**p.origin, "embedding": [round(x, 6) for x in v.tolist()]} for p, v in zip(items, vectors, strict=True)]
+
+
+# commands that read each text whole in one forward pass: a record per text, no decoding
+FORWARD = {"score": score_records, "embed": embed_records}

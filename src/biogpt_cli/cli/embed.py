@@ -8,26 +8,33 @@ from typing import Annotated, Literal
 
 import typer
 
-from ..errors import InputError, NothingToEmbed
 from ..hub import DEFAULT_MODEL
 from .common import (
     FORWARD_BATCH,
     LENGTH_WINDOW,
+    AddressOpt,
     BatchOpt,
+    CpusOpt,
     DebugOpt,
     DeviceOpt,
     DTypeOpt,
+    Engine,
+    EngineOpt,
     ErrorsOpt,
     ForceOpt,
+    GpusOpt,
     InputFormatOpt,
     InputOpt,
     ModelOpt,
+    QuietOpt,
     RevisionOpt,
     UsageError,
+    WorkersOpt,
     command,
     device_or_usage_error,
     load,
     note_skipped,
+    run_on_ray,
     stderr,
 )
 
@@ -43,14 +50,20 @@ def embed(
     = False,
     input: InputOpt = None,
     input_format: InputFormatOpt = "auto",
-    output: Annotated[str | None, typer.Option("--output", "-o", help="FILE.jsonl, or FILE.safetensors (a matrix).")]
-    = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="FILE.jsonl, or FILE.safetensors (a matrix); "
+                                                "a FOLDER with --engine ray.")] = None,
     force: ForceOpt = False,
     truncate: Annotated[bool, typer.Option(help="Embed the end of over-long lines instead of failing.")] = False,
     batch_size: BatchOpt = FORWARD_BATCH,
     dtype: DTypeOpt = "float32",
     device: DeviceOpt = "cpu",
     errors: ErrorsOpt = "strict",
+    quiet: QuietOpt = False,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
+    workers: WorkersOpt = 1,
+    cpus_per_worker: CpusOpt = 1.0,
+    gpus_per_worker: GpusOpt = 0.0,
     debug: DebugOpt = False,
 ) -> None:
     """Embeddings: the final hidden state (after the last layer norm), pooled per text; JSONL
@@ -60,11 +73,17 @@ def embed(
     from ..batch import batches
     from ..model import BioGptModel
     from ..output import LineWriter, check_output, whole_file
-    from ..plans import text_ids
-    from ..scoring import embed as pooled
+    from ..plans import embed_records, embed_vectors
     from .generate import prompt_source
 
     torch_device = device_or_usage_error(device)
+    settings = {"pool": pool, "normalize": normalize, "truncate": truncate}
+    if engine == "ray":
+        if prompt is not None:
+            raise UsageError("--engine ray reads a JSONL file or a folder of them: give -i PATH, not a PROMPT")
+        return run_on_ray("embed", settings, Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet),
+                          model=model, revision=revision, dtype=dtype, device=device, quantize="none", input=input,
+                          output=output, batch_size=batch_size, force=force, input_format=input_format)
     if output is not None and not output.endswith((".jsonl", ".safetensors")):
         raise UsageError(f"-o {output}: embed writes FILE.jsonl (records) or FILE.safetensors (a matrix)")
     matrix = output is not None and output.endswith(".safetensors")
@@ -85,25 +104,19 @@ def embed(
                 skipped += len(group) - len(kept)
                 if not kept:
                     continue
-                ids = [text_ids(lm, tok, p, truncate, stderr.print, "embed") for p in kept]
-                try:
-                    vectors = pooled(lm, ids, pool, normalize=normalize, batch_size=batch_size)
-                except NothingToEmbed as e:
-                    raise InputError(f"{kept[e.index].where}{e.reason}") from None
-                for p, v in zip(kept, vectors, strict=True):
-                    key = {"id": p.id} if p.id is not None else {"line": p.line} if p.line else {}
-                    if matrix:
-                        rows.append(v)
-                        keys.append(key)
-                    else:
-                        writer.write(json.dumps({**key, "embedding": [round(x, 6) for x in v.tolist()]}) + "\n")
+                if matrix:
+                    rows.append(embed_vectors(lm, tok, kept, batch_size, settings, stderr.print))
+                    keys.extend(p.origin for p in kept)
+                else:
+                    for r in embed_records(lm, tok, kept, batch_size, settings, stderr.print):
+                        writer.write(json.dumps(r) + "\n")
         finally:
             if writer is not None:
                 writer.close()
         if matrix:
             from ..loading import save_safetensors
 
-            matrix = torch.stack(rows) if rows else torch.empty(0, lm.config.hidden_size)
-            save_safetensors({"embeddings": matrix}, target,
-                             metadata={"keys": json.dumps(keys), "pool": pool, "normalize": str(normalize).lower()})
+            save_safetensors({"embeddings": torch.cat(rows) if rows else torch.empty(0, lm.config.hidden_size)},
+                             target, metadata={"keys": json.dumps(keys), **{k: str(v).lower() for k, v in
+                                                                            settings.items()}})
         note_skipped(skipped)

@@ -129,7 +129,7 @@ def _score(lm: Any, tok: Any, items: Iterator[Prompt], fmt: str, writer: LineWri
     for group in batches(items, batch_size * LENGTH_WINDOW):
         kept = [p for p in group if p.text.strip()]
         skipped += len(group) - len(kept)
-        for r in score_records(lm, tok, kept, batch_size, truncate, stderr.print):
+        for r in score_records(lm, tok, kept, batch_size, {"truncate": truncate}, stderr.print):
             nll = math.nan if r["nll"] is None else r["nll"]
             writer.write(json.dumps(r) + "\n" if fmt == "jsonl"
                          else f"{r['tokens']}\t{nll:.6f}\t{math.exp(nll) if math.isfinite(nll) else math.nan:.4f}\n")
