@@ -1,5 +1,5 @@
-"""biogpt-cli as a library: stream a continuation, run beam search, score candidate answers, and
-run a transformers-style padded batch.
+"""biogpt-cli as a library: stream a continuation, run beam search, score candidate answers, find
+the nearest title by embeddings, and run a transformers-style padded batch.
 
     python examples/api.py [MODEL]      (a folder or Hub id; default microsoft/biogpt)
 """
@@ -7,7 +7,7 @@ run a transformers-style padded batch.
 import sys
 
 from biogpt_cli import BioGptForCausalLM, BioGptTokenizer, GenerationOptions, generate, stream_completions
-from biogpt_cli.scoring import choice_probabilities
+from biogpt_cli.scoring import choice_probabilities, embed
 
 name = sys.argv[1] if len(sys.argv) > 1 else "microsoft/biogpt"
 model = BioGptForCausalLM.from_pretrained(name)
@@ -29,6 +29,11 @@ question = tokenizer.encode("Is aspirin an anti-inflammatory drug? Answer:")
 answers = ["yes", "no", "maybe"]
 probs = choice_probabilities(model, question, [tokenizer.encode(a, add_special_tokens=False) for a in answers])
 print(", ".join(f"{a} {p:.2f}" for a, p in zip(answers, probs, strict=True)))
+
+# Embeddings: the mean of each text's final hidden states, here of length 1, so a dot product is the cosine.
+titles = ["Aspirin for the prevention of stroke", "Statins and the risk of stroke", "COVID-19 vaccine efficacy"]
+vectors = embed(model, [tokenizer.encode(t) for t in titles], normalize=True)
+print("nearest to the first title:", titles[1 + int((vectors[1:] @ vectors[0]).argmax())])
 
 # A script written against transformers runs as it is: padded batches in, the reference's tensor out.
 tokenizer.padding_side = "left"

@@ -551,6 +551,7 @@ def test_examples_run(tiny, tmp_path):
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("COVID-19 is") and "beam:" in run.stdout and "yes" in run.stdout
+    assert "nearest to the first title: " in run.stdout
     assert run.stdout.splitlines()[-1].startswith("['COVID-19 is")  # the transformers-style batch
 
 

@@ -95,9 +95,9 @@ class Worker:
 
     def records(self, rows: list[dict[str, Any]]) -> list[str]:
         from .inputs import Prompt
-        from .plans import error_record, generated_records
+        from .plans import TEXT_FIELDS, error_record, generated_records
 
-        fields = {"generate": ("prompt",), "score": ("text",), "embed": ("text", "prompt")}.get(self.command, ())
+        fields = TEXT_FIELDS.get(self.command, ())
         texts = [next((row[f] for f in fields if isinstance(row.get(f), str)), None) for row in rows]
         items = [Prompt(0, text or "", row["id"], {k: v for k, v in row.items() if v is not None})
                  for row, text in zip(rows, texts, strict=True)]

@@ -220,3 +220,5 @@ def embed_records(lm: Any, tok: Any, items: list[Prompt], batch_size: int, s: di
 
 # commands that read each text whole in one forward pass: a record per text, no decoding
 FORWARD = {"score": score_records, "embed": embed_records}
+# the JSONL field a command reads its text from (the first present); the tasks read several fields
+TEXT_FIELDS = {"generate": ("prompt",), "score": ("text",), "embed": ("text", "prompt")}

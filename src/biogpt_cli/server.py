@@ -190,26 +190,34 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
         width = lm.config.hidden_size
         if body.dimensions not in (None, width):
             return error(400, f"dimensions: this model's embeddings have {width}", param="dimensions")
-        blank = next((i for i, t in enumerate(texts) if not t.strip()), None if texts else 0)
+        if not texts:
+            return error(400, "input: give some text", param="input")
+        blank = next((i for i, t in enumerate(texts) if not t.strip()), None)
         if blank is not None:
-            return error(400, f"input[{blank}]: every input needs some text" if texts else "input: give some text",
-                         param="input")
-        ids = [tok.encode(t) for t in texts]
-        limit = lm.config.max_position_embeddings
-        long = next((i for i, s in enumerate(ids) if len(s) > limit), None)
-        if long is not None:
-            return error(400, f"input[{long}]: {len(ids[long])} tokens exceed the model's {limit} positions",
-                         param="input")
+            return error(400, f"input[{blank}]: every input needs some text", param="input")
         try:
             async with turn:
-                vectors = await asyncio.to_thread(embed, lm, ids, normalize=True)
-        except NothingToEmbed as e:
-            return error(400, f"input[{e.index}]: {e.reason}", param="input")
+                ids, vectors = await asyncio.to_thread(embed_texts, texts)
+        except InputError as e:
+            return error(400, str(e), param="input")
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(struct.pack(f"<{width}f", *v.tolist())).decode()
                  if body.encoding_format == "base64" else v.tolist()} for i, v in enumerate(vectors)]
         used = sum(map(len, ids))
         return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": used, "total_tokens": used}}
+
+    def embed_texts(texts: list[str]) -> tuple[list[list[int]], Any]:
+        """Their ids and unit vectors, in the worker thread (tokenizing a thousand texts would
+        stall the event loop); a text too long or left with no token is named by its index."""
+        ids = [tok.encode(t) for t in texts]
+        limit = lm.config.max_position_embeddings
+        long = next((i for i, s in enumerate(ids) if len(s) > limit), None)
+        if long is not None:
+            raise InputError(f"input[{long}]: {len(ids[long])} tokens exceed the model's {limit} positions")
+        try:
+            return ids, embed(lm, ids, normalize=True)
+        except NothingToEmbed as e:
+            raise InputError(f"input[{e.index}]: {e.reason}") from None
 
     def run(plan: Any, jobs: list[Any], sink: Any, cancelled: threading.Event) -> None:
         from .batch import run as run_batch

@@ -73,7 +73,7 @@ def embed(
     from ..batch import batches
     from ..model import BioGptModel
     from ..output import LineWriter, check_output, whole_file
-    from ..plans import embed_records, embed_vectors
+    from ..plans import TEXT_FIELDS, embed_records, embed_vectors
     from .generate import prompt_source
 
     torch_device = device_or_usage_error(device)
@@ -94,7 +94,8 @@ def embed(
         if sys.stdin.isatty():
             raise UsageError("no text: give PROMPT, --input FILE, or pipe texts on stdin")
         input = "-"
-    with prompt_source(prompt, input, input_format, errors, ("text", "prompt")) as items, whole_file(output) as target:
+    source = prompt_source(prompt, input, input_format, errors, TEXT_FIELDS["embed"])
+    with source as items, whole_file(output) as target:
         lm, tok = load(model, revision, dtype, torch_device, cls=BioGptModel, kernels=True)
         writer = None if matrix else LineWriter.create(target)
         rows, keys, skipped = [], [], 0

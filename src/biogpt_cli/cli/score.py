@@ -78,6 +78,7 @@ def score(
 ) -> None:
     """Per line: tokens, mean negative log-likelihood, perplexity. With --choices: their probabilities."""
     from ..output import check_output, whole_output
+    from ..plans import TEXT_FIELDS
     from ..scoring import choice_probabilities
 
     file = file_or_input(file, input)
@@ -103,7 +104,7 @@ def score(
     check_output(output, force=force, source=file)
     file = file or "-"
     with open_input(file) as f, whole_output(output) as writer:
-        items = read_prompts(f, input_name(file), jsonl_input(file, input_format), errors, text_field="text")
+        items = read_prompts(f, input_name(file), jsonl_input(file, input_format), errors, TEXT_FIELDS["score"])
         lm, tok = load(model, revision, dtype, torch_device)
         if options is not None:
             probs = choice_probabilities(lm, tok.encode(prompt),
