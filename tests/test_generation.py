@@ -88,7 +88,9 @@ def test_eos_paths_are_exercised(eos_ref):
 @pytest.mark.parametrize("opts", [GenerationOptions(max_new_tokens=9),
                                   GenerationOptions(max_new_tokens=9, num_beams=4, num_return_sequences=2),
                                   GenerationOptions(max_new_tokens=9, no_repeat_ngram_size=2, repetition_penalty=1.2),
-                                  GenerationOptions(max_new_tokens=9, do_sample=True, num_return_sequences=2)])
+                                  GenerationOptions(max_new_tokens=9, do_sample=True, num_return_sequences=2),
+                                  GenerationOptions(max_new_tokens=9, do_sample=True, num_beams=3,
+                                                    num_return_sequences=2)])
 def test_batch_equals_single(eos_ref, opts):
     ours = ours_from(eos_ref)
     streams = [prompt_generator(7, i) for i in range(len(PROMPTS))] if opts.do_sample else None  # one per prompt
@@ -235,7 +237,8 @@ def test_continuous_batching_equals_each_prompt_alone(eos_ref, monkeypatch, opts
 def test_model_generate_and_tokenizer_call_work_as_the_reference(tmp_path):
     """A script written against transformers runs unchanged: tokenizer(texts, padding=True,
     return_tensors="pt") then model.generate(**enc, ...) give the reference's tensors, eos and
-    padding included, for greedy, beams, penalties, max_length, global-seed sampling and no mask."""
+    padding included, for greedy, beams, penalties, max_length, global-seed sampling (beam sampling
+    too) and no mask."""
     import transformers
 
     from biogpt_cli import BioGptForCausalLM, BioGptTokenizer
@@ -263,10 +266,16 @@ def test_model_generate_and_tokenizer_call_work_as_the_reference(tmp_path):
         got = ours.generate(**enc, **kwargs)
         assert torch.equal(got, expected), kwargs
     assert (expected[:, -1] == 1).any() and (expected == 2).sum() > len(texts)  # padded after an early </s>
-    torch.manual_seed(3)
-    expected = ref.generate(**ref_enc, do_sample=True, max_new_tokens=8)
-    torch.manual_seed(3)
-    assert torch.equal(ours.generate(**enc, do_sample=True, max_new_tokens=8), expected)
+    for kwargs in ({}, {"num_beams": 3, "num_return_sequences": 2, "top_k": 20, "temperature": 0.7},  # beam sampling
+                   {"num_beams": 2, "min_p": 0.5}):
+        torch.manual_seed(3)
+        expected = ref.generate(**ref_enc, do_sample=True, max_new_tokens=8, **kwargs)
+        torch.manual_seed(3)
+        assert torch.equal(ours.generate(**enc, do_sample=True, max_new_tokens=8, **kwargs), expected), kwargs
+        torch.manual_seed(3)  # top_p leaves fewer candidates than the 8 drawn: the rest come at no chance, alike
+        expected = ref.generate(**ref_enc, do_sample=True, num_beams=4, top_p=0.01, max_new_tokens=5)
+        torch.manual_seed(3)
+        assert torch.equal(ours.generate(**enc, do_sample=True, num_beams=4, top_p=0.01, max_new_tokens=5), expected)
     no_mask = ref.generate(ref_enc.input_ids, max_new_tokens=5)  # <pad> marks the padding
     assert torch.equal(ours.generate(enc.input_ids, max_new_tokens=5), no_mask)
     got = ours.generate(**enc, max_new_tokens=6)

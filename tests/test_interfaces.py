@@ -47,7 +47,7 @@ def test_interactive_settings_are_checked_in_their_own_words():
     from biogpt_cli.cli.interactive import command
 
     settings = {"max_new_tokens": 5, "sample": True}
-    for line in ("/set beams 3", "/set t 0", "/set sample off"):
+    for line in ("/set n 0", "/set t 0", "/set sample off"):
         reply = command(line, {**settings, "num_return_sequences": 2} if "sample" in line else settings)
         assert reply.startswith("not changed: ") and "--" not in reply, reply
     assert command("/set p 0.5", settings) == "top_p = 0.5" and settings["top_p"] == 0.5

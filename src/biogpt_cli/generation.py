@@ -69,10 +69,9 @@ class GenerationOptions:
         need(self.repetition_penalty > 0, "repetition_penalty must be greater than 0")
         need(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be 0 (off) or more")
         need(self.early_stopping in (True, False, "never"), "early_stopping must be true, false or 'never'")
-        if self.do_sample:
-            need(self.num_beams == 1, "sampling with beam search is not supported: num_beams must be 1 when sampling")
-        elif self.num_beams == 1:
-            need(self.num_return_sequences == 1, "num_return_sequences > 1 needs sampling or num_beams > 1")
+        if self.num_beams == 1:
+            need(self.do_sample or self.num_return_sequences == 1,
+                 "num_return_sequences > 1 needs sampling or num_beams > 1")
         else:
             need(self.num_return_sequences <= self.num_beams,
                  f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})")
@@ -145,29 +144,30 @@ def temperature(t: float) -> Processor:
     return lambda history, scores: scores / t
 
 
-def top_k(k: int) -> Processor:
+def top_k(k: int, keep: int = 1) -> Processor:
+    """Keep the k likeliest tokens (at least `keep`)."""
     def apply(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        kth = torch.topk(scores, min(k, scores.shape[-1])).values[..., -1:]
+        kth = torch.topk(scores, min(max(k, keep), scores.shape[-1])).values[..., -1:]
         return scores.masked_fill(scores < kth, NEG_INF)
     return apply
 
 
-def top_p(p: float) -> Processor:
-    """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+def top_p(p: float, keep: int = 1) -> Processor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (at least `keep`)."""
     def apply(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         sorted_scores, order = torch.sort(scores, descending=False)
         remove = sorted_scores.softmax(-1).cumsum(-1) <= 1 - p
-        remove[..., -1:] = False
+        remove[..., -keep:] = False
         return scores.masked_fill(remove.scatter(1, order, remove), NEG_INF)
     return apply
 
 
-def min_p(p: float) -> Processor:
-    """Drop tokens less likely than p times the most likely one."""
+def min_p(p: float, keep: int = 1) -> Processor:
+    """Drop tokens less likely than p times the most likely one (keeping at least `keep`)."""
     def apply(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         probs = scores.softmax(-1)
         remove = probs < p * probs.amax(-1, keepdim=True)
-        remove.scatter_(-1, probs.argmax(-1, keepdim=True), False)
+        remove.scatter_(-1, torch.topk(probs, min(keep, probs.shape[-1])).indices, False)
         return scores.masked_fill(remove, NEG_INF)
     return apply
 
@@ -184,14 +184,15 @@ def make_processors(opts: GenerationOptions, eos: int, prompt_width: int | torch
     if opts.min_new_tokens > 0:
         procs.append(min_new_tokens(opts.min_new_tokens, eos, prompt_width))
     if opts.do_sample:
+        keep = 2 if opts.num_beams > 1 else 1  # beam sampling keeps a token besides </s> to explore, as the reference
         if opts.temperature != 1.0:
             procs.append(temperature(opts.temperature))
         if opts.top_k:
-            procs.append(top_k(opts.top_k))
+            procs.append(top_k(opts.top_k, keep))
         if opts.top_p < 1.0:
-            procs.append(top_p(opts.top_p))
+            procs.append(top_p(opts.top_p, keep))
         if opts.min_p is not None:
-            procs.append(min_p(opts.min_p))
+            procs.append(min_p(opts.min_p, keep))
     return procs
 
 
@@ -449,12 +450,19 @@ def _advance(seq: int, tok: int, new_ids: list[int], eos: int, max_new: int,
 
 
 def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts: GenerationOptions,
-                progress: Callable[[int], None] | None = None) -> list[list[GeneratedSequence]]:
+                progress: Callable[[int], None] | None = None,
+                generator: Generators = None) -> list[list[GeneratedSequence]]:
     """The reference's vectorised beam search: 2*beams candidates per step, finished hypotheses
     scored as sum(log p) / new_length ** length_penalty, the same early-stopping heuristic.
+    With `do_sample` the candidates are drawn (without replacement, from the warped scores) instead
+    of taken best first, as the reference's beam sampling does: from `generator` (one stream for
+    the batch, as the reference draws from torch's), or from each prompt's own (a list, or a
+    function of the prompt's index), which makes a prompt's result the same in any batch.
     `progress(step)` is called after each step (the winners are known only at the end)."""
     opts.validate()
     eos, nb, max_new = model.config.eos_token_id, opts.num_beams, opts.max_new_tokens
+    if generator is not None and not isinstance(generator, torch.Generator):
+        generator = [generator(i) if callable(generator) else generator[i] for i in range(len(prompts))]
     batch = _Batch(model, prompts, max_new, nb)
     procs = make_processors(opts, eos, batch.width)
     b, v, width, total = len(prompts), batch.vocab, batch.width, batch.width + max_new
@@ -475,7 +483,12 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
     while True:
         logp = apply_all(procs, seqs.view(b * nb, total)[:, :cur], F.log_softmax(scores, -1))
         logp = (logp.view(b, nb, v) + run_scores[:, :, None]).view(b, nb * v)
-        top_lp, top_idx = torch.topk(logp, keep)
+        if opts.do_sample:
+            top_idx = _candidates(logp.softmax(-1), keep, generator)
+            top_lp, order = logp.gather(1, top_idx).sort(-1, descending=True)
+            top_idx = top_idx.gather(1, order)
+        else:
+            top_lp, top_idx = torch.topk(logp, keep)
         beam_of, tokens = top_idx // v, top_idx % v
         top_seqs = seqs.gather(1, beam_of[:, :, None].expand(-1, -1, total)).clone()
         top_seqs[:, :, cur] = tokens
@@ -520,13 +533,20 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
     return results
 
 
+def _candidates(probs: torch.Tensor, k: int, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """`k` distinct candidates per row, drawn from one stream or from each row's own (a list)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(probs[i:i + 1], k, generator=g) for i, g in enumerate(generator)])
+    return torch.multinomial(probs, k, generator=generator)
+
+
 def generate(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts: GenerationOptions,
              generator: Generators = None,
              should_stop: StopCheck | None = None) -> list[list[GeneratedSequence]]:
     """All strategies, final results: one list of sequences per prompt."""
     opts.validate()
     if opts.num_beams > 1:
-        return beam_search(model, prompts, opts)
+        return beam_search(model, prompts, opts, generator=generator)
     k = opts.num_return_sequences
     ids: dict[int, list[int]] = {}
     reasons: dict[int, str] = {}

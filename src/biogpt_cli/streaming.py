@@ -141,7 +141,7 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, pro
     k = opts.num_return_sequences
     if opts.num_beams > 1:
         prompts = list(prompts)
-        for i, seqs in enumerate(beam_search(model, prompts, opts, progress)):
+        for i, seqs in enumerate(beam_search(model, prompts, opts, progress, generator)):
             for j, seq in enumerate(seqs):
                 text, stopped = continuation(tokenizer, prompts[i], seq.ids, stop)
                 ids = _through_stop(tokenizer, prompts[i], seq.ids, stop) if stopped else seq.ids
