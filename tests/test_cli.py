@@ -94,6 +94,8 @@ def test_generate_sampling_is_seeded(cli, tiny):
             "--format", "jsonl")
     runs = [json.loads(cli(*args, "--seed", s)[1])["ids"] for s in ("1", "1", "2")]
     assert runs[0] == runs[1] != runs[2]
+    beams = [json.loads(cli(*args, "--num-beams", "3", "--seed", s)[1])["ids"] for s in ("1", "1", "2")]
+    assert beams[0] == beams[1] != beams[2]
 
 
 def test_generate_stop_and_ban(cli, tiny):
