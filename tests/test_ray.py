@@ -108,12 +108,19 @@ def test_rerun_finishes_only_missing_ids(local_ray, tiny_ref, prompts, tmp_path)
 
 
 def test_a_folder_keeps_its_run(cli, local_ray, tiny_ref, prompts, tmp_path):
-    """A re-run with other settings is refused instead of mixing its records in; --force starts over."""
-    out = tmp_path / "out"
-    args = ("generate", "--engine", "ray", "-m", tiny_ref[1], "-i", prompts, "-o", out, "-n")
+    """A re-run with other settings, or with other model files under the same path, is refused
+    instead of mixing its records in; --force starts over."""
+    import shutil
+
+    out, model = tmp_path / "out", shutil.copytree(tiny_ref[1], tmp_path / "model")
+    args = ("generate", "--engine", "ray", "-m", model, "-i", prompts, "-o", out, "-n")
     assert cli(*args, "6")[0] == 0
     manifest = json.loads((tmp_path / "out.manifest.json").read_text())
     assert (manifest["status"], manifest["records"], type(manifest["seed"])) == ("complete", N, int)
+    (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # another model, same path
+    code, _, err = cli(*args, "6")
+    assert code == 1 and "written by a different run (model.model_files " in one_error_line(err)
+    (model / "config.json").write_text((model / "config.json").read_text()[:-1])
     args = (*args, "7")
     code, _, err = cli(*args)
     assert code == 1 and "written by a different run (settings.max_new_tokens 6 -> 7)" in one_error_line(err)

@@ -224,7 +224,7 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
     first with `force`)."""
     from .. import cluster
     from ..config import BioGptConfig
-    from ..loading import describe, task_head
+    from ..loading import describe, fingerprint, task_head
 
     if "text" in (fmt, input_format):
         raise UsageError("--engine ray reads and writes JSONL records: drop --format text and --input-format text")
@@ -234,7 +234,8 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
         raise UsageError("--engine ray writes a folder of JSONL part files: give -o FOLDER")
     end_startup()  # the driver loads no model, and Ray's client makes garbage
     cluster.ray_module()
-    config = BioGptConfig.from_dict(describe(model, revision)["config"])  # a model that cannot load fails now
+    described = describe(model, revision)  # a model that cannot load fails now
+    config = BioGptConfig.from_dict(described["config"])
     if head := task_head(config):
         raise UsageError(f"{model} has a {head} head: it runs without --engine ray")
     if command in ("qa", "extract", "classify"):
@@ -247,6 +248,7 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
         now, before = cluster.run(command, settings, load, input, output, address=engine.address,
                                   workers=engine.workers, cpus_per_worker=engine.cpus_per_worker,
                                   gpus_per_worker=engine.gpus_per_worker, batch_size=batch_size,
-                                  progress=lambda done, total: update(done, total=total), force=force)
+                                  progress=lambda done, total: update(done, total=total), force=force,
+                                  model_files=fingerprint(described["loaded from"]))
     already = f" ({before} were there already)" if before else ""
     stderr.print(f"{counted(now, 'record')} written to {output}{already}")
