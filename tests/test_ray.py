@@ -121,6 +121,10 @@ def test_a_folder_keeps_its_run(cli, local_ray, tiny_ref, prompts, tmp_path):
     code, _, err = cli(*args, "6")
     assert code == 1 and "written by a different run (model.model_files " in one_error_line(err)
     (model / "config.json").write_text((model / "config.json").read_text()[:-1])
+    prompts.write_text(prompts.read_text().replace('"p7"', '"q7"'))  # another input, same path
+    code, _, err = cli(*args, "6")
+    assert code == 1 and "written by a different run (input_sha256 " in one_error_line(err)
+    prompts.write_text(prompts.read_text().replace('"q7"', '"p7"'))
     args = (*args, "7")
     code, _, err = cli(*args)
     assert code == 1 and "written by a different run (settings.max_new_tokens 6 -> 7)" in one_error_line(err)

@@ -46,12 +46,16 @@ def input_files(path: str) -> list[Path]:
     return files
 
 
-def check_ids(files: list[Path]) -> int:
-    """Every record has an `id`, and no id is repeated (Ray joins output to input by id)."""
+def check_ids(files: list[Path]) -> tuple[int, str]:
+    """Every record has an `id`, and no id is repeated (Ray joins output to input by id). Returns
+    the record count and, from the same pass, a sha256 of the input (its files' names and bytes)."""
     seen: dict[Any, str] = {}
+    digest = hashlib.sha256()
     for f in files:
+        digest.update(f"{f.name}\0".encode())
         with open(f, "rb") as lines:
             for n, raw in enumerate(lines, 1):
+                digest.update(raw)
                 if not raw.strip():
                     continue
                 try:
@@ -65,7 +69,7 @@ def check_ids(files: list[Path]) -> int:
                 if rid in seen:
                     raise InputError(f"{f}: line {n}: id {rid!r} is repeated (first at {seen[rid]})")
                 seen[rid] = f"{f.name} line {n}"
-    return len(seen)
+    return len(seen), digest.hexdigest()
 
 
 def done_ids(output: Path) -> set[Any]:
@@ -174,14 +178,14 @@ def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str
     if out.exists() and out.resolve() == Path(input).resolve():  # its parts would be read as input next time
         raise InputError(f"{output}: is also the input folder; write the part files to another folder")
     files = input_files(input)
-    total = check_ids(files)
+    total, input_sha256 = check_ids(files)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob(".part-*.tmp"), *(out.glob(PART) if force else ())]:  # .tmp: a worker killed mid-write
         stale.unlink()
     identity = {"command": command, "settings": {k: v for k, v in settings.items() if k != "seed"},
                 "model": {**{k: load[k] for k in ("path_or_id", "revision", "dtype", "quantize")},
                           "model_files": model_files},
-                "input": str(Path(input).resolve())}
+                "input": str(Path(input).resolve()), "input_sha256": input_sha256}
     done = done_ids(out)
     if done:
         check_manifest(out, identity)
