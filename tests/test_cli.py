@@ -129,12 +129,20 @@ def test_generate_prompt_too_long_and_truncate(cli, tiny):
     ["--num-return-sequences", "2"],
     ["--dtype", "float64"], ["--device", "cuda:99"], ["--device", "tpu"], ["--resume"], ["--batch-size", "0"],
     ["--repetition-penalty", "0"], ["--min-new-tokens", "99"], ["--bogus-option"], ["--format", "xml"],
-    ["--quantize", "int8", "--dtype", "float16"],
+    ["--quantize", "int8", "--dtype", "float16"], ["--workers", "2"], ["--address", "head:6379"],
 ])
 def test_bad_options_are_usage_errors_before_loading(cli, args):
     code, out, err = cli("generate", "x", "-m", "/no/such/model", *args)  # loading it would exit 1
     assert code == 2 and out == ""
     one_error_line(err)
+
+
+@pytest.mark.parametrize("command", [["score", "x.txt"], ["embed", "x"], ["qa", "--question", "q", "--context", "c"],
+                                     ["extract", "x"], ["classify", "x"]])
+def test_ray_options_on_a_local_run_are_refused(cli, command):
+    """They would be ignored: a user who forgot --engine ray would wait for a local run."""
+    code, _, err = cli(*command, "-m", "/no/such/model", "--workers", "4", "--cpus-per-worker", "2")
+    assert code == 2 and one_error_line(err) == "error: --workers, --cpus-per-worker only apply to --engine ray"
 
 
 def test_usage_errors_about_inputs(cli, tmp_path):

@@ -86,6 +86,13 @@ class Engine:
     gpus_per_worker: float = 0.0
     quiet: bool = False
 
+    def __post_init__(self) -> None:  # a Ray option on a local run would be ignored: refused instead
+        ray_only = {"--address": self.address is not None, "--workers": self.workers != 1,
+                    "--cpus-per-worker": self.cpus_per_worker != 1.0, "--gpus-per-worker": self.gpus_per_worker != 0.0}
+        given = [name for name, differs in ray_only.items() if differs]
+        if self.engine == "local" and given:
+            raise UsageError(f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to --engine ray")
+
 
 def counted(n: int, noun: str) -> str:
     """`1 record`, `2 records`."""

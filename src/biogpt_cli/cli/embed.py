@@ -78,12 +78,13 @@ def embed(
 
     torch_device = device_or_usage_error(device)
     settings = {"pool": pool, "normalize": normalize, "truncate": truncate}
+    where = Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet)
     if engine == "ray":
         if prompt is not None:
             raise UsageError("--engine ray reads a JSONL file or a folder of them: give -i PATH, not a PROMPT")
-        return run_on_ray("embed", settings, Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet),
-                          model=model, revision=revision, dtype=dtype, device=device, quantize="none", input=input,
-                          output=output, batch_size=batch_size, force=force, input_format=input_format)
+        return run_on_ray("embed", settings, where, model=model, revision=revision, dtype=dtype, device=device,
+                          quantize="none", input=input, output=output, batch_size=batch_size, force=force,
+                          input_format=input_format)
     if output is not None and not output.endswith((".jsonl", ".safetensors")):
         raise UsageError(f"-o {output}: embed writes FILE.jsonl (records) or FILE.safetensors (a matrix)")
     matrix = output is not None and output.endswith(".safetensors")

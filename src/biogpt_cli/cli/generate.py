@@ -133,12 +133,12 @@ def generate(
         raise UsageError(str(e)) from None
     torch_device = device_or_usage_error(device)
     check_precision(quantize, dtype, torch_device)
+    where = Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet)
     if engine == "ray":
         settings["seed"] = seed  # None: the folder's own seed when finishing it, else a new one (cluster.py)
-        return run_on_ray("generate", settings, Engine(engine, address, workers, cpus_per_worker, gpus_per_worker,
-                                                       quiet), model=model, revision=revision, dtype=dtype,
-                          device=device, quantize=quantize, input=input, output=output, batch_size=batch_size,
-                          force=force, fmt=fmt, input_format=input_format)
+        return run_on_ray("generate", settings, where, model=model, revision=revision, dtype=dtype, device=device,
+                          quantize=quantize, input=input, output=output, batch_size=batch_size, force=force, fmt=fmt,
+                          input_format=input_format)
     fmt = output_format(fmt, output)
     check_batch_options(input, output, fmt, force, resume)
     if logprobs is not None and fmt != "jsonl":

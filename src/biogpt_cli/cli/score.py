@@ -95,12 +95,11 @@ def score(
         raise UsageError("--show prints each line's tokens as text: it goes with neither --choices, --format jsonl "
                          "nor --engine ray")
     torch_device = device_or_usage_error(device)
+    where = Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet)
     if engine == "ray":
-        return run_on_ray("score", {"truncate": truncate}, Engine(engine, address, workers, cpus_per_worker,
-                                                                  gpus_per_worker, quiet),
-                          model=model, revision=revision, dtype=dtype, device=device, quantize="none", input=file,
-                          output=output, batch_size=batch_size, force=force, fmt=fmt,
-                          input_format=input_format)
+        return run_on_ray("score", {"truncate": truncate}, where, model=model, revision=revision, dtype=dtype,
+                          device=device, quantize="none", input=file, output=output, batch_size=batch_size,
+                          force=force, fmt=fmt, input_format=input_format)
     check_output(output, force=force, source=file)
     file = file or "-"
     with open_input(file) as f, whole_output(output) as writer:
