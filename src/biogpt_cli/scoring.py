@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .batch import batches
 from .errors import InputError, NothingToEmbed
 from .model import BioGptForCausalLM
 
@@ -113,7 +112,9 @@ def embed(model: torch.nn.Module, sequences: Sequence[Sequence[int]], pool: str 
     if empty is not None:
         raise NothingToEmbed(empty)
     out = torch.empty(len(sequences), model.config.hidden_size)
-    for group in batches(iter(sorted(range(len(sequences)), key=lambda i: len(sequences[i]))), batch_size):
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for k in range(0, len(order), batch_size):
+        group = order[k:k + batch_size]
         out[group] = _pooled(model, [sequences[i] for i in group], pool)
     return F.normalize(out, dim=-1) if normalize else out
 
