@@ -73,7 +73,8 @@ def generate(
     early_stopping: Annotated[bool | None, typer.Option(help="Beams: stop once num_beams are done.")] = None,
     no_repeat_ngram_size: Annotated[int, typer.Option(min=0, help="Never repeat an n-gram of this size.")] = 0,
     repetition_penalty: Annotated[float, typer.Option(help="Penalise tokens already present (1: off).")] = 1.0,
-    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy/beam decoding.")] = False,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample, not greedy (with --num-beams: beam sampling).")
+                      ] = False,
     temperature: Annotated[float | None, typer.Option(help="Sampling: divide logits by this [1].")] = None,
     top_k: Annotated[int | None, typer.Option(min=0, help="Sampling: keep the k likeliest, 0: off [50].")] = None,
     top_p: Annotated[float | None, typer.Option(help="Sampling: nucleus mass, in [0, 1] [1].")] = None,
