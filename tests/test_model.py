@@ -69,6 +69,29 @@ def test_padded_batch_logits_equal(tiny_ref, side):
         assert torch.allclose(got[i][keep[i]], alone, atol=ATOL)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_attention_weights_equal_the_reference(tiny_ref, side):
+    """output_attentions: each layer's weights, as the reference's eager attention gives them (its
+    SDPA keeps none), and the same logits as without them."""
+    import copy
+
+    ref = copy.deepcopy(tiny_ref[0])
+    ref.set_attn_implementation("eager")
+    ours = ours_from(ref)
+    ids, mask = padded_batch([[2, 10, 11, 12, 13, 14], [2, 20, 21]], side)
+    with torch.no_grad():
+        expected = ref(ids, attention_mask=mask, position_ids=ref_positions(mask), output_attentions=True)
+    got = ours(ids, attention_mask=mask, output_attentions=True)
+    assert len(got.attentions) == len(expected.attentions) == ref.config.num_hidden_layers
+    real = mask.bool()
+    for a, b in zip(got.attentions, expected.attentions, strict=True):
+        assert a.shape == b.shape == (2, ref.config.num_attention_heads, ids.shape[1], ids.shape[1])
+        for i in range(2):  # the real queries' rows; padded queries attend as nothing reads them
+            assert torch.allclose(a[i][:, real[i]], b[i][:, real[i]], atol=1e-5)
+    assert torch.allclose(got.logits[real], ours(ids, attention_mask=mask).logits[real], atol=1e-5)
+    assert ours(ids).attentions is None
+
+
 def test_cached_decoding_equals_full_pass(tiny_ref):
     ref, _ = tiny_ref
     ours = ours_from(ref)

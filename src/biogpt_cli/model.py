@@ -52,6 +52,7 @@ class BioGptOutput:
     loss: torch.Tensor | None = None
     past_key_values: KVCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None  # with output_hidden_states: the reference's tuple
+    attentions: tuple[torch.Tensor, ...] | None = None  # with output_attentions: each layer's weights
 
 
 class BioGptAttention(nn.Module):
@@ -76,7 +77,9 @@ class BioGptAttention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
-                layer: int) -> torch.Tensor:
+                layer: int, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """SDPA, which keeps no attention weights; given a `weights` list, the product is spelled
+        out instead and its softmax appended ([batch, heads, new, past + new])."""
         b, t, h = x.shape
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(h, dim=-1)
@@ -86,7 +89,15 @@ class BioGptAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         causal = mask is None and t > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        if weights is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        else:
+            if causal:
+                mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
+            scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
+            probs = (scores if mask is None else scores.masked_fill(~mask, float("-inf"))).softmax(-1).to(v.dtype)
+            weights.append(probs)
+            y = probs @ v
         return self.out_proj(y.transpose(1, 2).reshape(b, t, h))
 
 
@@ -102,8 +113,8 @@ class BioGptDecoderLayer(nn.Module):
         self.act = _ACT[config.hidden_act]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
-                layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache, layer)
+                layer: int, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache, layer, weights)
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
@@ -192,11 +203,13 @@ class BioGptModel(BioGptPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                position_ids: torch.Tensor | None = None, output_hidden_states: bool = False) -> BioGptOutput:
+                position_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> BioGptOutput:
         """`attention_mask` covers the cached positions too ([batch, past + new]), as in the reference.
         `position_ids` ([batch, new], from 0) override the positions the mask implies.
         `output_hidden_states` adds the reference's tuple: the embeddings, each layer's output but
-        the last, then the last one after the final layer norm (`last_hidden_state`)."""
+        the last, then the last one after the final layer norm (`last_hidden_state`).
+        `output_attentions` adds each layer's attention weights (computed without SDPA, slower)."""
         b, t = input_ids.shape
         cache = past_key_values
         if cache is None and use_cache:
@@ -211,16 +224,17 @@ class BioGptModel(BioGptPreTrainedModel):
         if position_ids is not None:
             positions = position_ids.expand(b, t)
         x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(positions + POSITION_OFFSET)
-        states = []
+        states, weights = [], [] if output_attentions else None
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 states.append(x)
-            x = layer(x, mask, cache, i)
+            x = layer(x, mask, cache, i, weights)
         if cache is not None:
             cache.advance(t)
         x = self.layer_norm(x)
         return BioGptOutput(last_hidden_state=x, past_key_values=cache,
-                            hidden_states=(*states, x) if output_hidden_states else None)
+                            hidden_states=(*states, x) if output_hidden_states else None,
+                            attentions=tuple(weights) if output_attentions else None)
 
     @staticmethod
     def _positions_and_mask(attention_mask: torch.Tensor | None, b: int, t: int, past: int,
@@ -267,9 +281,11 @@ class BioGptForCausalLM(BioGptPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
                 labels: torch.Tensor | None = None, logits_to_keep: int = 0,
-                position_ids: torch.Tensor | None = None, output_hidden_states: bool = False) -> BioGptOutput:
+                position_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> BioGptOutput:
         """`logits_to_keep=1` projects only the last position (42384 x 1024 is costly per row)."""
-        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache, position_ids, output_hidden_states)
+        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache, position_ids, output_hidden_states,
+                          output_attentions)
         hidden = out.last_hidden_state
         out.logits = self.output_projection(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         if labels is not None:
@@ -302,8 +318,9 @@ class BioGptForTokenClassification(BioGptPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> BioGptOutput:
-        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache, position_ids, output_hidden_states)
+                output_hidden_states: bool = False, output_attentions: bool = False) -> BioGptOutput:
+        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache, position_ids, output_hidden_states,
+                          output_attentions)
         out.logits = self.classifier(out.last_hidden_state)
         if labels is not None:
             if attention_mask is not None:  # padded positions do not count
@@ -324,9 +341,10 @@ class BioGptForSequenceClassification(BioGptPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> BioGptOutput:
+                output_hidden_states: bool = False, output_attentions: bool = False) -> BioGptOutput:
         """Pools at the last non-pad token of each row, so left and right padding both work."""
-        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache, position_ids, output_hidden_states)
+        out = self.biogpt(input_ids, attention_mask, past_key_values, use_cache, position_ids, output_hidden_states,
+                          output_attentions)
         logits = self.score(out.last_hidden_state)
         index = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = (index * (input_ids != self.config.pad_token_id)).argmax(-1)
