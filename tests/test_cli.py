@@ -137,6 +137,16 @@ def test_bad_options_are_usage_errors_before_loading(cli, args):
     one_error_line(err)
 
 
+@pytest.mark.parametrize("args,message", [
+    (["generate", "x", "--input-format", "jsonl"], "--input-format is for --input: a PROMPT is taken as it is"),
+    (["embed", "x", "--errors", "replace", "--input-format", "text"], "--input-format and --errors are for --input"),
+    (["score", "--prompt", "p", "--choices", "a,b", "--truncate"], "--truncate cuts over-long lines of a FILE"),
+])
+def test_options_that_would_change_nothing_are_refused(cli, args, message):
+    code, _, err = cli(*args, "-m", "/no/such/model")
+    assert code == 2 and message in one_error_line(err)
+
+
 @pytest.mark.parametrize("command", [["score", "x.txt"], ["embed", "x"], ["qa", "--question", "q", "--context", "c"],
                                      ["extract", "x"], ["classify", "x"]])
 def test_ray_options_on_a_local_run_are_refused(cli, command):

@@ -221,6 +221,11 @@ def prompt_source(prompt: str | None, path: str | None, input_format: InputForma
                   text_field: str | tuple[str, ...] | None = "prompt") -> Iterator[Iterator[Prompt]]:
     """The PROMPT argument, or the items of an --input file (opened on entry: a missing one fails early)."""
     if path is None:
+        given = [name for name, on in (("--input-format", input_format != "auto"), ("--errors", errors != "strict"))
+                 if on]
+        if given:  # they would be ignored
+            raise UsageError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for --input: a PROMPT is "
+                             "taken as it is")
         yield iter([Prompt(0, prompt or "", fields={"text": prompt or ""})])
         return
     with open_input(path) as f:

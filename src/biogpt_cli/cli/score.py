@@ -89,6 +89,8 @@ def score(
         raise UsageError("--prompt goes with --choices (to score a text, pass it on stdin or in FILE)")
     if options is not None and file is not None:
         raise UsageError("--choices scores the continuations of --prompt; it reads no FILE: drop one")
+    if options is not None and truncate:
+        raise UsageError("--truncate cuts over-long lines of a FILE; --choices reads none")
     if engine == "local":  # a FOLDER for --engine ray, whose records are JSONL: a given --format text is refused
         fmt = output_format(fmt, output)
     if show and (options is not None or fmt == "jsonl" or engine == "ray"):
