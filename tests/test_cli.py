@@ -832,6 +832,9 @@ def test_progress_bar_on_a_terminal_and_never_on_a_pipe(cli, tiny, tmp_path):
     assert code == 0 and out == "" and err == ""
     code, screen = run_in_pty(["tokenize", str(prompts), "-m", str(tiny[0])], stdout=str(tmp_path / "ids.txt"))
     assert code == 0 and re.search(r"lines .*3/3", screen) and len((tmp_path / "ids.txt").read_text().splitlines()) == 3
+    for command, out in (("score", "s.txt"), ("embed", "e.jsonl")):  # texts read whole, into a file
+        code, screen = run_in_pty([command, "-i", str(prompts), "-m", str(tiny[0]), "-o", str(tmp_path / out)])
+        assert code == 0 and re.search(r"lines .*3/3", screen), (command, screen)
 
 
 def test_score_groups_lines_by_length_and_keeps_their_order(cli, tiny, tmp_path):

@@ -139,6 +139,19 @@ def progress(total: int | None, quiet: bool, unit: str = "items") -> Iterator[Ca
         yield update
 
 
+@contextlib.contextmanager
+def line_progress(path: str | None, output: str | None, quiet: bool) -> Iterator[Callable[[int], None]]:
+    """A bar of input lines done, for a command that reads the file `path` line by line into
+    `output` (or a piped stdout: results on a terminal need no bar). None for a pipe, which
+    cannot be counted without consuming it, or for no file (a PROMPT argument)."""
+    from ..inputs import count_lines
+
+    shown = path is not None and shows_progress(quiet) and (output is not None or not sys.stdout.isatty())
+    total = count_lines(path) if shown else None
+    with progress(total, total is None, "lines") as update:
+        yield update
+
+
 def command(fn: Callable[..., None]) -> Callable[..., None]:
     """Register a command; a closed stdout ends it quietly."""
     @functools.wraps(fn)

@@ -32,6 +32,7 @@ from .common import (
     WorkersOpt,
     command,
     device_or_usage_error,
+    line_progress,
     load,
     note_skipped,
     run_on_ray,
@@ -99,19 +100,19 @@ def embed(
     with source as items, whole_file(output) as target:
         lm, tok = load(model, revision, dtype, torch_device, cls=BioGptModel, kernels=True)
         writer = None if matrix else LineWriter.create(target)
-        rows, keys, skipped = [], [], 0
+        rows, keys, skipped, done = [], [], 0, 0
         try:
-            for group in batches(items, batch_size * LENGTH_WINDOW):
-                kept = [p for p in group if p.text.strip()]
-                skipped += len(group) - len(kept)
-                if not kept:
-                    continue
-                if matrix:
-                    rows.append(embed_vectors(lm, tok, kept, batch_size, settings, stderr.print))
-                    keys.extend(p.origin for p in kept)
-                else:
-                    for r in embed_records(lm, tok, kept, batch_size, settings, stderr.print):
-                        writer.write(json.dumps(r) + "\n")
+            with line_progress(input, output, quiet) as update:
+                for group in batches(items, batch_size * LENGTH_WINDOW):
+                    kept = [p for p in group if p.text.strip()]
+                    skipped, done = skipped + len(group) - len(kept), done + len(group)
+                    if matrix and kept:
+                        rows.append(embed_vectors(lm, tok, kept, batch_size, settings, stderr.print))
+                        keys.extend(p.origin for p in kept)
+                    elif kept:
+                        for r in embed_records(lm, tok, kept, batch_size, settings, stderr.print):
+                            writer.write(json.dumps(r) + "\n")
+                    update(done)
         finally:
             if writer is not None:
                 writer.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -37,6 +37,7 @@ from .common import (
     command,
     device_or_usage_error,
     file_or_input,
+    line_progress,
     load,
     note_skipped,
     output_format,
@@ -116,25 +117,28 @@ def score(
         elif show:
             _show(lm, tok, items, writer, truncate)
         else:
-            _score(lm, tok, items, fmt, writer, batch_size, truncate)
+            with line_progress(file, output, quiet) as update:
+                _score(lm, tok, items, fmt, writer, batch_size, truncate, update)
 
 
 def _score(lm: Any, tok: Any, items: Iterator[Prompt], fmt: str, writer: LineWriter, batch_size: int,
-           truncate: bool) -> None:
-    """A record per non-blank item, in windows of items batched by length inside."""
+           truncate: bool, update: Callable[[int], None]) -> None:
+    """A record per non-blank item, in windows of items batched by length inside; `update(lines
+    done)` follows it."""
     from ..batch import batches
     from ..plans import score_records
 
     if fmt == "text" and writer.fd == 1 and sys.stdout.isatty():
         stderr.print("tokens\tnll\tppl", style="bold")
-    skipped = 0
+    skipped = done = 0
     for group in batches(items, batch_size * LENGTH_WINDOW):
         kept = [p for p in group if p.text.strip()]
-        skipped += len(group) - len(kept)
+        skipped, done = skipped + len(group) - len(kept), done + len(group)
         for r in score_records(lm, tok, kept, batch_size, {"truncate": truncate}, stderr.print):
             nll = math.nan if r["nll"] is None else r["nll"]
             writer.write(json.dumps(r) + "\n" if fmt == "jsonl"
                          else f"{r['tokens']}\t{nll:.6f}\t{math.exp(nll) if math.isfinite(nll) else math.nan:.4f}\n")
+        update(done)
     note_skipped(skipped)
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from typing import Annotated, Any
 
 import typer
 
 from ..errors import InputError
 from ..hub import DEFAULT_MODEL
-from ..inputs import count_lines, input_name, open_input, parallel_map, read_lines
+from ..inputs import input_name, open_input, parallel_map, read_lines
 from ..output import whole_output
 from .common import (
     DebugOpt,
@@ -26,9 +25,8 @@ from .common import (
     SameInputOpt,
     command,
     file_or_input,
+    line_progress,
     output_format,
-    progress,
-    shows_progress,
 )
 
 
@@ -60,13 +58,13 @@ def tokenize(
     with open_input(file) as f, whole_output(output) as writer:  # a missing input is named before the vocabulary
         render = functools.partial(_tokenize_line, _tokenizer(model, revision), not no_special,
                                    "jsonl" if fmt == "jsonl" else "tokens" if tokens else "ids", name)
-        shown = shows_progress(quiet) and (output is not None or not sys.stdout.isatty())
-        total = count_lines(file) if shown else None
-        with progress(total, quiet or total is None, "lines") as update:
+        with line_progress(file, output, quiet) as update:
+            n = 0
             for n, line in enumerate(parallel_map(render, read_lines(f, name, errors), jobs), 1):
                 writer.write(line)
-                if n % 256 == 0 or n == total:
+                if n % 256 == 0:
                     update(n)
+            update(n)
 
 
 def _files(file: str | None, input: str | None, output: str | None, force: bool) -> str:
