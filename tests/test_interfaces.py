@@ -56,14 +56,17 @@ def test_interactive_settings_are_checked_in_their_own_words():
     assert command("/exit", settings) is None
 
 
-def test_interactive_session(slower):
-    """Two prompts, a /set, a Ctrl-C in the middle of a generation, a prompt too long, then Ctrl-D."""
+def test_interactive_session(slower, tmp_path):
+    """Two prompts, a /set, a Ctrl-C in the middle of a generation, a prompt too long, then Ctrl-D;
+    the lines typed are kept for the next session."""
     import pty
 
     folder, model, tok = slower
+    history = tmp_path / "state" / "history"
     pid, fd = pty.fork()
     if pid == 0:
-        os.execv(sys.executable, [sys.executable, "-m", "biogpt_cli", "generate", "-m", str(folder), "-n", "5"])
+        os.execve(sys.executable, [sys.executable, "-m", "biogpt_cli", "generate", "-m", str(folder), "-n", "5"],
+                  {**os.environ, "BIOGPT_HISTORY": str(history)})
     screen, seen = b"", 0
 
     def until(text: bytes, timeout: float = 60) -> None:
@@ -99,6 +102,18 @@ def test_interactive_session(slower):
     os.write(fd, b"\x04")  # Ctrl-D leaves
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+    assert history.read_text().splitlines() == ["the cat", "/set n 3", "of the", "/set n 800", "the end",
+                                                "/set n 1023", "the end"]
+
+
+def test_history_file_follows_the_environment(monkeypatch, tmp_path):
+    from biogpt_cli.cli.interactive import history_file
+
+    monkeypatch.delenv("BIOGPT_HISTORY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert history_file() == tmp_path / "biogpt-cli" / "history"
+    monkeypatch.setenv("BIOGPT_HISTORY", "")  # kept nowhere
+    assert history_file() is None
 
 
 def test_logprobs_equal_the_reference_log_softmax(cli, tiny, tiny_ref):

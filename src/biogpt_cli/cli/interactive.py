@@ -1,9 +1,14 @@
 """`biogpt generate` at a terminal without a prompt: the model loads once, each line typed is a
-prompt whose continuation streams. Line editing and history come from readline; Ctrl-C stops the
-current generation, Ctrl-D or /exit leaves, /set changes a decoding setting, /help lists them."""
+prompt whose continuation streams. Line editing and history come from readline (the history is kept
+between sessions); Ctrl-C stops the current generation, Ctrl-D or /exit leaves, /set changes a
+decoding setting, /help lists them."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -60,10 +65,38 @@ def command(line: str, settings: dict[str, Any]) -> str | None:
     return f"{name} = {settings[name]}"
 
 
+def history_file() -> Path | None:
+    """Where the lines typed are kept between sessions: `$BIOGPT_HISTORY` (empty: nowhere), else
+    `$XDG_STATE_HOME/biogpt-cli/history` (`~/.local/state/...`)."""
+    given = os.environ.get("BIOGPT_HISTORY")
+    if given is not None:
+        return Path(given).expanduser() if given else None
+    state = os.environ.get("XDG_STATE_HOME") or Path("~/.local/state").expanduser()
+    return Path(state) / "biogpt-cli" / "history"
+
+
+@contextlib.contextmanager
+def kept_history() -> Iterator[None]:
+    """readline's history, read from `history_file()` and written back at the end (the last 1000
+    lines). A file that cannot be read or written costs only the history."""
+    import readline  # input() gets line editing and history
+
+    path = history_file()
+    with contextlib.suppress(OSError):
+        if path is not None:
+            readline.read_history_file(path)
+    readline.set_history_length(1000)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                readline.write_history_file(path)
+
+
 def interact(settings: dict[str, Any], *, model: str, revision: str | None, dtype: str, device: Any, quantize: str,
              confidence: bool = False) -> None:
-    import readline  # noqa: F401 -- input() gets line editing and history
-
     from .. import batch
     from ..inputs import Prompt
     from ..output import CONFIDENCE_LEGEND, Renderer
@@ -76,32 +109,33 @@ def interact(settings: dict[str, Any], *, model: str, revision: str | None, dtyp
         stderr.print(CONFIDENCE_LEGEND, style="dim")
     console = Console(highlight=False)
     turn = 0
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:  # Ctrl-D
-            console.print()
-            return
-        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line
-            console.print()
-            continue
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            reply = command(line, settings)
-            if reply is None:
+    with kept_history():
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:  # Ctrl-D
+                console.print()
                 return
-            stderr.print(reply, style="dim", markup=False)
-            continue
-        turn += 1  # each prompt its own random stream (reproducible with /set seed)
-        try:
-            plan = generate_plan(lm, tok, {**settings, "seed": settings.get("seed") or 0}, stderr.print)
-            renderer = Renderer("text", None, console, plan.opts.num_return_sequences, confidence=confidence)
-            batch.run(lm, tok, [plan.job(Prompt(turn, line))], plan.opts, renderer, batch_size=1, stop=plan.stop,
-                      seed=plan.seed, confidence=confidence)
-        except KeyboardInterrupt:
-            console.print("\n[stopped]", style="dim", markup=False)
-        except PromptTooLong as e:
-            stderr.print(f"error: {e.hinted('shorten it or /set n lower')}", markup=False)
-        except BioGptError as e:
-            stderr.print(f"error: {e}", markup=False)
+            except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line
+                console.print()
+                continue
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                reply = command(line, settings)
+                if reply is None:
+                    return
+                stderr.print(reply, style="dim", markup=False)
+                continue
+            turn += 1  # each prompt its own random stream (reproducible with /set seed)
+            try:
+                plan = generate_plan(lm, tok, {**settings, "seed": settings.get("seed") or 0}, stderr.print)
+                renderer = Renderer("text", None, console, plan.opts.num_return_sequences, confidence=confidence)
+                batch.run(lm, tok, [plan.job(Prompt(turn, line))], plan.opts, renderer, batch_size=1, stop=plan.stop,
+                          seed=plan.seed, confidence=confidence)
+            except KeyboardInterrupt:
+                console.print("\n[stopped]", style="dim", markup=False)
+            except PromptTooLong as e:
+                stderr.print(f"error: {e.hinted('shorten it or /set n lower')}", markup=False)
+            except BioGptError as e:
+                stderr.print(f"error: {e}", markup=False)
