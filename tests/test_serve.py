@@ -60,6 +60,12 @@ def test_greedy_equals_generate_and_streaming_concatenates(server):
     chunks = list(c.completions.create(model="tiny", prompt="the cat and", max_tokens=12, temperature=0, stream=True))
     assert "".join(ch.choices[0].text for ch in chunks) == out.choices[0].text
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    counted = list(c.completions.create(model="tiny", prompt="the cat and", max_tokens=12, temperature=0, n=2,
+                                        stream=True, stream_options={"include_usage": True}))
+    last = counted[-1]  # OpenAI's usage chunk: no choices
+    assert last.choices == [] and all(ch.usage is None for ch in counted[:-1])
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == \
+        (out.usage.prompt_tokens, 2 * out.usage.completion_tokens)
     both = c.completions.create(model="tiny", prompt=["the cat and", "of the"], max_tokens=6, temperature=0)
     assert [ch.text for ch in sorted(both.choices, key=lambda ch: ch.index)] == \
         [greedy_text(lm, tok, p, 6) for p in ("the cat and", "of the")]
@@ -131,6 +137,7 @@ def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
     ({"prompt": [1, 2]}, 400), ({"prompt": "x", "stop": 3}, 400), ({"prompt": ""}, 400),
     ({"prompt": "x", "presence_penalty": 0.5}, 400), ({"prompt": "x", "logit_bias": {"50": 5}}, 400),
     ({"prompt": "x", "best_of": 3}, 400), ({"prompt": "x", "echo": True}, 400),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, 400),
 ])
 def test_bad_requests_get_400_in_openai_shape(server, body, status):
     base = server[0]

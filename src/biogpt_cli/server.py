@@ -35,6 +35,11 @@ from .plans import generate_plan
 from .scoring import embed
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False  # a last chunk with no choices and the request's usage
+
+
 class CompletionRequest(BaseModel):
     """The fields of OpenAI's /v1/completions this server honours; any other field is refused."""
 
@@ -49,6 +54,7 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     logprobs: int | None = Field(None, ge=0, le=5)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
     # fields this server does not implement, which clients send at the values that change nothing
     # (LangChain: both penalties at 0, with every request): taken there, refused otherwise
@@ -151,6 +157,8 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
         if field := body.unsupported():
             return error(400, f"{field}: not supported by this server (leave it out, or give the value that "
                          "changes nothing)", param=field)
+        if body.stream_options is not None and not body.stream:
+            return error(400, "stream_options: only with stream: true", param="stream_options")
         sample = body.temperature > 0
         settings = {"max_new_tokens": body.max_tokens, "sample": sample, "temperature": body.temperature or None,
                     "top_p": body.top_p if sample else None, "top_k": 0 if sample else None,
@@ -169,7 +177,8 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": name}
         if body.stream:
-            return EventSourceResponse(stream(plan, jobs, copies, meta, request), ping=15)
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return EventSourceResponse(stream(plan, jobs, copies, meta, request, usage), ping=15)
         choices: list[dict[str, Any]] = []
         async with turn:
             await asyncio.to_thread(run, plan, jobs, lambda ev: ev.done and choices.append(choice(plan, ev, jobs)),
@@ -231,8 +240,8 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
         return {"text": done.text, "index": ev.row, "finish_reason": finish_reason(done),
                 "logprobs": legacy_logprobs(record.get("logprobs")), "_ids": done.ids}
 
-    async def stream(plan: Any, jobs: list[Any], copies: int, meta: dict[str, Any],
-                     request: Request) -> AsyncIterator[dict[str, str]]:
+    async def stream(plan: Any, jobs: list[Any], copies: int, meta: dict[str, Any], request: Request,
+                     usage: bool) -> AsyncIterator[dict[str, str]]:
         loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
         def sink(ev: Any) -> None:  # in the worker thread, where a finished choice's logprobs are computed
@@ -243,9 +252,11 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
             task = asyncio.ensure_future(asyncio.to_thread(run, plan, jobs, sink, cancelled))
             task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
             try:
+                used = 0
                 while (item := await queue.get()) is not None:
                     ev, logprobs = item
                     finish = None if ev.done is None else finish_reason(ev.done)
+                    used += 0 if ev.done is None else len(ev.done.ids) * copies
                     for k in range(copies):
                         if ev.text or finish:  # a choice's logprobs, all its tokens', come with its last chunk
                             chunk = {"text": ev.text, "index": ev.row * copies + k, "logprobs": logprobs,
@@ -253,6 +264,10 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
                             yield {"data": json.dumps({**meta, "choices": [chunk]})}
                 if task.exception() is not None and not isinstance(task.exception(), Cancelled):
                     yield {"data": json.dumps({"error": {"message": str(task.exception()), "type": "server_error"}})}
+                elif usage:
+                    given = sum(len(j.ids) for j in jobs)
+                    totals = {"prompt_tokens": given, "completion_tokens": used, "total_tokens": given + used}
+                    yield {"data": json.dumps({**meta, "choices": [], "usage": totals})}
                 yield {"data": "[DONE]"}
             finally:
                 cancelled.set()  # a client that went away stops the engine at its next event
