@@ -201,6 +201,27 @@ def test_bad_embedding_requests_get_400_naming_the_input(server, body, message):
     assert httpx.get(server[0] + "/health", timeout=10).json()["status"] == "ok"
 
 
+def test_browser_pages_are_let_in_only_when_named(tiny_ref):
+    """--allow-origin: a named page's preflight is answered (before the API key is asked for), and
+    its requests carry the CORS header; another page's get none, nor does any page by default."""
+    from starlette.testclient import TestClient
+
+    lm, tok = load_pretrained(tiny_ref[1])
+    page, other = "http://localhost:3000", "http://evil.example"
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    with TestClient(create_app(lm, tok, "tiny", api_key="k", origins=[page])) as client:
+        r = client.options("/v1/completions", headers={"Origin": page, **preflight})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        r = client.post("/v1/completions", json={"prompt": "the", "max_tokens": 2}, headers={
+            "Origin": page, "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        r = client.options("/v1/completions", headers={"Origin": other, **preflight})
+        assert "access-control-allow-origin" not in r.headers
+    with TestClient(create_app(lm, tok, "tiny")) as client:
+        r = client.post("/v1/completions", json={"prompt": "the", "max_tokens": 2}, headers={"Origin": page})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
 def test_api_key_is_checked(server):
     r = httpx.post(server[0] + "/v1/completions", json={"prompt": "x"}, timeout=10)
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
@@ -234,7 +255,8 @@ def test_the_serve_command_binds_first_then_serves(tiny_ref):
     run = subprocess.run([*serve, str(port), "--host", "0.0.0.0", "-m", "/no/such/model"], capture_output=True,
                          text=True, timeout=60)  # bound, then the load fails: the warning came first
     assert run.returncode == 1 and run.stderr.startswith("warning: listening on 0.0.0.0 without --api-key")
-    proc = subprocess.Popen([*serve, str(port), "-m", str(tiny_ref[1])], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*serve, str(port), "-m", str(tiny_ref[1]), "--allow-origin", "http://localhost:3000"],
+                            stderr=subprocess.DEVNULL)
     try:
         deadline, base = time.time() + 60, f"http://127.0.0.1:{port}"
         while time.time() < deadline and proc.poll() is None:
@@ -244,8 +266,9 @@ def test_the_serve_command_binds_first_then_serves(tiny_ref):
             except httpx.TransportError:
                 time.sleep(0.2)
         out = httpx.post(base + "/v1/completions", json={"prompt": "the cat", "max_tokens": 3, "temperature": 0},
-                         timeout=30)
+                         headers={"Origin": "http://localhost:3000"}, timeout=30)
         assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 3
+        assert out.headers["access-control-allow-origin"] == "http://localhost:3000"
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -19,11 +19,12 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
@@ -110,7 +111,9 @@ class Collector:
         self.sink(ev)
 
 
-def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> FastAPI:
+def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None,
+               origins: Sequence[str] = ()) -> FastAPI:
+    """The app; `origins`: web pages (scheme://host:port, or *) whose scripts may call it (CORS)."""
     app = FastAPI(title="biogpt-cli", docs_url=None, redoc_url=None)
     turn = asyncio.Lock()  # one generation at a time; waiters are served in order of arrival
 
@@ -135,6 +138,10 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None) -> Fast
         if api_key and request.url.path != "/health" and request.headers.get("authorization") != f"Bearer {api_key}":
             return error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
         return await call_next(request)
+
+    if origins:  # added last, so outermost: a browser's preflight is answered before the key is asked for
+        app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.post("/v1/chat/completions")
     async def chat() -> JSONResponse:  # what many clients try first
@@ -306,8 +313,10 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(lm: Any, tok: Any, name: str, sock: socket.socket, api_key: str | None) -> None:
+def serve(lm: Any, tok: Any, name: str, sock: socket.socket, api_key: str | None,
+          origins: Sequence[str] = ()) -> None:
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(create_app(lm, tok, name, api_key), log_level="warning")).run(sockets=[sock])
+    app = create_app(lm, tok, name, api_key, origins)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 

@@ -33,6 +33,9 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     api_key: Annotated[str | None, typer.Option(envvar="BIOGPT_API_KEY", help="Require Bearer KEY on requests.")]
     = None,
+    allow_origin: Annotated[list[str] | None, typer.Option(
+        help="A web page's origin (http://host:port, or *) whose scripts may call this server (repeatable).")]
+    = None,
     dtype: DTypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = "none",
@@ -52,7 +55,7 @@ def serve(
                      "this server")
     lm, tok = load(model, revision, dtype, torch_device, quantize)
     stderr.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
-    run_server(lm, tok, model, sock, api_key)
+    run_server(lm, tok, model, sock, api_key, allow_origin or ())
 
 
 def _loopback(host: str) -> bool:
