@@ -69,7 +69,9 @@ def test_greedy_equals_generate_and_streaming_concatenates(server):
     both = c.completions.create(model="tiny", prompt=["the cat and", "of the"], max_tokens=6, temperature=0)
     assert [ch.text for ch in sorted(both.choices, key=lambda ch: ch.index)] == \
         [greedy_text(lm, tok, p, 6) for p in ("the cat and", "of the")]
-    assert [m.id for m in c.models.list().data] == ["tiny"]
+    assert [m.id for m in c.models.list().data] == ["tiny"] and c.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="is not served here"):
+        c.models.retrieve("gpt-4")
 
 
 def test_n_with_a_seed_and_logprobs(server):

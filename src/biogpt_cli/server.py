@@ -152,9 +152,16 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None,
     async def health() -> dict[str, str]:
         return {"status": "ok", "model": name}
 
+    served = {"id": name, "object": "model", "created": 0, "owned_by": "biogpt-cli"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "biogpt-cli"}]}
+        return {"object": "list", "data": [served]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> Any:  # the client's models.retrieve()
+        return served if model == name else error(404, f"model {model!r} is not served here (this server serves "
+                                                        f"{name!r})", param="model")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
