@@ -26,10 +26,12 @@ from .common import (
     InputFormatOpt,
     InputOpt,
     ModelOpt,
+    QuantizeOpt,
     QuietOpt,
     RevisionOpt,
     UsageError,
     WorkersOpt,
+    check_precision,
     command,
     device_or_usage_error,
     line_progress,
@@ -58,6 +60,7 @@ def embed(
     batch_size: BatchOpt = FORWARD_BATCH,
     dtype: DTypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = "none",
     errors: ErrorsOpt = "strict",
     quiet: QuietOpt = False,
     engine: EngineOpt = "local",
@@ -78,13 +81,14 @@ def embed(
     from .generate import prompt_source
 
     torch_device = device_or_usage_error(device)
+    check_precision(quantize, dtype, torch_device)
     settings = {"pool": pool, "normalize": normalize, "truncate": truncate}
     where = Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet)
     if engine == "ray":
         if prompt is not None:
             raise UsageError("--engine ray reads a JSONL file or a folder of them: give -i PATH, not a PROMPT")
         return run_on_ray("embed", settings, where, model=model, revision=revision, dtype=dtype, device=device,
-                          quantize="none", input=input, output=output, batch_size=batch_size, force=force,
+                          quantize=quantize, input=input, output=output, batch_size=batch_size, force=force,
                           input_format=input_format)
     if output is not None and not output.endswith((".jsonl", ".safetensors")):
         raise UsageError(f"-o {output}: embed writes FILE.jsonl (records) or FILE.safetensors (a matrix)")
@@ -98,7 +102,7 @@ def embed(
         input = "-"
     source = prompt_source(prompt, input, input_format, errors, TEXT_FIELDS["embed"])
     with source as items, whole_file(output) as target:
-        lm, tok = load(model, revision, dtype, torch_device, cls=BioGptModel, kernels=True)
+        lm, tok = load(model, revision, dtype, torch_device, quantize, cls=BioGptModel, kernels=True)
         writer = None if matrix else LineWriter.create(target)
         rows, keys, skipped, done = [], [], 0, 0
         try:
