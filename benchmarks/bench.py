@@ -1,7 +1,7 @@
 """biogpt-cli against the reference (`transformers`), side by side in one run, on this machine.
 
     python benchmarks/bench.py [--quick] [--json] [--repeats N] [--new-tokens N] [--workdir DIR]
-                               [--only decode|process|tokenize|bulk|quality] [--device cuda] [--compile]
+                               [--only decode|process|tokenize|bulk|embed|quality] [--device cuda] [--compile]
 
 Builds random weights of the full microsoft/biogpt shape (saved once as safetensors with the real
 vocabulary from ../shared), then times the same work both ways and prints ratios: absolute times
@@ -319,6 +319,43 @@ def bulk_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> No
                     "lines/s", higher=True))
 
 
+def embed_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """`embed`'s mean pooling of PubMed abstracts (their first 80 words), float32 and int8, against
+    the reference's `BioGptModel` on the same batches of 8, padded, pooled the same way."""
+    import transformers
+
+    from biogpt_cli import BioGptModel
+    from biogpt_cli.scoring import embed
+
+    tok = BioGptTokenizer.from_folder(folder)
+    lines = (shared_dir() / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
+    texts = [tok.encode(" ".join(line.split()[:80])) for line in lines[:32]]
+    ref = transformers.BioGptModel.from_pretrained(folder).to(args.device).eval()
+
+    def reference() -> torch.Tensor:
+        out = []
+        for k in range(0, len(texts), 8):
+            chunk = texts[k:k + 8]
+            width = max(map(len, chunk))
+            ids = torch.tensor([p + [1] * (width - len(p)) for p in chunk], device=args.device)
+            mask = (ids != 1).long()
+            hidden = ref(ids, attention_mask=mask).last_hidden_state
+            mask[:, 0] = 0  # the leading </s>, as embed leaves it out
+            out.append((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+        return torch.cat(out).cpu()
+
+    with torch.inference_mode():
+        expected = reference()
+        for label, quantize in (("float32", "none"), ("--quantize int8", "int8")):
+            ours = BioGptModel.from_pretrained(folder, device=args.device, kernels=True, quantize=quantize)
+            embed(ours, texts[:8])  # one-time set-up
+            t_ours, t_ref = compare(lambda ours=ours: embed(ours, texts), reference, args.repeats)
+            cosine = torch.nn.functional.cosine_similarity(embed(ours, texts), expected).min().item()
+            rows.append(row(f"embed {label}, {len(texts)} abstracts (80 words, batch 8)", len(texts) / t_ours,
+                            len(texts) / t_ref, "texts/s", higher=True,
+                            note=f"vs the reference in float32; cosine to its vectors >= {cosine:.4f}"))
+
+
 def _tree_pss(root: int) -> int:
     """Proportional set size (bytes) of a process and all its descendants (Ray's daemons included)."""
     parents: dict[int, int] = {}
@@ -437,7 +474,8 @@ def main() -> None:
     parser.add_argument("--agreement-tokens", type=int, default=200)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "biogpt-bench",
                         help="where the random full-size checkpoint is kept between runs")
-    parser.add_argument("--only", choices=["decode", "process", "tokenize", "bulk", "quality", "ray"], action="append",
+    parser.add_argument("--only", choices=["decode", "process", "tokenize", "bulk", "embed", "quality", "ray"],
+                        action="append",
                         help="run only these parts (ray: only when named, it needs the ray extra)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (decode and bulk figures)")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes)")
@@ -455,7 +493,7 @@ def main() -> None:
     rows: list[dict] = []
     # whole processes first, while this process is still small; then the in-process figures
     parts = (("process", process_figures), ("tokenize", tokenizer_figures), ("decode", decode_figures),
-             ("bulk", bulk_figures), ("quality", quality_figures), ("ray", ray_figures))
+             ("bulk", bulk_figures), ("embed", embed_figures), ("quality", quality_figures), ("ray", ray_figures))
     for part, fn in parts:
         everything = part != "ray" and (args.device == "cpu" or part in ("decode", "bulk"))
         if (not args.only and everything) or part in (args.only or ()):
