@@ -203,8 +203,8 @@ def test_embeddings_equal_the_reference_and_do_not_depend_on_batching(cli, tiny,
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_quantized_embeddings_stay_close(cli, tmp_path, quantize):
-    """--quantize for corpus-scale embedding (int8 embedded 32 abstracts 2.7x faster, AMD EPYC):
-    the vectors keep their direction. int4 needs rows of 128 columns: a 256-wide model."""
+    """--quantize for corpus-scale embedding (its speed: `bench.py --only embed`): the vectors keep
+    their direction. int4 needs rows of 128 columns: a 256-wide model."""
     folder = tmp_path / "model"
     make_reference(folder, seed=2, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512)
     (tmp_path / "in.txt").write_text("the cat and the dog\nof the end\n")
