@@ -138,7 +138,8 @@ def test_bad_options_are_usage_errors_before_loading(cli, args):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["generate", "x", "--input-format", "jsonl"], "--input-format is for --input: a PROMPT is taken as it is"),
+    (["generate", "x", "--input-format", "jsonl"], "--input-format is for --input: input on the command line is"),
+    (["qa", "--question", "q", "--context", "c", "--errors", "replace"], "--errors is for --input"),
     (["embed", "x", "--errors", "replace", "--input-format", "text"], "--input-format and --errors are for --input"),
     (["score", "--prompt", "p", "--choices", "a,b", "--truncate"], "--truncate cuts over-long lines of a FILE"),
 ])

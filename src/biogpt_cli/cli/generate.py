@@ -216,16 +216,20 @@ def input_identity(prompt: str | None, path: str | None, output: str | None) -> 
     return {"input": str(Path(path).resolve()), "input_sha256": file_digest(path)}
 
 
+def no_file_options(input_format: str, errors: str) -> None:
+    """Input given on the command line: options about reading a file would be ignored, so refused."""
+    given = [name for name, on in (("--input-format", input_format != "auto"), ("--errors", errors != "strict")) if on]
+    if given:
+        raise UsageError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for --input: input on the "
+                         "command line is taken as it is")
+
+
 @contextlib.contextmanager
 def prompt_source(prompt: str | None, path: str | None, input_format: InputFormat, errors: str,
                   text_field: str | tuple[str, ...] | None = "prompt") -> Iterator[Iterator[Prompt]]:
     """The PROMPT argument, or the items of an --input file (opened on entry: a missing one fails early)."""
     if path is None:
-        given = [name for name, on in (("--input-format", input_format != "auto"), ("--errors", errors != "strict"))
-                 if on]
-        if given:  # they would be ignored
-            raise UsageError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for --input: a PROMPT is "
-                             "taken as it is")
+        no_file_options(input_format, errors)
         yield iter([Prompt(0, prompt or "", fields={"text": prompt or ""})])
         return
     with open_input(path) as f:

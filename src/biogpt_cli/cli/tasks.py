@@ -58,6 +58,7 @@ from .generate import (
     input_identity,
     load_model,
     model_identity,
+    no_file_options,
     progress_total,
     prompt_source,
     run_batch,
@@ -178,6 +179,7 @@ def _items(text: str | None, fields: dict[str, Any] | None, input: str | None, i
             raise UsageError("no input: give it on the command line, --input FILE, or pipe records on stdin")
         input = "-"
     if input is None:
+        no_file_options(input_format, errors)
         fields = fields or {"text": text}
         return contextlib.nullcontext(iter([Prompt(0, "", fields=fields)]))
     if not plain and input_format == "auto":
