@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .batch import Job, batches, run
+from .batch import Job, run
 from .errors import InputError, PromptTooLong
 from .generation import GenerationOptions, fit_prompt
 from .inputs import Prompt
@@ -186,11 +186,11 @@ def score_records(lm: Any, tok: Any, items: list[Prompt], batch_size: int, s: di
     """`score`'s record per non-blank item, in order: tokens, mean NLL and perplexity (None when the
     text predicts nothing); with `truncate`, an over-long text is scored on its end. Items are
     batched by length (less padding to compute), which changes no value."""
-    from .scoring import sequence_nll
+    from .scoring import length_groups, sequence_nll
 
     ids = [text_ids(lm, tok, p, s.get("truncate", False), warn) for p in items]
     out: list[dict[str, Any]] = [{} for _ in items]
-    for group in batches(iter(sorted(range(len(items)), key=lambda i: len(ids[i]))), batch_size):
+    for group in length_groups(ids, batch_size):
         for i, (count, nll) in zip(group, sequence_nll(lm, [ids[i] for i in group]), strict=True):
             finite = math.isfinite(nll)
             out[i] = {**items[i].origin, "tokens": count, "nll": nll if finite else None,

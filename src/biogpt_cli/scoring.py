@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,14 @@ def token_logprobs(model: BioGptForCausalLM, sequences: Sequence[Sequence[int]])
         logits = model.output_projection(hidden[i, : len(s) - 1]).float()
         out.append(F.log_softmax(logits, -1).gather(1, ids[i, 1 : len(s), None])[:, 0].cpu())
     return out
+
+
+def length_groups(sequences: Sequence[Sequence[int]], size: int) -> Iterator[list[int]]:
+    """Indices of `sequences` in groups of `size`, shortest first: a right-padded batch of
+    similar lengths computes little padding (and gives each row what it gives alone)."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for k in range(0, len(order), size):
+        yield order[k:k + size]
 
 
 def right_padded(model: torch.nn.Module, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,9 +120,7 @@ def embed(model: torch.nn.Module, sequences: Sequence[Sequence[int]], pool: str 
     if empty is not None:
         raise NothingToEmbed(empty)
     out = torch.empty(len(sequences), model.config.hidden_size)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    for k in range(0, len(order), batch_size):
-        group = order[k:k + batch_size]
+    for group in length_groups(sequences, batch_size):
         out[group] = _pooled(model, [sequences[i] for i in group], pool)
     return F.normalize(out, dim=-1) if normalize else out
 
