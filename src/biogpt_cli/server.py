@@ -199,10 +199,7 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None,
                                     threading.Event())
         choices = [dict(c, index=(c["index"] * copies + k)) for c in sorted(choices, key=lambda c: c["index"])
                    for k in range(copies)]
-        used = sum(len(c.pop("_ids")) for c in choices)
-        given = sum(len(j.ids) for j in jobs)
-        return {**meta, "choices": choices,
-                "usage": {"prompt_tokens": given, "completion_tokens": used, "total_tokens": given + used}}
+        return {**meta, "choices": choices, "usage": usage_of(jobs, sum(len(c.pop("_ids")) for c in choices))}
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> Any:
@@ -279,15 +276,19 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None,
                 if task.exception() is not None and not isinstance(task.exception(), Cancelled):
                     yield {"data": json.dumps({"error": {"message": str(task.exception()), "type": "server_error"}})}
                 elif usage:
-                    given = sum(len(j.ids) for j in jobs)
-                    totals = {"prompt_tokens": given, "completion_tokens": used, "total_tokens": given + used}
-                    yield {"data": json.dumps({**meta, "choices": [], "usage": totals})}
+                    yield {"data": json.dumps({**meta, "choices": [], "usage": usage_of(jobs, used)})}
                 yield {"data": "[DONE]"}
             finally:
                 cancelled.set()  # a client that went away stops the engine at its next event
                 await asyncio.wait([task])
 
     return app
+
+
+def usage_of(jobs: list[Any], completion: int) -> dict[str, int]:
+    """OpenAI's `usage` of a completions request: its prompts' tokens and the new ones."""
+    prompt = sum(len(j.ids) for j in jobs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def finish_reason(done: Any) -> str:
