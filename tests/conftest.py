@@ -56,6 +56,16 @@ def tiny_ref(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def eos_ref(tmp_path_factory):
+    """A tiny model whose </s> is likely enough that beams finish early (exercises eos paths);
+    shared, never mutated."""
+    ref = make_reference(tmp_path_factory.mktemp("eos"), seed=5)
+    with torch.no_grad():
+        ref.biogpt.embed_tokens.weight[2] *= 6
+    return ref
+
+
+@pytest.fixture(scope="session")
 def real_vocab(tmp_path_factory):
     """(fairseq folder, hub folder) of the real microsoft/biogpt vocabulary."""
     shared = shared_dir()

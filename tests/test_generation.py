@@ -25,15 +25,6 @@ from tests.test_model import ours_from
 PROMPTS = [[2, 40, 41, 42], [2, 100, 7, 7, 9, 12, 60, 61], [2, 150]]
 
 
-@pytest.fixture(scope="module")
-def eos_ref(tmp_path_factory):
-    """A tiny model whose </s> is likely enough that beams finish early (exercises eos paths)."""
-    ref = make_reference(tmp_path_factory.mktemp("eos"), seed=5)
-    with torch.no_grad():
-        ref.biogpt.embed_tokens.weight[2] *= 6
-    return ref
-
-
 def reference_rows(ref, prompt, opts: GenerationOptions):
     kwargs = dict(max_new_tokens=opts.max_new_tokens, min_new_tokens=opts.min_new_tokens or None,
                   num_beams=opts.num_beams, length_penalty=opts.length_penalty,
@@ -41,8 +32,8 @@ def reference_rows(ref, prompt, opts: GenerationOptions):
                   repetition_penalty=opts.repetition_penalty, no_repeat_ngram_size=opts.no_repeat_ngram_size,
                   do_sample=False, bad_words_ids=opts.bad_words_ids or None)
     with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                           **kwargs)
+        ids = torch.tensor([prompt], device=ref.device)
+        out = ref.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
     return out.tolist()
 
 

@@ -1,0 +1,83 @@
+"""On a CUDA device: the reference's tokens, the batch engine, half precision and the commands.
+
+Skipped where torch sees no CUDA device (CI has none). On a GPU machine: `pytest tests/test_cuda.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from biogpt_cli.generation import GenerationOptions, generate, prompt_generator, stream_tokens
+from tests.test_generation import CASES, PROMPTS, our_rows, reference_rows
+from tests.test_model import ours_from
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+
+
+def on_cuda(ref):
+    """A CUDA copy of a session-shared reference model (the original stays on the CPU)."""
+    return copy.deepcopy(ref).to("cuda")
+
+
+@pytest.mark.parametrize("opts", [CASES[0], CASES[2], CASES[5], CASES[6]],
+                         ids=["greedy", "no-repeat-ngram", "beams3", "beams5-n3"])
+def test_tokens_equal_reference_on_cuda(eos_ref, opts):
+    ref = on_cuda(eos_ref)
+    ours = ours_from(ref, device="cuda")
+    assert next(ours.parameters()).is_cuda
+    for prompt, seqs in zip(PROMPTS, generate(ours, PROMPTS, opts), strict=True):
+        expected = reference_rows(ref, prompt, opts)
+        assert our_rows(seqs, prompt, len(expected[0])) == expected
+
+
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampling"])
+def test_continuous_batching_on_cuda_equals_each_prompt_alone(eos_ref, sample):
+    ours = ours_from(on_cuda(eos_ref), device="cuda")
+    opts = GenerationOptions(max_new_tokens=9, do_sample=sample)
+    prompts = [[2, *range(40 + n, 40 + 2 * n)] for n in (1, 7, 3, 12, 2, 5, 9)]
+    streams = (lambda i: prompt_generator(3, i, "cuda")) if sample else None
+    got: dict[int, list[int]] = {}
+    for seq, tok, reason in stream_tokens(ours, iter(prompts), opts, streams, slots=3):
+        if reason is None:
+            got.setdefault(seq, []).append(tok)
+    for i, prompt in enumerate(prompts):
+        alone = generate(ours, [prompt], opts, [prompt_generator(3, i, "cuda")] if sample else None)[0][0]
+        assert got.get(i, []) == alone.ids, f"prompt {i}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_cuda_stays_close(tiny_ref, dtype):
+    ref = on_cuda(tiny_ref[0])
+    ids = torch.tensor([PROMPTS[1]], device="cuda")
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = ours_from(ref, dtype=dtype, device="cuda")(ids).logits
+    assert got.dtype == dtype
+    assert torch.allclose(got.float(), expected, atol=0.05, rtol=0.05)
+
+
+def test_commands_run_on_cuda_as_on_the_cpu(cli, tiny_ref, tmp_path):
+    """`generate`, `score` and `embed` with --device cuda print what they print on the CPU."""
+    folder = tiny_ref[1]
+    lines = tmp_path / "in.txt"
+    lines.write_text("alpha beta gamma\nbeta\n")
+    for command in (["generate", "alpha beta", "-n", "6"],
+                    ["generate", "-i", str(lines), "-n", "5", "--num-beams", "3"],
+                    ["score", "-i", str(lines), "--format", "jsonl"], ["embed", "-i", str(lines)]):
+        outputs = []
+        for device in ("cpu", "cuda"):
+            code, out, err = cli(*command, "-m", folder, "--device", device)
+            assert code == 0, err
+            outputs.append(out)
+        if command[0] == "generate":
+            assert outputs[0] == outputs[1]
+        else:  # numbers: equal to float32 rounding between the two devices' kernels
+            a, b = ([json.loads(line) for line in out.splitlines()] for out in outputs)
+            assert [sorted(r) for r in a] == [sorted(r) for r in b]
+            values = [(torch.tensor(x[k], dtype=torch.float64), torch.tensor(y[k], dtype=torch.float64))
+                      for x, y in zip(a, b, strict=True) for k in x if isinstance(x[k], (float, list))]
+            assert values and all(torch.allclose(u, v, atol=1e-3, rtol=1e-3) for u, v in values)
