@@ -298,7 +298,7 @@ def bulk_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> No
     total = len(prompts) * n
     rows.append(row(f"bulk generate, {len(prompts)} prompts x {n} new tokens", total / t_ours, total / t_ref,
                     "tokens/s", higher=True, target=TARGETS["bulk"],
-                    note=f"ours at the default --batch-size ({default_batch_size(opts)})"))
+                    note=f"ours at the default --batch-size ({default_batch_size(opts, args.device)})"))
     rows.append(row("bulk generate, ours at --batch-size 8 too", total / t_eight, total / t_ref, "tokens/s",
                     higher=True))
     texts = [tok.encode(line)[:256] for line in lines[:128]]

@@ -383,6 +383,33 @@ def test_half_precision_times_the_float32_fallback(tmp_path, monkeypatch):
             assert got.dtype == torch.float16 and torch.allclose(got.float(), expected[: len(rows)], atol=2e-2)
 
 
+def test_half_precision_falls_back_to_the_float32_kernel_for_its_own_rows(tmp_path, monkeypatch):
+    """Timings as on an Intel Xeon (torch 2.11, 2 threads): plain float32 wins one row, packing wins
+    five, and the half kernels lose to float32 at one row. A model that decodes one row must then
+    time (and take) float32's one-row winner, not its five-row one."""
+    from biogpt_cli import linear
+
+    if not linear.can_pack(torch.float32, torch.device("cpu")):
+        pytest.skip("this torch has no oneDNN packing: float32 has one kernel")
+    monkeypatch.setenv("BIOGPT_CACHE", str(tmp_path))
+    monkeypatch.delenv("BIOGPT_KERNEL", raising=False)
+
+    def fake_time(layers, rows, dtype):
+        layer = layers[0]
+        inner = getattr(layer, "inner", None)
+        kind = {torch.nn.Linear: "plain", linear.PackedLinear: "packed", linear.HalfLinear: "half"}.get(type(layer))
+        kind = kind or ("float32-packed" if isinstance(inner, linear.PackedLinear) else "float32")
+        ms = {"plain": (12, 24), "packed": (19, 21), "half": (16, 36), "float32": (12.5, 25),
+              "float32-packed": (19, 22)}
+        return ms[kind][rows != 1]
+
+    monkeypatch.setattr(linear, "_time", fake_time)
+    layers = [torch.nn.Linear(64, 128).half(), torch.nn.Linear(128, 64).half()]
+    monkeypatch.setattr(linear, "_half_packing", lambda dtype: False)
+    assert linear.choose_kernel(layers, rows=1) == "float32"
+    assert linear.choose_kernel(layers) == "float32-packed"  # five rows: float32's five-row winner
+
+
 @pytest.mark.parametrize("kernel,dtype", [("float32", "float16"), ("float32-packed", "bfloat16"),
                                           ("plain", "bfloat16"), ("plain-direct", "float16")])
 def test_half_precision_kernels_stay_close(tiny_ref, monkeypatch, kernel, dtype):

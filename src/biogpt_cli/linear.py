@@ -352,8 +352,8 @@ def choose_kernel(linears: list[nn.Linear], rows: int | None = None) -> str:
         total += m.weight.numel() * 4
         if total >= SAMPLE_BYTES:
             break
-    if "float32-packed" in names:  # float32's own choice on these shapes decides which of the two is timed
-        names.remove("float32" if choose_kernel([widened(m) for m in sample]).startswith("packed")
+    if "float32-packed" in names:  # float32's own choice, for the same shapes and rows, decides which is timed
+        names.remove("float32" if choose_kernel([widened(m) for m in sample], rows).startswith("packed")
                      else "float32-packed")
     seconds = {}
     for name in names:

@@ -62,7 +62,7 @@ FORWARD_BATCH = 8  # texts read whole in one forward pass (score, embed, a class
 LENGTH_WINDOW = 16  # batches of texts read ahead and grouped by length (score, embed): less padding
 DecodeBatchOpt = Annotated[int | None, typer.Option(
     "--batch-size", min=1, show_default=False,
-    help="Inputs decoded together [16; 8 with beams, several sequences or a head].")]
+    help="Inputs decoded together [16; 8 with beams, several sequences or a head; 4x that on a GPU].")]
 DTypeOpt = Annotated[DType, typer.Option(help="Weight precision.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")]
 QuantizeOpt = Annotated[Quantize, typer.Option(help="CPU weights: int8 (dynamic) or int4 (group-wise).")]

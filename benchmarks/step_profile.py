@@ -1,0 +1,73 @@
+"""Where a greedy decoding step's time goes, per precision, on this machine.
+
+    python benchmarks/step_profile.py [--workdir DIR] [--precision float32 int8 ...] [--tokens N] [--device D]
+
+For the full-size random checkpoint that bench.py builds: milliseconds per token, the kernel the
+linear layers run, and torch.profiler's operators by self time. Then the kernel timings that
+the loads measured on this CPU (the user cache's kernels.json). What to read before changing a
+kernel for a CPU: bench.py says how fast, this says where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import PROMPT, build_checkpoint, kernel_name  # noqa: E402
+
+from biogpt_cli import BioGptForCausalLM, BioGptTokenizer, GenerationOptions, generate  # noqa: E402
+from biogpt_cli.linear import cache_dir  # noqa: E402
+
+PRECISIONS = {"float32": {}, "int8": {"quantize": "int8"}, "int4": {"quantize": "int4"},
+              "float16": {"dtype": "float16"}, "bfloat16": {"dtype": "bfloat16"}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "biogpt-bench")
+    parser.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", type=int, default=10, help="operators shown per precision")
+    args = parser.parse_args()
+    folder = args.workdir / "biogpt-random"
+    build_checkpoint(folder)
+    prompt = BioGptTokenizer.from_folder(folder).encode(PROMPT)
+    opts = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    for name in args.precision:
+        if args.device != "cpu" and "quantize" in PRECISIONS[name]:
+            continue
+        model = BioGptForCausalLM.from_pretrained(folder, device=args.device, rows=1, **PRECISIONS[name])
+        with torch.inference_mode():
+            generate(model, [prompt], GenerationOptions(max_new_tokens=2))  # one-time set-up
+            start = time.perf_counter()
+            generate(model, [prompt], opts)
+            ms = (time.perf_counter() - start) * 1e3 / args.tokens
+            with torch.profiler.profile(activities=activities) as prof:
+                generate(model, [prompt], opts)
+        sort = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+        print(f"\n== {name}: {ms:.1f} ms per token unprofiled; linear layers: {kernel_name(model)}", flush=True)
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.rows), flush=True)
+        del model
+    kernels = cache_dir() / "kernels.json"
+    if kernels.is_file():
+        here = f"torch {torch.__version__} | {torch.get_num_threads()} threads"
+        print(f"\nkernel timings measured on this CPU with {here} (ms for 1 and 5 rows; the winner):")
+        for key, entry in json.loads(kernels.read_text()).items():
+            if here in key:
+                print(f"{key}\n    {entry}")
+
+
+if __name__ == "__main__":
+    main()
