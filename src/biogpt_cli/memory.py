@@ -1,0 +1,63 @@
+"""What decoding needs in memory, estimated from the config before anything is allocated, so that
+a value that cannot fit (100,000 beams, a batch of thousands) is refused with one line instead of
+ending in the kernel's out-of-memory killer.
+
+The estimate counts what grows with rows: keys and values for every position a row may reach,
+its token history and attention mask, and the per-step float32 score tensors (beam search keeps a
+few of `[rows, vocabulary]`). Weights are not counted: they are mapped, and a model that loads
+at all has room for them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .config import BioGptConfig
+from .errors import InputError
+
+SCORE_COPIES = 8  # [rows, vocab] float32 tensors alive in a beam step (logits, log-softmax, processed scores, top-k)
+HEADROOM = 0.8  # of the memory available: the rest is for the weights' pages, activations and the allocator
+
+
+def row_bytes(config: BioGptConfig, positions: int, dtype_bytes: int = 4) -> int:
+    """Bytes one decoding row holds: keys and values of every layer at `positions`, the history and
+    mask (int64 each), and its score vectors."""
+    kv = 2 * config.num_hidden_layers * positions * config.hidden_size * dtype_bytes
+    return kv + 2 * 8 * positions + SCORE_COPIES * 4 * config.vocab_size
+
+
+def available_bytes(device: Any = "cpu") -> int | None:
+    """Memory free for new allocations on `device` (None where it cannot be told)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+
+
+def check_rows_fit(config: BioGptConfig, rows: int, positions: int, *, what: str, dtype_bytes: int = 4,
+                   device: Any = "cpu", free: int | None = None) -> None:
+    """Raise `InputError` naming `what` (the options that make the rows) when `rows` decoding rows
+    of up to `positions` positions would not fit in the memory available."""
+    positions = max(1, min(positions, config.max_position_embeddings))
+    free = available_bytes(device) if free is None else free
+    per_row = row_bytes(config, positions, dtype_bytes)
+    if free is None or rows * per_row <= HEADROOM * free:
+        return
+    fit = int(HEADROOM * free // per_row)
+    raise InputError(f"{what}: {rows} decoding rows need about {_gb(rows * per_row)} ({_gb(per_row)} each for up "
+                     f"to {positions} positions), and {_gb(free)} is available: at most {fit} rows fit")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
