@@ -1,17 +1,28 @@
 """biogpt-cli as a library: stream a continuation, run beam search, score candidate answers, find
 the nearest title by embeddings, and run a transformers-style padded batch.
 
-    python examples/api.py [MODEL]      (a folder or Hub id; default microsoft/biogpt)
+    python examples/api.py [MODEL]      (a folder or Hub id; default $BIOGPT_MODEL, else microsoft/biogpt)
 """
 
+import os
 import sys
 
-from biogpt_cli import BioGptForCausalLM, BioGptTokenizer, GenerationOptions, generate, stream_completions
+from biogpt_cli import (
+    BioGptError,
+    BioGptForCausalLM,
+    BioGptTokenizer,
+    GenerationOptions,
+    generate,
+    stream_completions,
+)
 from biogpt_cli.scoring import choice_probabilities, embed
 
-name = sys.argv[1] if len(sys.argv) > 1 else "microsoft/biogpt"
-model = BioGptForCausalLM.from_pretrained(name)
-tokenizer = BioGptTokenizer.from_pretrained(name)
+name = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("BIOGPT_MODEL", "microsoft/biogpt")
+try:  # every error the library raises for a user to act on is a BioGptError, with a one-line message
+    model = BioGptForCausalLM.from_pretrained(name)
+    tokenizer = BioGptTokenizer.from_pretrained(name)
+except BioGptError as e:
+    sys.exit(f"error: {e}")
 prompt = tokenizer.encode("COVID-19 is")
 
 # Stream: text arrives as soon as later tokens can no longer change it.
