@@ -119,7 +119,7 @@ def test_generate_prompt_too_long_and_truncate(cli, tiny):
     code, out, err = cli("generate", long, "-m", folder, "-n", "5")
     assert code == 1 and "exceeds the model's 64 positions" in one_error_line(err) and out == ""
     code, out, err = cli("generate", long, "-m", folder, "-n", "5", "--truncate", "--format", "jsonl")
-    assert code == 0 and "cut to its last 58" in err
+    assert code == 0 and "cut to 59 (</s> and its last 58)" in err
     assert len(json.loads(out)["ids"]) == 5
 
 
@@ -308,7 +308,7 @@ def test_score_an_over_long_line(cli, tiny):
     assert code == 1 and out == "" and "line 1: 71 tokens exceed the model's 64 positions (pass --truncate" in (
         one_error_line(err))
     code, out, err = cli("score", "-m", tiny[0], "--truncate", stdin=long)
-    assert code == 0 and out.split("\t")[0] == "64" and "71 tokens cut to the last 63" in err
+    assert code == 0 and out.split("\t")[0] == "64" and "71 tokens cut to 64 (</s> and the text's last 63)" in err
 
 
 def test_score_equals_reference_loss(cli, tiny_ref, tiny):

@@ -163,7 +163,7 @@ def test_score_show(cli, tiny, tmp_path):
     code, _, err = cli("score", tmp_path / "long.txt", "-m", folder, "--show")
     assert code == 1 and "line 1: 71 tokens exceed the model's 64 positions (pass --truncate" in one_error_line(err)
     code, out, err = cli("score", tmp_path / "long.txt", "-m", folder, "--show", "--truncate")
-    assert code == 0 and len(out.split()) == 63 and "71 tokens cut to the last 63" in err
+    assert code == 0 and len(out.split()) == 63 and "71 tokens cut to 64 (</s> and the text's last 63)" in err
 
 
 @pytest.mark.parametrize("pool", ["mean", "last"])
@@ -222,7 +222,7 @@ def test_embed_names_the_bad_line_and_truncates_on_request(cli, tiny, tmp_path):
     assert code == 1 and "line 2: 71 tokens exceed the model's 64 positions (pass --truncate to embed its last 63)" \
         in one_error_line(err)
     code, out, err = cli("embed", "-i", tmp_path / "in.txt", "-m", folder, "--truncate")
-    assert code == 0 and "line 2: 71 tokens cut to the last 63" in err
+    assert code == 0 and "line 2: 71 tokens cut to 64 (</s> and the text's last 63)" in err
     (tmp_path / "cut.txt").write_text(" ".join(["the"] * 63) + "\n")  # what --truncate kept: the last 63
     _, alone, _ = cli("embed", "-i", tmp_path / "cut.txt", "-m", folder)
     assert json.loads(out.splitlines()[1])["embedding"] == json.loads(alone)["embedding"]

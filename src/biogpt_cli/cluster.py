@@ -22,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import BioGptError, InputError
+from .errors import BioGptError, InputError, missing_extra
+from .jsonl import dumps, lines
 from .output import check_manifest, manifest_path, manifested
 
 PART = "part-*.jsonl"
@@ -33,7 +34,7 @@ def ray_module() -> Any:
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise BioGptError("--engine ray needs Ray: pip install 'biogpt-cli[ray]'") from None
+        raise missing_extra("--engine ray", "ray") from None
     return ray
 
 
@@ -76,7 +77,7 @@ def done_ids(output: Path) -> set[Any]:
     """Ids whose records are already committed in part files of `output`."""
     done = set()
     for part in output.glob(PART):
-        for line in part.read_text(encoding="utf-8").splitlines():
+        for _, line in lines(part.read_text(encoding="utf-8")):
             done.add(json.loads(line)["id"])
     return done
 
@@ -123,7 +124,7 @@ class Worker:
         def lines(group: list[Any]) -> list[list[str]]:
             records = FORWARD[self.command](self.lm, self.tok, group, self.batch_size or 8, self.settings,
                                             lambda m: None)
-            return [[json.dumps(r) + "\n"] for r in records]
+            return [[dumps(r)] for r in records]
 
         try:
             return lines(items) if items else []

@@ -44,3 +44,17 @@ class PromptTooLong(InputError):
         """The message with another front end's hint."""
         return (f"prompt of {self.tokens} tokens plus {self.new} new tokens exceeds the model's {self.positions} "
                 f"positions ({hint})")
+
+
+def missing_extra(command: str, extra: str) -> BioGptError:
+    """The error for a command whose optional dependencies are not installed. It names the
+    packages themselves (from this package's metadata), a spelling that works from a checkout and
+    from an installed wheel alike."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        wanted = [r.split(";")[0].strip() for r in requires("biogpt-cli") or () if f'extra == "{extra}"' in r]
+    except PackageNotFoundError:
+        wanted = []
+    names = " ".join(f"'{r}'" for r in wanted) or f"'biogpt-cli[{extra}]'"
+    return BioGptError(f"{command} needs the {extra} extra: pip install {names}")

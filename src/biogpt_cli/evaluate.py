@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .jsonl import lines
 from .tasks import HOC_LABELS
 
 Scores = dict[str, float | int]
@@ -31,13 +32,13 @@ Scores = dict[str, float | int]
 def read_predictions(path: str | Path, key: str = "id") -> dict[str, dict[str, Any]]:
     """Our JSONL records by `key` (`id`, else `line`), as strings."""
     records: dict[str, dict[str, Any]] = {}
-    for n, line in enumerate(_read(path).splitlines(), 1):
+    for n, line in lines(_read(path)):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"{path}: line {n}: not JSON ({e.msg})") from None
+            raise InputError(f"{path}: line {n}: not JSON ({e.msg}){_order_hint(path)}") from None
         value = record.get(key, record.get("line")) if isinstance(record, dict) else None
         if value is None:
             fields = f'"{key}" or "line"' if key != "line" else '"line"'
@@ -59,7 +60,14 @@ def _json(path: str | Path) -> Any:
     try:
         return json.loads(_read(path))
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+        raise InputError(f"{path}: not JSON ({e.msg} at line {e.lineno}){_order_hint(path)}") from None
+
+
+def _order_hint(path: str | Path) -> str:
+    """Why a file may not parse as what it was taken for: the arguments were given the other way
+    round (predictions are JSONL records, gold files one JSON document or the release's text)."""
+    return "; the order is PREDICTIONS GOLD: is this the other file?" if Path(path).suffix in (".json", ".jsonl") \
+        else ""
 
 
 def _prf(tp: int, predicted: int, gold: int) -> tuple[float, float, float]:
@@ -76,7 +84,7 @@ def pubmedqa(predictions: str | Path, gold: str | Path) -> Scores:
     wrong = next(((pmid, label) for pmid, label in truth.items() if label not in ("yes", "no", "maybe")), None)
     if wrong is not None:  # another file given as the gold one would score every answer wrong
         raise InputError(f"{gold}: pmid {wrong[0]} has the label {json.dumps(wrong[1])}, not yes, no or maybe: "
-                         "expected test_ground_truth.json")
+                         f"expected test_ground_truth.json{_order_hint(gold)}")
     preds = read_predictions(predictions)
     correct = sum(preds.get(str(pmid), {}).get("answer") == label for pmid, label in truth.items())
     return {"accuracy": correct / len(truth) if truth else 0.0, "correct": correct, "n": len(truth),
@@ -84,7 +92,7 @@ def pubmedqa(predictions: str | Path, gold: str | Path) -> Scores:
 
 
 def hoc(predictions: str | Path, gold: str | Path) -> Scores:
-    truth = {str(n): line.split("\t")[-1] for n, line in enumerate(_read(gold).splitlines(), 1) if line.strip()}
+    truth = {str(n): line.split("\t")[-1] for n, line in lines(_read(gold)) if line.strip()}
     preds = read_predictions(predictions, key="line")
     known = set(HOC_LABELS)
     tp = fp = fn = 0
@@ -199,7 +207,7 @@ def bc5cdr(predictions: str | Path, gold: str | Path, entities: str | Path) -> S
     if not isinstance(ent2id, dict) or not all(isinstance(ent2id.get(k), dict) for k in ("chemical2id", "disease2id")):
         raise InputError(f"{entities}: expected the release's test.entities.json with chemical2id and disease2id")
     pmids, truth = set(), set()
-    for line in _read(gold).splitlines():
+    for _, line in lines(_read(gold)):
         if "|t|" in line[:20]:
             pmids.add(line.split("|", 1)[0])
         cols = line.split("\t")

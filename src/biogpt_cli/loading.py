@@ -421,7 +421,8 @@ def fingerprint(folder: str | Path) -> str:
 def _task(config: BioGptConfig) -> str:
     """What `info` says a checkpoint does."""
     if config.task or config.learned_prompt:
-        return config.task or "unknown (pass --task)"
+        return config.task or ("not recorded: run it with `biogpt qa`, `biogpt extract --task bc5cdr|ddi|kd-dti` "
+                               "or `biogpt classify`")
     if head := task_head(config):
         return f"labels from a {head} head (biogpt classify)"
     return "none (a language model)"
@@ -468,14 +469,14 @@ def describe(path_or_id: str | Path, revision: str | None = None) -> dict[str, A
     counted = {k: t for k, t in state.items() if not (tied and k == "output_projection.weight")}
     return {
         "model": str(path_or_id),
-        "loaded from": str(folder.resolve()),
+        "loaded_from": str(folder.resolve()),
         "parameters": sum(t.numel() for t in counted.values()),
-        "weight dtypes": ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in counted.values()})),
-        "weight bytes": sum(t.numel() * t.element_size() for t in counted.values()),
+        "weight_dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in counted.values()}),
+        "weight_bytes": sum(t.numel() * t.element_size() for t in counted.values()),
         "vocabulary": vocabulary,
         "task": _task(config),
-        "learned prompt tokens": config.learned_prompt,
-        "source limit": config.max_source_positions or "the task's default" if config.learned_prompt else "-",
+        "learned_prompt_tokens": config.learned_prompt,
+        "source_limit": config.max_source_positions or "the task's default" if config.learned_prompt else None,
         "config": config.to_dict(),
         "files": {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()},
     }

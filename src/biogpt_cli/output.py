@@ -28,6 +28,7 @@ from rich.text import Text
 
 from .errors import BioGptError, InputError
 from .inputs import Prompt
+from .jsonl import dumps
 
 if TYPE_CHECKING:
     from .streaming import Completion, TextEvent
@@ -373,7 +374,7 @@ class Renderer:
         prompt, rows = self.prompts[i], range(i * self.k, (i + 1) * self.k)
         if self.fmt == "jsonl":
             records = [self._record(prompt, self.done[r], r - i * self.k) for r in rows]
-            lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
+            lines = [dumps(record) for record in records]
         else:
             lines = [self.line(prompt, self.done[r]) + "\n" for r in rows]
         self.writer.write("".join(lines), records=self.k)

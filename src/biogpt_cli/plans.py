@@ -18,6 +18,7 @@ from .batch import Job, run
 from .errors import InputError, PromptTooLong
 from .generation import GenerationOptions, fit_prompt
 from .inputs import Prompt
+from .jsonl import dumps, lines
 from .output import LineFn, RecordFn, Renderer, base_record, generation_line, generation_record
 from .streaming import Completion
 
@@ -64,7 +65,7 @@ def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
         full = tok.encode(p.text)
         ids = fit_prompt(full, opts.max_new_tokens, lm.config.max_position_embeddings, s.get("truncate", False))
         if len(ids) < len(full):
-            warn(f"warning: {p.where}prompt of {len(full)} tokens cut to its last {len(ids) - 1}")
+            warn(f"warning: {p.where}prompt of {len(full)} tokens cut to {len(ids)} (</s> and its last {len(ids) - 1})")
         if s.get("logprobs") is not None:
             inputs[p.key] = ids
         return Job(p, ids)
@@ -144,7 +145,7 @@ class MemoryWriter:
 
 def error_record(p: Prompt, message: str) -> str:
     """The record of an input that could not be processed (Ray runs: one bad row fails no others)."""
-    return json.dumps({**p.origin, "error": message}, ensure_ascii=False) + "\n"
+    return dumps({**p.origin, "error": message})
 
 
 def generated_records(lm: Any, tok: Any, plan: Plan, items: list[Prompt], batch_size: int | None) -> list[list[str]]:
@@ -160,7 +161,7 @@ def generated_records(lm: Any, tok: Any, plan: Plan, items: list[Prompt], batch_
     k = plan.opts.num_return_sequences
     run(lm, tok, jobs, plan.opts, Renderer("jsonl", writer, None, k, plan.record, plan.line),
         batch_size=batch_size, stop=plan.stop, seed=plan.seed)
-    done = iter("".join(writer.lines).splitlines(keepends=True))
+    done = iter(line + "\n" for _, line in lines("".join(writer.lines)))
     return [[errors[i]] if i in errors else [next(done) for _ in range(k)] for i in range(len(items))]
 
 
@@ -177,7 +178,7 @@ def text_ids(lm: Any, tok: Any, p: Prompt, truncate: bool, warn: Warn, verb: str
     except InputError as e:
         raise InputError(f"{p.where}{e}") from None
     if len(ids) < len(full):
-        warn(f"warning: {p.where}{len(full)} tokens cut to the last {len(ids) - 1}")
+        warn(f"warning: {p.where}{len(full)} tokens cut to {len(ids)} (</s> and the text's last {len(ids) - 1})")
     return ids
 
 

@@ -158,13 +158,20 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None,
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [served]}
 
+    def not_served(model: str | None) -> JSONResponse | None:
+        """A 404 for a request naming another model (None: it named none, or this one)."""
+        if model in (None, name):
+            return None
+        return error(404, f"model {model!r} is not served here (this server serves {name!r})", param="model")
+
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> Any:  # the client's models.retrieve()
-        return served if model == name else error(404, f"model {model!r} is not served here (this server serves "
-                                                        f"{name!r})", param="model")
+        return not_served(model) or served
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        if refused := not_served(body.model):
+            return refused
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or not all(p.strip() for p in prompts):
             return error(400, "prompt: every prompt needs some text", param="prompt")
@@ -203,6 +210,8 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None,
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> Any:
+        if refused := not_served(body.model):
+            return refused
         texts = [body.input] if isinstance(body.input, str) else body.input
         if texts and not all(isinstance(t, str) for t in texts):
             return error(400, "input: token ids are another tokenizer's (tiktoken's, from most clients): send "

@@ -38,6 +38,20 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """BioGPT text generation, tasks, tokenization and scoring, token-for-token equal to the reference."""
 
 
+def _named_values(group: typer.core.TyperGroup) -> typer.core.TyperGroup:
+    """Help shows each option's value by its meaning (`--model MODEL`, `-n N`, `--input FILE`),
+    not its Python type (`<str>`); choices keep their list."""
+    for cmd in group.commands.values():  # typer may vendor click: options and choices are told by shape
+        for param in cmd.params:
+            if param.param_type_name == "option" and not param.is_flag and param.metavar is None \
+                    and not hasattr(param.type, "choices"):
+                name = max(param.opts, key=len).lstrip("-")
+                kind = getattr(param.type, "name", "")
+                param.metavar = ("FILE" if name in ("input", "output", "entities") else "N" if "int" in kind
+                                 else "X" if "float" in kind else name.upper().replace("-", "_"))
+    return group
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise Quit(128 + signum)
 
@@ -52,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     code = 0
     try:
-        result = typer.main.get_command(app).main(argv, prog_name="biogpt", standalone_mode=False)
+        result = _named_values(typer.main.get_command(app)).main(argv, prog_name="biogpt", standalone_mode=False)
         code = result if isinstance(result, int) else 0
     except Quit as q:
         code = q.code
@@ -73,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         elif hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
             # click's usage errors (bad option values, unknown options); typer may vendor click, so by shape
-            print(f"error: {e.format_message()}".replace("\n", " "), file=sys.stderr)
+            print("error: " + " ".join(e.format_message().split()), file=sys.stderr)  # choices come tab-indented
             code = e.exit_code
         else:  # a bug, or a failure we did not foresee: still one line
             print(f"error: {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)

@@ -45,6 +45,9 @@ Quantize = Literal["none", "int8", "int4"]
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", envvar="BIOGPT_MODEL",
                                        help="Model folder or Hugging Face Hub id.")]
+TaskModelOpt = Annotated[str | None, typer.Option("--model", "-m", envvar="BIOGPT_MODEL", show_default=False,
+                                                   help="The fine-tuned task checkpoint: folder or Hub id "
+                                                        "(required).")]
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 OutputFormatOpt = Annotated[OutputFormat, typer.Option("--format", help="auto: JSONL for -o *.jsonl, else text.")]
@@ -63,6 +66,8 @@ LENGTH_WINDOW = 16  # batches of texts read ahead and grouped by length (score, 
 DecodeBatchOpt = Annotated[int | None, typer.Option(
     "--batch-size", min=1, show_default=False,
     help="Inputs decoded together [16; 8 with beams, several sequences or a head; 4x that on a GPU].")]
+TaskBatchOpt = Annotated[int | None, typer.Option(
+    "--batch-size", min=1, show_default=False, help="Inputs decoded together [16; 64 on a GPU].")]
 DTypeOpt = Annotated[DType, typer.Option(help="Weight precision.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")]
 QuantizeOpt = Annotated[Quantize, typer.Option(help="CPU weights: int8 (dynamic) or int4 (group-wise).")]
@@ -111,6 +116,14 @@ def shows_progress(quiet: bool) -> bool:
     return not quiet and stderr.is_terminal
 
 
+def eta_seconds(elapsed: float | None, done: float, total: float | None) -> float | None:
+    """Time left at the run's average rate so far. Rows finish in bursts (a batch's rows end
+    together), so rich's rate over the last seconds swings from zero to many times the truth."""
+    if not elapsed or not done or total is None:
+        return None
+    return max(0.0, elapsed * (total - done) / done)
+
+
 @contextlib.contextmanager
 def progress(total: int | None, quiet: bool, unit: str = "items") -> Iterator[Callable[..., None]]:
     """A progress bar on stderr (done / total, rate, elapsed, ETA) when `shows_progress`;
@@ -118,17 +131,18 @@ def progress(total: int | None, quiet: bool, unit: str = "items") -> Iterator[Ca
     if not shows_progress(quiet):
         yield lambda done, tokens=0, total=None: None
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class Eta(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            left = eta_seconds(task.elapsed, task.completed, task.total)
+            minutes, seconds = divmod(round(left or 0), 60)
+            shown = "-:--:--" if left is None else f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+            return Text(shown, style="progress.remaining")
 
     columns = [TextColumn(unit), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+               TimeElapsedColumn(), TextColumn("ETA"), Eta()]
     start = time.perf_counter()
     with Progress(*columns, console=stderr, transient=False, redirect_stdout=False, redirect_stderr=False) as bar:
         task = bar.add_task(unit, total=total, rate="")
@@ -194,6 +208,25 @@ def device_or_usage_error(name: str) -> Any:
     try:
         return parse_device(name)
     except BioGptError as e:
+        raise UsageError(str(e)) from None
+
+
+def check_decode_memory(model: str, revision: str | None, rows: int, positions: int, what: str, dtype: str,
+                        device: Any) -> None:
+    """Refuse, before the model loads, a run whose decoding rows cannot fit in memory (the config
+    alone says what a row costs). A checkpoint without config.json (the fairseq layout) is not
+    checked here."""
+    from ..config import BioGptConfig
+    from ..hub import resolve
+    from ..memory import check_rows_fit
+
+    config = resolve(model, revision, ("config.json",)) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        check_rows_fit(BioGptConfig.from_json(config), rows, positions, what=what,
+                       dtype_bytes=2 if dtype != "float32" else 4, device=device)
+    except InputError as e:
         raise UsageError(str(e)) from None
 
 
@@ -269,6 +302,6 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
                                   workers=engine.workers, cpus_per_worker=engine.cpus_per_worker,
                                   gpus_per_worker=engine.gpus_per_worker, batch_size=batch_size,
                                   progress=lambda done, total: update(done, total=total), force=force,
-                                  model_files=fingerprint(described["loaded from"]))
+                                  model_files=fingerprint(described["loaded_from"]))
     already = f" ({before} were there already)" if before else ""
     stderr.print(f"{counted(now, 'record')} written to {output}{already}")

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import typer
 
 from ..hub import DEFAULT_MODEL
+from ..jsonl import dumps
 from .common import (
     FORWARD_BATCH,
     LENGTH_WINDOW,
@@ -70,7 +71,9 @@ def embed(
     gpus_per_worker: GpusOpt = 0.0,
     debug: DebugOpt = False,
 ) -> None:
-    """Embeddings: the final hidden state (after the last layer norm), pooled per text; JSONL
+    """One vector per text, for search and clustering.
+
+    Embeddings: the final hidden state (after the last layer norm), pooled per text; JSONL
     records {"line"/"id", "embedding"} or one safetensors matrix, rows in input order."""
     import torch
 
@@ -115,7 +118,7 @@ def embed(
                         keys.extend(p.origin for p in kept)
                     elif kept:
                         for r in embed_records(lm, tok, kept, batch_size, settings, stderr.print):
-                            writer.write(json.dumps(r) + "\n")
+                            writer.write(dumps(r))
                     update(done)
         finally:
             if writer is not None:

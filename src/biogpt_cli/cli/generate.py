@@ -4,7 +4,9 @@ command shares (output file and manifest, resume, live terminal output, interrup
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import re
 import shlex
 import sys
 import time
@@ -45,6 +47,7 @@ from .common import (
     UsageError,
     VerboseOpt,
     WorkersOpt,
+    check_decode_memory,
     check_precision,
     command,
     counted,
@@ -79,7 +82,7 @@ def generate(
     top_k: Annotated[int | None, typer.Option(min=0, help="Sampling: keep the k likeliest, 0: off [50].")] = None,
     top_p: Annotated[float | None, typer.Option(help="Sampling: nucleus mass, in [0, 1] [1].")] = None,
     min_p: Annotated[float | None, typer.Option(min=0, max=1, help="Sampling: drop p < min_p * max p.")] = None,
-    seed: Annotated[int | None, typer.Option(min=0, max=MAX_SEED, help="Sampling: seed (random without).")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Sampling: seed, below 2**63 (random without).")] = None,
     num_return_sequences: Annotated[int, typer.Option(min=1, help="Sequences per prompt (sampling/beams).")] = 1,
     stop: Annotated[list[str] | None, typer.Option(help="Stop when the text contains this (repeatable).")] = None,
     ban: Annotated[list[str] | None, typer.Option(help="Never generate this word or phrase (repeatable).")] = None,
@@ -107,9 +110,13 @@ def generate(
     gpus_per_worker: GpusOpt = 0.0,
     debug: DebugOpt = False,
 ) -> None:
-    """Continue prompts: streamed to a terminal, whole lines or JSONL records otherwise."""
+    """Continue prompts (streamed, or to files).
+
+    Continue prompts: streamed to a terminal, whole lines or JSONL records otherwise."""
     from ..plans import generate_plan, generation_options
 
+    if seed is not None and seed > MAX_SEED:
+        raise UsageError(f"--seed {seed} is too large: seeds are below 2**63")
     sampling = {"--temperature": temperature, "--top-k": top_k, "--top-p": top_p, "--min-p": min_p, "--seed": seed}
     given = [name for name, value in sampling.items() if value is not None]
     if given and not sample:
@@ -118,20 +125,22 @@ def generate(
     given = [name for name, value in beams.items() if value is not None]
     if given and num_beams == 1:
         raise UsageError(f"{', '.join(given)} only {_apply(given)} to beam search: add --num-beams N (N > 1)")
-    if show_confidence and (output is not None or fmt == "jsonl" or engine == "ray"):
-        raise UsageError("--show-confidence colours text streamed to a terminal: not with -o, --format jsonl "
-                         "or --engine ray")
+    if show_confidence and (output is not None or fmt == "jsonl" or engine == "ray" or not sys.stdout.isatty()):
+        raise UsageError("--show-confidence colours text streamed to a terminal: not with -o, --format jsonl, "
+                         "--engine ray or a pipe")
     settings = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
                     length_penalty=length_penalty, early_stopping=early_stopping,
                     num_return_sequences=num_return_sequences, sample=sample, temperature=temperature, top_k=top_k,
                     top_p=top_p, min_p=min_p, seed=seed, repetition_penalty=repetition_penalty,
                     no_repeat_ngram_size=no_repeat_ngram_size, stop=stop or [], ban=ban or [], truncate=truncate,
                     logprobs=logprobs)
+    if "" in (stop or []) or any(not b.strip() for b in ban or []):
+        raise UsageError(f"--{'stop' if '' in (stop or []) else 'ban'} needs a non-empty text")
     try:
         decoding = generation_options(settings)
         decoding.validate()
     except BioGptError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(option_names(str(e))) from None
     torch_device = device_or_usage_error(device)
     check_precision(quantize, dtype, torch_device)
     where = Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet)
@@ -157,6 +166,7 @@ def generate(
         input = "-"
 
     with prompt_source(prompt, input, input_format, errors) as prompts:  # a bad input fails before loading
+        check_rows(model, revision, decoding, prompt, batch_size, dtype, torch_device)
         one_row = prompt is not None and decoding.rows_per_prompt == 1
         lm, tokenizer = load_model(model, revision, dtype, torch_device, quantize, verbose, rows=1 if one_row else None)
         settings["seed"] = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -168,6 +178,16 @@ def generate(
         run_batch(lm, tokenizer, prompts, plan, run=run, output=output, fmt=fmt, force=force, resume=resume,
                   batch_size=batch_size, verbose=verbose, total=progress_total(input, output, quiet), quiet=quiet,
                   confidence=show_confidence)
+
+
+def option_names(message: str) -> str:
+    """A library message about `GenerationOptions` fields in the options the user typed
+    (`min_new_tokens must be ...` -> `--min-new-tokens must be ...`)."""
+    from ..generation import GenerationOptions
+
+    fields = "|".join(f.name for f in dataclasses.fields(GenerationOptions))
+    return re.sub(rf"\b({fields})\b", lambda m: "--" + m.group(1).replace("_", "-").replace("do-sample", "sample"),
+                  message)
 
 
 def _apply(options: list[str]) -> str:
@@ -182,6 +202,20 @@ def check_batch_options(input: str | None, output: str | None, fmt: str, force: 
     if resume and force:
         raise UsageError("--resume continues the --output file and --force overwrites it: give one")
     check_output(output, force=force, resume=resume, source=input)
+
+
+def check_rows(model: str, revision: str | None, opts: Any, prompt: str | None, batch_size: int | None, dtype: str,
+               device: Any) -> None:
+    """Refuse beams x sequences x batch rows that cannot fit in memory, before the model loads. A
+    PROMPT's tokens are bounded by its bytes; a file's prompts by the model's positions."""
+    from ..batch import default_batch_size
+
+    prompts = 1 if prompt is not None else batch_size or default_batch_size(opts, device)
+    named = (("--num-beams", opts.num_beams > 1), ("--num-return-sequences", opts.num_return_sequences > 1),
+             ("--batch-size", prompts > 1))
+    what = " x ".join(name for name, on in named if on) or "decoding"
+    positions = opts.max_new_tokens + (len(prompt.encode()) + 2 if prompt is not None else 1 << 30)
+    check_decode_memory(model, revision, prompts * opts.rows_per_prompt, positions, what, dtype, device)
 
 
 def load_model(model: str, revision: str | None, dtype: str, device: Any, quantize: str, verbose: bool,
@@ -267,10 +301,11 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
                 except InputError as e:
                     raise InputError(f"{p.where}{e}") from None
 
+    existed = output is not None and os.path.exists(output)
     with open_output(output, force=force, resume=resume, group=sequences, run=run) as (writer, done):
         if resume and output is not None:
-            stderr.print(f"resuming {output}: {counted(len(done), 'input')} already done, "
-                         "finishing the rest")
+            stderr.print(f"resuming {output}: {counted(len(done), 'input')} already done" if existed
+                         else f"{output} does not exist yet: starting it")
         if confidence:
             stderr.print(CONFIDENCE_LEGEND, style="dim")
         spinner = stderr.status("beam search", spinner="dots") if live and opts.num_beams > 1 else None
@@ -285,13 +320,17 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
             if live:
                 sys.stdout.write("\n")
             if not isinstance(e, Quit) or e.code in (130, 143):  # not a closed pipe (141)
-                _say_interrupted(output, writer.records + len(done) * sequences)
+                _say_interrupted(output, fmt, writer.records + len(done) * sequences)
             raise
         finally:
             note_skipped(skipped)
             if plan.unparsed[0]:
                 n, task = plan.unparsed[0], plan.identity.get("task")
                 stderr.print(f"note: {counted(n, 'output')} did not parse as a {task} answer (a null result)")
+    if stats.prompts == 0 and not skipped and not done:
+        stderr.print("note: the input is empty: nothing was generated")
+    if resume and existed and writer.records == 0:
+        stderr.print(f"{output} was already complete: nothing was left to do")
     if verbose:
         stderr.print(stats.summary())
         if output is not None:
@@ -336,9 +375,14 @@ class _Quieting:
         self.renderer.event(ev)
 
 
-def _say_interrupted(output: str | None, records: int) -> None:
+def _say_interrupted(output: str | None, fmt: str, records: int) -> None:
+    """What an interrupted output file holds and, for JSONL (the one `--resume` reads), how to finish it."""
     if output is None:
         return
+    held = f"interrupted: {output} holds {counted(records, 'complete record')}"
+    if fmt != "jsonl":
+        stderr.print(f"{held} (text output cannot be resumed: write JSONL, -o FILE.jsonl, for a run that can)",
+                     markup=False)
+        return
     args = [a for a in ARGV if a not in ("--force", "--resume")]
-    stderr.print(f"interrupted: {output} holds {counted(records, 'complete record')}; to finish it: "
-                 f"biogpt {shlex.join(args)} --resume", markup=False)
+    stderr.print(f"{held}; to finish it: biogpt {shlex.join(args)} --resume", markup=False)

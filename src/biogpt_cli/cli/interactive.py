@@ -45,12 +45,11 @@ def command(line: str, settings: dict[str, Any]) -> str | None:
         return None
     if words[0] == "/help":
         return HELP
-    if words[0] == "/show":  # the values decoding will use, defaults included
-        opts = generation_options(settings)
-        used = {k: getattr(opts, k, None) for k in SETTINGS} | {"sample": opts.do_sample, "seed": settings.get("seed")}
+    if words[0] == "/show":
+        used = _used(settings)
         return "  ".join(f"{k}={used[k]}" for k in SETTINGS)
     if words[0] != "/set" or len(words) != 3:
-        return "unknown command: /set NAME VALUE, /show, /help or /exit"
+        return f"unknown command {line.strip()!r}: /set NAME VALUE, /show, /help or /exit"
     name = ALIASES.get(words[1], words[1])
     if name not in SETTINGS:
         return f"no setting {words[1]!r}: one of {', '.join(SETTINGS)}"
@@ -62,7 +61,15 @@ def command(line: str, settings: dict[str, Any]) -> str | None:
     except (ValueError, BioGptError) as e:
         return f"not changed: {e}"
     settings.update(trial)
-    return f"{name} = {settings[name]}"
+    return f"{name} = {_used(settings)[name]}"
+
+
+def _used(settings: dict[str, Any]) -> dict[str, Any]:
+    """The values decoding will use, defaults included (what /show lists and /set echoes)."""
+    from ..plans import generation_options
+
+    opts = generation_options(settings)
+    return {k: getattr(opts, k, None) for k in SETTINGS} | {"sample": opts.do_sample, "seed": settings.get("seed")}
 
 
 def history_file() -> Path | None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..hub import DEFAULT_MODEL
+from ..jsonl import dumps
 from .common import DebugOpt, Format, ModelOpt, RevisionOpt, UsageError, command, out, stderr
 
 
@@ -19,18 +19,21 @@ def info(
     fmt: Annotated[Format, typer.Option("--format", help="text, or jsonl for one JSON object.")] = "text",
     debug: DebugOpt = False,
 ) -> None:
-    """Config, task, parameter count, files, dtype and where the model was loaded from."""
+    """What a checkpoint is.
+
+    Config, task, parameter count, files, dtype and where the model was loaded from."""
     from ..loading import describe
 
     facts = describe(model, revision)
     if fmt == "jsonl":
-        out(json.dumps(facts) + "\n")
+        out(dumps(facts))
         return
-    for key, value in facts.items():
+    for key, value in facts.items():  # JSON's keys and values, as a person reads them
+        name = key.replace("_", " ")
         if isinstance(value, dict):
-            out(f"{key}:\n" + "".join(f"  {k}: {v}\n" for k, v in value.items()))
+            out(f"{name}:\n" + "".join(f"  {k}: {v}\n" for k, v in value.items()))
         else:
-            out(f"{key}: {value}\n")
+            out(f"{name}: {', '.join(value) if isinstance(value, list) else '-' if value is None else value}\n")
 
 
 @command
@@ -40,7 +43,9 @@ def convert(
     force: Annotated[bool, typer.Option(help="Write into a non-empty DST.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Write a checkpoint in the Hub layout: config.json, model.safetensors, vocab.json, merges.txt."""
+    """Any checkpoint to the Hub layout (safetensors).
+
+    Write a checkpoint in the Hub layout: config.json, model.safetensors, vocab.json, merges.txt."""
     from ..loading import convert as convert_checkpoint
 
     if dst.exists() and not dst.is_dir():

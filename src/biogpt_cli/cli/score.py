@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import html
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -12,6 +12,7 @@ import typer
 
 from ..hub import DEFAULT_MODEL
 from ..inputs import Prompt, input_name, jsonl_input, open_input, read_prompts
+from ..jsonl import dumps
 from .common import (
     FORWARD_BATCH,
     LENGTH_WINDOW,
@@ -77,7 +78,9 @@ def score(
     show: Annotated[bool, typer.Option(help="Each token with its surprisal (coloured on a terminal).")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Per line: tokens, mean negative log-likelihood, perplexity. With --choices: their probabilities."""
+    """How likely each line is (or which choice).
+
+    Per line: tokens, mean negative log-likelihood, perplexity. With --choices: their probabilities."""
     from ..output import check_output, whole_output
     from ..plans import TEXT_FIELDS
     from ..scoring import choice_probabilities
@@ -112,7 +115,7 @@ def score(
             probs = choice_probabilities(lm, tok.encode(prompt),
                                          [tok.encode(c, add_special_tokens=False) for c in options])
             for choice, p in zip(options, probs, strict=True):
-                writer.write(json.dumps({"choice": choice, "probability": p}) + "\n" if fmt == "jsonl"
+                writer.write(dumps({"choice": choice, "probability": p}) if fmt == "jsonl"
                              else f"{choice}\t{p:.6f}\n")
         elif show:
             _show(lm, tok, items, writer, truncate)
@@ -136,15 +139,24 @@ def _score(lm: Any, tok: Any, items: Iterator[Prompt], fmt: str, writer: LineWri
         skipped, done = skipped + len(group) - len(kept), done + len(group)
         for r in score_records(lm, tok, kept, batch_size, {"truncate": truncate}, stderr.print):
             nll = math.nan if r["nll"] is None else r["nll"]
-            writer.write(json.dumps(r) + "\n" if fmt == "jsonl"
+            writer.write(dumps(r) if fmt == "jsonl"
                          else f"{r['tokens']}\t{nll:.6f}\t{math.exp(nll) if math.isfinite(nll) else math.nan:.4f}\n")
         update(done)
     note_skipped(skipped)
 
 
+SURPRISAL = ((4, "green"), (8, "yellow"), (12, "dark_orange"), (math.inf, "red"))
+SURPRISAL_LEGEND = "surprisal in bits: green < 4, yellow < 8, orange < 12, red >= 12"
+
+
+def shown_piece(token: str) -> str:
+    """A BPE piece as a reader knows it: no `</w>`, Moses' escapes (`@-@`, `&amp;`) undone."""
+    return html.unescape(token.replace("</w>", "").replace("@-@", "-"))
+
+
 def _show(lm: Any, tok: Any, items: Iterator[Prompt], writer: LineWriter, truncate: bool) -> None:
-    """Per line, each token and its surprisal in bits: coloured on a terminal (green: expected,
-    red: surprising), `token(bits)` as plain text otherwise."""
+    """Per line, each token and its surprisal in bits, `token(bits)`: coloured on a terminal
+    (green: expected, red: surprising, with the legend on stderr), plain otherwise."""
     from rich.console import Console
     from rich.text import Text
 
@@ -152,16 +164,18 @@ def _show(lm: Any, tok: Any, items: Iterator[Prompt], writer: LineWriter, trunca
     from ..scoring import token_logprobs
 
     console = Console(highlight=False) if writer.fd == 1 and sys.stdout.isatty() else None
+    if console is not None:
+        stderr.print(SURPRISAL_LEGEND, style="dim")
     for p in items:
         if not p.text.strip():
             continue
         ids = text_ids(lm, tok, p, truncate, stderr.print)
         bits = (-token_logprobs(lm, [ids])[0] / math.log(2)).tolist()
-        pieces = [(t.replace("</w>", ""), b) for t, b in zip(tok.convert_ids_to_tokens(ids[1:]), bits, strict=True)]
+        pieces = [(shown_piece(t), b) for t, b in zip(tok.convert_ids_to_tokens(ids[1:]), bits, strict=True)]
         if console is None:
             writer.write(" ".join(f"{t}({b:.1f})" for t, b in pieces) + "\n")
             continue
         text = Text()
         for t, b in pieces:
-            text.append(t + " ", style="green" if b < 4 else "yellow" if b < 8 else "dark_orange" if b < 12 else "red")
+            text.append(f"{t}({b:.1f}) ", style=next(colour for ceiling, colour in SURPRISAL if b < ceiling))
         console.print(text)

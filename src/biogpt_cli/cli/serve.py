@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import BioGptError
+from ..errors import missing_extra
 from ..hub import DEFAULT_MODEL
 from .common import (
     DebugOpt,
@@ -41,12 +41,17 @@ def serve(
     quantize: QuantizeOpt = "none",
     debug: DebugOpt = False,
 ) -> None:
-    """Serve /v1/completions, /v1/embeddings, /v1/models and /health, OpenAI-style, for any OpenAI client."""
+    """An OpenAI-compatible HTTP server.
+
+    Serve /v1/completions, /v1/embeddings, /v1/models and /health, OpenAI-style, for any OpenAI client.
+    As OpenAI's API does, a request samples at temperature 1 unless it says otherwise (`biogpt
+    generate` is greedy): send temperature 0 for generate's text. A request's "model" must name
+    the served model (or be left out)."""
     try:
         from ..server import listen
         from ..server import serve as run_server
     except ImportError:
-        raise BioGptError("biogpt serve needs its extra: pip install 'biogpt-cli[serve]'") from None
+        raise missing_extra("biogpt serve", "serve") from None
     torch_device = device_or_usage_error(device)
     check_precision(quantize, dtype, torch_device)
     sock = listen(host, port)

@@ -18,14 +18,13 @@ from typing import Annotated, Any, Literal
 import typer
 
 from ..errors import InputError
-from ..hub import DEFAULT_MODEL
 from ..inputs import Prompt
+from ..jsonl import dumps
 from .common import (
     FORWARD_BATCH,
     AddressOpt,
     CpusOpt,
     DebugOpt,
-    DecodeBatchOpt,
     DeviceOpt,
     DTypeOpt,
     Engine,
@@ -35,18 +34,20 @@ from .common import (
     GpusOpt,
     InputFormatOpt,
     InputOpt,
-    ModelOpt,
     OutputFormatOpt,
     OutputOpt,
     QuantizeOpt,
     QuietOpt,
     ResumeOpt,
     RevisionOpt,
+    TaskBatchOpt,
+    TaskModelOpt,
     UsageError,
     VerboseOpt,
     WorkersOpt,
     check_precision,
     command,
+    counted,
     device_or_usage_error,
     out,
     output_format,
@@ -55,6 +56,7 @@ from .common import (
 )
 from .generate import (
     check_batch_options,
+    check_rows,
     input_identity,
     load_model,
     model_identity,
@@ -74,7 +76,7 @@ MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", min=0,
 class TaskRun:
     """Options every task command shares, as given on the command line."""
 
-    model: str
+    model: str | None
     revision: str | None
     input: str | None
     input_format: str
@@ -94,9 +96,13 @@ class TaskRun:
 
 def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextlib.AbstractContextManager) -> None:
     """Check options, open the input, load the model, then run the task over every record."""
+    from ..generation import GenerationOptions
     from ..loading import task_head
     from ..plans import task_plan
 
+    if run.model is None:
+        raise UsageError(f"`biogpt {command_name}` runs a fine-tuned task checkpoint: give it with -m MODEL (or "
+                         "$BIOGPT_MODEL); microsoft/biogpt is a language model, not one")
     torch_device = device_or_usage_error(run.device)
     check_precision(run.quantize, run.dtype, torch_device)
     settings = {"command": command_name, "task": task_name, "model": run.model, "max_new_tokens": run.max_new_tokens}
@@ -107,6 +113,7 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
     fmt = output_format(run.fmt, run.output)  # type: ignore[arg-type]
     check_batch_options(run.input, run.output, fmt, run.force, run.resume)
     with items as records:
+        check_rows(run.model, run.revision, GenerationOptions(), None, run.batch_size, run.dtype, torch_device)
         lm, tok = load_model(run.model, run.revision, run.dtype, torch_device, run.quantize, run.verbose,
                              heads=command_name == "classify")
         if command_name == "classify" and task_head(lm.config):
@@ -145,7 +152,7 @@ def _classify_with_head(lm: Any, tok: Any, records: Iterator[Prompt], run: TaskR
                 results = [{"entities": label_tokens(lm, tok, t)} for t in texts]
             lines = []
             for p, res in zip(batch, results, strict=True):
-                lines.append(json.dumps({**res, **p.origin}, ensure_ascii=False) if fmt == "jsonl"
+                lines.append(dumps({**res, **p.origin}).rstrip("\n") if fmt == "jsonl"
                              else res.get("label") or json.dumps(res["entities"], ensure_ascii=False))
             writer.write("".join(line + "\n" for line in lines), records=len(lines))
 
@@ -194,16 +201,20 @@ def qa(
     long_answer: Annotated[str | None, typer.Option(help="Reasoning-free form: the abstract's conclusion.")] = None,
     reasoning_free: Annotated[bool, typer.Option(help="PubMedQA JSON input: add LONG_ANSWER (Hub Large model).")]
     = False,
-    model: ModelOpt = DEFAULT_MODEL, revision: RevisionOpt = None, input: InputOpt = None,
+    model: TaskModelOpt = None, revision: RevisionOpt = None,
+    input: Annotated[str | None, typer.Option("--input", "-i", help="JSONL records, or the official PubMedQA "
+                                                                    ".json file ('-': stdin).")] = None,
     input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
-    force: ForceOpt = False, resume: ResumeOpt = False, batch_size: DecodeBatchOpt = None,
+    force: ForceOpt = False, resume: ResumeOpt = False, batch_size: TaskBatchOpt = None,
     max_new_tokens: MaxNewOpt = 0,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
     errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, quiet: QuietOpt = False, engine: EngineOpt = "local",
     address: AddressOpt = None, workers: WorkersOpt = 1, cpus_per_worker: CpusOpt = 1.0,
     gpus_per_worker: GpusOpt = 0.0, debug: DebugOpt = False,
 ) -> None:
-    """PubMedQA: yes, no or maybe, from a fine-tuned QA checkpoint. Input: JSONL with question,
+    """PubMedQA: yes, no or maybe.
+
+    From a fine-tuned QA checkpoint. Input: JSONL with question,
     context (and long_answer), or the official PubMedQA JSON file."""
     if (question is None) != (context is None):
         raise UsageError("--question and --context go together")
@@ -231,16 +242,18 @@ def extract(
     text: Annotated[str | None, typer.Argument(help="One document. Without it: --input, or stdin when piped.")]
     = None,
     task: Annotated[ExtractTask | None, typer.Option(help="Needed when the checkpoint does not say.")] = None,
-    model: ModelOpt = DEFAULT_MODEL, revision: RevisionOpt = None, input: InputOpt = None,
+    model: TaskModelOpt = None, revision: RevisionOpt = None, input: InputOpt = None,
     input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
-    force: ForceOpt = False, resume: ResumeOpt = False, batch_size: DecodeBatchOpt = None,
+    force: ForceOpt = False, resume: ResumeOpt = False, batch_size: TaskBatchOpt = None,
     max_new_tokens: MaxNewOpt = 0,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
     errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, quiet: QuietOpt = False, engine: EngineOpt = "local",
     address: AddressOpt = None, workers: WorkersOpt = 1, cpus_per_worker: CpusOpt = 1.0,
     gpus_per_worker: GpusOpt = 0.0, debug: DebugOpt = False,
 ) -> None:
-    """Relations (head, relation, tail) from an RE checkpoint: BC5CDR, DDI or KD-DTI. Input: JSONL
+    """Relation extraction: BC5CDR, DDI, KD-DTI.
+
+    Relations (head, relation, tail) from an RE checkpoint: BC5CDR, DDI or KD-DTI. Input: JSONL
     with title and abstract (or text), or plain text lines."""
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
                   dtype, device, quantize, errors, verbose,
@@ -252,16 +265,18 @@ def extract(
 def classify(
     text: Annotated[str | None, typer.Argument(help="One document. Without it: --input, or stdin when piped.")]
     = None,
-    model: ModelOpt = DEFAULT_MODEL, revision: RevisionOpt = None, input: InputOpt = None,
+    model: TaskModelOpt = None, revision: RevisionOpt = None, input: InputOpt = None,
     input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
-    force: ForceOpt = False, resume: ResumeOpt = False, batch_size: DecodeBatchOpt = None,
+    force: ForceOpt = False, resume: ResumeOpt = False, batch_size: TaskBatchOpt = None,
     max_new_tokens: MaxNewOpt = 0,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
     errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, quiet: QuietOpt = False, engine: EngineOpt = "local",
     address: AddressOpt = None, workers: WorkersOpt = 1, cpus_per_worker: CpusOpt = 1.0,
     gpus_per_worker: GpusOpt = 0.0, debug: DebugOpt = False,
 ) -> None:
-    """HoC labels from the DC-HoC checkpoint, or label + scores / entities from a checkpoint with a
+    """Document classification: HoC, or a head.
+
+    HoC labels from the DC-HoC checkpoint, or label + scores / entities from a checkpoint with a
     classification head. Input: JSONL with text, or plain text lines."""
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
                   dtype, device, quantize, errors, verbose,
@@ -278,7 +293,9 @@ def evaluate(
     fmt: Annotated[Literal["text", "jsonl"], typer.Option("--format", help="A table, or one JSON object.")] = "text",
     debug: DebugOpt = False,
 ) -> None:
-    """The paper's metric for a task, computed as the original evaluation scripts do."""
+    """A task's metric over predictions and gold.
+
+    The paper's metric for a task, computed as the original evaluation scripts do."""
     from rich.console import Console
     from rich.table import Table
 
@@ -286,13 +303,14 @@ def evaluate(
 
     scores = compute(task, predictions, gold, entities)
     if fmt == "jsonl":
-        out(json.dumps({"task": task, **scores}) + "\n")
+        out(dumps({"task": task, **scores}))
         return
-    table = Table(title=f"{task}: {predictions}", title_justify="left")
+    out(f"{task}: {predictions}\n")  # a title of rich's would wrap a long path with padding
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in scores.items():
         table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console(highlight=False).print(table)
     if scores.get("missing"):
-        stderr.print(f"note: {scores['missing']} gold items have no prediction and count as wrong")
+        stderr.print(f"note: {counted(scores['missing'], 'gold item')} without a prediction, counted as wrong")

@@ -11,6 +11,7 @@ import typer
 from ..errors import InputError
 from ..hub import DEFAULT_MODEL
 from ..inputs import input_name, open_input, parallel_map, read_lines
+from ..jsonl import dumps
 from ..output import whole_output
 from .common import (
     DebugOpt,
@@ -52,7 +53,9 @@ def tokenize(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Moses + BPE ids (exactly the reference's input_ids), one output line per input line."""
+    """Text to token ids, one line per line.
+
+    Moses + BPE ids (exactly the reference's input_ids), one output line per input line."""
     file, fmt = _files(file, input, output, force), output_format(fmt, output)
     name = input_name(file)
     with open_input(file) as f, whole_output(output) as writer:  # a missing input is named before the vocabulary
@@ -83,7 +86,7 @@ def _tokenize_line(tok: Any, special: bool, mode: str, name: str, line: tuple[in
     except InputError as e:
         raise InputError(f"{name}: line {line[0]}: {e}") from None
     if mode == "jsonl":
-        return json.dumps({"ids": ids, "tokens": tok.convert_ids_to_tokens(ids)}, ensure_ascii=False) + "\n"
+        return dumps({"ids": ids, "tokens": tok.convert_ids_to_tokens(ids)})
     return " ".join(tok.convert_ids_to_tokens(ids) if mode == "tokens" else map(str, ids)) + "\n"
 
 
@@ -97,7 +100,9 @@ def detokenize(
     force: ForceOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Ids back to text (special tokens dropped), per line: space-separated, or the "ids" of a JSONL
+    """Token ids back to text.
+
+    Ids back to text (special tokens dropped), per line: space-separated, or the "ids" of a JSONL
     record (`tokenize --format jsonl`, `generate --format jsonl`)."""
     file = _files(file, input, output, force)
     name = input_name(file)
