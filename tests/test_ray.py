@@ -119,7 +119,7 @@ def test_a_folder_keeps_its_run(cli, local_ray, tiny_ref, prompts, tmp_path):
     assert (manifest["status"], manifest["records"], type(manifest["seed"])) == ("complete", N, int)
     (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # another model, same path
     code, _, err = cli(*args, "6")
-    assert code == 1 and "written by a different run (model.model_files " in one_error_line(err)
+    assert code == 1 and "written by a different run (model.model_files.sha256 " in one_error_line(err)
     (model / "config.json").write_text((model / "config.json").read_text()[:-1])
     prompts.write_text(prompts.read_text().replace('"p7"', '"q7"'))  # another input, same path
     code, _, err = cli(*args, "6")

@@ -166,11 +166,11 @@ def _quiet(ray: Any) -> None:
 def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str, output: str, *,
         address: str | None, workers: int, cpus_per_worker: float, gpus_per_worker: float, batch_size: int | None,
         rows_per_batch: int = 32, progress: Callable[[int, int], None] | None = None,
-        worker: type = Worker, force: bool = False, model_files: str | None = None) -> tuple[int, int]:
+        worker: type = Worker, force: bool = False, model_files: dict[str, str] | None = None) -> tuple[int, int]:
     """Run `command` over the JSONL `input` into part files in the folder `output`; returns
     (records done now, records done before). `progress(done, total)` follows the run. A folder
     with parts is finished if its manifest names the same run (`model_files`: the model folder's
-    fingerprint), refused otherwise; `force` empties it first. A "seed" of None in `settings` is
+    identity by content), refused otherwise; `force` empties it first. A "seed" of None in `settings` is
     the finished run's, else a new one."""
     ray = ray_module()
     out = Path(output)

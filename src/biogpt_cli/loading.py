@@ -13,7 +13,6 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
-import hashlib
 import json
 import mmap
 import os
@@ -33,6 +32,7 @@ from . import fairseq
 from .config import BioGptConfig
 from .errors import BioGptError, CheckpointError, VocabularyError
 from .hub import HUB_FILES, resolve
+from .identity import cache_limit, file_sha256, prune
 from .linear import cache_dir, choose_kernel, is_kernel, optimize
 from .model import BioGptDecoderLayer
 from .prepared import load_prepared, prepared_path, save_prepared
@@ -105,9 +105,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _converted_cache(path: Path) -> Path:
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
-    return cache_dir() / "converted" / f"{key}.safetensors"
+    """Where a `.bin`'s weights are kept as safetensors: named by the file's content."""
+    return cache_dir() / "converted" / f"{file_sha256(path)[:32]}.safetensors"
 
 
 def read_torch_bin(path: Path, config: BioGptConfig) -> dict[str, torch.Tensor]:
@@ -116,7 +115,9 @@ def read_torch_bin(path: Path, config: BioGptConfig) -> dict[str, torch.Tensor]:
     cached = _converted_cache(path)
     if cached.is_file():
         try:
-            return read_safetensors(cached)
+            tensors = read_safetensors(cached)
+            os.utime(cached)  # recently used: the last to be pruned
+            return tensors
         except CheckpointError:
             cached.unlink(missing_ok=True)
     try:
@@ -143,6 +144,7 @@ def _save_converted(state: dict[str, torch.Tensor], target: Path, config: BioGpt
         target.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, tmp)
         os.replace(tmp, target)
+        prune(target.parent, cache_limit())
     except (OSError, SafetensorError):  # an unwritable cache only costs speed (safetensors has its own error)
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -404,18 +406,6 @@ def open_checkpoint(folder: Path) -> tuple[BioGptConfig, dict[str, torch.Tensor]
                                   f"{len(tokenizer.prompt_ids)}")
         config = dataclasses.replace(config, learned_prompt=len(tokenizer.prompt_ids))
     return config, state, tokenizer
-
-
-def fingerprint(folder: str | Path) -> str:
-    """A model's identity for a run manifest: config.json's bytes and every file's name and size
-    (cheap: weights are not read). A Hub snapshot's folder name is its commit as well."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(folder).iterdir()):
-        if path.is_file():
-            digest.update(f"{path.name}:{path.stat().st_size};".encode())
-            if path.name == "config.json":
-                digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def _task(config: BioGptConfig) -> str:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .identity import cache_limit, model_identity, prune
 from .linear import Int4Linear, Int8Linear, cache_dir, cpu_id
 
 FORMAT = 1  # bump when a kernel's tensors change meaning: old files are then never read
@@ -26,12 +27,13 @@ KINDS: dict[str, type[Int4Linear | Int8Linear]] = {"int4": Int4Linear, "int8": I
 
 
 def prepared_path(folder: Path, cls: type[nn.Module], quantize: str) -> Path | None:
-    """The cache file for these weights: every file's name, size and mtime (rewritten weights get a
-    new file), the class (task heads), the method, the CPU and torch version. None unquantized."""
+    """The cache file for these weights: the model's content (identity.py: other weights, even of the
+    same sizes and mtime, get another file), the class (task heads), the method, the CPU and torch
+    version. None unquantized."""
     if quantize == "none":
         return None
-    files = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.iterdir()) if p.is_file()]
-    key = f"{FORMAT}|{folder.resolve()}|{files}|{cls.__name__}|{quantize}|{cpu_id()}|torch {torch.__version__}"
+    content = model_identity(folder)["sha256"]
+    key = f"{FORMAT}|{content}|{cls.__name__}|{quantize}|{cpu_id()}|torch {torch.__version__}"
     return cache_dir() / "prepared" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
 
 
@@ -43,6 +45,7 @@ def load_prepared(model: nn.Module, path: Path, read: Callable[[Path], dict[str,
         return False
     try:
         tensors = read(path)
+        os.utime(path)  # recently used: the last to be pruned
         groups: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
             module, kind, name = key.rsplit(".", 2)
@@ -88,6 +91,7 @@ def save_prepared(model: nn.Module, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, tmp)
         os.replace(tmp, path)
+        prune(path.parent, cache_limit())
     except (OSError, SafetensorError):  # an unwritable cache only costs time at the next start
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

@@ -277,7 +277,8 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
     first with `force`)."""
     from .. import cluster
     from ..config import BioGptConfig
-    from ..loading import describe, fingerprint, task_head
+    from ..identity import model_identity
+    from ..loading import describe, task_head
 
     if "text" in (fmt, input_format):
         raise UsageError("--engine ray reads and writes JSONL records: drop --format text and --input-format text")
@@ -302,6 +303,6 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
                                   workers=engine.workers, cpus_per_worker=engine.cpus_per_worker,
                                   gpus_per_worker=engine.gpus_per_worker, batch_size=batch_size,
                                   progress=lambda done, total: update(done, total=total), force=force,
-                                  model_files=fingerprint(described["loaded_from"]))
+                                  model_files=model_identity(described["loaded_from"]))
     already = f" ({before} were there already)" if before else ""
     stderr.print(f"{counted(now, 'record')} written to {output}{already}")

@@ -228,9 +228,9 @@ def load_model(model: str, revision: str | None, dtype: str, device: Any, quanti
 
 
 def model_identity(lm: Any, model: str, revision: str | None, dtype: str, quantize: str) -> dict[str, Any]:
-    from ..loading import fingerprint
+    from ..identity import model_identity
 
-    return {"model": model, "revision": revision, "model_files": fingerprint(lm.source), "dtype": dtype,
+    return {"model": model, "revision": revision, "model_files": model_identity(lm.source), "dtype": dtype,
             "quantize": quantize}
 
 
