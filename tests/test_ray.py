@@ -68,7 +68,7 @@ def test_texts_read_whole_give_the_local_records(cli, local_ray, tiny_ref, tmp_p
     """score and embed on Ray: the local run's records, batched; a bad text is an error record and
     costs its batch nothing."""
     texts = [f"the {'cat and ' * (i % 4)}dog {i}" for i in range(20)]
-    rows = [{"id": i, "text": t} for i, t in enumerate(texts)] + [{"id": 20, "text": "\x00"}, {"id": 21}]
+    rows = [{"id": i, "text": t} for i, t in enumerate(texts)] + [{"id": 20, "text": "\x00"}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     extra = ("--normalize", "--pool", "last") if command == "embed" else ()
     code, _, err = cli(command, "--engine", "ray", "-m", tiny_ref[1], "-i", tmp_path / "in.jsonl", "-o",
@@ -81,20 +81,18 @@ def test_texts_read_whole_give_the_local_records(cli, local_ray, tiny_ref, tmp_p
     assert code == 0, err
     local = {r.pop("id"): r for r in map(json.loads, out.splitlines())}
     for i in range(20):
-        local[i].pop("line")
-        assert got[i].keys() == local[i].keys()
+        assert got[i].keys() == local[i].keys()  # "line" included
         for key, value in local[i].items():
             assert got[i][key] == pytest.approx(value, abs=1e-5), (i, key)
     assert "nothing to embed" in got[20]["error"] if command == "embed" else got[20]["nll"] is None
-    assert got[21] == {"error": 'expected a string "text"' + (' or "prompt"' if command == "embed" else "")}
 
 
 def test_rerun_finishes_only_missing_ids(local_ray, tiny_ref, prompts, tmp_path):
     class Dying(Worker):
-        def __call__(self, batch):
-            if any(int(i[1:]) >= 60 for i in batch.column("id").to_pylist()):
+        def records(self, items):
+            if any(int(p.id[1:]) >= 60 for p in items):
                 raise RuntimeError("this batch function dies after some ids")
-            return super().__call__(batch)
+            return super().records(items)
 
     out = tmp_path / "out"
     with pytest.raises(BioGptError, match="re-run the same command"):
@@ -151,25 +149,95 @@ def test_a_killed_worker_is_replaced(local_ray, tiny_ref, prompts, tmp_path):
     marker = tmp_path / "killed"
 
     class Killed(Worker):
-        def __call__(self, batch):
-            if not marker.exists() and "p30" in batch.column("id").to_pylist():
+        def records(self, items):
+            if not marker.exists() and "p30" in [p.id for p in items]:
                 marker.touch()
                 os._exit(1)  # the actor process dies mid-batch, once
-            return super().__call__(batch)
+            return super().records(items)
 
     run(tiny_ref[1], prompts, tmp_path / "out", worker=Killed)
     ids = [r["id"] for r in records(tmp_path / "out")]
     assert marker.exists() and sorted(ids) == sorted(f"p{i}" for i in range(N))
 
 
-def test_bad_rows_become_error_records(cli, local_ray, tiny_ref, tmp_path):
-    rows = [{"id": 1, "prompt": "the cat"}, {"id": 2, "prompt": "word " * 200}, {"id": 3, "text": "no prompt"}]
+def test_a_prompt_too_long_becomes_an_error_record(cli, local_ray, tiny_ref, tmp_path):
+    rows = [{"id": 1, "prompt": "the cat"}, {"id": 2, "prompt": "word " * 200}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, _, err = cli("generate", "--engine", "ray", "-m", tiny_ref[1], "-n", "4", "-i", tmp_path / "in.jsonl",
                        "-o", tmp_path / "out")
     assert code == 0, err
     got = {r["id"]: r for r in records(tmp_path / "out")}
-    assert "ids" in got[1] and "exceeds the model's 64 positions" in got[2]["error"] and "error" in got[3]
+    assert "ids" in got[1] and "exceeds the model's 64 positions" in got[2]["error"]
+
+
+@pytest.mark.parametrize("command, record, message", [
+    ("generate", {"id": 3, "text": "no prompt"}, 'line 2: expected an object with a string "prompt"'),
+    ("generate", {"id": 3.5, "prompt": "x"}, 'line 2: "id" must be a string or an integer'),
+    ("generate", {"prompt": "x"}, 'line 2: --engine ray needs a string or integer "id"'),
+    ("qa", {"id": 3, "question": "q"}, 'line 2: expected a string field "context"'),
+])
+def test_bad_records_are_named_before_any_work(cli, tiny_ref, tmp_path, command, record, message):
+    from tests.conftest import make_reference
+
+    model = tiny_ref[1]
+    if command == "qa":
+        model = tmp_path / "qa"
+        model.mkdir()
+        make_reference(model, prompt_tokens=3)
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "learned_prompt": 3, "task": "pubmedqa"}))
+    first = {"id": 1, "prompt": "a", "question": "q", "context": "c"}
+    (tmp_path / "in.jsonl").write_text(json.dumps(first) + "\n" + json.dumps(record) + "\n")
+    code, _, err = cli(command, "--engine", "ray", "-m", model, "-i", tmp_path / "in.jsonl", "-o", tmp_path / "out")
+    assert code == 1 and f"in.jsonl: {message}" in one_error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_records_with_line_breaks_of_every_kind_stay_whole(cli, local_ray, tiny_ref, tmp_path):
+    """U+2028, U+2029, U+0085 and a lone \\r inside a prompt: one record each, in the parts and on
+    the re-run that reads them; ids of mixed types; every record carries its line."""
+    texts = ["Aspirin\u2028is", "the\u2029cat", "of\x85the", "and\rthen", "the dog"]
+    rows = [{"id": i if i % 2 else f"s{i}", "prompt": t} for i, t in enumerate(texts)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                       encoding="utf-8")
+    args = ("generate", "--engine", "ray", "-m", tiny_ref[1], "-n", "3", "-i", tmp_path / "in.jsonl", "-o",
+            tmp_path / "out")
+    code, _, err = cli(*args)
+    assert code == 0, err
+    raw = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "out").glob("part-*.jsonl"))
+    assert raw.count("\n") == len(rows) and "\u2028" not in raw  # escaped, so no reader splits a record
+    got = {r["id"]: r for r in records(tmp_path / "out")}
+    assert {k: (r["prompt"], r["line"]) for k, r in got.items()} == {r["id"]: (r["prompt"], i + 1)
+                                                                     for i, r in enumerate(rows)}
+    code, local, _ = cli("generate", "-m", tiny_ref[1], "-n", "3", "-i", tmp_path / "in.jsonl", "--format", "jsonl")
+    assert [json.loads(x) for x in local.split("\n") if x] == sorted(got.values(), key=lambda r: r["line"])
+    code, _, err = cli(*args)  # the re-run reads its own parts
+    assert code == 0 and "0 records written" in err and "(5 were there already)" in err
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--quantize", "int8", "--gpus-per-worker", "1"], "--quantize int8 runs on CPU workers"),
+    (["--device", "cuda"], "cuda"),  # no CUDA here: refused by the local check; with CUDA, by --gpus-per-worker's
+    (["--resume"], "--resume does not apply to --engine ray"),
+    (["-v"], "--verbose does not apply to --engine ray"),
+])
+def test_ray_settings_take_effect_or_are_refused(cli, tiny_ref, tmp_path, args, named):
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "a"}\n')
+    code, _, err = cli("generate", "--engine", "ray", "-m", tiny_ref[1], "-i", tmp_path / "in.jsonl", "-o",
+                       tmp_path / "out", *args)
+    assert code == 2 and named in one_error_line(err)
+
+
+def test_an_error_of_ours_in_a_worker_is_not_told_to_rerun(local_ray, tiny_ref, prompts, tmp_path):
+    from biogpt_cli.errors import InputError
+
+    class Refusing(Worker):
+        def records(self, items):
+            raise InputError("this worker refuses its records")
+
+    with pytest.raises(BioGptError) as caught:
+        run(tiny_ref[1], prompts, tmp_path / "out", worker=Refusing)
+    assert "this worker refuses its records" in str(caught.value) and "re-run" not in str(caught.value)
 
 
 def test_duplicate_ids_and_impossible_layouts_are_refused_before_any_work(cli, tiny_ref, tmp_path):

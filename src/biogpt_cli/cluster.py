@@ -1,14 +1,17 @@
 """Batch commands on a Ray cluster (`--engine ray`, the `ray` extra; the core never imports this).
 
-Ray Data reads the JSONL input, an actor pool loads the model once per worker, and each worker
-runs the same plan (plans.py) as a local run, so the records are the ones the local run writes.
-Each batch is written as one part file, `part-<hash of its ids>.jsonl`, under a temporary name
-and renamed when complete: a killed worker leaves no partial file, Ray redoes its batch under the
-same name, and a re-run of the same command skips the ids already in part files. The folder's
-run manifest (`FOLDER.manifest.json`, as beside a local output file) keeps a re-run with other
-settings from mixing its records in, and keeps a sampled run's seed for the re-run that finishes
-it. A bad record becomes a record with an `error` field; a model that cannot load fails the run
-before any work.
+The driver reads the JSONL input first, with the local command's own record reader (`line` and
+`id` kept, every record checked, a bad one named by file and line before any work), and cuts it
+into shards: byte ranges of at most `rows_per_batch` records not yet done. Ray hands the shards to
+an actor pool that loads the model once per worker; each worker reads its ranges with the same
+reader and runs the same plan (plans.py) as a local run, so the records are the ones the local
+run writes. Each shard is written as one part file, `part-<hash of its ids>.jsonl`, under a
+temporary name and renamed when complete: a killed worker leaves no partial file, Ray redoes its
+shard under the same name, and a re-run of the same command skips the ids already in part files.
+The folder's run manifest (`FOLDER.manifest.json`, as beside a local output file) keeps a re-run
+with other settings from mixing its records in, and keeps a sampled run's seed for the re-run that
+finishes it. A record the plan cannot build (a prompt too long) becomes a record with an `error`
+field; a model that cannot load fails the run before any work.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import BioGptError, InputError, missing_extra
+from .inputs import Prompt, parse_record
 from .jsonl import dumps, lines
 from .output import check_manifest, manifest_path, manifested
 
@@ -47,30 +51,71 @@ def input_files(path: str) -> list[Path]:
     return files
 
 
-def check_ids(files: list[Path]) -> tuple[int, str]:
-    """Every record has an `id`, and no id is repeated (Ray joins output to input by id). Returns
-    the record count and, from the same pass, a sha256 of the input (its files' names and bytes)."""
+def scan(files: list[Path], text_field: tuple[str, ...] | None, check: Callable[[Prompt], Any] | None,
+         done: set[Any], rows: int) -> tuple[list[dict[str, Any]], int, str]:
+    """Read every record as the local run does (`parse_record`, then `check` on it), with an `id`
+    that Ray joins output to input by. Returns the shards of the records not in `done` (at most
+    `rows` each, contiguous in one file), the record count and a sha256 of the input (its files'
+    names and bytes)."""
     seen: dict[Any, str] = {}
     digest = hashlib.sha256()
+    shards: list[dict[str, Any]] = []
+    total = 0
     for f in files:
         digest.update(f"{f.name}\0".encode())
-        with open(f, "rb") as lines:
-            for n, raw in enumerate(lines, 1):
+        shard, end = None, 0
+        with open(f, "rb") as data:
+            for n, raw in enumerate(data, 1):
                 digest.update(raw)
-                if not raw.strip():
+                start, end = end, end + len(raw)
+                p = _record(f, n, raw, text_field, seen, check)
+                if p is None:
                     continue
-                try:
-                    record = json.loads(raw)
-                except ValueError as e:
-                    raise InputError(f'{f}: line {n}: not JSON ({e}); --engine ray reads JSONL records, each with '
-                                     'an "id"') from None
-                rid = record.get("id") if isinstance(record, dict) else None
-                if rid is None or isinstance(rid, bool) or not isinstance(rid, str | int):
-                    raise InputError(f'{f}: line {n}: --engine ray needs a string or integer "id" in every record')
-                if rid in seen:
-                    raise InputError(f"{f}: line {n}: id {rid!r} is repeated (first at {seen[rid]})")
-                seen[rid] = f"{f.name} line {n}"
-    return len(seen), digest.hexdigest()
+                total += 1
+                if p.id in done:
+                    shard = None
+                elif shard is None or shard["records"] == rows:
+                    shard = {"path": str(f), "first_line": n, "start": start, "end": end, "records": 1}
+                    shards.append(shard)
+                else:
+                    shard["end"], shard["records"] = end, shard["records"] + 1
+    return shards, total, digest.hexdigest()
+
+
+def _record(f: Path, n: int, raw: bytes, text_field: tuple[str, ...] | None, seen: dict[Any, str],
+            check: Callable[[Prompt], Any] | None) -> Prompt | None:
+    """Line `n` of `f` as a checked record with an id; None for a blank line."""
+    try:
+        text = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError:
+        raise InputError(f"{f}: line {n}: invalid UTF-8") from None
+    if not text.strip():
+        return None
+    try:
+        p = parse_record(n, text, str(f), text_field, seen, f"{f.name} line {n}")
+    except InputError as e:
+        raise InputError(f'{e}; --engine ray reads JSONL records, each with an "id"') from None
+    if p.id is None:
+        raise InputError(f'{f}: line {n}: --engine ray needs a string or integer "id" in every record')
+    if check is not None:
+        try:
+            check(p)
+        except InputError as e:
+            raise InputError(f"{f}: line {n}: {e}") from None
+    return p
+
+
+def read_shard(shard: dict[str, Any], text_field: tuple[str, ...] | None) -> list[Prompt]:
+    """The records of a shard, read as `scan` read them (a worker's side)."""
+    with open(shard["path"], "rb") as f:
+        f.seek(shard["start"])
+        data = f.read(shard["end"] - shard["start"])
+    items = []
+    for n, raw in enumerate(data.split(b"\n"), shard["first_line"]):
+        p = _record(Path(shard["path"]), n, raw, text_field, {}, None)
+        if p is not None:
+            items.append(p)
+    return items
 
 
 def done_ids(output: Path) -> set[Any]:
@@ -83,38 +128,31 @@ def done_ids(output: Path) -> set[Any]:
 
 
 class Worker:
-    """One actor: loads the model once, then turns batches of input rows into part files."""
+    """One actor: loads the model once, then turns shards of the input into part files."""
 
     def __init__(self, command: str, settings: dict[str, Any], load: dict[str, Any], output: str,
                  batch_size: int | None, threads: int) -> None:
         import torch
 
         from .loading import load_pretrained
-        from .plans import PLANS
+        from .plans import PLANS, TEXT_FIELDS
 
         torch.set_num_threads(threads)
         self.command, self.output, self.batch_size = command, Path(output), batch_size
+        self.fields = TEXT_FIELDS.get(command)
         self.lm, self.tok = load_pretrained(**load)
         self.settings = settings
         self.plan = PLANS[command](self.lm, self.tok, settings, lambda m: None) if command in PLANS else None
 
-    def records(self, rows: list[dict[str, Any]]) -> list[str]:
-        from .inputs import Prompt
-        from .plans import TEXT_FIELDS, error_record, generated_records
+    def records(self, items: list[Prompt]) -> list[str]:
+        """The JSONL lines of `items`, in order: the local run's records (an item the plan cannot
+        build gets an error record instead)."""
+        from .plans import generated_records
 
-        fields = TEXT_FIELDS.get(self.command, ())
-        texts = [next((row[f] for f in fields if isinstance(row.get(f), str)), None) for row in rows]
-        items = [Prompt(0, text or "", row["id"], {k: v for k, v in row.items() if v is not None})
-                 for row, text in zip(rows, texts, strict=True)]
-        bad = {i for i, text in enumerate(texts) if fields and text is None}
-        good = [p for i, p in enumerate(items) if i not in bad]
         if self.plan is not None:
-            lines = iter(generated_records(self.lm, self.tok, self.plan, good, self.batch_size))
-        else:
-            lines = iter(self._forward(good))
-        expected = " or ".join(f'"{f}"' for f in fields)
-        return [line for i, p in enumerate(items)
-                for line in ([error_record(p, f"expected a string {expected}")] if i in bad else next(lines))]
+            return [line for lines in generated_records(self.lm, self.tok, self.plan, items, self.batch_size)
+                    for line in lines]
+        return [line for lines in self._forward(items) for line in lines]
 
     def _forward(self, items: list[Any]) -> list[list[str]]:
         """`score` or `embed` records: the batch at once, or one at a time when a text in it is bad,
@@ -140,14 +178,16 @@ class Worker:
     def __call__(self, batch: Any) -> Any:
         import pyarrow
 
-        rows = batch.to_pylist()
-        ids = [row["id"] for row in rows]
-        name = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:20]
-        target = self.output / f"part-{name}.jsonl"
-        tmp = self.output / f".part-{name}.{os.getpid()}.tmp"
-        tmp.write_text("".join(self.records(rows)), encoding="utf-8")
-        os.replace(tmp, target)  # the batch is committed whole, or not at all
-        return pyarrow.table({"done": [len(ids)]})
+        counts = []
+        for shard in batch.to_pylist():
+            items = read_shard(shard, self.fields)
+            name = hashlib.sha256(json.dumps([p.id for p in items]).encode()).hexdigest()[:20]
+            target = self.output / f"part-{name}.jsonl"
+            tmp = self.output / f".part-{name}.{os.getpid()}.tmp"
+            tmp.write_text("".join(self.records(items)), encoding="utf-8")
+            os.replace(tmp, target)  # the shard is committed whole, or not at all
+            counts.append(len(items))
+        return pyarrow.table({"done": counts})
 
 
 def _quiet(ray: Any) -> None:
@@ -165,47 +205,44 @@ def _quiet(ray: Any) -> None:
 
 def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str, output: str, *,
         address: str | None, workers: int, cpus_per_worker: float, gpus_per_worker: float, batch_size: int | None,
-        rows_per_batch: int = 32, progress: Callable[[int, int], None] | None = None,
-        worker: type = Worker, force: bool = False, model_files: dict[str, str] | None = None) -> tuple[int, int]:
+        rows_per_batch: int = 32, progress: Callable[[int, int], None] | None = None, worker: type = Worker,
+        force: bool = False, model_files: dict[str, str] | None = None,
+        check: Callable[[Prompt], Any] | None = None) -> tuple[int, int]:
     """Run `command` over the JSONL `input` into part files in the folder `output`; returns
-    (records done now, records done before). `progress(done, total)` follows the run. A folder
-    with parts is finished if its manifest names the same run (`model_files`: the model folder's
-    identity by content), refused otherwise; `force` empties it first. A "seed" of None in `settings` is
-    the finished run's, else a new one."""
+    (records done now, records done before). `progress(done, total)` follows the run. Every record
+    is read and checked first (`check`: a task's fields). A folder with parts is finished if its
+    manifest names the same run (`model_files`: the model's identity by content), refused
+    otherwise; `force` empties it first. A "seed" of None in `settings` is the finished run's, else
+    a new one."""
+    from .plans import TEXT_FIELDS
+
     ray = ray_module()
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise InputError(f"{output}: --engine ray writes a folder of part files; this is a file")
     if out.exists() and out.resolve() == Path(input).resolve():  # its parts would be read as input next time
         raise InputError(f"{output}: is also the input folder; write the part files to another folder")
-    files = input_files(input)
-    total, input_sha256 = check_ids(files)
+    done = set() if force or not out.exists() else done_ids(out)
+    shards, total, input_sha256 = scan(input_files(input), TEXT_FIELDS.get(command), check, done, rows_per_batch)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob(".part-*.tmp"), *(out.glob(PART) if force else ())]:  # .tmp: a worker killed mid-write
         stale.unlink()
     identity = {"command": command, "settings": {k: v for k, v in settings.items() if k != "seed"},
-                "model": {**{k: load[k] for k in ("path_or_id", "revision", "dtype", "quantize")},
+                "model": {**{k: load[k] for k in ("path_or_id", "revision", "dtype", "quantize", "device")},
                           "model_files": model_files},
                 "input": str(Path(input).resolve()), "input_sha256": input_sha256}
-    done = done_ids(out)
     if done:
         check_manifest(out, identity)
     settings = _with_seed(settings, out, bool(done))
     state = {"seed": settings["seed"]} if "seed" in settings else {}
-    todo = total - len(done)
+    todo = sum(shard["records"] for shard in shards)
     if todo == 0:
         return 0, len(done)
     with manifested(out, identity, lambda: len(done_ids(out)), fresh=not done, **state):
         _connect(ray, address, workers, cpus_per_worker)
-        threads = max(1, int(cpus_per_worker))
-        ds = ray.data.read_json([str(f) for f in files])
-        if done:
-            with warnings.catch_warnings():  # Ray suggests its expressions; a set lookup is what this needs
-                warnings.simplefilter("ignore")
-                ds = ds.filter(lambda row: row["id"] not in done)
-        ds = ds.map_batches(worker, fn_constructor_kwargs={
+        ds = ray.data.from_items(shards).map_batches(worker, fn_constructor_kwargs={
             "command": command, "settings": settings, "load": load, "output": str(out), "batch_size": batch_size,
-            "threads": threads}, compute=ray.data.ActorPoolStrategy(size=workers), batch_size=rows_per_batch,
+            "threads": max(1, int(cpus_per_worker))}, compute=ray.data.ActorPoolStrategy(size=workers), batch_size=1,
             batch_format="pyarrow", num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None)
         finished = 0
         try:
@@ -214,10 +251,20 @@ def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str
                 if progress is not None:
                     progress(finished, todo)
         except Exception as e:  # noqa: BLE001 -- Ray wraps worker failures in its own types
-            cause = str(e).strip().splitlines()
-            raise BioGptError(f"the Ray run failed ({type(e).__name__}: {cause[-1] if cause else ''}); "
-                              "re-run the same command to finish the remaining ids") from None
+            raise failure(e) from None
     return finished, len(done)
+
+
+def failure(e: BaseException) -> BioGptError:
+    """One line for a failed Ray run. An error of ours inside a worker (a model that cannot load
+    there, say) is its own message: running again would only fail again. Anything else (a worker
+    or node lost, memory) may pass on a second try, which finishes only the remaining ids."""
+    ours = re.search(r"biogpt_cli\.errors\.\w+: (.+)", str(e))  # Ray passes the worker's exception on as text
+    if ours is not None:
+        return BioGptError(f"the Ray run failed in a worker: {ours.group(1).strip()}")
+    lines = str(e).strip().splitlines()
+    return BioGptError(f"the Ray run failed ({type(e).__name__}: {lines[-1] if lines else ''}); re-run the same "
+                       "command to finish the remaining ids")
 
 
 def _connect(ray: Any, address: str | None, workers: int, cpus_per_worker: float) -> None:

@@ -115,35 +115,42 @@ def read_lines(f: BinaryIO, name: str, errors: str = "strict") -> Iterator[tuple
 
 def read_prompts(f: BinaryIO, name: str, jsonl: bool, errors: str = "strict",
                  text_field: str | tuple[str, ...] | None = "prompt") -> Iterator[Prompt]:
-    """Prompts, one per line: plain text, or JSON objects with `text_field` (the first of several
-    that the object has; and optionally "id"); with `text_field` None any object is taken (its
-    fields are the caller's to check).
+    """Prompts, one per line: plain text, or JSON objects as `parse_record` reads them.
 
     A blank line comes out as a blank prompt: the caller decides whether to skip or report it.
-    An "id" may not repeat: `--resume` matches records on it, and would take a repeat for done.
     """
-    ids: dict[str | int, int] = {}  # id -> its line
+    ids: dict[str | int, str] = {}  # id -> where it was first
     for n, text in read_lines(f, name, errors):
         if not jsonl or not text.strip():
             yield Prompt(n, text, fields={"text": text} if text.strip() else {})  # a blank line has no fields
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{name}: line {n}: not JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise InputError(f"{name}: line {n}: expected a JSON object")
-        wanted = (text_field,) if isinstance(text_field, str) else text_field or ()
-        field = next((k for k in wanted if isinstance(obj.get(k), str)), None)
-        if wanted and field is None:
-            names = " or ".join(f'"{k}"' for k in wanted)
-            raise InputError(f"{name}: line {n}: expected an object with a string {names}")
-        pid = obj.get("id")
-        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, str | int)):
-            raise InputError(f'{name}: line {n}: "id" must be a string or an integer')
-        if pid is not None and ids.setdefault(pid, n) != n:
-            raise InputError(f"{name}: line {n}: id {pid!r} is repeated (first at line {ids[pid]})")
-        yield Prompt(n, obj[field] if field else "", pid, obj)
+        else:
+            yield parse_record(n, text, name, text_field, ids)
+
+
+def parse_record(n: int, text: str, name: str, text_field: str | tuple[str, ...] | None,
+                 ids: dict[str | int, str], seen_as: str | None = None) -> Prompt:
+    """Line `n` of a JSONL input: an object with `text_field` (the first of several that it has;
+    with None any object is taken, its fields being the caller's to check) and optionally an "id",
+    which may not repeat (`ids`: those seen, with where, `seen_as` or `line N`): `--resume` matches
+    records on it, and would take a repeat for done. Every reader of records, local or on Ray, checks them here."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{name}: line {n}: not JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{name}: line {n}: expected a JSON object")
+    wanted = (text_field,) if isinstance(text_field, str) else text_field or ()
+    field = next((k for k in wanted if isinstance(obj.get(k), str)), None)
+    if wanted and field is None:
+        names = " or ".join(f'"{k}"' for k in wanted)
+        raise InputError(f"{name}: line {n}: expected an object with a string {names}")
+    pid = obj.get("id")
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, str | int)):
+        raise InputError(f'{name}: line {n}: "id" must be a string or an integer')
+    here = seen_as or f"line {n}"
+    if pid is not None and ids.setdefault(pid, here) != here:
+        raise InputError(f"{name}: line {n}: id {pid!r} is repeated (first at {ids[pid]})")
+    return Prompt(n, obj[field] if field else "", pid, obj)
 
 
 T = TypeVar("T")

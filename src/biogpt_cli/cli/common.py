@@ -272,9 +272,11 @@ def end_startup() -> None:
 
 def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model: str, revision: str | None,
                dtype: str, device: str, quantize: str, input: str | None, output: str | None,
-               batch_size: int | None, force: bool = False, fmt: str = "auto", input_format: str = "auto") -> None:
+               batch_size: int | None, force: bool = False, fmt: str = "auto", input_format: str = "auto",
+               ignored: dict[str, bool] | None = None) -> None:
     """A batch command on Ray: the same plan in every worker, part files in the -o folder (emptied
-    first with `force`)."""
+    first with `force`). Every option takes effect in the workers or is refused here, before any
+    work: `ignored` names the command's options that a Ray run has no use for, and whether given."""
     from .. import cluster
     from ..config import BioGptConfig
     from ..identity import model_identity
@@ -282,6 +284,13 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
 
     if "text" in (fmt, input_format):
         raise UsageError("--engine ray reads and writes JSONL records: drop --format text and --input-format text")
+    if given := [name for name, on in (ignored or {}).items() if on]:
+        raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --engine ray: drop "
+                         f"{'it' if len(given) == 1 else 'them'} (a re-run of the same command finishes a folder)")
+    if quantize != "none" and engine.gpus_per_worker:
+        raise UsageError(f"--quantize {quantize} runs on CPU workers: drop --gpus-per-worker, or --quantize")
+    if device != "cpu" and not engine.gpus_per_worker:
+        raise UsageError(f"--device {device}: Ray places workers on GPUs itself: give --gpus-per-worker N instead")
     if input is None or input == "-":
         raise UsageError("--engine ray reads a JSONL file or a folder of them: give -i PATH")
     if output is None:
@@ -292,10 +301,12 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
     config = BioGptConfig.from_dict(described["config"])
     if head := task_head(config):
         raise UsageError(f"{model} has a {head} head: it runs without --engine ray")
+    check = None
     if command in ("qa", "extract", "classify"):
         from ..tasks import task_for
 
-        task_for(command, settings.get("task"), config, model)
+        source = task_for(command, settings.get("task"), config, model).source
+        check = lambda p: source(p.fields)  # noqa: E731 -- each record's fields, checked before any work
     load = {"path_or_id": model, "revision": revision, "dtype": dtype, "quantize": quantize,
             "device": "cuda" if engine.gpus_per_worker else device}
     with progress(None, engine.quiet, "records") as update:
@@ -303,6 +314,6 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
                                   workers=engine.workers, cpus_per_worker=engine.cpus_per_worker,
                                   gpus_per_worker=engine.gpus_per_worker, batch_size=batch_size,
                                   progress=lambda done, total: update(done, total=total), force=force,
-                                  model_files=model_identity(described["loaded_from"]))
+                                  model_files=model_identity(described["loaded_from"]), check=check)
     already = f" ({before} were there already)" if before else ""
     stderr.print(f"{counted(now, 'record')} written to {output}{already}")

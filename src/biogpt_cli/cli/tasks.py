@@ -109,7 +109,9 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
     if run.engine.engine == "ray":
         return run_on_ray(command_name, settings, run.engine, model=run.model, revision=run.revision, dtype=run.dtype,
                           device=run.device, quantize=run.quantize, input=run.input, output=run.output,
-                          batch_size=run.batch_size, force=run.force, fmt=run.fmt, input_format=run.input_format)
+                          batch_size=run.batch_size, force=run.force, fmt=run.fmt, input_format=run.input_format,
+                          ignored={"--resume": run.resume, "--verbose": run.verbose,
+                                   "--errors": run.errors != "strict"})
     fmt = output_format(run.fmt, run.output)  # type: ignore[arg-type]
     check_batch_options(run.input, run.output, fmt, run.force, run.resume)
     with items as records:
