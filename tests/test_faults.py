@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -88,21 +87,20 @@ def test_large_weights_with_base_vocabulary(cli, tmp_path):
     assert "the vocabulary has 57717 tokens but the model expects 42384" in one_error_line(err)
 
 
-def run_biogpt(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+def run_biogpt(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "biogpt_cli", *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **env})
+                          timeout=timeout, env={**os.environ, **env})
 
 
 def test_unreachable_hub_fails_fast_with_advice(tmp_path):
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
-    start = time.monotonic()
-    run = run_biogpt("generate", "x", "-m", "someone/some-biogpt", env=env)
-    took = time.monotonic() - start
+    # a bound on waiting, not a speed: with huggingface_hub's own retries (about 25 s) on top of a start
+    # the run would not end within it
+    run = run_biogpt("generate", "x", "-m", "someone/some-biogpt", env=env, timeout=30)
     line = one_error_line(run.stderr)
     assert run.returncode == 1 and run.stdout == ""
     assert "someone/some-biogpt is not in the local Hugging Face cache" in line
     assert "--model PATH" in line and "HF_HUB_OFFLINE=1" in line
-    assert took < 30, f"took {took:.0f} s: huggingface_hub's retries were not cut short"
 
 
 def test_partial_download_is_not_a_model(tiny_ref, tmp_path):

@@ -125,10 +125,9 @@ def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
     with httpx.Client(timeout=30) as h, h.stream("POST", base + "/v1/completions", json=body, headers=headers) as r:
         assert r.status_code == 200
         next(line for line in r.iter_lines() if line.startswith("data"))  # the first chunk, then hang up
-    start = time.time()
     out = httpx.post(base + "/v1/completions", json={"prompt": "of the", "max_tokens": 3, "temperature": 0},
-                     headers=headers, timeout=30)
-    assert out.status_code == 200 and time.time() - start < 3
+                     headers=headers, timeout=10)  # a bound on waiting: a server still busy with the other fails it
+    assert out.status_code == 200
 
 
 @pytest.mark.parametrize("body, status", [

@@ -151,20 +151,29 @@ def open_output(path: str | None, *, force: bool = False, resume: bool = False, 
 def manifested(output: Path, run: dict[str, Any], records: Callable[[], int], fresh: bool,
                **state: Any) -> Iterator[None]:
     """The run manifest of `output` around a block that writes it: `running` (with `state`), then
-    `complete`, `failed` (an error of ours) or `interrupted`, with `records()` records. A `fresh`
-    run keeps nothing of an earlier manifest (its start time); a resumed one keeps it."""
+    `complete`; `failed` with the error's first line for any exception (ours, a bug, out of
+    memory); `interrupted` only for what is no exception (Ctrl-C, SIGTERM, a closed pipe). A
+    `fresh` run keeps nothing of an earlier manifest (its start time); a resumed one keeps it. A
+    manifest that cannot be written then never hides the error that ended the block."""
     if fresh:
         manifest_path(output).unlink(missing_ok=True)
     write_manifest(output, run, status="running", **state)
-    status = "interrupted"
+    outcome: dict[str, Any] = {"status": "interrupted", "error": None}
     try:
         yield
-        status = "complete"
-    except BioGptError:
-        status = "failed"
+        outcome["status"] = "complete"
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        message = lines[0] if lines else ""
+        outcome = {"status": "failed", "error": message if isinstance(e, BioGptError) else
+                   f"{type(e).__name__}: {message}".rstrip(": ")}
         raise
     finally:
-        write_manifest(output, run, status=status, records=records(), updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        try:
+            write_manifest(output, run, **outcome, records=records(), updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        except BioGptError:
+            if outcome["status"] == "complete":
+                raise
 
 
 def check_output(path: str | None, *, force: bool = False, resume: bool | None = None,
@@ -203,6 +212,7 @@ def write_manifest(output: Path, run: dict[str, Any], **state: Any) -> None:
         old = {}
     data = {"tool": f"biogpt-cli {__version__}", "started": old.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "run": run, **{k: v for k, v in old.items() if k not in ("tool", "started", "run")}, **state}
+    data = {k: v for k, v in data.items() if v is not None}  # a None in `state` removes an old value
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
