@@ -216,3 +216,18 @@ def test_missing_extra_names_installable_packages():
 
     message = str(missing_extra("biogpt serve", "serve"))
     assert message.startswith("biogpt serve needs the serve extra: pip install ") and "'fastapi>=" in message
+
+
+def test_commands_that_write_records_share_their_spellings():
+    """Every command with -o takes --format; every command with -i takes --input-format, the same
+    spellings everywhere (`embed --format jsonl` was 'No such option')."""
+    import typer
+
+    from biogpt_cli.cli import app
+
+    for name, cmd in typer.main.get_command(app).commands.items():
+        opts = {o for p in cmd.params for o in p.opts}
+        if "--output" in opts:
+            assert {"-o", "--format"} <= opts, name
+        if "--input" in opts:
+            assert {"-i", "--input-format"} <= opts, name

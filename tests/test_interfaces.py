@@ -234,9 +234,10 @@ def test_embed_names_the_bad_line_and_truncates_on_request(cli, tiny, tmp_path):
     assert code == 1 and 'line 3: expected an object with a string "text" or "prompt"' in one_error_line(err)
     first, second = map(json.loads, out.splitlines())
     assert (first["id"], second["id"]) == (1, 2) and first["embedding"] == second["embedding"]
-    code, _, err = cli("embed", "of", "-m", folder, "-o", tmp_path / "e.npy")
-    assert code == 2 and "embed writes FILE.jsonl (records) or FILE.safetensors" in one_error_line(err)
-    assert not (tmp_path / "e.npy").exists()
+    code, _, err = cli("embed", "of", "-m", folder, "--format", "safetensors")
+    assert code == 2 and "give -o FILE.safetensors" in one_error_line(err)
+    code, out, _ = cli("embed", "of", "-m", folder, "--format", "text")
+    assert code == 0 and [float(x) for x in out.split()] == pytest.approx(first["embedding"], abs=1e-5)
 
 
 def test_shell_completion_script():

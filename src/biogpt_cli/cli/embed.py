@@ -54,8 +54,11 @@ def embed(
     = False,
     input: InputOpt = None,
     input_format: InputFormatOpt = "auto",
-    output: Annotated[str | None, typer.Option("--output", "-o", help="FILE.jsonl, or FILE.safetensors (a matrix); "
-                                                "a FOLDER with --engine ray.")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Write here instead of stdout (a FOLDER with "
+                                                "--engine ray).")] = None,
+    fmt: Annotated[Literal["auto", "text", "jsonl", "safetensors"], typer.Option(
+        "--format", help="auto: a safetensors matrix for -o *.safetensors, else JSONL records; text: a line of "
+                         "numbers per text.")] = "auto",
     force: ForceOpt = False,
     truncate: Annotated[bool, typer.Option(help="Embed the end of over-long lines instead of failing.")] = False,
     batch_size: BatchOpt = FORWARD_BATCH,
@@ -92,10 +95,13 @@ def embed(
             raise UsageError("--engine ray reads a JSONL file or a folder of them: give -i PATH, not a PROMPT")
         return run_on_ray("embed", settings, where, model=model, revision=revision, dtype=dtype, device=device,
                           quantize=quantize, input=input, output=output, batch_size=batch_size, force=force,
-                          input_format=input_format)
-    if output is not None and not output.endswith((".jsonl", ".safetensors")):
-        raise UsageError(f"-o {output}: embed writes FILE.jsonl (records) or FILE.safetensors (a matrix)")
-    matrix = output is not None and output.endswith(".safetensors")
+                          fmt="text" if fmt in ("text", "safetensors") else "auto", input_format=input_format,
+                          ignored={"--errors": errors != "strict"})
+    if fmt == "auto":
+        fmt = "safetensors" if output is not None and output.endswith(".safetensors") else "jsonl"
+    matrix = fmt == "safetensors"
+    if matrix and output in (None, "-"):
+        raise UsageError("--format safetensors writes a matrix to a file: give -o FILE.safetensors")
     check_output(output, force=force, source=input)
     if prompt is not None and input is not None:
         raise UsageError("give a PROMPT or --input, not both")
@@ -118,7 +124,7 @@ def embed(
                         keys.extend(p.origin for p in kept)
                     elif kept:
                         for r in embed_records(lm, tok, kept, batch_size, settings, stderr.print):
-                            writer.write(dumps(r))
+                            writer.write(dumps(r) if fmt == "jsonl" else " ".join(map(str, r["embedding"])) + "\n")
                     update(done)
         finally:
             if writer is not None:

@@ -10,7 +10,7 @@ import typer
 
 from ..errors import InputError
 from ..hub import DEFAULT_MODEL
-from ..inputs import input_name, open_input, parallel_map, read_lines
+from ..inputs import Prompt, input_name, jsonl_input, open_input, parallel_map, read_lines, read_prompts
 from ..jsonl import dumps
 from ..output import whole_output
 from .common import (
@@ -18,6 +18,7 @@ from .common import (
     ErrorsOpt,
     FileArg,
     ForceOpt,
+    InputFormat,
     ModelOpt,
     OutputFormatOpt,
     OutputOpt,
@@ -45,6 +46,8 @@ def tokenize(
     revision: RevisionOpt = None,
     tokens: Annotated[bool, typer.Option("--tokens", help="BPE pieces instead of ids.")] = False,
     no_special: Annotated[bool, typer.Option("--no-special", help="Drop the leading </s>.")] = False,
+    input_format: Annotated[InputFormat, typer.Option(help="auto: JSONL records with \"text\" (and \"id\") if the "
+                                                           "name ends in .jsonl(.gz).")] = "auto",
     output: OutputOpt = None,
     fmt: OutputFormatOpt = "auto",
     force: ForceOpt = False,
@@ -61,9 +64,10 @@ def tokenize(
     with open_input(file) as f, whole_output(output) as writer:  # a missing input is named before the vocabulary
         render = functools.partial(_tokenize_line, _tokenizer(model, revision), not no_special,
                                    "jsonl" if fmt == "jsonl" else "tokens" if tokens else "ids", name)
+        items = read_prompts(f, name, jsonl_input(file, input_format), errors, "text")
         with line_progress(file, output, quiet) as update:
             n = 0
-            for n, line in enumerate(parallel_map(render, read_lines(f, name, errors), jobs), 1):
+            for n, line in enumerate(parallel_map(render, items, jobs), 1):
                 writer.write(line)
                 if n % 256 == 0:
                     update(n)
@@ -79,14 +83,14 @@ def _files(file: str | None, input: str | None, output: str | None, force: bool)
     return file
 
 
-def _tokenize_line(tok: Any, special: bool, mode: str, name: str, line: tuple[int, str]) -> str:
+def _tokenize_line(tok: Any, special: bool, mode: str, name: str, item: Prompt) -> str:
     """One output line of `tokenize` (module level, so worker processes can run it)."""
     try:
-        ids = tok.encode(line[1], add_special_tokens=special)
+        ids = tok.encode(item.text, add_special_tokens=special)
     except InputError as e:
-        raise InputError(f"{name}: line {line[0]}: {e}") from None
+        raise InputError(f"{name}: line {item.line}: {e}") from None
     if mode == "jsonl":
-        return dumps({"ids": ids, "tokens": tok.convert_ids_to_tokens(ids)})
+        return dumps({"ids": ids, "tokens": tok.convert_ids_to_tokens(ids), **item.origin})
     return " ".join(tok.convert_ids_to_tokens(ids) if mode == "tokens" else map(str, ids)) + "\n"
 
 
@@ -96,7 +100,11 @@ def detokenize(
     input: SameInputOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
+    input_format: Annotated[InputFormat, typer.Option(help="text: ids per line; jsonl: records with \"ids\"; auto: "
+                                                           "JSONL for *.jsonl(.gz), else either, line by line.")]
+    = "auto",
     output: OutputOpt = None,
+    fmt: OutputFormatOpt = "auto",
     force: ForceOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -104,28 +112,30 @@ def detokenize(
 
     Ids back to text (special tokens dropped), per line: space-separated, or the "ids" of a JSONL
     record (`tokenize --format jsonl`, `generate --format jsonl`)."""
-    file = _files(file, input, output, force)
+    file, fmt = _files(file, input, output, force), output_format(fmt, output)
     name = input_name(file)
+    kind = "jsonl" if jsonl_input(file, input_format) else input_format  # auto: JSON or ids, line by line
     with open_input(file) as f, whole_output(output) as writer:
         tok = _tokenizer(model, revision)
         for n, text in read_lines(f, name):
             try:
-                ids = _ids(text)
+                ids, origin = _ids(text, kind)
             except ValueError:
                 raise InputError(f'{name}: line {n}: expected space-separated integer ids, or a JSON record with '
                                  '"ids"') from None
             bad = [i for i in ids if not 0 <= i < tok.vocab_size]
             if bad:
                 raise InputError(f"{name}: line {n}: id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1})")
-            writer.write(tok.decode(ids, skip_special_tokens=True) + "\n")
+            decoded = tok.decode(ids, skip_special_tokens=True)
+            writer.write(dumps({"text": decoded, "line": n, **origin}) if fmt == "jsonl" else decoded + "\n")
 
 
-def _ids(text: str) -> list[int]:
-    """A line's ids; ValueError when it holds none."""
-    if not text.lstrip().startswith("{"):
-        return [int(x) for x in text.split()]
+def _ids(text: str, kind: str) -> tuple[list[int], dict[str, Any]]:
+    """A line's ids and, for a record, its "id"; ValueError when it holds none."""
+    if kind == "text" or (kind == "auto" and not text.lstrip().startswith("{")):
+        return [int(x) for x in text.split()], {}
     record = json.loads(text)
     ids = record.get("ids") if isinstance(record, dict) else None
     if not isinstance(ids, list) or not all(type(i) is int for i in ids):
         raise ValueError("no list of integer ids")
-    return ids
+    return ids, {"id": record["id"]} if "id" in record else {}
