@@ -68,7 +68,7 @@ def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 def default_batch_size(opts: GenerationOptions, device: torch.device | str = "cpu") -> int:
     """16 prompts at a time on a CPU: a decoding step reads every weight once whatever its rows, so
-    16 rows cost little more than 8 (AMD EPYC: 88 against 67 ms a step) while their keys and values
+    16 rows cost little more than 8 while their keys and values
     stay small (continuous batching keeps only the columns a live row reads). 8 prompts when each
     has several rows (beams, or several samples). On a GPU a step's time hardly grows with its rows
     (it is kernel launches at these sizes), so four times as many."""

@@ -3,14 +3,11 @@
 Decoding a token reads every weight once, so its speed is memory bandwidth and kernel quality,
 and which kernel is best depends on the CPU:
 
-* float32: oneDNN's prepacked (blocked) weight layout, or plain `F.linear` (MKL). On an AMD Zen 3
-  (AVX2) the packed layout streams weights about twice as fast as MKL's GEMV and 3-4x as fast at
-  2-8 rows (beams, batches), where MKL's small-M GEMM is a trap; on an Intel Xeon with AVX-512
-  MKL is already at the memory bandwidth at one row, and packing wins at 5. oneDNN also lays
-  weights out for a given row count: for one row (`packed-1`, a candidate when the caller decodes
-  one row: a single prompt, greedy or sampled; on an AMD EPYC 24 % faster at one row and 31-54 %
-  slower at 5-16) and for 16 (`packed-16`, for beams and batches: 5-11 % faster there in one
-  timing, level in another).
+* float32: oneDNN's prepacked (blocked) weight layout, or plain `F.linear` (MKL). Which streams
+  weights faster depends on the CPU and on the rows (MKL's small-M GEMM can be far slower than its
+  GEMV), so both are timed. oneDNN also lays weights out for a given row count: for one row
+  (`packed-1`, a candidate when the caller decodes one row: a single prompt, greedy or sampled)
+  and for 16 (`packed-16`, for beams and batches). docs/performance.md has the measurements.
 * float16 and bfloat16: packed where oneDNN computes them (AVX-512 FP16 / BF16, AMX); plain
   (`HalfLinear`: one row, or up to 8 where that is faster, through `F.linear`, more rows upcast
   for the call); or `float32`
@@ -72,7 +69,7 @@ class PackedLinear(nn.Module):
 class HalfLinear(nn.Module):
     """float16/bfloat16 weights through `F.linear`, up to `direct_rows` rows; more rows are upcast
     to float32 for the call (half-precision GEMM over many rows is slow on CPUs without half
-    packing: 3x float32 at 256 rows on an AMD EPYC, while at 5 rows it is 3x faster than upcasting)."""
+    packing, while over a few rows it beats upcasting)."""
 
     def __init__(self, linear: nn.Linear, direct_rows: int = 1) -> None:
         super().__init__()
@@ -328,8 +325,8 @@ def choose_kernel(linears: list[nn.Linear], rows: int | None = None) -> str:
     """The fastest of `candidates` for these layers on this CPU, timed once per CPU, torch version,
     threads, dtype, shape and candidates, then cached. The rows the caller decodes decide: one row
     for `rows=1` (a single prompt, greedy or sampled), else 5 (beams, batches; a prompt's many rows
-    run the same kernels). Both timings are recorded: on an Intel Xeon plain MKL wins one row and
-    packing wins five. A kernel replaces plain `F.linear`, the reference's own, only when clearly
+    run the same kernels). Both timings are recorded: one CPU's winner at one row can lose at five.
+    A kernel replaces plain `F.linear`, the reference's own, only when clearly
     faster. The timing runs on the first layers, up to `SAMPLE_BYTES` of float32.
     `BIOGPT_KERNEL=plain|packed|packed-1|packed-16|float32|float32-packed|plain-direct` overrides
     where that kernel applies (benchmarks, tests)."""

@@ -350,9 +350,8 @@ def _release_after_lookups(model: nn.Module) -> None:
     linear layer reads the same weight whole (a plain tied output projection).
 
     Reading one row of a mapped file maps far more than the row: Linux maps the pages around a
-    fault that are already cached (0.2-0.3 MB a row with the large folios of Linux 6.18 on ext4),
-    so looking up token rows would slowly map the whole 0.17 GB embedding (sampling 300 tokens
-    mapped 60 MB of it). Handing the pages back costs about 10 us a step."""
+    fault that are already cached (large folios), so looking up token rows would slowly map the
+    whole embedding. Handing the pages back costs little next to a step."""
     read_whole = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Linear)}
     for m in model.modules():
         if isinstance(m, nn.Embedding) and _mapping(m.weight) and m.weight.data_ptr() not in read_whole:

@@ -108,8 +108,8 @@ def entry() -> None:
 
     The start runs without the cyclic garbage collector (`common.end_startup` turns it back on
     once a model is loaded): importing torch and building the model and vocabulary make about a
-    million objects and no garbage, and collections walking them took 0.35 s of a 2.3 s start on an
-    AMD EPYC. Commands that load no model (tokenize, info, convert, evaluate) make no cycles and
+    million objects and no garbage, and collections walking them are a large share of a start.
+    Commands that load no model (tokenize, info, convert, evaluate) make no cycles and
     run without it to the end."""
     gc.disable()
     code = main()
