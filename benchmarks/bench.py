@@ -439,15 +439,12 @@ def compile_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) ->
                     higher=True, note=f"first call, compiling included: {first:.0f} s"))
 
 
-TARGETS = {  # issue 11's goals; every figure on every CPU is also to be >= 1.0x the reference
+TARGETS = {  # the goals each figure is read against; every figure is also to be >= 1.0x the reference
     "greedy decode, float32": ">= 1.0x, >= 85% of bound", "beam search, 5 beams, float32": ">= 85% of bound",
     "sampling (top-k 50, top-p 0.9), float32": ">= 1.0x", "prefill": ">= 1.0x", "int8": ">= 3.5x, ppl <= +1%",
     "int4": ">= 5x, ppl <= +5%", "float16": ">= 2x where native", "bfloat16": ">= 2x where native",
     "cold start": "<= 0.5x", "memory": "<= 1.2x weights", "bulk": ">= 3x", "tokenize": ">= 1.0x",
 }
-
-
-QUIET = False  # --json: print nothing until the end
 
 
 def row(name: str, ours: float, reference: float, unit: str, higher: bool, target: str | None = None,
@@ -457,18 +454,20 @@ def row(name: str, ours: float, reference: float, unit: str, higher: bool, targe
     r = {"figure": name, "ours": ours, "reference": reference, "unit": unit,
          "speedup": ours / reference if higher else reference / ours,
          "ratio ours/reference": ours / reference, "target": target or "", "note": note}
-    if not QUIET:
-        print(f"{r['figure']:58} {r['ours']:10.3f} {r['reference']:10.3f}  {r['unit']:8} {r['speedup']:8.2f}x  "
-              f"{r['target']}", flush=True)
-        if r["note"]:
-            print(f"{'':60}{r['note']}", flush=True)
+    print(f"{r['figure']:58} {r['ours']:10.3f} {r['reference']:10.3f}  {r['unit']:8} {r['speedup']:8.2f}x  "
+          f"{r['target']}", flush=True)
+    if r["note"]:
+        print(f"{'':60}{r['note']}", flush=True)
     return r
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 repeat, 16 new tokens, 1x corpus")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="write the machine and the rows to --results/<date>-<machine>.json (docs/performance.md "
+                             "is rendered from those files by benchmarks/render.py)")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--agreement-tokens", type=int, default=200)
@@ -485,11 +484,8 @@ def main() -> None:
     folder = args.workdir / "biogpt-random"
     build_checkpoint(folder)
     where = machine.describe(args.device)
-    global QUIET
-    QUIET = args.json
-    if not args.json:
-        print("machine: " + ", ".join(f"{k} {v}" for k, v in where.items()))
-        print(f"{'figure':58} {'ours':>10} {'reference':>10}  {'unit':8} {'better by':>9}  target", flush=True)
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in where.items()))
+    print(f"{'figure':58} {'ours':>10} {'reference':>10}  {'unit':8} {'better by':>9}  target", flush=True)
     rows: list[dict] = []
     # whole processes first, while this process is still small; then the in-process figures
     parts = (("process", process_figures), ("tokenize", tokenizer_figures), ("decode", decode_figures),
@@ -501,7 +497,11 @@ def main() -> None:
     if args.compile:
         compile_figures(folder, args, rows)
     if args.json:
-        print(json.dumps({"machine": where, "rows": rows}, indent=2))
+        args.results.mkdir(parents=True, exist_ok=True)
+        path = args.results / f"{where['date']}-{machine.slug(where)}.json"
+        path.write_text(json.dumps({"machine": where, "command": " ".join(sys.argv[1:]), "rows": rows}, indent=2)
+                        + "\n", encoding="utf-8")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

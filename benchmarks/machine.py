@@ -3,6 +3,7 @@ bandwidth, which bounds how fast any kernel can decode (a step reads every weigh
 
 from __future__ import annotations
 
+import re
 import time
 
 import torch
@@ -32,12 +33,26 @@ def bandwidth(gib: float = 1.0, repeats: int = 5, device: str = "cpu") -> float:
 
 
 def describe(device: str = "cpu") -> dict:
+    """What a result file records of where it ran."""
+    from importlib.metadata import PackageNotFoundError, version
+
     model, flags = cpu_info()
-    info = {"cpu": model, "isa": isa(set(flags)), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    try:
+        reference = version("transformers")
+    except PackageNotFoundError:
+        reference = None
+    info = {"date": time.strftime("%Y-%m-%d"), "cpu": model, "isa": isa(set(flags)), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": reference,
             "read_bandwidth_gbps": round(bandwidth(device=device) / 1e9, 1)}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def slug(info: dict) -> str:
+    """A file name's part for the machine: the GPU where one ran, else the CPU and its threads."""
+    name = info.get("gpu") or f"{info['cpu']}-{info['threads']}t"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def weight_bytes(model: nn.Module) -> int:

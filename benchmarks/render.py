@@ -1,0 +1,81 @@
+"""Render the result files of `bench.py --json` into docs/performance.md and the README's speed
+table, so that every published figure is a measured one, with its machine and date.
+
+    python benchmarks/render.py          (rewrites both; commit them with the result files)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BEGIN, END = "<!-- speed table: benchmarks/render.py -->", "<!-- end of speed table -->"
+HEADLINE = ("greedy decode, float32", "beam search, 5 beams", "int8", "bulk generate", "score")
+
+
+def machine_line(m: dict) -> str:
+    where = f"{m['gpu']} (host {m['cpu']})" if m.get("gpu") else f"{m['cpu']}, {m['isa']}, {m['threads']} threads"
+    return f"{where}; torch {m['torch']}, transformers {m.get('transformers') or '?'}; {m['date']}"
+
+
+def table(rows: list[dict], names: tuple[str, ...] | None = None) -> list[str]:
+    lines = ["| figure | biogpt-cli | reference | unit | better by |", "|---|---|---|---|---|"]
+    for r in rows:
+        if names is None or any(r["figure"].startswith(n) for n in names):
+            lines.append(f"| {r['figure']} | {r['ours']:.3g} | {r['reference']:.3g} | {r['unit']} | "
+                         f"{r['speedup']:.2f}x |")
+    return lines
+
+
+def results() -> list[tuple[str, dict]]:
+    return [(p.name, json.loads(p.read_text(encoding="utf-8"))) for p in sorted(RESULTS.glob("*.json"))]
+
+
+def performance_page(found: list[tuple[str, dict]]) -> str:
+    out = ["# Performance", "",
+           "Every table below is rendered by `benchmarks/render.py` from a result file that `benchmarks/bench.py "
+           "--json` wrote (`benchmarks/results/`). Each run times biogpt-cli and the reference (`transformers`) "
+           "side by side on the same machine, with random weights of the full microsoft/biogpt shape; a figure "
+           "holds for the machine it names. \"better by\" is how many times faster (or smaller) ours is.", "",
+           "Reproduce: `python benchmarks/bench.py --json` (add `--device cuda` on a GPU, `--only decode` for a "
+           "part), then `python benchmarks/render.py`.", ""]
+    for name, data in reversed(found):
+        out += [f"## {machine_line(data['machine'])}", "", f"`bench.py {data.get('command', '')}` -> `{name}`", "",
+                *table(data["rows"]), ""]
+        notes = [f"- {r['figure']}: {r['note']}" for r in data["rows"] if r.get("note")]
+        out += (["Notes:", "", *notes, ""] if notes else [])
+    return "\n".join(out)
+
+
+def readme_table(found: list[tuple[str, dict]]) -> str:
+    """The newest result of each machine, headline figures only."""
+    newest: dict[str, tuple[str, dict]] = {}
+    for name, data in found:
+        newest[re.sub(r"^\d{4}-\d{2}-\d{2}-", "", name)] = (name, data)
+    out = [BEGIN]
+    for name, data in newest.values():
+        out += ["", f"**{machine_line(data['machine'])}** ([{name}](benchmarks/results/{name}))", "",
+                *table(data["rows"], HEADLINE)]
+    return "\n".join([*out, "", END])
+
+
+def main() -> None:
+    found = results()
+    if not found:
+        sys.exit(f"error: no result files in {RESULTS}: run benchmarks/bench.py --json first")
+    (ROOT / "docs").mkdir(exist_ok=True)
+    (ROOT / "docs" / "performance.md").write_text(performance_page(found), encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    if BEGIN not in readme or END not in readme:
+        sys.exit(f"error: README.md has no {BEGIN} ... {END} block to fill")
+    head, rest = readme.split(BEGIN, 1)
+    (ROOT / "README.md").write_text(head + readme_table(found) + rest.split(END, 1)[1], encoding="utf-8")
+    print(f"rendered {len(found)} result files into docs/performance.md and README.md")
+
+
+if __name__ == "__main__":
+    main()
