@@ -81,3 +81,23 @@ def test_commands_run_on_cuda_as_on_the_cpu(cli, tiny_ref, tmp_path):
             values = [(torch.tensor(x[k], dtype=torch.float64), torch.tensor(y[k], dtype=torch.float64))
                       for x, y in zip(a, b, strict=True) for k in x if isinstance(x[k], (float, list))]
             assert values and all(torch.allclose(u, v, atol=1e-3, rtol=1e-3) for u, v in values)
+
+
+@pytest.mark.parametrize("opts", [CASES[0], CASES[2]], ids=["greedy", "no-repeat-ngram"])
+def test_captured_step_gives_the_reference_tokens(eos_ref, opts, monkeypatch):
+    """One prompt at a time decodes through the captured graph (graphs.py); with graphs off, eagerly:
+    both give the reference's tokens."""
+    from biogpt_cli import graphs
+
+    ref = on_cuda(eos_ref)
+    ours = ours_from(ref, device="cuda")
+    before = len(graphs.CAPTURES)
+    for prompt in PROMPTS:
+        expected = reference_rows(ref, prompt, opts)
+        assert our_rows(generate(ours, [prompt], opts)[0], prompt, len(expected[0])) == expected
+    assert len(graphs.CAPTURES) > before  # the graph was captured (once per capacity), then replayed
+    monkeypatch.setenv("BIOGPT_GRAPHS", "0")
+    eager = ours_from(ref, device="cuda")
+    for prompt in PROMPTS:
+        expected = reference_rows(ref, prompt, opts)
+        assert our_rows(generate(eager, [prompt], opts)[0], prompt, len(expected[0])) == expected

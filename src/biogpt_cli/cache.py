@@ -91,3 +91,43 @@ class KVCache:
     def expand(self, repeats: int) -> None:
         """Repeat each row `repeats` times (a prompt's cache shared by its beams or samples)."""
         self._rebuild(torch.arange(self.batch_size, device=self.k.device).repeat_interleave(repeats), self.capacity)
+
+
+class StaticCache:
+    """Keys and values at a fixed capacity, each row written at its own position, held on the
+    device: nothing a step does depends on a host value, so the step can be captured once (a CUDA
+    graph, graphs.py) and replayed. The attention mask is built on the device from the positions;
+    columns past a row's position are zeros (never NaN), masked out."""
+
+    static = True
+
+    def __init__(self, num_layers: int, batch: int, num_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (num_layers, batch, num_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.position = torch.zeros(batch, dtype=torch.long, device=device)  # each row's next position
+        self._columns = torch.arange(capacity, device=device)
+        self._index: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def positions_and_mask(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [batch, t] of the next `t` tokens of every row, and the boolean SDPA mask
+        [batch, 1, t, capacity]: each attends to its row's columns up to itself."""
+        positions = self.position[:, None] + torch.arange(t, device=self.position.device)
+        b, h, d = self.k.shape[1], self.k.shape[2], self.k.shape[4]
+        self._index = positions[:, None, :, None].expand(b, h, t, d)
+        return positions, (self._columns[None, None, :] <= positions[:, :, None])[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's [batch, heads, t, head_dim] keys/values at each row's positions; return
+        the whole buffers (the mask hides what is not written yet)."""
+        self.k[layer].scatter_(2, self._index, k)
+        self.v[layer].scatter_(2, self._index, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, tokens: int) -> None:
+        self.position += tokens

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError, PromptTooLong
+from .graphs import graphs_enabled, row_decoder
 from .model import BioGptForCausalLM
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -240,10 +241,15 @@ class _Batch:
         if self.mask is not None:
             self.mask[:, self.width:] = 1
         ids = self.history[:, :self.width].clamp(max=self.vocab - 1)  # pad slots: any id, masked out
-        self.cache = model.new_cache(b, self.width + max_new)
-        with torch.no_grad():
-            out = model(ids, self._mask(self.width), past_key_values=self.cache, logits_to_keep=1)
-        self.logits = out.logits[:, -1].float()
+        one = b == 1 and repeats == 1 and graphs_enabled(device)
+        self.row = row_decoder(model, self.width + max_new) if one else None
+        if self.row is not None:  # one row on a GPU: a static cache and a captured step
+            self.cache, self.logits = None, self.row.prefill(prompts[0])
+        else:
+            self.cache = model.new_cache(b, self.width + max_new)
+            with torch.no_grad():
+                out = model(ids, self._mask(self.width), past_key_values=self.cache, logits_to_keep=1)
+            self.logits = out.logits[:, -1].float()
         if repeats > 1:  # beams/samples of one prompt share its prefill
             index = torch.arange(b, device=device).repeat_interleave(repeats)
             self.history, self.logits = self.history[index], self.logits[index]
@@ -263,6 +269,8 @@ class _Batch:
     def fits(self, prompt: Sequence[int], keep: int) -> bool:
         """Whether `prompt` can take a finished row now, keeping the columns from `keep` on: the
         window it needs, plus its new tokens, within the model's positions."""
+        if self.row is not None:  # the row starts over at column 0 within its static capacity
+            return len(prompt) + self.max_new <= self.row.cache.capacity
         need = max(self.length - keep, len(prompt)) + self.max_new
         return need <= self.model.config.max_position_embeddings
 
@@ -274,6 +282,11 @@ class _Batch:
         The window is moved first when the prompt is longer than it, when the columns before `keep`
         (which no live row reads) are at least half of it, or when the new tokens would not fit."""
         n = len(prompt)
+        if self.row is not None:
+            self.history[0] = self.vocab
+            self.history[0, :n] = torch.tensor(prompt)
+            self.length, self.first[0], self.starts[0] = n, 0, n
+            return self.row.prefill(prompt)[0]
         start = min(keep, self.length - n)
         too_long = self.length + self.max_new > self.model.config.max_position_embeddings
         if start < 0 or (start > 0 and (2 * start >= self.length or too_long)):
@@ -314,6 +327,8 @@ class _Batch:
         """Append one token per row; return next-token scores [rows, vocab] in float32."""
         self.history[:, self.length] = tokens
         self.length += 1
+        if self.row is not None:
+            return self.row.step(tokens)
         with torch.no_grad():
             out = self.model(tokens[:, None], self._mask(self.length), past_key_values=self.cache, logits_to_keep=1)
         return out.logits[:, -1].float()

@@ -214,13 +214,16 @@ class BioGptModel(BioGptPreTrainedModel):
         cache = past_key_values
         if cache is None and use_cache:
             cache = self.new_cache(b, t)
-        past = cache.length if cache is not None else 0
-        if past + t > self.config.max_position_embeddings:
-            raise InputError(f"sequence of {past + t} tokens exceeds the model's "
-                             f"{self.config.max_position_embeddings} positions")
-        if cache is not None:
-            cache.reserve(t, self.config.max_position_embeddings)
-        positions, mask = self._positions_and_mask(attention_mask, b, t, past, input_ids.device)
+        if getattr(cache, "static", False):  # positions and mask from the device (a capturable step)
+            positions, mask = cache.positions_and_mask(t)
+        else:
+            past = cache.length if cache is not None else 0
+            if past + t > self.config.max_position_embeddings:
+                raise InputError(f"sequence of {past + t} tokens exceeds the model's "
+                                 f"{self.config.max_position_embeddings} positions")
+            if cache is not None:
+                cache.reserve(t, self.config.max_position_embeddings)
+            positions, mask = self._positions_and_mask(attention_mask, b, t, past, input_ids.device)
         if position_ids is not None:
             positions = position_ids.expand(b, t)
         x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(positions + POSITION_OFFSET)

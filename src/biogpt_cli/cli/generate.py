@@ -97,6 +97,8 @@ def generate(
     dtype: DTypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = "none",
+    graphs: Annotated[bool, typer.Option(help="CUDA: replay one prompt's decode step from a captured graph.")]
+    = True,
     errors: ErrorsOpt = "strict",
     verbose: VerboseOpt = False,
     logprobs: Annotated[int | None, typer.Option(min=0, max=20, help="JSONL: each token's logprob and K best.")]
@@ -143,6 +145,8 @@ def generate(
         raise UsageError(option_names(str(e))) from None
     torch_device = device_or_usage_error(device)
     check_precision(quantize, dtype, torch_device)
+    if not graphs:
+        os.environ["BIOGPT_GRAPHS"] = "0"  # read where a decoder is made (graphs.py)
     where = Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet)
     if engine == "ray":
         settings["seed"] = seed  # None: the folder's own seed when finishing it, else a new one (cluster.py)
@@ -333,7 +337,11 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
     if resume and existed and writer.records == 0:
         stderr.print(f"{output} was already complete: nothing was left to do")
     if verbose:
+        from ..graphs import CAPTURES
+
         stderr.print(stats.summary())
+        if CAPTURES:
+            stderr.print(f"decode step captured in {sum(CAPTURES):.2f} s (once per process and capacity)")
         if output is not None:
             stderr.print(f"{counted(writer.records, 'record')} written to {output}")
 
