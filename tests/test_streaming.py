@@ -131,3 +131,32 @@ def test_stream_completions_equal_generate(tiny_ref, tiny_tok, opts):
             c = done[i * k + j]
             assert (c.ids, c.finish_reason, c.prompt_index) == (seq.ids, seq.finish_reason, i)
             assert text[i * k + j] == c.text == continuation(tiny_tok, prompts[i], seq.ids)[0]
+
+
+@pytest.mark.parametrize("vocab", ["real_tok", "tiny_tok"])
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_long_streams_through_quotes_equal_the_final_text(request, vocab, data):
+    """Many words, quotes of every kind opening and closing: the windows the stream detokenizes
+    (from the last point where Moses' quote counts are even) give the whole text's spacing."""
+    tok = request.getfixturevalue(vocab)
+    ids = palette_ids(tok) + list(range(4, 12))
+    prompt = [2] + data.draw(st.lists(st.sampled_from(ids), max_size=40))
+    new = data.draw(st.lists(st.sampled_from(ids), min_size=40, max_size=120))
+    check_stream(tok, prompt, new, data.draw(st.lists(st.sampled_from(STOPS[vocab]), max_size=1)))
+
+
+@pytest.mark.parametrize("stop", [(), ("zzz",)])
+def test_streaming_cost_does_not_grow_with_the_prompt(real_tok, corpus_lines, monkeypatch, stop):
+    """Words detokenized per new token stay a window, whatever the prompt's length: a long prompt is
+    detokenized once (counting words, not timing)."""
+    long = real_tok.encode(" ".join(corpus_lines[:12]))[:700]
+    new = real_tok.encode(corpus_lines[20], add_special_tokens=False)[:120]
+    words: list[int] = []
+    real = real_tok.detokenize
+    monkeypatch.setattr(real_tok, "detokenize", lambda w: words.append(len(w)) or real(w))
+    stream = TextStream(real_tok, long, stop)
+    for t in new:
+        stream.add(t)
+    prompt_words = len(real_tok.words(long, skip_special_tokens=True).split())
+    assert sum(words) < 2 * prompt_words + 40 * len(new), (sum(words), prompt_words, len(new))

@@ -11,6 +11,7 @@ text in one go, so the concatenated stream equals it byte for byte.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from .model import BioGptForCausalLM
 from .tokenizer import BioGptTokenizer
 
 HYPHEN = "@-@"
+OPEN_QUOTE = re.compile(r"""^['"„“`]+$""")  # Moses' IS_OPEN_QUOTE
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -45,7 +47,13 @@ def continuation(tokenizer: BioGptTokenizer, prompt_ids: Sequence[int], new_ids:
 
 
 class TextStream:
-    """Incremental `continuation` for one sequence: `add(token)` returns the newly final text."""
+    """Incremental `continuation` for one sequence: `add(token)` returns the newly final text.
+
+    Each token costs a window of words, not the whole text: the final text grows by the Moses
+    detokenization of the words since an *anchor*, a word boundary where Moses starts afresh (an
+    even count of each quote kind before it: quotes are its only state that reaches further back
+    than one word), overlapping the settled words by at least one so that spacing at the seam is
+    decided as in the whole text."""
 
     def __init__(self, tokenizer: BioGptTokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
         self.tokenizer, self.prompt_ids, self.stop = tokenizer, list(prompt_ids), tuple(s for s in stop if s)
@@ -53,25 +61,31 @@ class TextStream:
         self.ids: list[int] = []
         self.text = ""  # emitted so far
         self.stopped = False  # a stop string appeared: the caller should end this sequence
-        self._words = tokenizer.words(prompt_ids, skip_special_tokens=True)
+        pieces = tokenizer.words(prompt_ids, skip_special_tokens=True)
+        self._words = pieces.split()  # complete words, then the open one (if any) last
+        self._open = bool(pieces) and not pieces[-1:].isspace()
         self._settled = 0  # words whose text is final
         self._final = ""  # their text
         self._start: int | None = None  # where the continuation begins in the full text, once known
+        self._anchors = [0]  # settled word counts where Moses starts afresh
+        self._quotes = Quotes(tokenizer)
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        self._words += self.tokenizer.words([token], skip_special_tokens=True)
-        words = self._words.split()
-        complete = len(words) if self._words[-1:].isspace() else len(words) - 1
+        self._append(self.tokenizer.words([token], skip_special_tokens=True))
+        words = self._words
+        complete = len(words) - self._open
         k = complete - 1  # word k must be complete and known not to join its neighbours
         while k > self._settled and HYPHEN in (words[k], words[k - 1]):
             k -= 1
         if k > self._settled:
-            self._settled, self._final = k, self.tokenizer.detokenize(words[:k])
+            self._final += self._detok_between(self._settled, k)
+            self._settled = k
+            self._anchors += self._quotes.fresh_through(words, k)
             if self._start is None and _common_prefix(self._final, self.prompt_text) < len(self._final):
                 self._start = _common_prefix(self._final, self.prompt_text)
         if self.stop:
-            self.stopped = _cut(self._current(words), self.stop)[1]
+            self.stopped = _cut(self._current(), self.stop)[1]
         if self.stopped or self._start is None:
             return ""
         ready = self._final[self._start:]
@@ -85,8 +99,39 @@ class TextStream:
             raise RuntimeError(f"streamed text {self.text!r} is not a prefix of the final text {text!r}")
         return self._emit(text)
 
-    def _current(self, words: list[str]) -> str:
-        full = self.tokenizer.detokenize(words)
+    def _append(self, piece: str) -> None:
+        """Add a token's BPE piece (`words` form: a trailing space ends the word) to the words."""
+        text = piece.rstrip(" ")
+        if text:
+            if self._open:
+                self._words[-1] += text
+            else:
+                self._words.append(text)
+            self._open = True
+        if piece.endswith(" "):
+            self._open = False
+
+    def _detok_between(self, j: int, k: int) -> str:
+        """The text words [j, k) add to the final text of words [0, j), detokenizing from the
+        last anchor before j (the whole text when j is 0)."""
+        if j == 0:
+            return self.tokenizer.detokenize(self._words[:k])
+        a = next(a for a in reversed(self._anchors) if a < j and self._seam(a))
+        before = self.tokenizer.detokenize(self._words[a:j])
+        return self.tokenizer.detokenize(self._words[a:k])[len(before):]
+
+    def _seam(self, a: int) -> bool:
+        """Whether a window may start at word `a`: not inside a chain of `@-@` joins (Moses joins
+        them pairwise from the left, so a chain's result depends on where it starts), and not at a
+        quote (its count would start afresh)."""
+        words = self._words
+        return a == 0 or (HYPHEN not in (words[a - 1], words[a]) and not OPEN_QUOTE.match(
+            self.tokenizer.unescape(words[a])))
+
+    def _current(self) -> str:
+        """The continuation as the words so far give it (unsettled ones too), for stop strings."""
+        full = self._final + self._detok_between(self._settled, len(self._words)) if self._settled else \
+            self.tokenizer.detokenize(self._words)
         return full[self._start if self._start is not None else _common_prefix(full, self.prompt_text):]
 
     def _stop_prefix(self, text: str) -> int:
@@ -100,6 +145,40 @@ class TextStream:
         return new
 
 
+class Quotes:
+    """Moses' quote counting (English), followed word by word: where every count is even, its
+    detokenizer is in the state it starts in. Moses joins `@-@` chains before it counts: the word
+    before a chain always joins it, the word after joins when the chain is odd, and a quote
+    joined so is no quote. `fresh_through(words, k)` needs word k known and not `@-@` (settled
+    words end so)."""
+
+    def __init__(self, tokenizer: BioGptTokenizer) -> None:
+        self.tokenizer, self.counts, self.seen = tokenizer, {}, 0
+
+    def fresh_through(self, words: Sequence[str], k: int) -> list[int]:
+        """Count the words up to `k`; the word counts among them after which the state is fresh."""
+        fresh = []
+        for i in range(self.seen, k):
+            token = self.tokenizer.unescape(words[i])
+            if OPEN_QUOTE.match(token) and not self._joined(words, i):
+                key = '"' if re.fullmatch("[„“”]+", token) else token
+                count = self.counts.get(key, 0)
+                possessive = token == "'" and i > 0 and words[i - 1].endswith("s") and count % 2 == 0
+                self.counts[key] = count + (not possessive)
+            if not any(c % 2 for c in self.counts.values()):
+                fresh.append(i + 1)
+        self.seen = max(self.seen, k)
+        return fresh
+
+    @staticmethod
+    def _joined(words: Sequence[str], i: int) -> bool:
+        """Whether Moses' hyphen join makes word i part of a longer token."""
+        if i + 1 < len(words) and words[i + 1] == HYPHEN:
+            return True
+        chain = 0
+        while i - chain - 1 >= 0 and words[i - chain - 1] == HYPHEN:
+            chain += 1
+        return chain % 2 == 1
 @dataclass
 class Completion:
     """One finished sequence: continuation text, new token ids (without `</s>`) and why it ended."""

@@ -301,3 +301,7 @@ class BioGptTokenizer:
     def detokenize(self, words: list[str]) -> str:
         """Moses detokenization of whole words (unescaping, spacing around punctuation)."""
         return self._detok.detokenize(words)
+
+    def unescape(self, word: str) -> str:
+        """A word as Moses' detokenizer sees it once it has undone its escapes (`&quot;` is `"`)."""
+        return self._detok.unescape_xml(word)
