@@ -1,7 +1,7 @@
 """biogpt-cli against the reference (`transformers`), side by side in one run, on this machine.
 
     python benchmarks/bench.py [--quick] [--json] [--repeats N] [--new-tokens N] [--workdir DIR]
-                               [--only decode|process|tokenize|bulk|embed|quality] [--device cuda] [--compile]
+                               [--only decode|process|tokenize|bulk|embed|quality|gpu] [--device cuda] [--compile]
 
 Builds random weights of the full microsoft/biogpt shape (saved once as safetensors with the real
 vocabulary from ../shared), then times the same work both ways and prints ratios: absolute times
@@ -248,6 +248,7 @@ def tokenizer_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) 
     import transformers
 
     from biogpt_cli.cli.text import _tokenize_line
+    from biogpt_cli.inputs import Prompt
 
     shared = shared_dir()
     lines = (shared / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
@@ -255,7 +256,7 @@ def tokenizer_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) 
     ref = transformers.BioGptTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
     ours = BioGptTokenizer.from_folder(folder)
     render = functools.partial(_tokenize_line, ours, True, "ids", "corpus")
-    numbered = list(enumerate(lines, 1))
+    numbered = [Prompt(n, line) for n, line in enumerate(lines, 1)]
     expected = [" ".join(map(str, ref(x)["input_ids"])) + "\n" for x in lines]
     assert list(parallel_map(render, numbered, 2)) == expected, "tokenizer ids differ from the reference"
     for jobs in (1, 2):
@@ -317,6 +318,59 @@ def bulk_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> No
                                 reference_scores, args.repeats)
     rows.append(row(f"score, {len(texts)} PubMed lines (batch 8)", len(texts) / t_ours, len(texts) / t_ref,
                     "lines/s", higher=True))
+
+
+def gpu_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """On a GPU, against both of the reference's paths: eager `generate()` and its static cache
+    (`cache_implementation="static"`, which compiles its step: its warm-up is noted, not timed).
+    One prompt's greedy decode in float32, bfloat16 and float16 (ours replays a captured step),
+    and bulk, 64 prompts of 5-40 tokens x 64 new tokens, at batch 64 for all, in float32 and
+    bfloat16."""
+    import random
+
+    rng = random.Random(0)
+    bulk = [[2] + [rng.randrange(4, 40000) for _ in range(rng.randrange(4, 40))] for _ in range(64)]
+    for dtype in ("float32", "bfloat16", "float16"):
+        gpu_dtype_figures(folder, args, rows, dtype, bulk)
+        torch.cuda.empty_cache()
+
+
+def gpu_dtype_figures(folder: Path, args: argparse.Namespace, rows: list[dict], dtype: str,
+                      bulk: list[list[int]]) -> None:
+    def synced(fn: Callable[[], object]) -> Callable[[], object]:
+        return lambda: (fn(), torch.cuda.synchronize())
+
+    ref = reference_model(folder, args.device, getattr(torch, dtype))
+    ours = BioGptForCausalLM.from_pretrained(folder, device=args.device, dtype=dtype)
+    prompt, n = BioGptTokenizer.from_folder(folder).encode(PROMPT), args.new_tokens
+    ids = torch.tensor([prompt], device=args.device)
+    greedy = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
+    opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n)
+    paths = {"eager": {}} if dtype == "float16" else {"eager": {}, "static cache": {"cache_implementation": "static"}}
+    for path, extra in paths.items():
+        with torch.inference_mode():
+            warm = seconds(synced(lambda extra=extra: [ref.generate(ids, **greedy, **extra) for _ in range(2)]))
+            generate(ours, [prompt], opts)
+            t_ours, t_ref = compare(synced(lambda: generate(ours, [prompt], opts)),
+                                    synced(lambda extra=extra: ref.generate(ids, **greedy, **extra)), args.repeats)
+        rows.append(row(f"GPU one prompt greedy, {dtype}, vs reference {path}", n / t_ours, n / t_ref, "tokens/s",
+                        higher=True, note=f"{n} new tokens; reference warm-up {warm:.1f} s"))
+    if dtype == "float16":
+        return
+    width = max(map(len, bulk))
+    padded = torch.tensor([[1] * (width - len(p)) + p for p in bulk], device=args.device)
+    o64 = GenerationOptions(max_new_tokens=64, min_new_tokens=64)
+    for path, extra in paths.items():
+        theirs = {"attention_mask": (padded != 1).long(), "max_new_tokens": 64, "min_new_tokens": 64,
+                  "do_sample": False, "pad_token_id": 1, **extra}
+        with torch.inference_mode():
+            warm = seconds(synced(lambda theirs=theirs: [ref.generate(padded, **theirs) for _ in range(2)]))
+            generate(ours, bulk[:2], GenerationOptions(max_new_tokens=2))
+            t_ours, t_ref = compare(synced(lambda: generate(ours, bulk, o64)),
+                                    synced(lambda theirs=theirs: ref.generate(padded, **theirs)), args.repeats)
+        rows.append(row(f"GPU bulk 64 prompts x 64 tokens, {dtype}, vs reference {path} (batch 64)",
+                        64 * 64 / t_ours, 64 * 64 / t_ref, "tokens/s", higher=True,
+                        note=f"reference warm-up {warm:.1f} s"))
 
 
 def embed_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
@@ -473,7 +527,7 @@ def main() -> None:
     parser.add_argument("--agreement-tokens", type=int, default=200)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "biogpt-bench",
                         help="where the random full-size checkpoint is kept between runs")
-    parser.add_argument("--only", choices=["decode", "process", "tokenize", "bulk", "embed", "quality", "ray"],
+    parser.add_argument("--only", choices=["decode", "process", "tokenize", "bulk", "embed", "quality", "ray", "gpu"],
                         action="append",
                         help="run only these parts (ray: only when named, it needs the ray extra)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (decode and bulk figures)")
@@ -489,9 +543,10 @@ def main() -> None:
     rows: list[dict] = []
     # whole processes first, while this process is still small; then the in-process figures
     parts = (("process", process_figures), ("tokenize", tokenizer_figures), ("decode", decode_figures),
-             ("bulk", bulk_figures), ("embed", embed_figures), ("quality", quality_figures), ("ray", ray_figures))
+             ("bulk", bulk_figures), ("embed", embed_figures), ("quality", quality_figures), ("ray", ray_figures),
+             ("gpu", gpu_figures))
     for part, fn in parts:
-        everything = part != "ray" and (args.device == "cpu" or part in ("decode", "bulk"))
+        everything = part != "ray" and (part != "gpu" if args.device == "cpu" else part in ("decode", "bulk", "gpu"))
         if (not args.only and everything) or part in (args.only or ()):
             fn(folder, args, rows)
     if args.compile:
