@@ -61,3 +61,38 @@ def test_single_prompts_take_the_static_path_with_the_same_tokens(tiny, monkeypa
     used = []
     monkeypatch.setattr(generation, "row_decoder", lambda *a: used.append(a) or graphs.row_decoder(*a))
     assert tokens() == expected and used
+
+
+def test_a_long_run_keeps_only_what_is_still_to_show(tiny, tmp_path):
+    """Memory that does not grow with the corpus: at the last event of a run over many prompts,
+    the finished ones' prompts, jobs and completions are gone (live objects counted, not bytes)."""
+    import gc
+    import os
+
+    from biogpt_cli.output import LineWriter, Renderer
+    from biogpt_cli.streaming import Completion, TextStream
+
+    model, tok = tiny
+    kinds = (Prompt, Job, Completion, TextStream)
+
+    def alive_at_the_end(n: int) -> int:
+        writer = LineWriter(os.open(os.devnull, os.O_WRONLY))
+        renderer = Renderer("jsonl", writer, None)
+        counted = []
+
+        class Counting:
+            begin, add = renderer.begin, renderer.add
+
+            def event(self, ev):
+                renderer.event(ev)
+                if ev.done is not None and renderer.cur == n:
+                    gc.collect()
+                    counted.append(sum(type(o) in kinds for o in gc.get_objects()))
+
+        jobs = (Job(Prompt(i + 1, "the cat"), tok.encode(f"the {'cat ' * (i % 3)}and")) for i in range(n))
+        run(model, tok, jobs, GenerationOptions(max_new_tokens=3, do_sample=True), Counting(), batch_size=4, seed=1)
+        writer.close()
+        assert writer.records == n
+        return counted[-1]
+
+    assert alive_at_the_end(600) <= alive_at_the_end(60) + 4

@@ -97,16 +97,17 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions
     groups = batches(todo, batch_size) if opts.num_beams > 1 else iter([todo])
     failure: list[InputError] = []
     for group in groups:
-        taken: list[Job] = []
+        taken: dict[int, Job] = {}  # sampling: the jobs whose random streams are yet to be made
 
-        def feed(group: Iterable[Job] = group, taken: list[Job] = taken) -> Iterator[list[int]]:
+        def feed(group: Iterable[Job] = group, taken: dict[int, Job] = taken) -> Iterator[list[int]]:
             try:
                 for job in group:
                     try:
                         fit_prompt(job.ids, opts.max_new_tokens, limit)
                     except InputError as e:
                         raise InputError(f"{job.item.where}{e}") from None
-                    taken.append(job)
+                    if opts.do_sample:
+                        taken[stats.prompts] = job
                     renderer.add(job.item)
                     stats.prompts += 1
                     stats.prompt_tokens += len(job.ids)
@@ -114,8 +115,8 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions
             except InputError as e:  # finish what was read, then report
                 failure.append(e)
 
-        def stream(i: int, taken: list[Job] = taken) -> torch.Generator:
-            return prompt_generator(seed, taken[i].item.key, device)
+        def stream(i: int, taken: dict[int, Job] = taken, base: int = stats.prompts) -> torch.Generator:
+            return prompt_generator(seed, taken.pop(base + i).item.key, device)
 
         renderer.begin([])
         start = time.perf_counter()

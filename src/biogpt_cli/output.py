@@ -319,6 +319,9 @@ class Renderer:
     ones wait their turn; with `eager` False a row's prompt waits for its first text (a spinner
     that shares the terminal until then would erase it). Otherwise each prompt's sequences go out
     as whole lines once all are done: `prompt + text` lines, or JSONL records.
+
+    What it keeps is what is still to show: a prompt, its text and its sequences are dropped once
+    written, so a run over a million prompts holds no more than one over a thousand.
     """
 
     def __init__(self, fmt: str, writer: LineWriter | None, console: Console | None, sequences: int = 1,
@@ -328,10 +331,11 @@ class Renderer:
         self.record, self.line, self.summary = record, line, summary  # summary: shown after live text
         self.confidence = confidence  # colour live text by the events' confidence
         self.eager = eager
-        self.prompts: Sequence[Prompt] = ()
+        self.prompts: dict[int, Prompt] = {}
+        self.count = 0
 
     def begin(self, prompts: Sequence[Prompt]) -> None:
-        self.prompts, self.cur, self.opened = list(prompts), 0, -1
+        self.prompts, self.count, self.cur, self.opened = dict(enumerate(prompts)), len(prompts), 0, -1
         self.text: dict[int, str] = {}
         self.done: dict[int, Completion] = {}
         if self.console is not None and self.eager:
@@ -339,15 +343,17 @@ class Renderer:
 
     def add(self, prompt: Prompt) -> None:
         """One more prompt (continuous batching reads them as rows free up)."""
-        self.prompts.append(prompt)
+        self.prompts[self.count] = prompt
+        self.count += 1
         if self.console is not None and self.eager:
             self._open_row()
 
     def event(self, ev: TextEvent) -> None:
-        self.text[ev.row] = self.text.get(ev.row, "") + ev.text
         if ev.done is not None:
             self.done[ev.row] = ev.done
         if self.console is not None:
+            if ev.row != self.cur or self.opened < self.cur:  # shown when its turn comes
+                self.text[ev.row] = self.text.get(ev.row, "") + ev.text
             if ev.row == self.cur:
                 if self.opened < self.cur:  # a row that waited for its text
                     self._open_row()
@@ -357,14 +363,23 @@ class Renderer:
             while self.cur in self.done:
                 suffix = self.summary(self.prompts[self.cur // self.k], self.done[self.cur]) if self.summary else ""
                 self.console.print(f"  [{suffix}]" if suffix else "", style="dim", markup=False, highlight=False)
+                self._forget(self.cur)
                 self.cur += 1
                 if self.eager or self.cur in self.done:
                     self._open_row()
             return
-        while self.cur < len(self.prompts) and all(r in self.done for r in range(self.cur * self.k,
-                                                                                 (self.cur + 1) * self.k)):
+        while self.cur < self.count and all(r in self.done for r in range(self.cur * self.k, (self.cur + 1) * self.k)):
             self._write_prompt(self.cur)
+            for r in range(self.cur * self.k, (self.cur + 1) * self.k):
+                self._forget(r)
             self.cur += 1
+
+    def _forget(self, row: int) -> None:
+        """Drop what row `row` kept, and its prompt with its last row."""
+        self.done.pop(row, None)
+        self.text.pop(row, None)
+        if (row + 1) % self.k == 0:
+            self.prompts.pop(row // self.k, None)
 
     def _record(self, prompt: Prompt, done: Completion, sequence: int) -> dict[str, Any]:
         record = self.record(prompt, done)
@@ -373,7 +388,7 @@ class Renderer:
         return record
 
     def _open_row(self) -> None:
-        if self.opened < self.cur < len(self.prompts) * self.k:
+        if self.opened < self.cur < self.count * self.k:
             self.opened = self.cur
             text = Text()  # the prompt in bold, what the row made while it waited its turn not
             text.append(self.prompts[self.cur // self.k].text.rstrip(), style="bold")

@@ -227,7 +227,8 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, pro
                 reason = "stop" if stopped else seq.finish_reason
                 yield TextEvent(i * k + j, text, Completion(i, text, ids, reason))
         return
-    seen: list[Sequence[int]] = []
+    seen: dict[int, Sequence[int]] = {}  # prompts with a row still running
+    left: dict[int, int] = {}  # their rows still running
     streams: dict[int, TextStream] = {}
     probs: dict[int, list[float]] = {}
 
@@ -241,8 +242,8 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, pro
         return min(pending) if pending else None
 
     def feed() -> Iterator[Sequence[int]]:
-        for p in prompts:
-            seen.append(p)
+        for j, p in enumerate(prompts):
+            seen[j], left[j] = p, k
             yield p
 
     for row, token, reason in stream_tokens(model, feed(), opts, generator,
@@ -258,3 +259,6 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, pro
                             least(row, text))
             del streams[row]
             probs.pop(row, None)
+            left[row // k] -= 1
+            if not left[row // k]:
+                del seen[row // k], left[row // k]
