@@ -1,7 +1,8 @@
 """biogpt-cli against the reference (`transformers`), side by side in one run, on this machine.
 
     python benchmarks/bench.py [--quick] [--json] [--repeats N] [--new-tokens N] [--workdir DIR]
-                               [--only decode|process|tokenize|bulk|embed|quality|gpu] [--device cuda] [--compile]
+                               [--only decode|process|tokenize|engine|bulk|embed|quality|gpu]
+                               [--device cuda] [--compile]
 
 Builds random weights of the full microsoft/biogpt shape (saved once as safetensors with the real
 vocabulary from ../shared), then times the same work both ways and prints ratios: absolute times
@@ -241,6 +242,56 @@ def process_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) ->
     rows.append(row("peak resident memory of generate, float32", m_ours / 1e9, m_ref / 1e9, "GB", higher=False,
                     target=TARGETS["memory"],
                     note=f"ours / weight bytes = {m_ours / weights:.3f} (reference {m_ref / weights:.3f})"))
+
+
+def engine_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """What the engine costs beside the model, on a tiny model with the real vocabulary: the
+    streaming detokenizer's time per token and row with ~700-token prompts against ~20-token ones
+    (the "reference" column here is the short prompts), and the peak memory of `generate -i -o`
+    over 40,000 prompts against 4,000."""
+    from biogpt_cli.streaming import TextStream
+
+    tok = BioGptTokenizer.from_folder(folder)
+    lines = (shared_dir() / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
+    new = [tok.encode(line, add_special_tokens=False)[:127] for line in lines[100:124]]
+    costs = {}
+    for size in (20, 700):
+        prompts = [tok.encode(" ".join(lines[i:i + 12]))[:size] for i in range(24)]
+
+        def stream_all(prompts: list[list[int]] = prompts) -> None:
+            for prompt, ids in zip(prompts, new, strict=True):
+                stream = TextStream(tok, prompt)
+                for t in ids:
+                    stream.add(t)
+                stream.finish()
+        costs[size] = statistics.median(seconds(stream_all) for _ in range(args.repeats)) / sum(map(len, new))
+    rows.append(row("streaming, ms per token and row: ~700-token prompts vs ~20", costs[700] * 1e3, costs[20] * 1e3,
+                    "ms", higher=False, target="<= 1.3x the short prompts' (better by >= 0.77)"))
+    tiny = args.workdir / "tiny-real-vocab"
+    if not (tiny / "model.safetensors").is_file():
+        import transformers
+        from safetensors.torch import save_file
+
+        tiny.mkdir(parents=True, exist_ok=True)
+        write_hub_vocab_from_fairseq(shared_dir() / "vocab" / "biogpt", tiny)
+        config = transformers.BioGptConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=128)
+        state = transformers.BioGptForCausalLM(config).state_dict()
+        save_file({k: v.contiguous() for k, v in state.items() if k != "output_projection.weight"},
+                  tiny / "model.safetensors", metadata={"format": "pt"})
+        config.to_json_file(tiny / "config.json")
+    peaks = {}
+    for n in (4000, 40000):
+        src, out, peak = args.workdir / f"prompts-{n}.txt", args.workdir / f"out-{n}.jsonl", args.workdir / "peak"
+        src.write_text("".join(f"{lines[i % len(lines)][:60]}\n" for i in range(n)), encoding="utf-8")
+        command = ["-m", "biogpt_cli", "generate", "-i", str(src), "-o", str(out), "--force", "-m", str(tiny),
+                   "-n", "1", "--batch-size", "64"]
+        run = subprocess.run([sys.executable, "-c", PEAK, str(peak), *command], capture_output=True)
+        if run.returncode:
+            sys.exit(f"error: generate over {n} prompts failed: {run.stderr.decode()[-800:]}")
+        peaks[n] = int(peak.read_text()) * 1024
+    rows.append(row("peak memory of generate -i -o: 40,000 prompts vs 4,000", peaks[40000] / 1e6, peaks[4000] / 1e6,
+                    "MB", higher=False, target="+ <= 10 MB", note=f"+{(peaks[40000] - peaks[4000]) / 1e6:.1f} MB"))
 
 
 def tokenizer_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
@@ -536,7 +587,8 @@ def main() -> None:
     parser.add_argument("--agreement-tokens", type=int, default=200)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "biogpt-bench",
                         help="where the random full-size checkpoint is kept between runs")
-    parser.add_argument("--only", choices=["decode", "process", "tokenize", "bulk", "embed", "quality", "ray", "gpu"],
+    parser.add_argument("--only", choices=["decode", "process", "tokenize", "engine", "bulk", "embed", "quality", "ray",
+                                           "gpu"],
                         action="append",
                         help="run only these parts (ray: only when named, it needs the ray extra)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (decode and bulk figures)")
@@ -551,7 +603,8 @@ def main() -> None:
     print(f"{'figure':58} {'ours':>10} {'reference':>10}  {'unit':8} {'better by':>9}  target", flush=True)
     rows: list[dict] = []
     # whole processes first, while this process is still small; then the in-process figures
-    parts = (("process", process_figures), ("tokenize", tokenizer_figures), ("decode", decode_figures),
+    parts = (("process", process_figures), ("tokenize", tokenizer_figures), ("engine", engine_figures),
+             ("decode", decode_figures),
              ("bulk", bulk_figures), ("embed", embed_figures), ("quality", quality_figures), ("ray", ray_figures),
              ("gpu", gpu_figures))
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # `timeout`: keep what was measured
