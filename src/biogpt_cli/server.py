@@ -3,16 +3,21 @@
 
 A thin layer: each request becomes a plan (plans.py) run by `batch.run` in a worker thread, or
 texts pooled by `scoring.embed`, one request at a time in order of arrival (continuous batching
-serves the prompts of a request together). A streamed response sends text as the engine makes
-it final; a client that goes away cancels its generation at the next token. Every bad request is
-a 4xx in OpenAI's error shape.
+serves the prompts of a request together). A generation holds the model only while it runs: a
+streamed response's events wait in a buffer for its client, and a client that stops reading is
+dropped once the buffer is full, so no client holds up another. A client that goes away, streamed
+or not, cancels its generation at the next token (one log line). Limits (`Limits`) refuse what
+would exhaust the server before any work. Every bad request is a 4xx in OpenAI's error shape.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import hmac
 import json
+import logging
 import os
 import socket
 import struct
@@ -32,8 +37,36 @@ from starlette.exceptions import HTTPException
 
 from .errors import BioGptError, InputError, NothingToEmbed, PromptTooLong
 from .inputs import Prompt
+from .limits import DEFAULT_LIMITS, Limits
+from .memory import check_rows_fit
 from .plans import generate_plan
 from .scoring import embed
+
+log = logging.getLogger("biogpt.serve")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+class Turns:
+    """The model serves one generation at a time, in order of arrival, with at most `limit`
+    requests waiting."""
+
+    def __init__(self, limit: int) -> None:
+        self.lock, self.waiting, self.limit = asyncio.Lock(), 0, limit
+
+    def full(self) -> bool:
+        return self.lock.locked() and self.waiting >= self.limit
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        self.waiting += 1
+        try:
+            await self.lock.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self.lock.release()
 
 
 class StreamOptions(BaseModel):
@@ -111,11 +144,13 @@ class Collector:
         self.sink(ev)
 
 
-def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None,
-               origins: Sequence[str] = ()) -> FastAPI:
-    """The app; `origins`: web pages (scheme://host:port, or *) whose scripts may call it (CORS)."""
+def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins: Sequence[str] = (),
+               hosts: Sequence[str] | None = None, limits: Limits = DEFAULT_LIMITS) -> FastAPI:
+    """The app; `origins`: web pages (scheme://host:port, or *) whose scripts may call it (CORS);
+    `hosts`: the Host header names it answers (None: any), a guard against DNS rebinding for a
+    server on a loopback address."""
     app = FastAPI(title="biogpt-cli", docs_url=None, redoc_url=None)
-    turn = asyncio.Lock()  # one generation at a time; waiters are served in order of arrival
+    turns = Turns(limits.waiting)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -135,8 +170,20 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None,
 
     @app.middleware("http")
     async def authorize(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path != "/health" and request.headers.get("authorization") != f"Bearer {api_key}":
+        host = host_name(request.headers.get("host", ""))
+        if hosts is not None and host not in hosts:
+            return error(403, f"Host {host!r} is not this server's name (a guard against DNS rebinding; serve "
+                         "--allow-host NAME admits it)", "permission_error")
+        given = request.headers.get("authorization", "").encode()
+        if api_key and request.url.path != "/health" and not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
             return error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
+        if request.method == "POST":
+            size = request.headers.get("content-length")
+            if size is None or not size.isdigit():
+                return error(411, "a request body needs a Content-Length")
+            if int(size) > limits.body_bytes:
+                return error(413, f"a request body of {size} bytes is over this server's {limits.body_bytes} (serve "
+                             "--max-body-bytes)")
         return await call_next(request)
 
     if origins:  # added last, so outermost: a browser's preflight is answered before the key is asked for
@@ -180,6 +227,9 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None,
                          "changes nothing)", param=field)
         if body.stream_options is not None and not body.stream:
             return error(400, "stream_options: only with stream: true", param="stream_options")
+        if len(prompts) * body.n > limits.rows:
+            return error(400, f"prompt x n: {len(prompts)} x {body.n} rows, over this server's {limits.rows} a request "
+                         "(serve --max-rows)", param="n")
         sample = body.temperature > 0
         settings = {"max_new_tokens": body.max_tokens, "sample": sample, "temperature": body.temperature or None,
                     "top_p": body.top_p if sample else None, "top_k": 0 if sample else None,
@@ -190,10 +240,15 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None,
             plan = generate_plan(lm, tok, settings, lambda m: None)
             jobs = [plan.job(Prompt(i + 1, p)) for i, p in enumerate(prompts)]
             plan.opts.validate()
+            check_rows_fit(lm.config, len(prompts) * body.n, max(len(j.ids) for j in jobs) + body.max_tokens,
+                           what="prompt x n", dtype_bytes=next(lm.parameters()).element_size(),
+                           device=next(lm.parameters()).device)
         except PromptTooLong as e:
             return error(400, e.hinted("shorten it or lower max_tokens"), param="prompt")
         except BioGptError as e:
             return error(400, str(e), param="prompt")
+        if turns.full():
+            return busy()
         copies = 1 if sample else body.n  # greedy: n identical choices, as OpenAI gives at temperature 0
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": name}
@@ -201,9 +256,14 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None,
             usage = body.stream_options is not None and body.stream_options.include_usage
             return EventSourceResponse(stream(plan, jobs, copies, meta, request, usage), ping=15)
         choices: list[dict[str, Any]] = []
-        async with turn:
-            await asyncio.to_thread(run, plan, jobs, lambda ev: ev.done and choices.append(choice(plan, ev, jobs)),
-                                    threading.Event())
+        cancelled = threading.Event()
+        watcher = asyncio.ensure_future(watch(request, cancelled, meta["id"]))
+        try:
+            await generate(plan, jobs, lambda ev: ev.done and choices.append(choice(plan, ev, jobs)), cancelled)
+        except Cancelled:
+            return error(499, "the client went away")
+        finally:
+            watcher.cancel()
         choices = [dict(c, index=(c["index"] * copies + k)) for c in sorted(choices, key=lambda c: c["index"])
                    for k in range(copies)]
         return {**meta, "choices": choices, "usage": usage_of(jobs, sum(len(c.pop("_ids")) for c in choices))}
@@ -224,8 +284,10 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None,
         blank = next((i for i, t in enumerate(texts) if not t.strip()), None)
         if blank is not None:
             return error(400, f"input[{blank}]: every input needs some text", param="input")
+        if turns.full():
+            return busy()
         try:
-            async with turn:
+            async with turns.turn():
                 ids, vectors = await asyncio.to_thread(embed_texts, texts)
         except InputError as e:
             return error(400, str(e), param="input")
@@ -254,6 +316,19 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None,
         run_batch(lm, tok, jobs, plan.opts, Collector(sink, cancelled), batch_size=max(len(jobs), 1),
                   stop=plan.stop, seed=plan.seed)
 
+    async def generate(plan: Any, jobs: list[Any], sink: Any, cancelled: threading.Event) -> None:
+        """A request's generation, holding the model only while it runs (a cancelled one never starts)."""
+        async with turns.turn():
+            if cancelled.is_set():
+                raise Cancelled
+            await asyncio.to_thread(run, plan, jobs, sink, cancelled)
+
+    def busy() -> JSONResponse:
+        response = error(429, f"{turns.waiting} requests are waiting for the model already (serve --max-waiting): "
+                         "try again shortly", "rate_limit_error")
+        response.headers["Retry-After"] = "1"
+        return response
+
     def choice(plan: Any, ev: Any, jobs: list[Any]) -> dict[str, Any]:
         done = ev.done
         record = plan.record(jobs[done.prompt_index].item, done)
@@ -264,34 +339,62 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None,
                      usage: bool) -> AsyncIterator[dict[str, str]]:
         loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
+        dropped = False
+
         def sink(ev: Any) -> None:  # in the worker thread, where a finished choice's logprobs are computed
+            nonlocal dropped
+            if queue.qsize() >= limits.buffered:  # the client is not reading: drop it, free the model
+                dropped = True
+                log.info("%s: the client did not keep up with the stream; dropped", meta["id"])
+                raise Cancelled
             logprobs = None if ev.done is None else choice(plan, ev, jobs)["logprobs"]
             loop.call_soon_threadsafe(queue.put_nowait, (ev, logprobs))
 
-        async with turn:
-            task = asyncio.ensure_future(asyncio.to_thread(run, plan, jobs, sink, cancelled))
-            task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
-            try:
-                used = 0
-                while (item := await queue.get()) is not None:
-                    ev, logprobs = item
-                    finish = None if ev.done is None else finish_reason(ev.done)
-                    used += 0 if ev.done is None else len(ev.done.ids) * copies
-                    for k in range(copies):
-                        if ev.text or finish:  # a choice's logprobs, all its tokens', come with its last chunk
-                            chunk = {"text": ev.text, "index": ev.row * copies + k, "logprobs": logprobs,
-                                     "finish_reason": finish}
-                            yield {"data": json.dumps({**meta, "choices": [chunk]})}
-                if task.exception() is not None and not isinstance(task.exception(), Cancelled):
-                    yield {"data": json.dumps({"error": {"message": str(task.exception()), "type": "server_error"}})}
-                elif usage:
-                    yield {"data": json.dumps({**meta, "choices": [], "usage": usage_of(jobs, used)})}
-                yield {"data": "[DONE]"}
-            finally:
-                cancelled.set()  # a client that went away stops the engine at its next event
-                await asyncio.wait([task])
+        task = asyncio.ensure_future(generate(plan, jobs, sink, cancelled))
+        task.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            used = 0
+            while (item := await queue.get()) is not None:
+                ev, logprobs = item
+                finish = None if ev.done is None else finish_reason(ev.done)
+                used += 0 if ev.done is None else len(ev.done.ids) * copies
+                for k in range(copies):
+                    if ev.text or finish:  # a choice's logprobs, all its tokens', come with its last chunk
+                        chunk = {"text": ev.text, "index": ev.row * copies + k, "logprobs": logprobs,
+                                 "finish_reason": finish}
+                        yield {"data": json.dumps({**meta, "choices": [chunk]})}
+            failure = task.exception()
+            if dropped:
+                yield {"data": json.dumps({"error": {"message": "dropped: the client did not keep up with the "
+                                                     "stream", "type": "server_error"}})}
+            elif failure is not None and not isinstance(failure, Cancelled):
+                yield {"data": json.dumps({"error": {"message": str(failure), "type": "server_error"}})}
+            elif usage:
+                yield {"data": json.dumps({**meta, "choices": [], "usage": usage_of(jobs, used)})}
+            yield {"data": "[DONE]"}
+        finally:
+            if not task.done():
+                log.info("%s: the client went away; its generation is cancelled", meta["id"])
+            cancelled.set()  # a client that went away stops the engine at its next event
+            await asyncio.wait([task])
+            task.exception()  # retrieved: asyncio logs no traceback for it
+
+    async def watch(request: Request, cancelled: threading.Event, rid: str) -> None:
+        """Cancel a non-streamed request whose client hangs up: once its body is read, the next
+        message the server gets for it is the disconnect."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        log.info("%s: the client went away; its generation is cancelled", rid)
+        cancelled.set()
 
     return app
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header: `[::1]:8000` is `::1`, `localhost:8000` is `localhost`."""
+    if header.startswith("["):
+        return header[1:].split("]")[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 def usage_of(jobs: list[Any], completion: int) -> dict[str, int]:
@@ -330,10 +433,15 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(lm: Any, tok: Any, name: str, sock: socket.socket, api_key: str | None,
-          origins: Sequence[str] = ()) -> None:
+def serve(lm: Any, tok: Any, name: str, sock: socket.socket, api_key: str | None, origins: Sequence[str] = (),
+          hosts: Sequence[str] | None = None, limits: Limits = DEFAULT_LIMITS, quiet: bool = False) -> None:
     import uvicorn
 
-    app = create_app(lm, tok, name, api_key, origins)
+    if not quiet:  # one line per cancelled or dropped request
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    app = create_app(lm, tok, name, api_key, origins, hosts, limits)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 

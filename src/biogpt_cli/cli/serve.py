@@ -10,6 +10,7 @@ import typer
 
 from ..errors import missing_extra
 from ..hub import DEFAULT_MODEL
+from ..limits import Limits
 from .common import (
     DebugOpt,
     DeviceOpt,
@@ -36,6 +37,15 @@ def serve(
     allow_origin: Annotated[list[str] | None, typer.Option(
         help="A web page's origin (http://host:port, or *) whose scripts may call this server (repeatable).")]
     = None,
+    allow_host: Annotated[list[str] | None, typer.Option(
+        help="On a loopback address, a Host name besides localhost to answer (repeatable; * for any: behind a "
+             "reverse proxy).")] = None,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body.")] = Limits.body_bytes,
+    max_rows: Annotated[int, typer.Option(min=1, help="Prompts x n of one request, at most.")] = Limits.rows,
+    max_waiting: Annotated[int, typer.Option(min=0, help="Requests waiting for the model; more get a 429.")]
+    = Limits.waiting,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line for cancelled or dropped requests.")]
+    = False,
     dtype: DTypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = "none",
@@ -48,7 +58,7 @@ def serve(
     generate` is greedy): send temperature 0 for generate's text. A request's "model" must name
     the served model (or be left out)."""
     try:
-        from ..server import listen
+        from ..server import LOOPBACK_HOSTS, listen
         from ..server import serve as run_server
     except ImportError:
         raise missing_extra("biogpt serve", "serve") from None
@@ -60,7 +70,9 @@ def serve(
                      "this server")
     lm, tok = load(model, revision, dtype, torch_device, quantize)
     stderr.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
-    run_server(lm, tok, model, sock, api_key, allow_origin or ())
+    hosts = None if not _loopback(host) or "*" in (allow_host or ()) else (*LOOPBACK_HOSTS, *(allow_host or ()))
+    limits = Limits(body_bytes=max_body_bytes, rows=max_rows, waiting=max_waiting)
+    run_server(lm, tok, model, sock, api_key, allow_origin or (), hosts, limits, quiet)
 
 
 def _loopback(host: str) -> bool:

@@ -1,0 +1,16 @@
+"""What one request to `biogpt serve` may ask for, and how many may wait (server.py enforces
+them; the command's options set them, so they live apart from the `serve` extra)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    body_bytes: int = 1_000_000  # request body
+    rows: int = 64  # prompts x n of one request
+    waiting: int = 32  # requests waiting for the model; more get a 429 at once
+    buffered: int = 4096  # events a streamed response holds for a client that does not read
+
+DEFAULT_LIMITS = Limits()

@@ -1,0 +1,138 @@
+"""The server under pressure: limits answered with a 4xx at once, a Host guard, and clients that
+hang up or stop reading, none of which holds up another client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+from starlette.testclient import TestClient  # noqa: E402
+
+from biogpt_cli.limits import Limits  # noqa: E402
+from biogpt_cli.loading import load_pretrained  # noqa: E402
+from biogpt_cli.server import LOOPBACK_HOSTS, Turns, create_app, host_name  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_ref):
+    return load_pretrained(tiny_ref[1])
+
+
+@pytest.fixture
+def slow(monkeypatch):
+    """Generation slowed to 0.1 s a token: time for another request to arrive meanwhile."""
+    from biogpt_cli import batch
+
+    real = batch.stream_completions
+
+    def slowed(*args, **kwargs):
+        for ev in real(*args, **kwargs):
+            time.sleep(0.1)
+            yield ev
+    monkeypatch.setattr(batch, "stream_completions", slowed)
+
+
+def serving(app):
+    """A real server on a free loopback port, in a thread: (base URL, stop)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=10)
+    return f"http://127.0.0.1:{port}", stop
+
+
+def test_requests_beyond_a_limit_get_a_4xx_and_the_next_succeeds(tiny):
+    lm, tok = tiny
+    with TestClient(create_app(lm, tok, "tiny", limits=Limits(body_bytes=2000, rows=4))) as c:
+        r = c.post("/v1/completions", json={"prompt": "x" * 3000, "max_tokens": 2})
+        assert r.status_code == 413 and "--max-body-bytes" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json={"prompt": ["the", "of"], "n": 3, "temperature": 1, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt x n: 2 x 3 rows")
+        r = c.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 200})
+        assert r.status_code == 400 and "positions" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", content=b'{"prompt": "the"}', headers={"Content-Length": "",
+                                                                              "Content-Type": "application/json"})
+        assert r.status_code in (400, 411)
+        assert c.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 2}).status_code == 200
+
+
+def test_a_full_queue_answers_429_with_retry_after(tiny, slow):
+    lm, tok = tiny
+    base, stop = serving(create_app(lm, tok, "tiny", limits=Limits(waiting=0)))
+    try:
+        body = {"prompt": "the cat", "max_tokens": 20, "temperature": 0}
+        first = threading.Thread(target=lambda: httpx.post(base + "/v1/completions", json=body, timeout=30))
+        first.start()
+        time.sleep(0.5)  # the first holds the model now
+        r = httpx.post(base + "/v1/completions", json={**body, "max_tokens": 1}, timeout=10)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        first.join(timeout=30)
+        assert httpx.post(base + "/v1/completions", json={**body, "max_tokens": 1}, timeout=10).status_code == 200
+    finally:
+        stop()
+
+
+def test_a_hung_up_request_stops_generating_and_frees_the_model(tiny, slow, caplog):
+    """A non-streamed request whose client hangs up is cancelled at the next token (one log line,
+    no traceback), and the next request is answered within a bound on waiting."""
+    lm, tok = tiny
+    base, stop = serving(create_app(lm, tok, "tiny"))
+    caplog.set_level(logging.INFO, logger="biogpt.serve")
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # 55 tokens at 0.1 s: the client gives up after 1 s
+            httpx.post(base + "/v1/completions", json={"prompt": "the cat", "max_tokens": 55, "temperature": 0},
+                       timeout=1)
+        r = httpx.post(base + "/v1/completions", json={"prompt": "of", "max_tokens": 2, "temperature": 0},
+                       timeout=10)  # a bound on waiting: the 55-token generation would outlast it
+        assert r.status_code == 200
+        assert any("the client went away" in m for m in caplog.messages)
+        assert "Traceback" not in caplog.text
+    finally:
+        stop()
+
+
+def test_the_host_guard_refuses_other_names():
+    assert [host_name(h) for h in ("localhost:8000", "[::1]:8000", "127.0.0.1", "evil.example:80")] == [
+        "localhost", "::1", "127.0.0.1", "evil.example"]
+
+
+def test_the_host_guard_and_the_key(tiny):
+    lm, tok = tiny
+    app = create_app(lm, tok, "tiny", api_key="sekret", hosts=(*LOOPBACK_HOSTS, "biogpt.lan"))
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        key = {"Authorization": "Bearer sekret"}
+        assert c.get("/v1/models", headers=key).status_code == 200
+        assert c.get("/v1/models", headers={**key, "Host": "biogpt.lan:8000"}).status_code == 200
+        r = c.get("/v1/models", headers={**key, "Host": "attacker.example"})
+        assert r.status_code == 403 and "DNS rebinding" in r.json()["error"]["message"]
+        assert c.get("/v1/models", headers={"Authorization": "Bearer sekreT"}).status_code == 401
+
+
+def test_turns_count_only_requests_that_wait():
+    async def check() -> None:
+        turns = Turns(1)
+        assert not turns.full()  # an idle model takes a request whatever the limit
+        async with turns.turn():
+            assert not turns.full()
+            waiter = asyncio.ensure_future(turns.turn().__aenter__())
+            await asyncio.sleep(0)
+            assert turns.full()
+            waiter.cancel()
+    asyncio.run(check())
