@@ -137,7 +137,8 @@ def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
     ({"prompt": []}, 400), ({"prompt": "   "}, 400), ({}, 400), ({"prompt": "x", "logprobs": 99}, 400),
     ({"prompt": [1, 2]}, 400), ({"prompt": "x", "stop": 3}, 400), ({"prompt": ""}, 400),
     ({"prompt": "x", "presence_penalty": 0.5}, 400), ({"prompt": "x", "logit_bias": {"50": 5}}, 400),
-    ({"prompt": "x", "best_of": 3}, 400), ({"prompt": "x", "echo": True}, 400),
+    ({"prompt": "x", "best_of": 3}, 400), ({"prompt": "x", "echo": True, "stream": True}, 400),
+    ({"prompt": "x", "max_tokens": 0}, 400),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400),
 ])
 def test_bad_requests_get_400_in_openai_shape(server, body, status):
@@ -152,7 +153,7 @@ def test_bad_requests_get_400_in_openai_shape(server, body, status):
         assert r.json()["error"]["message"].endswith(": a string or a list of strings")
     if body in ({"prompt": ""}, {"prompt": []}):  # not pydantic's "at least 1 item"
         assert r.json()["error"]["message"] == "prompt: every prompt needs some text"
-    if isinstance(body, dict) and body.keys() & {"presence_penalty", "logit_bias", "best_of", "echo"}:
+    if isinstance(body, dict) and body.keys() & {"presence_penalty", "logit_bias", "best_of"}:
         assert "not supported by this server" in r.json()["error"]["message"] and r.json()["error"]["param"]
     if isinstance(body, dict) and body.get("max_tokens") == 10:  # the hint names the request's field, not a CLI flag
         assert "lower max_tokens" in r.json()["error"]["message"] and "--" not in r.json()["error"]["message"]
@@ -273,3 +274,23 @@ def test_the_serve_command_binds_first_then_serves(tiny_ref):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_echo_scores_the_prompt_as_score_does(server):
+    """echo with logprobs and max_tokens 0 is how evaluation harnesses get log-likelihoods: the
+    prompt's tokens, the first without a value, the others `biogpt score`'s per-token values."""
+    from biogpt_cli.scoring import token_logprobs
+
+    base, lm, tok = server
+    c = client(server)
+    out = c.completions.create(model="tiny", prompt="the cat and the dog", max_tokens=0, echo=True, logprobs=2)
+    ids = tok.encode("the cat and the dog")
+    with torch.no_grad():
+        expected = token_logprobs(lm, [ids])[0].tolist()
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == "the cat and the dog" and lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-5) and len(lp.tokens) == len(ids)
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    both = c.completions.create(model="tiny", prompt="the cat", max_tokens=4, echo=True, logprobs=1, temperature=0)
+    assert both.choices[0].text == "the cat" + greedy_text(lm, tok, "the cat", 4)
+    assert len(both.choices[0].logprobs.tokens) == len(tok.encode("the cat")) + 4

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -39,7 +40,7 @@ from .errors import BioGptError, InputError, NothingToEmbed, PromptTooLong
 from .inputs import Prompt
 from .limits import DEFAULT_LIMITS, Limits
 from .memory import check_rows_fit
-from .plans import generate_plan
+from .plans import generate_plan, logprob_entries
 from .scoring import embed
 
 log = logging.getLogger("biogpt.serve")
@@ -80,7 +81,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
     prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0)  # 0 only with echo: the prompt's log-probabilities alone
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, ge=0, le=1)
     n: int = Field(1, ge=1, le=16)
@@ -102,7 +103,7 @@ class CompletionRequest(BaseModel):
     def unsupported(self) -> str | None:
         """The first field set to a value this server cannot honour."""
         inert = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "best_of": (1, self.n),
-                 "echo": (False,), "suffix": ("",)}
+                 "suffix": ("",)}
         return next((f for f, values in inert.items() if getattr(self, f) not in (None, *values)), None)
 
 
@@ -227,11 +228,18 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
                          "changes nothing)", param=field)
         if body.stream_options is not None and not body.stream:
             return error(400, "stream_options: only with stream: true", param="stream_options")
+        if body.echo and body.stream:
+            return error(400, "echo: not with stream: true (echo scores the prompt: send it unstreamed)",
+                         param="echo")
+        if body.max_tokens == 0 and not body.echo:
+            return error(400, "max_tokens: 0 generates nothing: give at least 1, or echo: true to score the prompt",
+                         param="max_tokens")
         if len(prompts) * body.n > limits.rows:
             return error(400, f"prompt x n: {len(prompts)} x {body.n} rows, over this server's {limits.rows} a request "
                          "(serve --max-rows)", param="n")
         sample = body.temperature > 0
-        settings = {"max_new_tokens": body.max_tokens, "sample": sample, "temperature": body.temperature or None,
+        # max_tokens 0 (echo alone) decodes nothing: the plan still checks the prompts
+        settings = {"max_new_tokens": body.max_tokens or 1, "sample": sample, "temperature": body.temperature or None,
                     "top_p": body.top_p if sample else None, "top_k": 0 if sample else None,
                     "num_return_sequences": body.n if sample else 1, "logprobs": body.logprobs,
                     "seed": body.seed if body.seed is not None else int.from_bytes(os.urandom(4), "little"),
@@ -255,6 +263,12 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return EventSourceResponse(stream(plan, jobs, copies, meta, request, usage), ping=15)
+        if body.echo:
+            echoed = [await asyncio.to_thread(echo, job.ids, body.logprobs) for job in jobs]
+            if body.max_tokens == 0:
+                choices = [dict(e, index=i * body.n + k, finish_reason="length") for i, e in enumerate(echoed)
+                           for k in range(body.n)]
+                return {**meta, "choices": choices, "usage": usage_of(jobs, 0)}
         choices: list[dict[str, Any]] = []
         cancelled = threading.Event()
         watcher = asyncio.ensure_future(watch(request, cancelled, meta["id"]))
@@ -266,6 +280,9 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
             watcher.cancel()
         choices = [dict(c, index=(c["index"] * copies + k)) for c in sorted(choices, key=lambda c: c["index"])
                    for k in range(copies)]
+        if body.echo:
+            k = 1 if sample else body.n
+            choices = [joined(echoed[c["index"] // k], c) for c in choices]
         return {**meta, "choices": choices, "usage": usage_of(jobs, sum(len(c.pop("_ids")) for c in choices))}
 
     @app.post("/v1/embeddings")
@@ -328,6 +345,18 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
                          "try again shortly", "rate_limit_error")
         response.headers["Retry-After"] = "1"
         return response
+
+    def echo(ids: list[int], k: int | None) -> dict[str, Any]:
+        """A prompt as `echo` gives it: its text and, with logprobs, each token's log-probability
+        given the ones before it (`biogpt score`'s values; the leading </s> has none, as OpenAI's
+        first token)."""
+        text = tok.decode(ids, skip_special_tokens=True)
+        if k is None:
+            return {"text": text, "logprobs": None}
+        first = {"token": tok.convert_ids_to_tokens(ids[:1])[0], "logprob": None, "top": None}
+        with torch.no_grad():
+            entries = [first, *logprob_entries(lm, tok, ids[:1], ids[1:], k)]
+        return {"text": text, "logprobs": legacy_logprobs(entries)}
 
     def choice(plan: Any, ev: Any, jobs: list[Any]) -> dict[str, Any]:
         done = ev.done
@@ -413,8 +442,17 @@ def legacy_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | No
     if entries is None:
         return None
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top"]} for e in entries],
+            "top_logprobs": [None if e["top"] is None else {t["token"]: t["logprob"] for t in e["top"]}
+                             for e in entries],
             "text_offset": []}
+
+
+def joined(echoed: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any]:
+    """A generated choice after its echoed prompt: texts and logprobs one after the other."""
+    logprobs = None
+    if echoed["logprobs"] is not None and choice["logprobs"] is not None:
+        logprobs = {key: echoed["logprobs"][key] + choice["logprobs"][key] for key in echoed["logprobs"]}
+    return {**choice, "text": echoed["text"] + choice["text"], "logprobs": logprobs}
 
 
 def listen(host: str, port: int) -> socket.socket:
