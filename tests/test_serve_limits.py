@@ -136,3 +136,27 @@ def test_turns_count_only_requests_that_wait():
             assert turns.full()
             waiter.cancel()
     asyncio.run(check())
+
+
+def test_metrics_parse_and_move(tiny, caplog):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def read(c: TestClient) -> dict[str, float]:
+        text = c.get("/metrics").text
+        return {s.name + str(sorted(s.labels.items())): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    lm, tok = tiny
+    caplog.set_level(logging.INFO, logger="biogpt.serve")
+    with TestClient(create_app(lm, tok, "tiny")) as c:
+        before = read(c)
+        assert c.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 3, "temperature": 0}).status_code \
+            == 200
+        assert c.post("/v1/completions", json={"prompt": "the cat", "bogus": 1}).status_code == 400
+        after = read(c)
+    assert after["biogpt_generation_tokens_total[]"] - before.get("biogpt_generation_tokens_total[]", 0) >= 1
+    assert after["biogpt_prompt_tokens_total[]"] > before.get("biogpt_prompt_tokens_total[]", 0)
+    assert after["biogpt_time_to_first_token_seconds_count[]"] == 1
+    assert after["biogpt_requests_total[('status', '400')]"] == 1
+    assert after["biogpt_requests_waiting[]"] == 0 and after["biogpt_batch_rows[]"] == 0
+    assert any(m.startswith("POST /v1/completions 200 ") and " tokens " in m for m in caplog.messages)

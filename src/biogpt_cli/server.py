@@ -31,7 +31,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
@@ -40,6 +40,7 @@ from .errors import BioGptError, InputError, NothingToEmbed, PromptTooLong
 from .inputs import Prompt
 from .limits import DEFAULT_LIMITS, Limits
 from .memory import check_rows_fit
+from .metrics import CONTENT_TYPE, Metrics
 from .plans import generate_plan, logprob_entries
 from .scoring import embed
 
@@ -152,6 +153,7 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
     server on a loopback address."""
     app = FastAPI(title="biogpt-cli", docs_url=None, redoc_url=None)
     turns = Turns(limits.waiting)
+    metrics = Metrics(running=lambda: float(turns.lock.locked()), waiting=lambda: turns.waiting)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -187,6 +189,22 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
                              "--max-body-bytes)")
         return await call_next(request)
 
+    @app.middleware("http")
+    async def access(request: Request, call_next: Any) -> Any:
+        """Outside the guard: every answer is counted by status, and logged in one line (method,
+        path, status, tokens, seconds to the response's start)."""
+        start = time.perf_counter()
+        response = await call_next(request)
+        metrics.answers.labels(str(response.status_code)).inc()
+        tokens = getattr(request.state, "tokens", None)
+        log.info("%s %s %d%s %.2f s", request.method, request.url.path, response.status_code,
+                 f" {tokens} tokens" if tokens is not None else "", time.perf_counter() - start)
+        return response
+
+    @app.get("/metrics")
+    async def exposition() -> Response:
+        return Response(metrics.text(), media_type=CONTENT_TYPE)
+
     if origins:  # added last, so outermost: a browser's preflight is answered before the key is asked for
         app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -218,6 +236,7 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        arrived = request.state.arrived = time.perf_counter()
         if refused := not_served(body.model):
             return refused
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -273,7 +292,8 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
         cancelled = threading.Event()
         watcher = asyncio.ensure_future(watch(request, cancelled, meta["id"]))
         try:
-            await generate(plan, jobs, lambda ev: ev.done and choices.append(choice(plan, ev, jobs)), cancelled)
+            await generate(plan, jobs, lambda ev: ev.done and choices.append(choice(plan, ev, jobs)), cancelled,
+                           arrived)
         except Cancelled:
             return error(499, "the client went away")
         finally:
@@ -283,7 +303,9 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
         if body.echo:
             k = 1 if sample else body.n
             choices = [joined(echoed[c["index"] // k], c) for c in choices]
-        return {**meta, "choices": choices, "usage": usage_of(jobs, sum(len(c.pop("_ids")) for c in choices))}
+        usage = usage_of(jobs, sum(len(c.pop("_ids")) for c in choices))
+        request.state.tokens = usage["total_tokens"]
+        return {**meta, "choices": choices, "usage": usage}
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> Any:
@@ -333,12 +355,28 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
         run_batch(lm, tok, jobs, plan.opts, Collector(sink, cancelled), batch_size=max(len(jobs), 1),
                   stop=plan.stop, seed=plan.seed)
 
-    async def generate(plan: Any, jobs: list[Any], sink: Any, cancelled: threading.Event) -> None:
-        """A request's generation, holding the model only while it runs (a cancelled one never starts)."""
+    async def generate(plan: Any, jobs: list[Any], sink: Any, cancelled: threading.Event, arrived: float) -> None:
+        """A request's generation, holding the model only while it runs (a cancelled one never
+        starts); its tokens and latencies go to the metrics."""
+        first, new = [], [0]
+
+        def counted(ev: Any) -> None:
+            if ev.text and not first:
+                first.append(time.perf_counter())
+            new[0] += 0 if ev.done is None else len(ev.done.ids)
+            sink(ev)
+
+        metrics.prompt_tokens.inc(sum(len(j.ids) for j in jobs))
         async with turns.turn():
             if cancelled.is_set():
                 raise Cancelled
-            await asyncio.to_thread(run, plan, jobs, sink, cancelled)
+            metrics.rows.set(len(jobs) * plan.opts.rows_per_prompt)
+            try:
+                await asyncio.to_thread(run, plan, jobs, counted, cancelled)
+            finally:
+                metrics.rows.set(0)
+        end = time.perf_counter()
+        metrics.generated((first[0] if first else end) - arrived, end - arrived, new[0])
 
     def busy() -> JSONResponse:
         response = error(429, f"{turns.waiting} requests are waiting for the model already (serve --max-waiting): "
@@ -379,7 +417,7 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
             logprobs = None if ev.done is None else choice(plan, ev, jobs)["logprobs"]
             loop.call_soon_threadsafe(queue.put_nowait, (ev, logprobs))
 
-        task = asyncio.ensure_future(generate(plan, jobs, sink, cancelled))
+        task = asyncio.ensure_future(generate(plan, jobs, sink, cancelled, request.state.arrived))
         task.add_done_callback(lambda _: queue.put_nowait(None))
         try:
             used = 0
