@@ -44,7 +44,7 @@ def serve(
     max_rows: Annotated[int, typer.Option(min=1, help="Prompts x n of one request, at most.")] = Limits.rows,
     max_waiting: Annotated[int, typer.Option(min=0, help="Requests waiting for the model; more get a 429.")]
     = Limits.waiting,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line for cancelled or dropped requests.")]
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No access log, nor notes of cancelled requests.")]
     = False,
     dtype: DTypeOpt = "float32",
     device: DeviceOpt = "cpu",
