@@ -159,4 +159,4 @@ def test_streaming_cost_does_not_grow_with_the_prompt(real_tok, corpus_lines, mo
     for t in new:
         stream.add(t)
     prompt_words = len(real_tok.words(long, skip_special_tokens=True).split())
-    assert sum(words) < 2 * prompt_words + 40 * len(new), (sum(words), prompt_words, len(new))
+    assert sum(words) < 40 * len(new), (sum(words), prompt_words, len(new))  # the prompt is not read whole

@@ -21,6 +21,7 @@ from .tokenizer import BioGptTokenizer
 
 HYPHEN = "@-@"
 OPEN_QUOTE = re.compile(r"""^['"„“`]+$""")  # Moses' IS_OPEN_QUOTE
+QUOTISH = re.compile(r"""['"„“`&]""")  # what a word needs to be a quote once unescaped
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -53,22 +54,25 @@ class TextStream:
     detokenization of the words since an *anchor*, a word boundary where Moses starts afresh (an
     even count of each quote kind before it: quotes are its only state that reaches further back
     than one word), overlapping the settled words by at least one so that spacing at the seam is
-    decided as in the whole text."""
+    decided as in the whole text. The prompt itself is read from the last anchor two words before
+    its end (`_base`): all texts here begin there, so a long prompt costs what a short one does."""
 
     def __init__(self, tokenizer: BioGptTokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
         self.tokenizer, self.prompt_ids, self.stop = tokenizer, list(prompt_ids), tuple(s for s in stop if s)
-        self.prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
         self.ids: list[int] = []
         self.text = ""  # emitted so far
         self.stopped = False  # a stop string appeared: the caller should end this sequence
         pieces = tokenizer.words(prompt_ids, skip_special_tokens=True)
         self._words = pieces.split()  # complete words, then the open one (if any) last
         self._open = bool(pieces) and not pieces[-1:].isspace()
-        self._settled = 0  # words whose text is final
-        self._final = ""  # their text
-        self._start: int | None = None  # where the continuation begins in the full text, once known
-        self._anchors = [0]  # settled word counts where Moses starts afresh
         self._quotes = Quotes(tokenizer)
+        fresh = self._quotes.fresh_through(self._words, max(len(self._words) - self._open - 2, 0))
+        self._base = next(a for a in reversed([0, *fresh]) if self._seam(a))  # where every text here begins
+        self._anchors = [self._base]  # settled word counts where Moses starts afresh
+        self.prompt_text = tokenizer.detokenize(self._words[self._base:])
+        self._settled = self._base  # words whose text is final
+        self._final = ""  # their text, from the base on
+        self._start: int | None = None  # where the continuation begins in that text, once known
 
     def add(self, token: int) -> str:
         self.ids.append(token)
@@ -93,8 +97,10 @@ class TextStream:
         return self._emit(ready)
 
     def finish(self) -> str:
-        """The rest of the text, once the sequence has ended."""
-        text, self.stopped = continuation(self.tokenizer, self.prompt_ids, self.ids, self.stop)
+        """The rest of the text, once the sequence has ended: `continuation`'s text, computed from
+        the base on."""
+        full = self._whole()
+        text, self.stopped = _cut(full[_common_prefix(self.prompt_text, full):], self.stop)
         if not text.startswith(self.text):
             raise RuntimeError(f"streamed text {self.text!r} is not a prefix of the final text {text!r}")
         return self._emit(text)
@@ -114,8 +120,8 @@ class TextStream:
     def _detok_between(self, j: int, k: int) -> str:
         """The text words [j, k) add to the final text of words [0, j), detokenizing from the
         last anchor before j (the whole text when j is 0)."""
-        if j == 0:
-            return self.tokenizer.detokenize(self._words[:k])
+        if j == self._base:
+            return self.tokenizer.detokenize(self._words[j:k])
         a = next(a for a in reversed(self._anchors) if a < j and self._seam(a))
         before = self.tokenizer.detokenize(self._words[a:j])
         return self.tokenizer.detokenize(self._words[a:k])[len(before):]
@@ -128,10 +134,13 @@ class TextStream:
         return a == 0 or (HYPHEN not in (words[a - 1], words[a]) and not OPEN_QUOTE.match(
             self.tokenizer.unescape(words[a])))
 
+    def _whole(self) -> str:
+        """The text of every word so far (unsettled ones too), from the base on."""
+        return self._final + self._detok_between(self._settled, len(self._words))
+
     def _current(self) -> str:
-        """The continuation as the words so far give it (unsettled ones too), for stop strings."""
-        full = self._final + self._detok_between(self._settled, len(self._words)) if self._settled else \
-            self.tokenizer.detokenize(self._words)
+        """The continuation as the words so far give it, for stop strings."""
+        full = self._whole()
         return full[self._start if self._start is not None else _common_prefix(full, self.prompt_text):]
 
     def _stop_prefix(self, text: str) -> int:
@@ -159,7 +168,7 @@ class Quotes:
         """Count the words up to `k`; the word counts among them after which the state is fresh."""
         fresh = []
         for i in range(self.seen, k):
-            token = self.tokenizer.unescape(words[i])
+            token = self.tokenizer.unescape(words[i]) if QUOTISH.search(words[i]) else ""
             if OPEN_QUOTE.match(token) and not self._joined(words, i):
                 key = '"' if re.fullmatch("[„“”]+", token) else token
                 count = self.counts.get(key, 0)
