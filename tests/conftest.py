@@ -101,6 +101,22 @@ def cli(capfd, monkeypatch):
     return run
 
 
+@pytest.fixture
+def slow_generation(monkeypatch):
+    """Generation slowed to 0.1 s a token: time for another request to arrive meanwhile."""
+    import time
+
+    from biogpt_cli import batch
+
+    real = batch.stream_completions
+
+    def slowed(*args, **kwargs):
+        for ev in real(*args, **kwargs):
+            time.sleep(0.1)
+            yield ev
+    monkeypatch.setattr(batch, "stream_completions", slowed)
+
+
 def one_error_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err

@@ -107,19 +107,9 @@ def test_ten_concurrent_clients(server):
     assert answers == [greedy_text(lm, tok, p, 6) for p in prompts]
 
 
-def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
+def test_a_client_that_disconnects_frees_its_slot(server, slow_generation):
     """Slowed to 0.1 s a token, a 55-token stream takes 5.5 s: after its client hangs up at the
     first chunk, the next request is answered well before that."""
-    from biogpt_cli import batch
-
-    real = batch.stream_completions
-
-    def slow(*args, **kwargs):
-        for ev in real(*args, **kwargs):
-            time.sleep(0.1)
-            yield ev
-
-    monkeypatch.setattr(batch, "stream_completions", slow)
     base, headers = server[0], {"Authorization": "Bearer sekret"}
     body = {"prompt": "the cat", "max_tokens": 55, "temperature": 0, "stream": True}
     with httpx.Client(timeout=30) as h, h.stream("POST", base + "/v1/completions", json=body, headers=headers) as r:
@@ -138,7 +128,6 @@ def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
     ({"prompt": [1, 2]}, 400), ({"prompt": "x", "stop": 3}, 400), ({"prompt": ""}, 400),
     ({"prompt": "x", "presence_penalty": 0.5}, 400), ({"prompt": "x", "logit_bias": {"50": 5}}, 400),
     ({"prompt": "x", "best_of": 3}, 400), ({"prompt": "x", "echo": True, "stream": True}, 400),
-    ({"prompt": "x", "max_tokens": 0}, 400),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400),
 ])
 def test_bad_requests_get_400_in_openai_shape(server, body, status):

@@ -26,20 +26,6 @@ def tiny(tiny_ref):
     return load_pretrained(tiny_ref[1])
 
 
-@pytest.fixture
-def slow(monkeypatch):
-    """Generation slowed to 0.1 s a token: time for another request to arrive meanwhile."""
-    from biogpt_cli import batch
-
-    real = batch.stream_completions
-
-    def slowed(*args, **kwargs):
-        for ev in real(*args, **kwargs):
-            time.sleep(0.1)
-            yield ev
-    monkeypatch.setattr(batch, "stream_completions", slowed)
-
-
 def serving(app):
     """A real server on a free loopback port, in a thread: (base URL, stop)."""
     with socket.socket() as s:
@@ -73,7 +59,7 @@ def test_requests_beyond_a_limit_get_a_4xx_and_the_next_succeeds(tiny):
         assert c.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 2}).status_code == 200
 
 
-def test_a_full_queue_answers_429_with_retry_after(tiny, slow):
+def test_a_full_queue_answers_429_with_retry_after(tiny, slow_generation):
     lm, tok = tiny
     base, stop = serving(create_app(lm, tok, "tiny", limits=Limits(waiting=0)))
     try:
@@ -89,7 +75,7 @@ def test_a_full_queue_answers_429_with_retry_after(tiny, slow):
         stop()
 
 
-def test_a_hung_up_request_stops_generating_and_frees_the_model(tiny, slow, caplog):
+def test_a_hung_up_request_stops_generating_and_frees_the_model(tiny, slow_generation, caplog):
     """A non-streamed request whose client hangs up is cancelled at the next token (one log line,
     no traceback), and the next request is answered within a bound on waiting."""
     lm, tok = tiny
