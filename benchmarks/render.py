@@ -14,7 +14,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- speed table: benchmarks/render.py -->", "<!-- end of speed table -->"
-HEADLINE = ("greedy decode, float32", "beam search, 5 beams", "int8", "bulk generate", "score")
+HEADLINE = ("whole `generate` process", "greedy decode, float32", "beam search, 5 beams", "--quantize int8 greedy",
+            "bulk generate, 64", "GPU one prompt greedy, float32, vs reference static",
+            "GPU one prompt greedy, bfloat16, vs reference static", "GPU bulk 64 prompts x 64 tokens, float32, vs "
+            "reference static", "GPU bulk 64 prompts x 64 tokens, bfloat16, vs reference static")
 
 
 def machine_line(m: dict) -> str:
@@ -22,11 +25,15 @@ def machine_line(m: dict) -> str:
     return f"{where}; torch {m['torch']}, transformers {m.get('transformers') or '?'}; {m['date']}"
 
 
+def number(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def table(rows: list[dict], names: tuple[str, ...] | None = None) -> list[str]:
     lines = ["| figure | biogpt-cli | reference | unit | better by |", "|---|---|---|---|---|"]
     for r in rows:
         if names is None or any(r["figure"].startswith(n) for n in names):
-            lines.append(f"| {r['figure']} | {r['ours']:.3g} | {r['reference']:.3g} | {r['unit']} | "
+            lines.append(f"| {r['figure']} | {number(r['ours'])} | {number(r['reference'])} | {r['unit']} | "
                          f"{r['speedup']:.2f}x |")
     return lines
 
