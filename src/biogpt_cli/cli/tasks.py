@@ -155,7 +155,7 @@ def _classify_with_head(lm: Any, tok: Any, records: Iterator[Prompt], run: TaskR
             lines = []
             for p, res in zip(batch, results, strict=True):
                 lines.append(dumps({**res, **p.origin}).rstrip("\n") if fmt == "jsonl"
-                             else res.get("label") or json.dumps(res["entities"], ensure_ascii=False))
+                             else res.get("label") or dumps(res["entities"]).rstrip("\n"))
             writer.write("".join(line + "\n" for line in lines), records=len(lines))
 
 
