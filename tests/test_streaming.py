@@ -160,3 +160,18 @@ def test_streaming_cost_does_not_grow_with_the_prompt(real_tok, corpus_lines, mo
         stream.add(t)
     prompt_words = len(real_tok.words(long, skip_special_tokens=True).split())
     assert sum(words) < 40 * len(new), (sum(words), prompt_words, len(new))  # the prompt is not read whole
+
+
+def test_output_nobody_watches_is_decoded_once_per_row(tiny_ref, tiny_tok, monkeypatch):
+    """Without `live`, a sequence's text is detokenized when it ends, not token by token; the
+    records are the live run's."""
+    model = ours_from(tiny_ref[0])
+    prompts = [tiny_tok.encode(p) for p in ("the cat and", "of the", "in")]
+    opts = GenerationOptions(max_new_tokens=12)
+    watched = [ev.done for ev in stream_completions(model, tiny_tok, prompts, opts) if ev.done]
+    calls: list[int] = []
+    real = tiny_tok.detokenize
+    monkeypatch.setattr(tiny_tok, "detokenize", lambda w: calls.append(len(w)) or real(w))
+    events = list(stream_completions(model, tiny_tok, prompts, opts, live=False))
+    assert [ev.done for ev in events] == watched  # one event per sequence, its finished one
+    assert len(calls) <= 2 * len(prompts)  # the prompt's tail and the whole text, once each

@@ -79,7 +79,7 @@ def default_batch_size(opts: GenerationOptions, device: torch.device | str = "cp
 def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions, renderer: Renderer, *,
         batch_size: int | None = None, stop: Sequence[str] = (), seed: int | None = None,
         done: set[Any] | frozenset[Any] = frozenset(), progress: Callable[[int], None] | None = None,
-        confidence: bool = False) -> Stats:
+        confidence: bool = False, live: bool = True) -> Stats:
     """Generate for every job whose key is not in `done`, `batch_size` prompts at a time.
 
     Greedy and sampled decoding use continuous batching: when a row finishes, the next job takes
@@ -87,7 +87,8 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions
     `progress(step)` follows it, since it yields nothing until its winners are known. When
     sampling, each job draws from its own stream, derived from `seed` and its key, so a seeded run
     gives each job the same samples in any batch, next to any neighbours, and after a resume.
-    A bad input line stops the reading, but the jobs before it are finished first.
+    A bad input line stops the reading, but the jobs before it are finished first. Without `live`
+    (nobody watches the text as it comes) each sequence's text is decoded once, when it ends.
     """
     device = next(model.parameters()).device
     batch_size = batch_size or default_batch_size(opts, device)
@@ -121,7 +122,7 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions
         renderer.begin([])
         start = time.perf_counter()
         for ev in stream_completions(model, tokenizer, feed(), opts, stop, stream if opts.do_sample else None,
-                                     progress, slots=batch_size, confidence=confidence):
+                                     progress, slots=batch_size, confidence=confidence, live=live):
             if stats.first_token is None and ev.text:
                 stats.first_token = time.perf_counter() - start
             if ev.done is not None:

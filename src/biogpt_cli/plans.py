@@ -160,7 +160,7 @@ def generated_records(lm: Any, tok: Any, plan: Plan, items: list[Prompt], batch_
     writer = MemoryWriter()
     k = plan.opts.num_return_sequences
     run(lm, tok, jobs, plan.opts, Renderer("jsonl", writer, None, k, plan.record, plan.line),
-        batch_size=batch_size, stop=plan.stop, seed=plan.seed)
+        batch_size=batch_size, stop=plan.stop, seed=plan.seed, live=False)
     done = iter(line + "\n" for _, line in lines("".join(writer.lines)))
     return [[errors[i]] if i in errors else [next(done) for _ in range(k)] for i in range(len(items))]
 

@@ -96,6 +96,12 @@ class TextStream:
         ready = ready[: len(ready) - self._stop_prefix(ready)]
         return self._emit(ready)
 
+    def extend(self, token: int) -> None:
+        """Take a token without settling any text: for output nobody watches, which `finish`
+        decodes once."""
+        self.ids.append(token)
+        self._append(self.tokenizer.words([token], skip_special_tokens=True))
+
     def finish(self) -> str:
         """The rest of the text, once the sequence has ended: `continuation`'s text, computed from
         the base on."""
@@ -218,13 +224,15 @@ def _through_stop(tokenizer: BioGptTokenizer, prompt: Sequence[int], ids: Sequen
 def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, prompts: Iterable[Sequence[int]],
                        opts: GenerationOptions, stop: Sequence[str] = (),
                        generator: Generators = None, progress: Callable[[int], None] | None = None,
-                       slots: int | None = None, confidence: bool = False) -> Iterator[TextEvent]:
+                       slots: int | None = None, confidence: bool = False, live: bool = True) -> Iterator[TextEvent]:
     """Generate for a batch of prompts, yielding text as it becomes final.
 
     Greedy and sampled sequences stream token by token and stop at a stop string. Beam search
     knows its winners only at the end: each yields its whole text once, cut at a stop string;
     `progress(step)` follows its steps until then. `slots`: continuous batching (`stream_tokens`).
     `confidence`: each event carries the lowest probability among the tokens behind its text.
+    Without `live` (output nobody watches as it comes: files, pipes, records) a sequence yields
+    only its finished event, its text decoded once; stop strings are still watched token by token.
     """
     k = opts.num_return_sequences
     if opts.num_beams > 1:
@@ -259,9 +267,12 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, pro
                                             should_stop=lambda r, _: streams[r].stopped, slots=slots,
                                             observe=observe if confidence else None):
         s = streams.get(row) or streams.setdefault(row, TextStream(tokenizer, seen[row // k], stop))
-        if reason is None:
+        if reason is None and not live and not stop:
+            s.extend(token)
+        elif reason is None:
             text = s.add(token)
-            yield TextEvent(row, text, confidence=least(row, text))
+            if live:
+                yield TextEvent(row, text, confidence=least(row, text))
         else:
             text = s.finish()
             yield TextEvent(row, text, Completion(row // k, s.text, s.ids, "stop" if s.stopped else reason),

@@ -320,7 +320,8 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
             with spinner or contextlib.nullcontext(), progress(total, quiet or total is None, "records") as update:
                 shown = _Quieting(render, spinner) if spinner else _Counting(render, update, len(done))
                 stats = batch.run(lm, tokenizer, jobs(done), opts, shown, batch_size=batch_size, stop=plan.stop,
-                                  seed=plan.seed, done=done, progress=_beam_progress(spinner), confidence=confidence)
+                                  seed=plan.seed, done=done, progress=_beam_progress(spinner), confidence=confidence,
+                                  live=live)
         except (KeyboardInterrupt, Quit) as e:
             if live:
                 sys.stdout.write("\n")
