@@ -111,9 +111,45 @@ def test_the_host_guard_and_the_key(tiny):
         assert c.get("/v1/models", headers={"Authorization": "Bearer sekreT"}).status_code == 401
 
 
+def test_greedy_requests_that_wait_together_share_a_run(tiny, slow_generation, monkeypatch):
+    """While one request runs, three greedy ones of the same settings arrive: they run together,
+    one batch, and each gets the text it gets alone; a sampled one runs on its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from biogpt_cli import GenerationOptions, batch, generate
+    from biogpt_cli.streaming import continuation
+
+    lm, tok = tiny
+    runs: list[int] = []
+    real = batch.run
+    monkeypatch.setattr(batch, "run", lambda model, t, jobs, *a, **k: runs.append(len(jobs)) or real(model, t, jobs,
+                                                                                                     *a, **k))
+    base, stop = serving(create_app(lm, tok, "tiny"))
+
+    def ask(prompt: str, temperature: float = 0) -> str:
+        body = {"prompt": prompt, "max_tokens": 6, "temperature": temperature, "seed": 1}
+        return httpx.post(base + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            first = pool.submit(ask, "in the")
+            time.sleep(0.5)  # the first holds the model now; the others wait together
+            rest = [pool.submit(ask, p) for p in ("the cat and", "of the", "and then the dog")]
+            time.sleep(0.2)
+            sampled = pool.submit(ask, "the end", 0.9)
+            texts = [f.result() for f in (first, *rest)]
+            sampled.result()
+    finally:
+        stop()
+    for prompt, text in zip(("in the", "the cat and", "of the", "and then the dog"), texts, strict=True):
+        ids = tok.encode(prompt)
+        assert text == continuation(tok, ids, generate(lm, [ids], GenerationOptions(max_new_tokens=6))[0][0].ids)[0]
+    assert sorted(runs) == [1, 1, 3], runs
+
+
 def test_turns_count_only_requests_that_wait():
     async def check() -> None:
-        turns = Turns(1)
+        turns = Turns(1, 64)
         assert not turns.full()  # an idle model takes a request whatever the limit
         async with turns.turn():
             assert not turns.full()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -24,7 +25,8 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -43,17 +45,76 @@ from .memory import check_rows_fit
 from .metrics import CONTENT_TYPE, Metrics
 from .plans import generate_plan, logprob_entries
 from .scoring import embed
+from .streaming import TextEvent
 
 log = logging.getLogger("biogpt.serve")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
-class Turns:
-    """The model serves one generation at a time, in order of arrival, with at most `limit`
-    requests waiting."""
+@dataclass(eq=False)
+class Member:
+    """A request waiting for the model. A greedy one may be served by an earlier request with the
+    same settings, which takes it into its own run (`taken`)."""
 
-    def __init__(self, limit: int) -> None:
-        self.lock, self.waiting, self.limit = asyncio.Lock(), 0, limit
+    jobs: list[Any]
+    sink: Callable[[Any], None]
+    cancelled: threading.Event
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    error: BaseException | None = None
+    taken: bool = False
+
+
+class Turns:
+    """The model serves one run at a time, in order of arrival, with at most `limit` requests
+    waiting. Greedy requests with the same settings that wait together share a run: their prompts
+    are decoded in one batch (continuous batching), and each request's text is the one it gets
+    alone (batching is exact in float32)."""
+
+    def __init__(self, limit: int, rows: int) -> None:
+        self.lock, self.waiting, self.limit, self.rows = asyncio.Lock(), 0, limit, rows
+        self.groups: dict[str, list[Member]] = {}
+
+    async def take_turn(self, me: Member, key: str | None,
+                        run: Callable[[list[Member]], Awaitable[None]]) -> None:
+        """Wait for the model, then `run` this request with the ones of the same `key` that wait
+        too; or wait until an earlier request's run has served this one."""
+        if key is not None:
+            self.groups.setdefault(key, []).append(me)
+        self.waiting += 1
+        acquire, served = asyncio.ensure_future(self.lock.acquire()), asyncio.ensure_future(me.finished.wait())
+        try:
+            await asyncio.wait({acquire, served}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.waiting -= 1
+            served.cancel()
+        if me.taken:  # served by another's run: the model is not ours
+            if acquire.done() and not acquire.cancelled():
+                self.lock.release()
+            acquire.cancel()
+            await me.finished.wait()
+            return
+        members = [me, *self._companions(key, me)]
+        for m in members:
+            m.taken = True
+            if key is not None:
+                self.groups[key].remove(m)
+        if key is not None and not self.groups[key]:
+            del self.groups[key]
+        try:
+            await run(members)
+        finally:
+            for m in members:
+                m.finished.set()
+            self.lock.release()
+
+    def _companions(self, key: str | None, me: Member) -> list[Member]:
+        """The waiting requests of `key` that fit beside `me` in one run."""
+        chosen, rows = [], len(me.jobs)
+        for m in self.groups.get(key, []) if key is not None else []:
+            if m is not me and not m.cancelled.is_set() and rows + len(m.jobs) <= self.rows:
+                chosen.append(m)
+                rows += len(m.jobs)
+        return chosen
 
     def full(self) -> bool:
         return self.lock.locked() and self.waiting >= self.limit
@@ -128,6 +189,16 @@ class Cancelled(Exception):
     """The client went away: the engine stops at the next event."""
 
 
+class AllCancelled:
+    """A shared run stops once every request in it is cancelled (`Collector` asks `is_set`)."""
+
+    def __init__(self, members: list[Member]) -> None:
+        self.members = members
+
+    def is_set(self) -> bool:
+        return all(m.cancelled.is_set() for m in self.members)
+
+
 class Collector:
     """A renderer for batch.run that hands each event to `sink` (in the worker thread)."""
 
@@ -152,7 +223,7 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
     `hosts`: the Host header names it answers (None: any), a guard against DNS rebinding for a
     server on a loopback address."""
     app = FastAPI(title="biogpt-cli", docs_url=None, redoc_url=None)
-    turns = Turns(limits.waiting)
+    turns = Turns(limits.waiting, limits.rows)
     metrics = Metrics(running=lambda: float(turns.lock.locked()), waiting=lambda: turns.waiting)
 
     @app.exception_handler(RequestValidationError)
@@ -277,6 +348,9 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
         if turns.full():
             return busy()
         copies = 1 if sample else body.n  # greedy: n identical choices, as OpenAI gives at temperature 0
+        # greedy requests of the same settings that wait together share a run
+        request.state.share = None if sample else json.dumps({k: v for k, v in settings.items() if k != "seed"},
+                                                              sort_keys=True)
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": name}
         if body.stream:
@@ -293,7 +367,7 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
         watcher = asyncio.ensure_future(watch(request, cancelled, meta["id"]))
         try:
             await generate(plan, jobs, lambda ev: ev.done and choices.append(choice(plan, ev, jobs)), cancelled,
-                           arrived)
+                           arrived, request.state.share)
         except Cancelled:
             return error(499, "the client went away")
         finally:
@@ -355,9 +429,11 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
         run_batch(lm, tok, jobs, plan.opts, Collector(sink, cancelled), batch_size=max(len(jobs), 1),
                   stop=plan.stop, seed=plan.seed)
 
-    async def generate(plan: Any, jobs: list[Any], sink: Any, cancelled: threading.Event, arrived: float) -> None:
+    async def generate(plan: Any, jobs: list[Any], sink: Any, cancelled: threading.Event, arrived: float,
+                       key: str | None = None) -> None:
         """A request's generation, holding the model only while it runs (a cancelled one never
-        starts); its tokens and latencies go to the metrics."""
+        starts), shared with the waiting requests of the same `key`; its tokens and latencies go
+        to the metrics."""
         first, new = [], [0]
 
         def counted(ev: Any) -> None:
@@ -367,16 +443,45 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
             sink(ev)
 
         metrics.prompt_tokens.inc(sum(len(j.ids) for j in jobs))
-        async with turns.turn():
-            if cancelled.is_set():
-                raise Cancelled
-            metrics.rows.set(len(jobs) * plan.opts.rows_per_prompt)
-            try:
-                await asyncio.to_thread(run, plan, jobs, counted, cancelled)
-            finally:
-                metrics.rows.set(0)
+        me = Member(jobs, counted, cancelled)
+        await turns.take_turn(me, key, lambda members: run_members(plan, members))
+        if me.error is not None:
+            raise me.error
         end = time.perf_counter()
         metrics.generated((first[0] if first else end) - arrived, end - arrived, new[0])
+
+    async def run_members(plan: Any, members: list[Member]) -> None:
+        """One run for the members' prompts (same settings: `plan` is the first's), each event
+        routed to its request as if it ran alone; a member that is cancelled or dropped leaves
+        the others running."""
+        live = [m for m in members if not m.cancelled.is_set()]
+        for m in members:
+            m.error = None if m in live else Cancelled()
+        if not live:
+            return
+        owners = [(m, i) for m in live for i in range(len(m.jobs))]
+        k = plan.opts.num_return_sequences
+
+        def route(ev: Any) -> None:
+            m, local = owners[ev.row // k]
+            if m.cancelled.is_set():
+                return
+            done = None if ev.done is None else dataclasses.replace(ev.done, prompt_index=local)
+            try:
+                m.sink(TextEvent(local * k + ev.row % k, ev.text, done, ev.confidence))
+            except Cancelled:
+                m.cancelled.set()
+
+        metrics.rows.set(len(owners) * plan.opts.rows_per_prompt)
+        try:
+            await asyncio.to_thread(run, plan, [j for m in live for j in m.jobs], route, AllCancelled(live))
+        except Exception as e:  # noqa: BLE001 -- each request reports it (Cancelled: all went away)
+            for m in live:
+                m.error = e
+        finally:
+            metrics.rows.set(0)
+        for m in live:
+            m.error = m.error or (Cancelled() if m.cancelled.is_set() else None)
 
     def busy() -> JSONResponse:
         response = error(429, f"{turns.waiting} requests are waiting for the model already (serve --max-waiting): "
@@ -417,7 +522,8 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
             logprobs = None if ev.done is None else choice(plan, ev, jobs)["logprobs"]
             loop.call_soon_threadsafe(queue.put_nowait, (ev, logprobs))
 
-        task = asyncio.ensure_future(generate(plan, jobs, sink, cancelled, request.state.arrived))
+        task = asyncio.ensure_future(generate(plan, jobs, sink, cancelled, request.state.arrived,
+                                              request.state.share))
         task.add_done_callback(lambda _: queue.put_nowait(None))
         try:
             used = 0
