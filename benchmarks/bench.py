@@ -1,7 +1,7 @@
 """biogpt-cli against the reference (`transformers`), side by side in one run, on this machine.
 
     python benchmarks/bench.py [--quick] [--json] [--repeats N] [--new-tokens N] [--workdir DIR]
-                               [--only decode|process|tokenize|engine|bulk|embed|quality|gpu]
+                               [--only decode|process|tokenize|engine|bulk|embed|quality|gpu|serve]
                                [--device cuda] [--compile]
 
 Builds random weights of the full microsoft/biogpt shape (saved once as safetensors with the real
@@ -433,6 +433,52 @@ def gpu_dtype_figures(folder: Path, args: argparse.Namespace, rows: list[dict], 
                         note=f"reference warm-up {warm:.1f} s"))
 
 
+def serve_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """`biogpt serve` under load: a real server on a loopback port, the `openai` client from 1, 4
+    and 16 threads (fixed prompts, 32 new tokens, greedy), against the same requests sent one at a
+    time (the "reference" column). Aggregate new tokens/s; p50/p95 latency in the note."""
+    import socket
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    import uvicorn
+
+    from biogpt_cli.server import create_app
+
+    lm, tok = BioGptForCausalLM.from_pretrained(folder), BioGptTokenizer.from_folder(folder)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(lm, tok, "bench"), host="127.0.0.1", port=port,
+                                           log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=600)
+    lines = (shared_dir() / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
+
+    def ask(i: int) -> float:
+        start = time.perf_counter()
+        client.completions.create(model="bench", prompt=" ".join(lines[i].split()[:12]), max_tokens=32,
+                                  temperature=0)
+        return time.perf_counter() - start
+
+    try:
+        for n in (1, 4, 16):
+            alone = seconds(lambda n=n: [ask(i) for i in range(n)])
+            with ThreadPoolExecutor(n) as pool:
+                start = time.perf_counter()
+                latencies = sorted(pool.map(ask, range(n)))
+                together = time.perf_counter() - start
+            p50, p95 = latencies[len(latencies) // 2], latencies[min(n - 1, int(0.95 * n))]
+            rows.append(row(f"serve, {n} concurrent clients x 32 tokens (vs one at a time)", n * 32 / together,
+                            n * 32 / alone, "tokens/s", higher=True, target=">= 4x at 8, >= 6x at 16",
+                            note=f"latency p50 {p50:.1f} s, p95 {p95:.1f} s"))
+    finally:
+        server.should_exit = True
+
+
 def embed_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
     """`embed`'s mean pooling of PubMed abstracts (their first 80 words), float32 and int8, against
     the reference's `BioGptModel` on the same batches of 8, padded, pooled the same way."""
@@ -588,7 +634,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "biogpt-bench",
                         help="where the random full-size checkpoint is kept between runs")
     parser.add_argument("--only", choices=["decode", "process", "tokenize", "engine", "bulk", "embed", "quality", "ray",
-                                           "gpu"],
+                                           "gpu", "serve"],
                         action="append",
                         help="run only these parts (ray: only when named, it needs the ray extra)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (decode and bulk figures)")
@@ -606,13 +652,13 @@ def main() -> None:
     parts = (("process", process_figures), ("tokenize", tokenizer_figures), ("engine", engine_figures),
              ("decode", decode_figures),
              ("bulk", bulk_figures), ("embed", embed_figures), ("quality", quality_figures), ("ray", ray_figures),
-             ("gpu", gpu_figures))
+             ("gpu", gpu_figures), ("serve", serve_figures))
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # `timeout`: keep what was measured
     gpu = args.device != "cpu"
     complete = False
     try:
         for part, fn in parts:
-            everything = part != "ray" and (part in ("decode", "bulk", "gpu") if gpu else part != "gpu")
+            everything = part not in ("ray", "serve") and (part in ("decode", "bulk", "gpu") if gpu else part != "gpu")
             if (not args.only and everything) or part in (args.only or ()):
                 fn(folder, args, rows)
         if args.compile:
@@ -626,7 +672,8 @@ def main() -> None:
 def write_results(args: argparse.Namespace, where: dict, rows: list[dict], done: bool) -> None:
     """The result file docs/performance.md is rendered from (a run cut short says so)."""
     args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"{where['date']}-{machine.slug(where)}.json"
+    parts = "-" + "-".join(args.only) if args.only else ""  # a partial run keeps its own file
+    path = args.results / f"{where['date']}-{machine.slug(where)}{parts}.json"
     path.write_text(json.dumps({"machine": where, "command": " ".join(sys.argv[1:]), "complete": done, "rows": rows},
                                indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}" + ("" if done else " (the run was cut short)"))
