@@ -18,7 +18,8 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from biogpt_cli.limits import Limits  # noqa: E402
 from biogpt_cli.loading import load_pretrained  # noqa: E402
-from biogpt_cli.server import LOOPBACK_HOSTS, Turns, create_app, host_name  # noqa: E402
+from biogpt_cli.server import LOOPBACK_HOSTS, create_app, host_name  # noqa: E402
+from biogpt_cli.turns import Turns  # noqa: E402
 
 
 @pytest.fixture(scope="module")
