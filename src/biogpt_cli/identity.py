@@ -22,11 +22,12 @@ from .linear import cache_dir
 KEPT_DIGESTS = 512  # files whose digests the cache remembers (the most recent)
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, from the digest cache when the file is unchanged since."""
+def file_sha256(path: Path, known: dict[str, str] | None = None) -> str:
+    """sha256 of a file's bytes, from the digest cache (`known`: as already read) when the file is
+    unchanged since."""
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
-    known = _read_digests()
+    known = _read_digests() if known is None else known
     if key in known:
         return known[key]
     digest = hashlib.sha256()
@@ -42,10 +43,10 @@ def model_identity(folder: str | Path) -> dict[str, str]:
     """`sha256`: of every file of the model folder (name and content), and `commit`: the Hub
     revision's commit, for a folder of the Hub cache."""
     folder = Path(folder)
-    digest = hashlib.sha256()
+    digest, known = hashlib.sha256(), _read_digests()  # the cache is read once for all the files
     for path in sorted(folder.iterdir()):
         if path.is_file() and not path.name.startswith("."):
-            digest.update(f"{path.name}:{file_sha256(path)};".encode())
+            digest.update(f"{path.name}:{file_sha256(path, known)};".encode())
     identity = {"sha256": digest.hexdigest()}
     if folder.parent.name == "snapshots":  # huggingface_hub's layout: snapshots/<commit>/
         identity["commit"] = folder.name
