@@ -68,16 +68,29 @@ def test_fairseq_prompt_count_must_match_the_embedding(task_ref, tmp_path):
         load_pretrained(src)
 
 
-def test_extra_rows_without_a_prompt_count_get_a_hint(task_ref, tmp_path):
+def test_extra_embedding_rows_are_taken_as_the_learned_prompt(task_ref, tmp_path, cli):
+    """A Hub task checkpoint (BioGPT-Large-PubMedQA: 57,726 rows for 57,717 tokens) whose
+    vocabulary lacks the learned tokens: the extra rows are the prompt, and the task command says so."""
     ref, folder = task_ref
     for f in ("config.json", "model.safetensors", "merges.txt"):
         (tmp_path / f).write_bytes((folder / f).read_bytes())
-    write_tiny_vocab(tmp_path)  # the vocabulary without the learned tokens
-    with pytest.raises(CheckpointError, match='add "learned_prompt": 9 to its config.json'):
-        load_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "learned_prompt": N}))
-    assert load_pretrained(tmp_path)[1].prompt_ids  # now appended, as the release does
+    base = write_tiny_vocab(tmp_path)  # the vocabulary without the learned tokens
+    model, tok = load_pretrained(tmp_path)
+    assert model.config.learned_prompt == N and tok.prompt_ids == list(range(base, base + N))
+    assert "taken as learned prompt tokens learned1..9" in tok.prompt_note
+    code, _, err = cli("extract", "-m", tmp_path, "--task", "bc5cdr", "-n", "2", "aspirin")
+    assert code == 0 and "taken as learned prompt tokens" in err
+
+
+def test_learned_tokens_spelled_without_the_word_end_are_recognised(task_ref, tmp_path):
+    ref, folder = task_ref
+    for f in ("config.json", "model.safetensors", "merges.txt"):
+        (tmp_path / f).write_bytes((folder / f).read_bytes())
+    vocab = json.loads((folder / "vocab.json").read_text())
+    (tmp_path / "vocab.json").write_text(json.dumps({k.replace("</w>", "") if k.startswith("learned") else k: v
+                                                     for k, v in vocab.items()}))
+    model, tok = load_pretrained(tmp_path)
+    assert tok.prompt_ids == list(range(len(vocab) - N, len(vocab))) and tok.prompt_note is None
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -147,7 +160,8 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained")
     vocab = write_tiny_vocab(folder, N)
     config = BioGptConfig(**{**TINY, "hidden_size": 64, "intermediate_size": 128, "max_position_embeddings": 256,
-                             "vocab_size": vocab, "learned_prompt": N})
+                             "vocab_size": vocab, "learned_prompt": N, "hidden_dropout_prob": 0.0,
+                             "attention_probs_dropout_prob": 0.0})
     tok = BioGptTokenizer.from_folder(folder)
     torch.manual_seed(0)
     model = BioGptForCausalLM(config)

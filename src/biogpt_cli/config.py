@@ -30,6 +30,10 @@ class BioGptConfig:
     bos_token_id: int = 0
     eos_token_id: int = 2
     tie_word_embeddings: bool = True
+    # dropout, active only in training (`biogpt finetune`); the reference's names and defaults
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    activation_dropout: float = 0.0
     num_labels: int = 2
     architecture: str = "BioGptForCausalLM"  # config.json's `architectures[0]`
     labels: tuple[str, ...] = ()  # config.json's `id2label`, in id order
@@ -50,6 +54,10 @@ class BioGptConfig:
                               f"num_attention_heads {self.num_attention_heads}")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (one of {', '.join(ACTIVATIONS)})")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+                raise ConfigError(f"{name} must be a probability in [0, 1), got {value!r}")
         if not isinstance(self.learned_prompt, int) or not 0 <= self.learned_prompt < self.vocab_size:
             raise ConfigError(f"learned_prompt must be a count of prompt tokens, got {self.learned_prompt!r}")
         if self.max_source_positions is not None and (

@@ -376,17 +376,29 @@ def parse_device(name: str | torch.device) -> torch.device:
     return device
 
 
+MAX_PROMPT_TOKENS = 64  # extra embedding rows beyond the vocabulary taken as a learned prompt
+
+
 def open_checkpoint(folder: Path) -> tuple[BioGptConfig, dict[str, torch.Tensor], BioGptTokenizer]:
     """Config, state dict and tokenizer of a model folder, checked against each other (e.g.
     BioGPT-Large weights with the base vocabulary).
 
     A task checkpoint's learned prompt tokens are reconciled here: a vocabulary without them
-    (`dict.txt`, or a Hub folder whose config.json names `learned_prompt`) gets them appended, and
-    a vocabulary that has them (a converted checkpoint) sets the config's count.
+    (`dict.txt`, a Hub folder whose config.json names `learned_prompt`, or one whose embedding has
+    1-64 rows more than its vocabulary) gets them appended, and a vocabulary that has them (a
+    converted checkpoint, spelled `learnedK</w>` or `learnedK`) sets the config's count.
     """
     tokenizer = BioGptTokenizer.from_folder(folder)
     config, state = read_checkpoint(folder)
     n = config.learned_prompt
+    extra = config.vocab_size - tokenizer.vocab_size
+    if not n and not tokenizer.prompt_ids and 0 < extra <= MAX_PROMPT_TOKENS:
+        # the release appends learned1..N to the dictionary at start-up: a converted task checkpoint
+        # whose vocabulary was saved without them has N embedding rows more than it has tokens
+        n = extra
+        config = dataclasses.replace(config, learned_prompt=n)
+        tokenizer.prompt_note = (f"{folder.name}: its embedding has {n} rows beyond its vocabulary of "
+                                 f"{tokenizer.vocab_size}: taken as learned prompt tokens learned1..{n}")
     if n and not tokenizer.prompt_ids and tokenizer.vocab_size + n == config.vocab_size:
         tokenizer.add_prompt_tokens(n)
     if tokenizer.vocab_size != config.vocab_size:
@@ -395,10 +407,8 @@ def open_checkpoint(folder: Path) -> tuple[BioGptConfig, dict[str, torch.Tensor]
             raise CheckpointError(f"{folder}: the checkpoint says {n} learned prompt tokens, but its embedding has "
                                   f"{config.vocab_size} rows for a vocabulary of {tokenizer.vocab_size} "
                                   f"({extra:+d} rows)")
-        hint = (f" (if it is a fine-tuned task checkpoint with {extra} learned prompt tokens, add "
-                f'"learned_prompt": {extra} to its config.json)' if 0 < extra <= 64 else "")
         raise CheckpointError(f"{folder}: the vocabulary has {tokenizer.vocab_size} tokens but the model expects "
-                              f"{config.vocab_size}: tokenizer files and weights do not match{hint}")
+                              f"{config.vocab_size}: tokenizer files and weights do not match")
     if len(tokenizer.prompt_ids) != n:
         if n:
             raise CheckpointError(f"{folder}: config.json says {n} learned prompt tokens but the vocabulary has "
@@ -488,12 +498,19 @@ def convert(src: str | Path, dst: str | Path) -> Path:
     """Write any loadable checkpoint (fairseq release included) in the Hub layout, as safetensors.
 
     A task checkpoint keeps its learned prompt tokens in vocab.json and its task, prompt length and
-    source limit in config.json, so the converted folder needs no flags. Files are written under
-    temporary names and renamed at the end: a failed conversion leaves nothing of its own behind.
+    source limit in config.json, so the converted folder needs no flags.
     """
     folder = resolve(src, None, ("config.json", "|".join(WEIGHT_FILES)))
     config, state, tokenizer = open_checkpoint(folder)
     check_state_dict(model_class(config), config, state, str(folder))
+    return write_checkpoint(dst, config, state, tokenizer)
+
+
+def write_checkpoint(dst: str | Path, config: BioGptConfig, state: dict[str, torch.Tensor],
+                     tokenizer: BioGptTokenizer, extra: dict[str, str] | None = None) -> Path:
+    """A Hub-layout folder (safetensors, config.json, vocabulary, and `extra` text files by name).
+    Files are written under temporary names and renamed at the end: a failed write leaves nothing
+    of its own behind."""
     dst = Path(dst)
     created = not dst.exists()
     tensors = {k: v.contiguous() for k, v in state.items()
@@ -504,6 +521,8 @@ def convert(src: str | Path, dst: str | Path) -> Path:
         save_safetensors(tensors, staging / "model.safetensors", metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
         tokenizer.save_vocabulary(staging)
+        for name, text in (extra or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
         for path in staging.iterdir():
             os.replace(path, dst / path.name)
         staging.rmdir()

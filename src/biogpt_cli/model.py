@@ -63,6 +63,7 @@ class BioGptAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, h)
         self.out_proj = nn.Linear(h, h)
         self.qkv_proj: nn.Linear | None = None
+        self.dropout = config.attention_probs_dropout_prob
 
     def fuse_qkv(self, fused: nn.Module | None = None) -> None:
         """Replace the three projections by one (`fused`, else their concatenation): one matrix
@@ -90,7 +91,8 @@ class BioGptAttention(nn.Module):
             k, v = cache.update(layer, k, v)
         causal = mask is None and t > 1
         if weights is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
         else:
             if causal:
                 mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
@@ -111,11 +113,14 @@ class BioGptDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, h)
         self.final_layer_norm = nn.LayerNorm(h, eps=LAYER_NORM_EPS)
         self.act = _ACT[config.hidden_act]
+        self.dropout, self.activation_dropout = config.hidden_dropout_prob, config.activation_dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
                 layer: int, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache, layer, weights)
-        return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+        drop, train = self.dropout, self.training  # dropout is a no-op outside training
+        x = x + F.dropout(self.self_attn(self.self_attn_layer_norm(x), mask, cache, layer, weights), drop, train)
+        hidden = F.dropout(self.act(self.fc1(self.final_layer_norm(x))), self.activation_dropout, train)
+        return x + F.dropout(self.fc2(hidden), drop, train)
 
 
 def _unchanged(fn: Any, tensor: torch.Tensor) -> bool:
@@ -227,6 +232,7 @@ class BioGptModel(BioGptPreTrainedModel):
         if position_ids is not None:
             positions = position_ids.expand(b, t)
         x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(positions + POSITION_OFFSET)
+        x = F.dropout(x, self.config.hidden_dropout_prob, self.training)
         states, weights = [], [] if output_attentions else None
         for i, layer in enumerate(self.layers):
             if output_hidden_states:

@@ -106,6 +106,7 @@ class BioGptTokenizer:
         self.encoder = encoder
         self.decoder = {i: t for t, i in encoder.items()}
         self.prompt_ids = self._find_prompt_tokens()
+        self.prompt_note: str | None = None  # how the prompt tokens were found, when it needs saying
         # keyed 'a b' (pieces never hold spaces): half the memory of (a, b) tuples
         self.bpe_ranks = {m if isinstance(m, str) else " ".join(m): rank for rank, m in enumerate(merges)}
         self._bpe_cache: dict[str, list[int]] = {}
@@ -116,11 +117,16 @@ class BioGptTokenizer:
     def _find_prompt_tokens(self) -> list[int]:
         """Ids of `learned1..N` when they are the last N ids of the vocabulary (a converted task
         checkpoint); none otherwise (a base vocabulary has the word `learned`, never `learned1`)."""
-        ids = []
-        while (i := self.encoder.get(f"{PROMPT_PATTERN}{len(ids) + 1}</w>")) is not None:
+        ids: list[int] = []
+        while (i := self._prompt_token(len(ids) + 1)) is not None:
             ids.append(i)
         first = len(self.encoder) - len(ids)
         return ids if ids == list(range(first, len(self.encoder))) else []
+
+    def _prompt_token(self, k: int) -> int | None:
+        """`learnedK</w>` (how the reference's conversion spells a dictionary word), else `learnedK`."""
+        found = self.encoder.get(f"{PROMPT_PATTERN}{k}</w>")
+        return self.encoder.get(f"{PROMPT_PATTERN}{k}") if found is None else found
 
     def add_prompt_tokens(self, count: int) -> None:
         """Append `learned1..count` (the original release adds them to `dict.txt` at start-up)."""

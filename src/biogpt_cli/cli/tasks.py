@@ -118,6 +118,8 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
         check_rows(run.model, run.revision, GenerationOptions(), None, run.batch_size, run.dtype, torch_device)
         lm, tok = load_model(run.model, run.revision, run.dtype, torch_device, run.quantize, run.verbose,
                              heads=command_name == "classify")
+        if tok.prompt_note:
+            stderr.print(f"note: {tok.prompt_note}", markup=False, highlight=False)
         if command_name == "classify" and task_head(lm.config):
             if run.max_new_tokens:
                 raise UsageError(f"{run.model} has a classification head: it generates nothing, so -n does not apply")

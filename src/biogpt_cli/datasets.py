@@ -1,0 +1,183 @@
+"""Training data for `biogpt finetune`, read in the forms the tasks' releases ship it, and turned
+into the examples the original release trains on (its `examples/*/rebuild_data.py`).
+
+An `Example` is the task command's input fields (so the source text is built by `tasks.py`,
+exactly as at inference) plus the verbalised target. Readers check every record before any
+training, and a bad one is named by file and line (or key, for JSON documents).
+
+* PubMedQA: the release's JSON (`{pmid: {QUESTION, CONTEXTS, final_decision, ...}}`).
+* BC5CDR: PubTator text (title `|t|`, abstract `|a|`, mentions, `CID` relations), or the
+  release's rebuilt JSON (`title`, `abstract`, `relations`, `chemical2id`, `disease2id`).
+* DDI / KD-DTI: the release's JSON (`{pmid: {title?, abstract, triples: [{drug, target, interaction}]}}`).
+* HoC: the release's TSV (`text<TAB>label|label`).
+* custom: JSONL records `{"source": ..., "target": ...}` (the source is used as given).
+Documents without relations are skipped, as the release skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .jsonl import lines
+from .tasks import TASKS, Task, text_field
+
+TASK_NAMES = (*TASKS, "custom")
+CUSTOM = Task("custom", "", "text", lambda f: text_field(f, "source"), lambda text: text or None, 900)
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    fields: Mapping[str, Any]  # the task command's input record
+    target: str  # the verbalised answer the model learns to write
+
+
+def task_of(name: str) -> Task:
+    return CUSTOM if name == "custom" else TASKS[name]
+
+
+def read_examples(task: str, path: str | Path) -> list[Example]:
+    """Every training example in `path`; `InputError` naming the record for a bad one."""
+    text = _read(path)
+    reader = {"pubmedqa": _pubmedqa, "bc5cdr": _bc5cdr, "ddi": _relations, "kd-dti": _relations,
+              "hoc": _hoc, "custom": _custom}[task]
+    examples = list(reader(text, str(path), task))
+    if not examples:
+        raise InputError(f"{path}: no {task} training examples in it")
+    return examples
+
+
+def _read(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({e})") from None
+
+
+def _json_documents(text: str, path: str, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: line {e.lineno}: not JSON ({e.msg}); expected {what}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected {what}, a JSON object keyed by pmid")
+    return data
+
+
+def _field(doc: Any, key: str, path: str, pmid: str, kind: type | tuple[type, ...] = str) -> Any:
+    value = doc.get(key) if isinstance(doc, dict) else None
+    if not isinstance(value, kind):
+        raise InputError(f'{path}: pmid {pmid}: expected a field "{key}"')
+    return value
+
+
+# -- PubMedQA ----------------------------------------------------------------------------------
+def _pubmedqa(text: str, path: str, task: str) -> Iterator[Example]:
+    for pmid, doc in _json_documents(text, path, "PubMedQA's JSON ({pmid: {QUESTION, CONTEXTS, ...}})").items():
+        label = _field(doc, "final_decision", path, pmid)
+        if label not in ("yes", "no", "maybe"):
+            raise InputError(f"{path}: pmid {pmid}: final_decision is {label!r}, not yes, no or maybe")
+        fields = {"question": _field(doc, "QUESTION", path, pmid),
+                  "context": _field(doc, "CONTEXTS", path, pmid, list)}
+        yield Example(pmid, fields, f"the answer to the question given the context is {label}.")
+
+
+# -- relation extraction -----------------------------------------------------------------------
+def _relations(text: str, path: str, task: str) -> Iterator[Example]:
+    """DDI (abstract only) and KD-DTI (title and abstract); triples sorted by where the drug is
+    first found in the source, as the release sorts them."""
+    for pmid, doc in _json_documents(text, path, f"the {task} release's JSON").items():
+        triples = doc.get("triples") if isinstance(doc, dict) else None
+        if not triples:
+            continue
+        keys = ("abstract",) if task == "ddi" else ("title", "abstract")
+        fields = {k: _field(doc, k, path, pmid) for k in keys}
+        content = TASKS[task].source(fields)
+        for t in triples:
+            for key in ("drug", "target", "interaction"):
+                _field(t, key, path, pmid)
+        ordered = sorted(triples, key=lambda t: content.find(t["drug"]))
+        target = "; ".join(f"the interaction between {t['drug'].lower()} and {t['target'].lower()} is "
+                           f"{t['interaction'].lower()}" for t in ordered)
+        yield Example(pmid, fields, target + ".")
+
+
+def _bc5cdr(text: str, path: str, task: str) -> Iterator[Example]:
+    docs = _json_documents(text, path, "BC5CDR") if text.lstrip().startswith("{") else _pubtator(text, path)
+    for pmid, doc in docs.items():
+        if not doc.get("relations"):
+            continue
+        fields = {"title": _field(doc, "title", path, pmid), "abstract": _field(doc, "abstract", path, pmid)}
+        names = {kind: _longest_names(_field(doc, f"{kind}2id", path, pmid, dict)) for kind in ("chemical", "disease")}
+        try:
+            pairs = [(names["chemical"][r["chemical"]], names["disease"][r["disease"]]) for r in doc["relations"]]
+        except (KeyError, TypeError):
+            raise InputError(f"{path}: pmid {pmid}: a relation names an entity id with no mention") from None
+        yield Example(pmid, fields, "; ".join(f"the relation between {c} and {d} exists" for c, d in pairs) + ".")
+
+
+def _longest_names(name2id: dict[str, str]) -> dict[str, str]:
+    """id -> the longest of its mentions (the release's `unify_ent2id(method='max')`)."""
+    names: dict[str, str] = {}
+    for name, i in name2id.items():
+        if len(name) > len(names.get(i, "")):
+            names[i] = name
+    return names
+
+
+def _pubtator(text: str, path: str) -> dict[str, dict[str, Any]]:
+    """PubTator documents as the release's JSON: mentions lowercased, `CID` relations in order."""
+    docs: dict[str, dict[str, Any]] = {}
+    for n, line in lines(text):
+        if not line.strip():
+            continue
+        if m := re.match(r"([^|\t]+)\|([ta])\|(.*)$", line):
+            doc = docs.setdefault(m[1], {"title": "", "abstract": "", "relations": [], "chemical2id": {},
+                                         "disease2id": {}})
+            doc["title" if m[2] == "t" else "abstract"] = m[3]
+            continue
+        cols = line.split("\t")
+        doc = docs.get(cols[0])
+        if doc is None:
+            raise InputError(f"{path}: line {n}: expected PubTator (`PMID|t|title`, `PMID|a|abstract`, then "
+                             "tab-separated mentions and relations)")
+        if len(cols) >= 4 and cols[1] == "CID":
+            doc["relations"].append({"chemical": cols[2], "disease": cols[3].strip()})
+        elif len(cols) >= 6 and cols[4] in ("Chemical", "Disease"):
+            doc[f"{cols[4].lower()}2id"][cols[3].lower()] = cols[5].strip()
+        elif len(cols) < 6:
+            raise InputError(f"{path}: line {n}: not a PubTator mention or relation ({len(cols)} columns)")
+    return docs
+
+
+# -- HoC and custom ----------------------------------------------------------------------------
+def _hoc(text: str, path: str, task: str) -> Iterator[Example]:
+    for n, line in lines(text):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if len(cols) < 2 or not cols[0].strip() or not cols[1].strip():
+            raise InputError(f"{path}: line {n}: expected `text<TAB>label|label` (HoC's TSV)")
+        yield Example(str(n), {"text": cols[0].strip()}, f"the type of this document is {cols[1].strip()}.")
+
+
+def _custom(text: str, path: str, task: str) -> Iterator[Example]:
+    for n, line in lines(text):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: line {n}: not JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) and record[k].strip()
+                                                   for k in ("source", "target")):
+            raise InputError(f'{path}: line {n}: expected {{"source": "...", "target": "..."}} with both non-empty')
+        yield Example(str(record.get("id", n)), {"source": record["source"]}, record["target"])
