@@ -478,7 +478,26 @@ def describe(path_or_id: str | Path, revision: str | None = None) -> dict[str, A
         "source_limit": config.max_source_positions or "the task's default" if config.learned_prompt else None,
         "config": config.to_dict(),
         "files": {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()},
+        **({"training": training} if (training := _training_summary(folder)) else {}),
     }
+
+
+def _training_summary(folder: Path) -> dict[str, Any] | None:
+    """How `biogpt finetune` made the checkpoint (its training.json), in brief."""
+    try:
+        manifest = json.loads((folder / "training.json").read_text(encoding="utf-8"))
+        recipe, last = manifest["recipe"], manifest["history"][-1]
+        return {"base_model": manifest["base_model"], "base_sha256": manifest["base_sha256"],
+                "data": f"{manifest['train']['file']} ({manifest['train']['examples']} examples, sha256 "
+                        f"{manifest['train']['sha256'][:16]})",
+                "recipe": f"{recipe['method']}, lr {recipe['lr']}, warm-up {recipe['warmup']}, "
+                          f"{recipe['tokens_per_update']} tokens per update, seed {recipe['seed']}",
+                "trained": f"{last['epoch']} epochs, {last['updates']} updates"
+                           + ("" if manifest["complete"] else " (incomplete: --resume continues)"),
+                "averaged_epochs": manifest["averaged_epochs"],
+                "final": ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("epoch", "updates"))}
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 # -- conversion --------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The `biogpt` command line. Commands only parse, check and render; the work lives in the library.
 One module per command family: generate (and the batch plumbing), text (tokenize/detokenize),
-score, models (info/convert), tasks (qa/extract/classify/evaluate), embed; interactive (the
+score, models (info/convert), tasks (qa/extract/classify/evaluate), finetune, embed; interactive (the
 REPL `generate` opens at a terminal); common (shared options, the loaded model, progress bars).
 
 Errors are mapped once, in `main`: one `error: ...` line on stderr, exit 1 (2 for usage errors,
@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 
 from ..errors import BioGptError
-from . import embed, generate, models, score, serve, tasks, text  # noqa: F401 -- registers the commands
+from . import embed, finetune, generate, models, score, serve, tasks, text  # noqa: F401 -- registers the commands
 from .common import ARGV, Quit, UsageError, app, stderr
 
 
@@ -49,6 +49,8 @@ def _named_values(group: typer.core.TyperGroup) -> typer.core.TyperGroup:
                 kind = getattr(param.type, "name", "")
                 param.metavar = ("FILE" if name in ("input", "output", "entities") else "N" if "int" in kind
                                  else "X" if "float" in kind else name.upper().replace("-", "_"))
+            elif param.param_type_name == "argument" and param.metavar is None:
+                param.metavar = param.name.upper()
     return group
 
 

@@ -126,10 +126,10 @@ def eta_seconds(elapsed: float | None, done: float, total: float | None) -> floa
 
 @contextlib.contextmanager
 def progress(total: int | None, quiet: bool, unit: str = "items") -> Iterator[Callable[..., None]]:
-    """A progress bar on stderr (done / total, rate, elapsed, ETA) when `shows_progress`;
-    `update(done, tokens=...)` moves it. Nothing at all otherwise: stdout stays clean."""
+    """A progress bar on stderr (done / total, a note, rate, elapsed, ETA) when `shows_progress`;
+    `update(done, tokens=..., note=...)` moves it. Nothing at all otherwise: stdout stays clean."""
     if not shows_progress(quiet):
-        yield lambda done, tokens=0, total=None: None
+        yield lambda done, tokens=0, total=None, note="": None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
     from rich.text import Text
@@ -141,15 +141,15 @@ def progress(total: int | None, quiet: bool, unit: str = "items") -> Iterator[Ca
             shown = "-:--:--" if left is None else f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
             return Text(shown, style="progress.remaining")
 
-    columns = [TextColumn(unit), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), Eta()]
+    columns = [TextColumn(unit), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), Eta()]
     start = time.perf_counter()
     with Progress(*columns, console=stderr, transient=False, redirect_stdout=False, redirect_stderr=False) as bar:
-        task = bar.add_task(unit, total=total, rate="")
+        task = bar.add_task(unit, total=total, rate="", note="")
 
-        def update(done: int, tokens: int = 0, total: int | None = None) -> None:
+        def update(done: int, tokens: int = 0, total: int | None = None, note: str = "") -> None:
             rate = f"{tokens / (time.perf_counter() - start):.1f} tok/s" if tokens else ""
-            bar.update(task, completed=done, rate=rate, **({"total": total} if total is not None else {}))
+            bar.update(task, completed=done, rate=rate, note=note, **({"total": total} if total is not None else {}))
         yield update
 
 

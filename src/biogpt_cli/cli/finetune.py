@@ -1,0 +1,149 @@
+"""`biogpt finetune`: a task checkpoint from a base model and a task's training data (finetune.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+from ..datasets import TASK_NAMES
+from ..hub import DEFAULT_MODEL
+from .common import (
+    DebugOpt,
+    DeviceOpt,
+    ModelOpt,
+    QuietOpt,
+    UsageError,
+    command,
+    counted,
+    device_or_usage_error,
+    progress,
+    shows_progress,
+    stderr,
+)
+
+TaskName = Literal[TASK_NAMES]  # type: ignore[valid-type]
+Method = Literal["full", "prompt", "lora"]
+
+
+@command
+def finetune(
+    train: Annotated[Path, typer.Argument(metavar="TRAIN", help="Training data, in the form the task's release "
+                                                                "ships it.")],
+    task: Annotated[TaskName, typer.Option(help="custom: JSONL records {\"source\", \"target\"}.")],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FOLDER",
+                                                   help="Folder to write the checkpoint into.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    dev: Annotated[Path | None, typer.Option(metavar="FILE", help="Held-out data (same form): the task's "
+                                                                  "metric each epoch.")] = None,
+    method: Annotated[Method, typer.Option(help="What trains: everything, the prompt rows, or LoRA adapters "
+                                                "(+ prompt rows).")] = "full",
+    rank: Annotated[int, typer.Option(min=1, max=256, help="LoRA rank.")] = 8,
+    lr: Annotated[float | None, typer.Option("--lr", min=0, show_default=False,
+                                             help="Peak learning rate [the task's].")] = None,
+    warmup: Annotated[int | None, typer.Option(min=0, help="Warm-up updates [the task's].")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs [the task's].")] = None,
+    updates: Annotated[int | None, typer.Option(min=1, help="Updates, instead of epochs (HoC: 20000).")] = None,
+    tokens_per_update: Annotated[int, typer.Option(min=1, help="Tokens per optimizer update.")] = 32768,
+    batch_tokens: Annotated[int, typer.Option(min=16, help="Padded tokens per forward pass (memory); an update "
+                                                          "accumulates TOKENS_PER_UPDATE / BATCH_TOKENS.")] = 1024,
+    prompt_tokens: Annotated[int | None, typer.Option(min=1, max=64, help="Learned prompt tokens [9; HoC 1].")] = None,
+    source_limit: Annotated[int | None, typer.Option(min=2, help="Source tokens kept [the task's].")] = None,
+    average: Annotated[int | None, typer.Option(min=1, help="Average the last K epochs' weights [5; HoC 1].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the shuffles, new rows and dropout.")] = 1,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in OUTPUT.")] = False,
+    force: Annotated[bool, typer.Option(help="Start over in an OUTPUT that holds a run.")] = False,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fine-tune a task checkpoint (the paper's recipe).
+
+    The output folder is a checkpoint that `qa`, `extract` and `classify` run with no flag."""
+    from .. import finetune as ft
+    from ..datasets import read_examples
+    from ..identity import file_sha256, model_identity
+    from ..memory import check_training_fits
+
+    torch_device = device_or_usage_error(device)
+    if dev is not None and task == "custom":
+        raise UsageError("--dev scores a task's answers with its metric: --task custom has none")
+    examples = read_examples(task, train)
+    held_out = read_examples(task, dev) if dev is not None else []
+    _check_output(output, resume, force)
+    given = {"lr": lr, "warmup": warmup, "epochs": epochs, "updates": updates, "prompt_tokens": prompt_tokens,
+             "source_limit": source_limit, "average": average}
+    recipe = dataclasses.replace(ft.RECIPES[task], **{k: v for k, v in given.items() if v is not None},
+                                 **({"epochs": None} if updates else {"updates": None} if epochs else {}),
+                                 tokens_per_update=tokens_per_update, batch_tokens=batch_tokens, seed=seed,
+                                 method=method, rank=rank)
+    identity = {"base_model": model, "base_sha256": model_identity(_folder(model))["sha256"], "task": task,
+                "train": {"file": train.name, "sha256": file_sha256(train.resolve()), "examples": len(examples)},
+                "recipe": dataclasses.asdict(recipe)}
+    if resume:
+        ft.check_same_run(output, identity)
+    run = ft.prepare(task, model, examples, output, recipe, torch_device, identity)
+    trained = sum(p.numel() for g in run.groups for p in g["params"])
+    check_training_fits(run.model.config, sum(p.numel() for p in run.model.parameters()), trained, batch_tokens,
+                        torch_device)
+    if held_out:
+        from ..devset import dev_metrics
+
+        run.dev = dev_metrics(task, held_out, run.tok)
+    stderr.print(f"fine-tuning {model} on {counted(len(examples), 'example')} ({recipe.method}: "
+                 f"{trained:,} parameters train), {counted(run.total_updates(), 'update')} to {output}",
+                 markup=False, highlight=False)
+    try:
+        _train(run, resume, quiet)
+    except KeyboardInterrupt:
+        stderr.print(f"interrupted: {output} holds the last complete epoch; --resume continues", markup=False)
+        raise
+
+
+def _train(run: Any, resume: bool, quiet: bool) -> None:
+    from .. import finetune as ft
+
+    with progress(run.total_updates(), quiet, "updates") as update:
+        def show(p: ft.Progress) -> None:
+            update(p.update, p.tokens, note=f"epoch {p.epoch} loss {p.loss:.3f}")
+            if p.epoch_done and not shows_progress(quiet):
+                dev = "".join(f", {k} {v:.4f}" for k, v in p.dev.items())
+                stderr.print(f"epoch {p.epoch}: {p.update}/{p.total_updates} updates, loss {p.loss:.4f}, "
+                             f"{p.tokens / max(p.seconds, 1e-9):,.0f} tok/s{dev}", markup=False, highlight=False)
+
+        history = ft.train(run, resume, show)
+    if not history:
+        stderr.print(f"{run.out}: nothing left to train", markup=False)
+        return
+    last = history[-1]
+    scores = "".join(f", {k} {v:.4f}" for k, v in last.items() if k.startswith("dev_"))
+    stderr.print(f"wrote {run.out} (epoch {last['epoch']}, loss {last['loss']:.4f}{scores})", markup=False,
+                 highlight=False)
+
+
+def _folder(model: str) -> Path:
+    from ..hub import resolve
+    from ..loading import WEIGHT_FILES
+
+    return resolve(model, None, ("config.json", "|".join(WEIGHT_FILES)))
+
+
+def _check_output(output: Path, resume: bool, force: bool) -> None:
+    from ..finetune import STATE
+
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"{output}: is a file; --output is the folder to write the checkpoint into")
+    has_run = (output / STATE / "state.pt").exists()
+    if resume and force:
+        raise UsageError("--resume continues a run and --force starts it over: pass one")
+    if resume and not has_run:
+        raise UsageError(f"{output}: holds no run to resume (no {STATE}/state.pt)")
+    if not resume and output.exists() and any(output.iterdir()):
+        if not force:
+            hint = "--resume continues it, --force starts over" if has_run else "--force writes into it"
+            raise UsageError(f"{output}: is not empty ({hint})")
+        import shutil
+
+        shutil.rmtree(output / STATE, ignore_errors=True)
