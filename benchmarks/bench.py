@@ -1,7 +1,7 @@
 """biogpt-cli against the reference (`transformers`), side by side in one run, on this machine.
 
     python benchmarks/bench.py [--quick] [--json] [--repeats N] [--new-tokens N] [--workdir DIR]
-                               [--only decode|process|tokenize|engine|bulk|embed|quality|gpu|serve]
+                               [--only decode|process|tokenize|engine|bulk|embed|quality|gpu|serve|finetune]
                                [--device cuda] [--compile]
 
 Builds random weights of the full microsoft/biogpt shape (saved once as safetensors with the real
@@ -242,6 +242,32 @@ def process_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) ->
     rows.append(row("peak resident memory of generate, float32", m_ours / 1e9, m_ref / 1e9, "GB", higher=False,
                     target=TARGETS["memory"],
                     note=f"ours / weight bytes = {m_ours / weights:.3f} (reference {m_ref / weights:.3f})"))
+
+
+def finetune_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """`biogpt finetune`'s updates against a plain `transformers` loop on the same micro-batches
+    (train_bench.py), each side in a process of its own (peak memory), alternated `--repeats` times."""
+    corpus = shared_dir() / "corpus" / "pubmed_abstracts_dev.txt"
+    runs: dict[str, list[tuple[float, int]]] = {"ours": [], "reference": [], "ours-lora": []}
+    peak_file = args.workdir / "peak"
+    for _ in range(args.repeats):
+        for name in runs:
+            peak_file.unlink(missing_ok=True)
+            command = [sys.executable, "-c", PEAK, str(peak_file), str(ROOT / "benchmarks" / "train_bench.py"), name,
+                       str(folder), str(corpus), "3"]
+            run = subprocess.run(command, capture_output=True, text=True)
+            if run.returncode:
+                sys.exit(f"error: the {name} training process failed: {run.stderr[-800:]}")
+            rate = json.loads(run.stdout.splitlines()[-1])["tokens_per_s"]
+            runs[name].append((rate, int(peak_file.read_text()) * 1024))
+    rates = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
+    mem = {k: statistics.median(r[1] for r in v) / 1e9 for k, v in runs.items()}
+    rows.append(row("fine-tuning, full, float32 (target tokens/s)", rates["ours"], rates["reference"], "tok/s",
+                    higher=True, target=">= 1.0x", note="micro-batches of 1024 padded tokens, 2 per update"))
+    rows.append(row("fine-tuning, full: peak resident memory", mem["ours"], mem["reference"], "GB", higher=False))
+    rows.append(row("fine-tuning, --method lora vs full (ours): peak memory", mem["ours-lora"], mem["ours"], "GB",
+                    higher=False, target="<= 0.6x", note=f"lora trains at {rates['ours-lora']:.1f} tok/s (recomputing "
+                                                          "activations, its default)"))
 
 
 def engine_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
@@ -634,9 +660,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "biogpt-bench",
                         help="where the random full-size checkpoint is kept between runs")
     parser.add_argument("--only", choices=["decode", "process", "tokenize", "engine", "bulk", "embed", "quality", "ray",
-                                           "gpu", "serve"],
+                                           "gpu", "serve", "finetune"],
                         action="append",
-                        help="run only these parts (ray: only when named, it needs the ray extra)")
+                        help="run only these parts (ray, serve and finetune: only when named)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (decode and bulk figures)")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes)")
     args = parser.parse_args()
@@ -652,13 +678,14 @@ def main() -> None:
     parts = (("process", process_figures), ("tokenize", tokenizer_figures), ("engine", engine_figures),
              ("decode", decode_figures),
              ("bulk", bulk_figures), ("embed", embed_figures), ("quality", quality_figures), ("ray", ray_figures),
-             ("gpu", gpu_figures), ("serve", serve_figures))
+             ("gpu", gpu_figures), ("serve", serve_figures), ("finetune", finetune_figures))
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # `timeout`: keep what was measured
     gpu = args.device != "cpu"
     complete = False
     try:
         for part, fn in parts:
-            everything = part not in ("ray", "serve") and (part in ("decode", "bulk", "gpu") if gpu else part != "gpu")
+            named_only = ("ray", "serve", "finetune")
+            everything = part not in named_only and (part in ("decode", "bulk", "gpu") if gpu else part != "gpu")
             if (not args.only and everything) or part in (args.only or ()):
                 fn(folder, args, rows)
         if args.compile:

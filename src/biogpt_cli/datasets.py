@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .evaluate import read_text
+from .inputs import parse_record
 from .jsonl import lines
 from .tasks import TASKS, Task, text_field
 
@@ -44,22 +46,13 @@ def task_of(name: str) -> Task:
 
 def read_examples(task: str, path: str | Path) -> list[Example]:
     """Every training example in `path`; `InputError` naming the record for a bad one."""
-    text = _read(path)
+    text = read_text(path)
     reader = {"pubmedqa": _pubmedqa, "bc5cdr": _bc5cdr, "ddi": _relations, "kd-dti": _relations,
               "hoc": _hoc, "custom": _custom}[task]
     examples = list(reader(text, str(path), task))
     if not examples:
         raise InputError(f"{path}: no {task} training examples in it")
     return examples
-
-
-def _read(path: str | Path) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read ({e})") from None
 
 
 def _json_documents(text: str, path: str, what: str) -> dict[str, Any]:
@@ -170,14 +163,11 @@ def _hoc(text: str, path: str, task: str) -> Iterator[Example]:
 
 
 def _custom(text: str, path: str, task: str) -> Iterator[Example]:
+    ids: dict[str | int, str] = {}
     for n, line in lines(text):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: line {n}: not JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) and record[k].strip()
-                                                   for k in ("source", "target")):
-            raise InputError(f'{path}: line {n}: expected {{"source": "...", "target": "..."}} with both non-empty')
-        yield Example(str(record.get("id", n)), {"source": record["source"]}, record["target"])
+        if line.strip():
+            record = parse_record(n, line, path, "source", ids)
+            target = record.fields.get("target")
+            if not record.text.strip() or not isinstance(target, str) or not target.strip():
+                raise InputError(f'{path}: line {n}: expected {{"source": "...", "target": "..."}}, both non-empty')
+            yield Example(str(n if record.id is None else record.id), {"source": record.text}, target)

@@ -32,7 +32,7 @@ Scores = dict[str, float | int]
 def read_predictions(path: str | Path, key: str = "id") -> dict[str, dict[str, Any]]:
     """Our JSONL records by `key` (`id`, else `line`), as strings."""
     records: dict[str, dict[str, Any]] = {}
-    for n, line in lines(_read(path)):
+    for n, line in lines(read_text(path)):
         if not line.strip():
             continue
         try:
@@ -47,7 +47,8 @@ def read_predictions(path: str | Path, key: str = "id") -> dict[str, dict[str, A
     return records
 
 
-def _read(path: str | Path) -> str:
+def read_text(path: str | Path) -> str:
+    """A whole UTF-8 file; a missing or unreadable one is one `InputError` line."""
     try:
         return Path(path).read_text(encoding="utf-8-sig")  # a BOM (a Windows editor's) is no part of the text
     except FileNotFoundError:
@@ -58,7 +59,7 @@ def _read(path: str | Path) -> str:
 
 def _json(path: str | Path) -> Any:
     try:
-        return json.loads(_read(path))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not JSON ({e.msg} at line {e.lineno}){_order_hint(path)}") from None
 
@@ -92,7 +93,7 @@ def pubmedqa(predictions: str | Path, gold: str | Path) -> Scores:
 
 
 def hoc(predictions: str | Path, gold: str | Path) -> Scores:
-    truth = {str(n): line.split("\t")[-1] for n, line in lines(_read(gold)) if line.strip()}
+    truth = {str(n): line.split("\t")[-1] for n, line in lines(read_text(gold)) if line.strip()}
     preds = read_predictions(predictions, key="line")
     known = set(HOC_LABELS)
     tp = fp = fn = 0
@@ -207,7 +208,7 @@ def bc5cdr(predictions: str | Path, gold: str | Path, entities: str | Path) -> S
     if not isinstance(ent2id, dict) or not all(isinstance(ent2id.get(k), dict) for k in ("chemical2id", "disease2id")):
         raise InputError(f"{entities}: expected the release's test.entities.json with chemical2id and disease2id")
     pmids, truth = set(), set()
-    for _, line in lines(_read(gold)):
+    for _, line in lines(read_text(gold)):
         if "|t|" in line[:20]:
             pmids.add(line.split("|", 1)[0])
         cols = line.split("\t")

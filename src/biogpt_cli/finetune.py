@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .adapters import add_lora, merged_weights, plain_state, train_rows_from
 from .datasets import Example, task_of
 from .errors import InputError
+from .model import causal_lm_loss
 from .tasks import build_input, source_limit
 from .tokenizer import EOS_ID, PAD_ID, BioGptTokenizer
 
@@ -58,6 +58,7 @@ class Recipe:
     rank: int = 8
     alpha: float = 16.0
     source_limit: int | None = None  # the task's default when None
+    recompute: bool = False  # recompute each layer's activations in the backward pass (less memory)
 
     @property
     def accumulate(self) -> int:
@@ -146,11 +147,15 @@ def with_prompt_rows(model: nn.Module, tok: BioGptTokenizer, n: int, seed: int) 
 
 def trainable(model: nn.Module, r: Recipe, first_prompt_row: int) -> list[dict[str, Any]]:
     """Set which tensors train (by method) and return the optimizer's parameter groups."""
+    from .loading import release
+
     embedding = model.biogpt.embed_tokens.weight
+    model.biogpt.gradient_checkpointing = r.recompute
     if r.method == "full":
         model.requires_grad_(True)
-        for p in model.parameters():  # owned memory: a mapped checkpoint is read-only
-            p.data = p.data.clone()
+        for p in model.parameters():  # owned memory (a mapped checkpoint is read-only); the file's pages go back
+            mapped, p.data = p.data, p.data.clone()
+            release(mapped)
         return [{"params": list(model.parameters()), "weight_decay": r.weight_decay}]
     if r.method == "lora":
         add_lora(model, r.rank, r.alpha)
@@ -199,8 +204,7 @@ class Trainer:
             ids, mask, labels = collate(b, self.device)
             with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
                 logits = self.model(ids, attention_mask=mask).logits
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                                   ignore_index=-100, reduction="sum")
+            loss = causal_lm_loss(logits, labels, "sum")
             (loss / tokens).backward()
             total += loss.item()
         self.opt.step()

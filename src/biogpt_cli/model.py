@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .cache import KVCache
 from .config import BioGptConfig
@@ -193,6 +194,7 @@ class BioGptPreTrainedModel(nn.Module):
 
 class BioGptModel(BioGptPreTrainedModel):
     base_prefix = ""
+    gradient_checkpointing = False  # training: trade a second forward pass per layer for activation memory
     # the decoder of any checkpoint: a language model's, or a task head's (its hidden states, for embed)
     ignored_keys = ("output_projection.weight", "score.weight", "classifier.weight", "classifier.bias")
 
@@ -234,10 +236,14 @@ class BioGptModel(BioGptPreTrainedModel):
         x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(positions + POSITION_OFFSET)
         x = F.dropout(x, self.config.hidden_dropout_prob, self.training)
         states, weights = [], [] if output_attentions else None
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 states.append(x)
-            x = layer(x, mask, cache, i, weights)
+            if recompute:  # keep only each layer's input; its insides are recomputed in the backward pass
+                x = checkpoint(layer, x, mask, cache, i, weights, use_reentrant=False)
+            else:
+                x = layer(x, mask, cache, i, weights)
         if cache is not None:
             cache.advance(t)
         x = self.layer_norm(x)
@@ -310,9 +316,11 @@ class BioGptForCausalLM(BioGptPreTrainedModel):
         return generate_padded(self, input_ids, attention_mask, **kwargs)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; labels of -100 are ignored (the reference's convention)."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy (mean, or `sum` over tokens); labels of -100 are ignored (the
+    reference's convention)."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction=reduction)
 
 
 class BioGptForTokenClassification(BioGptPreTrainedModel):

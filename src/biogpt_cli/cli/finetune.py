@@ -53,6 +53,8 @@ def finetune(
     source_limit: Annotated[int | None, typer.Option(min=2, help="Source tokens kept [the task's].")] = None,
     average: Annotated[int | None, typer.Option(min=1, help="Average the last K epochs' weights [5; HoC 1].")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the shuffles, new rows and dropout.")] = 1,
+    recompute: Annotated[bool | None, typer.Option(show_default=False, help="Recompute activations in the backward "
+                                                   "pass: less memory, more time [on for lora and prompt].")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in OUTPUT.")] = False,
     force: Annotated[bool, typer.Option(help="Start over in an OUTPUT that holds a run.")] = False,
     device: DeviceOpt = "cpu",
@@ -78,7 +80,8 @@ def finetune(
     recipe = dataclasses.replace(ft.RECIPES[task], **{k: v for k, v in given.items() if v is not None},
                                  **({"epochs": None} if updates else {"updates": None} if epochs else {}),
                                  tokens_per_update=tokens_per_update, batch_tokens=batch_tokens, seed=seed,
-                                 method=method, rank=rank)
+                                 method=method, rank=rank,
+                                 recompute=method != "full" if recompute is None else recompute)
     identity = {"base_model": model, "base_sha256": model_identity(_folder(model))["sha256"], "task": task,
                 "train": {"file": train.name, "sha256": file_sha256(train.resolve()), "examples": len(examples)},
                 "recipe": dataclasses.asdict(recipe)}
