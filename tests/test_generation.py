@@ -207,7 +207,7 @@ def test_continuous_batching_equals_each_prompt_alone(eos_ref, monkeypatch, opts
     admitted, moves, widths = [], [], []
     admit, reframe, step = generation._Batch.admit, generation._Batch._reframe, generation._Batch.step
     monkeypatch.setattr(generation._Batch, "admit",
-                        lambda self, r, p, keep: admitted.append(r) or admit(self, r, p, keep))
+                        lambda self, r, p, keep, new: admitted.append(r) or admit(self, r, p, keep, new))
     monkeypatch.setattr(generation._Batch, "_reframe", lambda self, start: moves.append(start) or reframe(self, start))
     monkeypatch.setattr(generation._Batch, "step", lambda self, t: widths.append(self.length) or step(self, t))
     streams = (lambda i: prompt_generator(3, i)) if opts.do_sample else None
@@ -222,6 +222,38 @@ def test_continuous_batching_equals_each_prompt_alone(eos_ref, monkeypatch, opts
     for i, prompt in enumerate(prompts):
         alone = generate(ours, [prompt], opts, [prompt_generator(3, i)] if opts.do_sample else None)[0][0]
         assert got.get(i, []) == alone.ids, f"prompt {i}"
+
+
+MIXED = [GenerationOptions(max_new_tokens=10), GenerationOptions(max_new_tokens=6, min_new_tokens=5),
+         GenerationOptions(max_new_tokens=9, do_sample=True, temperature=0.7, top_k=20),
+         GenerationOptions(max_new_tokens=9, repetition_penalty=1.3, no_repeat_ngram_size=2),
+         GenerationOptions(max_new_tokens=12, do_sample=True, top_p=0.8, min_p=0.05),
+         GenerationOptions(max_new_tokens=8, bad_words_ids=[[45], [41, 42]]),
+         GenerationOptions(max_new_tokens=3, do_sample=True, top_k=0)]
+
+
+@pytest.mark.parametrize("slots", [None, 3], ids=["one batch", "continuous"])
+def test_rows_of_different_settings_share_a_batch_and_equal_each_alone(eos_ref, slots):
+    """Greedy and sampled rows, each with its own length, penalties, bans and warpers, decode in
+    one batch (and, with fewer rows than prompts, take freed rows mid-run): every prompt's tokens
+    are those it gets alone with its own settings."""
+    from biogpt_cli import generation
+
+    ours = ours_from(eos_ref)
+    prompts = [[2, *range(40 + n, 40 + 2 * n)] for n in (1, 7, 3, 12, 2, 5, 9, 4, 6, 1, 8)]
+    settings = [MIXED[i % len(MIXED)] for i in range(len(prompts))]
+    got: dict[int, list[int]] = {}
+    for seq, tok, reason in generation.stream_tokens(ours, iter(prompts), GenerationOptions(max_new_tokens=1),
+                                                     lambda i: prompt_generator(5, i), slots=slots,
+                                                     per_prompt=settings.__getitem__):
+        if reason is None:
+            got.setdefault(seq, []).append(tok)
+    for i, (prompt, opts) in enumerate(zip(prompts, settings, strict=True)):
+        alone = generate(ours, [prompt], opts, [prompt_generator(5, i)] if opts.do_sample else None)[0][0]
+        assert got.get(i, []) == alone.ids, f"prompt {i}: {opts}"
+    with pytest.raises(InputError, match="rows sharing a batch"):
+        list(generation.stream_tokens(ours, iter(prompts), GenerationOptions(),
+                                      per_prompt=lambda i: GenerationOptions(num_beams=2)))
 
 
 @pytest.mark.filterwarnings("ignore:Using the model-agnostic default")  # the default length, on purpose

@@ -16,6 +16,7 @@ import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
+from biogpt_cli import batch  # noqa: E402
 from biogpt_cli.limits import Limits  # noqa: E402
 from biogpt_cli.loading import load_pretrained  # noqa: E402
 from biogpt_cli.server import LOOPBACK_HOSTS, create_app, host_name  # noqa: E402
@@ -112,13 +113,11 @@ def test_the_host_guard_and_the_key(tiny):
         assert c.get("/v1/models", headers={"Authorization": "Bearer sekreT"}).status_code == 401
 
 
-def test_greedy_requests_that_wait_together_share_a_run(tiny, slow_generation, monkeypatch):
-    """While one request runs, three greedy ones of the same settings arrive: they run together,
-    one batch, and each gets the text it gets alone; a sampled one runs on its own."""
+def test_requests_of_different_settings_that_wait_together_share_a_run(tiny, slow_generation, monkeypatch):
+    """While one request runs, four of different settings arrive (greedy, sampled with a seed,
+    another length, a stop string): they run together, one batch, and each gets the text it gets
+    alone; a request of another `n` runs on its own."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from biogpt_cli import GenerationOptions, batch, generate
-    from biogpt_cli.streaming import continuation
 
     lm, tok = tiny
     runs: list[int] = []
@@ -126,26 +125,26 @@ def test_greedy_requests_that_wait_together_share_a_run(tiny, slow_generation, m
     monkeypatch.setattr(batch, "run", lambda model, t, jobs, *a, **k: runs.append(len(jobs)) or real(model, t, jobs,
                                                                                                      *a, **k))
     base, stop = serving(create_app(lm, tok, "tiny"))
+    asked = [("in the", {}), ("the cat and", {}), ("of the", {"temperature": 0.9, "seed": 3, "max_tokens": 9}),
+             ("and then the dog", {"max_tokens": 3}), ("a b", {"stop": ["e"]})]
 
-    def ask(prompt: str, temperature: float = 0) -> str:
-        body = {"prompt": prompt, "max_tokens": 6, "temperature": temperature, "seed": 1}
-        return httpx.post(base + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    def ask(prompt: str, **settings: object) -> list[str]:
+        body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, **settings}
+        return [c["text"] for c in httpx.post(base + "/v1/completions", json=body, timeout=60).json()["choices"]]
 
     try:
-        with ThreadPoolExecutor(5) as pool:
-            first = pool.submit(ask, "in the")
+        with ThreadPoolExecutor(6) as pool:
+            first = pool.submit(ask, asked[0][0], **asked[0][1])
             time.sleep(0.5)  # the first holds the model now; the others wait together
-            rest = [pool.submit(ask, p) for p in ("the cat and", "of the", "and then the dog")]
-            time.sleep(0.2)
-            sampled = pool.submit(ask, "the end", 0.9)
+            rest = [pool.submit(ask, p, **settings) for p, settings in asked[1:]]
+            other_n = pool.submit(ask, "the end", temperature=0.9, n=2, seed=1)
             texts = [f.result() for f in (first, *rest)]
-            sampled.result()
+            other_n.result()
+        alone = [ask(p, **settings) for p, settings in asked]  # now one at a time
     finally:
         stop()
-    for prompt, text in zip(("in the", "the cat and", "of the", "and then the dog"), texts, strict=True):
-        ids = tok.encode(prompt)
-        assert text == continuation(tok, ids, generate(lm, [ids], GenerationOptions(max_new_tokens=6))[0][0].ids)[0]
-    assert sorted(runs) == [1, 1, 3], runs
+    assert texts == alone
+    assert sorted(runs[:-len(asked)]) == [1, 1, 4], runs
 
 
 def test_turns_count_only_requests_that_wait():

@@ -24,6 +24,11 @@ from .streaming import TextEvent, stream_completions
 class Job:
     item: Prompt  # where it came from: line, id, and the text a terminal shows
     ids: list[int]  # the model input
+    # its own settings where they are not the run's (a server's requests share one run): greedy or
+    # sampled decoding (the run's k rows per prompt), stop strings, the seed of its random stream
+    opts: GenerationOptions | None = None
+    stop: Sequence[str] | None = None
+    seed: int | None = None
 
 
 class Renderer(Protocol):
@@ -97,18 +102,19 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions
     todo = (j for j in jobs if j.item.key not in done)
     groups = batches(todo, batch_size) if opts.num_beams > 1 else iter([todo])
     failure: list[InputError] = []
+    k = opts.num_return_sequences
     for group in groups:
-        taken: dict[int, Job] = {}  # sampling: the jobs whose random streams are yet to be made
+        running: dict[int, Job] = {}  # the jobs read and not yet finished, by their index in the run
+        ended: dict[int, int] = {}  # their sequences finished so far
 
-        def feed(group: Iterable[Job] = group, taken: dict[int, Job] = taken) -> Iterator[list[int]]:
+        def feed(group: Iterable[Job] = group, running: dict[int, Job] = running) -> Iterator[list[int]]:
             try:
                 for job in group:
                     try:
-                        fit_prompt(job.ids, opts.max_new_tokens, limit)
+                        fit_prompt(job.ids, (job.opts or opts).max_new_tokens, limit)
                     except InputError as e:
                         raise InputError(f"{job.item.where}{e}") from None
-                    if opts.do_sample:
-                        taken[stats.prompts] = job
+                    running[stats.prompts] = job
                     renderer.add(job.item)
                     stats.prompts += 1
                     stats.prompt_tokens += len(job.ids)
@@ -116,17 +122,31 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions
             except InputError as e:  # finish what was read, then report
                 failure.append(e)
 
-        def stream(i: int, taken: dict[int, Job] = taken, base: int = stats.prompts) -> torch.Generator:
-            return prompt_generator(seed, taken.pop(base + i).item.key, device)
+        def stream(i: int, running: dict[int, Job] = running, base: int = stats.prompts) -> torch.Generator | None:
+            job = running[base + i]
+            if not (job.opts or opts).do_sample:  # greedy rows draw nothing
+                return None
+            return prompt_generator(seed if job.seed is None else job.seed, job.item.key, device)
+
+        def own(i: int, running: dict[int, Job] = running,
+                base: int = stats.prompts) -> tuple[GenerationOptions, Sequence[str]]:
+            job = running[base + i]
+            return job.opts or opts, stop if job.stop is None else job.stop
 
         renderer.begin([])
-        start = time.perf_counter()
-        for ev in stream_completions(model, tokenizer, feed(), opts, stop, stream if opts.do_sample else None,
-                                     progress, slots=batch_size, confidence=confidence, live=live):
+        start, base = time.perf_counter(), stats.prompts
+        sampled = opts.do_sample or opts.num_beams == 1  # a job of its own settings may sample
+        for ev in stream_completions(model, tokenizer, feed(), opts, stop, stream if sampled else None,
+                                     progress, slots=batch_size, confidence=confidence, live=live,
+                                     per_prompt=own if opts.num_beams == 1 else None):
             if stats.first_token is None and ev.text:
                 stats.first_token = time.perf_counter() - start
             if ev.done is not None:
                 stats.new_tokens += len(ev.done.ids) + (ev.done.finish_reason == "eos")
+                index = base + ev.done.prompt_index
+                ended[index] = ended.get(index, 0) + 1
+                if ended[index] == k:
+                    del running[index], ended[index]
             renderer.event(ev)
         stats.seconds += time.perf_counter() - start
         if failure:

@@ -11,7 +11,6 @@ Generation yields token ids only; turning them into text is `streaming.py`'s job
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -229,7 +228,7 @@ class _Batch:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InputError("every prompt needs at least one token")
         cfg = model.config
-        self.model, self.width, self.vocab, self.max_new = model, max(map(len, prompts)), cfg.vocab_size, max_new
+        self.model, self.width, self.vocab = model, max(map(len, prompts)), cfg.vocab_size
         fit_prompt([0] * self.width, max_new, cfg.max_position_embeddings)  # raises when it does not fit
         device = next(model.parameters()).device
         b, total = len(prompts), max(columns, self.width + max_new)  # the cache grows only as decoding needs
@@ -266,15 +265,15 @@ class _Batch:
         """The first column a live row still reads (the current length when none is live)."""
         return min((f for f, live in zip(self.first, alive, strict=True) if live), default=self.length)
 
-    def fits(self, prompt: Sequence[int], keep: int) -> bool:
+    def fits(self, prompt: Sequence[int], keep: int, max_new: int) -> bool:
         """Whether `prompt` can take a finished row now, keeping the columns from `keep` on: the
-        window it needs, plus its new tokens, within the model's positions."""
+        window it needs, plus its `max_new` tokens, within the model's positions."""
         if self.row is not None:  # the row starts over at column 0 within its static capacity
-            return len(prompt) + self.max_new <= self.row.cache.capacity
-        need = max(self.length - keep, len(prompt)) + self.max_new
+            return len(prompt) + max_new <= self.row.cache.capacity
+        need = max(self.length - keep, len(prompt)) + max_new
         return need <= self.model.config.max_position_embeddings
 
-    def admit(self, row: int, prompt: Sequence[int], keep: int) -> torch.Tensor:
+    def admit(self, row: int, prompt: Sequence[int], keep: int, max_new: int) -> torch.Tensor:
         """Continuous batching: a new prompt takes the place of finished row `row`, right-aligned at
         the current length (its padding masked, so its positions start at 0 as when alone). Its
         prefill runs alone, exactly as a prompt decoded alone does. Returns its next-token logits.
@@ -288,7 +287,7 @@ class _Batch:
             self.length, self.first[0], self.starts[0] = n, 0, n
             return self.row.prefill(prompt)[0]
         start = min(keep, self.length - n)
-        too_long = self.length + self.max_new > self.model.config.max_position_embeddings
+        too_long = self.length + max_new > self.model.config.max_position_embeddings
         if start < 0 or (start > 0 and (2 * start >= self.length or too_long)):
             self._reframe(start)
         end = self.length
@@ -371,10 +370,10 @@ class _Queue:
         item, self.next = self.next or next(self.items), None
         return item
 
-    def take_if(self, fits: Callable[[Sequence[int]], bool]) -> tuple[int, Sequence[int]] | None:
+    def take_if(self, fits: Callable[[int, Sequence[int]], bool]) -> tuple[int, Sequence[int]] | None:
         if self.next is None:
             self.next = next(self.items, None)
-        if self.next is None or not fits(self.next[1]):
+        if self.next is None or not fits(*self.next):
             return None
         return next(self)
 
@@ -382,6 +381,7 @@ class _Queue:
 def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], opts: GenerationOptions,
                   generator: Generators = None, should_stop: StopCheck | None = None,
                   slots: int | None = None, observe: Callable[[int, int, float], None] | None = None,
+                  per_prompt: Callable[[int], GenerationOptions] | None = None,
                   ) -> Iterator[tuple[int, int | None, str | None]]:
     """Greedy or sampled decoding. Yields `(sequence, token, finish_reason)` as tokens are chosen:
     a token with reason None is a new token; a final event per sequence carries the reason ("eos"
@@ -392,12 +392,15 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], op
     continuous batching: when a sequence ends, the next prompt takes its row, so rows do not idle
     while the longest of a batch finishes; every prompt's tokens equal those it gets alone.
     `generator` is then a function of the prompt's index, giving the stream its k rows share.
-    `observe(sequence, token, logprob)` hears the model's log-probability (raw logits, before any
-    processor) of each chosen token."""
+    `per_prompt(j)`: prompt j's own options instead of `opts` (its length, penalties, bans,
+    greedy or sampled and how), so that rows of different settings share the batch and its steps;
+    each keeps `opts`' k. `observe(sequence, token, logprob)` hears the model's log-probability
+    (raw logits, before any processor) of each chosen token."""
     opts.validate()
     if opts.num_beams != 1:
         raise InputError("stream_tokens does greedy or sampled decoding; use beam_search for beams")
     eos, k = model.config.eos_token_id, opts.num_return_sequences
+    own_opts = _checked(per_prompt, k) if per_prompt is not None else lambda j: opts
     if slots is None:
         prompts = list(prompts)
         slots = len(prompts)
@@ -407,43 +410,79 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], op
     while first := list(itertools.islice(queue, slots)):
         refill = len(first) == slots and k == 1  # more prompts may follow: keep rows busy
         columns = model.config.max_position_embeddings if refill else 0
-        batch = _Batch(model, [p for _, p in first], opts.max_new_tokens, k, columns)
+        row_opts = [own_opts(j) for j, _ in first for _ in range(k)]
+        batch = _Batch(model, [p for _, p in first], max(o.max_new_tokens for o in row_opts), k, columns)
         rows = batch.history.shape[0]
         seq_of = [j * k + r for j, _ in first for r in range(k)]  # row -> sequence index
-        procs = make_processors(opts, eos, batch.starts)
         own = {j: stream_of(j) for j, _ in first} if per_row else {}  # a prompt's k rows share its stream
         draw = [own[s // k] for s in seq_of] if per_row else generator
         alive, new_ids, scores = [True] * rows, [[] for _ in range(rows)], batch.logits
         while True:
             raw = F.log_softmax(scores, -1) if observe is not None else None
-            scores = apply_all(procs, batch.history[:, :batch.length], scores)
-            tokens = _sample(scores.softmax(-1), draw, alive) if opts.do_sample else scores.argmax(-1)
+            tokens = _choose(scores, batch.history[:, :batch.length], batch.starts, row_opts, draw, alive, eos)
             for r, tok in enumerate(tokens.tolist()):
                 if alive[r]:
                     if raw is not None:
                         observe(seq_of[r], tok, raw[r, tok].item())
-                    alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos, opts.max_new_tokens, should_stop)
+                    alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos, row_opts[r].max_new_tokens,
+                                                   should_stop)
             for r in (r for r in range(rows) if refill and not alive[r]):
                 keep = batch.window(alive)
-                taken = queue.take_if(functools.partial(batch.fits, keep=keep))
+                taken = queue.take_if(lambda j, p, b=batch, w=keep: b.fits(p, w, own_opts(j).max_new_tokens))
                 if taken is None:
                     break
                 j, prompt = taken
-                scores[r] = batch.admit(r, prompt, keep)
+                row_opts[r] = own_opts(j)
+                scores[r] = batch.admit(r, prompt, keep, row_opts[r].max_new_tokens)
                 seq_of[r], new_ids[r] = j, []
                 if per_row:
                     draw[r] = stream_of(j)
-                one = apply_all(procs, batch.history[:, :batch.length], scores)[r:r + 1]
-                tok = int((_sample(one.softmax(-1), draw[r:r + 1] if per_row else draw, [True])
-                           if opts.do_sample else one.argmax(-1))[0])
+                one = slice(r, r + 1)
+                tok = int(_choose(scores[one], batch.history[one, :batch.length], batch.starts[one], row_opts[one],
+                                  draw[one] if per_row else draw, [True], eos)[0])
                 if observe is not None:
                     observe(j, tok, F.log_softmax(scores[r], -1)[tok].item())
-                alive[r] = yield from _advance(j, tok, new_ids[r], eos, opts.max_new_tokens, should_stop)
+                alive[r] = yield from _advance(j, tok, new_ids[r], eos, row_opts[r].max_new_tokens, should_stop)
                 tokens[r] = tok
             if not any(alive):
                 break
             finished = torch.tensor([not a for a in alive], device=tokens.device)
             scores = batch.step(tokens.masked_fill(finished, model.config.pad_token_id))  # as the reference does
+
+
+def _checked(per_prompt: Callable[[int], GenerationOptions], k: int) -> Callable[[int], GenerationOptions]:
+    """`per_prompt`, each prompt's options validated once: greedy or sampled, with the run's k."""
+    def get(j: int) -> GenerationOptions:
+        o = per_prompt(j)
+        if o.num_beams != 1 or o.num_return_sequences != k:
+            raise InputError(f"prompt {j}: rows sharing a batch decode greedily or by sampling, {k} per prompt")
+        o.validate()
+        return o
+    return get
+
+
+def _choose(scores: torch.Tensor, history: torch.Tensor, starts: torch.Tensor, row_opts: Sequence[GenerationOptions],
+            draw: Any, alive: list[bool], eos: int) -> torch.Tensor:
+    """The next token of each row, under its own options: rows of the same options are processed
+    and chosen together (all at once when they share one), each as it would be alone."""
+    groups: dict[int, list[int]] = {}
+    for r, o in enumerate(row_opts):
+        groups.setdefault(id(o), []).append(r)
+    if len(groups) == 1:
+        return _pick(row_opts[0], scores, history, starts, draw, alive, eos)
+    tokens = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+    for rows in groups.values():
+        index = torch.tensor(rows, device=scores.device)
+        mine = [draw[r] for r in rows] if isinstance(draw, list) else draw
+        tokens[index] = _pick(row_opts[rows[0]], scores[index], history[index], starts[index], mine,
+                              [alive[r] for r in rows], eos)
+    return tokens
+
+
+def _pick(o: GenerationOptions, scores: torch.Tensor, history: torch.Tensor, starts: torch.Tensor, draw: Any,
+          alive: list[bool], eos: int) -> torch.Tensor:
+    scores = apply_all(make_processors(o, eos, starts), history, scores)
+    return _sample(scores.softmax(-1), draw, alive) if o.do_sample else scores.argmax(-1)
 
 
 def _advance(seq: int, tok: int, new_ids: list[int], eos: int, max_new: int,

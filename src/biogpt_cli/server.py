@@ -244,7 +244,9 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
                     "stop": [body.stop] if isinstance(body.stop, str) else body.stop or []}
         try:
             plan = generate_plan(lm, tok, settings, lambda m: None)
-            jobs = [plan.job(Prompt(i + 1, p)) for i, p in enumerate(prompts)]
+            # each job carries its request's settings: requests of different settings share a run
+            jobs = [dataclasses.replace(plan.job(Prompt(i + 1, p)), opts=plan.opts, stop=plan.stop, seed=plan.seed)
+                    for i, p in enumerate(prompts)]
             plan.opts.validate()
             check_rows_fit(lm.config, len(prompts) * body.n, max(len(j.ids) for j in jobs) + body.max_tokens,
                            what="prompt x n", dtype_bytes=next(lm.parameters()).element_size(),
@@ -256,9 +258,9 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
         if turns.full():
             return busy()
         copies = 1 if sample else body.n  # greedy: n identical choices, as OpenAI gives at temperature 0
-        # greedy requests of the same settings that wait together share a run
-        request.state.share = None if sample else json.dumps({k: v for k, v in settings.items() if k != "seed"},
-                                                              sort_keys=True)
+        # requests that wait together share a run, each row with its own settings; a run has one
+        # number of rows per prompt (n when sampling)
+        request.state.share = f"rows={plan.opts.num_return_sequences}"
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": name}
         if body.stream:
@@ -359,7 +361,7 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
         metrics.generated((first[0] if first else end) - arrived, end - arrived, new[0])
 
     async def run_members(plan: Any, members: list[Member]) -> None:
-        """One run for the members' prompts (same settings: `plan` is the first's), each event
+        """One run for the members' prompts (each job with its own request's settings), each event
         routed to its request as if it ran alone; a member that is cancelled or dropped leaves
         the others running."""
         live = [m for m in members if not m.cancelled.is_set()]

@@ -224,7 +224,9 @@ def _through_stop(tokenizer: BioGptTokenizer, prompt: Sequence[int], ids: Sequen
 def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, prompts: Iterable[Sequence[int]],
                        opts: GenerationOptions, stop: Sequence[str] = (),
                        generator: Generators = None, progress: Callable[[int], None] | None = None,
-                       slots: int | None = None, confidence: bool = False, live: bool = True) -> Iterator[TextEvent]:
+                       slots: int | None = None, confidence: bool = False, live: bool = True,
+                       per_prompt: Callable[[int], tuple[GenerationOptions, Sequence[str]]] | None = None,
+                       ) -> Iterator[TextEvent]:
     """Generate for a batch of prompts, yielding text as it becomes final.
 
     Greedy and sampled sequences stream token by token and stop at a stop string. Beam search
@@ -233,6 +235,7 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, pro
     `confidence`: each event carries the lowest probability among the tokens behind its text.
     Without `live` (output nobody watches as it comes: files, pipes, records) a sequence yields
     only its finished event, its text decoded once; stop strings are still watched token by token.
+    `per_prompt(j)`: prompt j's own options and stop strings (see `stream_tokens`).
     """
     k = opts.num_return_sequences
     if opts.num_beams > 1:
@@ -263,11 +266,15 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, pro
             seen[j], left[j] = p, k
             yield p
 
+    def text_stream(row: int) -> TextStream:
+        return TextStream(tokenizer, seen[row // k], per_prompt(row // k)[1] if per_prompt else stop)
+
     for row, token, reason in stream_tokens(model, feed(), opts, generator,
                                             should_stop=lambda r, _: streams[r].stopped, slots=slots,
-                                            observe=observe if confidence else None):
-        s = streams.get(row) or streams.setdefault(row, TextStream(tokenizer, seen[row // k], stop))
-        if reason is None and not live and not stop:
+                                            observe=observe if confidence else None,
+                                            per_prompt=(lambda j: per_prompt(j)[0]) if per_prompt else None):
+        s = streams.get(row) or streams.setdefault(row, text_stream(row))
+        if reason is None and not live and not s.stop:
             s.extend(token)
         elif reason is None:
             text = s.add(token)

@@ -1,5 +1,5 @@
-"""Who has the model: one run at a time, in order of arrival, greedy requests of the same
-settings sharing a run (server.py's scheduling; asyncio only, no extra)."""
+"""Who has the model: one run at a time, in order of arrival, the requests waiting together
+sharing a run (server.py's scheduling; asyncio only, no extra)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 
 @dataclass(eq=False)
 class Member:
-    """A request waiting for the model. A greedy one may be served by an earlier request with the
-    same settings, which takes it into its own run (`taken`)."""
+    """A request waiting for the model. It may be served by an earlier request of the same key
+    (rows per prompt), which takes it into its own run (`taken`)."""
 
     jobs: list[Any]
     sink: Callable[[Any], None]
@@ -26,9 +26,10 @@ class Member:
 
 class Turns:
     """The model serves one run at a time, in order of arrival, with at most `limit` requests
-    waiting. Greedy requests with the same settings that wait together share a run: their prompts
-    are decoded in one batch (continuous batching), and each request's text is the one it gets
-    alone (batching is exact in float32)."""
+    waiting. Requests of the same key that wait together share a run: their prompts are decoded
+    in one batch, each row with its own request's settings (greedy or sampled, length, penalties,
+    stop strings, seed), and each request's text is the one it gets alone (batching is exact in
+    float32)."""
 
     def __init__(self, limit: int, rows: int) -> None:
         self.lock, self.waiting, self.limit, self.rows = asyncio.Lock(), 0, limit, rows
