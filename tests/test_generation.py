@@ -256,6 +256,36 @@ def test_rows_of_different_settings_share_a_batch_and_equal_each_alone(eos_ref, 
                                       per_prompt=lambda i: GenerationOptions(num_beams=2)))
 
 
+def test_prompts_that_arrive_while_a_batch_runs_join_it(eos_ref, monkeypatch):
+    """A live source (None: no prompt now) has its prompts join the running batch at the next step,
+    in new rows up to `slots`, then in freed ones; each prompt's tokens are those it gets alone."""
+    from biogpt_cli import generation
+
+    ours = ours_from(eos_ref)
+    prompts = [[2, *range(40 + n, 40 + 2 * n)] for n in (3, 7, 1, 12, 2, 5, 9)]
+    settings = [MIXED[i % len(MIXED)] for i in range(len(prompts))]
+    added, steps = [], [0]
+    add_row, step = generation._Batch.add_row, generation._Batch.step
+    monkeypatch.setattr(generation._Batch, "add_row", lambda self: added.append(steps[0]) or add_row(self))
+    monkeypatch.setattr(generation._Batch, "step", lambda self, t: steps.__setitem__(0, steps[0] + 1) or step(self, t))
+
+    def arriving():  # one prompt now and then, nothing in between
+        for p in prompts:
+            yield p
+            yield None
+            yield None
+    got: dict[int, list[int]] = {}
+    for seq, tok, reason in generation.stream_tokens(ours, arriving(), GenerationOptions(max_new_tokens=1),
+                                                     lambda i: prompt_generator(9, i), slots=4,
+                                                     per_prompt=settings.__getitem__):
+        if reason is None:
+            got.setdefault(seq, []).append(tok)
+    assert added and added[0] > 0, "no prompt joined a running batch"
+    for i, (prompt, opts) in enumerate(zip(prompts, settings, strict=True)):
+        alone = generate(ours, [prompt], opts, [prompt_generator(9, i)] if opts.do_sample else None)[0][0]
+        assert got.get(i, []) == alone.ids, f"prompt {i}"
+
+
 @pytest.mark.filterwarnings("ignore:Using the model-agnostic default")  # the default length, on purpose
 def test_model_generate_and_tokenizer_call_work_as_the_reference(tmp_path):
     """A script written against transformers runs unchanged: tokenizer(texts, padding=True,

@@ -113,38 +113,42 @@ def test_the_host_guard_and_the_key(tiny):
         assert c.get("/v1/models", headers={"Authorization": "Bearer sekreT"}).status_code == 401
 
 
-def test_requests_of_different_settings_that_wait_together_share_a_run(tiny, slow_generation, monkeypatch):
-    """While one request runs, four of different settings arrive (greedy, sampled with a seed,
-    another length, a stop string): they run together, one batch, and each gets the text it gets
-    alone; a request of another `n` runs on its own."""
+def test_requests_join_the_running_batch_whatever_their_settings(tiny, slow_generation, monkeypatch):
+    """While a long request runs, short ones of other settings (sampled with a seed, another
+    length, a stop string) arrive: they join its batch at the next step, finish long before it,
+    and each gets the text it gets alone. A request of another `n` waits for a run of its own."""
     from concurrent.futures import ThreadPoolExecutor
 
     lm, tok = tiny
-    runs: list[int] = []
+    runs: list[str] = []
     real = batch.run
-    monkeypatch.setattr(batch, "run", lambda model, t, jobs, *a, **k: runs.append(len(jobs)) or real(model, t, jobs,
-                                                                                                     *a, **k))
+    monkeypatch.setattr(batch, "run", lambda model, t, jobs, opts, *a, **k: runs.append(opts.num_return_sequences)
+                        or real(model, t, jobs, opts, *a, **k))
     base, stop = serving(create_app(lm, tok, "tiny"))
-    asked = [("in the", {}), ("the cat and", {}), ("of the", {"temperature": 0.9, "seed": 3, "max_tokens": 9}),
-             ("and then the dog", {"max_tokens": 3}), ("a b", {"stop": ["e"]})]
+    asked = [("in the", {"max_tokens": 40, "stop": []}), ("the cat and", {}),
+             ("of the", {"temperature": 0.9, "seed": 3, "max_tokens": 4}), ("and then the dog", {"max_tokens": 2}),
+             ("a b", {"stop": ["e"]})]
 
-    def ask(prompt: str, **settings: object) -> list[str]:
-        body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, **settings}
-        return [c["text"] for c in httpx.post(base + "/v1/completions", json=body, timeout=60).json()["choices"]]
+    def ask(prompt: str, settings: dict) -> tuple[list[str], float]:
+        body = {"prompt": prompt, "max_tokens": 5, "temperature": 0, **settings}
+        answer = httpx.post(base + "/v1/completions", json=body, timeout=60).json()
+        return [c["text"] for c in answer["choices"]], time.perf_counter()
 
     try:
         with ThreadPoolExecutor(6) as pool:
-            first = pool.submit(ask, asked[0][0], **asked[0][1])
-            time.sleep(0.5)  # the first holds the model now; the others wait together
-            rest = [pool.submit(ask, p, **settings) for p, settings in asked[1:]]
-            other_n = pool.submit(ask, "the end", temperature=0.9, n=2, seed=1)
-            texts = [f.result() for f in (first, *rest)]
+            long = pool.submit(ask, *asked[0])
+            time.sleep(0.5)  # the long one runs now; the others arrive while it does
+            short = [pool.submit(ask, *a) for a in asked[1:]]
+            other_n = pool.submit(ask, "the end", {"temperature": 0.9, "n": 2, "seed": 1})
+            done = [f.result() for f in (long, *short)]
             other_n.result()
-        alone = [ask(p, **settings) for p, settings in asked]  # now one at a time
+        together = list(runs)
+        alone = [ask(*a)[0] for a in asked]  # now one at a time
     finally:
         stop()
-    assert texts == alone
-    assert sorted(runs[:-len(asked)]) == [1, 1, 4], runs
+    assert [texts for texts, _ in done] == alone
+    assert max(t for _, t in done[1:]) < done[0][1]  # the short ones did not wait for the long one
+    assert together == [1, 2], together  # one batch for all five, then the n=2 request's own
 
 
 def test_turns_count_only_requests_that_wait():

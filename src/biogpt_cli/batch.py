@@ -7,6 +7,7 @@ file already holds, batching and decoding live here once.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class Job:
     opts: GenerationOptions | None = None
     stop: Sequence[str] | None = None
     seed: int | None = None
+    gone: threading.Event | None = None  # set when its reader went away: its rows end at the next step
 
 
 class Renderer(Protocol):
@@ -81,14 +83,15 @@ def default_batch_size(opts: GenerationOptions, device: torch.device | str = "cp
     return per_cpu * (4 if torch.device(device).type == "cuda" else 1)
 
 
-def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions, renderer: Renderer, *,
+def run(model: Any, tokenizer: Any, jobs: Iterable[Job | None], opts: GenerationOptions, renderer: Renderer, *,
         batch_size: int | None = None, stop: Sequence[str] = (), seed: int | None = None,
         done: set[Any] | frozenset[Any] = frozenset(), progress: Callable[[int], None] | None = None,
         confidence: bool = False, live: bool = True) -> Stats:
     """Generate for every job whose key is not in `done`, `batch_size` prompts at a time.
 
     Greedy and sampled decoding use continuous batching: when a row finishes, the next job takes
-    its place, and the results equal each job decoded alone. Beam search runs fixed batches, and
+    its place, and the results equal each job decoded alone; a live source (a server's) yields None
+    when it has no job now, and its jobs join the running batch at its next step. Beam search runs fixed batches, and
     `progress(step)` follows it, since it yields nothing until its winners are known. When
     sampling, each job draws from its own stream, derived from `seed` and its key, so a seeded run
     gives each job the same samples in any batch, next to any neighbours, and after a resume.
@@ -99,7 +102,7 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions
     batch_size = batch_size or default_batch_size(opts, device)
     stats = Stats()
     limit = model.config.max_position_embeddings
-    todo = (j for j in jobs if j.item.key not in done)
+    todo = (j for j in jobs if j is None or j.item.key not in done)  # None: a live source has none now
     groups = batches(todo, batch_size) if opts.num_beams > 1 else iter([todo])
     failure: list[InputError] = []
     k = opts.num_return_sequences
@@ -107,9 +110,12 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions
         running: dict[int, Job] = {}  # the jobs read and not yet finished, by their index in the run
         ended: dict[int, int] = {}  # their sequences finished so far
 
-        def feed(group: Iterable[Job] = group, running: dict[int, Job] = running) -> Iterator[list[int]]:
+        def feed(group: Iterable[Job | None] = group, running: dict[int, Job] = running) -> Iterator[list[int] | None]:
             try:
                 for job in group:
+                    if job is None:
+                        yield None
+                        continue
                     try:
                         fit_prompt(job.ids, (job.opts or opts).max_new_tokens, limit)
                     except InputError as e:
@@ -133,12 +139,17 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job], opts: GenerationOptions
             job = running[base + i]
             return job.opts or opts, stop if job.stop is None else job.stop
 
+        def gone(i: int, running: dict[int, Job] = running, base: int = stats.prompts) -> bool:
+            event = running[base + i].gone
+            return event is not None and event.is_set()
+
         renderer.begin([])
         start, base = time.perf_counter(), stats.prompts
         sampled = opts.do_sample or opts.num_beams == 1  # a job of its own settings may sample
         for ev in stream_completions(model, tokenizer, feed(), opts, stop, stream if sampled else None,
                                      progress, slots=batch_size, confidence=confidence, live=live,
-                                     per_prompt=own if opts.num_beams == 1 else None):
+                                     per_prompt=own if opts.num_beams == 1 else None,
+                                     gone=gone):
             if stats.first_token is None and ev.text:
                 stats.first_token = time.perf_counter() - start
             if ev.done is not None:

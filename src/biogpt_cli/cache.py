@@ -88,6 +88,12 @@ class KVCache:
                     buf[:, new[i], :, start:self.length] = buf[:, slots[p], :, start:self.length]
         return new
 
+    def add_rows(self, n: int) -> None:
+        """`n` more rows, zeros (masked columns must hold no NaN): a batch that takes prompts while it runs."""
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            setattr(self, name, torch.cat([old, old.new_zeros(old.shape[0], n, *old.shape[2:])], 1))
+
     def expand(self, repeats: int) -> None:
         """Repeat each row `repeats` times (a prompt's cache shared by its beams or samples)."""
         self._rebuild(torch.arange(self.batch_size, device=self.k.device).repeat_interleave(repeats), self.capacity)

@@ -12,7 +12,6 @@ Generation yields token ids only; turning them into text is `streaming.py`'s job
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -224,7 +223,7 @@ class _Batch:
     """
 
     def __init__(self, model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], max_new: int, repeats: int,
-                 columns: int = 0):
+                 columns: int = 0, grows: bool = False):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InputError("every prompt needs at least one token")
         cfg = model.config
@@ -240,7 +239,7 @@ class _Batch:
         if self.mask is not None:
             self.mask[:, self.width:] = 1
         ids = self.history[:, :self.width].clamp(max=self.vocab - 1)  # pad slots: any id, masked out
-        one = b == 1 and repeats == 1 and graphs_enabled(device)
+        one = b == 1 and repeats == 1 and not grows and graphs_enabled(device)
         self.row = row_decoder(model, self.width + max_new) if one else None
         if self.row is not None:  # one row on a GPU: a static cache and a captured step
             self.cache, self.logits = None, self.row.prefill(prompts[0])
@@ -272,6 +271,16 @@ class _Batch:
             return len(prompt) + max_new <= self.row.cache.capacity
         need = max(self.length - keep, len(prompt)) + max_new
         return need <= self.model.config.max_position_embeddings
+
+    def add_row(self) -> int:
+        """A new row, empty and masked, for a prompt that arrives while the batch runs; its index."""
+        self.cache.add_rows(1)
+        self.history = torch.cat([self.history, torch.full_like(self.history[:1], self.vocab)])
+        self.mask = torch.cat([torch.ones_like(self.history[:-1]) if self.mask is None else self.mask,
+                               torch.zeros_like(self.history[:1])])
+        self.first.append(self.length)
+        self.starts = torch.cat([self.starts, self.starts[:1]])
+        return len(self.first) - 1
 
     def admit(self, row: int, prompt: Sequence[int], keep: int, max_new: int) -> torch.Tensor:
         """Continuous batching: a new prompt takes the place of finished row `row`, right-aligned at
@@ -357,28 +366,41 @@ def _sample(probs: torch.Tensor, generator: torch.Generator | list[torch.Generat
     return tokens
 
 
+_END, _NOW = object(), object()  # what a look at the next prompt finds besides one: the end, or none yet
+
+
 class _Queue:
-    """Numbered prompts, with a look at the next one before taking it."""
+    """Numbered prompts, with a look at the next one before taking it. A live source (a server)
+    yields None when no prompt is there now: the batch goes on, and asks again at its next step."""
 
-    def __init__(self, prompts: Iterable[Sequence[int]]) -> None:
-        self.items, self.next = enumerate(prompts), None
+    def __init__(self, prompts: Iterable[Sequence[int] | None]) -> None:
+        self.items, self.count, self.next = iter(prompts), 0, None  # next: None until looked at
 
-    def __iter__(self) -> Iterator[tuple[int, Sequence[int]]]:
-        return self
-
-    def __next__(self) -> tuple[int, Sequence[int]]:
-        item, self.next = self.next or next(self.items), None
-        return item
+    def peek(self) -> Any:
+        """The next prompt as (index, ids), or `_NOW` (none yet), or `_END`."""
+        if self.next is None:
+            item = next(self.items, _END)
+            self.next = _NOW if item is None else item if item is _END else (self.count, item)
+        return self.next
 
     def take_if(self, fits: Callable[[int, Sequence[int]], bool]) -> tuple[int, Sequence[int]] | None:
-        if self.next is None:
-            self.next = next(self.items, None)
-        if self.next is None or not fits(*self.next):
+        item = self.peek()
+        if item is _NOW:
+            self.next = None  # ask the source again next time
+        if item is _NOW or item is _END or not fits(*item):
             return None
-        return next(self)
+        self.next, self.count = None, self.count + 1
+        return item
+
+    def ready(self, n: int) -> list[tuple[int, Sequence[int]]]:
+        """Up to `n` prompts, as many as are there now."""
+        taken: list[tuple[int, Sequence[int]]] = []
+        while len(taken) < n and (item := self.take_if(lambda j, p: True)) is not None:
+            taken.append(item)
+        return taken
 
 
-def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], opts: GenerationOptions,
+def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | None], opts: GenerationOptions,
                   generator: Generators = None, should_stop: StopCheck | None = None,
                   slots: int | None = None, observe: Callable[[int, int, float], None] | None = None,
                   per_prompt: Callable[[int], GenerationOptions] | None = None,
@@ -390,7 +412,10 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], op
 
     With `slots`, prompts are decoded `slots` at a time (each with its k rows), and for k = 1 with
     continuous batching: when a sequence ends, the next prompt takes its row, so rows do not idle
-    while the longest of a batch finishes; every prompt's tokens equal those it gets alone.
+    while the longest of a batch finishes; every prompt's tokens equal those it gets alone. A live
+    source (`prompts` yielding None when it has none now) has its prompts join the running batch
+    at the next step, in a new row up to `slots`; the call returns once no row runs and no prompt
+    is there.
     `generator` is then a function of the prompt's index, giving the stream its k rows share.
     `per_prompt(j)`: prompt j's own options instead of `opts` (its length, penalties, bans,
     greedy or sampled and how), so that rows of different settings share the batch and its steps;
@@ -407,16 +432,18 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], op
     queue = _Queue(prompts)
     per_row = generator is not None and not isinstance(generator, torch.Generator)  # each prompt its own stream
     stream_of = (generator if callable(generator) else generator.__getitem__) if per_row else None
-    while first := list(itertools.islice(queue, slots)):
-        refill = len(first) == slots and k == 1  # more prompts may follow: keep rows busy
+    while first := queue.ready(slots):
+        # rows are refilled (k = 1) when the batch starts full, or grows up to `slots` when its
+        # source is live (more prompts may come while it runs)
+        grows = k == 1 and len(first) < slots and queue.peek() is not _END
+        refill = k == 1 and (len(first) == slots or grows)
         columns = model.config.max_position_embeddings if refill else 0
         row_opts = [own_opts(j) for j, _ in first for _ in range(k)]
-        batch = _Batch(model, [p for _, p in first], max(o.max_new_tokens for o in row_opts), k, columns)
-        rows = batch.history.shape[0]
+        batch = _Batch(model, [p for _, p in first], max(o.max_new_tokens for o in row_opts), k, columns, grows)
         seq_of = [j * k + r for j, _ in first for r in range(k)]  # row -> sequence index
         own = {j: stream_of(j) for j, _ in first} if per_row else {}  # a prompt's k rows share its stream
         draw = [own[s // k] for s in seq_of] if per_row else generator
-        alive, new_ids, scores = [True] * rows, [[] for _ in range(rows)], batch.logits
+        alive, new_ids, scores = [True] * len(seq_of), [[] for _ in seq_of], batch.logits
         while True:
             raw = F.log_softmax(scores, -1) if observe is not None else None
             tokens = _choose(scores, batch.history[:, :batch.length], batch.starts, row_opts, draw, alive, eos)
@@ -426,11 +453,23 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int]], op
                         observe(seq_of[r], tok, raw[r, tok].item())
                     alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos, row_opts[r].max_new_tokens,
                                                    should_stop)
-            for r in (r for r in range(rows) if refill and not alive[r]):
+            free = [r for r, live in enumerate(alive) if refill and not live]
+            while free or (grows and len(alive) < slots):
                 keep = batch.window(alive)
                 taken = queue.take_if(lambda j, p, b=batch, w=keep: b.fits(p, w, own_opts(j).max_new_tokens))
                 if taken is None:
                     break
+                if free:
+                    r = free.pop(0)
+                else:  # a new row, for a prompt that arrived while the batch runs
+                    r = batch.add_row()
+                    scores, tokens = torch.cat([scores, scores[:1]]), torch.cat([tokens, tokens[:1]])
+                    alive.append(False)
+                    new_ids.append([])
+                    seq_of.append(-1)
+                    row_opts.append(row_opts[0])
+                    if per_row:
+                        draw.append(None)
                 j, prompt = taken
                 row_opts[r] = own_opts(j)
                 scores[r] = batch.admit(r, prompt, keep, row_opts[r].max_new_tokens)

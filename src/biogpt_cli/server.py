@@ -1,9 +1,9 @@
 """`biogpt serve`: an OpenAI-compatible completions and embeddings server over the batch engine
 (the `serve` extra: FastAPI, uvicorn, sse-starlette; the core never imports this).
 
-A thin layer: each request becomes a plan (plans.py) run by `batch.run` in a worker thread, or
-texts pooled by `scoring.embed`, one request at a time in order of arrival (continuous batching
-serves the prompts of a request together). A generation holds the model only while it runs: a
+A thin layer: each request becomes a plan (plans.py) whose rows join the batch `batch.run` is
+decoding in a worker thread at its next step (requests of any settings share it; one of another
+`n` waits for the model), or texts pooled by `scoring.embed`. A generation holds the model only while it runs: a
 streamed response's events wait in a buffer for its client, and a client that stops reading is
 dropped once the buffer is full, so no client holds up another. A client that goes away, streamed
 or not, cancels its generation at the next token (one log line). Limits (`Limits`) refuse what
@@ -37,6 +37,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from .errors import BioGptError, InputError, NothingToEmbed, PromptTooLong
+from .generation import GenerationOptions
 from .inputs import Prompt
 from .limits import DEFAULT_LIMITS, Limits
 from .memory import check_rows_fit
@@ -44,7 +45,7 @@ from .metrics import CONTENT_TYPE, Metrics
 from .plans import generate_plan, logprob_entries
 from .scoring import embed
 from .streaming import TextEvent
-from .turns import AllCancelled, Member, Turns
+from .turns import Member, Turns
 
 log = logging.getLogger("biogpt.serve")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -108,10 +109,10 @@ class Cancelled(Exception):
 
 
 class Collector:
-    """A renderer for batch.run that hands each event to `sink` (in the worker thread)."""
+    """A renderer for batch.run that hands each event to `sink` (in the run's thread)."""
 
-    def __init__(self, sink: Any, cancelled: threading.Event) -> None:
-        self.sink, self.cancelled = sink, cancelled
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
 
     def begin(self, prompts: Any) -> None:
         pass
@@ -120,8 +121,6 @@ class Collector:
         pass
 
     def event(self, ev: Any) -> None:
-        if self.cancelled.is_set():
-            raise Cancelled
         self.sink(ev)
 
 
@@ -244,7 +243,7 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
                     "stop": [body.stop] if isinstance(body.stop, str) else body.stop or []}
         try:
             plan = generate_plan(lm, tok, settings, lambda m: None)
-            # each job carries its request's settings: requests of different settings share a run
+            # each job carries its request's settings: requests of different settings share a batch
             jobs = [dataclasses.replace(plan.job(Prompt(i + 1, p)), opts=plan.opts, stop=plan.stop, seed=plan.seed)
                     for i, p in enumerate(prompts)]
             plan.opts.validate()
@@ -258,8 +257,7 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
         if turns.full():
             return busy()
         copies = 1 if sample else body.n  # greedy: n identical choices, as OpenAI gives at temperature 0
-        # requests that wait together share a run, each row with its own settings; a run has one
-        # number of rows per prompt (n when sampling)
+        # a request joins the running run of its kind (rows per prompt: n when sampling) at its next step
         request.state.share = f"rows={plan.opts.num_return_sequences}"
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": name}
@@ -333,17 +331,11 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
         except NothingToEmbed as e:
             raise InputError(f"input[{e.index}]: {e.reason}") from None
 
-    def run(plan: Any, jobs: list[Any], sink: Any, cancelled: threading.Event) -> None:
-        from .batch import run as run_batch
-
-        run_batch(lm, tok, jobs, plan.opts, Collector(sink, cancelled), batch_size=max(len(jobs), 1),
-                  stop=plan.stop, seed=plan.seed)
-
     async def generate(plan: Any, jobs: list[Any], sink: Any, cancelled: threading.Event, arrived: float,
-                       key: str | None = None) -> None:
-        """A request's generation, holding the model only while it runs (a cancelled one never
-        starts), shared with the waiting requests of the same `key`; its tokens and latencies go
-        to the metrics."""
+                       key: str) -> None:
+        """A request's generation: its rows join the running run of its `key` at the next step, or
+        start one once the model is free (a cancelled request never starts); its tokens and
+        latencies go to the metrics."""
         first, new = [], [0]
 
         def counted(ev: Any) -> None:
@@ -352,46 +344,74 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
             new[0] += 0 if ev.done is None else len(ev.done.ids)
             sink(ev)
 
+        for job in jobs:  # a request's rows end with its client
+            job.gone = cancelled
         metrics.prompt_tokens.inc(sum(len(j.ids) for j in jobs))
-        me = Member(jobs, counted, cancelled)
-        await turns.take_turn(me, key, lambda members: run_members(plan, members))
+        me = Member(jobs, counted, cancelled, key)
+        await turns.take_turn(me, lambda key: asyncio.to_thread(run_kind, key))
         if me.error is not None:
             raise me.error
+        if cancelled.is_set():
+            raise Cancelled
         end = time.perf_counter()
         metrics.generated((first[0] if first else end) - arrived, end - arrived, new[0])
 
-    async def run_members(plan: Any, members: list[Member]) -> None:
-        """One run for the members' prompts (each job with its own request's settings), each event
-        routed to its request as if it ran alone; a member that is cancelled or dropped leaves
-        the others running."""
-        live = [m for m in members if not m.cancelled.is_set()]
-        for m in members:
-            m.error = None if m in live else Cancelled()
-        if not live:
-            return
-        owners = [(m, i) for m in live for i in range(len(m.jobs))]
-        k = plan.opts.num_return_sequences
+    def run_kind(key: str) -> None:
+        """The run of `key` (in its own thread): batches over the requests of that key, until no
+        request of the key waits."""
+        while turns.waits(key):
+            run_batch_of(key, int(key.split("=")[1]))
+
+    def run_batch_of(key: str, k: int) -> None:
+        """One batch fed by every request of `key` as it arrives (its rows join at the next step),
+        each event routed to its request as if it ran alone; it ends when no row runs and nobody
+        waits."""
+        from .batch import run as run_batch
+
+        owners: dict[int, tuple[Member, int]] = {}  # the batch's prompt index -> request, its own index
+        left: dict[int, int] = {}  # the sequences each request taken still runs
+        taken: list[Member] = []
+
+        def source() -> Any:
+            while True:
+                m = turns.next_member(key)
+                if m is None:
+                    yield None  # nobody now: the batch goes on, and asks again at its next step
+                    continue
+                taken.append(m)
+                left[id(m)] = len(m.jobs) * k
+                for i, job in enumerate(m.jobs):
+                    owners[len(owners)] = (m, i)
+                    metrics.rows.inc(k)
+                    yield job
 
         def route(ev: Any) -> None:
             m, local = owners[ev.row // k]
-            if m.cancelled.is_set():
-                return
             done = None if ev.done is None else dataclasses.replace(ev.done, prompt_index=local)
-            try:
-                m.sink(TextEvent(local * k + ev.row % k, ev.text, done, ev.confidence))
-            except Cancelled:
-                m.cancelled.set()
+            if not m.cancelled.is_set():
+                try:
+                    m.sink(TextEvent(local * k + ev.row % k, ev.text, done, ev.confidence))
+                except Cancelled:  # dropped (a stream nobody reads): its rows end at the next step
+                    m.cancelled.set()
+            if done is not None:
+                metrics.rows.dec()
+                left[id(m)] -= 1
+                if not left[id(m)]:
+                    turns.finish(m)
 
-        metrics.rows.set(len(owners) * plan.opts.rows_per_prompt)
-        try:
-            await asyncio.to_thread(run, plan, [j for m in live for j in m.jobs], route, AllCancelled(live))
-        except Exception as e:  # noqa: BLE001 -- each request reports it (Cancelled: all went away)
-            for m in live:
-                m.error = e
+        try:  # the jobs carry their own settings: these say only how many rows each prompt has
+            run_batch(lm, tok, source(), GenerationOptions(num_return_sequences=k, do_sample=k > 1),
+                      Collector(route), batch_size=max(1, limits.rows // k))
+        except Exception as e:  # noqa: BLE001 -- each request of the batch reports it, and those waiting
+            while (m := turns.next_member(key)) is not None:
+                taken.append(m)
+                left[id(m)] = 1
+            for m in taken:
+                if left[id(m)]:
+                    m.error = e
+                    turns.finish(m)
         finally:
             metrics.rows.set(0)
-        for m in live:
-            m.error = m.error or (Cancelled() if m.cancelled.is_set() else None)
 
     def busy() -> JSONResponse:
         response = error(429, f"{turns.waiting} requests are waiting for the model already (serve --max-waiting): "

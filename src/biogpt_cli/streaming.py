@@ -221,12 +221,13 @@ def _through_stop(tokenizer: BioGptTokenizer, prompt: Sequence[int], ids: Sequen
     return list(ids[:n])
 
 
-def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, prompts: Iterable[Sequence[int]],
+def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
+                       prompts: Iterable[Sequence[int] | None],
                        opts: GenerationOptions, stop: Sequence[str] = (),
                        generator: Generators = None, progress: Callable[[int], None] | None = None,
                        slots: int | None = None, confidence: bool = False, live: bool = True,
                        per_prompt: Callable[[int], tuple[GenerationOptions, Sequence[str]]] | None = None,
-                       ) -> Iterator[TextEvent]:
+                       gone: Callable[[int], bool] | None = None) -> Iterator[TextEvent]:
     """Generate for a batch of prompts, yielding text as it becomes final.
 
     Greedy and sampled sequences stream token by token and stop at a stop string. Beam search
@@ -235,7 +236,8 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, pro
     `confidence`: each event carries the lowest probability among the tokens behind its text.
     Without `live` (output nobody watches as it comes: files, pipes, records) a sequence yields
     only its finished event, its text decoded once; stop strings are still watched token by token.
-    `per_prompt(j)`: prompt j's own options and stop strings (see `stream_tokens`).
+    `per_prompt(j)`: prompt j's own options and stop strings (see `stream_tokens`). `gone(j)`: prompt
+    j's reader went away; its rows end at the next step (reason "stop").
     """
     k = opts.num_return_sequences
     if opts.num_beams > 1:
@@ -261,16 +263,19 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer, pro
         pending = probs.pop(row, [])
         return min(pending) if pending else None
 
-    def feed() -> Iterator[Sequence[int]]:
-        for j, p in enumerate(prompts):
-            seen[j], left[j] = p, k
+    def feed() -> Iterator[Sequence[int] | None]:
+        j = 0
+        for p in prompts:  # None: a live source has no prompt now (see stream_tokens)
+            if p is not None:
+                seen[j], left[j], j = p, k, j + 1
             yield p
 
     def text_stream(row: int) -> TextStream:
         return TextStream(tokenizer, seen[row // k], per_prompt(row // k)[1] if per_prompt else stop)
 
     for row, token, reason in stream_tokens(model, feed(), opts, generator,
-                                            should_stop=lambda r, _: streams[r].stopped, slots=slots,
+                                            should_stop=lambda r, _: streams[r].stopped or bool(gone and gone(r // k)),
+                                            slots=slots,
                                             observe=observe if confidence else None,
                                             per_prompt=(lambda j: per_prompt(j)[0]) if per_prompt else None):
         s = streams.get(row) or streams.setdefault(row, text_stream(row))

@@ -1,5 +1,5 @@
-"""Who has the model: one run at a time, in order of arrival, the requests waiting together
-sharing a run (server.py's scheduling; asyncio only, no extra)."""
+"""Who has the model: one run at a time, which the requests of its kind join as they arrive
+(server.py's scheduling; asyncio only, no extra)."""
 
 from __future__ import annotations
 
@@ -13,63 +13,83 @@ from typing import Any
 
 @dataclass(eq=False)
 class Member:
-    """A request waiting for the model. It may be served by an earlier request of the same key
-    (rows per prompt), which takes it into its own run (`taken`)."""
+    """A request's rows: its jobs (`key`: the rows each prompt decodes), where its events go, and
+    whether its client went away."""
 
     jobs: list[Any]
     sink: Callable[[Any], None]
     cancelled: threading.Event
+    key: str = ""
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     error: BaseException | None = None
     taken: bool = False
 
 
 class Turns:
-    """The model serves one run at a time, in order of arrival, with at most `limit` requests
-    waiting. Requests of the same key that wait together share a run: their prompts are decoded
-    in one batch, each row with its own request's settings (greedy or sampled, length, penalties,
-    stop strings, seed), and each request's text is the one it gets alone (batching is exact in
-    float32)."""
+    """Who has the model. One run at a time holds it; a request of the running run's key joins
+    that run at its next step (its prompts take rows beside the others', each decoded as alone),
+    and any other waits, at most `limit` of them, then starts a run of its own key."""
 
     def __init__(self, limit: int, rows: int) -> None:
-        self.lock, self.waiting, self.limit, self.rows = asyncio.Lock(), 0, limit, rows
-        self.groups: dict[str, list[Member]] = {}
+        self.lock, self.limit, self.rows = asyncio.Lock(), limit, rows
+        self.mutex = threading.Lock()  # `pending` is read by the run's thread too
+        self.pending: list[Member] = []  # requests no run has taken yet
+        self.others = 0  # requests waiting for the model itself (`turn`)
+        self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def take_turn(self, me: Member, key: str | None,
-                        run: Callable[[list[Member]], Awaitable[None]]) -> None:
-        """Wait for the model, then `run` this request with the ones of the same `key` that wait
-        too; or wait until an earlier request's run has served this one."""
-        if key is not None:
-            self.groups.setdefault(key, []).append(me)
-        self.waiting += 1
+    @property
+    def waiting(self) -> int:
+        return len(self.pending) + self.others
+
+    def full(self) -> bool:
+        return self.lock.locked() and self.waiting >= self.limit
+
+    async def take_turn(self, me: Member, run: Callable[[str], Awaitable[None]]) -> None:
+        """Return once every row of `me` is done: run by the run of its key, or by `run(key)`,
+        started once the model is free, which takes `me` and whoever joins it."""
+        self.loop = asyncio.get_running_loop()
+        with self.mutex:
+            self.pending.append(me)
         acquire, served = asyncio.ensure_future(self.lock.acquire()), asyncio.ensure_future(me.finished.wait())
         try:
             await asyncio.wait({acquire, served}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # the request itself was cancelled (a shutdown): leave nothing held
             self._give_back(acquire)
-            if key is not None and me in self.groups.get(key, []):
-                self.groups[key].remove(me)
+            with self.mutex:
+                if me in self.pending:
+                    self.pending.remove(me)
             raise
         finally:
-            self.waiting -= 1
             served.cancel()
-        if me.taken:  # served by another's run: the model is not ours
+        if me.taken:  # a run has its rows: the model is not ours
             self._give_back(acquire)
             await me.finished.wait()
             return
-        members = [me, *self._companions(key, me)]
-        for m in members:
-            m.taken = True
-            if key is not None:
-                self.groups[key].remove(m)
-        if key is not None and not self.groups[key]:
-            del self.groups[key]
         try:
-            await run(members)
+            await run(me.key)
         finally:
-            for m in members:
-                m.finished.set()
             self.lock.release()
+
+    def next_member(self, key: str) -> Member | None:
+        """For the run of `key` (in its thread): the next request of that key, now taken; None if
+        none waits. Requests whose clients went away meanwhile are let go."""
+        with self.mutex:
+            for m in [m for m in self.pending if m.key == key]:
+                self.pending.remove(m)
+                m.taken = True
+                if not m.cancelled.is_set():
+                    return m
+                self.finish(m)
+        return None
+
+    def waits(self, key: str) -> bool:
+        with self.mutex:
+            return any(m.key == key for m in self.pending)
+
+    def finish(self, m: Member) -> None:
+        """`m`'s rows are done (called from the run's thread)."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(m.finished.set)
 
     def _give_back(self, acquire: asyncio.Future) -> None:
         """Release the lock if `acquire` took it, else stop it from taking it."""
@@ -77,36 +97,14 @@ class Turns:
             self.lock.release()
         acquire.cancel()
 
-    def _companions(self, key: str | None, me: Member) -> list[Member]:
-        """The waiting requests of `key` that fit beside `me` in one run."""
-        chosen, rows = [], len(me.jobs)
-        for m in self.groups.get(key, []) if key is not None else []:
-            if m is not me and not m.cancelled.is_set() and rows + len(m.jobs) <= self.rows:
-                chosen.append(m)
-                rows += len(m.jobs)
-        return chosen
-
-    def full(self) -> bool:
-        return self.lock.locked() and self.waiting >= self.limit
-
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
-        self.waiting += 1
+        self.others += 1
         try:
             await self.lock.acquire()
         finally:
-            self.waiting -= 1
+            self.others -= 1
         try:
             yield
         finally:
             self.lock.release()
-
-
-class AllCancelled:
-    """A shared run stops once every request in it is cancelled (`Collector` asks `is_set`)."""
-
-    def __init__(self, members: list[Member]) -> None:
-        self.members = members
-
-    def is_set(self) -> bool:
-        return all(m.cancelled.is_set() for m in self.members)
