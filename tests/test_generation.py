@@ -265,8 +265,8 @@ def test_prompts_that_arrive_while_a_batch_runs_join_it(eos_ref, monkeypatch):
     prompts = [[2, *range(40 + n, 40 + 2 * n)] for n in (3, 7, 1, 12, 2, 5, 9)]
     settings = [MIXED[i % len(MIXED)] for i in range(len(prompts))]
     added, steps = [], [0]
-    add_row, step = generation._Batch.add_row, generation._Batch.step
-    monkeypatch.setattr(generation._Batch, "add_row", lambda self: added.append(steps[0]) or add_row(self))
+    add_rows, step = generation._Batch.add_rows, generation._Batch.step
+    monkeypatch.setattr(generation._Batch, "add_rows", lambda self, n: added.append(steps[0]) or add_rows(self, n))
     monkeypatch.setattr(generation._Batch, "step", lambda self, t: steps.__setitem__(0, steps[0] + 1) or step(self, t))
 
     def arriving():  # one prompt now and then, nothing in between

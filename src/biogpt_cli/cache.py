@@ -19,6 +19,7 @@ class KVCache:
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0
+        self.rows = batch  # rows in use: the buffers may hold more, for rows that join (`add_rows`)
 
     @property
     def capacity(self) -> int:
@@ -26,17 +27,20 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.rows
 
     def _rebuild(self, rows: torch.Tensor | None, capacity: int) -> None:
-        """New buffers holding the written prefix of `rows` (all rows when None)."""
+        """New buffers holding the written prefix of `rows` (all rows in use when None, keeping
+        the room for more)."""
         n = self.length
         for name in ("k", "v"):
             old = getattr(self, name)
-            prefix = old[:, :, :, :n] if rows is None else old[:, :, :, :n].index_select(1, rows)
-            new = old.new_empty(old.shape[0], prefix.shape[1], old.shape[2], capacity, old.shape[4])
-            new[:, :, :, :n] = prefix
+            prefix = old[:, :self.rows, :, :n] if rows is None else old[:, :, :, :n].index_select(1, rows)
+            room = old.shape[1] if rows is None else prefix.shape[1]
+            new = old.new_empty(old.shape[0], room, old.shape[2], capacity, old.shape[4])
+            new[:, :prefix.shape[1], :, :n] = prefix
             setattr(self, name, new)
+        self.rows = prefix.shape[1]
 
     def reserve(self, new_tokens: int, limit: int) -> None:
         """Make room for `new_tokens` more positions (at most `limit` in all)."""
@@ -46,10 +50,10 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's [batch, heads, t, head_dim] keys/values; return the whole prefix."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        end, n = self.length + k.shape[2], self.rows
+        self.k[layer, :n, :, self.length : end] = k
+        self.v[layer, :n, :, self.length : end] = v
+        return self.k[layer, :n, :, :end], self.v[layer, :n, :, :end]
 
     def shift(self, start: int) -> None:
         """Column `start` becomes column 0: continuous batching drops the columns no live row reads
@@ -58,7 +62,7 @@ class KVCache:
         temporary is small; the caller has reserved the room."""
         lo, n = max(start, 0), self.length
         for buf in (self.k, self.v):
-            for layer in buf:
+            for layer in buf[:, :self.rows]:
                 layer[:, :, lo - start:n - start] = layer[:, :, lo:n].clone()
         self.length = n - start
 
@@ -89,10 +93,19 @@ class KVCache:
         return new
 
     def add_rows(self, n: int) -> None:
-        """`n` more rows, zeros (masked columns must hold no NaN): a batch that takes prompts while it runs."""
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            setattr(self, name, torch.cat([old, old.new_zeros(old.shape[0], n, *old.shape[2:])], 1))
+        """`n` more rows in use, zeroed (a masked column must hold no NaN), for prompts that join a
+        running batch. The buffers double when full, so most rows join without a copy."""
+        rows = self.rows + n
+        if rows > self.k.shape[1]:
+            for name in ("k", "v"):
+                old = getattr(self, name)
+                new = old.new_zeros(old.shape[0], max(rows, 2 * old.shape[1]), *old.shape[2:])
+                new[:, :self.rows] = old[:, :self.rows]
+                setattr(self, name, new)
+        else:
+            self.k[:, self.rows:rows] = 0
+            self.v[:, self.rows:rows] = 0
+        self.rows = rows
 
     def expand(self, repeats: int) -> None:
         """Repeat each row `repeats` times (a prompt's cache shared by its beams or samples)."""

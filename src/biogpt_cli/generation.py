@@ -272,15 +272,15 @@ class _Batch:
         need = max(self.length - keep, len(prompt)) + max_new
         return need <= self.model.config.max_position_embeddings
 
-    def add_row(self) -> int:
-        """A new row, empty and masked, for a prompt that arrives while the batch runs; its index."""
-        self.cache.add_rows(1)
-        self.history = torch.cat([self.history, torch.full_like(self.history[:1], self.vocab)])
-        self.mask = torch.cat([torch.ones_like(self.history[:-1]) if self.mask is None else self.mask,
-                               torch.zeros_like(self.history[:1])])
-        self.first.append(self.length)
-        self.starts = torch.cat([self.starts, self.starts[:1]])
-        return len(self.first) - 1
+    def add_rows(self, n: int) -> range:
+        """`n` new rows, empty and masked, for prompts that arrive while the batch runs."""
+        self.cache.add_rows(n)
+        self.history = torch.cat([self.history, self.history.new_full((n, self.history.shape[1]), self.vocab)])
+        self.mask = torch.cat([torch.ones_like(self.history[:-n]) if self.mask is None else self.mask,
+                               torch.zeros_like(self.history[-n:])])
+        self.first += [self.length] * n
+        self.starts = torch.cat([self.starts, self.starts[:1].expand(n)])
+        return range(len(self.first) - n, len(self.first))
 
     def admit(self, row: int, prompt: Sequence[int], keep: int, max_new: int) -> torch.Tensor:
         """Continuous batching: a new prompt takes the place of finished row `row`, right-aligned at
@@ -414,7 +414,7 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
     continuous batching: when a sequence ends, the next prompt takes its row, so rows do not idle
     while the longest of a batch finishes; every prompt's tokens equal those it gets alone. A live
     source (`prompts` yielding None when it has none now) has its prompts join the running batch
-    at the next step, in a new row up to `slots`; the call returns once no row runs and no prompt
+    at the next step, in new rows up to `slots`; the call returns once no row runs and no prompt
     is there.
     `generator` is then a function of the prompt's index, giving the stream its k rows share.
     `per_prompt(j)`: prompt j's own options instead of `opts` (its length, penalties, bans,
@@ -459,10 +459,8 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
                 taken = queue.take_if(lambda j, p, b=batch, w=keep: b.fits(p, w, own_opts(j).max_new_tokens))
                 if taken is None:
                     break
-                if free:
-                    r = free.pop(0)
-                else:  # a new row, for a prompt that arrived while the batch runs
-                    r = batch.add_row()
+                if not free:  # a new row, for a prompt that arrived while the batch runs
+                    free = list(batch.add_rows(1))
                     scores, tokens = torch.cat([scores, scores[:1]]), torch.cat([tokens, tokens[:1]])
                     alive.append(False)
                     new_ids.append([])
@@ -470,6 +468,7 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
                     row_opts.append(row_opts[0])
                     if per_row:
                         draw.append(None)
+                r = free.pop(0)
                 j, prompt = taken
                 row_opts[r] = own_opts(j)
                 scores[r] = batch.admit(r, prompt, keep, row_opts[r].max_new_tokens)
