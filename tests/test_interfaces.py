@@ -135,6 +135,28 @@ def test_logprobs_equal_the_reference_log_softmax(cli, tiny, tiny_ref):
     assert code == 2 and "--logprobs" in err
 
 
+def test_logprobs_come_from_the_decoding_steps(cli, tiny, tiny_ref, monkeypatch):
+    """Sampled rows sharing a batch carry the values of their own steps: no second forward pass is
+    made (it would fail the test here)."""
+    import biogpt_cli.scoring
+
+    folder, model, tok = tiny
+    monkeypatch.setattr(biogpt_cli.scoring, "top_logprobs", lambda *a: pytest.fail("a second forward pass"))
+    code, out, err = cli("generate", "-m", folder, "-n", "8", "--logprobs", "2", "--format", "jsonl", "--sample",
+                         "--seed", "3", "-i", "-", stdin=b"the cat\nof the\na dog is\n")
+    assert code == 0, err
+    for line in out.splitlines():
+        record = json.loads(line)
+        ids = tok.encode(record["prompt"]) + record["ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_ref[0](torch.tensor([ids])).logits[0], -1)
+        start = len(tok.encode(record["prompt"])) - 1
+        assert len(record["logprobs"]) == len(record["ids"])
+        for i, entry in enumerate(record["logprobs"]):
+            assert abs(entry["logprob"] - logp[start + i, entry["id"]].item()) < 1e-4
+            assert [t["id"] for t in entry["top"]] == torch.topk(logp[start + i], 2).indices.tolist()
+
+
 def test_show_confidence_colours_the_stream(tiny):
     folder, model, tok = tiny
     code, screen = run_in_pty(["generate", "the cat", "-m", str(folder), "-n", "8", "--show-confidence"])

@@ -45,6 +45,7 @@ class GenerationOptions:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     bad_words_ids: list[list[int]] = field(default_factory=list)
+    logprobs: int | None = None  # keep each new token's log-probability and the K likeliest at its step
 
     @property
     def rows_per_prompt(self) -> int:
@@ -68,6 +69,7 @@ class GenerationOptions:
         need(self.repetition_penalty > 0, "repetition_penalty must be greater than 0")
         need(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be 0 (off) or more")
         need(self.early_stopping in (True, False, "never"), "early_stopping must be true, false or 'never'")
+        need(self.logprobs is None or self.logprobs >= 0, "logprobs must be 0 or more")
         if self.num_beams == 1:
             need(self.do_sample or self.num_return_sequences == 1,
                  "num_return_sequences > 1 needs sampling or num_beams > 1")
@@ -402,7 +404,7 @@ class _Queue:
 
 def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | None], opts: GenerationOptions,
                   generator: Generators = None, should_stop: StopCheck | None = None,
-                  slots: int | None = None, observe: Callable[[int, int, float], None] | None = None,
+                  slots: int | None = None, observe: Callable[[int, int, torch.Tensor], None] | None = None,
                   per_prompt: Callable[[int], GenerationOptions] | None = None,
                   ) -> Iterator[tuple[int, int | None, str | None]]:
     """Greedy or sampled decoding. Yields `(sequence, token, finish_reason)` as tokens are chosen:
@@ -419,8 +421,8 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
     `generator` is then a function of the prompt's index, giving the stream its k rows share.
     `per_prompt(j)`: prompt j's own options instead of `opts` (its length, penalties, bans,
     greedy or sampled and how), so that rows of different settings share the batch and its steps;
-    each keeps `opts`' k. `observe(sequence, token, logprob)` hears the model's log-probability
-    (raw logits, before any processor) of each chosen token."""
+    each keeps `opts`' k. `observe(sequence, token, logits)` hears each chosen token with its row's
+    raw logits at that step (before any processor), to be read at once."""
     opts.validate()
     if opts.num_beams != 1:
         raise InputError("stream_tokens does greedy or sampled decoding; use beam_search for beams")
@@ -445,12 +447,11 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
         draw = [own[s // k] for s in seq_of] if per_row else generator
         alive, new_ids, scores = [True] * len(seq_of), [[] for _ in seq_of], batch.logits
         while True:
-            raw = F.log_softmax(scores, -1) if observe is not None else None
             tokens = _choose(scores, batch.history[:, :batch.length], batch.starts, row_opts, draw, alive, eos)
             for r, tok in enumerate(tokens.tolist()):
                 if alive[r]:
-                    if raw is not None:
-                        observe(seq_of[r], tok, raw[r, tok].item())
+                    if observe is not None:
+                        observe(seq_of[r], tok, scores[r])
                     alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos, row_opts[r].max_new_tokens,
                                                    should_stop)
             free = [r for r, live in enumerate(alive) if refill and not live]
@@ -479,7 +480,7 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
                 tok = int(_choose(scores[one], batch.history[one, :batch.length], batch.starts[one], row_opts[one],
                                   draw[one] if per_row else draw, [True], eos)[0])
                 if observe is not None:
-                    observe(j, tok, F.log_softmax(scores[r], -1)[tok].item())
+                    observe(j, tok, scores[r])
                 alive[r] = yield from _advance(j, tok, new_ids[r], eos, row_opts[r].max_new_tokens, should_stop)
                 tokens[r] = tok
             if not any(alive):

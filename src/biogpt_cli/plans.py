@@ -56,27 +56,32 @@ def generation_options(s: dict[str, Any]) -> GenerationOptions:
 
 def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
     """`generate`; with `logprobs` K, each record also has every new token's log-probability and
-    the K likeliest tokens at its step."""
+    the K likeliest tokens at its step (the step's own logits; beams, whose steps weigh
+    hypotheses, score their winners in one more pass)."""
     opts = generation_options(s)
     opts.bad_words_ids = [tok.encode(b, add_special_tokens=False) for b in s.get("ban") or () if b.strip()]
-    inputs: dict[Any, list[int]] = {}
+    opts.logprobs = s.get("logprobs")
+    beams = opts.num_beams > 1 and opts.logprobs is not None
+    inputs: dict[Any, list[int]] = {}  # beams: the prompts whose winners are still to score
 
     def job(p: Prompt) -> Job:
         full = tok.encode(p.text)
         ids = fit_prompt(full, opts.max_new_tokens, lm.config.max_position_embeddings, s.get("truncate", False))
         if len(ids) < len(full):
             warn(f"warning: {p.where}prompt of {len(full)} tokens cut to {len(ids)} (</s> and its last {len(ids) - 1})")
-        if s.get("logprobs") is not None:
+        if beams:
             inputs[p.key] = ids
         return Job(p, ids)
 
     def record(p: Prompt, done: Completion) -> dict[str, Any]:
         out = generation_record(p, done)
-        if s.get("logprobs") is not None:
-            out["logprobs"] = logprob_entries(lm, tok, inputs[p.key], done.ids, s["logprobs"])
+        if done.logprobs is not None:
+            out["logprobs"] = named_entries(tok, done.ids, done.logprobs)
+        elif beams:
+            out["logprobs"] = logprob_entries(lm, tok, inputs[p.key], done.ids, opts.logprobs)
         return out
 
-    options = {k: v for k, v in vars(opts).items() if k != "bad_words_ids"}
+    options = {k: v for k, v in vars(opts).items() if k not in ("bad_words_ids", "logprobs")}
     identity = {"command": "generate", "options": options, "stop": s.get("stop") or [], "ban": s.get("ban") or [],
                 "truncate": s.get("truncate", False), **({"seed": s["seed"]} if opts.do_sample else {}),
                 **({"logprobs": s["logprobs"]} if s.get("logprobs") is not None else {})}
@@ -84,13 +89,19 @@ def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
 
 
 def logprob_entries(lm: Any, tok: Any, prompt: list[int], new: list[int], k: int) -> list[dict[str, Any]]:
-    """`[{"token", "logprob", "top": [{"token", "logprob"}, ...]}]` per new token."""
+    """The entries of `new` after `prompt`, from one forward pass (a prompt's own tokens, beams)."""
     from .scoring import top_logprobs
 
+    return named_entries(tok, new, top_logprobs(lm, prompt, new, k))
+
+
+def named_entries(tok: Any, new: list[int], values: list[tuple[float, list[tuple[int, float]]]],
+                  ) -> list[dict[str, Any]]:
+    """`[{"token", "id", "logprob", "top": [{"token", "id", "logprob"}, ...]}]` per new token."""
     names = tok.convert_ids_to_tokens
     return [{"token": names([t])[0], "id": t, "logprob": lp,
              "top": [{"token": names([i])[0], "id": i, "logprob": v} for i, v in top]}
-            for t, (lp, top) in zip(new, top_logprobs(lm, prompt, new, k), strict=True)]
+            for t, (lp, top) in zip(new, values, strict=True)]
 
 
 def task_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:

@@ -15,6 +15,9 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+
 from .generation import GenerationOptions, Generators, beam_search, stream_tokens
 from .model import BioGptForCausalLM
 from .tokenizer import BioGptTokenizer
@@ -202,6 +205,9 @@ class Completion:
     text: str
     ids: list[int]
     finish_reason: str  # "eos" | "length" | "stop"
+    # with the options' `logprobs` K: per new token, its log-probability and the K likeliest
+    # (id, log-probability) at its step, from the step's own logits (greedy and sampled rows)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -253,9 +259,21 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
     left: dict[int, int] = {}  # their rows still running
     streams: dict[int, TextStream] = {}
     probs: dict[int, list[float]] = {}
+    entries: dict[int, list[tuple[float, list[tuple[int, float]]]]] = {}
+    options = (lambda j: per_prompt(j)[0]) if per_prompt else lambda j: opts
 
-    def observe(seq: int, token: int, logprob: float) -> None:
-        probs.setdefault(seq, []).append(math.exp(logprob))
+    def observe(seq: int, token: int, logits: torch.Tensor) -> None:
+        top = options(seq // k).logprobs
+        if not confidence and top is None:
+            return
+        logp = F.log_softmax(logits.float(), -1)
+        chosen = logp[token].item()
+        if confidence:
+            probs.setdefault(seq, []).append(math.exp(chosen))
+        if top is not None:
+            best = torch.topk(logp, top)
+            pairs = list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+            entries.setdefault(seq, []).append((chosen, pairs))
 
     def least(row: int, text: str) -> float | None:
         if not confidence or not text:
@@ -276,8 +294,8 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
     for row, token, reason in stream_tokens(model, feed(), opts, generator,
                                             should_stop=lambda r, _: streams[r].stopped or bool(gone and gone(r // k)),
                                             slots=slots,
-                                            observe=observe if confidence else None,
-                                            per_prompt=(lambda j: per_prompt(j)[0]) if per_prompt else None):
+                                            observe=observe if confidence or per_prompt or opts.logprobs is not None
+                                            else None, per_prompt=options if per_prompt else None):
         s = streams.get(row) or streams.setdefault(row, text_stream(row))
         if reason is None and not live and not s.stop:
             s.extend(token)
@@ -287,7 +305,8 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
                 yield TextEvent(row, text, confidence=least(row, text))
         else:
             text = s.finish()
-            yield TextEvent(row, text, Completion(row // k, s.text, s.ids, "stop" if s.stopped else reason),
+            logprobs = entries.pop(row, [])[:len(s.ids)] if options(row // k).logprobs is not None else None
+            yield TextEvent(row, text, Completion(row // k, s.text, s.ids, "stop" if s.stopped else reason, logprobs),
                             least(row, text))
             del streams[row]
             probs.pop(row, None)
