@@ -283,3 +283,51 @@ def test_echo_scores_the_prompt_as_score_does(server):
     both = c.completions.create(model="tiny", prompt="the cat", max_tokens=4, echo=True, logprobs=1, temperature=0)
     assert both.choices[0].text == "the cat" + greedy_text(lm, tok, "the cat", 4)
     assert len(both.choices[0].logprobs.tokens) == len(tok.encode("the cat")) + 4
+    sampled = c.completions.create(model="tiny", prompt=["the cat", "of the"], max_tokens=3, echo=True,
+                                   temperature=1, n=2, seed=5)
+    assert [ch.text[:6] for ch in sampled.choices] == ["the ca", "the ca", "of the", "of the"]  # each its prompt
+
+
+def test_the_engine_serves_requests_of_mixed_settings_without_http(tiny_ref):
+    """The engine object alone: two requests of different settings share its batch, each getting
+    what `generate` gives it alone; prompts are made ready off the event loop by the app."""
+    import asyncio
+
+    from biogpt_cli.serving import Engine, settings
+
+    lm, tok = load_pretrained(tiny_ref[1])
+    engine = Engine(lm, tok)
+    texts: dict[str, dict[int, str]] = {"a": {}, "b": {}}
+
+    async def ask(name, prompt, s):
+        work = engine.prepare([prompt], s, 1)
+        await engine.generate(work, lambda ev: ev.done and texts[name].setdefault(ev.row, ev.done.text),
+                              threading.Event(), time.perf_counter())
+
+    async def both():
+        await asyncio.gather(ask("a", "the cat", settings(7, 0, 1, 1, None, None, None)),
+                             ask("b", "of the", settings(4, 0, 1, 1, None, None, 2)))
+
+    asyncio.run(both())
+    assert texts == {"a": {0: greedy_text(lm, tok, "the cat", 7)}, "b": {0: greedy_text(lm, tok, "of the", 4)}}
+
+
+def test_prompts_are_tokenized_off_the_event_loop(server, monkeypatch):
+    import asyncio
+
+    _, lm, tok = server
+    on_loop = []
+
+    def encode(text, *a, **k):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return original(text, *a, **k)
+
+    original = tok.encode
+    monkeypatch.setattr(tok, "encode", encode)
+    out = client(server).completions.create(model="tiny", prompt="the cat", max_tokens=2, temperature=0)
+    assert out.choices[0].text == greedy_text(lm, tok, "the cat", 2)
+    assert on_loop and not any(on_loop)

@@ -1,0 +1,225 @@
+"""The engine behind `biogpt serve`: one object that owns the model, who has it (turns.py) and the
+metrics. A request made ready (`Work`: its plan, tokenized prompts and settings) has its rows
+join the batch `batch.run` decodes in a worker thread at its next step, whatever its neighbours'
+settings; its events go to its own sink as if it ran alone. The HTTP layer (server.py) only
+checks requests, feeds this and renders its events; tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .batch import Job
+from .errors import InputError, NothingToEmbed
+from .generation import GenerationOptions
+from .inputs import Prompt
+from .limits import DEFAULT_LIMITS, Limits
+from .memory import check_rows_fit
+from .metrics import Metrics
+from .plans import Plan, generate_plan, logprob_entries
+from .scoring import embed
+from .streaming import TextEvent
+from .turns import Member, Turns
+
+
+class Cancelled(Exception):
+    """The client went away: the engine stops its rows at the next step."""
+
+
+@dataclass
+class Work:
+    """A completions request made ready: its plan, one job per prompt (carrying the request's
+    settings), the rows each prompt decodes (`k`) and the copies of each choice (greedy n)."""
+
+    plan: Plan
+    jobs: list[Job]
+    k: int
+    copies: int
+
+    @property
+    def key(self) -> str:
+        """The run it may join: one of the same rows per prompt."""
+        return f"rows={self.k}"
+
+
+def settings(max_tokens: int, temperature: float, top_p: float, n: int, stop: str | list[str] | None,
+             seed: int | None, logprobs: int | None) -> dict[str, Any]:
+    """`generate`'s settings for a completions request (OpenAI's fields); max_tokens 0 (an echo
+    alone) plans one token, never decoded."""
+    sample = temperature > 0
+    return {"max_new_tokens": max_tokens or 1, "sample": sample, "temperature": temperature or None,
+            "top_p": top_p if sample else None, "top_k": 0 if sample else None,
+            "num_return_sequences": n if sample else 1, "logprobs": logprobs,
+            "seed": seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
+            "stop": [stop] if isinstance(stop, str) else stop or []}
+
+
+class Collector:
+    """A renderer for batch.run that hands each event to `sink` (in the run's thread)."""
+
+    def __init__(self, sink: Callable[[TextEvent], None]) -> None:
+        self.sink = sink
+
+    def begin(self, prompts: Any) -> None:
+        pass
+
+    def add(self, prompt: Prompt) -> None:
+        pass
+
+    def event(self, ev: TextEvent) -> None:
+        self.sink(ev)
+
+
+class Engine:
+    def __init__(self, lm: Any, tok: Any, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.lm, self.tok, self.limits = lm, tok, limits
+        self.turns = Turns(limits.waiting, limits.rows)
+        self.metrics = Metrics(running=lambda: float(self.turns.lock.locked()), waiting=lambda: self.turns.waiting)
+
+    def prepare(self, prompts: list[str], s: dict[str, Any], n: int) -> Work:
+        """Tokenize and check a request (a worker thread's job: long prompts would stall the event
+        loop); BioGptError for a prompt or size the model cannot take."""
+        lm = self.lm
+        plan = generate_plan(lm, self.tok, s, lambda m: None)
+        jobs = [dataclasses.replace(plan.job(Prompt(i + 1, p)), opts=plan.opts, stop=plan.stop, seed=plan.seed)
+                for i, p in enumerate(prompts)]
+        plan.opts.validate()
+        check_rows_fit(lm.config, len(prompts) * n, max(len(j.ids) for j in jobs) + s["max_new_tokens"],
+                       what="prompt x n", dtype_bytes=next(lm.parameters()).element_size(),
+                       device=next(lm.parameters()).device)
+        k = plan.opts.num_return_sequences
+        return Work(plan, jobs, k, 1 if plan.opts.do_sample else n)
+
+    async def generate(self, work: Work, sink: Callable[[TextEvent], None], cancelled: threading.Event,
+                       arrived: float) -> None:
+        """A request's generation: its rows join the running run of its key at the next step, or
+        start one once the model is free (a cancelled request never starts); `Cancelled` when its
+        client went away. Its tokens and latencies go to the metrics."""
+        first, new = [], [0]
+
+        def counted(ev: TextEvent) -> None:
+            if ev.text and not first:
+                first.append(time.perf_counter())
+            new[0] += 0 if ev.done is None else len(ev.done.ids)
+            sink(ev)
+
+        for job in work.jobs:  # a request's rows end with its client
+            job.gone = cancelled
+        self.metrics.prompt_tokens.inc(sum(len(j.ids) for j in work.jobs))
+        me = Member(work.jobs, counted, cancelled, work.key)
+        await self.turns.take_turn(me, lambda key: asyncio.to_thread(self._run_kind, key))
+        if me.error is not None:
+            raise me.error
+        if cancelled.is_set():
+            raise Cancelled
+        end = time.perf_counter()
+        self.metrics.generated((first[0] if first else end) - arrived, end - arrived, new[0])
+
+    def choice(self, work: Work, ev: TextEvent) -> dict[str, Any]:
+        """A finished row as a completions choice (`_ids`: its new tokens, for the usage)."""
+        done = ev.done
+        record = work.plan.record(work.jobs[done.prompt_index].item, done)
+        return {"text": done.text, "index": ev.row, "finish_reason": "length" if done.finish_reason == "length"
+                else "stop", "logprobs": legacy_logprobs(record.get("logprobs")), "_ids": done.ids}
+
+    def echo(self, ids: list[int], k: int | None) -> dict[str, Any]:
+        """A prompt as `echo` gives it: its text and, with logprobs, each token's log-probability
+        given the ones before it (`biogpt score`'s values; the leading </s> has none, as OpenAI's
+        first token)."""
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        if k is None:
+            return {"text": text, "logprobs": None}
+        first = {"token": self.tok.convert_ids_to_tokens(ids[:1])[0], "logprob": None, "top": None}
+        with torch.no_grad():
+            entries = [first, *logprob_entries(self.lm, self.tok, ids[:1], ids[1:], k)]
+        return {"text": text, "logprobs": legacy_logprobs(entries)}
+
+    def embed_texts(self, texts: list[str]) -> tuple[list[list[int]], torch.Tensor]:
+        """Their ids and unit vectors (in a worker thread); a text too long or left with no token
+        is named by its index."""
+        ids = [self.tok.encode(t) for t in texts]
+        limit = self.lm.config.max_position_embeddings
+        long = next((i for i, s in enumerate(ids) if len(s) > limit), None)
+        if long is not None:
+            raise InputError(f"input[{long}]: {len(ids[long])} tokens exceed the model's {limit} positions")
+        try:
+            return ids, embed(self.lm, ids, normalize=True)
+        except NothingToEmbed as e:
+            raise InputError(f"input[{e.index}]: {e.reason}") from None
+
+    def _run_kind(self, key: str) -> None:
+        """The run of `key` (in its own thread): batches over the requests of that key, until no
+        request of the key waits."""
+        while self.turns.waits(key):
+            self._run_batch_of(key, int(key.split("=")[1]))
+
+    def _run_batch_of(self, key: str, k: int) -> None:
+        """One batch fed by every request of `key` as it arrives (its rows join at the next step),
+        each event routed to its request as if it ran alone; it ends when no row runs and nobody
+        waits."""
+        from .batch import run as run_batch
+
+        turns, metrics = self.turns, self.metrics
+        owners: dict[int, tuple[Member, int]] = {}  # the batch's prompt index -> request, its own index
+        left: dict[int, int] = {}  # the sequences each request taken still runs
+        taken: list[Member] = []
+
+        def source() -> Any:
+            while True:
+                m = turns.next_member(key)
+                if m is None:
+                    yield None  # nobody now: the batch goes on, and asks again at its next step
+                    continue
+                taken.append(m)
+                left[id(m)] = len(m.jobs) * k
+                for i, job in enumerate(m.jobs):
+                    owners[len(owners)] = (m, i)
+                    metrics.rows.inc(k)
+                    yield job
+
+        def route(ev: TextEvent) -> None:
+            m, local = owners[ev.row // k]
+            done = None if ev.done is None else dataclasses.replace(ev.done, prompt_index=local)
+            if not m.cancelled.is_set():
+                try:
+                    m.sink(TextEvent(local * k + ev.row % k, ev.text, done, ev.confidence))
+                except Cancelled:  # dropped (a stream nobody reads): its rows end at the next step
+                    m.cancelled.set()
+            if done is not None:
+                metrics.rows.dec()
+                left[id(m)] -= 1
+                if not left[id(m)]:
+                    turns.finish(m)
+
+        try:  # the jobs carry their own settings: these say only how many rows each prompt has
+            run_batch(self.lm, self.tok, source(), GenerationOptions(num_return_sequences=k, do_sample=k > 1),
+                      Collector(route), batch_size=max(1, self.limits.rows // k))
+        except Exception as e:  # noqa: BLE001 -- each request of the batch reports it, and those waiting
+            while (m := turns.next_member(key)) is not None:
+                taken.append(m)
+                left[id(m)] = 1
+            for m in taken:
+                if left[id(m)]:
+                    m.error = e
+                    turns.finish(m)
+        finally:
+            metrics.rows.set(0)
+
+
+def legacy_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """Our per-token entries in the completions API's logprobs shape."""
+    if entries is None:
+        return None
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [None if e["top"] is None else {t["token"]: t["logprob"] for t in e["top"]}
+                             for e in entries],
+            "text_offset": []}
