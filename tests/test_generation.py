@@ -264,9 +264,16 @@ def test_prompts_that_arrive_while_a_batch_runs_join_it(eos_ref, monkeypatch):
     ours = ours_from(eos_ref)
     prompts = [[2, *range(40 + n, 40 + 2 * n)] for n in (3, 7, 1, 12, 2, 5, 9)]
     settings = [MIXED[i % len(MIXED)] for i in range(len(prompts))]
-    added, steps = [], [0]
+    added, steps, moved = [], [0], []
     add_rows, step = generation._Batch.add_rows, generation._Batch.step
-    monkeypatch.setattr(generation._Batch, "add_rows", lambda self, n: added.append(steps[0]) or add_rows(self, n))
+
+    def adding(self, n):  # on the CPU the cache has room for every slot: a join copies no row
+        added.append(steps[0])
+        before = self.cache.k.data_ptr()
+        rows = add_rows(self, n)
+        moved.append(self.cache.k.data_ptr() != before)
+        return rows
+    monkeypatch.setattr(generation._Batch, "add_rows", adding)
     monkeypatch.setattr(generation._Batch, "step", lambda self, t: steps.__setitem__(0, steps[0] + 1) or step(self, t))
 
     def arriving():  # one prompt now and then, nothing in between
@@ -281,6 +288,7 @@ def test_prompts_that_arrive_while_a_batch_runs_join_it(eos_ref, monkeypatch):
         if reason is None:
             got.setdefault(seq, []).append(tok)
     assert added and added[0] > 0, "no prompt joined a running batch"
+    assert not any(moved), "a join reallocated the cache"
     for i, (prompt, opts) in enumerate(zip(prompts, settings, strict=True)):
         alone = generate(ours, [prompt], opts, [prompt_generator(9, i)] if opts.do_sample else None)[0][0]
         assert got.get(i, []) == alone.ids, f"prompt {i}"

@@ -14,8 +14,12 @@ import torch
 
 class KVCache:
     def __init__(self, num_layers: int, batch: int, num_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        shape = (num_layers, batch, num_heads, capacity, head_dim)
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", room: int = 0) -> None:
+        """`room`: rows that may join (`add_rows`). On the CPU the buffers hold them from the start:
+        untouched pages of an uninitialised buffer cost no memory, and a join that copied every row
+        into fresh pages would stall the batch; elsewhere the buffers double when full."""
+        rows = max(batch, room) if torch.device(device).type == "cpu" else batch
+        shape = (num_layers, rows, num_heads, capacity, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0
@@ -94,7 +98,7 @@ class KVCache:
 
     def add_rows(self, n: int) -> None:
         """`n` more rows in use, zeroed (a masked column must hold no NaN), for prompts that join a
-        running batch. The buffers double when full, so most rows join without a copy."""
+        running batch. The buffers double when full (rarely, on the CPU: see `room`)."""
         rows = self.rows + n
         if rows > self.k.shape[1]:
             for name in ("k", "v"):
@@ -121,8 +125,12 @@ class StaticCache:
     static = True
 
     def __init__(self, num_layers: int, batch: int, num_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        shape = (num_layers, batch, num_heads, capacity, head_dim)
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", room: int = 0) -> None:
+        """`room`: rows that may join (`add_rows`). On the CPU the buffers hold them from the start:
+        untouched pages of an uninitialised buffer cost no memory, and a join that copied every row
+        into fresh pages would stall the batch; elsewhere the buffers double when full."""
+        rows = max(batch, room) if torch.device(device).type == "cpu" else batch
+        shape = (num_layers, rows, num_heads, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.position = torch.zeros(batch, dtype=torch.long, device=device)  # each row's next position

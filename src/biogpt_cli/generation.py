@@ -225,7 +225,7 @@ class _Batch:
     """
 
     def __init__(self, model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], max_new: int, repeats: int,
-                 columns: int = 0, grows: bool = False):
+                 columns: int = 0, room: int = 0):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InputError("every prompt needs at least one token")
         cfg = model.config
@@ -241,12 +241,12 @@ class _Batch:
         if self.mask is not None:
             self.mask[:, self.width:] = 1
         ids = self.history[:, :self.width].clamp(max=self.vocab - 1)  # pad slots: any id, masked out
-        one = b == 1 and repeats == 1 and not grows and graphs_enabled(device)
+        one = b == 1 and repeats == 1 and not room and graphs_enabled(device)
         self.row = row_decoder(model, self.width + max_new) if one else None
         if self.row is not None:  # one row on a GPU: a static cache and a captured step
             self.cache, self.logits = None, self.row.prefill(prompts[0])
         else:
-            self.cache = model.new_cache(b, self.width + max_new)
+            self.cache = model.new_cache(b, self.width + max_new, room)
             with torch.no_grad():
                 out = model(ids, self._mask(self.width), past_key_values=self.cache, logits_to_keep=1)
             self.logits = out.logits[:, -1].float()
@@ -441,7 +441,8 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
         refill = k == 1 and (len(first) == slots or grows)
         columns = model.config.max_position_embeddings if refill else 0
         row_opts = [own_opts(j) for j, _ in first for _ in range(k)]
-        batch = _Batch(model, [p for _, p in first], max(o.max_new_tokens for o in row_opts), k, columns, grows)
+        batch = _Batch(model, [p for _, p in first], max(o.max_new_tokens for o in row_opts), k, columns,
+                       slots if grows else 0)
         seq_of = [j * k + r for j, _ in first for r in range(k)]  # row -> sequence index
         own = {j: stream_of(j) for j, _ in first} if per_row else {}  # a prompt's k rows share its stream
         draw = [own[s // k] for s in seq_of] if per_row else generator

@@ -186,10 +186,10 @@ class BioGptPreTrainedModel(nn.Module):
         self._refuse("pickling or copying")
         return super().__reduce_ex__(protocol)
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
+    def new_cache(self, batch: int, capacity: int, room: int = 0) -> KVCache:
         c, p = self.config, next(self.parameters())
         return KVCache(c.num_hidden_layers, batch, c.num_attention_heads, c.head_dim,
-                       min(capacity, c.max_position_embeddings), p.dtype, p.device)
+                       min(capacity, c.max_position_embeddings), p.dtype, p.device, room)
 
 
 class BioGptModel(BioGptPreTrainedModel):
