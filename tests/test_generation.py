@@ -198,12 +198,12 @@ def test_position_limit_is_reported(tiny_ref):
                                   no_repeat_ngram_size=2), GenerationOptions(max_new_tokens=9, do_sample=True)],
                          ids=["greedy", "min-new", "penalties", "sampling"])
 def test_continuous_batching_equals_each_prompt_alone(eos_ref, monkeypatch, opts):
-    """More prompts than rows: finished rows take the next prompt, and every prompt's tokens are
-    those it gets alone."""
+    """More prompts than rows: finished rows take the next prompts (prefilled together when they
+    join at the same step), and every prompt's tokens are those it gets alone."""
     from biogpt_cli import generation
 
     ours = ours_from(eos_ref)
-    prompts = [[2, *range(40 + n, 40 + 2 * n)] for n in (1, 7, 3, 12, 2, 5, 9, 4, 6, 1, 8, 3, 1, 2, 20)]
+    prompts = [[2, *range(40 + n, 40 + 2 * n)] for n in (20, 1, 7, 3, 2, 5, 1, 2, 1, 14, 9, 4, 6, 1, 8, 3, 1, 2)]
     admitted, moves, widths = [], [], []
     admit, reframe, step = generation._Batch.admit, generation._Batch._reframe, generation._Batch.step
     monkeypatch.setattr(generation._Batch, "admit",
@@ -215,13 +215,14 @@ def test_continuous_batching_equals_each_prompt_alone(eos_ref, monkeypatch, opts
     for seq, tok, reason in generation.stream_tokens(ours, iter(prompts), opts, streams, slots=3):
         if reason is None:
             got.setdefault(seq, []).append(tok)
-    assert len(admitted) >= 3, "no row was reused"
-    # the window dropped the columns of finished prompts and opened columns for a longer prompt
-    assert min(moves) < 0 < max(moves)
-    assert max(widths) <= max(map(len, prompts)) + opts.max_new_tokens  # not the 64 columns the model allows
     for i, prompt in enumerate(prompts):
         alone = generate(ours, [prompt], opts, [prompt_generator(3, i)] if opts.do_sample else None)[0][0]
         assert got.get(i, []) == alone.ids, f"prompt {i}"
+    assert len(admitted) >= 3, "no row was reused"
+    assert any(len(rows) > 1 for rows in admitted), "no prompts were prefilled together"
+    # the window dropped the columns of finished prompts and opened columns for a longer prompt
+    assert min(moves) < 0 < max(moves), moves
+    assert max(widths) <= max(map(len, prompts)) + opts.max_new_tokens  # not the 64 columns the model allows
 
 
 MIXED = [GenerationOptions(max_new_tokens=10), GenerationOptions(max_new_tokens=6, min_new_tokens=5),

@@ -266,13 +266,13 @@ class _Batch:
         """The first column a live row still reads (the current length when none is live)."""
         return min((f for f, live in zip(self.first, alive, strict=True) if live), default=self.length)
 
-    def fits(self, prompt: Sequence[int], keep: int, max_new: int) -> bool:
-        """Whether `prompt` can take a finished row now, keeping the columns from `keep` on: the
-        window it needs, plus its `max_new` tokens, within the model's positions."""
+    def fits(self, prompts: Sequence[Sequence[int]], keep: int, max_new: int) -> bool:
+        """Whether `prompts` can take rows now together, keeping the columns from `keep` on: the
+        window the longest needs, plus `max_new` tokens, within the model's positions."""
+        longest = max(map(len, prompts))
         if self.row is not None:  # the row starts over at column 0 within its static capacity
-            return len(prompt) + max_new <= self.row.cache.capacity
-        need = max(self.length - keep, len(prompt)) + max_new
-        return need <= self.model.config.max_position_embeddings
+            return longest + max_new <= self.row.cache.capacity
+        return max(self.length - keep, longest) + max_new <= self.model.config.max_position_embeddings
 
     def add_rows(self, n: int) -> range:
         """`n` new rows, empty and masked, for prompts that arrive while the batch runs."""
@@ -284,37 +284,45 @@ class _Batch:
         self.starts = torch.cat([self.starts, self.starts[:1].expand(n)])
         return range(len(self.first) - n, len(self.first))
 
-    def admit(self, row: int, prompt: Sequence[int], keep: int, max_new: int) -> torch.Tensor:
-        """Continuous batching: a new prompt takes the place of finished row `row`, right-aligned at
-        the current length (its padding masked, so its positions start at 0 as when alone). Its
-        prefill runs alone, exactly as a prompt decoded alone does. Returns its next-token logits.
+    def admit(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], keep: int, max_new: int) -> torch.Tensor:
+        """Continuous batching: new prompts take the places of finished (or new) `rows`, each
+        right-aligned at the current length (its padding masked, so its positions start at 0 as
+        when alone). They are prefilled together, apart from the running rows, as a batch of them
+        alone would be. Returns their next-token logits.
 
-        The window is moved first when the prompt is longer than it, when the columns before `keep`
-        (which no live row reads) are at least half of it, or when the new tokens would not fit."""
-        n = len(prompt)
-        if self.row is not None:
+        The window is moved first when the longest prompt is longer than it, when the columns
+        before `keep` (which no live row reads) are at least half of it, or when the new tokens
+        would not fit."""
+        if self.row is not None:  # one row, over its static cache
+            (prompt,) = prompts
+            n = len(prompt)
             self.history[0] = self.vocab
             self.history[0, :n] = torch.tensor(prompt)
             self.length, self.first[0], self.starts[0] = n, 0, n
-            return self.row.prefill(prompt)[0]
+            return self.row.prefill(prompt)
+        n = max(map(len, prompts))
         start = min(keep, self.length - n)
         too_long = self.length + max_new > self.model.config.max_position_embeddings
         if start < 0 or (start > 0 and (2 * start >= self.length or too_long)):
             self._reframe(start)
-        end = self.length
-        own = self.model.new_cache(1, n)
-        ids = torch.tensor([prompt], device=self.history.device)
+        end, device = self.length, self.history.device
+        ids = torch.tensor([[p[0]] * (n - len(p)) + list(p) for p in prompts], device=device)  # padding: masked
+        mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=device)
+        own = self.model.new_cache(len(prompts), n)
         with torch.no_grad():
-            logits = self.model(ids, past_key_values=own, logits_to_keep=1).logits[0, -1].float()
-        self.cache.k[:, row, :, end - n:end] = own.k[:, 0, :, :n]
-        self.cache.v[:, row, :, end - n:end] = own.v[:, 0, :, :n]
-        self.history[row] = self.vocab
-        self.history[row, end - n:end] = ids[0]
+            logits = self.model(ids, mask if len(set(map(len, prompts))) > 1 else None, past_key_values=own,
+                                logits_to_keep=1).logits[:, -1].float()
         if self.mask is None:
             self.mask = torch.ones_like(self.history)
-        self.mask[row] = 0
-        self.mask[row, end - n:] = 1
-        self.first[row], self.starts[row] = end - n, end
+        for i, (row, p) in enumerate(zip(rows, prompts, strict=True)):
+            m = len(p)
+            self.cache.k[:, row, :, end - m:end] = own.k[:, i, :, n - m:]
+            self.cache.v[:, row, :, end - m:end] = own.v[:, i, :, n - m:]
+            self.history[row] = self.vocab
+            self.history[row, end - m:end] = ids[i, n - m:]
+            self.mask[row] = 0
+            self.mask[row, end - m:] = 1
+            self.first[row], self.starts[row] = end - m, end
         return logits
 
     def _reframe(self, start: int) -> None:
@@ -456,9 +464,13 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
                     alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos, row_opts[r].max_new_tokens,
                                                    should_stop)
             free = [r for r, live in enumerate(alive) if refill and not live]
+            joining: list[tuple[int, int, Sequence[int]]] = []  # (row, prompt index, prompt)
+            keep = batch.window(alive)
             while free or (grows and len(alive) < slots):
-                keep = batch.window(alive)
-                taken = queue.take_if(lambda j, p, b=batch, w=keep: b.fits(p, w, own_opts(j).max_new_tokens))
+                group = [q for _, _, q in joining]  # a prompt joins if it fits beside those taken before it
+                most = max((row_opts[r].max_new_tokens for r, _, _ in joining), default=0)
+                taken = queue.take_if(lambda j, p, b=batch, w=keep, g=group, m=most:
+                                      b.fits([*g, p], w, max(m, own_opts(j).max_new_tokens)))
                 if taken is None:
                     break
                 if not free:  # a new row, for a prompt that arrived while the batch runs
@@ -472,11 +484,15 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
                         draw.append(None)
                 r = free.pop(0)
                 j, prompt = taken
-                row_opts[r] = own_opts(j)
-                scores[r] = batch.admit(r, prompt, keep, row_opts[r].max_new_tokens)
-                seq_of[r], new_ids[r] = j, []
+                row_opts[r], seq_of[r], new_ids[r] = own_opts(j), j, []
                 if per_row:
                     draw[r] = stream_of(j)
+                joining.append((r, j, prompt))
+            if joining:  # the prompts taken now are prefilled together, then each chooses its first token
+                rows = [r for r, _, _ in joining]
+                scores[rows] = batch.admit(rows, [p for _, _, p in joining], keep,
+                                           max(row_opts[r].max_new_tokens for r in rows))
+            for r, j, _ in joining:
                 one = slice(r, r + 1)
                 tok = int(_choose(scores[one], batch.history[one, :batch.length], batch.starts[one], row_opts[one],
                                   draw[one] if per_row else draw, [True], eos)[0])
