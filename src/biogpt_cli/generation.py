@@ -577,12 +577,17 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
     procs = make_processors(opts, eos, batch.width)
     b, v, width, total = len(prompts), batch.vocab, batch.width, batch.width + max_new
     keep = 2 * nb
-    seqs = batch.history.view(b, nb, total).clone()
     dev = batch.history.device
+    # the running beams' tokens, and the beam each continued, per step: a hypothesis is read back
+    # through them at the end, so no step copies whole histories
+    toks = torch.zeros(b, nb, max_new, dtype=torch.long, device=dev)
+    back = torch.zeros_like(toks)
+    reads = opts.repetition_penalty != 1.0 or opts.no_repeat_ngram_size > 0 or bool(opts.bad_words_ids)
+    seqs = batch.history.view(b, nb, total).clone() if reads else None  # for processors that read tokens
     run_scores = torch.zeros(b, nb, device=dev)
     run_scores[:, 1:] = -1e9
-    fin_seqs, fin_scores = seqs.clone(), torch.full((b, nb), -1e9, device=dev)
-    fin_len = torch.zeros(b, nb, dtype=torch.long, device=dev)
+    fin_scores = torch.full((b, nb), -1e9, device=dev)
+    fin_len, fin_parent, fin_token = (torch.zeros(b, nb, dtype=torch.long, device=dev) for _ in range(3))
     finished = torch.zeros(b, nb, dtype=torch.bool, device=dev)
     improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
     top_mask = torch.arange(keep, device=dev) < nb
@@ -591,7 +596,9 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
     scores = batch.logits
     cur = width
     while True:
-        logp = apply_all(procs, seqs.view(b * nb, total)[:, :cur], F.log_softmax(scores, -1))
+        step = cur - width
+        history = seqs.view(b * nb, total)[:, :cur] if reads else toks.new_zeros(1, 1).expand(b * nb, cur)
+        logp = apply_all(procs, history, F.log_softmax(scores, -1))
         logp = (logp.view(b, nb, v) + run_scores[:, :, None]).view(b, nb * v)
         if opts.do_sample:
             top_idx = _candidates(logp.softmax(-1), keep, generator)
@@ -600,22 +607,25 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
         else:
             top_lp, top_idx = torch.topk(logp, keep)
         beam_of, tokens = top_idx // v, top_idx % v
-        top_seqs = seqs.gather(1, beam_of[:, :, None].expand(-1, -1, total)).clone()
-        top_seqs[:, :, cur] = tokens
         hits = (tokens == eos) | (cur + 1 >= total)
         # the best `nb` unfinished candidates keep running
         run_lp = top_lp + hits.float() * -1e9
         nxt = torch.topk(run_lp, nb).indices
-        seqs, run_scores = top_seqs.gather(1, nxt[:, :, None].expand(-1, -1, total)), run_lp.gather(1, nxt)
-        parents = (beam_of.gather(1, nxt) + offsets).view(-1)
+        chosen, run_scores = beam_of.gather(1, nxt), run_lp.gather(1, nxt)
+        toks[:, :, step], back[:, :, step] = tokens.gather(1, nxt), chosen
+        if reads:
+            seqs = seqs.gather(1, chosen[:, :, None].expand(-1, -1, total))
+            seqs[:, :, cur] = toks[:, :, step]
+        parents = (chosen + offsets).view(-1)
         # finished candidates among the top `nb` compete with earlier ones for the `nb` slots
         fin_lp = top_lp / ((cur + 1 - width) ** opts.length_penalty)
         fin_lp = fin_lp + (finished.all(-1, keepdim=True) & (opts.early_stopping is True)).float() * -1e9
         fin_lp = fin_lp + (~improvable).float() * -1e9 + (~(hits & top_mask)).float() * -1e9
         merged = torch.topk(torch.cat((fin_scores, fin_lp), 1), nb).indices
-        fin_seqs = torch.cat((fin_seqs, top_seqs), 1).gather(1, merged[:, :, None].expand(-1, -1, total))
         fin_scores = torch.cat((fin_scores, fin_lp), 1).gather(1, merged)
-        fin_len = torch.cat((fin_len, torch.full((b, keep), cur + 1 - width, device=dev)), 1).gather(1, merged)
+        fin_len = torch.cat((fin_len, torch.full((b, keep), step + 1, device=dev)), 1).gather(1, merged)
+        fin_parent = torch.cat((fin_parent, beam_of), 1).gather(1, merged)
+        fin_token = torch.cat((fin_token, tokens), 1).gather(1, merged)
         finished = torch.cat((finished, hits & top_mask), 1).gather(1, merged)
         cur += 1
         if progress is not None:
@@ -630,13 +640,25 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
             break
         slots = batch.cache.inherit(slots, parents.tolist(), start=width)
         where = torch.tensor(slots, device=dev)
-        tokens = seqs.view(b * nb, total)[:, cur - 1]
+        tokens = toks[:, :, step].reshape(-1)
         scores = batch.step(torch.empty_like(tokens).index_copy_(0, where, tokens))[where]
+    return _read_back(toks.tolist(), back.tolist(), fin_len.tolist(), fin_parent.tolist(), fin_token.tolist(),
+                      opts.num_return_sequences, eos)
+
+
+def _read_back(toks: list, back: list, length: list, parent: list, token: list, k: int,
+               eos: int) -> list[list[GeneratedSequence]]:
+    """Each prompt's `k` best finished hypotheses, their tokens read back through the beams each
+    step continued: hypothesis j ends with `token` after running beam `parent` of the step before."""
     results = []
-    for i in range(b):
+    for i in range(len(length)):
         row = []
-        for j in range(opts.num_return_sequences):
-            ids = fin_seqs[i, j, width:width + int(fin_len[i, j])].tolist()
+        for j in range(k):
+            ids, beam = [token[i][j]] if length[i][j] else [], parent[i][j]
+            for step in range(length[i][j] - 2, -1, -1):
+                ids.append(toks[i][beam][step])
+                beam = back[i][beam][step]
+            ids.reverse()
             reason = "eos" if ids and ids[-1] == eos else "length"
             row.append(GeneratedSequence(i, ids[:-1] if reason == "eos" else ids, reason))
         results.append(row)
