@@ -175,17 +175,21 @@ class Quotes:
 
     def fresh_through(self, words: Sequence[str], k: int) -> list[int]:
         """Count the words up to `k`; the word counts among them after which the state is fresh."""
-        fresh = []
-        for i in range(self.seen, k):
+        fresh, start = [], self.seen
+        self.seen = max(self.seen, k)
+        even = not any(c % 2 for c in self.counts.values())
+        if not QUOTISH.search(" ".join(words[start:k])):  # no quote among them: the state stays as it is
+            return list(range(start + 1, k + 1)) if even else []
+        for i in range(start, k):
             token = self.tokenizer.unescape(words[i]) if QUOTISH.search(words[i]) else ""
             if OPEN_QUOTE.match(token) and not self._joined(words, i):
                 key = '"' if re.fullmatch("[„“”]+", token) else token
                 count = self.counts.get(key, 0)
                 possessive = token == "'" and i > 0 and words[i - 1].endswith("s") and count % 2 == 0
                 self.counts[key] = count + (not possessive)
-            if not any(c % 2 for c in self.counts.values()):
+                even = not any(c % 2 for c in self.counts.values())
+            if even:
                 fresh.append(i + 1)
-        self.seen = max(self.seen, k)
         return fresh
 
     @staticmethod
