@@ -59,14 +59,17 @@ def performance_page(found: list[tuple[str, dict]]) -> str:
 
 
 def readme_table(found: list[tuple[str, dict]]) -> str:
-    """The newest result of each machine, headline figures only."""
+    """The newest result of each machine, headline figures only: whole CPU runs (a part run with
+    `--only` is in docs/performance.md only) and GPU runs."""
     newest: dict[str, tuple[str, dict]] = {}
     for name, data in found:
-        newest[re.sub(r"^\d{4}-\d{2}-\d{2}-", "", name)] = (name, data)
+        command = data.get("command", "")
+        if "--only" not in command or "--device cuda" in command:
+            newest[re.sub(r"^\d{4}-\d{2}-\d{2}-", "", name)] = (name, data)
     out = [BEGIN]
     for name, data in newest.values():
         headline = table(data["rows"], HEADLINE)
-        if len(headline) > 2:  # a partial run without headline figures is in docs/performance.md only
+        if len(headline) > 2:
             out += ["", f"**{machine_line(data['machine'])}** ([{name}](benchmarks/results/{name}))", "", *headline]
     return "\n".join([*out, "", END])
 
