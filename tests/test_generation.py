@@ -209,7 +209,7 @@ def test_continuous_batching_equals_each_prompt_alone(eos_ref, monkeypatch, opts
     monkeypatch.setattr(generation._Batch, "admit",
                         lambda self, r, p, keep, new: admitted.append(r) or admit(self, r, p, keep, new))
     monkeypatch.setattr(generation._Batch, "_reframe", lambda self, start: moves.append(start) or reframe(self, start))
-    monkeypatch.setattr(generation._Batch, "step", lambda self, t: widths.append(self.length) or step(self, t))
+    monkeypatch.setattr(generation._Batch, "step", lambda self, *a: widths.append(self.length) or step(self, *a))
     streams = (lambda i: prompt_generator(3, i)) if opts.do_sample else None
     got: dict[int, list[int]] = {}
     for seq, tok, reason in generation.stream_tokens(ours, iter(prompts), opts, streams, slots=3):
@@ -275,7 +275,8 @@ def test_prompts_that_arrive_while_a_batch_runs_join_it(eos_ref, monkeypatch):
         moved.append(self.cache.k.data_ptr() != before)
         return rows
     monkeypatch.setattr(generation._Batch, "add_rows", adding)
-    monkeypatch.setattr(generation._Batch, "step", lambda self, t: steps.__setitem__(0, steps[0] + 1) or step(self, t))
+    monkeypatch.setattr(generation._Batch, "step",
+                        lambda self, *a: steps.__setitem__(0, steps[0] + 1) or step(self, *a))
 
     def arriving():  # one prompt now and then, nothing in between
         for p in prompts:

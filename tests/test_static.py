@@ -21,21 +21,26 @@ def tiny(tiny_ref):
 
 
 def test_static_steps_equal_the_growing_cache(tiny):
+    """Rows prefilled together into a static cache, then stepped at their own positions (a
+    finished row staying put), give each prompt's tokens alone."""
     model, tok = tiny
-    ids = tok.encode("the cat and the dog")
-    decoder = graphs.row_decoder(model, len(ids) + 30)
-    assert decoder.cache.capacity == min(graphs.BUCKET, model.config.max_position_embeddings)
-    for _ in range(2):  # a second prompt on the same decoder starts over
-        scores, tokens = decoder.prefill(ids), []
-        for _ in range(30):
+    prompts = [tok.encode(p) for p in ("the cat and the dog", "of", "and then the dog went")]
+    decoder = graphs.static_rows(model, 3, max(map(len, prompts)) + 30)
+    assert decoder.rows == 4 and decoder.cache.capacity == min(graphs.BUCKET, model.config.max_position_embeddings)
+    alone = [generate(model, [p], GenerationOptions(max_new_tokens=30, min_new_tokens=30))[0][0].ids for p in prompts]
+    for _ in range(2):  # the same decoder starts over
+        scores, tokens = decoder.prefill(range(3), prompts), [[], [], []]
+        for step in range(30):
             token = scores.argmax(-1)
-            tokens.append(token.item())
-            scores = decoder.step(token)
-        assert tokens == generate(model, [ids], GenerationOptions(max_new_tokens=30, min_new_tokens=30))[0][0].ids
-    cache = model.new_cache(1, len(ids))
+            for r in range(3):
+                tokens[r].append(token[r].item())
+            live = torch.tensor([1, int(step < 9), 1])  # the second row ends after 10 tokens
+            scores = decoder.step(token, live)
+        assert tokens[0] == alone[0] and tokens[1][:10] == alone[1][:10] and tokens[2] == alone[2]
+    cache = model.new_cache(1, len(prompts[0]))
     with torch.no_grad():
-        grown = model(torch.tensor([ids]), past_key_values=cache).logits[0, -1]
-    assert torch.allclose(decoder.prefill(ids)[0], grown, atol=1e-5)
+        grown = model(torch.tensor([prompts[0]]), past_key_values=cache).logits[0, -1]
+    assert torch.allclose(decoder.prefill([1], prompts[:1])[0], grown, atol=1e-5)
 
 
 @pytest.mark.parametrize("opts", [
@@ -43,23 +48,24 @@ def test_static_steps_equal_the_growing_cache(tiny):
     GenerationOptions(max_new_tokens=12, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=5),
     GenerationOptions(max_new_tokens=12, do_sample=True, top_k=20, top_p=0.9, temperature=0.8),
 ], ids=["greedy", "processors", "sampling"])
-def test_single_prompts_take_the_static_path_with_the_same_tokens(tiny, monkeypatch, opts):
-    """`generate PROMPT`, one prompt at a time (continuous batching with one slot too): where a
-    GPU would take the captured path, every option gives the eager engine's tokens."""
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_batches_take_the_static_path_with_the_same_tokens(tiny, monkeypatch, opts, batch_size):
+    """`generate`, one prompt at a time or a batch with continuous batching: where a GPU would take
+    the captured path, every option gives the eager engine's tokens."""
     model, tok = tiny
-    jobs = [Job(Prompt(i + 1, p), tok.encode(p)) for i, p in enumerate(PROMPTS)]
+    jobs = [Job(Prompt(i + 1, p), tok.encode(p)) for i, p in enumerate(PROMPTS * 2)]
 
     def tokens() -> list[list[int]]:
         done: dict[int, list[int]] = {}
         sink = type("Sink", (), {"begin": lambda self, p: None, "add": lambda self, p: None,
                                  "event": lambda self, ev: ev.done and done.__setitem__(ev.row, ev.done.ids)})()
-        run(model, tok, jobs, opts, sink, batch_size=1, seed=3)
+        run(model, tok, jobs, opts, sink, batch_size=batch_size, seed=3)
         return [done[i] for i in range(len(jobs))]
 
     expected = tokens()
     monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
     used = []
-    monkeypatch.setattr(generation, "row_decoder", lambda *a: used.append(a) or graphs.row_decoder(*a))
+    monkeypatch.setattr(generation, "static_rows", lambda *a: used.append(a) or graphs.static_rows(*a))
     assert tokens() == expected and used
 
 
@@ -96,3 +102,31 @@ def test_a_long_run_keeps_only_what_is_still_to_show(tiny, tmp_path):
         return counted[-1]
 
     assert alive_at_the_end(600) <= alive_at_the_end(60) + 4
+
+
+def test_rows_that_join_a_running_batch_take_free_static_rows(tiny, monkeypatch):
+    """A live source (a server's) on the static path: prompts of different settings join the
+    running batch in the static cache's spare rows, and each gets the eager engine's tokens."""
+    model, tok = tiny
+    prompts = [tok.encode(p) for p in PROMPTS * 2]
+    settings = [GenerationOptions(max_new_tokens=9), GenerationOptions(max_new_tokens=4, min_new_tokens=3),
+                GenerationOptions(max_new_tokens=7, do_sample=True, top_k=10)]
+
+    def tokens() -> dict[int, list[int]]:
+        def arriving():
+            for p in prompts:
+                yield p
+                yield None
+        got: dict[int, list[int]] = {}
+        for seq, token, reason in generation.stream_tokens(model, arriving(), GenerationOptions(max_new_tokens=1),
+                                                           lambda i: generation.prompt_generator(4, i), slots=4,
+                                                           per_prompt=lambda i: settings[i % 3]):
+            if reason is None:
+                got.setdefault(seq, []).append(token)
+        return got
+
+    expected = tokens()
+    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    used = []
+    monkeypatch.setattr(generation, "static_rows", lambda *a: used.append(a) or graphs.static_rows(*a))
+    assert tokens() == expected and used

@@ -120,20 +120,18 @@ class StaticCache:
     """Keys and values at a fixed capacity, each row written at its own position, held on the
     device: nothing a step does depends on a host value, so the step can be captured once (a CUDA
     graph, graphs.py) and replayed. The attention mask is built on the device from the positions;
-    columns past a row's position are zeros (never NaN), masked out."""
+    columns past a row's position hold zeros or keys written before (never NaN), masked out. A row
+    whose `live` is 0 (finished) keeps its position, so it never runs past the capacity."""
 
     static = True
 
     def __init__(self, num_layers: int, batch: int, num_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", room: int = 0) -> None:
-        """`room`: rows that may join (`add_rows`). On the CPU the buffers hold them from the start:
-        untouched pages of an uninitialised buffer cost no memory, and a join that copied every row
-        into fresh pages would stall the batch; elsewhere the buffers double when full."""
-        rows = max(batch, room) if torch.device(device).type == "cpu" else batch
-        shape = (num_layers, rows, num_heads, capacity, head_dim)
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (num_layers, batch, num_heads, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.position = torch.zeros(batch, dtype=torch.long, device=device)  # each row's next position
+        self.live = torch.ones(batch, dtype=torch.long, device=device)  # 0: a finished row, which stays put
         self._columns = torch.arange(capacity, device=device)
         self._index: torch.Tensor | None = None
 
@@ -157,4 +155,4 @@ class StaticCache:
         return self.k[layer], self.v[layer]
 
     def advance(self, tokens: int) -> None:
-        self.position += tokens
+        self.position += tokens * self.live

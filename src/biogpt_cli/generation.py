@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError, PromptTooLong
-from .graphs import graphs_enabled, row_decoder
+from .graphs import graphs_enabled, static_rows
 from .model import BioGptForCausalLM
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -241,10 +241,11 @@ class _Batch:
         if self.mask is not None:
             self.mask[:, self.width:] = 1
         ids = self.history[:, :self.width].clamp(max=self.vocab - 1)  # pad slots: any id, masked out
-        one = b == 1 and repeats == 1 and not room and graphs_enabled(device)
-        self.row = row_decoder(model, self.width + max_new) if one else None
-        if self.row is not None:  # one row on a GPU: a static cache and a captured step
-            self.cache, self.logits = None, self.row.prefill(prompts[0])
+        # on a GPU: each row at its own position in a static cache, every step one captured graph
+        static = repeats == 1 and graphs_enabled(device)
+        self.rows = static_rows(model, max(b, room), self.width + max_new) if static else None
+        if self.rows is not None:
+            self.cache, self.logits = None, self.rows.prefill(range(b), prompts)
         else:
             self.cache = model.new_cache(b, self.width + max_new, room)
             with torch.no_grad():
@@ -270,13 +271,15 @@ class _Batch:
         """Whether `prompts` can take rows now together, keeping the columns from `keep` on: the
         window the longest needs, plus `max_new` tokens, within the model's positions."""
         longest = max(map(len, prompts))
-        if self.row is not None:  # the row starts over at column 0 within its static capacity
-            return longest + max_new <= self.row.cache.capacity
+        if self.rows is not None and longest + max_new > self.rows.cache.capacity:  # each row from column 0
+            return False
         return max(self.length - keep, longest) + max_new <= self.model.config.max_position_embeddings
 
     def add_rows(self, n: int) -> range:
-        """`n` new rows, empty and masked, for prompts that arrive while the batch runs."""
-        self.cache.add_rows(n)
+        """`n` new rows, empty and masked, for prompts that arrive while the batch runs (a static
+        cache holds them already: its rows are the batch's room)."""
+        if self.cache is not None:
+            self.cache.add_rows(n)
         self.history = torch.cat([self.history, self.history.new_full((n, self.history.shape[1]), self.vocab)])
         self.mask = torch.cat([torch.ones_like(self.history[:-n]) if self.mask is None else self.mask,
                                torch.zeros_like(self.history[-n:])])
@@ -293,44 +296,47 @@ class _Batch:
         The window is moved first when the longest prompt is longer than it, when the columns
         before `keep` (which no live row reads) are at least half of it, or when the new tokens
         would not fit."""
-        if self.row is not None:  # one row, over its static cache
-            (prompt,) = prompts
-            n = len(prompt)
-            self.history[0] = self.vocab
-            self.history[0, :n] = torch.tensor(prompt)
-            self.length, self.first[0], self.starts[0] = n, 0, n
-            return self.row.prefill(prompt)
         n = max(map(len, prompts))
         start = min(keep, self.length - n)
         too_long = self.length + max_new > self.model.config.max_position_embeddings
         if start < 0 or (start > 0 and (2 * start >= self.length or too_long)):
             self._reframe(start)
-        end, device = self.length, self.history.device
+        end = self.length
+        logits = self.rows.prefill(rows, prompts) if self.rows is not None else self._prefill(rows, prompts, end)
+        if self.mask is None:
+            self.mask = torch.ones_like(self.history)
+        for row, p in zip(rows, prompts, strict=True):
+            m = len(p)
+            self.history[row] = self.vocab
+            self.history[row, end - m:end] = torch.tensor(p, device=self.history.device)
+            self.mask[row] = 0
+            self.mask[row, end - m:] = 1
+            self.first[row], self.starts[row] = end - m, end
+        return logits
+
+    def _prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], end: int) -> torch.Tensor:
+        """The prompts' forward pass together (left-padded, masked), their keys and values copied
+        into `rows` so that each ends at column `end`; their next-token logits."""
+        n, device = max(map(len, prompts)), self.history.device
         ids = torch.tensor([[p[0]] * (n - len(p)) + list(p) for p in prompts], device=device)  # padding: masked
         mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=device)
         own = self.model.new_cache(len(prompts), n)
         with torch.no_grad():
             logits = self.model(ids, mask if len(set(map(len, prompts))) > 1 else None, past_key_values=own,
                                 logits_to_keep=1).logits[:, -1].float()
-        if self.mask is None:
-            self.mask = torch.ones_like(self.history)
         for i, (row, p) in enumerate(zip(rows, prompts, strict=True)):
             m = len(p)
             self.cache.k[:, row, :, end - m:end] = own.k[:, i, :, n - m:]
             self.cache.v[:, row, :, end - m:end] = own.v[:, i, :, n - m:]
-            self.history[row] = self.vocab
-            self.history[row, end - m:end] = ids[i, n - m:]
-            self.mask[row] = 0
-            self.mask[row, end - m:] = 1
-            self.first[row], self.starts[row] = end - m, end
         return logits
 
     def _reframe(self, start: int) -> None:
         """Column `start` becomes column 0 (negative: that many padding columns open in front), in
         the cache, the history, the mask and every row's bookkeeping."""
         lo, n = max(start, 0), self.length - start
-        self.cache.reserve(max(-start, 0), self.model.config.max_position_embeddings)
-        self.cache.shift(start)
+        if self.cache is not None:  # a static cache has no shared columns: its rows start at 0
+            self.cache.reserve(max(-start, 0), self.model.config.max_position_embeddings)
+            self.cache.shift(start)
         if self.mask is None:
             self.mask = torch.ones_like(self.history)
         for buf, front, back in ((self.history, self.vocab, self.vocab), (self.mask, 0, 1)):
@@ -341,12 +347,13 @@ class _Batch:
         self.first = [f - start for f in self.first]
         self.starts -= start
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append one token per row; return next-token scores [rows, vocab] in float32."""
+    def step(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+        """Append one token per row (`live`: the rows still decoding; None: all); return
+        next-token scores [rows, vocab] in float32."""
         self.history[:, self.length] = tokens
         self.length += 1
-        if self.row is not None:
-            return self.row.step(tokens)
+        if self.rows is not None:
+            return self.rows.step(tokens, torch.ones_like(tokens) if live is None else live.long())
         with torch.no_grad():
             out = self.model(tokens[:, None], self._mask(self.length), past_key_values=self.cache, logits_to_keep=1)
         return out.logits[:, -1].float()
@@ -503,7 +510,7 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
             if not any(alive):
                 break
             finished = torch.tensor([not a for a in alive], device=tokens.device)
-            scores = batch.step(tokens.masked_fill(finished, model.config.pad_token_id))  # as the reference does
+            scores = batch.step(tokens.masked_fill(finished, model.config.pad_token_id), ~finished)  # as the reference
 
 
 def _checked(per_prompt: Callable[[int], GenerationOptions], k: int) -> Callable[[int], GenerationOptions]:

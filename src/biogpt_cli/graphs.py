@@ -1,12 +1,13 @@
-"""One row decoded over a static cache, its one-token step captured in a CUDA graph.
+"""Rows decoded over a static cache, their one-token step captured in a CUDA graph.
 
-A decoding step of one row is a few hundred small kernels: on a GPU their launches, not the
-bytes they read, set the speed. Over a `StaticCache` nothing in the step depends on a host value
-(the position is a device tensor, the mask is built from it), so the step is captured once per
-process and capacity, and each token is one graph replay. Prefill runs eagerly; the logits
-processors and sampling run after the graph on its output. A capture takes well under a second
-and cannot be kept on disk (a graph holds device addresses), so it is paid once per process;
-`-v` reports it. BIOGPT_GRAPHS=0 (`--no-graphs`) decodes eagerly instead.
+A decoding step is a few hundred small kernels: on a GPU their launches, not the bytes they read,
+set the speed. Over a `StaticCache` nothing in the step depends on a host value (each row's
+position is a device tensor, the mask is built from it, a finished row stays where it is), so the
+step of a bucket of rows (1, 2, 4, ... of them) is captured once per process and capacity, and
+each token of every row is one graph replay. Prompts are prefilled eagerly, together, into any
+free rows; the logits processors and sampling run after the graph on its output. A capture takes
+well under a second and cannot be kept on disk (a graph holds device addresses), so it is paid
+once per process; `-v` reports it. BIOGPT_GRAPHS=0 (`--no-graphs`) decodes eagerly instead.
 """
 
 from __future__ import annotations
@@ -27,46 +28,65 @@ def graphs_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("BIOGPT_GRAPHS", "1").strip() not in ("0", "false", "no", "off")
 
 
-class RowDecoder:
-    """A single row's prefill and steps over a static cache of `capacity` positions: on CUDA
-    (unless graphs are off) the step replays a captured graph, elsewhere it runs eagerly (the same
-    computation, which is how the CPU tests check it)."""
+class StaticRows:
+    """`rows` rows over a static cache of `capacity` positions: on CUDA (unless graphs are off) a
+    step replays a captured graph, elsewhere it runs eagerly (the same computation, which is how
+    the CPU tests check it)."""
 
-    def __init__(self, model: torch.nn.Module, capacity: int) -> None:
+    def __init__(self, model: torch.nn.Module, rows: int, capacity: int) -> None:
         cfg, p = model.config, next(model.parameters())
         self.model = model
-        self.cache = StaticCache(cfg.num_hidden_layers, 1, cfg.num_attention_heads, cfg.head_dim, capacity,
+        self.cache = StaticCache(cfg.num_hidden_layers, rows, cfg.num_attention_heads, cfg.head_dim, capacity,
                                  p.dtype, p.device)
-        self.token = torch.zeros((1, 1), dtype=torch.long, device=p.device)
+        self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=p.device)
         self.captured = graphs_enabled(p.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
-    def prefill(self, prompt: Sequence[int]) -> torch.Tensor:
-        """Start the row over with `prompt`; its next-token logits [1, vocab] in float32."""
-        self.cache.position.zero_()
-        ids = torch.tensor([list(prompt)], device=self.token.device)
-        with torch.no_grad():
-            return self.model(ids, past_key_values=self.cache, logits_to_keep=1).logits[:, -1].float()
+    @property
+    def rows(self) -> int:
+        return self.tokens.shape[0]
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append one token; the next-token logits [1, vocab] in float32 (a copy: the graph's own
-        output is overwritten by the next replay)."""
-        self.token.copy_(tokens.view(1, 1))
+    def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Start `rows` over with `prompts`, prefilled together (right-padded: causal attention
+        keeps the padding out of every real token); their next-token logits [len(rows), vocab] in
+        float32."""
+        device, lengths = self.tokens.device, [len(p) for p in prompts]
+        n = max(lengths)
+        ids = torch.tensor([[*p, *[p[-1]] * (n - len(p))] for p in prompts], device=device)
+        own = self.model.new_cache(len(prompts), n)
+        with torch.no_grad():
+            hidden = self.model.biogpt(ids, past_key_values=own).last_hidden_state
+            last = hidden[torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device) - 1]
+            logits = self.model.output_projection(last).float()
+        index = torch.tensor(list(rows), device=device)
+        self.cache.k[:, index, :, :n] = own.k[:, :, :, :n]
+        self.cache.v[:, index, :, :n] = own.v[:, :, :, :n]
+        self.cache.position[index] = torch.tensor(lengths, device=device)
+        return logits
+
+    def step(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """One token for each of the first len(tokens) rows, whose `live` ones move on (the others,
+        and the rows past them, stay where they are); their next-token logits in float32 (a copy:
+        the graph's own output is overwritten by the next replay)."""
+        b = tokens.shape[0]
+        self.tokens[:b, 0].copy_(tokens)
+        self.cache.live[:b].copy_(live)
+        self.cache.live[b:] = 0
         if not self.captured:
-            return self._forward().float()
+            return self._forward()[:b].float()
         if self.graph is None:
             self._capture()
         self.graph.replay()
-        return self.logits.float().clone()
+        return self.logits[:b].float().clone()
 
     def _forward(self) -> torch.Tensor:
         with torch.no_grad():
-            return self.model(self.token, past_key_values=self.cache, logits_to_keep=1).logits[:, -1]
+            return self.model(self.tokens, past_key_values=self.cache, logits_to_keep=1).logits[:, -1]
 
     def _capture(self) -> None:
-        """Warm up on a side stream (restoring the position each time: the warm-ups write the same
-        token's keys where the real step will), then record the step."""
+        """Warm up on a side stream (restoring the positions each time: the warm-ups write the same
+        tokens' keys where the real step will), then record the step."""
         start = time.perf_counter()
         position = self.cache.position.clone()
         side = torch.cuda.Stream()
@@ -83,12 +103,15 @@ class RowDecoder:
         CAPTURES.append(time.perf_counter() - start)
 
 
-def row_decoder(model: torch.nn.Module, positions: int) -> RowDecoder:
-    """The process's decoder for one row of up to `positions` positions (prompt and new tokens),
-    kept per model and capacity bucket so that its graph is captured once."""
+def static_rows(model: torch.nn.Module, rows: int, positions: int) -> StaticRows:
+    """The process's decoder for `rows` rows (rounded up to a power of two) of up to `positions`
+    positions each (prompt and new tokens), kept per model and row bucket so that its graph is
+    captured once; a longer need replaces it with a larger capacity."""
     limit = model.config.max_position_embeddings
     capacity = min(limit, -(-positions // BUCKET) * BUCKET)
-    own = vars(model).setdefault("_row_decoders", {})  # lives as long as the model
-    if capacity not in own:
-        own[capacity] = RowDecoder(model, capacity)
-    return own[capacity]
+    bucket = 1 << (rows - 1).bit_length()
+    own = vars(model).setdefault("_static_rows", {})  # lives as long as the model
+    if bucket not in own or own[bucket].cache.capacity < capacity:
+        own.pop(bucket, None)  # its buffers go before the larger ones are taken
+        own[bucket] = StaticRows(model, bucket, capacity)
+    return own[bucket]

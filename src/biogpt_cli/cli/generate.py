@@ -97,7 +97,7 @@ def generate(
     dtype: DTypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = "none",
-    graphs: Annotated[bool, typer.Option(help="CUDA: replay one prompt's decode step from a captured graph.")]
+    graphs: Annotated[bool, typer.Option(help="CUDA: replay the decode step from a captured graph.")]
     = True,
     errors: ErrorsOpt = "strict",
     verbose: VerboseOpt = False,
