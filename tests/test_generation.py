@@ -167,6 +167,31 @@ def test_penalties_on_hand_made_scores():
     assert kept(out) == [0, 1, 3]  # "1 2" seen before, so 2 may not follow 1 again
 
 
+def test_bans_on_the_device_equal_a_scan_of_each_row():
+    """n-gram and word bans, computed for all rows at once, equal a plain scan of each row's
+    tokens (left padding, short rows and one-token bans included)."""
+    from biogpt_cli.generation import bad_words
+
+    vocab, gen = 6, torch.Generator().manual_seed(0)
+    for _ in range(200):
+        rows, width = 5, int(torch.randint(1, 12, (1,), generator=gen))
+        history = torch.randint(0, vocab, (rows, width), generator=gen)
+        for r in range(rows):  # each row padded on the left, as the batch holds it
+            history[r, :int(torch.randint(0, width + 1, (1,), generator=gen))] = vocab
+        rows_tokens = [[t for t in row if t != vocab] for row in history.tolist()]
+        for n in (1, 2, 3):
+            got = no_repeat_ngram(n)(history, torch.zeros(rows, vocab)).isinf().tolist()
+            for toks, bans in zip(rows_tokens, got, strict=True):
+                tail = toks[len(toks) - n + 1:] if n > 1 else []
+                expected = {toks[i + n - 1] for i in range(len(toks) - n + 1) if toks[i:i + n - 1] == tail}
+                assert {t for t in range(vocab) if bans[t]} == expected
+        sequences = [[3], [1, 2], [0, 4, 5], [2, 2, 2, 2]]
+        got = bad_words(sequences)(history, torch.zeros(rows, vocab)).isinf().tolist()
+        for toks, bans in zip(rows_tokens, got, strict=True):
+            expected = {s[-1] for s in sequences if len(toks) >= len(s) - 1 and toks[len(toks) - len(s) + 1:] == s[:-1]}
+            assert {t for t in range(vocab) if bans[t]} == expected
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(top_p=-0.1), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(temperature=-1.0), "temperature"), (dict(num_beams=0), "num_beams"),

@@ -95,38 +95,37 @@ def repetition_penalty(penalty: float) -> Processor:
     return apply
 
 
-def _row_tokens(history: torch.Tensor, sentinel: int) -> list[list[int]]:
-    return [[t for t in row if t != sentinel] for row in history.tolist()]
+def _banned(scores: torch.Tensor, tokens: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+    """`scores` with `tokens[r, i]` banned wherever `hit[r, i]`, in one scatter on the device."""
+    index = torch.where(hit, tokens, scores.shape[1])  # a miss lands in a spare column
+    spare = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], 1)
+    return spare.scatter(1, index, NEG_INF)[:, :-1]
 
 
 def no_repeat_ngram(n: int) -> Processor:
-    """Ban every token that would complete an n-gram already present in the row."""
+    """Ban every token that would complete an n-gram already present in the row (rows end at the
+    last column; the history's padding, the vocabulary size, is in no n-gram)."""
     def apply(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.clone()
-        for r, toks in enumerate(_row_tokens(history, scores.shape[1])):
-            if len(toks) < n:
-                continue
-            prefix = tuple(toks[len(toks) - n + 1:])
-            banned = [toks[i + n - 1] for i in range(len(toks) - n + 1) if tuple(toks[i:i + n - 1]) == prefix]
-            if banned:
-                scores[r, banned] = NEG_INF
-        return scores
+        if history.shape[1] < n:
+            return scores
+        grams = history.unfold(1, n, 1)  # [rows, windows, n]
+        real = (grams != scores.shape[1]).all(-1)
+        hit = real & (grams[:, :, :-1] == history[:, None, history.shape[1] - n + 1:]).all(-1)
+        return _banned(scores, grams[:, :, -1], hit)
     return apply
-
-
-def _ends_with(toks: list[int], tail: Sequence[int]) -> bool:
-    return not tail or (len(toks) >= len(tail) and toks[len(toks) - len(tail):] == list(tail))
 
 
 def bad_words(sequences: Sequence[Sequence[int]]) -> Processor:
     """Ban the last token of each sequence whenever the row ends with the rest of it."""
     def apply(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.clone()
-        for r, toks in enumerate(_row_tokens(history, scores.shape[1])):
-            banned = [seq[-1] for seq in sequences if _ends_with(toks, seq[:-1])]
-            if banned:
-                scores[r, banned] = NEG_INF
-        return scores
+        width, rows = history.shape[1], history.shape[0]
+        fit = [seq for seq in sequences if len(seq) - 1 <= width]
+        if not fit:
+            return scores
+        hit = torch.stack([(history[:, width - len(seq) + 1:] == torch.tensor(seq[:-1], device=history.device))
+                           .all(-1) for seq in fit], 1)
+        last = torch.tensor([seq[-1] for seq in fit], device=history.device).expand(rows, -1)
+        return _banned(scores, last, hit)
     return apply
 
 
