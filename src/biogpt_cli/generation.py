@@ -133,9 +133,8 @@ def min_new_tokens(count: int, eos: int, prompt_width: int | torch.Tensor) -> Pr
     """`prompt_width`: where new tokens start, for all rows or per row (a tensor the caller updates)."""
     def apply(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         short = torch.as_tensor(history.shape[1] - prompt_width < count, device=scores.device)
-        if short.any():
-            scores = scores.clone()
-            scores[:, eos] = scores[:, eos].masked_fill(short, NEG_INF)
+        scores = scores.clone()  # no test of `short` on the host: a device sync every step
+        scores[:, eos] = scores[:, eos].masked_fill(short, NEG_INF)
         return scores
     return apply
 
