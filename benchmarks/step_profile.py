@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import PROMPT, build_checkpoint, kernel_name  # noqa: E402
 
 from biogpt_cli import BioGptForCausalLM, BioGptTokenizer, GenerationOptions, generate  # noqa: E402
-from biogpt_cli.linear import cache_dir  # noqa: E402
+from biogpt_cli.linear import cache_dir, is_kernel  # noqa: E402
 
 PRECISIONS = {"float32": {}, "int8": {"quantize": "int8"}, "int4": {"quantize": "int4"},
               "float16": {"dtype": "float16"}, "bfloat16": {"dtype": "bfloat16"}}
@@ -51,13 +51,14 @@ def main() -> None:
         model = BioGptForCausalLM.from_pretrained(folder, device=args.device, rows=1, **PRECISIONS[name])
         with torch.inference_mode():
             generate(model, [prompt], GenerationOptions(max_new_tokens=2))  # one-time set-up
-            start = time.perf_counter()
-            generate(model, [prompt], opts)
-            ms = (time.perf_counter() - start) * 1e3 / args.tokens
+            ms = per_token(model, prompt, opts)
             with torch.profiler.profile(activities=activities) as prof:
                 generate(model, [prompt], opts)
+            linears, rest = split_linears(model, prompt, opts)
         sort = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
-        print(f"\n== {name}: {ms:.1f} ms per token unprofiled; linear layers: {kernel_name(model)}", flush=True)
+        print(f"\n== {name}: {ms:.1f} ms per token unprofiled; linear layers: {kernel_name(model)}; the linear "
+              f"layers alone, in the model's order: {linears:.1f} ms; the step with them stubbed out (everything "
+              f"else): {rest:.1f} ms", flush=True)
         print(prof.key_averages().table(sort_by=sort, row_limit=args.rows), flush=True)
         del model
     kernels = cache_dir() / "kernels.json"
@@ -67,6 +68,33 @@ def main() -> None:
         for key, entry in json.loads(kernels.read_text()).items():
             if here in key:
                 print(f"{key}\n    {entry}")
+
+
+def per_token(model: BioGptForCausalLM, prompt: list[int], opts: GenerationOptions) -> float:
+    """Milliseconds per token of greedy decoding, unprofiled."""
+    start = time.perf_counter()
+    generate(model, [prompt], opts)
+    return (time.perf_counter() - start) * 1e3 / opts.max_new_tokens
+
+
+def split_linears(model: BioGptForCausalLM, prompt: list[int], opts: GenerationOptions) -> tuple[float, float]:
+    """A token's time in its linear layers, run alone one after another on one row as a step runs
+    them, and the step's time with every linear layer stubbed out (returning zeros): what the rest
+    of the step costs. Their sum falls short of the step by what each costs the other (caches)."""
+    layers = [m for m in model.modules() if is_kernel(m) or type(m) is torch.nn.Linear]
+    like = model.biogpt.embed_tokens.weight
+    inputs = [torch.randn(1, 1, m.in_features, dtype=like.dtype, device=like.device) for m in layers]
+    for _ in range(2):
+        start = time.perf_counter()
+        for m, x in zip(layers, inputs, strict=True):
+            m(x)
+        linears = (time.perf_counter() - start) * 1e3
+    for m in layers:  # an instance attribute shadows the class's forward
+        m.forward = lambda x, width=m.out_features: x.new_zeros(*x.shape[:-1], width)
+    rest = per_token(model, prompt, opts)
+    for m in layers:
+        del m.forward
+    return linears, rest
 
 
 if __name__ == "__main__":
