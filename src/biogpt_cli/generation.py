@@ -216,10 +216,12 @@ def fit_prompt(ids: list[int], max_new_tokens: int, max_positions: int, truncate
 class _Batch:
     """Left-padded prompts, their history buffer and the cached forward pass.
 
-    Columns are shared by all rows; a row's real tokens run from `first[row]` to `length`, and its
-    new ones from `starts[row]`. Under continuous batching a new prompt is right-aligned at the
-    current length, and the columns before every live row's first are dropped (`_reframe`) so that
-    attention reads only what some row still needs.
+    The history's columns are shared by all rows; a row's real tokens run from `first[row]` to
+    `length`, and its new ones from `starts[row]`. Under continuous batching a new prompt is
+    right-aligned at the current length, and the columns before every live row's first are
+    dropped (`_reframe`) so that attention reads only what some row still needs. On a GPU the keys
+    and values are not in that frame: each row has its own positions in a static cache (`rows`,
+    graphs.py), so only the token history moves.
     """
 
     def __init__(self, model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], max_new: int, repeats: int,
