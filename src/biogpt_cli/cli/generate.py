@@ -342,7 +342,7 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
 
         stderr.print(stats.summary())
         if CAPTURES:
-            stderr.print(f"decode step captured in {sum(CAPTURES):.2f} s (once per process and capacity)")
+            stderr.print(f"decode step captured in {sum(CAPTURES):.2f} s (once per process, row bucket and capacity)")
         if output is not None:
             stderr.print(f"{counted(writer.records, 'record')} written to {output}")
 
