@@ -117,16 +117,40 @@ def test_rows_that_join_a_running_batch_take_free_static_rows(tiny, monkeypatch)
             for p in prompts:
                 yield p
                 yield None
-        got: dict[int, list[int]] = {}
-        for seq, token, reason in generation.stream_tokens(model, arriving(), GenerationOptions(max_new_tokens=1),
-                                                           lambda i: generation.prompt_generator(4, i), slots=4,
-                                                           per_prompt=lambda i: settings[i % 3]):
-            if reason is None:
-                got.setdefault(seq, []).append(token)
-        return got
+        return new_tokens(model, arriving(), GenerationOptions(max_new_tokens=1),
+                          lambda i: generation.prompt_generator(4, i), slots=4, per_prompt=lambda i: settings[i % 3])
 
     expected = tokens()
     monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
     used = []
     monkeypatch.setattr(generation, "static_rows", lambda *a: used.append(a) or graphs.static_rows(*a))
     assert tokens() == expected and used
+
+
+def test_a_prompt_longer_than_the_capacity_widens_it(tiny, monkeypatch):
+    """A static batch sized for short prompts takes a long one by widening its cache, rows and
+    all: every prompt still gets the eager engine's tokens."""
+    model, tok = tiny
+    monkeypatch.setattr(graphs, "BUCKET", 16)  # the tiny model's 64 positions: capacities of 16, 32, 48
+    prompts = [tok.encode("the cat"), tok.encode("of the"), tok.encode("the cat and the dog " * 4)]
+    opts = GenerationOptions(max_new_tokens=8)
+
+    def tokens() -> dict[int, list[int]]:
+        return new_tokens(model, iter(prompts), opts, slots=2)
+
+    expected = tokens()
+    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    widths = []
+    widened = graphs.StaticRows.widened
+    monkeypatch.setattr(graphs.StaticRows, "widened", lambda self, n: widths.append(n) or widened(self, n))
+    assert tokens() == expected
+    assert len(prompts[2]) + 8 > 16 and widths, "the long prompt did not widen the cache"
+
+
+def new_tokens(model, prompts, opts, *args, **kwargs) -> dict[int, list[int]]:
+    """Each sequence's new tokens from `stream_tokens`."""
+    got: dict[int, list[int]] = {}
+    for seq, token, reason in generation.stream_tokens(model, prompts, opts, *args, **kwargs):
+        if reason is None:
+            got.setdefault(seq, []).append(token)
+    return got

@@ -270,9 +270,7 @@ class _Batch:
     def fits(self, prompts: Sequence[Sequence[int]], keep: int, max_new: int) -> bool:
         """Whether `prompts` can take rows now together, keeping the columns from `keep` on: the
         window the longest needs, plus `max_new` tokens, within the model's positions."""
-        longest = max(map(len, prompts))
-        if self.rows is not None and longest + max_new > self.rows.cache.capacity:  # each row from column 0
-            return False
+        longest = max(map(len, prompts))  # a static cache widens for it (`admit`): each row starts at 0
         return max(self.length - keep, longest) + max_new <= self.model.config.max_position_embeddings
 
     def add_rows(self, n: int) -> range:
@@ -302,6 +300,8 @@ class _Batch:
         if start < 0 or (start > 0 and (2 * start >= self.length or too_long)):
             self._reframe(start)
         end = self.length
+        if self.rows is not None and n + max_new > self.rows.cache.capacity:
+            self.rows = self.rows.widened(n + max_new)
         logits = self.rows.prefill(rows, prompts) if self.rows is not None else self._prefill(rows, prompts, end)
         if self.mask is None:
             self.mask = torch.ones_like(self.history)

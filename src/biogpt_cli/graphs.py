@@ -5,9 +5,10 @@ set the speed. Over a `StaticCache` nothing in the step depends on a host value 
 position is a device tensor, the mask is built from it, a finished row stays where it is), so the
 step of a bucket of rows (1, 2, 4, ... of them) is captured once per process and capacity, and
 each token of every row is one graph replay. Prompts are prefilled eagerly, together, into any
-free rows; the logits processors and sampling run after the graph on its output. A capture takes
-well under a second and cannot be kept on disk (a graph holds device addresses), so it is paid
-once per process; `-v` reports it. BIOGPT_GRAPHS=0 (`--no-graphs`) decodes eagerly instead.
+free rows (a prompt longer than the capacity widens it, rows and all); the logits processors and
+sampling run after the graph on its output. A capture takes well under a second and cannot be
+kept on disk (a graph holds device addresses), so it is paid once per process; `-v` reports it.
+BIOGPT_GRAPHS=0 (`--no-graphs`) decodes eagerly instead.
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ class StaticRows:
         self.cache.v[:, index, :, :n] = own.v[:, :, :, :n]
         self.cache.position[index] = torch.tensor(lengths, device=device)
         return logits
+
+    def widened(self, positions: int) -> StaticRows:
+        """This process's decoder for the same rows and at least `positions` positions, holding
+        what these rows hold (a prompt longer than the capacity joins a running batch so)."""
+        wider = static_rows(self.model, self.rows, positions)
+        if wider is not self:
+            n = self.cache.capacity
+            wider.cache.k[:, :, :, :n] = self.cache.k
+            wider.cache.v[:, :, :, :n] = self.cache.v
+            wider.cache.position.copy_(self.cache.position)
+        return wider
 
     def step(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         """One token for each of the first len(tokens) rows, whose `live` ones move on (the others,
