@@ -83,11 +83,11 @@ class BioGptAttention(nn.Module):
         """SDPA, which keeps no attention weights; given a `weights` list, the product is spelled
         out instead and its softmax appended ([batch, heads, new, past + new])."""
         b, t, h = x.shape
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(h, dim=-1)
+        shape = (b, t, self.num_heads, self.head_dim)
+        if self.qkv_proj is not None:  # one view of the fused output: [3, b, heads, t, head_dim]
+            q, k, v = self.qkv_proj(x).view(b, t, 3, *shape[2:]).permute(2, 0, 3, 1, 4)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k, v = (y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for y in (q, k, v))
+            q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         if cache is not None:
             k, v = cache.update(layer, k, v)
         causal = mask is None and t > 1
@@ -118,10 +118,18 @@ class BioGptDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
                 layer: int, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
-        drop, train = self.dropout, self.training  # dropout is a no-op outside training
-        x = x + F.dropout(self.self_attn(self.self_attn_layer_norm(x), mask, cache, layer, weights), drop, train)
-        hidden = F.dropout(self.act(self.fc1(self.final_layer_norm(x))), self.activation_dropout, train)
-        return x + F.dropout(self.fc2(hidden), drop, train)
+        drop = _dropout if self.training else _kept  # outside training, not even a call per use
+        x = x + drop(self.self_attn(self.self_attn_layer_norm(x), mask, cache, layer, weights), self.dropout)
+        hidden = drop(self.act(self.fc1(self.final_layer_norm(x))), self.activation_dropout)
+        return x + drop(self.fc2(hidden), self.dropout)
+
+
+def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    return F.dropout(x, p, True)
+
+
+def _kept(x: torch.Tensor, p: float) -> torch.Tensor:
+    return x
 
 
 def _unchanged(fn: Any, tensor: torch.Tensor) -> bool:
