@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from biogpt_cli.generation import GenerationOptions, generate, prompt_generator, stream_tokens
-from tests.test_generation import CASES, PROMPTS, our_rows, reference_rows
+from tests.test_generation import CASES, PROMPTS, mixed_rows_equal_each_alone, our_rows, reference_rows
 from tests.test_model import ours_from
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -47,6 +47,12 @@ def test_continuous_batching_on_cuda_equals_each_prompt_alone(eos_ref, sample):
     for i, prompt in enumerate(prompts):
         alone = generate(ours, [prompt], opts, [prompt_generator(3, i, "cuda")] if sample else None)[0][0]
         assert got.get(i, []) == alone.ids, f"prompt {i}"
+
+
+@pytest.mark.parametrize("slots", [None, 3], ids=["one batch", "continuous"])
+def test_rows_of_different_settings_on_cuda_equal_each_alone(eos_ref, slots):
+    """Greedy and sampled rows of their own settings share captured steps over the static cache."""
+    mixed_rows_equal_each_alone(ours_from(on_cuda(eos_ref), device="cuda"), slots, "cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

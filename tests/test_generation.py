@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,11 +11,13 @@ import torch
 from biogpt_cli.errors import InputError
 from biogpt_cli.generation import (
     GenerationOptions,
+    _draw,
     generate,
     min_p,
     no_repeat_ngram,
     prompt_generator,
     repetition_penalty,
+    stream_tokens,
     top_k,
     top_p,
 )
@@ -136,6 +139,24 @@ def test_sampling_equals_reference_with_same_seed(tiny_ref):
                                 temperature=0.9, min_p=0.01).tolist()
     got = generate(ours, [prompt], opts, torch.Generator().manual_seed(7))[0]
     assert our_rows(got, prompt, len(expected[0])) == expected
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_draws_are_torch_multinomials_own(k):
+    """The sync-free draw takes the tokens torch.multinomial takes from the same stream: from one
+    shared stream, and from each row's own, where a finished row draws nothing."""
+    probs = torch.randn(3, 1000).mul(3).softmax(-1)
+    for seed in range(5):
+        shared = torch.multinomial(probs, k, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(_draw(probs, k, torch.Generator().manual_seed(seed)), shared)
+        streams = [torch.Generator().manual_seed(seed + r) for r in range(3)]
+        got = _draw(probs, k, streams, alive=[True, False, True])
+        for r in (0, 2):
+            alone = torch.multinomial(probs[r:r + 1], k, generator=torch.Generator().manual_seed(seed + r))
+            assert torch.equal(got[r:r + 1], alone)
+        assert torch.equal(got[1], probs[1].topk(k).indices)  # the likeliest, drawn from nothing
+        untouched = torch.Generator().manual_seed(seed + 1).get_state()
+        assert torch.equal(streams[1].get_state(), untouched)
 
 
 def hand_scores():
@@ -266,20 +287,25 @@ def test_rows_of_different_settings_share_a_batch_and_equal_each_alone(eos_ref, 
     from biogpt_cli import generation
 
     ours = ours_from(eos_ref)
+    mixed_rows_equal_each_alone(ours, slots, "cpu")
+    with pytest.raises(InputError, match="rows sharing a batch"):
+        list(generation.stream_tokens(ours, iter([[2, 40]]), GenerationOptions(),
+                                      per_prompt=lambda i: GenerationOptions(num_beams=2)))
+
+
+def mixed_rows_equal_each_alone(ours, slots: int | None, device: str) -> None:
     prompts = [[2, *range(40 + n, 40 + 2 * n)] for n in (1, 7, 3, 12, 2, 5, 9, 4, 6, 1, 8)]
-    settings = [MIXED[i % len(MIXED)] for i in range(len(prompts))]
+    # each prompt its own options object; the ones that differ only in length share a pass
+    settings = [replace(m, max_new_tokens=m.max_new_tokens + i % 2) for i, m in enumerate(MIXED * 2)][:len(prompts)]
     got: dict[int, list[int]] = {}
-    for seq, tok, reason in generation.stream_tokens(ours, iter(prompts), GenerationOptions(max_new_tokens=1),
-                                                     lambda i: prompt_generator(5, i), slots=slots,
-                                                     per_prompt=settings.__getitem__):
+    for seq, tok, reason in stream_tokens(ours, iter(prompts), GenerationOptions(max_new_tokens=1),
+                                          lambda i: prompt_generator(5, i, device), slots=slots,
+                                          per_prompt=settings.__getitem__):
         if reason is None:
             got.setdefault(seq, []).append(tok)
     for i, (prompt, opts) in enumerate(zip(prompts, settings, strict=True)):
-        alone = generate(ours, [prompt], opts, [prompt_generator(5, i)] if opts.do_sample else None)[0][0]
+        alone = generate(ours, [prompt], opts, [prompt_generator(5, i, device)] if opts.do_sample else None)[0][0]
         assert got.get(i, []) == alone.ids, f"prompt {i}: {opts}"
-    with pytest.raises(InputError, match="rows sharing a batch"):
-        list(generation.stream_tokens(ours, iter(prompts), GenerationOptions(),
-                                      per_prompt=lambda i: GenerationOptions(num_beams=2)))
 
 
 def test_prompts_that_arrive_while_a_batch_runs_join_it(eos_ref, monkeypatch):
@@ -289,7 +315,8 @@ def test_prompts_that_arrive_while_a_batch_runs_join_it(eos_ref, monkeypatch):
 
     ours = ours_from(eos_ref)
     prompts = [[2, *range(40 + n, 40 + 2 * n)] for n in (3, 7, 1, 12, 2, 5, 9)]
-    settings = [MIXED[i % len(MIXED)] for i in range(len(prompts))]
+    # each prompt its own options object; the ones that differ only in length share a pass
+    settings = [replace(m, max_new_tokens=m.max_new_tokens + i % 2) for i, m in enumerate(MIXED * 2)][:len(prompts)]
     added, steps, moved = [], [0], []
     add_rows, step = generation._Batch.add_rows, generation._Batch.step
 

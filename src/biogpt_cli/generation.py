@@ -371,16 +371,20 @@ def prompt_generator(seed: int, key: object, device: torch.device | str = "cpu")
     return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def _sample(probs: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None,
-            alive: list[bool]) -> torch.Tensor:
-    """One token per row: from one shared stream, or from each row's own (a list)."""
-    if not isinstance(generator, list):
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    tokens = probs.argmax(-1)  # finished rows draw nothing, so a prompt's stream is the same in any batch
-    for r, live in enumerate(alive):
-        if live:
-            tokens[r] = torch.multinomial(probs[r:r + 1], 1, generator=generator[r])[0, 0]
-    return tokens
+def _draw(probs: torch.Tensor, k: int, generator: torch.Generator | list[torch.Generator] | None,
+          alive: Sequence[bool] | None = None) -> torch.Tensor:
+    """`k` distinct tokens per row ([rows, k]), drawn from one stream or from each row's own (a
+    list) as `torch.multinomial` draws them (the largest p / q, q ~ Exp(1)): the same tokens from
+    the same stream, without its two host syncs per call. A row that is not `alive` draws nothing,
+    so a prompt's stream is the same in any batch."""
+    if isinstance(generator, list):
+        q = torch.ones_like(probs)
+        for r, g in enumerate(generator):
+            if alive is None or alive[r]:
+                q[r:r + 1].exponential_(1, generator=g)
+    else:
+        q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).topk(k).indices if k > 1 else (probs / q).argmax(-1, keepdim=True)
 
 
 _END, _NOW = object(), object()  # what a look at the next prompt finds besides one: the end, or none yet
@@ -462,6 +466,7 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
         own = {j: stream_of(j) for j, _ in first} if per_row else {}  # a prompt's k rows share its stream
         draw = [own[s // k] for s in seq_of] if per_row else generator
         alive, new_ids, scores = [True] * len(seq_of), [[] for _ in seq_of], batch.logits
+        shown: list[bool] = []  # `alive` as the device last saw it: it changes when a row ends or joins
         while True:
             tokens = _choose(scores, batch.history[:, :batch.length], batch.starts, row_opts, draw, alive, eos)
             for r, tok in enumerate(tokens.tolist()):
@@ -509,7 +514,8 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
                 tokens[r] = tok
             if not any(alive):
                 break
-            finished = torch.tensor([not a for a in alive], device=tokens.device)
+            if alive != shown:
+                shown, finished = list(alive), torch.tensor([not a for a in alive], device=tokens.device)
             scores = batch.step(tokens.masked_fill(finished, model.config.pad_token_id), ~finished)  # as the reference
 
 
@@ -526,11 +532,11 @@ def _checked(per_prompt: Callable[[int], GenerationOptions], k: int) -> Callable
 
 def _choose(scores: torch.Tensor, history: torch.Tensor, starts: torch.Tensor, row_opts: Sequence[GenerationOptions],
             draw: Any, alive: list[bool], eos: int) -> torch.Tensor:
-    """The next token of each row, under its own options: rows of the same options are processed
-    and chosen together (all at once when they share one), each as it would be alone."""
-    groups: dict[int, list[int]] = {}
+    """The next token of each row, under its own options: rows whose options process and choose
+    alike are handled together (all at once when they share them), each as it would be alone."""
+    groups: dict[tuple, list[int]] = {}
     for r, o in enumerate(row_opts):
-        groups.setdefault(id(o), []).append(r)
+        groups.setdefault(_choosing(o), []).append(r)
     if len(groups) == 1:
         return _pick(row_opts[0], scores, history, starts, draw, alive, eos)
     tokens = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
@@ -542,10 +548,17 @@ def _choose(scores: torch.Tensor, history: torch.Tensor, starts: torch.Tensor, r
     return tokens
 
 
+def _choosing(o: GenerationOptions) -> tuple:
+    """What of a row's options its processors and its choice read (not its length, stops, seed or
+    logprobs): requests that differ only there share one pass over their rows."""
+    return (o.do_sample, o.temperature, o.top_k, o.top_p, o.min_p, o.repetition_penalty, o.no_repeat_ngram_size,
+            o.min_new_tokens, tuple(map(tuple, o.bad_words_ids)))
+
+
 def _pick(o: GenerationOptions, scores: torch.Tensor, history: torch.Tensor, starts: torch.Tensor, draw: Any,
           alive: list[bool], eos: int) -> torch.Tensor:
     scores = apply_all(make_processors(o, eos, starts), history, scores)
-    return _sample(scores.softmax(-1), draw, alive) if o.do_sample else scores.argmax(-1)
+    return _draw(scores.softmax(-1), 1, draw, alive)[:, 0] if o.do_sample else scores.argmax(-1)
 
 
 def _advance(seq: int, tok: int, new_ids: list[int], eos: int, max_new: int,
@@ -608,7 +621,7 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
         logp = apply_all(procs, history, F.log_softmax(scores, -1))
         logp = (logp.view(b, nb, v) + run_scores[:, :, None]).view(b, nb * v)
         if opts.do_sample:
-            top_idx = _candidates(logp.softmax(-1), keep, generator)
+            top_idx = _draw(logp.softmax(-1), keep, generator)
             top_lp, order = logp.gather(1, top_idx).sort(-1, descending=True)
             top_idx = top_idx.gather(1, order)
         else:
@@ -670,13 +683,6 @@ def _read_back(toks: list, back: list, length: list, parent: list, token: list, 
             row.append(GeneratedSequence(i, ids[:-1] if reason == "eos" else ids, reason))
         results.append(row)
     return results
-
-
-def _candidates(probs: torch.Tensor, k: int, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
-    """`k` distinct candidates per row, drawn from one stream or from each row's own (a list)."""
-    if isinstance(generator, list):
-        return torch.cat([torch.multinomial(probs[i:i + 1], k, generator=g) for i, g in enumerate(generator)])
-    return torch.multinomial(probs, k, generator=generator)
 
 
 def generate(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts: GenerationOptions,

@@ -90,7 +90,7 @@ class StaticRows:
         if self.graph is None:
             self._capture()
         self.graph.replay()
-        return self.logits[:b].float().clone()
+        return self.logits[:b].to(torch.float32, copy=True)
 
     def _forward(self) -> torch.Tensor:
         with torch.no_grad():
@@ -109,7 +109,8 @@ class StaticRows:
                 self.cache.position.copy_(position)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread-local: a server's other threads (embeddings, echo) may use the GPU meanwhile
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = self._forward()
         self.cache.position.copy_(position)
         CAPTURES.append(time.perf_counter() - start)
