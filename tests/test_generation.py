@@ -9,19 +9,9 @@ import pytest
 import torch
 
 from biogpt_cli.errors import InputError
-from biogpt_cli.generation import (
-    GenerationOptions,
-    _draw,
-    generate,
-    min_p,
-    no_repeat_ngram,
-    prompt_generator,
-    repetition_penalty,
-    stream_tokens,
-    top_k,
-    top_p,
-)
+from biogpt_cli.generation import GenerationOptions, _draw, generate, prompt_generator, stream_tokens
 from biogpt_cli.plans import generation_options
+from biogpt_cli.processors import bad_words, min_p, no_repeat_ngram, repetition_penalty, top_k, top_p
 from tests.conftest import make_reference
 from tests.test_model import ours_from
 
@@ -191,7 +181,6 @@ def test_penalties_on_hand_made_scores():
 def test_bans_on_the_device_equal_a_scan_of_each_row():
     """n-gram and word bans, computed for all rows at once, equal a plain scan of each row's
     tokens (left padding, short rows and one-token bans included)."""
-    from biogpt_cli.generation import bad_words
 
     vocab, gen = 6, torch.Generator().manual_seed(0)
     for _ in range(200):
