@@ -69,6 +69,34 @@ def test_batches_take_the_static_path_with_the_same_tokens(tiny, monkeypatch, op
     assert tokens() == expected and used
 
 
+def test_a_step_that_cannot_be_captured_runs_eagerly(tiny, monkeypatch):
+    """Where the capture fails (here: no CUDA at all), the rows decode the same step eagerly, with
+    the same tokens, and the failure is kept for `-v`."""
+    model, tok = tiny
+    prompts = [tok.encode(p) for p in PROMPTS]
+    opts = GenerationOptions(max_new_tokens=10)
+    expected = generate(model, prompts, opts)
+    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(graphs, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(graphs, "UNCAPTURED", [])
+    vars(model).pop("_static_rows", None)  # a decoder made with capturing on
+    try:
+        assert generate(model, prompts, opts) == expected
+        assert graphs.UNCAPTURED and "CUDA" in graphs.UNCAPTURED[0]
+        assert not any(rows.captured for rows in vars(model)["_static_rows"].values())
+    finally:
+        vars(model).pop("_static_rows", None)
+
+
+def test_verbose_says_when_the_step_was_not_captured(cli, tiny_ref, monkeypatch):
+    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(graphs, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(graphs, "UNCAPTURED", [])
+    code, out, err = cli("generate", "the cat", "-n", "4", "-m", tiny_ref[1], "-v")
+    assert code == 0 and out.strip()
+    assert "decode step not captured (" in err and "decoded eagerly" in err
+
+
 def test_a_long_run_keeps_only_what_is_still_to_show(tiny, tmp_path):
     """Memory that does not grow with the corpus: at the last event of a run over many prompts,
     the finished ones' prompts, jobs and completions are gone (live objects counted, not bytes)."""

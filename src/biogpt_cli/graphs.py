@@ -8,7 +8,8 @@ each token of every row is one graph replay. Prompts are prefilled eagerly, toge
 free rows (a prompt longer than the capacity widens it, rows and all); the logits processors and
 sampling run after the graph on its output. A capture takes well under a second and cannot be
 kept on disk (a graph holds device addresses), so it is paid once per process; `-v` reports it.
-BIOGPT_GRAPHS=0 (`--no-graphs`) decodes eagerly instead.
+BIOGPT_GRAPHS=0 (`--no-graphs`) decodes eagerly instead, as does a step that fails to capture
+(`-v` says why).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .cache import StaticCache
 
 BUCKET = 256  # capacities are rounded up to this, so a process captures few graphs
 CAPTURES: list[float] = []  # seconds each capture of this process took (`-v` reports them)
+UNCAPTURED: list[str] = []  # why a capture failed: those rows then run the same step eagerly (`-v` says so)
 
 
 def graphs_enabled(device: torch.device) -> bool:
@@ -85,10 +87,10 @@ class StaticRows:
         self.tokens[:b, 0].copy_(tokens)
         self.cache.live[:b].copy_(live)
         self.cache.live[b:] = 0
+        if self.captured and self.graph is None:
+            self._capture()
         if not self.captured:
             return self._forward()[:b].float()
-        if self.graph is None:
-            self._capture()
         self.graph.replay()
         return self.logits[:b].to(torch.float32, copy=True)
 
@@ -98,22 +100,28 @@ class StaticRows:
 
     def _capture(self) -> None:
         """Warm up on a side stream (restoring the positions each time: the warm-ups write the same
-        tokens' keys where the real step will), then record the step."""
+        tokens' keys where the real step will), then record the step. A step this torch and device
+        cannot capture runs eagerly instead: slower, the same tokens."""
         start = time.perf_counter()
         position = self.cache.position.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward()
-                self.cache.position.copy_(position)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread-local: a server's other threads (embeddings, echo) may use the GPU meanwhile
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.logits = self._forward()
-        self.cache.position.copy_(position)
-        CAPTURES.append(time.perf_counter() - start)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward()
+                    self.cache.position.copy_(position)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread-local: a server's other threads (embeddings, echo) may use the GPU meanwhile
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.logits = self._forward()
+            CAPTURES.append(time.perf_counter() - start)
+        except RuntimeError as e:
+            self.graph, self.captured = None, False
+            UNCAPTURED.append(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        finally:
+            self.cache.position.copy_(position)
 
 
 def static_rows(model: torch.nn.Module, rows: int, positions: int) -> StaticRows:

@@ -338,11 +338,13 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
     if resume and existed and writer.records == 0:
         stderr.print(f"{output} was already complete: nothing was left to do")
     if verbose:
-        from ..graphs import CAPTURES
+        from ..graphs import CAPTURES, UNCAPTURED
 
         stderr.print(stats.summary())
         if CAPTURES:
             stderr.print(f"decode step captured in {sum(CAPTURES):.2f} s (once per process, row bucket and capacity)")
+        if UNCAPTURED:
+            stderr.print(f"decode step not captured ({UNCAPTURED[0]}): decoded eagerly", markup=False)
         if output is not None:
             stderr.print(f"{counted(writer.records, 'record')} written to {output}")
 
