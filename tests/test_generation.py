@@ -181,7 +181,6 @@ def test_penalties_on_hand_made_scores():
 def test_bans_on_the_device_equal_a_scan_of_each_row():
     """n-gram and word bans, computed for all rows at once, equal a plain scan of each row's
     tokens (left padding, short rows and one-token bans included)."""
-
     vocab, gen = 6, torch.Generator().manual_seed(0)
     for _ in range(200):
         rows, width = 5, int(torch.randint(1, 12, (1,), generator=gen))
@@ -268,6 +267,11 @@ MIXED = [GenerationOptions(max_new_tokens=10), GenerationOptions(max_new_tokens=
          GenerationOptions(max_new_tokens=3, do_sample=True, top_k=0)]
 
 
+def own_settings(n: int) -> list[GenerationOptions]:
+    """`n` prompts' options, each its own object: the ones that differ only in length share a pass."""
+    return [replace(m, max_new_tokens=m.max_new_tokens + i % 2) for i, m in enumerate(MIXED * n)][:n]
+
+
 @pytest.mark.parametrize("slots", [None, 3], ids=["one batch", "continuous"])
 def test_rows_of_different_settings_share_a_batch_and_equal_each_alone(eos_ref, slots):
     """Greedy and sampled rows, each with its own length, penalties, bans and warpers, decode in
@@ -284,8 +288,7 @@ def test_rows_of_different_settings_share_a_batch_and_equal_each_alone(eos_ref, 
 
 def mixed_rows_equal_each_alone(ours, slots: int | None, device: str) -> None:
     prompts = [[2, *range(40 + n, 40 + 2 * n)] for n in (1, 7, 3, 12, 2, 5, 9, 4, 6, 1, 8)]
-    # each prompt its own options object; the ones that differ only in length share a pass
-    settings = [replace(m, max_new_tokens=m.max_new_tokens + i % 2) for i, m in enumerate(MIXED * 2)][:len(prompts)]
+    settings = own_settings(len(prompts))
     got: dict[int, list[int]] = {}
     for seq, tok, reason in stream_tokens(ours, iter(prompts), GenerationOptions(max_new_tokens=1),
                                           lambda i: prompt_generator(5, i, device), slots=slots,
@@ -304,8 +307,7 @@ def test_prompts_that_arrive_while_a_batch_runs_join_it(eos_ref, monkeypatch):
 
     ours = ours_from(eos_ref)
     prompts = [[2, *range(40 + n, 40 + 2 * n)] for n in (3, 7, 1, 12, 2, 5, 9)]
-    # each prompt its own options object; the ones that differ only in length share a pass
-    settings = [replace(m, max_new_tokens=m.max_new_tokens + i % 2) for i, m in enumerate(MIXED * 2)][:len(prompts)]
+    settings = own_settings(len(prompts))
     added, steps, moved = [], [0], []
     add_rows, step = generation._Batch.add_rows, generation._Batch.step
 
