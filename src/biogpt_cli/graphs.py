@@ -6,8 +6,8 @@ position is a device tensor, the mask is built from it, a finished row stays whe
 step of a bucket of rows (1, 2, 4, ... of them) is captured once per process and capacity, and
 each token of every row is one graph replay. Prompts are prefilled eagerly, together, into any
 free rows (a prompt longer than the capacity widens it, rows and all); the logits processors and
-sampling run after the graph on its output. A capture takes well under a second and cannot be
-kept on disk (a graph holds device addresses), so it is paid once per process; `-v` reports it.
+sampling run after the graph on its output. A capture cannot be kept on disk (a graph holds
+device addresses), so it is paid once per process; `-v` reports its time.
 BIOGPT_GRAPHS=0 (`--no-graphs`) decodes eagerly instead, as does a step that fails to capture
 (`-v` says why).
 """
@@ -119,7 +119,7 @@ class StaticRows:
             CAPTURES.append(time.perf_counter() - start)
         except RuntimeError as e:
             self.graph, self.captured = None, False
-            UNCAPTURED.append(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            UNCAPTURED.append((str(e).strip() or type(e).__name__).splitlines()[0])
         finally:
             self.cache.position.copy_(position)
 

@@ -118,7 +118,7 @@ class BioGptDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
                 layer: int, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
-        drop = _dropout if self.training else _kept  # outside training, not even a call per use
+        drop = _dropout if self.training else _kept  # outside training, no dropout op at all
         x = x + drop(self.self_attn(self.self_attn_layer_norm(x), mask, cache, layer, weights), self.dropout)
         hidden = drop(self.act(self.fc1(self.final_layer_norm(x))), self.activation_dropout)
         return x + drop(self.fc2(hidden), self.dropout)
