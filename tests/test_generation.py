@@ -390,3 +390,34 @@ def test_model_generate_and_tokenizer_call_work_as_the_reference(tmp_path):
         ours.generate(**enc, foo=1)
     with pytest.raises(InputError, match=r"64 positions \(shorten it, or lower max_length or max_new_tokens\)"):
         ours.generate(**enc, max_length=1024)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["growing cache", "static cache"])
+def test_a_long_prompt_joining_rows_that_have_far_to_go_waits_for_room(eos_ref, monkeypatch, static):
+    """Rows share one column frame: a prompt longer than it, with few new tokens, must not push
+    the frame so far right that a live row's remaining tokens run past the model's positions. It
+    waits until they fit; every prompt still gets its tokens alone."""
+    from biogpt_cli import generation, graphs
+
+    if static:  # the frame of the token history is shared on a GPU too
+        monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+        monkeypatch.setattr(graphs, "graphs_enabled", lambda device: False)
+    ours = ours_from(eos_ref)
+    limit = ours.config.max_position_embeddings
+    long_prompt = [2, *[40 + i % 50 for i in range(limit - 20)]]
+    prompts = [[2, 40, 41], long_prompt]
+    settings = [GenerationOptions(max_new_tokens=50, min_new_tokens=50),
+                GenerationOptions(max_new_tokens=3, min_new_tokens=3)]
+
+    def arriving():
+        yield prompts[0]
+        for _ in range(3):
+            yield None
+        yield prompts[1]
+    got: dict[int, list[int]] = {}
+    for seq, tok, reason in stream_tokens(ours, arriving(), GenerationOptions(max_new_tokens=1), slots=4,
+                                          per_prompt=settings.__getitem__):
+        if reason is None:
+            got.setdefault(seq, []).append(tok)
+    for i, (prompt, opts) in enumerate(zip(prompts, settings, strict=True)):
+        assert got.get(i, []) == generate(ours, [prompt], opts)[0][0].ids, f"prompt {i}"

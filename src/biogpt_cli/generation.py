@@ -185,7 +185,9 @@ class _Batch:
 
     def fits(self, prompts: Sequence[Sequence[int]], keep: int, max_new: int) -> bool:
         """Whether `prompts` can take rows now together, keeping the columns from `keep` on: the
-        window the longest needs, plus `max_new` tokens, within the model's positions."""
+        window the longest needs, plus `max_new` tokens, within the model's positions. The rows all
+        move on in one frame, so `max_new` counts the tokens every live row still has to go too: a
+        long prompt that widened the frame would otherwise push them past the last position."""
         longest = max(map(len, prompts))  # a static cache widens for it (`admit`): each row starts at 0
         return max(self.length - keep, longest) + max_new <= self.model.config.max_position_embeddings
 
@@ -394,9 +396,11 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
             free = [r for r, live in enumerate(alive) if refill and not live]
             joining: list[tuple[int, int, Sequence[int]]] = []  # (row, prompt index, prompt)
             keep = batch.window(alive)
+            to_go = max((o.max_new_tokens - len(ids) for o, ids, live in zip(row_opts, new_ids, alive, strict=True)
+                         if live), default=0)  # what the live rows still need of the frame
             while free or (grows and len(alive) < slots):
                 group = [q for _, _, q in joining]  # a prompt joins if it fits beside those taken before it
-                most = max((row_opts[r].max_new_tokens for r, _, _ in joining), default=0)
+                most = max([to_go, *(row_opts[r].max_new_tokens for r, _, _ in joining)])
                 taken = queue.take_if(lambda j, p, b=batch, w=keep, g=group, m=most:
                                       b.fits([*g, p], w, max(m, own_opts(j).max_new_tokens)))
                 if taken is None:
@@ -419,7 +423,7 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
             if joining:  # the prompts taken now are prefilled together, then each chooses its first token
                 rows = [r for r, _, _ in joining]
                 scores[rows] = batch.admit(rows, [p for _, _, p in joining], keep,
-                                           max(row_opts[r].max_new_tokens for r in rows))
+                                           max(to_go, *(row_opts[r].max_new_tokens for r in rows)))
             for r, j, _ in joining:
                 one = slice(r, r + 1)
                 tok = int(_choose(scores[one], batch.history[one, :batch.length], batch.starts[one], row_opts[one],
