@@ -132,8 +132,9 @@ def test_hoc_checkpoint_classifies(cli, base, tmp_path):
 # -- methods and checkpoints -------------------------------------------------------------------
 def small_run(base: Path, tmp_path: Path, method: str, out: str = "out", **recipe) -> ft.Run:
     examples = read_examples("pubmedqa", pubmedqa_json(tmp_path / "train.json"))
-    r = ft.dataclasses.replace(ft.RECIPES["pubmedqa"], lr=1e-2, warmup=2, epochs=4, tokens_per_update=512,
-                               batch_tokens=256, average=2, method=method, **recipe)
+    settings = {"lr": 1e-2, "warmup": 2, "epochs": 4, "tokens_per_update": 512, "batch_tokens": 256, "average": 2,
+                "method": method, **recipe}
+    r = ft.dataclasses.replace(ft.RECIPES["pubmedqa"], **settings)
     identity = {"base_model": str(base), "base_sha256": "x", "task": "pubmedqa", "recipe": ft.dataclasses.asdict(r),
                 "train": {"file": "train.json", "sha256": "y", "examples": len(examples)}}
     return ft.prepare("pubmedqa", str(base), examples, tmp_path / out, r, torch.device("cpu"), identity)
@@ -148,6 +149,9 @@ def test_prompt_method_trains_only_the_prompt_rows(base, tmp_path):
     assert all(torch.equal(after[k], v) for k, v in before.items() if k != "biogpt.embed_tokens.weight")
     assert torch.equal(after["biogpt.embed_tokens.weight"][:rows], before["biogpt.embed_tokens.weight"])
     assert not torch.equal(after["biogpt.embed_tokens.weight"][rows:], run.model.biogpt.embed_tokens.weight[rows:] * 0)
+    # an epoch's snapshot keeps what changed: the prompt's rows, not the whole embedding
+    kept = read_safetensors(ft.snapshots(tmp_path / "out")[-1])
+    assert list(kept) == ["biogpt.embed_tokens.weight"] and kept["biogpt.embed_tokens.weight"].shape[0] == 9
 
 
 def test_lora_is_merged_and_transformers_loads_the_checkpoint(base, tmp_path):
@@ -165,18 +169,64 @@ def test_lora_is_merged_and_transformers_loads_the_checkpoint(base, tmp_path):
             averaged["biogpt.layers.0.fc1.weight"], run.model.biogpt.layers[0].fc1.base.weight)
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(base, tmp_path):
-    ft.train(small_run(base, tmp_path, "full", "whole"))
+@pytest.mark.parametrize("method", ["full", "prompt"])
+def test_interrupted_and_resumed_equals_uninterrupted(base, tmp_path, method):
+    ft.train(small_run(base, tmp_path, method, "whole"))
 
     def interrupt(p: ft.Progress) -> None:  # Ctrl-C in the middle of epoch 3
         if p.epoch == 3 and not p.epoch_done:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        ft.train(small_run(base, tmp_path, "full"), on_progress=interrupt)
+        ft.train(small_run(base, tmp_path, method), on_progress=interrupt)
     assert json.loads((tmp_path / "out" / "training.json").read_text())["history"][-1]["epoch"] == 2
-    ft.train(small_run(base, tmp_path, "full"), resume=True)  # a new process: the model loaded afresh
+    ft.train(small_run(base, tmp_path, method), resume=True)  # a new process: the model loaded afresh
     whole, resumed = (read_safetensors(tmp_path / d / "model.safetensors") for d in ("whole", "out"))
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_a_kill_while_the_run_is_saved_leaves_it_resumable(base, tmp_path, monkeypatch):
+    """A kill in the middle of writing `run.json` (emptied, as a torn write leaves it) or a
+    checkpoint export (its staging folder left behind): the run resumes, and the next export
+    removes what the killed one left."""
+    ft.train(small_run(base, tmp_path, "full", "whole", epochs=2))
+    real = Path.write_text
+
+    def torn(self, *args, **kwargs):
+        if self.name.startswith("run.json"):
+            real(self, "")
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+    ft.train(small_run(base, tmp_path, "full", epochs=1))
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", torn)
+        with pytest.raises(KeyboardInterrupt):
+            ft.train(small_run(base, tmp_path, "full", epochs=2), resume=True)
+    state = tmp_path / "out" / ft.STATE
+    assert json.loads((state / "run.json").read_text())["task"] == "pubmedqa" and not list(state.glob("*.tmp"))
+    left = tmp_path / "out" / ".biogpt-convert-999999999"  # what `kill -9` during an export leaves
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"x" * 1000)
+    ft.train(small_run(base, tmp_path, "full", epochs=2), resume=True)
+    whole, resumed = (read_safetensors(tmp_path / d / "model.safetensors") for d in ("whole", "out"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole) and not left.exists()
+
+
+def test_a_state_file_that_pickles_code_is_refused_without_running_it(cli, base, tmp_path):
+    """`--resume` reads the run's state as tensors and plain data: a state file carrying a pickled
+    payload is refused, and the payload never runs."""
+    ft.train(small_run(base, tmp_path, "full", epochs=1))
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+    path = tmp_path / "out" / ft.STATE / "state.pt"
+    state = torch.load(path, weights_only=True)
+    state["history"].append(Payload())
+    torch.save(state, path)
+    with pytest.raises(InputError, match="refused: it pickles objects other than a run's state"):
+        ft.train(small_run(base, tmp_path, "full", epochs=2), resume=True)
+    assert not marker.exists()
 
 
 def test_resume_continues_only_the_same_run(cli, base, tmp_path):
@@ -204,4 +254,10 @@ def test_output_folder_and_memory_are_checked_first(cli, base, tmp_path):
     assert code == 2 and "--task custom has none" in one_error_line(err)
     config = load_pretrained(base, kernels=False)[0].config
     with pytest.raises(InputError, match="training needs about .* try --method lora"):
-        check_training_fits(config, 10**9, 10**9, 1024, free=4 * 10**9)
+        check_training_fits(config, 10**9, 1024, free=4 * 10**9)
+    check_training_fits(config, 10**8, 1024, free=4 * 10**9)  # the loaded weights are not counted again
+    (tmp_path / "full" / ft.STATE).mkdir()
+    (tmp_path / "full" / ft.STATE / "state.pt").write_bytes(b"")
+    (tmp_path / "full" / ft.STATE / "run.json").write_text("")  # emptied by something else
+    code, _, err = cli("finetune", train, "--task", "pubmedqa", "-m", base, "-o", tmp_path / "full", "--resume")
+    assert code == 1 and "run.json: unreadable" in one_error_line(err) and "--force starts it over" in err

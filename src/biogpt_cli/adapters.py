@@ -54,6 +54,7 @@ def train_rows_from(embedding: nn.Parameter, first: int) -> None:
     """Train only rows `first`.. of an embedding (the learned prompt): the others get no gradient,
     and with no weight decay (the optimizer's business) Adam leaves them exactly as they are."""
     embedding.requires_grad_(True)
+    embedding.trained_from = first  # what an epoch's snapshot keeps of it (finetune.trained_tensors)
 
     def keep_new_rows(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()

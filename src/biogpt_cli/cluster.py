@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BioGptError, InputError, missing_extra
+from .files import write_text
 from .inputs import Prompt, parse_record
 from .jsonl import dumps, lines
 from .output import check_manifest, manifest_path, manifested
@@ -182,10 +183,7 @@ class Worker:
         for shard in batch.to_pylist():
             items = read_shard(shard, self.fields)
             name = hashlib.sha256(json.dumps([p.id for p in items]).encode()).hexdigest()[:20]
-            target = self.output / f"part-{name}.jsonl"
-            tmp = self.output / f".part-{name}.{os.getpid()}.tmp"
-            tmp.write_text("".join(self.records(items)), encoding="utf-8")
-            os.replace(tmp, target)  # the shard is committed whole, or not at all
+            write_text(self.output / f"part-{name}.jsonl", "".join(self.records(items)))  # whole, or not at all
             counts.append(len(items))
         return pyarrow.table({"done": counts})
 

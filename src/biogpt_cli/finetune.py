@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +31,7 @@ from torch import nn
 from .adapters import add_lora, merged_weights, plain_state, train_rows_from
 from .datasets import Example, task_of
 from .errors import InputError
+from .files import save_torch, write_safetensors, write_text
 from .model import causal_lm_loss
 from .tasks import build_input, source_limit
 from .tokenizer import EOS_ID, PAD_ID, BioGptTokenizer
@@ -169,7 +170,18 @@ def trainable(model: nn.Module, r: Recipe, first_prompt_row: int) -> list[dict[s
 
 
 def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    """What an epoch changed: each trained tensor, and of an embedding that trains only its learned
+    prompt rows (`prompt`, `lora`), those rows (its last ones)."""
+    return {n: p.detach()[getattr(p, "trained_from", 0):] for n, p in model.named_parameters() if p.requires_grad}
+
+
+def with_trained(whole: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
+    """`whole` with a snapshot's trained tensor in place: all of it, or its last rows."""
+    if trained.shape == whole.shape:
+        return trained
+    merged = whole.clone()
+    merged[whole.shape[0] - trained.shape[0]:] = trained
+    return merged
 
 
 @dataclass
@@ -214,17 +226,15 @@ class Trainer:
 
     def save(self, folder: Path, epoch: int, history: list[dict[str, Any]], identity: dict[str, Any]) -> None:
         """The epoch's trained tensors, then (atomically) the state that makes them resumable."""
-        from .loading import save_safetensors
-
         state_dir = folder / STATE
         state_dir.mkdir(parents=True, exist_ok=True)
-        save_safetensors({k: v.contiguous() for k, v in trained_tensors(self.model).items()},
-                         state_dir / f"epoch-{epoch}.safetensors")
+        write_safetensors({k: v.contiguous() for k, v in trained_tensors(self.model).items()},
+                          state_dir / f"epoch-{epoch}.safetensors")
+        cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
         state = {"epoch": epoch, "updates": self.updates, "optimizer": self.opt.state_dict(),
-                 "rng": torch.get_rng_state(), "history": history}
-        (state_dir / "run.json").write_text(json.dumps(identity), encoding="utf-8")
-        torch.save(state, state_dir / "state.pt.tmp")
-        os.replace(state_dir / "state.pt.tmp", state_dir / "state.pt")
+                 "rng": torch.get_rng_state(), "cuda_rng": cuda, "history": history}
+        write_text(state_dir / "run.json", json.dumps(identity))
+        save_torch(state, state_dir / "state.pt")
         for old in snapshots(folder)[:-self.r.average]:
             old.unlink()
 
@@ -233,21 +243,41 @@ class Trainer:
         from .loading import read_safetensors
 
         check_same_run(folder, identity)
-        state = torch.load(folder / STATE / "state.pt", weights_only=False)
+        state = read_state(folder / STATE / "state.pt")
         saved = read_safetensors(folder / STATE / f"epoch-{state['epoch']}.safetensors")
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 if name in saved:
-                    p.copy_(saved[name])
+                    p.copy_(with_trained(p, saved[name]))
         self.opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.updates = state["updates"]
         return state["epoch"], state["history"]
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """A run's state (tensors, numbers, lists, dicts), read without running any pickled code: a
+    state file that pickles anything else is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: refused: it pickles objects other than a run's state, and loading it could "
+                         "run code; --force starts the run over") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise InputError(f"{path}: cannot read the run's state ({e}); --force starts the run over") from None
+
+
 def check_same_run(folder: Path, identity: dict[str, Any]) -> None:
     """Refuse to resume `folder` as the run `identity` describes when it was another run."""
-    saved = json.loads((folder / STATE / "run.json").read_text(encoding="utf-8"))
+    path = folder / STATE / "run.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        _same_run(saved)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{path}: unreadable, so a resume cannot tell whether it is the same run; --force starts "
+                         "it over") from None
     theirs, ours = _same_run(saved), _same_run(json.loads(json.dumps(identity)))  # as JSON keeps it
     if theirs != ours:
         changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
@@ -278,7 +308,7 @@ def averaged_state(model: nn.Module, paths: Sequence[Path]) -> dict[str, torch.T
         for name, value in merged_weights(model, read_safetensors(path)).items():
             sums[name] = sums[name] + value.float() if name in sums else value.float().clone()
     state = plain_state(model)
-    return {**state, **{k: (v / len(paths)).to(state[k].dtype) for k, v in sums.items()}}
+    return {**state, **{k: with_trained(state[k], (v / len(paths)).to(state[k].dtype)) for k, v in sums.items()}}
 
 
 # -- a run -------------------------------------------------------------------------------------

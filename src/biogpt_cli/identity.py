@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+from .files import write_text
 from .linear import cache_dir
 
 KEPT_DIGESTS = 512  # files whose digests the cache remembers (the most recent)
@@ -67,14 +68,9 @@ def _read_digests() -> dict[str, str]:
 
 def _write_digests(data: dict[str, str]) -> None:
     path = _digests_path()
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
+    with contextlib.suppress(OSError):  # an unwritable cache only costs hashing again
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:  # an unwritable cache only costs hashing again
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        write_text(path, json.dumps(data))
 
 
 def prune(folder: Path, limit_bytes: int) -> None:

@@ -28,6 +28,7 @@ Packing copies a weight, so the mapped original's pages are handed back to the O
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -41,6 +42,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .files import write_text
 
 QUANTIZE = ("none", "int8", "int4")
 INT4_GROUP = 128
@@ -363,11 +366,7 @@ def choose_kernel(linears: list[nn.Linear], rows: int | None = None) -> str:
             kernel = name
     cache = _read_cache(path)  # again: float32's own choice may have been added meanwhile
     cache[key] = {"kernel": kernel, "ms": {k: [round(s * 1e3, 2) for s in v] for k, v in seconds.items()}}
-    try:
+    with contextlib.suppress(OSError):  # an unwritable cache: measured again next time
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:  # an unwritable cache: measured again next time
-        pass
+        write_text(path, json.dumps(cache, indent=1))
     return kernel

@@ -31,6 +31,7 @@ from torch import nn
 from . import fairseq
 from .config import BioGptConfig
 from .errors import BioGptError, CheckpointError, VocabularyError
+from .files import write_safetensors
 from .hub import HUB_FILES, resolve
 from .identity import cache_limit, file_sha256, prune
 from .linear import cache_dir, choose_kernel, is_kernel, optimize
@@ -135,19 +136,13 @@ def read_torch_bin(path: Path, config: BioGptConfig) -> dict[str, torch.Tensor]:
 
 def _save_converted(state: dict[str, torch.Tensor], target: Path, config: BioGptConfig) -> None:
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
 
     tensors = {k: v.contiguous() for k, v in state.items()
                if not (config.tie_word_embeddings and k == "output_projection.weight")}
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    try:
+    with contextlib.suppress(OSError, SafetensorError):  # an unwritable cache only costs speed
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, tmp)
-        os.replace(tmp, target)
+        write_safetensors(tensors, target)
         prune(target.parent, cache_limit())
-    except (OSError, SafetensorError):  # an unwritable cache only costs speed (safetensors has its own error)
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 # -- building a model --------------------------------------------------------------------------
@@ -501,18 +496,6 @@ def _training_summary(folder: Path) -> dict[str, Any] | None:
 
 
 # -- conversion --------------------------------------------------------------------------------
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
-                     metadata: dict[str, str] | None = None) -> None:
-    """safetensors' `save_file`, leaving the file the mode `open()` would give it: safetensors
-    creates it 0600, so a checkpoint converted into a shared folder was its owner's alone."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, path, metadata=metadata)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def convert(src: str | Path, dst: str | Path) -> Path:
     """Write any loadable checkpoint (fairseq release included) in the Hub layout, as safetensors.
 
@@ -525,19 +508,33 @@ def convert(src: str | Path, dst: str | Path) -> Path:
     return write_checkpoint(dst, config, state, tokenizer)
 
 
+def _alive(pid: str) -> bool:
+    """Whether process `pid` (a folder name's digits) still runs: its staging folder is in use."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def write_checkpoint(dst: str | Path, config: BioGptConfig, state: dict[str, torch.Tensor],
                      tokenizer: BioGptTokenizer, extra: dict[str, str] | None = None) -> Path:
     """A Hub-layout folder (safetensors, config.json, vocabulary, and `extra` text files by name).
     Files are written under temporary names and renamed at the end: a failed write leaves nothing
-    of its own behind."""
+    of its own behind, and what a killed one left is removed by the next."""
     dst = Path(dst)
     created = not dst.exists()
+    for stale in dst.glob(".biogpt-convert-*"):
+        if not _alive(stale.name.rsplit("-", 1)[1]):
+            shutil.rmtree(stale, ignore_errors=True)
     tensors = {k: v.contiguous() for k, v in state.items()
                if not (config.tie_word_embeddings and k == "output_projection.weight")}
     staging = dst / f".biogpt-convert-{os.getpid()}"
     try:
         staging.mkdir(parents=True)
-        save_safetensors(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        write_safetensors(tensors, staging / "model.safetensors", metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
         tokenizer.save_vocabulary(staging)
         for name, text in (extra or {}).items():

@@ -62,22 +62,24 @@ def check_rows_fit(config: BioGptConfig, rows: int, positions: int, *, what: str
 ACTIVATION_FLOATS = 20  # float32 values a layer keeps per token for the backward pass (a rough count)
 
 
-def training_bytes(config: BioGptConfig, parameters: int, trained: int, batch_tokens: int) -> int:
-    """Bytes a fine-tuning run holds: float32 weights; gradient, Adam's two moments and the
-    epoch average of what trains; one micro-batch's activations and its float32 logits (3 copies)."""
+def training_bytes(config: BioGptConfig, trained: int, batch_tokens: int) -> int:
+    """Bytes a fine-tuning run takes beyond its loaded weights (they are in memory when the free
+    memory is read, so they are not counted again): gradient, Adam's two moments and the epoch
+    average of what trains; one micro-batch's activations and its float32 logits (3 copies)."""
     activations = batch_tokens * (config.num_hidden_layers * ACTIVATION_FLOATS * config.hidden_size
                                   + 3 * config.vocab_size) * 4
-    return 4 * parameters + 16 * trained + activations
+    return 16 * trained + activations
 
 
-def check_training_fits(config: BioGptConfig, parameters: int, trained: int, batch_tokens: int,
-                        device: Any = "cpu", free: int | None = None) -> None:
-    """Refuse, before training starts, a run that would not fit in the memory available."""
-    need = training_bytes(config, parameters, trained, batch_tokens)
+def check_training_fits(config: BioGptConfig, trained: int, batch_tokens: int, device: Any = "cpu",
+                        free: int | None = None) -> None:
+    """Refuse, before training starts (with the model loaded), a run that would not fit in the
+    memory still available."""
+    need = training_bytes(config, trained, batch_tokens)
     free = available_bytes(device) if free is None else free
     if free is not None and need > HEADROOM * free:
-        raise InputError(f"training needs about {_gb(need)} ({_gb(16 * trained)} for what trains, "
-                         f"{_gb(need - 4 * parameters - 16 * trained)} for a micro-batch of {batch_tokens} tokens) "
+        raise InputError(f"training needs about {_gb(need)} more ({_gb(16 * trained)} for what trains, "
+                         f"{_gb(need - 16 * trained)} for a micro-batch of {batch_tokens} tokens) "
                          f"and {_gb(free)} is available: try --method lora or prompt, or a smaller --batch-tokens")
 
 

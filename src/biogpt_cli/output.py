@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .errors import BioGptError, InputError
+from .files import replacing, write_text
 from .inputs import Prompt
 from .jsonl import dumps
 
@@ -97,12 +98,8 @@ def whole_file(path: str | None) -> Iterator[Path | None]:
     if path is None or path == "-":
         yield None
         return
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    try:
+    with replacing(path) as tmp:
         yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -213,10 +210,8 @@ def write_manifest(output: Path, run: dict[str, Any], **state: Any) -> None:
     data = {"tool": f"biogpt-cli {__version__}", "started": old.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "run": run, **{k: v for k, v in old.items() if k not in ("tool", "started", "run")}, **state}
     data = {k: v for k, v in data.items() if v is not None}  # a None in `state` removes an old value
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     except OSError as e:
         raise InputError(f"{path}: cannot write the run manifest ({e.strerror})") from None
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .files import write_safetensors
 from .identity import cache_limit, model_identity, prune
 from .linear import Int4Linear, Int8Linear, cache_dir, cpu_id
 
@@ -81,17 +82,11 @@ def load_prepared(model: nn.Module, path: Path, read: Callable[[Path], dict[str,
 def save_prepared(model: nn.Module, path: Path) -> None:
     """Save every quantized layer of `model` (written under a temporary name, then renamed)."""
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
 
     names = {cls: kind for kind, cls in KINDS.items()}
     tensors = {f"{module}.{names[type(m)]}.{key}": t.contiguous()
                for module, m in model.named_modules() if type(m) in names for key, t in m.tensors().items()}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    try:
+    with contextlib.suppress(OSError, SafetensorError):  # an unwritable cache only costs time at the next start
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
+        write_safetensors(tensors, path)
         prune(path.parent, cache_limit())
-    except (OSError, SafetensorError):  # an unwritable cache only costs time at the next start
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)

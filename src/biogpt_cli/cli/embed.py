@@ -130,9 +130,9 @@ def embed(
             if writer is not None:
                 writer.close()
         if matrix:
-            from ..loading import save_safetensors
+            from ..files import write_safetensors
 
-            save_safetensors({"embeddings": torch.cat(rows) if rows else torch.empty(0, lm.config.hidden_size)},
+            write_safetensors({"embeddings": torch.cat(rows) if rows else torch.empty(0, lm.config.hidden_size)},
                              target, metadata={"keys": json.dumps(keys), **{k: str(v).lower() for k, v in
                                                                             settings.items()}})
         note_skipped(skipped)

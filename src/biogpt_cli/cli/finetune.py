@@ -89,8 +89,7 @@ def finetune(
         ft.check_same_run(output, identity)
     run = ft.prepare(task, model, examples, output, recipe, torch_device, identity)
     trained = sum(p.numel() for g in run.groups for p in g["params"])
-    check_training_fits(run.model.config, sum(p.numel() for p in run.model.parameters()), trained, batch_tokens,
-                        torch_device)
+    check_training_fits(run.model.config, trained, batch_tokens, torch_device)
     if held_out:
         from ..devset import dev_metrics
 

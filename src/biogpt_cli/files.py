@@ -1,0 +1,57 @@
+"""Files written whole or not at all: every file the package writes goes through `replacing`, so
+a reader (a resumed run, another process, the next start) finds the old content or the new one,
+never a torn or empty file. A kill leaves at most a temporary beside the target, which nothing
+reads and the next write of the same file replaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+
+def temporary(path: Path) -> Path:
+    """The name `replacing` writes `path` under first."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside `path` for the block to write; it becomes `path` when the block ends
+    without an error, and is removed when it raises."""
+    path = Path(path)
+    tmp = temporary(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                      metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, whole or not at all, leaving the file the mode `open()` would give
+    it (safetensors creates it 0600: a checkpoint written into a shared folder was its owner's
+    alone). The mode is read from a file `open()` creates, never by setting the process's umask."""
+    from safetensors.torch import save_file
+
+    with replacing(path) as tmp:
+        tmp.touch()
+        mode = tmp.stat().st_mode & 0o777
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
+
+
+def save_torch(obj: object, path: str | Path) -> None:
+    """`torch.save`, whole or not at all (read back with `torch.load(weights_only=True)`)."""
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
