@@ -241,7 +241,7 @@ def test_continuous_batching_equals_each_prompt_alone(eos_ref, monkeypatch, opts
     admitted, moves, widths = [], [], []
     admit, reframe, step = generation._Batch.admit, generation._Batch._reframe, generation._Batch.step
     monkeypatch.setattr(generation._Batch, "admit",
-                        lambda self, r, p, keep, new: admitted.append(r) or admit(self, r, p, keep, new))
+                        lambda self, r, p, *a: admitted.append(r) or admit(self, r, p, *a))
     monkeypatch.setattr(generation._Batch, "_reframe", lambda self, start: moves.append(start) or reframe(self, start))
     monkeypatch.setattr(generation._Batch, "step", lambda self, *a: widths.append(self.length) or step(self, *a))
     streams = (lambda i: prompt_generator(3, i)) if opts.do_sample else None

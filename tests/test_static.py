@@ -79,13 +79,14 @@ def test_a_step_that_cannot_be_captured_runs_eagerly(tiny, monkeypatch):
     monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
     monkeypatch.setattr(graphs, "graphs_enabled", lambda device: True)
     monkeypatch.setattr(graphs, "UNCAPTURED", [])
-    vars(model).pop("_static_rows", None)  # a decoder made with capturing on
+    vars(model).pop("_decoders", None)  # a decoder made with capturing on
     try:
         assert generate(model, prompts, opts) == expected
         assert graphs.UNCAPTURED and "CUDA" in graphs.UNCAPTURED[0]
-        assert not any(rows.captured for rows in vars(model)["_static_rows"].values())
+        idle = graphs.decoders(model).idle
+        assert idle and not any(d.captured for d in idle)
     finally:
-        vars(model).pop("_static_rows", None)
+        vars(model).pop("_decoders", None)
 
 
 def test_verbose_says_when_the_step_was_not_captured(cli, tiny_ref, monkeypatch):
@@ -169,8 +170,7 @@ def test_a_prompt_longer_than_the_capacity_widens_it(tiny, monkeypatch):
     expected = tokens()
     monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
     widths = []
-    widened = graphs.StaticRows.widened
-    monkeypatch.setattr(graphs.StaticRows, "widened", lambda self, n: widths.append(n) or widened(self, n))
+    monkeypatch.setattr(generation, "resized", lambda m, d, r, n: widths.append(n) or graphs.resized(m, d, r, n))
     assert tokens() == expected
     assert len(prompts[2]) + 8 > 16 and widths, "the long prompt did not widen the cache"
 
@@ -182,3 +182,80 @@ def new_tokens(model, prompts, opts, *args, **kwargs) -> dict[int, list[int]]:
         if reason is None:
             got.setdefault(seq, []).append(token)
     return got
+
+
+def test_a_batch_holds_the_rows_it_uses_and_gives_them_back(tiny, monkeypatch):
+    """A server's batch (room for 64 rows) with one prompt decodes over one row, not 64; rows that
+    join grow it to the next bucket (1, 2, 4), each prompt with the eager engine's tokens. The
+    decoder goes back to the model when the batch ends, is taken again by a batch of its shape,
+    and is freed before one of another shape is made."""
+    model, tok = tiny
+    prompts = [tok.encode(p) for p in PROMPTS]
+
+    def arriving():
+        for p in prompts:
+            yield p
+            yield None
+    opts = GenerationOptions(max_new_tokens=10, min_new_tokens=10)
+    expected = new_tokens(model, arriving(), opts, slots=64)
+    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    vars(model).pop("_decoders", None)
+    shapes = []
+    monkeypatch.setattr(generation, "resized", lambda m, d, r, n: shapes.append(r) or graphs.resized(m, d, r, n))
+    try:
+        assert new_tokens(model, arriving(), opts, slots=64) == expected
+        [kept] = graphs.decoders(model).idle
+        assert shapes == [2, 3] and kept.rows == 4  # one row, then two, then four
+        taken = graphs.static_rows(model, 3, 20)
+        assert taken is kept and not graphs.decoders(model).idle
+        graphs.release(model, taken)
+        other = graphs.static_rows(model, 1, 20)
+        assert other is not kept and not graphs.decoders(model).idle  # the idle one was freed first
+    finally:
+        vars(model).pop("_decoders", None)
+
+
+def test_a_model_moved_between_calls_drops_its_decoders(tiny_ref, monkeypatch):
+    """Decoders read the weights as they were: after `model.to(torch.bfloat16)` the next
+    `generate` makes new ones and gives the eager engine's bfloat16 tokens."""
+    model, tok = load_pretrained(tiny_ref[1], kernels=False)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    opts = GenerationOptions(max_new_tokens=8)
+    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    generate(model, prompts, opts)
+    old = graphs.decoders(model).idle[0]
+    model.to(torch.bfloat16)
+    got = generate(model, prompts, opts)
+    assert graphs.decoders(model).idle[0] is not old and graphs.decoders(model).idle[0].cache.k.dtype == torch.bfloat16
+    monkeypatch.setattr(generation, "graphs_enabled", lambda device: False)
+    assert got == generate(model, prompts, opts)
+
+
+def test_two_threads_generating_with_one_model_do_not_share_a_decoder(tiny, monkeypatch):
+    import sys
+    import threading
+
+    model, tok = tiny
+    work = [[tok.encode(p) for p in PROMPTS], [tok.encode(p) for p in reversed(PROMPTS)]]
+    opts = GenerationOptions(max_new_tokens=30, min_new_tokens=30)
+    expected = [generate(model, w, opts) for w in work]
+    interval = sys.getswitchinterval()
+    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    vars(model).pop("_decoders", None)
+    got: list = [None, None]
+    start = threading.Barrier(2)
+
+    def one(i: int) -> None:
+        start.wait()
+        got[i] = [generate(model, work[i], opts) for _ in range(3)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    try:
+        sys.setswitchinterval(1e-6)  # the threads take turns at every step
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        vars(model).pop("_decoders", None)
+    assert got == [[expected[0]] * 3, [expected[1]] * 3]

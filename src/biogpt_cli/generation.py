@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError, PromptTooLong
-from .graphs import graphs_enabled, static_rows
+from .graphs import graphs_enabled, release, resized, static_rows
 from .model import BioGptForCausalLM
 from .processors import (
     Processor,
@@ -157,9 +157,10 @@ class _Batch:
         if self.mask is not None:
             self.mask[:, self.width:] = 1
         ids = self.history[:, :self.width].clamp(max=self.vocab - 1)  # pad slots: any id, masked out
-        # on a GPU: each row at its own position in a static cache, every step one captured graph
+        # on a GPU: each row at its own position in a static cache, every step one captured graph;
+        # its rows are those in use (rounded up), and grow as prompts join (`add_rows`)
         static = repeats == 1 and graphs_enabled(device)
-        self.rows = static_rows(model, max(b, room), self.width + max_new) if static else None
+        self.rows = static_rows(model, b, self.width + max_new) if static else None
         if self.rows is not None:
             self.cache, self.logits = None, self.rows.prefill(range(b), prompts)
         else:
@@ -191,11 +192,19 @@ class _Batch:
         longest = max(map(len, prompts))  # a static cache widens for it (`admit`): each row starts at 0
         return max(self.length - keep, longest) + max_new <= self.model.config.max_position_embeddings
 
+    def close(self) -> None:
+        """The batch is over: its static decoder goes back to the model's idle ones."""
+        if self.rows is not None:
+            release(self.model, self.rows)
+            self.rows = None
+
     def add_rows(self, n: int) -> range:
         """`n` new rows, empty and masked, for prompts that arrive while the batch runs (a static
-        cache holds them already: its rows are the batch's room)."""
+        decoder grows to the next bucket of rows when they are not there yet)."""
         if self.cache is not None:
             self.cache.add_rows(n)
+        elif len(self.first) + n > self.rows.rows:
+            self.rows = resized(self.model, self.rows, len(self.first) + n, self.rows.cache.capacity)
         self.history = torch.cat([self.history, self.history.new_full((n, self.history.shape[1]), self.vocab)])
         self.mask = torch.cat([torch.ones_like(self.history[:-n]) if self.mask is None else self.mask,
                                torch.zeros_like(self.history[-n:])])
@@ -203,7 +212,8 @@ class _Batch:
         self.starts = torch.cat([self.starts, self.starts[:1].expand(n)])
         return range(len(self.first) - n, len(self.first))
 
-    def admit(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], keep: int, max_new: int) -> torch.Tensor:
+    def admit(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], keep: int, max_new: int,
+              to_go: int = 0) -> torch.Tensor:
         """Continuous batching: new prompts take the places of finished (or new) `rows`, each
         right-aligned at the current length (its padding masked, so its positions start at 0 as
         when alone). They are prefilled together, apart from the running rows, as a batch of them
@@ -211,15 +221,15 @@ class _Batch:
 
         The window is moved first when the longest prompt is longer than it, when the columns
         before `keep` (which no live row reads) are at least half of it, or when the new tokens
-        would not fit."""
+        would not fit, for them or for the tokens the live rows still have `to_go`."""
         n = max(map(len, prompts))
         start = min(keep, self.length - n)
-        too_long = self.length + max_new > self.model.config.max_position_embeddings
+        too_long = self.length + max(max_new, to_go) > self.model.config.max_position_embeddings
         if start < 0 or (start > 0 and (2 * start >= self.length or too_long)):
             self._reframe(start)
         end = self.length
-        if self.rows is not None and n + max_new > self.rows.cache.capacity:
-            self.rows = self.rows.widened(n + max_new)
+        if self.rows is not None and n + max_new > self.rows.cache.capacity:  # its rows start at 0
+            self.rows = resized(self.model, self.rows, self.rows.rows, n + max_new)
         logits = self.rows.prefill(rows, prompts) if self.rows is not None else self._prefill(rows, prompts, end)
         if self.mask is None:
             self.mask = torch.ones_like(self.history)
@@ -380,63 +390,67 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
         row_opts = [own_opts(j) for j, _ in first for _ in range(k)]
         batch = _Batch(model, [p for _, p in first], max(o.max_new_tokens for o in row_opts), k, columns,
                        slots if grows else 0)
-        seq_of = [j * k + r for j, _ in first for r in range(k)]  # row -> sequence index
-        own = {j: stream_of(j) for j, _ in first} if per_row else {}  # a prompt's k rows share its stream
-        draw = [own[s // k] for s in seq_of] if per_row else generator
-        alive, new_ids, scores = [True] * len(seq_of), [[] for _ in seq_of], batch.logits
-        shown: list[bool] = []  # `alive` as the device last saw it: it changes when a row ends or joins
-        while True:
-            tokens = _choose(scores, batch.history[:, :batch.length], batch.starts, row_opts, draw, alive, eos)
-            for r, tok in enumerate(tokens.tolist()):
-                if alive[r]:
-                    if observe is not None:
-                        observe(seq_of[r], tok, scores[r])
-                    alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos, row_opts[r].max_new_tokens,
-                                                   should_stop)
-            free = [r for r, live in enumerate(alive) if refill and not live]
-            joining: list[tuple[int, int, Sequence[int]]] = []  # (row, prompt index, prompt)
-            keep = batch.window(alive)
-            to_go = max((o.max_new_tokens - len(ids) for o, ids, live in zip(row_opts, new_ids, alive, strict=True)
-                         if live), default=0)  # what the live rows still need of the frame
-            while free or (grows and len(alive) < slots):
-                group = [q for _, _, q in joining]  # a prompt joins if it fits beside those taken before it
-                most = max([to_go, *(row_opts[r].max_new_tokens for r, _, _ in joining)])
-                taken = queue.take_if(lambda j, p, b=batch, w=keep, g=group, m=most:
-                                      b.fits([*g, p], w, max(m, own_opts(j).max_new_tokens)))
-                if taken is None:
-                    break
-                if not free:  # a new row, for a prompt that arrived while the batch runs
-                    free = list(batch.add_rows(1))
-                    scores, tokens = torch.cat([scores, scores[:1]]), torch.cat([tokens, tokens[:1]])
-                    alive.append(False)
-                    new_ids.append([])
-                    seq_of.append(-1)
-                    row_opts.append(row_opts[0])
+        try:
+            seq_of = [j * k + r for j, _ in first for r in range(k)]  # row -> sequence index
+            own = {j: stream_of(j) for j, _ in first} if per_row else {}  # a prompt's k rows share its stream
+            draw = [own[s // k] for s in seq_of] if per_row else generator
+            alive, new_ids, scores = [True] * len(seq_of), [[] for _ in seq_of], batch.logits
+            shown: list[bool] = []  # `alive` as the device last saw it: it changes when a row ends or joins
+            while True:
+                tokens = _choose(scores, batch.history[:, :batch.length], batch.starts, row_opts, draw, alive, eos)
+                for r, tok in enumerate(tokens.tolist()):
+                    if alive[r]:
+                        if observe is not None:
+                            observe(seq_of[r], tok, scores[r])
+                        alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos, row_opts[r].max_new_tokens,
+                                                       should_stop)
+                free = [r for r, live in enumerate(alive) if refill and not live]
+                joining: list[tuple[int, int, Sequence[int]]] = []  # (row, prompt index, prompt)
+                keep = batch.window(alive)
+                to_go = max((o.max_new_tokens - len(ids) for o, ids, live in zip(row_opts, new_ids, alive, strict=True)
+                             if live), default=0)  # what the live rows still need of the frame
+                while free or (grows and len(alive) < slots):
+                    group = [q for _, _, q in joining]  # a prompt joins if it fits beside those taken before it
+                    most = max([to_go, *(row_opts[r].max_new_tokens for r, _, _ in joining)])
+                    taken = queue.take_if(lambda j, p, b=batch, w=keep, g=group, m=most:
+                                          b.fits([*g, p], w, max(m, own_opts(j).max_new_tokens)))
+                    if taken is None:
+                        break
+                    if not free:  # a new row, for a prompt that arrived while the batch runs
+                        free = list(batch.add_rows(1))
+                        scores, tokens = torch.cat([scores, scores[:1]]), torch.cat([tokens, tokens[:1]])
+                        alive.append(False)
+                        new_ids.append([])
+                        seq_of.append(-1)
+                        row_opts.append(row_opts[0])
+                        if per_row:
+                            draw.append(None)
+                    r = free.pop(0)
+                    j, prompt = taken
+                    row_opts[r], seq_of[r], new_ids[r] = own_opts(j), j, []
                     if per_row:
-                        draw.append(None)
-                r = free.pop(0)
-                j, prompt = taken
-                row_opts[r], seq_of[r], new_ids[r] = own_opts(j), j, []
-                if per_row:
-                    draw[r] = stream_of(j)
-                joining.append((r, j, prompt))
-            if joining:  # the prompts taken now are prefilled together, then each chooses its first token
-                rows = [r for r, _, _ in joining]
-                scores[rows] = batch.admit(rows, [p for _, _, p in joining], keep,
-                                           max(to_go, *(row_opts[r].max_new_tokens for r in rows)))
-            for r, j, _ in joining:
-                one = slice(r, r + 1)
-                tok = int(_choose(scores[one], batch.history[one, :batch.length], batch.starts[one], row_opts[one],
-                                  draw[one] if per_row else draw, [True], eos)[0])
-                if observe is not None:
-                    observe(j, tok, scores[r])
-                alive[r] = yield from _advance(j, tok, new_ids[r], eos, row_opts[r].max_new_tokens, should_stop)
-                tokens[r] = tok
-            if not any(alive):
-                break
-            if alive != shown:
-                shown, finished = list(alive), torch.tensor([not a for a in alive], device=tokens.device)
-            scores = batch.step(tokens.masked_fill(finished, model.config.pad_token_id), ~finished)  # as the reference
+                        draw[r] = stream_of(j)
+                    joining.append((r, j, prompt))
+                if joining:  # the prompts taken now are prefilled together, then each chooses its first token
+                    rows = [r for r, _, _ in joining]
+                    scores[rows] = batch.admit(rows, [p for _, _, p in joining], keep,
+                                               max(row_opts[r].max_new_tokens for r in rows), to_go)
+                for r, j, _ in joining:
+                    one = slice(r, r + 1)
+                    tok = int(_choose(scores[one], batch.history[one, :batch.length], batch.starts[one], row_opts[one],
+                                      draw[one] if per_row else draw, [True], eos)[0])
+                    if observe is not None:
+                        observe(j, tok, scores[r])
+                    alive[r] = yield from _advance(j, tok, new_ids[r], eos, row_opts[r].max_new_tokens, should_stop)
+                    tokens[r] = tok
+                if not any(alive):
+                    break
+                if alive != shown:
+                    shown, finished = list(alive), torch.tensor([not a for a in alive], device=tokens.device)
+                pad = model.config.pad_token_id  # finished rows are fed <pad>, as the reference feeds them
+                scores = batch.step(tokens.masked_fill(finished, pad), ~finished)
+        finally:
+            batch.close()
 
 
 def _checked(per_prompt: Callable[[int], GenerationOptions], k: int) -> Callable[[int], GenerationOptions]:

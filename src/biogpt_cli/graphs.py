@@ -3,10 +3,11 @@
 A decoding step is a few hundred small kernels: on a GPU their launches, not the bytes they read,
 set the speed. Over a `StaticCache` nothing in the step depends on a host value (each row's
 position is a device tensor, the mask is built from it, a finished row stays where it is), so the
-step of a bucket of rows (1, 2, 4, ... of them) is captured once per process and capacity, and
-each token of every row is one graph replay. Prompts are prefilled eagerly, together, into any
-free rows (a prompt longer than the capacity widens it, rows and all); the logits processors and
-sampling run after the graph on its output. A capture cannot be kept on disk (a graph holds
+step of a bucket of rows (1, 2, 4, ... of them) is captured once per decoder, and each token of
+every row is one graph replay. A batch's decoder holds the rows in use, rounded up to a bucket,
+and grows to the next bucket as rows join (a prompt longer than the capacity widens it); its old
+buffers are freed before the new ones are taken. Prompts are prefilled eagerly, together, into
+any free rows; the logits processors and sampling run after the graph on its output. A capture cannot be kept on disk (a graph holds
 device addresses), so it is paid once per process; `-v` reports its time.
 BIOGPT_GRAPHS=0 (`--no-graphs`) decodes eagerly instead, as does a step that fails to capture
 (`-v` says why).
@@ -15,6 +16,7 @@ BIOGPT_GRAPHS=0 (`--no-graphs`) decodes eagerly instead, as does a step that fai
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Sequence
 
@@ -68,16 +70,9 @@ class StaticRows:
         self.cache.position[index] = torch.tensor(lengths, device=device)
         return logits
 
-    def widened(self, positions: int) -> StaticRows:
-        """This process's decoder for the same rows and at least `positions` positions, holding
-        what these rows hold (a prompt longer than the capacity joins a running batch so)."""
-        wider = static_rows(self.model, self.rows, positions)
-        if wider is not self:
-            n = self.cache.capacity
-            wider.cache.k[:, :, :, :n] = self.cache.k
-            wider.cache.v[:, :, :, :n] = self.cache.v
-            wider.cache.position.copy_(self.cache.position)
-        return wider
+    def free(self) -> None:
+        """Let go of the buffers and the graph (a decoder resized, whose content was copied)."""
+        self.cache = self.graph = self.logits = None
 
     def step(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         """One token for each of the first len(tokens) rows, whose `live` ones move on (the others,
@@ -124,15 +119,88 @@ class StaticRows:
             self.cache.position.copy_(position)
 
 
+class Decoders:
+    """A model's decoders, each used by one batch at a time (`take`, `give_back`), so that two
+    threads generating with one model never share a cache. An idle decoder is kept for its
+    captured graph until another one is needed: every idle one is freed first, so the model holds
+    the decoders in use and at most the idle ones of its last batches. They are keyed by the
+    weights they read (device, dtype, storage): a model moved or changed since drops them all (a
+    graph would read freed memory)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.idle: list[StaticRows] = []
+        self.weights: tuple = ()
+
+    def take(self, model: torch.nn.Module, rows: int, capacity: int) -> StaticRows:
+        with self.lock:
+            self._check(model)
+            found = next((d for d in self.idle if d.rows == rows and d.cache.capacity == capacity), None)
+            if found is not None:
+                self.idle.remove(found)
+                return found
+            self.idle.clear()  # freed before the new buffers are taken
+        return StaticRows(model, rows, capacity)
+
+    def give_back(self, model: torch.nn.Module, decoder: StaticRows) -> None:
+        with self.lock:
+            if _weights(model) == self.weights:  # else it reads weights that are gone
+                self.idle.append(decoder)
+
+    def forget(self) -> None:
+        with self.lock:
+            self.idle.clear()
+            self.weights = ()
+
+    def _check(self, model: torch.nn.Module) -> None:
+        key = _weights(model)
+        if key != self.weights:
+            self.idle.clear()
+            self.weights = key
+
+
+def _weights(model: torch.nn.Module) -> tuple:
+    return tuple((t.data_ptr(), t.dtype, t.device) for t in (*model.parameters(), *model.buffers()))
+
+
+def decoders(model: torch.nn.Module) -> Decoders:
+    """The model's decoders (made once: `setdefault` is atomic, so two threads get the same)."""
+    return vars(model).setdefault("_decoders", Decoders())
+
+
+def bucket_of(rows: int) -> int:
+    return 1 << (rows - 1).bit_length()
+
+
+def capacity_of(model: torch.nn.Module, positions: int) -> int:
+    return min(model.config.max_position_embeddings, -(-positions // BUCKET) * BUCKET)
+
+
 def static_rows(model: torch.nn.Module, rows: int, positions: int) -> StaticRows:
-    """The process's decoder for `rows` rows (rounded up to a power of two) of up to `positions`
-    positions each (prompt and new tokens), kept per model and row bucket so that its graph is
-    captured once; a longer need replaces it with a larger capacity."""
-    limit = model.config.max_position_embeddings
-    capacity = min(limit, -(-positions // BUCKET) * BUCKET)
-    bucket = 1 << (rows - 1).bit_length()
-    own = vars(model).setdefault("_static_rows", {})  # lives as long as the model
-    if bucket not in own or own[bucket].cache.capacity < capacity:
-        own.pop(bucket, None)  # its buffers go before the larger ones are taken
-        own[bucket] = StaticRows(model, bucket, capacity)
-    return own[bucket]
+    """A decoder of its own for a batch of `rows` rows (rounded up to a power of two) of up to
+    `positions` positions each (prompt and new tokens; rounded up to `BUCKET`), taken from the
+    model's idle ones where one has that shape, so that its graph is captured once. The batch
+    gives it back (`release`) when it ends."""
+    return decoders(model).take(model, bucket_of(rows), capacity_of(model, positions))
+
+
+def release(model: torch.nn.Module, decoder: StaticRows) -> None:
+    decoders(model).give_back(model, decoder)
+
+
+def resized(model: torch.nn.Module, decoder: StaticRows, rows: int, positions: int) -> StaticRows:
+    """A decoder for at least `rows` rows and `positions` positions holding what `decoder` holds
+    (rows joined a running batch, or a prompt longer than its capacity). The old buffers are
+    copied to the host and freed before the new ones are taken, so the device never holds both."""
+    rows, capacity = max(bucket_of(rows), decoder.rows), max(capacity_of(model, positions), decoder.cache.capacity)
+    if (rows, capacity) == (decoder.rows, decoder.cache.capacity):
+        return decoder
+    n, r = decoder.cache.capacity, decoder.rows
+    held = [t.to("cpu") for t in (decoder.cache.k, decoder.cache.v, decoder.cache.position)]
+    decoder.free()
+    wider = decoders(model).take(model, rows, capacity)
+    wider.cache.k[:, :r, :, :n] = held[0].to(wider.cache.k.device)
+    wider.cache.v[:, :r, :, :n] = held[1].to(wider.cache.v.device)
+    wider.cache.position[:r] = held[2].to(wider.cache.position.device)
+    wider.cache.position[r:] = 0
+    return wider

@@ -188,6 +188,7 @@ class BioGptPreTrainedModel(nn.Module):
             if all(_unchanged(fn, t) for t in itertools.chain(self.parameters(), self.buffers())):
                 return self
             self._refuse("changing device or dtype")
+        vars(self).pop("_decoders", None)  # static decoders (graphs.py) read the weights as they were
         return super()._apply(fn, recurse)
 
     def __reduce_ex__(self, protocol: Any) -> Any:  # torch.save(model), copy.deepcopy(model)
