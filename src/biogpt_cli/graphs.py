@@ -7,8 +7,9 @@ step of a bucket of rows (1, 2, 4, ... of them) is captured once per decoder, an
 every row is one graph replay. A batch's decoder holds the rows in use, rounded up to a bucket,
 and grows to the next bucket as rows join (a prompt longer than the capacity widens it); its old
 buffers are freed before the new ones are taken. Prompts are prefilled eagerly, together, into
-any free rows; the logits processors and sampling run after the graph on its output. A capture cannot be kept on disk (a graph holds
-device addresses), so it is paid once per process; `-v` reports its time.
+any free rows; the logits processors and sampling run after the graph on its output. A capture
+cannot be kept on disk (a graph holds device addresses), so it is paid once per decoder shape and
+process; `-v` reports its time.
 BIOGPT_GRAPHS=0 (`--no-graphs`) decodes eagerly instead, as does a step that fails to capture
 (`-v` says why).
 """

@@ -12,5 +12,6 @@ class Limits:
     rows: int = 64  # prompts x n of one request
     waiting: int = 32  # requests waiting for the model; more get a 429 at once
     buffered: int = 4096  # events a streamed response holds for a client that does not read
+    fair_wait: float = 2.0  # seconds a request of another kind waits before the running batch stops taking more
 
 DEFAULT_LIMITS = Limits()

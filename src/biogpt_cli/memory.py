@@ -59,6 +59,21 @@ def check_rows_fit(config: BioGptConfig, rows: int, positions: int, *, what: str
                      f"to {positions} positions), and {_gb(free)} is available: at most {fit} rows fit")
 
 
+def batch_rows(rows: int, device: Any) -> int:
+    """The rows a batch of `rows` holds: on a GPU its static cache rounds them up to a power of two
+    (graphs.py)."""
+    return 1 << (rows - 1).bit_length() if str(device).startswith("cuda") else rows
+
+
+def check_batch_fits(model: Any, rows: int, free: int | None = None) -> None:
+    """Refuse a server whose batch could not hold `rows` rows (`--max-rows`) at the model's full
+    length: its requests' rows share one batch, so admitting each request by its own rows would
+    not bound the whole."""
+    p = next(model.parameters())
+    check_rows_fit(model.config, batch_rows(rows, p.device), model.config.max_position_embeddings,
+                   what="serve --max-rows", dtype_bytes=p.element_size(), device=p.device, free=free)
+
+
 ACTIVATION_FLOATS = 20  # float32 values a layer keeps per token for the backward pass (a rough count)
 
 

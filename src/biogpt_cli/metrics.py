@@ -15,7 +15,8 @@ LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 class Metrics:
     def __init__(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         self.registry = registry = CollectorRegistry()
-        Gauge("biogpt_requests_running", "Requests generating now", registry=registry).set_function(running)
+        Gauge("biogpt_requests_running", "Requests decoding now, or holding the model (embeddings)",
+              registry=registry).set_function(running)
         Gauge("biogpt_requests_waiting", "Requests waiting for the model", registry=registry).set_function(waiting)
         self.rows = Gauge("biogpt_batch_rows", "Rows in the batch being decoded", registry=registry)
         self.prompt_tokens = Counter("biogpt_prompt_tokens", "Prompt tokens read", registry=registry)
@@ -26,12 +27,13 @@ class Metrics:
                                    "first", buckets=LATENCY, registry=registry)
         self.answers = Counter("biogpt_requests", "Requests answered, by HTTP status", ["status"], registry=registry)
 
-    def generated(self, seconds_to_first: float, seconds: float, tokens: int) -> None:
-        """A finished generation of `tokens` new tokens, taking `seconds` from its arrival."""
+    def generated(self, seconds_to_first: float, seconds: float, tokens: int, steps: int) -> None:
+        """A finished generation of `tokens` new tokens in all, its longest choice `steps` of them
+        (its choices decode side by side), taking `seconds` from its arrival."""
         self.generated_tokens.inc(tokens)
         self.first_token.observe(seconds_to_first)
-        if tokens > 1:
-            self.per_token.observe((seconds - seconds_to_first) / (tokens - 1))
+        if steps > 1:
+            self.per_token.observe((seconds - seconds_to_first) / (steps - 1))
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

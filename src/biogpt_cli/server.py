@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import logging
@@ -179,6 +180,7 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
                 "model": name}
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
+            request.state.streamed = True
             return EventSourceResponse(stream(engine, work, meta, request, usage), ping=15)
         return await complete(engine, work, body, meta, request)
 
@@ -245,8 +247,14 @@ def guard(app: FastAPI, engine: Engine, api_key: str | None, hosts: Sequence[str
         """Outside the guard: every answer is counted by status, and logged in one line (method,
         path, status, tokens, seconds to the response's start)."""
         start = time.perf_counter()
-        response = await call_next(request)
-        engine.metrics.answers.labels(str(response.status_code)).inc()
+        try:
+            response = await call_next(request)
+        except Exception as e:  # noqa: BLE001 -- one line in the log, OpenAI's shape to the client
+            log.error("%s %s: %s: %s", request.method, request.url.path, type(e).__name__, e)
+            response = error(500, f"the server failed on this request ({type(e).__name__}); it goes on serving "
+                             "others", "server_error")
+        if not getattr(request.state, "streamed", False):  # a stream counts itself when it ends
+            engine.metrics.answers.labels(str(response.status_code)).inc()
         tokens = getattr(request.state, "tokens", None)
         log.info("%s %s %d%s %.2f s", request.method, request.url.path, response.status_code,
                  f" {tokens} tokens" if tokens is not None else "", time.perf_counter() - start)
@@ -280,7 +288,8 @@ async def complete(engine: Engine, work: Work, body: CompletionRequest, meta: di
                    request: Request) -> Any:
     """An unstreamed completion: its choices (after the echoed prompts, with echo) and usage."""
     if body.echo:
-        echoed = [await asyncio.to_thread(engine.echo, job.ids, body.logprobs) for job in work.jobs]
+        async with engine.turns.turn():  # in the model's turns, counted among those waiting
+            echoed = [await asyncio.to_thread(engine.echo, job.ids, body.logprobs) for job in work.jobs]
         if body.max_tokens == 0:
             choices = [dict(e, index=i * body.n + k, finish_reason="length") for i, e in enumerate(echoed)
                        for k in range(body.n)]
@@ -293,6 +302,10 @@ async def complete(engine: Engine, work: Work, body: CompletionRequest, meta: di
                               request.state.arrived)
     except Cancelled:
         return error(499, "the client went away")
+    except BioGptError as e:
+        return error(400, str(e), param="prompt")
+    except Exception as e:  # noqa: BLE001 -- the batch it joined failed (logged once, there)
+        return error(500, f"the batch this request joined failed ({type(e).__name__}: {e})", "server_error")
     finally:
         watcher.cancel()
     copies = work.copies
@@ -322,7 +335,9 @@ async def stream(engine: Engine, work: Work, meta: dict[str, Any], request: Requ
         loop.call_soon_threadsafe(queue.put_nowait, (ev, logprobs))
 
     task = asyncio.ensure_future(engine.generate(work, sink, cancelled, request.state.arrived))
+    task.add_done_callback(lambda t: t.cancelled() or t.exception() or True)  # retrieved, whoever waits for it
     task.add_done_callback(lambda _: queue.put_nowait(None))
+    status = "499"  # until the stream ends: the client went away
     try:
         used, copies = 0, work.copies
         while (item := await queue.get()) is not None:
@@ -339,16 +354,20 @@ async def stream(engine: Engine, work: Work, meta: dict[str, Any], request: Requ
             yield {"data": json.dumps({"error": {"message": "dropped: the client did not keep up with the "
                                                  "stream", "type": "server_error"}})}
         elif failure is not None and not isinstance(failure, Cancelled):
+            status = "500"
             yield {"data": json.dumps({"error": {"message": str(failure), "type": "server_error"}})}
-        elif usage:
-            yield {"data": json.dumps({**meta, "choices": [], "usage": usage_of(work.jobs, used)})}
+        else:
+            status = "200"
+            if usage:
+                yield {"data": json.dumps({**meta, "choices": [], "usage": usage_of(work.jobs, used)})}
         yield {"data": "[DONE]"}
     finally:
+        engine.metrics.answers.labels(status).inc()  # a stream's status is known at its end
         if not task.done():
             log.info("%s: the client went away; its generation is cancelled", meta["id"])
         cancelled.set()  # a client that went away stops the engine at its next event
-        await asyncio.wait([task])
-        task.exception()  # retrieved: asyncio logs no traceback for it
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([task])
 
 
 async def watch(request: Request, cancelled: threading.Event, rid: str) -> None:

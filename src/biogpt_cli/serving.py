@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
+import logging
 import os
 import threading
 import time
@@ -23,12 +25,14 @@ from .errors import InputError, NothingToEmbed
 from .generation import GenerationOptions
 from .inputs import Prompt
 from .limits import DEFAULT_LIMITS, Limits
-from .memory import check_rows_fit
+from .memory import check_batch_fits, check_rows_fit
 from .metrics import Metrics
 from .plans import Plan, generate_plan, logprob_entries
 from .scoring import embed
 from .streaming import TextEvent
 from .turns import Member, Turns
+
+log = logging.getLogger("biogpt.serve")
 
 
 class Cancelled(Exception):
@@ -82,8 +86,9 @@ class Collector:
 class Engine:
     def __init__(self, lm: Any, tok: Any, limits: Limits = DEFAULT_LIMITS) -> None:
         self.lm, self.tok, self.limits = lm, tok, limits
-        self.turns = Turns(limits.waiting, limits.rows)
-        self.metrics = Metrics(running=lambda: float(self.turns.lock.locked()), waiting=lambda: self.turns.waiting)
+        check_batch_fits(lm, limits.rows)
+        self.turns = Turns(limits.waiting, limits.rows, limits.fair_wait)
+        self.metrics = Metrics(running=lambda: float(self.turns.running), waiting=lambda: self.turns.waiting)
 
     def prepare(self, prompts: list[str], s: dict[str, Any], n: int) -> Work:
         """Tokenize and check a request (a worker thread's job: long prompts would stall the event
@@ -104,12 +109,14 @@ class Engine:
         """A request's generation: its rows join the running run of its key at the next step, or
         start one once the model is free (a cancelled request never starts); `Cancelled` when its
         client went away. Its tokens and latencies go to the metrics."""
-        first, new = [], [0]
+        first, new, longest = [], [0], [0]
 
         def counted(ev: TextEvent) -> None:
             if ev.text and not first:
                 first.append(time.perf_counter())
-            new[0] += 0 if ev.done is None else len(ev.done.ids)
+            if ev.done is not None:
+                new[0] += len(ev.done.ids)
+                longest[0] = max(longest[0], len(ev.done.ids))
             sink(ev)
 
         for job in work.jobs:  # a request's rows end with its client
@@ -122,7 +129,7 @@ class Engine:
         if cancelled.is_set():
             raise Cancelled
         end = time.perf_counter()
-        self.metrics.generated((first[0] if first else end) - arrived, end - arrived, new[0])
+        self.metrics.generated((first[0] if first else end) - arrived, end - arrived, new[0], longest[0])
 
     def choice(self, work: Work, ev: TextEvent) -> dict[str, Any]:
         """A finished row as a completions choice (`_ids`: its new tokens, for the usage)."""
@@ -165,13 +172,16 @@ class Engine:
     def _run_batch_of(self, key: str, k: int) -> None:
         """One batch fed by every request of `key` as it arrives (its rows join at the next step),
         each event routed to its request as if it ran alone; it ends when no row runs and nobody
-        waits."""
+        waits. A request is forgotten as soon as its rows end. If the batch fails, the requests
+        being admitted then (no event yet) get the error, and the others start over in a fresh
+        batch, their events already handed on not handed again."""
         from .batch import run as run_batch
 
         turns, metrics = self.turns, self.metrics
-        owners: dict[int, tuple[Member, int]] = {}  # the batch's prompt index -> request, its own index
-        left: dict[int, int] = {}  # the sequences each request taken still runs
-        taken: list[Member] = []
+        owners: dict[int, list] = {}  # the batch's prompt index -> [request, its own index, rows still running]
+        left: dict[Member, int] = {}  # the rows each request taken still runs
+        fresh: set[Member] = set()  # taken, and no event of theirs yet
+        indices = itertools.count()
 
         def source() -> Any:
             while True:
@@ -179,38 +189,50 @@ class Engine:
                 if m is None:
                     yield None  # nobody now: the batch goes on, and asks again at its next step
                     continue
-                taken.append(m)
-                left[id(m)] = len(m.jobs) * k
+                left[m] = len(m.jobs) * k
+                fresh.add(m)
                 for i, job in enumerate(m.jobs):
-                    owners[len(owners)] = (m, i)
+                    owners[next(indices)] = [m, i, k]
                     metrics.rows.inc(k)
                     yield job
 
         def route(ev: TextEvent) -> None:
-            m, local = owners[ev.row // k]
+            owner = owners[ev.row // k]
+            m, local = owner[0], owner[1]
+            fresh.discard(m)
+            row = local * k + ev.row % k
             done = None if ev.done is None else dataclasses.replace(ev.done, prompt_index=local)
-            if not m.cancelled.is_set():
+            m.delivered[row] = m.delivered.get(row, 0) + 1
+            if not m.cancelled.is_set() and m.delivered[row] > m.skip.get(row, 0):
                 try:
-                    m.sink(TextEvent(local * k + ev.row % k, ev.text, done, ev.confidence))
+                    m.sink(TextEvent(row, ev.text, done, ev.confidence))
                 except Cancelled:  # dropped (a stream nobody reads): its rows end at the next step
                     m.cancelled.set()
             if done is not None:
                 metrics.rows.dec()
-                left[id(m)] -= 1
-                if not left[id(m)]:
+                owner[2] -= 1
+                if not owner[2]:
+                    del owners[ev.row // k]
+                left[m] -= 1
+                if not left[m]:
+                    del left[m]
                     turns.finish(m)
 
         try:  # the jobs carry their own settings: these say only how many rows each prompt has
             run_batch(self.lm, self.tok, source(), GenerationOptions(num_return_sequences=k, do_sample=k > 1),
                       Collector(route), batch_size=max(1, self.limits.rows // k))
-        except Exception as e:  # noqa: BLE001 -- each request of the batch reports it, and those waiting
-            while (m := turns.next_member(key)) is not None:
-                taken.append(m)
-                left[id(m)] = 1
-            for m in taken:
-                if left[id(m)]:
+        except Exception as e:  # noqa: BLE001 -- answered to the requests it concerns; the server goes on
+            blamed = set(fresh) or set(left)  # being admitted; else a step failed, and everyone with it
+            log.error("a batch failed (%s: %s): %d request(s) get the error, %d start over", type(e).__name__,
+                      str(e).splitlines()[0] if str(e) else "", len(blamed), len(left) - len(blamed))
+            for m in list(left):
+                if m in blamed:
                     m.error = e
                     turns.finish(m)
+                else:
+                    m.skip = dict(m.delivered)
+                    m.delivered = {}
+                    turns.retry(m)
         finally:
             metrics.rows.set(0)
 

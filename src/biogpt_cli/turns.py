@@ -1,11 +1,15 @@
 """Who has the model: one run at a time, which the requests of its kind join as they arrive
-(server.py's scheduling; asyncio only, no extra)."""
+(server.py's scheduling; asyncio only, no extra). Fair to other kinds: once a request of another
+kind (another `n`, an embedding, an echo) has waited `patience` seconds, the run takes no request
+that arrived after it, drains, and hands the model on in order of arrival."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +27,9 @@ class Member:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     error: BaseException | None = None
     taken: bool = False
+    since: float = field(default_factory=time.monotonic)  # when it arrived
+    delivered: dict[int, int] = field(default_factory=dict)  # events of each row seen in its batch
+    skip: dict[int, int] = field(default_factory=dict)  # ... of them handed on before its batch failed
 
 
 class Turns:
@@ -30,16 +37,17 @@ class Turns:
     that run at its next step (its prompts take rows beside the others', each decoded as alone),
     and any other waits, at most `limit` of them, then starts a run of its own key."""
 
-    def __init__(self, limit: int, rows: int) -> None:
-        self.lock, self.limit, self.rows = asyncio.Lock(), limit, rows
+    def __init__(self, limit: int, rows: int, patience: float = math.inf) -> None:
+        self.lock, self.limit, self.rows, self.patience = asyncio.Lock(), limit, rows, patience
         self.mutex = threading.Lock()  # `pending` is read by the run's thread too
         self.pending: list[Member] = []  # requests no run has taken yet
-        self.others = 0  # requests waiting for the model itself (`turn`)
+        self.others: list[float] = []  # since when each request waiting for the model itself (`turn`) waits
+        self.running = 0  # requests decoding, or holding the model (`turn`)
         self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def waiting(self) -> int:
-        return len(self.pending) + self.others
+        return len(self.pending) + len(self.others)
 
     def full(self) -> bool:
         return self.lock.locked() and self.waiting >= self.limit
@@ -72,22 +80,42 @@ class Turns:
 
     def next_member(self, key: str) -> Member | None:
         """For the run of `key` (in its thread): the next request of that key, now taken; None if
-        none waits. Requests whose clients went away meanwhile are let go."""
+        none may join now. Requests whose clients went away meanwhile are let go."""
         with self.mutex:
-            for m in [m for m in self.pending if m.key == key]:
+            for m in self._joining(key):
                 self.pending.remove(m)
                 m.taken = True
                 if not m.cancelled.is_set():
+                    self.running += 1
                     return m
-                self.finish(m)
+                self._wake(m)
         return None
 
     def waits(self, key: str) -> bool:
         with self.mutex:
-            return any(m.key == key for m in self.pending)
+            return bool(self._joining(key))
+
+    def _joining(self, key: str) -> list[Member]:
+        """The requests of `key` that may join its run now: all of them, or, once a request of
+        another kind has waited past `patience`, those that arrived before it."""
+        oldest = min([*self.others, *(m.since for m in self.pending if m.key != key)], default=math.inf)
+        cutoff = oldest if time.monotonic() - oldest > self.patience else math.inf
+        return [m for m in self.pending if m.key == key and m.since <= cutoff]
 
     def finish(self, m: Member) -> None:
         """`m`'s rows are done (called from the run's thread)."""
+        self._count(-1)
+        self._wake(m)
+
+    def retry(self, m: Member) -> None:
+        """`m` goes back to the front of the queue (its batch failed through no fault of its own);
+        the events it was handed already are not handed again."""
+        with self.mutex:
+            self.running -= 1
+            m.taken = False
+            self.pending.insert(0, m)
+
+    def _wake(self, m: Member) -> None:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(m.finished.set)
 
@@ -99,12 +127,20 @@ class Turns:
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
-        self.others += 1
+        """The model alone (an embedding, an echo), in order of arrival."""
+        since = time.monotonic()
+        self.others.append(since)
         try:
             await self.lock.acquire()
         finally:
-            self.others -= 1
+            self.others.remove(since)
+        self._count(1)
         try:
             yield
         finally:
+            self._count(-1)
             self.lock.release()
+
+    def _count(self, n: int) -> None:
+        with self.mutex:
+            self.running += n

@@ -11,6 +11,7 @@ import typer
 from ..errors import missing_extra
 from ..hub import DEFAULT_MODEL
 from ..limits import Limits
+from ..memory import batch_rows
 from .common import (
     DebugOpt,
     DeviceOpt,
@@ -18,6 +19,7 @@ from .common import (
     ModelOpt,
     QuantizeOpt,
     RevisionOpt,
+    check_decode_memory,
     check_precision,
     command,
     device_or_usage_error,
@@ -68,6 +70,9 @@ def serve(
     if not api_key and not _loopback(host):
         stderr.print(f"warning: listening on {host} without --api-key: anyone who can reach port {port} can use "
                      "this server")
+    # the batch that requests share may hold --max-rows rows, each at the model's full length
+    check_decode_memory(model, revision, batch_rows(max_rows, torch_device), 1 << 30, "serve --max-rows", dtype,
+                        torch_device)
     lm, tok = load(model, revision, dtype, torch_device, quantize)
     stderr.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
     hosts = None if not _loopback(host) or "*" in (allow_host or ()) else (*LOOPBACK_HOSTS, *(allow_host or ()))
