@@ -70,6 +70,11 @@ def test_examples_are_the_releases_targets(tmp_path):
     ("custom", '{"source": "a", "target": "b"}\n{"source": "a"}\n', "line 2"),
     ("bc5cdr", "1|t|T\n1|a|A\n1\tCID\n", "line 3"),
     ("pubmedqa", '{"5": {"QUESTION": "q", "CONTEXTS": ["c"], "final_decision": "perhaps"}}', "pmid 5"),
+    ("bc5cdr", '{"7": "a string, not a document"}', "pmid 7: expected a JSON object"),
+    ("ddi", '{"8": {"abstract": "a", "triples": 5}}', 'pmid 8: "triples" must be a list of objects'),
+    ("kd-dti", '{"9": {"title": "t", "abstract": "a", "triples": ["x"]}}', 'pmid 9: "triples" must be a list'),
+    ("ddi", "[" * 100_000, "line 1: not JSON (nested too deeply)"),
+    ("custom", '{"source": ' + "[" * 100_000, "line 1: not JSON (nested too deeply)"),
 ])
 def test_bad_records_are_named_before_training(cli, base, tmp_path, task, text, where):
     (tmp_path / "data").write_text(text)

@@ -211,6 +211,19 @@ def test_nonsense_options_are_rejected(bad, match):
         GenerationOptions(**bad).validate()
 
 
+@pytest.mark.parametrize("bad,match", [
+    (dict(bad_words_ids=[[5], [10**6]]), r"bad_words_ids: token ids must be in 0\.\."),
+    (dict(bad_words_ids=[[-1]]), "bad_words_ids"), (dict(bad_words_ids=[[]]), "needs a token"),
+    (dict(logprobs=10**6), "logprobs must be at most"),
+])
+def test_ids_the_model_lacks_are_refused_before_any_row_runs(tiny_ref, bad, match):
+    """Out of range they would fail mid-batch (on a GPU: a device-side assert, the end of the
+    process's CUDA context)."""
+    ours = ours_from(tiny_ref[0])
+    with pytest.raises(InputError, match=match):
+        generate(ours, [[2, 40]], GenerationOptions(max_new_tokens=2, **bad))
+
+
 def test_a_given_zero_is_a_value_not_a_default():
     """Settings from the CLI or the server: length penalty 0 and top-p 0 (only the likeliest token)
     are the reference's to honour, temperature 0 its to refuse; none may quietly become 1."""

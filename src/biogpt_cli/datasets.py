@@ -26,7 +26,7 @@ from typing import Any
 from .errors import InputError
 from .evaluate import read_text
 from .inputs import parse_record
-from .jsonl import lines
+from .jsonl import lines, loads
 from .tasks import TASKS, Task, text_field
 
 TASK_NAMES = (*TASKS, "custom")
@@ -57,7 +57,7 @@ def read_examples(task: str, path: str | Path) -> list[Example]:
 
 def _json_documents(text: str, path: str, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(text)
+        data = loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: line {e.lineno}: not JSON ({e.msg}); expected {what}") from None
     if not isinstance(data, dict):
@@ -69,6 +69,16 @@ def _field(doc: Any, key: str, path: str, pmid: str, kind: type | tuple[type, ..
     value = doc.get(key) if isinstance(doc, dict) else None
     if not isinstance(value, kind):
         raise InputError(f'{path}: pmid {pmid}: expected a field "{key}"')
+    return value
+
+
+def _objects(doc: Any, key: str, path: str, pmid: str) -> list[dict[str, Any]]:
+    """A document's list of objects under `key` (triples, relations); none when it has none."""
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: pmid {pmid}: expected a JSON object")
+    value = doc.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise InputError(f'{path}: pmid {pmid}: "{key}" must be a list of objects')
     return value
 
 
@@ -88,7 +98,7 @@ def _relations(text: str, path: str, task: str) -> Iterator[Example]:
     """DDI (abstract only) and KD-DTI (title and abstract); triples sorted by where the drug is
     first found in the source, as the release sorts them."""
     for pmid, doc in _json_documents(text, path, f"the {task} release's JSON").items():
-        triples = doc.get("triples") if isinstance(doc, dict) else None
+        triples = _objects(doc, "triples", path, pmid)
         if not triples:
             continue
         keys = ("abstract",) if task == "ddi" else ("title", "abstract")
@@ -106,7 +116,7 @@ def _relations(text: str, path: str, task: str) -> Iterator[Example]:
 def _bc5cdr(text: str, path: str, task: str) -> Iterator[Example]:
     docs = _json_documents(text, path, "BC5CDR") if text.lstrip().startswith("{") else _pubtator(text, path)
     for pmid, doc in docs.items():
-        if not doc.get("relations"):
+        if not _objects(doc, "relations", path, pmid):
             continue
         fields = {"title": _field(doc, "title", path, pmid), "abstract": _field(doc, "abstract", path, pmid)}
         names = {kind: _longest_names(_field(doc, f"{kind}2id", path, pmid, dict)) for kind in ("chemical", "disease")}

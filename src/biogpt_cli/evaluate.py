@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .jsonl import lines
+from .jsonl import lines, loads
 from .tasks import HOC_LABELS
 
 Scores = dict[str, float | int]
@@ -36,7 +36,7 @@ def read_predictions(path: str | Path, key: str = "id") -> dict[str, dict[str, A
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: line {n}: not JSON ({e.msg}){_order_hint(path)}") from None
         value = record.get(key, record.get("line")) if isinstance(record, dict) else None
@@ -59,7 +59,7 @@ def read_text(path: str | Path) -> str:
 
 def _json(path: str | Path) -> Any:
     try:
-        return json.loads(read_text(path))
+        return loads(read_text(path))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not JSON ({e.msg} at line {e.lineno}){_order_hint(path)}") from None
 

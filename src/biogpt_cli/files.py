@@ -10,8 +10,10 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a tensor is written: the tokenizer's commands run without it
+    import torch
 
 
 def temporary(path: Path) -> Path:
@@ -53,5 +55,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
 
 def save_torch(obj: object, path: str | Path) -> None:
     """`torch.save`, whole or not at all (read back with `torch.load(weights_only=True)`)."""
+    import torch
+
     with replacing(path) as tmp:
         torch.save(obj, tmp)

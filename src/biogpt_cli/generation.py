@@ -60,8 +60,10 @@ class GenerationOptions:
         """Rows each prompt decodes: its beams, else its sequences."""
         return self.num_beams if self.num_beams > 1 else self.num_return_sequences
 
-    def validate(self) -> None:
-        """Raise `InputError` for settings that make no sense, before any work is done."""
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise `InputError` for settings that make no sense, before any work is done; with the
+        model's `vocab_size`, also for token ids it lacks (on a GPU an id out of range is a
+        device-side assert that ends the process's CUDA context, mid-batch)."""
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise InputError(message)
@@ -78,6 +80,12 @@ class GenerationOptions:
         need(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be 0 (off) or more")
         need(self.early_stopping in (True, False, "never"), "early_stopping must be true, false or 'never'")
         need(self.logprobs is None or self.logprobs >= 0, "logprobs must be 0 or more")
+        need(all(ids for ids in self.bad_words_ids), "bad_words_ids: every banned sequence needs a token")
+        if vocab_size is not None:
+            need(self.logprobs is None or self.logprobs <= vocab_size,
+                 f"logprobs must be at most the vocabulary's {vocab_size} tokens")
+            need(all(0 <= i < vocab_size for ids in self.bad_words_ids for i in ids),
+                 f"bad_words_ids: token ids must be in 0..{vocab_size - 1}")
         if self.num_beams == 1:
             need(self.do_sample or self.num_return_sequences == 1,
                  "num_return_sequences > 1 needs sampling or num_beams > 1")
@@ -370,11 +378,11 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
     greedy or sampled and how), so that rows of different settings share the batch and its steps;
     each keeps `opts`' k. `observe(sequence, token, logits)` hears each chosen token with its row's
     raw logits at that step (before any processor), to be read at once."""
-    opts.validate()
+    opts.validate(model.config.vocab_size)
     if opts.num_beams != 1:
         raise InputError("stream_tokens does greedy or sampled decoding; use beam_search for beams")
     eos, k = model.config.eos_token_id, opts.num_return_sequences
-    own_opts = _checked(per_prompt, k) if per_prompt is not None else lambda j: opts
+    own_opts = _checked(per_prompt, k, model.config.vocab_size) if per_prompt is not None else lambda j: opts
     if slots is None:
         prompts = list(prompts)
         slots = len(prompts)
@@ -453,13 +461,14 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
             batch.close()
 
 
-def _checked(per_prompt: Callable[[int], GenerationOptions], k: int) -> Callable[[int], GenerationOptions]:
+def _checked(per_prompt: Callable[[int], GenerationOptions], k: int,
+             vocab_size: int) -> Callable[[int], GenerationOptions]:
     """`per_prompt`, each prompt's options validated once: greedy or sampled, with the run's k."""
     def get(j: int) -> GenerationOptions:
         o = per_prompt(j)
         if o.num_beams != 1 or o.num_return_sequences != k:
             raise InputError(f"prompt {j}: rows sharing a batch decode greedily or by sampling, {k} per prompt")
-        o.validate()
+        o.validate(vocab_size)
         return o
     return get
 
@@ -523,7 +532,7 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
     the batch, as the reference draws from torch's), or from each prompt's own (a list, or a
     function of the prompt's index), which makes a prompt's result the same in any batch.
     `progress(step)` is called after each step (the winners are known only at the end)."""
-    opts.validate()
+    opts.validate(model.config.vocab_size)
     eos, nb, max_new = model.config.eos_token_id, opts.num_beams, opts.max_new_tokens
     if generator is not None and not isinstance(generator, torch.Generator):
         generator = [generator(i) if callable(generator) else generator[i] for i in range(len(prompts))]
@@ -623,7 +632,7 @@ def generate(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts: G
              generator: Generators = None,
              should_stop: StopCheck | None = None) -> list[list[GeneratedSequence]]:
     """All strategies, final results: one list of sequences per prompt."""
-    opts.validate()
+    opts.validate(model.config.vocab_size)
     if opts.num_beams > 1:
         return beam_search(model, prompts, opts, generator=generator)
     k = opts.num_return_sequences

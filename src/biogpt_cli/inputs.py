@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
 from .errors import InputError
+from .jsonl import loads
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def parse_record(n: int, text: str, name: str, text_field: str | tuple[str, ...]
     which may not repeat (`ids`: those seen, with where, `seen_as` or `line N`): `--resume` matches
     records on it, and would take a repeat for done. Every reader of records, local or on Ray, checks them here."""
     try:
-        obj = json.loads(text)
+        obj = loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{name}: line {n}: not JSON ({e.msg})") from None
     if not isinstance(obj, dict):

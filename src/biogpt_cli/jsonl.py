@@ -22,6 +22,15 @@ def dumps(record: Any) -> str:
     return json.dumps(record, ensure_ascii=False).translate(_BREAKS) + "\n"
 
 
+def loads(text: str) -> Any:
+    """`json.loads` for a user's file: a document nested too deeply for Python's parser is a
+    `json.JSONDecodeError` like any other bad JSON, not a `RecursionError`."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
+
+
 def lines(text: str) -> Iterator[tuple[int, str]]:
     """(line number, line) of `text`, split at `\n` only; a `\r` ending a line is dropped, a lone
     `\r` or any other character stays in its line. No empty last line after a final `\n`."""

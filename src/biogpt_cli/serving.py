@@ -97,7 +97,7 @@ class Engine:
         plan = generate_plan(lm, self.tok, s, lambda m: None)
         jobs = [dataclasses.replace(plan.job(Prompt(i + 1, p)), opts=plan.opts, stop=plan.stop, seed=plan.seed)
                 for i, p in enumerate(prompts)]
-        plan.opts.validate()
+        plan.opts.validate(lm.config.vocab_size)
         check_rows_fit(lm.config, len(prompts) * n, max(len(j.ids) for j in jobs) + s["max_new_tokens"],
                        what="prompt x n", dtype_bytes=next(lm.parameters()).element_size(),
                        device=next(lm.parameters()).device)

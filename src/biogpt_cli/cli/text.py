@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from typing import Annotated, Any
 
 import typer
@@ -11,7 +10,7 @@ import typer
 from ..errors import InputError
 from ..hub import DEFAULT_MODEL
 from ..inputs import Prompt, input_name, jsonl_input, open_input, parallel_map, read_lines, read_prompts
-from ..jsonl import dumps
+from ..jsonl import dumps, loads
 from ..output import whole_output
 from .common import (
     DebugOpt,
@@ -134,7 +133,7 @@ def _ids(text: str, kind: str) -> tuple[list[int], dict[str, Any]]:
     """A line's ids and, for a record, its "id"; ValueError when it holds none."""
     if kind == "text" or (kind == "auto" and not text.lstrip().startswith("{")):
         return [int(x) for x in text.split()], {}
-    record = json.loads(text)
+    record = loads(text)
     ids = record.get("ids") if isinstance(record, dict) else None
     if not isinstance(ids, list) or not all(type(i) is int for i in ids):
         raise ValueError("no list of integer ids")
