@@ -3,9 +3,10 @@
 dropout, AdamW settings and precision), each in a process of its own so that its peak resident
 memory is its own. `bench.py --only finetune` runs it; alone:
 
-    python benchmarks/train_bench.py ours|ours-lora|reference FOLDER EXAMPLES UPDATES
+    python benchmarks/train_bench.py ours|ours-lora|reference FOLDER CORPUS UPDATES [DEVICE]
 
-prints one JSON object: target tokens trained per second (after one warm-up update) and the seconds.
+prints one JSON object: target tokens trained per second (after one warm-up update) and the seconds
+(on a GPU, where both loops train under bfloat16 autocast, also the GPU's peak memory).
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ def updates(seqs: list[list[int]]) -> list[list[list[int]]]:
     return [[[seqs[i] for i in b] for b in group] for group in groups]
 
 
-def reference_step(model: torch.nn.Module, opt: torch.optim.Optimizer):
+def reference_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device):
     def step(group: list[list[list[int]]]) -> int:
         tokens = sum(len(s) - 1 for b in group for s in b)
         for b in group:
-            ids, mask, labels = ft.collate(b, torch.device("cpu"))
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            ids, mask, labels = ft.collate(b, device)
+            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):  # as ft.Trainer does
+                logits = model(input_ids=ids, attention_mask=mask).logits
             loss = causal_lm_loss(logits, labels, "sum")
             (loss / tokens).backward()
         opt.step()
@@ -60,6 +62,7 @@ def reference_step(model: torch.nn.Module, opt: torch.optim.Optimizer):
 
 def main() -> None:
     which, folder, corpus, count = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+    device = torch.device(sys.argv[5] if len(sys.argv) > 5 else "cpu")
     data = examples(corpus, 64)
     if which == "reference":
         import transformers
@@ -71,23 +74,27 @@ def main() -> None:
         work = updates(ft.encode("pubmedqa", data, tok, 900, 1024))[:count + 1]
         model = transformers.BioGptForCausalLM.from_pretrained(folder)
         model.resize_token_embeddings(tok.vocab_size)
-        model.train()
+        model.to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
-        step = reference_step(model, opt)
+        step = reference_step(model, opt, device)
     else:
         lora = which == "ours-lora"
         recipe = ft.dataclasses.replace(RECIPE, method="lora" if lora else "full", recompute=lora)  # the defaults
-        run = ft.prepare("pubmedqa", str(folder), data, Path("/nonexistent"), recipe, torch.device("cpu"), {})
+        run = ft.prepare("pubmedqa", str(folder), data, Path("/nonexistent"), recipe, device, {})
         work = updates(run.train)[:count + 1]
         trainer = ft.Trainer(run.model, recipe, run.groups, run.device)
         run.model.train()
 
         def step(group: list[list[list[int]]]) -> int:
             return trainer.update(group)[1]
-    step(work[0])  # warm-up: allocations, oneDNN's first calls
+    step(work[0])  # warm-up: allocations, oneDNN's or cuBLAS's first calls
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     start, tokens = time.perf_counter(), sum(step(group) for group in work[1:])
+    sync()
     seconds = time.perf_counter() - start
-    print(json.dumps({"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens}))
+    gpu = {"gpu_peak_gb": torch.cuda.max_memory_allocated() / 1e9} if device.type == "cuda" else {}
+    print(json.dumps({"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens, **gpu}))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""On a CUDA device: the reference's tokens, the batch engine, half precision and the commands.
+"""On a CUDA device: the reference's tokens, the batch engine, half precision, the commands, the
+server's engine, BioGPT-Large's shape and fine-tuning.
 
 Skipped where torch sees no CUDA device (CI has none). On a GPU machine: `pytest tests/test_cuda.py`.
 """
@@ -107,3 +108,70 @@ def test_captured_step_gives_the_reference_tokens(tiny_ref, opts, monkeypatch):
     for prompt in PROMPTS:
         expected = reference_rows(ref, prompt, opts)
         assert our_rows(generate(eager, [prompt], opts)[0], prompt, len(expected[0])) == expected
+
+
+def test_sixteen_concurrent_requests_on_cuda_each_equal_generate(tiny_ref):
+    """The server's engine on the GPU: 16 requests of different lengths at once share its captured
+    steps, and each gets the text `generate` gives it alone."""
+    import asyncio
+    import threading
+    import time
+
+    pytest.importorskip("prometheus_client", reason="the serve extra is not installed")
+    from biogpt_cli.loading import load_pretrained
+    from biogpt_cli.serving import Engine, settings
+    from biogpt_cli.streaming import continuation
+
+    lm, tok = load_pretrained(tiny_ref[1], device="cuda")
+    engine = Engine(lm, tok)
+    prompts = [f"the {'cat ' * (i % 5)}and {'of ' * (i % 3)}" for i in range(16)]
+    texts: dict[int, str] = {}
+
+    async def ask(i: int) -> None:
+        work = engine.prepare([prompts[i]], settings(4 + i, 0, 1, 1, None, None, None), 1)
+        await engine.generate(work, lambda ev: ev.done and texts.setdefault(i, ev.done.text), threading.Event(),
+                              time.perf_counter())
+
+    async def together() -> None:
+        await asyncio.gather(*(ask(i) for i in range(16)))
+    asyncio.run(together())
+    for i, p in enumerate(prompts):
+        ids = tok.encode(p)
+        alone = generate(lm, [ids], GenerationOptions(max_new_tokens=4 + i))[0][0].ids
+        assert texts[i] == continuation(tok, ids, alone)[0], f"request {i}"
+
+
+def test_biogpt_large_shape_on_cuda_gives_the_reference_tokens(tmp_path):
+    """1600 wide, 25 heads (64 each), 2048 positions: BioGPT-Large's shape (two layers of it)."""
+    from tests.conftest import make_reference
+
+    ref = make_reference(tmp_path, seed=3, hidden_size=1600, num_attention_heads=25, intermediate_size=6400,
+                         num_hidden_layers=2, max_position_embeddings=2048).to("cuda")
+    ours = ours_from(ref, device="cuda")
+    opts = GenerationOptions(max_new_tokens=12)
+    for prompt in PROMPTS:
+        expected = reference_rows(ref, prompt, opts)
+        assert our_rows(generate(ours, [prompt], opts)[0], prompt, len(expected[0])) == expected
+
+
+def test_fine_tuning_on_cuda_runs_and_resumes(tmp_path):
+    """bfloat16 autocast on the GPU; an interrupted run resumed (the GPU's random state restored)
+    ends where an uninterrupted one does."""
+    from biogpt_cli import finetune as ft
+    from biogpt_cli.loading import read_safetensors
+    from tests.conftest import make_reference
+    from tests.test_finetune import small_run
+
+    base = tmp_path / "base"
+    make_reference(base, seed=1, hidden_size=64, intermediate_size=128, max_position_embeddings=256)
+    history = ft.train(small_run(base, tmp_path, "full", "whole", device="cuda"))
+    assert history[-1]["loss"] < history[0]["loss"]
+
+    def interrupt(p: ft.Progress) -> None:
+        if p.epoch == 3 and not p.epoch_done:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        ft.train(small_run(base, tmp_path, "full", device="cuda"), on_progress=interrupt)
+    ft.train(small_run(base, tmp_path, "full", device="cuda"), resume=True)
+    whole, resumed = (read_safetensors(tmp_path / d / "model.safetensors") for d in ("whole", "out"))
+    assert all(torch.allclose(whole[k].float(), resumed[k].float(), atol=1e-5) for k in whole)

@@ -135,14 +135,14 @@ def test_hoc_checkpoint_classifies(cli, base, tmp_path):
 
 
 # -- methods and checkpoints -------------------------------------------------------------------
-def small_run(base: Path, tmp_path: Path, method: str, out: str = "out", **recipe) -> ft.Run:
+def small_run(base: Path, tmp_path: Path, method: str, out: str = "out", device: str = "cpu", **recipe) -> ft.Run:
     examples = read_examples("pubmedqa", pubmedqa_json(tmp_path / "train.json"))
     settings = {"lr": 1e-2, "warmup": 2, "epochs": 4, "tokens_per_update": 512, "batch_tokens": 256, "average": 2,
                 "method": method, **recipe}
     r = ft.dataclasses.replace(ft.RECIPES["pubmedqa"], **settings)
     identity = {"base_model": str(base), "base_sha256": "x", "task": "pubmedqa", "recipe": ft.dataclasses.asdict(r),
                 "train": {"file": "train.json", "sha256": "y", "examples": len(examples)}}
-    return ft.prepare("pubmedqa", str(base), examples, tmp_path / out, r, torch.device("cpu"), identity)
+    return ft.prepare("pubmedqa", str(base), examples, tmp_path / out, r, torch.device(device), identity)
 
 
 def test_prompt_method_trains_only_the_prompt_rows(base, tmp_path):
