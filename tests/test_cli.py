@@ -388,11 +388,11 @@ def test_a_pipe_given_as_the_input_file_is_read_once(cli, tiny, tmp_path):
     """Counting a progress bar's total or hashing the input for the manifest read a pipe
     (`-i <(zcat prompts.gz)`) to its end before the run: tokenize printed nothing and generate wrote
     no record, with exit 0."""
-    from biogpt_cli.inputs import count_lines
+    from biogpt_cli.inputs import count_items
 
     folder, out = tiny[0], tmp_path / "out.jsonl"
     with pipe_path(b"the cat\nof the\n") as path:  # a bar's total on a terminal: none, rather than the lines
-        assert count_lines(path) is None and count_lines(str(tmp_path / "none")) is None
+        assert count_items(path) is None and count_items(str(tmp_path / "none")) is None
     with pipe_path(b"the cat\nof the\n") as path:
         code, ids, _ = cli("tokenize", "-m", folder, path)
     assert code == 0 and len(ids.splitlines()) == 2

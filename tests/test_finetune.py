@@ -65,6 +65,18 @@ def test_examples_are_the_releases_targets(tmp_path):
         "the type of this document is resisting cell death|inducing angiogenesis."]
 
 
+def test_title_only_documents_train_as_the_release_builds_them(cli, base, tmp_path):
+    """KD-DTI's real files hold citations without an abstract: trained on `title. `, counted."""
+    data = {"1": {"title": "Imatinib inhibits ABL1", "abstract": "It binds the kinase.", "triples": [
+        {"drug": "imatinib", "target": "ABL1", "interaction": "inhibitor"}]},
+        "2": {"title": "Gefitinib and EGFR", "abstract": "", "triples": [
+            {"drug": "gefitinib", "target": "EGFR", "interaction": "inhibitor"}]}}
+    (tmp_path / "valid.json").write_text(json.dumps(data))
+    code, _, err = cli("finetune", tmp_path / "valid.json", "--task", "kd-dti", "-m", base, "-o", tmp_path / "out",
+                       "--epochs", "1", *FAST)
+    assert code == 0 and "1 title-only document (no abstract): trained on its title" in err, err
+
+
 @pytest.mark.parametrize("task, text, where", [
     ("hoc", "a\tempty\nno label here\n", "line 2"),
     ("custom", '{"source": "a", "target": "b"}\n{"source": "a"}\n', "line 2"),

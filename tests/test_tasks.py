@@ -291,7 +291,8 @@ def test_evaluate_pubmedqa(cli, tmp_path):
     preds = write_jsonl(tmp_path / "p.jsonl", [{"id": "1", "answer": "yes"}, {"id": "2", "answer": "yes"},
                                                {"id": "3", "answer": "maybe"}])
     scores = evaluate(cli, "--task", "pubmedqa", preds, gold)
-    assert scores == {"task": "pubmedqa", "accuracy": 0.5, "correct": 2, "n": 4, "missing": 1}
+    # macro-F1 as sklearn's f1_score(average="macro"): yes 0.5, no 0, maybe 1
+    assert scores == {"task": "pubmedqa", "accuracy": 0.5, "macro_f1": 0.5, "correct": 2, "n": 4, "missing": 1}
     gold.write_text("{}")  # nothing to score: an error, not an accuracy of 0
     code, _, err = cli("evaluate", "--task", "pubmedqa", str(preds), str(gold))
     assert code == 1 and "no gold items to score against" in one_error_line(err)

@@ -2,7 +2,8 @@
 from our JSONL predictions and the official gold files. Predictions missing for a gold item count
 as wrong (an empty answer) and are reported in `missing`.
 
-* PubMedQA: accuracy against `test_ground_truth.json` ({pmid: yes|no|maybe}), matched on `id`.
+* PubMedQA: accuracy and macro-F1 (the two figures of its `evaluation.py` and leaderboard) against
+  `test_ground_truth.json` ({pmid: yes|no|maybe}), matched on `id`.
 * HoC: micro-F1 over the 11 labels (including `empty`; other labels are ignored, as sklearn's
   MultiLabelBinarizer does) against the release's `test.tsv` (label in the last column), matched
   on the input `line` (run `classify` on the TSV's first column so the line numbers agree).
@@ -87,9 +88,19 @@ def pubmedqa(predictions: str | Path, gold: str | Path) -> Scores:
         raise InputError(f"{gold}: pmid {wrong[0]} has the label {json.dumps(wrong[1])}, not yes, no or maybe: "
                          f"expected test_ground_truth.json{_order_hint(gold)}")
     preds = read_predictions(predictions)
-    correct = sum(preds.get(str(pmid), {}).get("answer") == label for pmid, label in truth.items())
-    return {"accuracy": correct / len(truth) if truth else 0.0, "correct": correct, "n": len(truth),
-            "missing": sum(str(pmid) not in preds for pmid in truth)}
+    answers = {pmid: preds.get(str(pmid), {}).get("answer") for pmid in truth}
+    correct = sum(answers[pmid] == label for pmid, label in truth.items())
+    return {"accuracy": correct / len(truth) if truth else 0.0, "macro_f1": _macro_f1(truth, answers),
+            "correct": correct, "n": len(truth), "missing": sum(str(pmid) not in preds for pmid in truth)}
+
+
+def _macro_f1(truth: dict[str, str], answers: dict[str, str | None]) -> float:
+    """PubMedQA's evaluation.py's second figure (sklearn's `f1_score(average="macro")`): the mean
+    F1 over the labels of the gold and of the answers; a missing answer is wrong, not a label."""
+    labels = sorted(set(truth.values()) | {a for a in answers.values() if a is not None})
+    f1s = [_prf(sum(truth[k] == label == answers[k] for k in truth), sum(a == label for a in answers.values()),
+                sum(t == label for t in truth.values()))[2] for label in labels]
+    return sum(f1s) / len(f1s) if f1s else 0.0
 
 
 def hoc(predictions: str | Path, gold: str | Path) -> Scores:

@@ -4,6 +4,7 @@ over lines in worker processes, in order and in constant memory."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import multiprocessing
 import os
@@ -19,6 +20,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from .errors import InputError
 from .jsonl import loads
+from .literature import text_of
 
 
 @dataclass(frozen=True)
@@ -85,15 +87,31 @@ def rereadable(path: str | None) -> bool:
     return path not in (None, "-") and os.path.isfile(path)
 
 
-def count_lines(path: str) -> int | None:
-    """Lines in a file (a progress bar's total), read in large chunks; None for one not `rereadable`."""
+MARKERS = {None: (b"\n",), "pubtator": (b"|t|",), "bioc": (b"</document>",),
+           "pubmed": (b"</PubmedArticle>", b"</PubmedBookArticle>", b"</MedlineCitation>")}
+
+
+def count_items(path: str) -> int | None:
+    """A progress bar's total: the lines of a file, or the documents of a literature file (counted
+    by their closing tags), read in large chunks; None for one not `rereadable`, or a JSON document."""
+    from .literature import sniff
+
     if not rereadable(path):
         return None
     with open_input(path) as f:
+        fmt = sniff(f.peek(1 << 12)[:1 << 12], path)
+        if fmt not in MARKERS:
+            return None
+        markers, tail = MARKERS[fmt], b""
+        counts = [0] * len(markers)
         try:
-            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+            for chunk in iter(lambda: f.read(1 << 20), b""):  # a tag split between two chunks counts once
+                counts = [c + (tail + chunk).count(m) - tail.count(m) for c, m in zip(counts, markers, strict=True)]
+                tail = chunk[-20:]
         except _GZIP_ERRORS:
-            return None  # reading its lines will say what is wrong, and where
+            return None  # reading it will say what is wrong, and where
+    # a PubmedArticle holds a MedlineCitation: the older MedlineCitationSet has only the latter
+    return counts[0] + counts[1] if fmt == "pubmed" and counts[0] + counts[1] else sum(counts)
 
 
 def read_lines(f: BinaryIO, name: str, errors: str = "strict") -> Iterator[tuple[int, str]]:
@@ -126,6 +144,34 @@ def read_prompts(f: BinaryIO, name: str, jsonl: bool, errors: str = "strict",
             yield Prompt(n, text, fields={"text": text} if text.strip() else {})  # a blank line has no fields
         else:
             yield parse_record(n, text, name, text_field, ids)
+
+
+def read_records(f: BinaryIO, name: str, input_format: str, errors: str = "strict",
+                 text_field: str | tuple[str, ...] | None = "prompt", which: str = "all", labels: bool = False,
+                 note: Callable[[str], None] | None = None) -> Iterator[Prompt]:
+    """An input's records: the documents of a literature file (PubMed XML, BioC, PubTator, the
+    release's task files; `--input-format auto` tells them by content and name), each keyed by its
+    id and read as its `which` text (title, abstract or all), else lines of text or JSONL records
+    (`read_prompts`). `note` hears, at the end, what was not a document and the title-only ones."""
+    from .literature import FORMATS, documents, sniff
+
+    f = f if hasattr(f, "peek") else io.BufferedReader(f)  # a look at its start, which stays to be read
+    fmt = input_format if input_format != "auto" else sniff(f.peek(1 << 12)[:1 << 12], name) or \
+        ("jsonl" if jsonl_input(name, "auto") else "text")
+    if fmt not in (*FORMATS, "xml", "json"):
+        yield from read_prompts(f, name, fmt == "jsonl", errors, text_field)
+        return
+    counts: dict[str, int] = {}
+    for doc in documents(f, name, "json" if fmt in ("bioc-json", "release") else fmt, labels, counts):
+        text = text_of(doc, which)
+        yield Prompt(0, text, doc["id"], {**doc, "text": text})
+    if note is not None:
+        if counts.get("deleted"):
+            note(f"{name}: {counts['deleted']} DeleteCitation entr{'y' if counts['deleted'] == 1 else 'ies'} "
+                 "(PMIDs to delete, not citations) left out")
+        if counts.get("title only"):
+            note(f"{name}: {counts['title only']} title-only document{'s' * (counts['title only'] != 1)} (no "
+                 "abstract): read as their title")
 
 
 def parse_record(n: int, text: str, name: str, text_field: str | tuple[str, ...] | None,

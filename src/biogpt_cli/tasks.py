@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import BioGptConfig
 from .errors import InputError
+from .literature import joined
 from .tokenizer import EOS_ID, BioGptTokenizer
 
 TRUNCATION_TOKEN = "...</w>"  # the last kept source token of a truncated source
@@ -59,19 +60,27 @@ def text_field(fields: Mapping[str, Any], name: str, required: bool = True) -> s
 
 # -- sources -----------------------------------------------------------------------------------
 def _title_abstract(fields: Mapping[str, Any]) -> str:
-    """RE-BC5CDR / RE-DTI: title and abstract joined as the release does, lowercased (or `text`)."""
+    """RE-BC5CDR / RE-DTI: title and abstract joined as the release does, lowercased (or `text`); a
+    title-only document is `title. `, as the release's rebuild_data.py builds it."""
     if "text" in fields and "abstract" not in fields:
         return text_field(fields, "text").lower()
-    title, abstract = text_field(fields, "title", required=False), text_field(fields, "abstract")
-    if not title:
-        return abstract.lower()
-    return (title + (" " if re.search(r"\W$", title) else ". ") + abstract).lower()
+    return joined(*_title_and_abstract(fields)).lower()
+
+
+def _title_and_abstract(fields: Mapping[str, Any]) -> tuple[str, str]:
+    title, abstract = text_field(fields, "title", required=False), text_field(fields, "abstract", required=False)
+    if not title.strip() and not abstract.strip():
+        raise InputError('the fields "title" and "abstract" are both empty')
+    return title, abstract
 
 
 def _abstract(fields: Mapping[str, Any]) -> str:
-    """RE-DDI: the abstract alone (no title), newlines as spaces, lowercased (or `text`)."""
-    text = text_field(fields, "abstract" if "abstract" in fields else "text")
-    return text.strip().replace("\n", " ").lower()
+    """RE-DDI: the abstract alone (no title), newlines as spaces, lowercased (or `text`); the
+    title where a document has no abstract."""
+    if "abstract" not in fields:
+        return text_field(fields, "text").strip().replace("\n", " ").lower()
+    title, abstract = _title_and_abstract(fields)
+    return (abstract if abstract.strip() else title).strip().replace("\n", " ").lower()
 
 
 def _question_context(fields: Mapping[str, Any]) -> str:

@@ -38,7 +38,8 @@ class Quit(BaseException):
 
 Format = Literal["text", "jsonl"]
 OutputFormat = Literal["auto", "text", "jsonl"]
-InputFormat = Literal["auto", "text", "jsonl"]
+InputFormat = Literal["auto", "text", "jsonl", "pubmed", "bioc", "bioc-json", "pubtator", "release"]
+TextPart = Literal["title", "abstract", "all"]
 Errors = Literal["strict", "replace"]
 DType = Literal["float32", "bfloat16", "float16"]
 Quantize = Literal["none", "int8", "int4"]
@@ -56,7 +57,14 @@ FileArg = Annotated[str | None, typer.Argument(help="Input file, one item per li
 SameInputOpt = Annotated[str | None, typer.Option("--input", "-i", help="The same as FILE, as the other commands "
                                                                         "take it.")]
 InputOpt = Annotated[str | None, typer.Option("--input", "-i", help="Input file, one item per line ('-': stdin).")]
-InputFormatOpt = Annotated[InputFormat, typer.Option(help="auto: JSONL if the name ends in .jsonl(.gz).")]
+InputFormatOpt = Annotated[InputFormat, typer.Option(
+    help="auto: by content and name: PubMed/MEDLINE XML, BioC XML or JSON, PubTator, the release's task files "
+         "(.json, .tsv), JSONL (.jsonl), else lines of text.")]
+TextOpt = Annotated[TextPart | None, typer.Option(
+    "--text", show_default=False, help="Literature input: which text of each document: title, abstract or all "
+                                       "(title and abstract as the release joins them) [all; generate: title].")]
+SectionLabelsOpt = Annotated[bool, typer.Option(
+    help="PubMed structured abstracts: keep each section's label (LABEL: text).")]
 OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Write here instead of stdout.")]
 ForceOpt = Annotated[bool, typer.Option(help="Overwrite an existing --output file.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Finish an interrupted --output file of the same run.")]
@@ -155,13 +163,13 @@ def progress(total: int | None, quiet: bool, unit: str = "items") -> Iterator[Ca
 
 @contextlib.contextmanager
 def line_progress(path: str | None, output: str | None, quiet: bool) -> Iterator[Callable[[int], None]]:
-    """A bar of input lines done, for a command that reads the file `path` line by line into
-    `output` (or a piped stdout: results on a terminal need no bar). None for a pipe, which
-    cannot be counted without consuming it, or for no file (a PROMPT argument)."""
-    from ..inputs import count_lines
+    """A bar of input records done (lines, or a literature file's documents), for a command that
+    reads the file `path` into `output` (or a piped stdout: results on a terminal need no bar).
+    None for a pipe, which cannot be counted without consuming it, or for no file (a PROMPT)."""
+    from ..inputs import count_items
 
     shown = path is not None and shows_progress(quiet) and (output is not None or not sys.stdout.isatty())
-    total = count_lines(path) if shown else None
+    total = count_items(path) if shown else None
     with progress(total, total is None, "lines") as update:
         yield update
 

@@ -30,6 +30,8 @@ from .common import (
     QuantizeOpt,
     QuietOpt,
     RevisionOpt,
+    SectionLabelsOpt,
+    TextOpt,
     UsageError,
     WorkersOpt,
     check_precision,
@@ -54,6 +56,8 @@ def embed(
     = False,
     input: InputOpt = None,
     input_format: InputFormatOpt = "auto",
+    text: TextOpt = None,
+    section_labels: SectionLabelsOpt = False,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write here instead of stdout (a FOLDER with "
                                                 "--engine ray).")] = None,
     fmt: Annotated[Literal["auto", "text", "jsonl", "safetensors"], typer.Option(
@@ -109,7 +113,7 @@ def embed(
         if sys.stdin.isatty():
             raise UsageError("no text: give PROMPT, --input FILE, or pipe texts on stdin")
         input = "-"
-    source = prompt_source(prompt, input, input_format, errors, TEXT_FIELDS["embed"])
+    source = prompt_source(prompt, input, input_format, errors, TEXT_FIELDS["embed"], text, section_labels)
     with source as items, whole_file(output) as target:
         lm, tok = load(model, revision, dtype, torch_device, quantize, cls=BioGptModel, kernels=True)
         writer = None if matrix else LineWriter.create(target)

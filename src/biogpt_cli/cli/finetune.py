@@ -74,6 +74,10 @@ def finetune(
         raise UsageError("--dev scores a task's answers with its metric: --task custom has none")
     examples = read_examples(task, train)
     held_out = read_examples(task, dev) if dev is not None else []
+    title_only = sum(1 for e in examples if e.fields.get("title") and not str(e.fields.get("abstract", "x")).strip())
+    if title_only:
+        stderr.print(f"note: {train}: {counted(title_only, 'title-only document')} (no abstract): trained on its "
+                     "title, as the release's rebuild_data.py builds it", markup=False, highlight=False)
     _check_output(output, resume, force)
     given = {"lr": lr, "warmup": warmup, "epochs": epochs, "updates": updates, "prompt_tokens": prompt_tokens,
              "source_limit": source_limit, "average": average}

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from ..errors import BioGptError, InputError
 from ..hub import DEFAULT_MODEL
-from ..inputs import Prompt, count_lines, input_name, jsonl_input, open_input, read_prompts, rereadable
+from ..inputs import Prompt, count_items, input_name, open_input, read_records, rereadable
 from .common import (
     ARGV,
     AddressOpt,
@@ -44,6 +44,8 @@ from .common import (
     Quit,
     ResumeOpt,
     RevisionOpt,
+    SectionLabelsOpt,
+    TextOpt,
     UsageError,
     VerboseOpt,
     WorkersOpt,
@@ -88,6 +90,8 @@ def generate(
     ban: Annotated[list[str] | None, typer.Option(help="Never generate this word or phrase (repeatable).")] = None,
     input: InputOpt = None,
     input_format: InputFormatOpt = "auto",
+    text: TextOpt = None,
+    section_labels: SectionLabelsOpt = False,
     output: OutputOpt = None,
     fmt: OutputFormatOpt = "auto",
     force: ForceOpt = False,
@@ -170,7 +174,8 @@ def generate(
                             quantize=quantize, confidence=show_confidence)
         input = "-"
 
-    with prompt_source(prompt, input, input_format, errors) as prompts:  # a bad input fails before loading
+    # a bad input fails before loading; a literature file's documents are continued from their titles
+    with prompt_source(prompt, input, input_format, errors, which=text or "title", labels=section_labels) as prompts:
         check_rows(model, revision, decoding, prompt, batch_size, dtype, torch_device)
         one_row = prompt is not None and decoding.rows_per_prompt == 1
         lm, tokenizer = load_model(model, revision, dtype, torch_device, quantize, verbose, rows=1 if one_row else None)
@@ -265,20 +270,23 @@ def no_file_options(input_format: str, errors: str) -> None:
 
 @contextlib.contextmanager
 def prompt_source(prompt: str | None, path: str | None, input_format: InputFormat, errors: str,
-                  text_field: str | tuple[str, ...] | None = "prompt") -> Iterator[Iterator[Prompt]]:
-    """The PROMPT argument, or the items of an --input file (opened on entry: a missing one fails early)."""
+                  text_field: str | tuple[str, ...] | None = "prompt", which: str | None = None,
+                  labels: bool = False) -> Iterator[Iterator[Prompt]]:
+    """The PROMPT argument, or the records of an --input file (opened on entry: a missing one fails
+    early): lines, JSONL records, or a literature file's documents read as their `which` text."""
     if path is None:
         no_file_options(input_format, errors)
         yield iter([Prompt(0, prompt or "", fields={"text": prompt or ""})])
         return
     with open_input(path) as f:
-        yield read_prompts(f, input_name(path), jsonl_input(path, input_format), errors, text_field)
+        yield read_records(f, input_name(path), input_format, errors, text_field, which or "all", labels,
+                           lambda message: stderr.print(f"note: {message}", markup=False, highlight=False))
 
 
 def progress_total(input: str | None, output: str | None, quiet: bool) -> int | None:
     """What a progress bar counts to: the lines of an input file written to an output file, when a
     bar is shown (a big file, or a gzipped one, costs a pass of its own)."""
-    return None if input is None or output is None or not shows_progress(quiet) else count_lines(input)
+    return None if input is None or output is None or not shows_progress(quiet) else count_items(input)
 
 
 def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, run: dict[str, Any],

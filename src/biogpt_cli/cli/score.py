@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..hub import DEFAULT_MODEL
-from ..inputs import Prompt, input_name, jsonl_input, open_input, read_prompts
+from ..inputs import Prompt, input_name, open_input, read_records
 from ..jsonl import dumps
 from .common import (
     FORWARD_BATCH,
@@ -27,12 +27,14 @@ from .common import (
     ErrorsOpt,
     ForceOpt,
     GpusOpt,
-    InputFormat,
+    InputFormatOpt,
     ModelOpt,
     OutputFormatOpt,
     QuietOpt,
     RevisionOpt,
     SameInputOpt,
+    SectionLabelsOpt,
+    TextOpt,
     UsageError,
     WorkersOpt,
     command,
@@ -54,8 +56,9 @@ if TYPE_CHECKING:
 def score(
     file: Annotated[str | None, typer.Argument(help="Texts to score, one per line; '-' or nothing: stdin.")] = None,
     input: SameInputOpt = None,
-    input_format: Annotated[InputFormat, typer.Option(help="auto: JSONL records with \"text\" (and \"id\") if the "
-                                                           "name ends in .jsonl(.gz).")] = "auto",
+    input_format: InputFormatOpt = "auto",
+    text: TextOpt = None,
+    section_labels: SectionLabelsOpt = False,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     choices: Annotated[str | None, typer.Option(help="Comma-separated continuations of --prompt to compare.")] = None,
@@ -110,7 +113,8 @@ def score(
     check_output(output, force=force, source=file)
     file = file or "-"
     with open_input(file) as f, whole_output(output) as writer:
-        items = read_prompts(f, input_name(file), jsonl_input(file, input_format), errors, TEXT_FIELDS["score"])
+        items = read_records(f, input_name(file), input_format, errors, TEXT_FIELDS["score"], text or "all",
+                             section_labels, lambda message: stderr.print(f"note: {message}", markup=False))
         lm, tok = load(model, revision, dtype, torch_device)
         if options is not None:
             probs = choice_probabilities(lm, tok.encode(prompt),

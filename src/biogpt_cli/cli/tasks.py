@@ -40,8 +40,10 @@ from .common import (
     QuietOpt,
     ResumeOpt,
     RevisionOpt,
+    SectionLabelsOpt,
     TaskBatchOpt,
     TaskModelOpt,
+    TextOpt,
     UsageError,
     VerboseOpt,
     WorkersOpt,
@@ -181,8 +183,9 @@ def _pubmedqa_json(path: str, reasoning_free: bool) -> Iterator[Prompt]:
 
 
 def _items(text: str | None, fields: dict[str, Any] | None, input: str | None, input_format: str, errors: str,
-           plain: bool = True) -> contextlib.AbstractContextManager:
-    """A single record from the command line, or the records of --input (stdin when piped)."""
+           plain: bool = True, documents: tuple[str | None, bool] = (None, False)) -> contextlib.AbstractContextManager:
+    """A single record from the command line, or the records of --input (stdin when piped); a
+    literature file's documents as `documents` (--text, --section-labels) say."""
     if (text is not None or fields) and input is not None:
         raise UsageError("give the input on the command line or with --input, not both")
     if text is None and not fields and input is None:
@@ -195,7 +198,7 @@ def _items(text: str | None, fields: dict[str, Any] | None, input: str | None, i
         return contextlib.nullcontext(iter([Prompt(0, "", fields=fields)]))
     if not plain and input_format == "auto":
         input_format = "jsonl"  # qa has no plain-text form
-    return prompt_source(None, input, input_format, errors, text_field=None)  # type: ignore[arg-type]
+    return prompt_source(None, input, input_format, errors, None, *documents)  # type: ignore[arg-type]
 
 
 @command
@@ -247,7 +250,8 @@ def extract(
     = None,
     task: Annotated[ExtractTask | None, typer.Option(help="Needed when the checkpoint does not say.")] = None,
     model: TaskModelOpt = None, revision: RevisionOpt = None, input: InputOpt = None,
-    input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
+    input_format: InputFormatOpt = "auto", text_part: TextOpt = None, section_labels: SectionLabelsOpt = False,
+    output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
     force: ForceOpt = False, resume: ResumeOpt = False, batch_size: TaskBatchOpt = None,
     max_new_tokens: MaxNewOpt = 0,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
@@ -262,7 +266,7 @@ def extract(
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
                   dtype, device, quantize, errors, verbose,
                   Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet))
-    _run("extract", task, run, _items(text, None, input, input_format, errors))
+    _run("extract", task, run, _items(text, None, input, input_format, errors, documents=(text_part, section_labels)))
 
 
 @command
@@ -270,7 +274,8 @@ def classify(
     text: Annotated[str | None, typer.Argument(help="One document. Without it: --input, or stdin when piped.")]
     = None,
     model: TaskModelOpt = None, revision: RevisionOpt = None, input: InputOpt = None,
-    input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
+    input_format: InputFormatOpt = "auto", text_part: TextOpt = None, section_labels: SectionLabelsOpt = False,
+    output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
     force: ForceOpt = False, resume: ResumeOpt = False, batch_size: TaskBatchOpt = None,
     max_new_tokens: MaxNewOpt = 0,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
@@ -285,7 +290,7 @@ def classify(
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
                   dtype, device, quantize, errors, verbose,
                   Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet))
-    _run("classify", None, run, _items(text, None, input, input_format, errors))
+    _run("classify", None, run, _items(text, None, input, input_format, errors, documents=(text_part, section_labels)))
 
 
 @command

@@ -1,0 +1,313 @@
+"""The literature's own files, read as documents: PubMed / MEDLINE XML, BioC XML and JSON, PubTator,
+and the BioGPT release's task files. A reader streams one format's documents as plain dicts:
+
+    {"id", "title", "abstract", "text" (other passages), "annotations", "relations", ...}
+
+XML is parsed by `defusedxml` (the standard library's expat with its guards on): a DTD named in a
+DOCTYPE is never fetched nor read, and a file that declares entities (a "billion laughs") is
+refused at the declaration, before anything is expanded. It streams: each citation is removed
+from the tree once read, so memory does not grow with the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
+from xml.etree.ElementTree import Element, ParseError, TreeBuilder
+
+from .errors import InputError
+from .jsonl import lines, loads
+
+FORMATS = ("pubmed", "bioc", "bioc-json", "pubtator", "release")
+PUBMED_ROOTS = ("PubmedArticleSet", "MedlineCitationSet")
+CITATIONS = ("PubmedArticle", "PubmedBookArticle", "MedlineCitation")
+Document = dict[str, Any]
+
+
+def sniff(head: bytes, name: str) -> str | None:
+    """The literature format a file's first bytes (and name) say, or None (lines of text or JSONL)."""
+    text, bare = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n"), name.removesuffix(".gz")
+    if text.startswith("<"):
+        root = re.search(r"<(?![?!])([\w:.-]+)", re.sub(r"<!--.*?-->", "", text, flags=re.S))
+        if root and root[1] in (*PUBMED_ROOTS, "collection"):
+            return "pubmed" if root[1] in PUBMED_ROOTS else "bioc"
+        if text.startswith("<?xml") or bare.endswith(".xml"):
+            return "xml"  # an XML file of another kind: named as such once its root is read
+    if re.match(r"[^|\t\n]+\|[ta]\|", text):
+        return "pubtator"
+    if bare.endswith(".json"):
+        return "json"  # a JSON document: BioC JSON or a release file, told apart once read
+    return "release" if bare.endswith(".tsv") else None
+
+
+def documents(f: BinaryIO, name: str, fmt: str, labels: bool = False,
+              counts: dict[str, int] | None = None) -> Iterator[Document]:
+    """Every document of `f` in format `fmt` (`sniff`'s answer, or one the user forced); a PubMed
+    structured abstract's sections as `LABEL: text` with `labels`. `counts` gets what is not a
+    document (`deleted`: DeleteCitation entries) and the title-only documents (`title only`)."""
+    counts = {} if counts is None else counts
+    for doc in _documents(f, name, fmt, labels):
+        if "deleted" in doc:
+            counts["deleted"] = counts.get("deleted", 0) + len(doc["deleted"])
+            continue
+        if doc.get("title") and not (doc.get("abstract") or doc.get("body")):
+            counts["title only"] = counts.get("title only", 0) + 1
+        yield doc
+
+
+def _documents(f: BinaryIO, name: str, fmt: str, labels: bool) -> Iterator[Document]:
+    if fmt in ("pubmed", "bioc", "xml"):
+        yield from _xml_documents(f, name, fmt, labels)
+        return
+    text = _text(f, name)
+    if fmt == "pubtator":
+        yield from pubtator_documents(text, name)
+    elif name.removesuffix(".gz").endswith(".tsv"):
+        yield from _hoc_documents(text, name)
+    else:
+        yield from json_documents(text, name)
+
+
+def _text(f: BinaryIO, name: str) -> str:
+    try:
+        return f.read().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+# -- XML: PubMed and BioC ------------------------------------------------------------------------
+class _Streaming(TreeBuilder):
+    """A tree builder that hands each finished document (`kinds`, children of the root) to `done`
+    with the line it began on, and drops it from the tree."""
+
+    def __init__(self, kinds: tuple[str, ...], line: Callable[[], int]) -> None:
+        super().__init__()
+        self.kinds, self.line = (*kinds, "DeleteCitation"), line
+        self.root: Element | None = None
+        self.done: list[tuple[int, Element]] = []
+        self.starts: list[int] = []
+
+    def start(self, tag: str, attrs: dict[str, str]) -> Element:
+        element = super().start(tag, attrs)
+        if self.root is None:
+            self.root = element
+        elif tag in self.kinds:
+            self.starts.append(self.line())
+        return element
+
+    def end(self, tag: str) -> Element:
+        element = super().end(tag)
+        if tag in self.kinds and self.starts:
+            line = self.starts.pop()
+            if not self.starts:  # a whole document (a MedlineCitation inside a PubmedArticle is part of it)
+                self.done.append((line, element))
+                self.root.remove(element)
+        return element
+
+
+def _xml_documents(f: BinaryIO, name: str, fmt: str, labels: bool) -> Iterator[Document]:
+    from defusedxml import DefusedXmlException
+    from defusedxml.ElementTree import DefusedXMLParser
+
+    kinds = CITATIONS if fmt == "pubmed" else ("document",)
+    target = _Streaming(kinds, lambda: parser.parser.CurrentLineNumber)
+    parser = DefusedXMLParser(target=target)
+    last = None
+    try:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            parser.feed(chunk)
+            for line, element in target.done:
+                doc = _read_element(element, target.root.tag, name, line, labels)
+                last = doc["id"] or last
+                yield doc
+            target.done.clear()
+        parser.close()
+    except ParseError as e:
+        last = next((d.findtext(".//PMID") or d.findtext("id") for _, d in reversed(target.done)), last)
+        after = f" (after id {last})" if last is not None else ""
+        raise InputError(f"{name}: line {e.position[0]}: not well-formed XML ({str(e).split(':')[0]}){after}") from None
+    except DefusedXmlException as e:
+        what = getattr(e, "name", None) or type(e).__name__
+        raise InputError(f"{name}: refused: it declares XML entities ({what}), which could expand without bound "
+                         "(PubMed and BioC files declare none)") from None
+    root = target.root.tag if target.root is not None else "nothing"
+    if root not in (*PUBMED_ROOTS, "collection"):
+        raise InputError(f"{name}: an XML file of <{root}>, not PubMed / MEDLINE XML (<PubmedArticleSet>, "
+                         "<MedlineCitationSet>) nor BioC (<collection>)")
+
+
+def _read_element(element: Element, root: str, name: str, line: int, labels: bool) -> Document:
+    if root == "collection":
+        return _bioc_xml(element, name, line)
+    if element.tag == "DeleteCitation":
+        return {"deleted": [p.text for p in element.iter("PMID")], "id": None}
+    return _citation(element, name, line, labels)
+
+
+def _flat(element: Element | None) -> str:
+    """An element's text with its inline markup (<i>, <sup>, MathML) flattened, white space folded."""
+    return " ".join("".join(element.itertext()).split()) if element is not None else ""
+
+
+def _citation(element: Element, name: str, line: int, labels: bool) -> Document:
+    citation = element if element.tag == "MedlineCitation" else element.find("MedlineCitation")
+    book = element.find("BookDocument")
+    where = citation if citation is not None else book
+    pmid = where.findtext("PMID") if where is not None else None
+    if not pmid or not pmid.strip():
+        raise InputError(f"{name}: line {line}: a citation without a PMID")
+    article = where.find("Article") if where is not None and where.find("Article") is not None else where
+    title = _flat(article.find("ArticleTitle")) or _flat(article.find("VernacularTitle")) \
+        or _flat(article.find("Book/BookTitle"))
+    sections = [(a.get("Label"), _flat(a)) for a in article.findall("Abstract/AbstractText")]
+    abstract = " ".join(f"{label}: {t}" if labels and label else t for label, t in sections if t)
+    return {"id": pmid.strip(), "title": title, "abstract": abstract,
+            "sections": [{"label": label, "text": t} for label, t in sections if t]}
+
+
+def _bioc_xml(element: Element, name: str, line: int) -> Document:
+    doc_id = element.findtext("id")
+    if not doc_id:
+        raise InputError(f"{name}: line {line}: a BioC document without an <id>")
+
+    def infons(e: Element) -> dict[str, str]:
+        return {i.get("key", ""): i.text or "" for i in e.findall("infon")}
+    passages = [{"infons": infons(p), "offset": int(p.findtext("offset") or 0), "text": p.findtext("text") or "",
+                 "annotations": [{"id": a.get("id"), "infons": infons(a), "text": a.findtext("text") or "",
+                                  "locations": [{"offset": int(loc.get("offset", 0)),
+                                                 "length": int(loc.get("length", 0))}
+                                                for loc in a.findall("location")]}
+                                 for a in p.findall("annotation")],
+                 "relations": [_bioc_relation_xml(r, infons) for r in p.findall("relation")]}
+                for p in element.findall("passage")]
+    return bioc_document({"id": doc_id, "infons": infons(element), "passages": passages,
+                          "relations": [_bioc_relation_xml(r, infons) for r in element.findall("relation")]})
+
+
+def _bioc_relation_xml(r: Element, infons: Callable[[Element], dict[str, str]]) -> dict[str, Any]:
+    return {"id": r.get("id"), "infons": infons(r),
+            "nodes": [{"refid": n.get("refid"), "role": n.get("role", "")} for n in r.findall("node")]}
+
+
+# -- BioC (as read from either form) -------------------------------------------------------------
+def bioc_document(d: dict[str, Any]) -> Document:
+    """A BioC document as a record: passages by their `type` infon (title, abstract; the others
+    joined as the text), with their annotations and relations kept."""
+    passages = d.get("passages") or []
+    by_type: dict[str, list[str]] = {}
+    for p in passages:
+        by_type.setdefault((p.get("infons") or {}).get("type", "").lower(), []).append(p.get("text") or "")
+    title = " ".join(by_type.pop("title", []) + by_type.pop("front", []))
+    abstract = " ".join(by_type.pop("abstract", []))
+    rest = " ".join(t for texts in by_type.values() for t in texts)
+    annotations = [{**a, "type": (a.get("infons") or {}).get("type", ""), "identifier": _identifier(a)}
+                   for p in passages for a in p.get("annotations") or []]
+    relations = [*(r for p in passages for r in p.get("relations") or []), *(d.get("relations") or [])]
+    return {"id": str(d["id"]), "title": title, "abstract": abstract, "body": rest, "infons": d.get("infons") or {},
+            "passages": passages, "annotations": annotations, "relations": relations}
+
+
+def _identifier(annotation: dict[str, Any]) -> str:
+    infons = annotation.get("infons") or {}
+    return infons.get("identifier") or infons.get("MESH") or infons.get("Identifier") or ""
+
+
+# -- PubTator ------------------------------------------------------------------------------------
+def pubtator_documents(text: str, name: str) -> Iterator[Document]:
+    """`PMID|t|title`, `PMID|a|abstract`, mention lines `PMID start end text type id` and relation
+    lines `PMID type id1 id2`, documents apart by a blank line."""
+    doc: Document | None = None
+    for n, line in lines(text):
+        if not line.strip():
+            continue
+        if m := re.match(r"([^|\t]+)\|([ta])\|(.*)$", line):
+            if doc is not None and (doc["id"] != m[1] or m[2] == "t"):
+                yield doc
+                doc = None
+            doc = doc or {"id": m[1], "title": "", "abstract": "", "annotations": [], "relations": []}
+            doc["title" if m[2] == "t" else "abstract"] = m[3]
+            continue
+        cols = line.split("\t")
+        if doc is None or cols[0] != doc["id"] or len(cols) not in (4, 5, 6):
+            raise InputError(f"{name}: line {n}: not PubTator (`PMID|t|title`, `PMID|a|abstract`, then tab-separated "
+                             "mentions and relations of that PMID)")
+        if len(cols) == 4:
+            doc["relations"].append({"type": cols[1], "id1": cols[2], "id2": cols[3].strip()})
+        else:
+            try:
+                start, end = int(cols[1]), int(cols[2])
+            except ValueError:
+                raise InputError(f"{name}: line {n}: a mention's offsets must be numbers") from None
+            doc["annotations"].append({"text": cols[3], "type": cols[4], "identifier": cols[5].strip()
+                                       if len(cols) == 6 else "", "locations": [{"offset": start,
+                                                                                  "length": end - start}]})
+    if doc is not None:
+        yield doc
+
+
+# -- JSON documents: BioC JSON and the release's files ---------------------------------------------
+RELEASE_FORMS = ('BioC JSON ({"documents": [...]})', 'DDI / KD-DTI ({pmid: {"abstract", "triples"}})',
+                 'BC5CDR ({pmid: {"title", "abstract", "relations", ...}})',
+                 'PubMedQA ({pmid: {"QUESTION", "CONTEXTS", ...}})')
+
+
+def json_documents(text: str, name: str) -> Iterator[Document]:
+    """A JSON document's records: BioC JSON, or a release file keyed by PMID. Never lines of text."""
+    try:
+        data = loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{name}: line {e.lineno}: not JSON ({e.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("documents"), list):
+        for i, d in enumerate(data["documents"]):
+            if not isinstance(d, dict) or "id" not in d:
+                raise InputError(f"{name}: BioC document {i + 1}: expected an object with an \"id\"")
+            yield bioc_document(d)
+        return
+    if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+        for pmid, doc in data.items():
+            yield _release_document(str(pmid), doc, name)
+        return
+    raise InputError(f"{name}: a JSON document of none of the forms read here: {'; '.join(RELEASE_FORMS)} "
+                     "(JSONL, one record a line, is read from a .jsonl file)")
+
+
+def _release_document(pmid: str, doc: dict[str, Any], name: str) -> Document:
+    if "QUESTION" in doc:
+        return {"id": pmid, "question": doc["QUESTION"], "context": doc.get("CONTEXTS"),
+                **({"long_answer": doc["LONG_ANSWER"]} if "LONG_ANSWER" in doc else {}),
+                **({"final_decision": doc["final_decision"]} if "final_decision" in doc else {})}
+    if not isinstance(doc.get("abstract", ""), str) or not isinstance(doc.get("title", ""), str) \
+            or not (doc.get("abstract") or doc.get("title")):
+        raise InputError(f"{name}: pmid {pmid}: expected one of {'; '.join(RELEASE_FORMS[1:])}")
+    return {**doc, "id": pmid, "title": doc.get("title", ""), "abstract": doc.get("abstract", "")}
+
+
+def _hoc_documents(text: str, name: str) -> Iterator[Document]:
+    """HoC's TSV (`text<TAB>label|label`, blank lines between): each line a document, its number the id."""
+    for n, line in lines(text):
+        if line.strip():
+            cols = line.split("\t")
+            yield {"id": str(n), "title": "", "abstract": cols[0].strip(),
+                   **({"labels": cols[1].strip().split("|")} if len(cols) > 1 and cols[1].strip() else {})}
+
+
+# -- which text a command reads ----------------------------------------------------------------------
+def joined(title: str, abstract: str) -> str:
+    """Title and abstract as the release joins them: `title. abstract` (`title abstract` when the
+    title ends in punctuation); a title-only document is `title. ` alone."""
+    if not title:
+        return abstract
+    return title + (" " if re.search(r"\W$", title) else ". ") + abstract
+
+
+def text_of(doc: Document, which: str) -> str:
+    """`--text title|abstract|all` of a document (`all`: title and abstract as the release joins
+    them, then any other passages)."""
+    if which == "title":
+        return doc.get("title") or ""
+    if which == "abstract":
+        return doc.get("abstract") or ""
+    return " ".join(t for t in (joined(doc.get("title") or "", doc.get("abstract") or "").strip(),
+                                doc.get("body") or "") if t)

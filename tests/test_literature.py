@@ -1,0 +1,262 @@
+"""Literature files in: PubMed / MEDLINE XML, BioC XML and JSON, PubTator and the release's task
+files, read as documents by every command that reads records.
+
+The samples are written here from the formats' published descriptions: NLM's PubMed DTD
+(`pubmed_250101.dtd`: PubmedArticleSet, PubmedArticle, PubmedBookArticle, DeleteCitation, the older
+MedlineCitationSet), the BioC DTD and its JSON form (bioc.sourceforge.net), PubTator's text format
+as the BioCreative V CDR corpus ships it, and the BioGPT release's task files."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import socket
+import time
+
+import pytest
+
+from biogpt_cli import literature
+from biogpt_cli.errors import InputError
+from biogpt_cli.inputs import read_records
+from biogpt_cli.tasks import TASKS
+from tests.conftest import one_error_line
+from tests.test_tasks import trained  # noqa: F401 -- a fixture: a tiny model trained on the tasks' templates
+
+DOCTYPE = ('<!DOCTYPE PubmedArticleSet PUBLIC "-//NLM//DTD PubMedArticle, 1st January 2025//EN" '
+           '"https://dtd.nlm.nih.gov/ncbi/pubmed/out/pubmed_250101.dtd">')
+PUBMED = f"""<?xml version="1.0" encoding="utf-8"?>
+{DOCTYPE}
+<PubmedArticleSet>
+<PubmedArticle>
+  <MedlineCitation Status="MEDLINE" Owner="NLM">
+    <PMID Version="1">31000001</PMID>
+    <Article PubModel="Print">
+      <ArticleTitle>Effect of CO<sub>2</sub> on <i>Escherichia coli</i> &#x3b2;-lactamase in Z&#xfc;rich.</ArticleTitle>
+      <Abstract>
+        <AbstractText Label="BACKGROUND" NlmCategory="BACKGROUND">Resistance <b>spreads</b>
+          fast.</AbstractText>
+        <AbstractText Label="RESULTS" NlmCategory="RESULTS">Levels rose 10<sup>3</sup>-fold.</AbstractText>
+      </Abstract>
+    </Article>
+    <CommentsCorrectionsList><CommentsCorrections RefType="Cites"><PMID Version="1">5</PMID>
+    </CommentsCorrections></CommentsCorrectionsList>
+  </MedlineCitation>
+  <PubmedData><ArticleIdList><ArticleId IdType="pubmed">31000001</ArticleId></ArticleIdList></PubmedData>
+</PubmedArticle>
+<PubmedArticle>
+  <MedlineCitation><PMID Version="1">31000002</PMID>
+    <Article><ArticleTitle>Aspirin and ulcers: a title without an abstract</ArticleTitle></Article>
+  </MedlineCitation>
+</PubmedArticle>
+<PubmedArticle>
+  <MedlineCitation><PMID Version="1">31000003</PMID>
+    <Article><ArticleTitle></ArticleTitle><VernacularTitle>Aspirine et ulc&#xe8;res.</VernacularTitle>
+      <Abstract><AbstractText>Un r&#xe9;sum&#xe9;.</AbstractText></Abstract></Article>
+  </MedlineCitation>
+</PubmedArticle>
+<PubmedBookArticle>
+  <BookDocument><PMID Version="1">31000004</PMID><Book><BookTitle>Pharmacology</BookTitle></Book>
+    <Abstract><AbstractText>A chapter.</AbstractText></Abstract></BookDocument>
+</PubmedBookArticle>
+<DeleteCitation><PMID Version="1">29000001</PMID><PMID Version="1">29000002</PMID></DeleteCitation>
+</PubmedArticleSet>
+"""
+MEDLINE_2016 = """<?xml version="1.0"?>
+<!DOCTYPE MedlineCitationSet PUBLIC "-//NLM//DTD Medline Citation, 1st January, 2016//EN"
+  "http://www.nlm.nih.gov/databases/dtd/nlmmedlinecitationset_160101.dtd">
+<MedlineCitationSet>
+<MedlineCitation Owner="NLM" Status="MEDLINE"><PMID Version="1">10000001</PMID>
+  <Article><ArticleTitle>Old format.</ArticleTitle><Abstract><AbstractText>Still read.</AbstractText></Abstract>
+  </Article></MedlineCitation>
+</MedlineCitationSet>
+"""
+BIOC_XML = """<?xml version='1.0' encoding='UTF-8'?>
+<!DOCTYPE collection SYSTEM "BioC.dtd">
+<collection><source>PubTator</source><date>20250101</date><key>BioC.key</key>
+<document><id>227508</id>
+  <passage><infon key="type">title</infon><offset>0</offset><text>Naloxone reverses the antihypertensive effect.</text>
+    <annotation id="0"><infon key="type">Chemical</infon><infon key="MESH">D009270</infon>
+      <location offset="0" length="8"/><text>Naloxone</text></annotation>
+  </passage>
+  <passage><infon key="type">abstract</infon><offset>47</offset><text>Clonidine lowers blood pressure.</text>
+    <annotation id="1"><infon key="type">Chemical</infon><infon key="identifier">D003000</infon>
+      <location offset="47" length="9"/><text>Clonidine</text></annotation>
+  </passage>
+  <passage><infon key="type">methods</infon><offset>80</offset><text>Rats were used.</text></passage>
+  <relation id="R0"><infon key="relation">CID</infon><node refid="0" role="Chemical"/><node refid="1" role="Disease"/>
+  </relation>
+</document>
+</collection>
+"""
+BIOC_JSON = {"source": "PubTator", "date": "20250101", "key": "BioC.key", "infons": {}, "documents": [
+    {"id": "354896", "infons": {}, "relations": [], "passages": [
+        {"infons": {"type": "title"}, "offset": 0, "text": "Lithium and the kidney.", "annotations": [
+            {"id": "0", "infons": {"type": "Chemical", "identifier": "D008094"}, "text": "Lithium",
+             "locations": [{"offset": 0, "length": 7}]}], "relations": []},
+        {"infons": {"type": "abstract"}, "offset": 24, "text": "Lithium damages it.", "annotations": [],
+         "relations": []}]}]}
+PUBTATOR = ("6794356|t|Tricuspid valve regurgitation and lithium carbonate toxicity in a newborn infant.\n"
+            "6794356|a|A newborn with massive tricuspid regurgitation was born to a mother taking lithium.\n"
+            "6794356\t0\t29\tTricuspid valve regurgitation\tDisease\tD014262\n"
+            "6794356\t34\t51\tlithium carbonate\tChemical\tD016651\n"
+            "6794356\tCID\tD016651\tD014262\n"
+            "\n"
+            "6804000|t|Only a title here.\n"
+            "6804000|a|\n")
+
+
+def records(data: str | bytes, name: str, **kwargs) -> list:
+    raw = data.encode() if isinstance(data, str) else data
+    notes: list[str] = []
+    found = list(read_records(io.BufferedReader(io.BytesIO(raw)), name, "auto", note=notes.append, **kwargs))
+    return found, notes
+
+
+def test_pubmed_citations_are_documents_keyed_by_pmid():
+    docs, notes = records(PUBMED, "pubmed25n0001.xml")
+    assert [p.id for p in docs] == ["31000001", "31000002", "31000003", "31000004"]
+    first = docs[0].fields
+    assert first["title"] == "Effect of CO2 on Escherichia coli \u03b2-lactamase in Z\u00fcrich."  # markup flattened
+    assert first["abstract"] == "Resistance spreads fast. Levels rose 103-fold."  # sections in order, one space
+    assert docs[0].text == first["title"] + " " + first["abstract"]  # `all`: joined as the release joins them
+    assert docs[2].fields["title"] == "Aspirine et ulc\u00e8res." and docs[3].fields["title"] == "Pharmacology"
+    assert notes == ["pubmed25n0001.xml: 2 DeleteCitation entries (PMIDs to delete, not citations) left out",
+                     "pubmed25n0001.xml: 1 title-only document (no abstract): read as their title"]
+    labelled, _ = records(PUBMED, "x.xml", labels=True, which="abstract")
+    assert labelled[0].text == "BACKGROUND: Resistance spreads fast. RESULTS: Levels rose 103-fold."
+    titles, _ = records(PUBMED, "x.xml", which="title")
+    assert titles[1].text == "Aspirin and ulcers: a title without an abstract"
+    old, _ = records(MEDLINE_2016, "medline16n0001.xml")
+    assert [(p.id, p.text) for p in old] == [("10000001", "Old format. Still read.")]
+
+
+def test_bioc_xml_and_json_keep_passages_annotations_and_relations():
+    [doc], _ = records(BIOC_XML, "corpus.xml")
+    f = doc.fields
+    assert (doc.id, f["title"], f["abstract"], f["body"]) == (
+        "227508", "Naloxone reverses the antihypertensive effect.", "Clonidine lowers blood pressure.",
+        "Rats were used.")
+    assert doc.text == "Naloxone reverses the antihypertensive effect. Clonidine lowers blood pressure. Rats were used."
+    assert [(a["text"], a["type"], a["identifier"], a["locations"]) for a in f["annotations"]] == [
+        ("Naloxone", "Chemical", "D009270", [{"offset": 0, "length": 8}]),
+        ("Clonidine", "Chemical", "D003000", [{"offset": 47, "length": 9}])]
+    assert f["relations"][0]["nodes"] == [{"refid": "0", "role": "Chemical"}, {"refid": "1", "role": "Disease"}]
+    [doc], _ = records(json.dumps(BIOC_JSON), "corpus.json")
+    assert (doc.id, doc.text) == ("354896", "Lithium and the kidney. Lithium damages it.")
+    assert doc.fields["annotations"][0]["identifier"] == "D008094"
+
+
+def test_pubtator_documents_with_mentions_and_relations():
+    docs, notes = records(PUBTATOR, "cdr.txt")
+    assert [p.id for p in docs] == ["6794356", "6804000"]
+    f = docs[0].fields
+    assert [(a["text"], a["type"], a["identifier"]) for a in f["annotations"]] == [
+        ("Tricuspid valve regurgitation", "Disease", "D014262"), ("lithium carbonate", "Chemical", "D016651")]
+    assert f["relations"] == [{"type": "CID", "id1": "D016651", "id2": "D014262"}]
+    assert notes == ["cdr.txt: 1 title-only document (no abstract): read as their title"]
+
+
+def test_gzip_and_the_commands_read_documents(cli, tiny_ref, tmp_path):
+    """`generate` continues each citation's title (its default `--text`), `score` reads all of it;
+    records are keyed by the PMID, and a resumed run continues by id."""
+    path = tmp_path / "pubmed25n0001.xml.gz"
+    path.write_bytes(gzip.compress(PUBMED.encode()))
+    out = tmp_path / "out.jsonl"
+    code, _, err = cli("generate", "-i", path, "-o", out, "-n", "3", "-m", tiny_ref[1], "-q")
+    assert code == 0 and "2 DeleteCitation entries" in err and "1 title-only document" in err, err
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in written] == ["31000001", "31000002", "31000003", "31000004"]
+    assert written[1]["prompt"] == "Aspirin and ulcers: a title without an abstract" and "line" not in written[1]
+    out.write_text("".join(json.dumps(r) + "\n" for r in written[:2]))  # an interrupted run
+    code, _, err = cli("generate", "-i", path, "-o", out, "-n", "3", "-m", tiny_ref[1], "-q", "--resume")
+    assert code == 0 and [json.loads(x)["id"] for x in out.read_text().splitlines()] == [r["id"] for r in written]
+    code, got, err = cli("score", "-i", path, "--format", "jsonl", "-m", tiny_ref[1], "--truncate")
+    scored = [json.loads(line) for line in got.splitlines()]
+    assert code == 0 and [r["id"] for r in scored] == [r["id"] for r in written], err
+
+
+def test_extract_reads_a_release_file_as_its_documents(cli, trained, tmp_path):  # noqa: F811
+    """The release's DDI test file is a pretty-printed JSON object: one record per document, keyed
+    by PMID (not one per line of its text); a title-only document is a record like any other."""
+    ddi = {"1001": {"abstract": "Warfarin with aspirin.", "triples": []},
+           "1002": {"title": "Only a title", "abstract": "", "triples": []}}
+    (tmp_path / "test.json").write_text(json.dumps(ddi, indent=4))
+    code, out, err = cli("extract", "--task", "ddi", "-m", trained, "-i", tmp_path / "test.json", "--format", "jsonl")
+    found = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["id"] for r in found] == ["1001", "1002"], err
+    assert found[0]["relations"] == [{"head": "warfarin", "relation": "effect", "tail": "aspirin"}]
+    (tmp_path / "other.json").write_text('{"a": [1, 2]}')
+    code, _, err = cli("extract", "--task", "ddi", "-m", trained, "-i", tmp_path / "other.json")
+    assert code == 1 and "a JSON document of none of the forms read here: BioC JSON" in one_error_line(err)
+
+
+def test_title_only_documents_get_the_release_source():
+    """KD-DTI and BC5CDR build a title-only document's source as `title. `, lowercased."""
+    assert TASKS["kd-dti"].source({"title": "Imatinib Targets ABL1", "abstract": ""}) == "imatinib targets abl1. "
+    assert TASKS["bc5cdr"].source({"title": "Lithium toxicity?", "abstract": ""}) == "lithium toxicity? "
+    assert TASKS["ddi"].source({"title": "Warfarin Alone", "abstract": ""}) == "warfarin alone"
+    with pytest.raises(InputError, match="both empty"):
+        TASKS["kd-dti"].source({"title": "", "abstract": " "})
+
+
+def line_of(text: str, needle: str) -> int:
+    return text[:text.index(needle)].count("\n") + 1
+
+
+MISMATCHED = PUBMED.replace("</ArticleTitle>", "</ArticleTitl>", 1)
+NO_PMID = PUBMED.replace('<PMID Version="1">31000002</PMID>', "")
+SECOND = "<PubmedArticle>\n  <MedlineCitation>\n"  # the second citation, its PMID gone
+
+
+@pytest.mark.parametrize("data, message", [
+    (MISMATCHED, f"line {line_of(MISMATCHED, '</ArticleTitl>')}: not well-formed XML \\(mismatched tag\\)"),
+    (NO_PMID, f"line {line_of(NO_PMID, SECOND)}: a citation without a PMID"),
+    ("<?xml version='1.0'?><records><record/></records>", "an XML file of <records>, not PubMed"),
+])
+def test_bad_xml_is_one_line_naming_where(data, message):
+    with pytest.raises(InputError, match=message):
+        records(data, "bad.xml")
+
+
+def test_malformed_xml_names_the_last_pmid_read():
+    broken = PUBMED.replace("<MedlineCitation><PMID Version=\"1\">31000003</PMID>", "<MedlineCitation><PMID>3<PMID>")
+    with pytest.raises(InputError, match=r"bad.xml: line \d+: not well-formed XML .* \(after id 31000002\)"):
+        records(broken, "bad.xml")
+
+
+def test_entities_are_refused_at_once_and_no_dtd_is_fetched():
+    """A "billion laughs" file is one error in well under a second; a DTD or an external entity
+    named by URL is never fetched (a listener on this machine sees no connection)."""
+    laughs = '<?xml version="1.0"?>\n<!DOCTYPE PubmedArticleSet [\n<!ENTITY lol "lol">\n' + "".join(
+        f'<!ENTITY lol{i} "{("&lol" + str(i - 1) + ";") * 10 if i > 1 else "&lol;" * 10}">\n' for i in range(1, 10)) \
+        + "]>\n<PubmedArticleSet>&lol9;</PubmedArticleSet>\n"
+    start = time.perf_counter()
+    with pytest.raises(InputError, match="refused: it declares XML entities"):
+        records(laughs, "laughs.xml")
+    assert time.perf_counter() - start < 1
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.5)
+        port = listener.getsockname()[1]
+        fetched = PUBMED.replace(DOCTYPE, f'<!DOCTYPE PubmedArticleSet SYSTEM "http://127.0.0.1:{port}/pubmed.dtd">')
+        assert len(records(fetched, "x.xml")[0]) == 4  # read without its DTD
+        external = ('<?xml version="1.0"?>\n<!DOCTYPE PubmedArticleSet [<!ENTITY x SYSTEM '
+                    f'"http://127.0.0.1:{port}/x">]>\n<PubmedArticleSet>&x;</PubmedArticleSet>')
+        with pytest.raises(InputError, match="refused"):
+            records(external, "x.xml")
+        with pytest.raises(TimeoutError):
+            listener.accept()
+
+
+def test_memory_does_not_grow_with_the_file(monkeypatch):
+    """Each citation leaves the tree once read: whenever a document is handed on, the parser's tree
+    holds at most the one being read."""
+    citation = PUBMED.split("<PubmedArticle>")[1].split("</PubmedArticle>")[0]
+    body = "".join(f"<PubmedArticle>{citation.replace('31000001', str(i))}</PubmedArticle>\n" for i in range(1, 3001))
+    data = f"<?xml version='1.0'?>\n<PubmedArticleSet>\n{body}</PubmedArticleSet>\n".encode()
+    builders, real = [], literature._Streaming
+    monkeypatch.setattr(literature, "_Streaming", lambda *a: builders.append(real(*a)) or builders[-1])
+    held = [len(builders[0].root) for _ in literature.documents(io.BytesIO(data), "x.xml", "pubmed")]
+    assert len(held) == 3000 and max(held) <= 1
