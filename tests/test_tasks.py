@@ -351,6 +351,16 @@ def test_evaluate_bc5cdr(cli, tmp_path):
     assert scores["missing"] == 0 and scores["gold_relations"] == 3
     code, _, err = cli("evaluate", "--task", "bc5cdr", str(preds), str(gold))
     assert code == 1 and "needs --entities" in one_error_line(err)
+    # the gold as BioC (JSON: the corpus's relation infons), the predictions as PubTator (identifiers)
+    bioc = {"documents": [{"id": pmid, "passages": [{"infons": {"type": "title"}, "offset": 0, "text": "T"}],
+                           "relations": [{"id": f"R{i}", "infons": {"relation": "CID", "Chemical": c, "Disease": d}}
+                                         for i, (c, d) in enumerate(pairs)]}
+                          for pmid, pairs in (("1", [("D001", "D100"), ("D002", "D100")]), ("2", [("D003", "D300")]))]}
+    (tmp_path / "gold.json").write_text(json.dumps(bioc))
+    (tmp_path / "pred.pubtator").write_text("1|t|T\n1|a|\n1\tCID\tD001\tD100\n1\tCID\tD999\tD100\n\n"
+                                            "2|t|T\n2|a|\n2\tCID\tD003\tD300\n")
+    again = evaluate(cli, "--task", "bc5cdr", tmp_path / "pred.pubtator", tmp_path / "gold.json")
+    assert {k: again[k] for k in ("precision", "recall", "f1")} == {k: scores[k] for k in ("precision", "recall", "f1")}
 
 
 def test_qa_reads_the_official_pubmedqa_json(cli, trained, tmp_path):

@@ -214,24 +214,70 @@ def hard_match(predictions: str | Path, gold: str | Path) -> Scores:
 
 
 # -- BC5CDR ------------------------------------------------------------------------------------
-def bc5cdr(predictions: str | Path, gold: str | Path, entities: str | Path) -> Scores:
-    ent2id = _json(entities)
-    if not isinstance(ent2id, dict) or not all(isinstance(ent2id.get(k), dict) for k in ("chemical2id", "disease2id")):
-        raise InputError(f"{entities}: expected the release's test.entities.json with chemical2id and disease2id")
-    pmids, truth = set(), set()
-    for _, line in lines(read_text(gold)):
-        if "|t|" in line[:20]:
-            pmids.add(line.split("|", 1)[0])
-        cols = line.split("\t")
-        if len(cols) >= 4 and cols[1] == "CID":
-            pmids.add(cols[0])
-            truth.add((cols[0], cols[2], cols[3]))
-    preds = read_predictions(predictions)
-    predicted = {(pmid, ent2id["chemical2id"].get(r["head"], "-1"), ent2id["disease2id"].get(r["tail"], "-1"))
-                 for pmid, record in preds.items() if pmid in pmids for r in record.get("relations") or ()}
+def bc5cdr(predictions: str | Path, gold: str | Path, entities: str | Path | None) -> Scores:
+    """Chemical-induced-disease relations as (pmid, MeSH, MeSH): the gold as the corpus ships it
+    (PubTator, BioC XML or JSON); the predictions as our JSONL (names, mapped to MeSH ids by the
+    release's test.entities.json) or as PubTator (`extract --format pubtator`: identifiers)."""
+    pmids, truth = _cdr_relations(gold)
+    if _literature_format(predictions) == "pubtator":
+        ids, predicted = _cdr_relations(predictions)
+        done = ids
+    elif entities is None:
+        raise InputError("bc5cdr needs --entities test.entities.json (the release's mention -> MeSH id map) to "
+                         "score JSONL predictions (or give the predictions as PubTator: extract --format pubtator)")
+    else:
+        ent2id = _json(entities)
+        if not isinstance(ent2id, dict) or not all(isinstance(ent2id.get(k), dict) for k in ("chemical2id",
+                                                                                            "disease2id")):
+            raise InputError(f"{entities}: expected the release's test.entities.json with chemical2id and disease2id")
+        preds = read_predictions(predictions)
+        predicted = {(pmid, ent2id["chemical2id"].get(r["head"], "-1"), ent2id["disease2id"].get(r["tail"], "-1"))
+                     for pmid, record in preds.items() if pmid in pmids for r in record.get("relations") or ()}
+        done = set(preds)
+    predicted = {p for p in predicted if p[0] in pmids}
     precision, recall, f1 = _prf(len(predicted & truth), len(predicted), len(truth))
     return {"precision": precision, "recall": recall, "f1": f1, "n": len(pmids), "gold_relations": len(truth),
-            "predicted_relations": len(predicted), "missing": len(pmids - set(preds))}
+            "predicted_relations": len(predicted), "missing": len(pmids - done)}
+
+
+def _literature_format(path: str | Path) -> str | None:
+    from .inputs import open_input
+    from .literature import sniff
+
+    with open_input(str(path)) as f:
+        return sniff(f.peek(1 << 12)[:1 << 12], str(path)) if hasattr(f, "peek") else None
+
+
+def _cdr_relations(path: str | Path) -> tuple[set[str], set[tuple[str, str, str]]]:
+    """The documents and the `CID` relations (pmid, chemical, disease) of a PubTator or BioC file."""
+    from .inputs import open_input
+    from .literature import documents
+
+    fmt = _literature_format(path)
+    if fmt not in ("pubtator", "bioc", "json"):
+        raise InputError(f"{path}: expected BC5CDR's relations as PubTator or BioC (XML or JSON)")
+    pmids, relations = set(), set()
+    with open_input(str(path)) as f:
+        for doc in documents(f, str(path), fmt):
+            pmids.add(doc["id"])
+            relations |= {(doc["id"], *pair) for pair in _cid_pairs(doc)}
+    return pmids, relations
+
+
+def _cid_pairs(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """A document's CID pairs: PubTator's relation lines, or BioC relations (their Chemical and
+    Disease infons, or the identifiers of the mentions their nodes point at)."""
+    if "passages" not in doc:
+        return [(r["id1"], r["id2"]) for r in doc["relations"] if r["type"] == "CID"]
+    mentions = {a.get("id"): a.get("identifier", "") for a in doc["annotations"]}
+    pairs = []
+    for r in doc["relations"]:
+        infons = r.get("infons") or {}
+        if (infons.get("relation") or infons.get("type")) == "CID":
+            nodes = {n.get("role", ""): mentions.get(n.get("refid"), "") for n in r.get("nodes") or []}
+            pairs.append((infons.get("Chemical") or nodes.get("Chemical") or nodes.get("head", ""),
+                          infons.get("Disease") or nodes.get("Disease") or nodes.get("tail", "")))
+    return pairs
 
 
 def evaluate(task: str, predictions: str | Path, gold: str | Path, entities: str | Path | None = None) -> Scores:
@@ -242,8 +288,6 @@ def evaluate(task: str, predictions: str | Path, gold: str | Path, entities: str
         scores = hoc(predictions, gold)
     elif task in ("ddi", "kd-dti"):
         scores = hard_match(predictions, gold)
-    elif entities is None:
-        raise InputError("bc5cdr needs --entities test.entities.json (the release's mention -> MeSH id map)")
     else:
         scores = bc5cdr(predictions, gold, entities)
     if not scores["n"]:

@@ -217,7 +217,8 @@ def _identifier(annotation: dict[str, Any]) -> str:
 # -- PubTator ------------------------------------------------------------------------------------
 def pubtator_documents(text: str, name: str) -> Iterator[Document]:
     """`PMID|t|title`, `PMID|a|abstract`, mention lines `PMID start end text type id` and relation
-    lines `PMID type id1 id2`, documents apart by a blank line."""
+    lines `PMID type id1 id2`, documents apart by a blank line. Further columns (a composite
+    mention's parts, a system's score) are kept as `extra`."""
     doc: Document | None = None
     for n, line in lines(text):
         if not line.strip():
@@ -229,20 +230,18 @@ def pubtator_documents(text: str, name: str) -> Iterator[Document]:
             doc = doc or {"id": m[1], "title": "", "abstract": "", "annotations": [], "relations": []}
             doc["title" if m[2] == "t" else "abstract"] = m[3]
             continue
-        cols = line.split("\t")
-        if doc is None or cols[0] != doc["id"] or len(cols) not in (4, 5, 6):
+        cols = [c.strip() for c in line.split("\t")]
+        if doc is None or cols[0] != doc["id"] or len(cols) < 4:
             raise InputError(f"{name}: line {n}: not PubTator (`PMID|t|title`, `PMID|a|abstract`, then tab-separated "
                              "mentions and relations of that PMID)")
-        if len(cols) == 4:
-            doc["relations"].append({"type": cols[1], "id1": cols[2], "id2": cols[3].strip()})
+        if not (cols[1].isdigit() and cols[2].isdigit()):
+            doc["relations"].append({"type": cols[1], "id1": cols[2], "id2": cols[3], "extra": cols[4:]})
+        elif len(cols) < 5:
+            raise InputError(f"{name}: line {n}: a mention needs PMID, start, end, text and type")
         else:
-            try:
-                start, end = int(cols[1]), int(cols[2])
-            except ValueError:
-                raise InputError(f"{name}: line {n}: a mention's offsets must be numbers") from None
-            doc["annotations"].append({"text": cols[3], "type": cols[4], "identifier": cols[5].strip()
-                                       if len(cols) == 6 else "", "locations": [{"offset": start,
-                                                                                  "length": end - start}]})
+            start, end = int(cols[1]), int(cols[2])
+            doc["annotations"].append({"text": cols[3], "type": cols[4], "identifier": cols[5] if len(cols) > 5 else "",
+                                       "locations": [{"offset": start, "length": end - start}], "extra": cols[6:]})
     if doc is not None:
         yield doc
 

@@ -37,6 +37,7 @@ class Plan:
     blank: Callable[[Prompt], bool] = lambda p: not p.text.strip()
     identity: dict[str, Any] = field(default_factory=dict)  # what defines the run, for its manifest
     unparsed: list[int] = field(default_factory=lambda: [0])  # task outputs that did not parse
+    ungrounded: list[int] = field(default_factory=lambda: [0])  # relations naming what their document lacks
 
 
 def generation_options(s: dict[str, Any]) -> GenerationOptions:
@@ -108,6 +109,7 @@ def task_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
     """A task command on a fine-tuned checkpoint: the release's input, greedy to `</s>` with
     `<pad>` banned, the release's post-processing (tasks.py)."""
     from .tasks import build_input, parse, render, source_limit, task_for
+    from .writers import mark_ungrounded
 
     task = task_for(s["command"], s.get("task"), lm.config, s["model"])
     limit = source_limit(task, lm.config)
@@ -119,7 +121,7 @@ def task_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
     limit = min(limit, positions - 1 - prompt - new)
     if limit < 2:
         raise InputError(f"-n {new} leaves no room for a source in the model's {positions} positions")
-    unparsed = [0]
+    unparsed, ungrounded = [0], [0]
 
     def job(p: Prompt) -> Job:
         shown = next((p.fields[k] for k in ("question", "title", "text", "abstract")
@@ -131,12 +133,18 @@ def task_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
         unparsed[0] += value is None
         return value
 
+    def record(p: Prompt, done: Completion) -> dict[str, Any]:
+        value = result(done)
+        if task.result == "relations":  # tied to the document's text, or marked `grounded: false`
+            ungrounded[0] += mark_ungrounded(p.fields, value)
+        return {**base_record(p, done), task.result: value}
+
     identity = {"command": s["command"], "task": task.name, "source_limit": limit, "max_new_tokens": new}
     return Plan(GenerationOptions(max_new_tokens=new, bad_words_ids=[[lm.config.pad_token_id]]), job,
-                record=lambda p, done: {**base_record(p, done), task.result: result(done)},
+                record=record,
                 line=lambda p, done: render(task, result(done)),
                 summary=lambda p, done: f"{task.result}: {json.dumps(result(done), ensure_ascii=False)}",
-                blank=lambda p: not p.fields, identity=identity, unparsed=unparsed)
+                blank=lambda p: not p.fields, identity=identity, unparsed=unparsed, ungrounded=ungrounded)
 
 
 PLANS = {"generate": generate_plan, "qa": task_plan, "extract": task_plan, "classify": task_plan}

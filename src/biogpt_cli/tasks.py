@@ -174,8 +174,10 @@ def build_input(task: Task, tokenizer: BioGptTokenizer, fields: Mapping[str, Any
     """`</s>`, the source's BPE ids (cut to `limit` with `...` as the last kept token), then the
     learned prompt ids: the release's `[eos] + source + prompt` with its truncation rule."""
     source = tokenizer.encode(task.source(fields), add_special_tokens=False)
-    if len(source) > limit:
-        source = [*source[:limit - 1], tokenizer.encoder[TRUNCATION_TOKEN]]
+    if len(source) > limit:  # a vocabulary without the one `...` token (a home-made one) spells it out
+        marker = [tokenizer.encoder[TRUNCATION_TOKEN]] if TRUNCATION_TOKEN in tokenizer.encoder else \
+            tokenizer.encode("...", add_special_tokens=False)
+        source = [*source[:limit - len(marker)], *marker]
     return [EOS_ID, *source, *tokenizer.prompt_ids]
 
 

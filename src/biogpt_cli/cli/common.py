@@ -52,6 +52,10 @@ TaskModelOpt = Annotated[str | None, typer.Option("--model", "-m", envvar="BIOGP
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 OutputFormatOpt = Annotated[OutputFormat, typer.Option("--format", help="auto: JSONL for -o *.jsonl, else text.")]
+TaskFormat = Literal["auto", "text", "jsonl", "pubtator", "bioc-json", "bioc-xml"]
+TaskFormatOpt = Annotated[TaskFormat, typer.Option(
+    "--format", help="auto: by -o's name: JSONL for *.jsonl, BioC for *.xml or *.json, PubTator for *.pubtator, "
+                     "else text.")]
 ErrorsOpt = Annotated[Errors, typer.Option("--errors", help="Invalid UTF-8 in the input: stop, or replace by U+FFFD.")]
 FileArg = Annotated[str | None, typer.Argument(help="Input file, one item per line; '-' or nothing reads stdin.")]
 SameInputOpt = Annotated[str | None, typer.Option("--input", "-i", help="The same as FILE, as the other commands "

@@ -297,6 +297,7 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
     `total`, a progress bar on stderr."""
     from .. import batch
     from ..output import CONFIDENCE_LEGEND, Renderer, open_output
+    from ..writers import FORMATS, DocumentWriter
 
     opts, sequences = plan.opts, plan.opts.num_return_sequences
     live = output is None and fmt == "text" and sys.stdout.isatty()
@@ -322,14 +323,21 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
         if confidence:
             stderr.print(CONFIDENCE_LEGEND, style="dim")
         spinner = stderr.status("beam search", spinner="dots") if live and opts.num_beams > 1 else None
-        render = Renderer(fmt, None if live else writer, Console(highlight=False) if live else None, sequences,
-                          plan.record, plan.line, plan.summary, confidence, eager=spinner is None)
+        documents = DocumentWriter(fmt, plan.identity.get("task", ""), plan.record) if fmt in FORMATS else None
+        render = Renderer("text" if documents else fmt, None if live else writer,
+                          Console(highlight=False) if live else None, sequences, plan.record,
+                          documents.block if documents else plan.line, plan.summary, confidence,
+                          eager=spinner is None)
+        if documents is not None:
+            writer.write(documents.head(), records=0)
         try:
             with spinner or contextlib.nullcontext(), progress(total, quiet or total is None, "records") as update:
                 shown = _Quieting(render, spinner) if spinner else _Counting(render, update, len(done))
                 stats = batch.run(lm, tokenizer, jobs(done), opts, shown, batch_size=batch_size, stop=plan.stop,
                                   seed=plan.seed, done=done, progress=_beam_progress(spinner), confidence=confidence,
                                   live=live)
+            if documents is not None:
+                writer.write(documents.tail(), records=0)
         except (KeyboardInterrupt, Quit) as e:
             if live:
                 sys.stdout.write("\n")
@@ -341,6 +349,9 @@ def run_batch(lm: Any, tokenizer: Any, items: Iterable[Prompt], plan: Any, *, ru
             if plan.unparsed[0]:
                 n, task = plan.unparsed[0], plan.identity.get("task")
                 stderr.print(f"note: {counted(n, 'output')} did not parse as a {task} answer (a null result)")
+            if plan.ungrounded[0]:
+                stderr.print(f"note: {counted(plan.ungrounded[0], 'relation')} named an entity found nowhere in its "
+                             "document (kept, grounded: false)")
     if stats.prompts == 0 and not skipped and not done:
         stderr.print("note: the input is empty: nothing was generated")
     if resume and existed and writer.records == 0:

@@ -34,7 +34,6 @@ from .common import (
     GpusOpt,
     InputFormatOpt,
     InputOpt,
-    OutputFormatOpt,
     OutputOpt,
     QuantizeOpt,
     QuietOpt,
@@ -42,6 +41,7 @@ from .common import (
     RevisionOpt,
     SectionLabelsOpt,
     TaskBatchOpt,
+    TaskFormatOpt,
     TaskModelOpt,
     TextOpt,
     UsageError,
@@ -52,7 +52,6 @@ from .common import (
     counted,
     device_or_usage_error,
     out,
-    output_format,
     run_on_ray,
     stderr,
 )
@@ -109,12 +108,14 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
     check_precision(run.quantize, run.dtype, torch_device)
     settings = {"command": command_name, "task": task_name, "model": run.model, "max_new_tokens": run.max_new_tokens}
     if run.engine.engine == "ray":
+        if run.fmt not in ("auto", "text", "jsonl"):
+            raise UsageError(f"--format {run.fmt}: --engine ray writes JSONL records (convert them, or run locally)")
         return run_on_ray(command_name, settings, run.engine, model=run.model, revision=run.revision, dtype=run.dtype,
                           device=run.device, quantize=run.quantize, input=run.input, output=run.output,
                           batch_size=run.batch_size, force=run.force, fmt=run.fmt, input_format=run.input_format,
                           ignored={"--resume": run.resume, "--verbose": run.verbose,
                                    "--errors": run.errors != "strict"})
-    fmt = output_format(run.fmt, run.output)  # type: ignore[arg-type]
+    fmt = task_output_format(run.fmt, run.output)
     check_batch_options(run.input, run.output, fmt, run.force, run.resume)
     with items as records:
         check_rows(run.model, run.revision, GenerationOptions(), None, run.batch_size, run.dtype, torch_device)
@@ -123,6 +124,8 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
         if tok.prompt_note:
             stderr.print(f"note: {tok.prompt_note}", markup=False, highlight=False)
         if command_name == "classify" and task_head(lm.config):
+            if fmt not in ("text", "jsonl"):
+                raise UsageError(f"{run.model} has a classification head: its records are text or JSONL, not {fmt}")
             if run.max_new_tokens:
                 raise UsageError(f"{run.model} has a classification head: it generates nothing, so -n does not apply")
             return _classify_with_head(lm, tok, records, run, fmt)
@@ -133,6 +136,15 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
                   resume=run.resume, batch_size=run.batch_size, verbose=run.verbose,
                   total=progress_total(run.input, run.output, run.engine.quiet),
                   quiet=run.engine.quiet)
+
+
+def task_output_format(fmt: str, output: str | None) -> str:
+    """`--format auto` for a task command: by the output file's name (JSONL, BioC, PubTator), else text."""
+    if fmt != "auto":
+        return fmt
+    name = (output or "").removesuffix(".gz")
+    kinds = {".jsonl": "jsonl", ".xml": "bioc-xml", ".json": "bioc-json", ".pubtator": "pubtator"}
+    return next((kind for suffix, kind in kinds.items() if name.endswith(suffix)), "text")
 
 
 def _classify_with_head(lm: Any, tok: Any, records: Iterator[Prompt], run: TaskRun, fmt: str) -> None:
@@ -211,7 +223,7 @@ def qa(
     model: TaskModelOpt = None, revision: RevisionOpt = None,
     input: Annotated[str | None, typer.Option("--input", "-i", help="JSONL records, or the official PubMedQA "
                                                                     ".json file ('-': stdin).")] = None,
-    input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
+    input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: TaskFormatOpt = "auto",
     force: ForceOpt = False, resume: ResumeOpt = False, batch_size: TaskBatchOpt = None,
     max_new_tokens: MaxNewOpt = 0,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
@@ -251,7 +263,7 @@ def extract(
     task: Annotated[ExtractTask | None, typer.Option(help="Needed when the checkpoint does not say.")] = None,
     model: TaskModelOpt = None, revision: RevisionOpt = None, input: InputOpt = None,
     input_format: InputFormatOpt = "auto", text_part: TextOpt = None, section_labels: SectionLabelsOpt = False,
-    output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
+    output: OutputOpt = None, fmt: TaskFormatOpt = "auto",
     force: ForceOpt = False, resume: ResumeOpt = False, batch_size: TaskBatchOpt = None,
     max_new_tokens: MaxNewOpt = 0,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
@@ -275,7 +287,7 @@ def classify(
     = None,
     model: TaskModelOpt = None, revision: RevisionOpt = None, input: InputOpt = None,
     input_format: InputFormatOpt = "auto", text_part: TextOpt = None, section_labels: SectionLabelsOpt = False,
-    output: OutputOpt = None, fmt: OutputFormatOpt = "auto",
+    output: OutputOpt = None, fmt: TaskFormatOpt = "auto",
     force: ForceOpt = False, resume: ResumeOpt = False, batch_size: TaskBatchOpt = None,
     max_new_tokens: MaxNewOpt = 0,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",

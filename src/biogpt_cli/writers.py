@@ -1,0 +1,194 @@
+"""The task commands' results in the literature's formats: PubTator text, BioC JSON and BioC XML.
+
+Each document is written as it came in (title and abstract, the input's own mentions), then what
+the model found. A generated entity name is tied to the document's text: to the input's mention of
+the same text (case-insensitively, as the tasks lowercase), whose identifier the relation then
+names; else to where the name occurs in the text (a new mention, by character offsets); a name
+found nowhere in the document is kept, marked `grounded: false` (a BioC infon) and counted.
+PubTator relation lines are `PMID<TAB>TYPE<TAB>ID1<TAB>ID2` (BC5CDR's `CID`), the form the
+BioCreative V CDR evaluation reads as predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+FORMATS = ("pubtator", "bioc-json", "bioc-xml")
+ROLES = {"bc5cdr": ("Chemical", "Disease"), "ddi": ("Drug", "Drug"), "kd-dti": ("Drug", "Target")}
+
+
+def _pattern(name: str) -> re.Pattern[str]:
+    """`name` in a text whatever its case and the spacing between its tokens (Moses' `5 - fu` is
+    the text's `5-FU`), not inside a longer word."""
+    tokens = re.findall(r"\w+|[^\w\s]", name)
+    return re.compile(r"(?<!\w)" + r"\s*".join(map(re.escape, tokens)) + r"(?!\w)", re.IGNORECASE)
+
+
+def locate(name: str, text: str) -> tuple[int, int] | None:
+    """Where `name` first occurs in `text` (start, end), or None."""
+    m = _pattern(name).search(text) if name.strip() else None
+    return (m.start(), m.end()) if m else None
+
+
+def source_text(fields: dict[str, Any]) -> str:
+    """A document's text as PubTator and BioC count offsets: title, a space, abstract (or `text`)."""
+    if "title" in fields or "abstract" in fields:
+        return f"{fields.get('title') or ''} {fields.get('abstract') or ''}"
+    return str(fields.get("text") or "")
+
+
+def mark_ungrounded(fields: dict[str, Any], relations: list[dict[str, Any]] | None) -> int:
+    """Mark `grounded: false` on each relation whose head or tail is nowhere in the document; how many."""
+    text = source_text(fields)
+    missing = 0
+    for r in relations or []:
+        if locate(r["head"], text) is None or locate(r["tail"], text) is None:
+            r["grounded"] = False
+            missing += 1
+    return missing
+
+
+class DocumentWriter:
+    """A literature format's text for the task commands' records: `head()`, a `block` per
+    document (a `Renderer`'s line function), `tail()`. `record(prompt, done)` is the task's JSONL
+    record (its `relations`, `labels` or `answer`)."""
+
+    def __init__(self, fmt: str, task: str, record: Callable[[Any, Any], dict[str, Any]]) -> None:
+        self.fmt, self.task, self.record, self.first = fmt, task, record, True
+
+    def head(self) -> str:
+        date = time.strftime("%Y%m%d")
+        if self.fmt == "bioc-json":
+            collection = {"source": "biogpt-cli", "date": date, "key": "biogpt-cli.key", "infons": {}}
+            return json.dumps(collection)[:-1] + ', "documents": [\n'
+        if self.fmt == "bioc-xml":
+            return ('<?xml version="1.0" encoding="UTF-8"?>\n<!DOCTYPE collection SYSTEM "BioC.dtd">\n'
+                    f"<collection><source>biogpt-cli</source><date>{date}</date><key>biogpt-cli.key</key>\n")
+        return ""
+
+    def tail(self) -> str:
+        return {"bioc-json": "]}\n", "bioc-xml": "</collection>\n"}.get(self.fmt, "")
+
+    def block(self, prompt: Any, done: Any) -> str:
+        doc = bioc_document(dict(prompt.fields), self.record(prompt, done), self.task, str(prompt.id))
+        if self.fmt == "pubtator":
+            return pubtator(doc)
+        if self.fmt == "bioc-xml":
+            return bioc_xml(doc)
+        separator, self.first = ("" if self.first else ","), False
+        return separator + json.dumps(doc, ensure_ascii=False)
+
+
+def bioc_document(fields: dict[str, Any], record: dict[str, Any], task: str, doc_id: str) -> dict[str, Any]:
+    """The document as BioC JSON: its passages and mentions as they came, then the result: each
+    relation's entities tied to mentions (found or added), labels or an answer as infons."""
+    passages = _passages(fields)
+    annotations = [a for p in passages for a in p["annotations"]]
+    relations, infons = [], {}
+    for i, r in enumerate(record.get("relations") or []):
+        nodes = [_node(r[end], role, passages, annotations) for end, role in zip(("head", "tail"), ROLES.get(
+            task, ("Entity", "Entity")), strict=True)]
+        grounded = all(n is not None for n in nodes)
+        relations.append({"id": f"R{i}", "infons": {"type": r["relation"], **({} if grounded else {
+            "grounded": "false", "head": r["head"], "tail": r["tail"]})},
+            "nodes": [{"refid": n["id"], "role": role} for n, role in zip(nodes, ("head", "tail"), strict=True) if n]})
+    for key in ("labels", "answer"):
+        if record.get(key) is not None:
+            value = record[key]
+            infons[key] = "|".join(value) if isinstance(value, list) else str(value)
+    return {"id": doc_id, "infons": {**(fields.get("infons") or {}), **infons}, "passages": passages,
+            "relations": relations}
+
+
+def _passages(fields: dict[str, Any]) -> list[dict[str, Any]]:
+    """The input's passages (BioC), or a title and an abstract passage with its mentions (PubTator,
+    PubMed, records): every annotation with an id."""
+    if fields.get("passages"):
+        passages = [dict(p, annotations=[dict(a) for a in p.get("annotations") or []]) for p in fields["passages"]]
+    else:
+        title, abstract = fields.get("title") or "", fields.get("abstract") or fields.get("text") or ""
+        passages = [{"infons": {"type": "title"}, "offset": 0, "text": title, "annotations": []},
+                    {"infons": {"type": "abstract"}, "offset": len(title) + 1, "text": abstract, "annotations": []}]
+        for a in fields.get("annotations") or []:
+            start = a["locations"][0]["offset"] if a.get("locations") else 0
+            owner = passages[0] if start < len(title) + 1 else passages[1]
+            owner["annotations"].append({"infons": {"type": a.get("type", ""), "identifier": a.get("identifier", "")},
+                                         "text": a.get("text", ""), "locations": a.get("locations") or [],
+                                         **({"extra": a["extra"]} if a.get("extra") else {})})
+    n = 0
+    for p in passages:
+        for a in p["annotations"]:
+            a["id"] = a.get("id") or f"A{n}"
+            n += 1
+    return passages
+
+
+def _node(name: str, role: str, passages: list[dict[str, Any]], annotations: list[dict[str, Any]]) -> dict | None:
+    """The mention `name` is: the input's of the same text, else a new one where it first occurs; None."""
+    same = next((a for a in annotations if a.get("text", "").lower() == name.lower()), None)
+    if same is not None:
+        return same
+    for p in passages:
+        found = locate(name, p.get("text") or "")
+        if found is not None:
+            start, end = found
+            added = {"id": f"G{len(annotations)}", "infons": {"type": role, "identifier": ""},
+                     "text": p["text"][start:end], "locations": [{"offset": p.get("offset", 0) + start,
+                                                                   "length": end - start}]}
+            p["annotations"].append(added)
+            annotations.append(added)
+            return added
+    return None
+
+
+def pubtator(doc: dict[str, Any]) -> str:
+    """A BioC document (as `bioc_document` makes it) as PubTator: title, abstract, mentions, then
+    relations by identifier (a mention without one is named by its text, lowercased)."""
+    pmid = doc["id"]
+    texts = {p["infons"].get("type", ""): p.get("text", "") for p in doc["passages"]}
+    lines = [f"{pmid}|t|{texts.get('title', '')}", f"{pmid}|a|{texts.get('abstract', '')}"]
+    names: dict[str, str] = {}
+    for p in doc["passages"]:
+        for a in p["annotations"]:
+            ident = _identifier(a) or a.get("text", "").lower()
+            names[a["id"]] = ident
+            extra = "".join(f"\t{x}" for x in a.get("extra") or [])  # a composite mention's parts, as given
+            for loc in a.get("locations") or []:
+                lines.append(f"{pmid}\t{loc['offset']}\t{loc['offset'] + loc['length']}\t{a.get('text', '')}\t"
+                             f"{a['infons'].get('type', '')}\t{_identifier(a) or '-1'}{extra}")
+    for r in doc["relations"]:
+        ends = {n["role"]: names[n["refid"]] for n in r["nodes"]}
+        head, tail = ends.get("head", r["infons"].get("head", "")), ends.get("tail", r["infons"].get("tail", ""))
+        lines.append(f"{pmid}\t{r['infons']['type']}\t{head}\t{tail}")
+    lines += [f"{pmid}\t{key}\t{value}" for key, value in doc["infons"].items() if key in ("labels", "answer")]
+    return "\n".join(lines) + "\n"
+
+
+def _identifier(a: dict[str, Any]) -> str:
+    infons = a.get("infons") or {}
+    return infons.get("identifier") or infons.get("MESH") or ""
+
+
+def bioc_xml(doc: dict[str, Any]) -> str:
+    """A BioC document (as `bioc_document` makes it) as BioC XML."""
+    def infons(d: dict[str, Any]) -> str:
+        return "".join(f"<infon key={quoteattr(str(k))}>{escape(str(v))}</infon>" for k, v in d.items())
+
+    def annotation(a: dict[str, Any]) -> str:
+        locations = "".join(f'<location offset="{loc["offset"]}" length="{loc["length"]}"/>'
+                            for loc in a.get("locations") or [])
+        return (f"<annotation id={quoteattr(a['id'])}>{infons(a.get('infons') or {})}{locations}"
+                f"<text>{escape(a.get('text', ''))}</text></annotation>")
+
+    passages = "".join(f"<passage>{infons(p.get('infons') or {})}<offset>{p.get('offset', 0)}</offset>"
+                       f"<text>{escape(p.get('text') or '')}</text>{''.join(map(annotation, p['annotations']))}"
+                       "</passage>" for p in doc["passages"])
+    relations = "".join(f"<relation id={quoteattr(r['id'])}>{infons(r['infons'])}"
+                        + "".join(f"<node refid={quoteattr(n['refid'])} role={quoteattr(n['role'])}/>"
+                                  for n in r["nodes"]) + "</relation>" for r in doc["relations"])
+    return f"<document><id>{escape(doc['id'])}</id>{infons(doc['infons'])}{passages}{relations}</document>"
