@@ -358,7 +358,6 @@ def bulk_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> No
     """Many prompts: `generate -i`'s engine against the reference's batched generate() (batch 8,
     left padding), and scoring lines against the reference's loss per line."""
     from biogpt_cli.batch import Job, default_batch_size, run
-    from biogpt_cli.inputs import Prompt
 
     tok = BioGptTokenizer.from_folder(folder)
     lines = (shared_dir() / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
@@ -369,7 +368,7 @@ def bulk_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> No
     opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n)
     sink = type("Sink", (), {"begin": lambda self, p: None, "add": lambda self, p: None,
                              "event": lambda self, ev: None})()
-    jobs = [Job(Prompt(i + 1, ""), p) for i, p in enumerate(prompts)]
+    jobs = [Job(("line", i + 1), p) for i, p in enumerate(prompts)]
 
     def reference() -> None:
         for k in range(0, len(prompts), 8):

@@ -11,6 +11,7 @@ from biogpt_cli import GenerationOptions, generate, generation, graphs
 from biogpt_cli.batch import Job, run
 from biogpt_cli.inputs import Prompt
 from biogpt_cli.loading import load_pretrained
+from biogpt_cli.plans import job_of
 
 PROMPTS = ["the cat and", "of the", "and then the dog", "in"]
 
@@ -53,7 +54,7 @@ def test_batches_take_the_static_path_with_the_same_tokens(tiny, monkeypatch, op
     """`generate`, one prompt at a time or a batch with continuous batching: where a GPU would take
     the captured path, every option gives the eager engine's tokens."""
     model, tok = tiny
-    jobs = [Job(Prompt(i + 1, p), tok.encode(p)) for i, p in enumerate(PROMPTS * 2)]
+    jobs = [job_of(Prompt(i + 1, p), tok.encode(p)) for i, p in enumerate(PROMPTS * 2)]
 
     def tokens() -> list[list[int]]:
         done: dict[int, list[int]] = {}
@@ -124,7 +125,7 @@ def test_a_long_run_keeps_only_what_is_still_to_show(tiny, tmp_path):
                     gc.collect()
                     counted.append(sum(type(o) in kinds for o in gc.get_objects()))
 
-        jobs = (Job(Prompt(i + 1, "the cat"), tok.encode(f"the {'cat ' * (i % 3)}and")) for i in range(n))
+        jobs = (job_of(Prompt(i + 1, "the cat"), tok.encode(f"the {'cat ' * (i % 3)}and")) for i in range(n))
         run(model, tok, jobs, GenerationOptions(max_new_tokens=3, do_sample=True), Counting(), batch_size=4, seed=1)
         writer.close()
         assert writer.records == n

@@ -1,15 +1,17 @@
 """The batch engine: model-input jobs in, finished sequences out to a renderer, in input order.
 
-Every command that generates for many inputs (`generate`, `qa`, `extract`, `classify`) builds its
-jobs and its renderer and calls `run`; the reading of lines, the skipping of work a resumed output
-file already holds, batching and decoding live here once.
+Every command that generates for many inputs (`generate`, `qa`, `extract`, `classify`, the server,
+Ray's workers) builds its jobs and its renderer and calls `run`; the skipping of work a resumed
+output file already holds, batching and decoding live here once. A job is a row's key, token ids
+and options: what it came from (a line, a PubMed citation, a request) is the caller's `item`,
+handed to the renderer as it is and never read here.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -17,14 +19,15 @@ import torch
 
 from .errors import InputError
 from .generation import GenerationOptions, fit_prompt, prompt_generator
-from .inputs import Prompt
 from .streaming import TextEvent, stream_completions
 
 
 @dataclass
 class Job:
-    item: Prompt  # where it came from: line, id, and the text a terminal shows
+    key: Hashable  # what a resumed run matches it on, and what its random stream is seeded from
     ids: list[int]  # the model input
+    item: Any = None  # the caller's record of it, for the renderer
+    where: str = ""  # how a message names it (`line 3: `)
     # its own settings where they are not the run's (a server's requests share one run): greedy or
     # sampled decoding (the run's k rows per prompt), stop strings, the seed of its random stream
     opts: GenerationOptions | None = None
@@ -34,8 +37,8 @@ class Job:
 
 
 class Renderer(Protocol):
-    def begin(self, prompts: Sequence[Prompt]) -> None: ...
-    def add(self, prompt: Prompt) -> None: ...
+    def begin(self, items: Sequence[Any]) -> None: ...
+    def add(self, item: Any) -> None: ...
     def event(self, ev: TextEvent) -> None: ...
 
 
@@ -102,7 +105,7 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job | None], opts: Generation
     batch_size = batch_size or default_batch_size(opts, device)
     stats = Stats()
     limit = model.config.max_position_embeddings
-    todo = (j for j in jobs if j is None or j.item.key not in done)  # None: a live source has none now
+    todo = (j for j in jobs if j is None or j.key not in done)  # None: a live source has none now
     groups = batches(todo, batch_size) if opts.num_beams > 1 else iter([todo])
     failure: list[InputError] = []
     k = opts.num_return_sequences
@@ -119,7 +122,7 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job | None], opts: Generation
                     try:
                         fit_prompt(job.ids, (job.opts or opts).max_new_tokens, limit)
                     except InputError as e:
-                        raise InputError(f"{job.item.where}{e}") from None
+                        raise InputError(f"{job.where}{e}") from None
                     running[stats.prompts] = job
                     renderer.add(job.item)
                     stats.prompts += 1
@@ -132,7 +135,7 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job | None], opts: Generation
             job = running[base + i]
             if not (job.opts or opts).do_sample:  # greedy rows draw nothing
                 return None
-            return prompt_generator(seed if job.seed is None else job.seed, job.item.key, device)
+            return prompt_generator(seed if job.seed is None else job.seed, job.key, device)
 
         def own(i: int, running: dict[int, Job] = running,
                 base: int = stats.prompts) -> tuple[GenerationOptions, Sequence[str]]:

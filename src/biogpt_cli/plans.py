@@ -25,6 +25,11 @@ from .streaming import Completion
 Warn = Callable[[str], None]
 
 
+def job_of(p: Prompt, ids: list[int]) -> Job:
+    """A record's row for the engine: keyed as `--resume` matches it (its id, else its line)."""
+    return Job(p.key, ids, p, p.where)
+
+
 @dataclass
 class Plan:
     opts: GenerationOptions
@@ -72,7 +77,7 @@ def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
             warn(f"warning: {p.where}prompt of {len(full)} tokens cut to {len(ids)} (</s> and its last {len(ids) - 1})")
         if beams:
             inputs[p.key] = ids
-        return Job(p, ids)
+        return job_of(p, ids)
 
     def record(p: Prompt, done: Completion) -> dict[str, Any]:
         out = generation_record(p, done)
@@ -126,7 +131,7 @@ def task_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
     def job(p: Prompt) -> Job:
         shown = next((p.fields[k] for k in ("question", "title", "text", "abstract")
                       if isinstance(p.fields.get(k), str)), "")
-        return Job(Prompt(p.line, shown[:200], p.id, p.fields), build_input(task, tok, p.fields, limit))
+        return job_of(Prompt(p.line, shown[:200], p.id, p.fields), build_input(task, tok, p.fields, limit))
 
     def result(done: Completion) -> Any:
         value = parse(task, tok.decode(done.ids))  # learned tokens shown: the release strips their echoes
