@@ -262,3 +262,28 @@ def test_duplicate_ids_and_impossible_layouts_are_refused_before_any_work(cli, t
 def test_a_layout_that_would_deadlock_is_refused(local_ray, tiny_ref, prompts, tmp_path):
     with pytest.raises(BioGptError, match="Ray would wait forever"):
         run(tiny_ref[1], prompts, tmp_path / "out", workers=2, cpus=1.0)
+
+
+def test_a_folder_of_pubmed_files_is_split_by_file_and_equals_the_local_run(cli, local_ray, tiny_ref, tmp_path):
+    """A baseline-like folder of `.xml.gz` files: each file is a shard, every citation a record keyed
+    by its PMID, the local run's records; a re-run redoes only the files whose records are missing."""
+    import gzip
+
+    from tests.test_literature import PUBMED
+
+    folder = tmp_path / "baseline"
+    folder.mkdir()
+    for k in range(3):
+        text = PUBMED.replace("3100000", f"3{k}00000")  # other PMIDs in each file
+        (folder / f"pubmed25n000{k + 1}.xml.gz").write_bytes(gzip.compress(text.encode()))
+    args = ("score", "-m", tiny_ref[1], "--truncate")
+    code, _, err = cli(*args, "-i", folder / "pubmed25n0001.xml.gz", "-o", tmp_path / "local.jsonl", "-q")
+    assert code == 0, err
+    code, _, err = cli(*args, "-i", folder, "-o", tmp_path / "out", "--engine", "ray", "-q")
+    assert code == 0 and "12 records written" in err, err
+    ours = {r["id"]: r for r in records(tmp_path / "out")}
+    local = [json.loads(x) for x in (tmp_path / "local.jsonl").read_text().splitlines()]
+    assert len(ours) == 12 and all(ours[r["id"]] == r for r in local)
+    next((tmp_path / "out").glob("part-*.jsonl")).unlink()  # one file's records lost
+    code, _, err = cli(*args, "-i", folder, "-o", tmp_path / "out", "--engine", "ray", "-q")
+    assert code == 0 and "4 records written to" in err and "(8 were there already)" in err, err

@@ -16,18 +16,20 @@ field; a model that cannot load fails the run before any work.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import BioGptError, InputError, missing_extra
 from .files import write_text
-from .inputs import Prompt, parse_record
+from .inputs import Prompt, open_input, parse_record, read_records
 from .jsonl import dumps, lines
 from .output import check_manifest, manifest_path, manifested
 
@@ -43,44 +45,100 @@ def ray_module() -> Any:
     return ray
 
 
+INPUTS = ("*.jsonl", "*.xml", "*.xml.gz", "*.json", "*.pubtator", "*.PubTator")
+
+
 def input_files(path: str) -> list[Path]:
-    """A JSONL file, or a folder of them."""
+    """A JSONL or literature file, or a folder of them (a baseline's `.xml.gz` files, say)."""
     p = Path(path)
-    files = sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
+    files = sorted({f for pattern in INPUTS for f in p.glob(pattern)}) if p.is_dir() else [p]
     if not files or not all(f.is_file() for f in files):
-        raise InputError(f"{path}: no JSONL input (a .jsonl file or a folder of them)")
+        raise InputError(f"{path}: no input: a JSONL or literature file, or a folder of them ({', '.join(INPUTS)})")
     return files
 
 
-def scan(files: list[Path], text_field: tuple[str, ...] | None, check: Callable[[Prompt], Any] | None,
+@dataclass(frozen=True)
+class Reading:
+    """How the records are read: the command's text field (JSONL), and a literature file's format
+    (`auto`: by content and name), text (`--text`) and section labels."""
+
+    text_field: tuple[str, ...] | None = None
+    input_format: str = "auto"
+    which: str = "all"
+    labels: bool = False
+
+    def literature(self, f: Path) -> str | None:
+        from .literature import FORMATS, sniff
+
+        if self.input_format in FORMATS:
+            return self.input_format
+        with open_input(str(f)) as data:
+            found = sniff(data.peek(1 << 12)[:1 << 12], f.name)
+        return None if found is None else "json" if found in ("json", "release") else found
+
+    def documents(self, f: Path, fmt: str) -> Iterator[Prompt]:
+        with open_input(str(f)) as data:
+            yield from read_records(data, str(f), fmt, "strict", self.text_field, self.which, self.labels)
+
+
+def scan(files: list[Path], reading: Reading, check: Callable[[Prompt], Any] | None,
          done: set[Any], rows: int) -> tuple[list[dict[str, Any]], int, str]:
     """Read every record as the local run does (`parse_record`, then `check` on it), with an `id`
     that Ray joins output to input by. Returns the shards of the records not in `done` (at most
-    `rows` each, contiguous in one file), the record count and a sha256 of the input (its files'
-    names and bytes)."""
+    `rows` each, contiguous in one file; a literature file's documents are one shard: work is
+    split by file), the record count and a sha256 of the input (its files' names and bytes)."""
     seen: dict[Any, str] = {}
     digest = hashlib.sha256()
     shards: list[dict[str, Any]] = []
     total = 0
     for f in files:
         digest.update(f"{f.name}\0".encode())
+        fmt = reading.literature(f)
+        if fmt is not None:
+            total += _scan_documents(f, fmt, reading, check, done, seen, digest, shards)
+            continue
         shard, end = None, 0
         with open(f, "rb") as data:
             for n, raw in enumerate(data, 1):
                 digest.update(raw)
                 start, end = end, end + len(raw)
-                p = _record(f, n, raw, text_field, seen, check)
+                p = _record(f, n, raw, reading.text_field, seen, check)
                 if p is None:
                     continue
                 total += 1
                 if p.id in done:
                     shard = None
                 elif shard is None or shard["records"] == rows:
-                    shard = {"path": str(f), "first_line": n, "start": start, "end": end, "records": 1}
+                    shard = {"path": str(f), "first_line": n, "start": start, "end": end, "records": 1,
+                             "format": "", "skip": "[]"}
                     shards.append(shard)
                 else:
                     shard["end"], shard["records"] = end, shard["records"] + 1
     return shards, total, digest.hexdigest()
+
+
+def _scan_documents(f: Path, fmt: str, reading: Reading, check: Callable[[Prompt], Any] | None, done: set[Any],
+                    seen: dict[Any, str], digest: Any, shards: list[dict[str, Any]]) -> int:
+    """A literature file's documents, checked; its shard (the documents not done) added. Their count."""
+    count, skip = 0, []
+    for p in reading.documents(f, fmt):
+        if seen.setdefault(p.id, f.name) != f.name:
+            raise InputError(f"{f}: id {p.id} is repeated (first in {seen[p.id]}); ids join output to input")
+        if check is not None:
+            try:
+                check(p)
+            except InputError as e:
+                raise InputError(f"{f}: id {p.id}: {e}") from None
+        count += 1
+        if p.id in done:
+            skip.append(p.id)
+    with open(f, "rb") as data:
+        for chunk in iter(lambda: data.read(1 << 20), b""):
+            digest.update(chunk)
+    if count > len(skip):  # the same columns as a JSONL shard's (Ray makes a table of them)
+        shards.append({"path": str(f), "first_line": 0, "start": 0, "end": 0, "records": count - len(skip),
+                       "format": fmt, "skip": json.dumps(skip)})
+    return count
 
 
 def _record(f: Path, n: int, raw: bytes, text_field: tuple[str, ...] | None, seen: dict[Any, str],
@@ -106,14 +164,17 @@ def _record(f: Path, n: int, raw: bytes, text_field: tuple[str, ...] | None, see
     return p
 
 
-def read_shard(shard: dict[str, Any], text_field: tuple[str, ...] | None) -> list[Prompt]:
+def read_shard(shard: dict[str, Any], reading: Reading) -> list[Prompt]:
     """The records of a shard, read as `scan` read them (a worker's side)."""
+    if shard.get("format"):
+        skip = set(json.loads(shard["skip"]))
+        return [p for p in reading.documents(Path(shard["path"]), shard["format"]) if p.id not in skip]
     with open(shard["path"], "rb") as f:
         f.seek(shard["start"])
         data = f.read(shard["end"] - shard["start"])
     items = []
     for n, raw in enumerate(data.split(b"\n"), shard["first_line"]):
-        p = _record(Path(shard["path"]), n, raw, text_field, {}, None)
+        p = _record(Path(shard["path"]), n, raw, reading.text_field, {}, None)
         if p is not None:
             items.append(p)
     return items
@@ -132,7 +193,7 @@ class Worker:
     """One actor: loads the model once, then turns shards of the input into part files."""
 
     def __init__(self, command: str, settings: dict[str, Any], load: dict[str, Any], output: str,
-                 batch_size: int | None, threads: int) -> None:
+                 batch_size: int | None, threads: int, reading: dict[str, Any] | None = None) -> None:
         import torch
 
         from .loading import load_pretrained
@@ -140,7 +201,7 @@ class Worker:
 
         torch.set_num_threads(threads)
         self.command, self.output, self.batch_size = command, Path(output), batch_size
-        self.fields = TEXT_FIELDS.get(command)
+        self.reading = Reading(**reading) if reading else Reading(TEXT_FIELDS.get(command))
         self.lm, self.tok = load_pretrained(**load)
         self.settings = settings
         self.plan = PLANS[command](self.lm, self.tok, settings, lambda m: None) if command in PLANS else None
@@ -181,7 +242,7 @@ class Worker:
 
         counts = []
         for shard in batch.to_pylist():
-            items = read_shard(shard, self.fields)
+            items = read_shard(shard, self.reading)
             name = hashlib.sha256(json.dumps([p.id for p in items]).encode()).hexdigest()[:20]
             write_text(self.output / f"part-{name}.jsonl", "".join(self.records(items)))  # whole, or not at all
             counts.append(len(items))
@@ -205,7 +266,7 @@ def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str
         address: str | None, workers: int, cpus_per_worker: float, gpus_per_worker: float, batch_size: int | None,
         rows_per_batch: int = 32, progress: Callable[[int, int], None] | None = None, worker: type = Worker,
         force: bool = False, model_files: dict[str, str] | None = None,
-        check: Callable[[Prompt], Any] | None = None) -> tuple[int, int]:
+        check: Callable[[Prompt], Any] | None = None, reading: Reading | None = None) -> tuple[int, int]:
     """Run `command` over the JSONL `input` into part files in the folder `output`; returns
     (records done now, records done before). `progress(done, total)` follows the run. Every record
     is read and checked first (`check`: a task's fields). A folder with parts is finished if its
@@ -221,11 +282,13 @@ def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str
     if out.exists() and out.resolve() == Path(input).resolve():  # its parts would be read as input next time
         raise InputError(f"{output}: is also the input folder; write the part files to another folder")
     done = set() if force or not out.exists() else done_ids(out)
-    shards, total, input_sha256 = scan(input_files(input), TEXT_FIELDS.get(command), check, done, rows_per_batch)
+    reading = reading or Reading(TEXT_FIELDS.get(command))
+    shards, total, input_sha256 = scan(input_files(input), reading, check, done, rows_per_batch)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob(".part-*.tmp"), *(out.glob(PART) if force else ())]:  # .tmp: a worker killed mid-write
         stale.unlink()
     identity = {"command": command, "settings": {k: v for k, v in settings.items() if k != "seed"},
+                "reading": {"input_format": reading.input_format, "text": reading.which, "labels": reading.labels},
                 "model": {**{k: load[k] for k in ("path_or_id", "revision", "dtype", "quantize", "device")},
                           "model_files": model_files},
                 "input": str(Path(input).resolve()), "input_sha256": input_sha256}
@@ -238,9 +301,11 @@ def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str
         return 0, len(done)
     with manifested(out, identity, lambda: len(done_ids(out)), fresh=not done, **state):
         _connect(ray, address, workers, cpus_per_worker)
-        ds = ray.data.from_items(shards).map_batches(worker, fn_constructor_kwargs={
-            "command": command, "settings": settings, "load": load, "output": str(out), "batch_size": batch_size,
-            "threads": max(1, int(cpus_per_worker))}, compute=ray.data.ActorPoolStrategy(size=workers), batch_size=1,
+        kwargs = {"command": command, "settings": settings, "load": load, "output": str(out),
+                  "batch_size": batch_size, "threads": max(1, int(cpus_per_worker)),
+                  "reading": dataclasses.asdict(reading)}
+        ds = ray.data.from_items(shards).map_batches(
+            worker, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=workers), batch_size=1,
             batch_format="pyarrow", num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None)
         finished = 0
         try:

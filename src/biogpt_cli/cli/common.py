@@ -285,14 +285,16 @@ def end_startup() -> None:
 def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model: str, revision: str | None,
                dtype: str, device: str, quantize: str, input: str | None, output: str | None,
                batch_size: int | None, force: bool = False, fmt: str = "auto", input_format: str = "auto",
-               ignored: dict[str, bool] | None = None) -> None:
+               ignored: dict[str, bool] | None = None, documents: tuple[str | None, bool] = (None, False)) -> None:
     """A batch command on Ray: the same plan in every worker, part files in the -o folder (emptied
     first with `force`). Every option takes effect in the workers or is refused here, before any
-    work: `ignored` names the command's options that a Ray run has no use for, and whether given."""
+    work: `ignored` names the command's options that a Ray run has no use for, and whether given.
+    `documents`: a literature input's `--text` and `--section-labels`."""
     from .. import cluster
     from ..config import BioGptConfig
     from ..identity import model_identity
     from ..loading import describe, task_head
+    from ..plans import TEXT_FIELDS
 
     if "text" in (fmt, input_format):
         raise UsageError("--engine ray reads and writes JSONL records: drop --format text and --input-format text")
@@ -304,7 +306,7 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
     if device != "cpu" and not engine.gpus_per_worker:
         raise UsageError(f"--device {device}: Ray places workers on GPUs itself: give --gpus-per-worker N instead")
     if input is None or input == "-":
-        raise UsageError("--engine ray reads a JSONL file or a folder of them: give -i PATH")
+        raise UsageError("--engine ray reads a JSONL or literature file, or a folder of them: give -i PATH")
     if output is None:
         raise UsageError("--engine ray writes a folder of JSONL part files: give -o FOLDER")
     end_startup()  # the driver loads no model, and Ray's client makes garbage
@@ -326,6 +328,9 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
                                   workers=engine.workers, cpus_per_worker=engine.cpus_per_worker,
                                   gpus_per_worker=engine.gpus_per_worker, batch_size=batch_size,
                                   progress=lambda done, total: update(done, total=total), force=force,
-                                  model_files=model_identity(described["loaded_from"]), check=check)
+                                  model_files=model_identity(described["loaded_from"]), check=check,
+                                  reading=cluster.Reading(TEXT_FIELDS.get(command), input_format,
+                                                          documents[0] or ("title" if command == "generate" else "all"),
+                                                          documents[1]))
     already = f" ({before} were there already)" if before else ""
     stderr.print(f"{counted(now, 'record')} written to {output}{already}")

@@ -100,7 +100,7 @@ def embed(
         return run_on_ray("embed", settings, where, model=model, revision=revision, dtype=dtype, device=device,
                           quantize=quantize, input=input, output=output, batch_size=batch_size, force=force,
                           fmt="text" if fmt in ("text", "safetensors") else "auto", input_format=input_format,
-                          ignored={"--errors": errors != "strict"})
+                          ignored={"--errors": errors != "strict"}, documents=(text, section_labels))
     if fmt == "auto":
         fmt = "safetensors" if output is not None and output.endswith(".safetensors") else "jsonl"
     matrix = fmt == "safetensors"

@@ -157,7 +157,8 @@ def generate(
         return run_on_ray("generate", settings, where, model=model, revision=revision, dtype=dtype, device=device,
                           quantize=quantize, input=input, output=output, batch_size=batch_size, force=force, fmt=fmt,
                           input_format=input_format, ignored={"PROMPT": prompt is not None, "--resume": resume,
-                                                              "--verbose": verbose, "--errors": errors != "strict"})
+                                                              "--verbose": verbose, "--errors": errors != "strict"},
+                          documents=(text, section_labels))
     fmt = output_format(fmt, output)
     check_batch_options(input, output, fmt, force, resume)
     if logprobs is not None and fmt != "jsonl":

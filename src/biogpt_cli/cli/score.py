@@ -109,7 +109,8 @@ def score(
         return run_on_ray("score", {"truncate": truncate}, where, model=model, revision=revision, dtype=dtype,
                           device=device, quantize="none", input=file, output=output, batch_size=batch_size,
                           force=force, fmt=fmt, input_format=input_format,
-                          ignored={"--choices": options is not None, "--errors": errors != "strict"})
+                          ignored={"--choices": options is not None, "--errors": errors != "strict"},
+                          documents=(text, section_labels))
     check_output(output, force=force, source=file)
     file = file or "-"
     with open_input(file) as f, whole_output(output) as writer:

@@ -93,6 +93,7 @@ class TaskRun:
     errors: str
     verbose: bool
     engine: Engine
+    documents: tuple[str | None, bool] = (None, False)  # a literature input's --text and --section-labels
 
 
 def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextlib.AbstractContextManager) -> None:
@@ -114,7 +115,7 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
                           device=run.device, quantize=run.quantize, input=run.input, output=run.output,
                           batch_size=run.batch_size, force=run.force, fmt=run.fmt, input_format=run.input_format,
                           ignored={"--resume": run.resume, "--verbose": run.verbose,
-                                   "--errors": run.errors != "strict"})
+                                   "--errors": run.errors != "strict"}, documents=run.documents)
     fmt = task_output_format(run.fmt, run.output)
     check_batch_options(run.input, run.output, fmt, run.force, run.resume)
     with items as records:
@@ -277,8 +278,9 @@ def extract(
     with title and abstract (or text), or plain text lines."""
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
                   dtype, device, quantize, errors, verbose,
-                  Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet))
-    _run("extract", task, run, _items(text, None, input, input_format, errors, documents=(text_part, section_labels)))
+                  Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet),
+                  (text_part, section_labels))
+    _run("extract", task, run, _items(text, None, input, input_format, errors, documents=run.documents))
 
 
 @command
@@ -301,8 +303,9 @@ def classify(
     classification head. Input: JSONL with text, or plain text lines."""
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
                   dtype, device, quantize, errors, verbose,
-                  Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet))
-    _run("classify", None, run, _items(text, None, input, input_format, errors, documents=(text_part, section_labels)))
+                  Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet),
+                  (text_part, section_labels))
+    _run("classify", None, run, _items(text, None, input, input_format, errors, documents=run.documents))
 
 
 @command
