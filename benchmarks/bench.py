@@ -1,7 +1,7 @@
 """biogpt-cli against the reference (`transformers`), side by side in one run, on this machine.
 
     python benchmarks/bench.py [--quick] [--json] [--repeats N] [--new-tokens N] [--workdir DIR]
-                               [--only decode|process|tokenize|engine|bulk|embed|quality|gpu|serve|finetune]
+                               [--only decode|process|tokenize|engine|bulk|embed|quality|gpu|serve|finetune|literature]
                                [--device cuda] [--compile]
 
 Builds random weights of the full microsoft/biogpt shape (saved once as safetensors with the real
@@ -302,6 +302,19 @@ def engine_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> 
         costs[size] = statistics.median(seconds(stream_all) for _ in range(args.repeats)) / sum(map(len, new))
     rows.append(row("streaming, ms per token and row: ~700-token prompts vs ~20", costs[700] * 1e3, costs[20] * 1e3,
                     "ms", higher=False, target="<= 1.3x the short prompts' (better by >= 0.77)"))
+    tiny = tiny_model(args)
+    peaks = {}
+    for n in (4000, 40000):
+        src, out = args.workdir / f"prompts-{n}.txt", args.workdir / f"out-{n}.jsonl"
+        src.write_text("".join(f"{lines[i % len(lines)][:60]}\n" for i in range(n)), encoding="utf-8")
+        peaks[n] = peak_of(args, ["-m", "biogpt_cli", "generate", "-i", str(src), "-o", str(out), "--force", "-m",
+                                  str(tiny), "-n", "1", "--batch-size", "64"])
+    rows.append(row("peak memory of generate -i -o: 40,000 prompts vs 4,000", peaks[40000] / 1e6, peaks[4000] / 1e6,
+                    "MB", higher=False, target="+ <= 10 MB", note=f"+{(peaks[40000] - peaks[4000]) / 1e6:.1f} MB"))
+
+
+def tiny_model(args: argparse.Namespace) -> Path:
+    """A tiny random model with the real vocabulary (what the engine costs beside the model)."""
     tiny = args.workdir / "tiny-real-vocab"
     if not (tiny / "model.safetensors").is_file():
         import transformers
@@ -315,18 +328,87 @@ def engine_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> 
         save_file({k: v.contiguous() for k, v in state.items() if k != "output_projection.weight"},
                   tiny / "model.safetensors", metadata={"format": "pt"})
         config.to_json_file(tiny / "config.json")
-    peaks = {}
-    for n in (4000, 40000):
-        src, out, peak = args.workdir / f"prompts-{n}.txt", args.workdir / f"out-{n}.jsonl", args.workdir / "peak"
-        src.write_text("".join(f"{lines[i % len(lines)][:60]}\n" for i in range(n)), encoding="utf-8")
-        command = ["-m", "biogpt_cli", "generate", "-i", str(src), "-o", str(out), "--force", "-m", str(tiny),
-                   "-n", "1", "--batch-size", "64"]
-        run = subprocess.run([sys.executable, "-c", PEAK, str(peak), *command], capture_output=True)
-        if run.returncode:
-            sys.exit(f"error: generate over {n} prompts failed: {run.stderr.decode()[-800:]}")
-        peaks[n] = int(peak.read_text()) * 1024
-    rows.append(row("peak memory of generate -i -o: 40,000 prompts vs 4,000", peaks[40000] / 1e6, peaks[4000] / 1e6,
-                    "MB", higher=False, target="+ <= 10 MB", note=f"+{(peaks[40000] - peaks[4000]) / 1e6:.1f} MB"))
+    return tiny
+
+
+def peak_of(args: argparse.Namespace, command: list[str]) -> int:
+    """Peak resident bytes of `python COMMAND...` in a process of its own."""
+    peak = args.workdir / "peak"
+    run = subprocess.run([sys.executable, "-c", PEAK, str(peak), *command], capture_output=True)
+    if run.returncode:
+        sys.exit(f"error: {' '.join(command[:4])} failed: {run.stderr.decode()[-800:]}")
+    return int(peak.read_text()) * 1024
+
+
+def literature_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """PubMed XML as a baseline file holds it (`.xml.gz`, citations of real PubMed titles and
+    abstracts with the authors, MeSH headings and references a citation carries): our streamed,
+    guarded parse (literature.py: defusedxml, each citation read into a record) against the standard
+    library's unguarded `iterparse` that only walks the elements (the "reference": what a home-made
+    parser costs at the least), one core; and the peak memory of `embed -i FILE.xml.gz -o` over
+    30,000 citations against 3,000 (tiny model)."""
+    import gzip
+    import io
+    import xml.etree.ElementTree as ET
+
+    from biogpt_cli.literature import documents
+
+    lines = (shared_dir() / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
+    files = {n: args.workdir / f"pubmed-{n}.xml.gz" for n in (3000, 30000)}
+    for n, path in files.items():
+        if not path.is_file():
+            path.write_bytes(gzip.compress(baseline_xml(lines, n).encode(), compresslevel=6))
+    data = gzip.decompress(files[30000].read_bytes())
+
+    def ours() -> int:
+        return sum(1 for _ in documents(io.BytesIO(data), "x.xml", "pubmed"))
+
+    def reference() -> int:
+        found = 0
+        for _, element in ET.iterparse(io.BytesIO(data)):
+            if element.tag == "PubmedArticle":
+                found += 1
+                element.clear()
+        return found
+    assert ours() == reference() == 30000
+    t_ours, t_ref = compare(ours, reference, args.repeats)
+    rows.append(row("PubMed XML parse, 30,000 citations (one core)", 30000 / t_ours, 30000 / t_ref, "citations/s",
+                    higher=True, target=">= 5,000 citations/s",
+                    note=f"{len(data) / 30000 / 1e3:.1f} kB a citation; reference: the standard library's unguarded "
+                         "iterparse walking the elements, no record made"))
+    tiny, peaks = tiny_model(args), {}
+    for n, path in files.items():
+        peaks[n] = peak_of(args, ["-m", "biogpt_cli", "embed", "-i", str(path), "-o", str(args.workdir / "e.jsonl"),
+                                  "--force", "-m", str(tiny), "--truncate", "-q"])
+    rows.append(row("peak memory of embed -i FILE.xml.gz -o: 30,000 citations vs 3,000", peaks[30000] / 1e6,
+                    peaks[3000] / 1e6, "MB", higher=False, target="+ <= 50 MB",
+                    note=f"+{(peaks[30000] - peaks[3000]) / 1e6:.1f} MB"))
+
+
+def baseline_xml(lines: list[str], n: int) -> str:
+    """`n` citations shaped as PubMed's baseline files hold them, titles and abstracts from the corpus."""
+    from xml.sax.saxutils import escape
+
+    authors = "".join(f"<Author ValidYN=\"Y\"><LastName>Author{k}</LastName><ForeName>A</ForeName><Initials>A"
+                      f"</Initials><AffiliationInfo><Affiliation>Department {k}, University Hospital, City, Country."
+                      "</Affiliation></AffiliationInfo></Author>" for k in range(6))
+    mesh = "".join(f'<MeshHeading><DescriptorName UI="D00{k:04d}" MajorTopicYN="N">Heading {k}</DescriptorName>'
+                   f'<QualifierName UI="Q00000{k % 9}" MajorTopicYN="N">qualifier</QualifierName></MeshHeading>'
+                   for k in range(12))
+    refs = "".join(f'<Reference><Citation>Ref {k}. J Test. 2019;1:1-9.</Citation><ArticleIdList><ArticleId '
+                   f'IdType="pubmed">{k + 1000}</ArticleId></ArticleIdList></Reference>' for k in range(15))
+    body = []
+    for i in range(n):
+        text = lines[i % len(lines)]
+        title, abstract = escape(text[:text.find(". ") + 1] or text[:120]), escape(text)
+        body.append(f'<PubmedArticle><MedlineCitation Status="MEDLINE" Owner="NLM"><PMID Version="1">{i + 1}</PMID>'
+                    f'<Article PubModel="Print"><Journal><Title>Journal of Tests</Title></Journal>'
+                    f"<ArticleTitle>{title}</ArticleTitle><Abstract><AbstractText>{abstract}</AbstractText></Abstract>"
+                    f'<AuthorList CompleteYN="Y">{authors}</AuthorList><Language>eng</Language></Article>'
+                    f"<MeshHeadingList>{mesh}</MeshHeadingList></MedlineCitation><PubmedData><ArticleIdList>"
+                    f'<ArticleId IdType="pubmed">{i + 1}</ArticleId></ArticleIdList><ReferenceList>{refs}'
+                    "</ReferenceList></PubmedData></PubmedArticle>\n")
+    return '<?xml version="1.0" encoding="utf-8"?>\n<PubmedArticleSet>\n' + "".join(body) + "</PubmedArticleSet>\n"
 
 
 def tokenizer_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
@@ -705,9 +787,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "biogpt-bench",
                         help="where the random full-size checkpoint is kept between runs")
     parser.add_argument("--only", choices=["decode", "process", "tokenize", "engine", "bulk", "embed", "quality", "ray",
-                                           "gpu", "serve", "finetune"],
+                                           "gpu", "serve", "finetune", "literature"],
                         action="append",
-                        help="run only these parts (ray, serve and finetune: only when named)")
+                        help="run only these parts (ray, serve, finetune and literature: only when named)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (decode and bulk figures)")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes)")
     args = parser.parse_args()
@@ -723,13 +805,14 @@ def main() -> None:
     parts = (("process", process_figures), ("tokenize", tokenizer_figures), ("engine", engine_figures),
              ("decode", decode_figures),
              ("bulk", bulk_figures), ("embed", embed_figures), ("quality", quality_figures), ("ray", ray_figures),
-             ("gpu", gpu_figures), ("serve", serve_figures), ("finetune", finetune_figures))
+             ("gpu", gpu_figures), ("serve", serve_figures), ("finetune", finetune_figures),
+             ("literature", literature_figures))
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # `timeout`: keep what was measured
     gpu = args.device != "cpu"
     complete = False
     try:
         for part, fn in parts:
-            named_only = ("ray", "serve", "finetune")
+            named_only = ("ray", "serve", "finetune", "literature")
             everything = part not in named_only and (part in ("decode", "bulk", "gpu") if gpu else part != "gpu")
             if (not args.only and everything) or part in (args.only or ()):
                 fn(folder, args, rows)

@@ -13,7 +13,6 @@ import io
 import json
 import socket
 import time
-from pathlib import Path
 
 import pytest
 
@@ -211,7 +210,8 @@ SECOND = "<PubmedArticle>\n  <MedlineCitation>\n"  # the second citation, its PM
 
 
 @pytest.mark.parametrize("data, message", [
-    (MISMATCHED, f"line {line_of(MISMATCHED, '</ArticleTitl>')}: not well-formed XML \\(mismatched tag\\)"),
+    (MISMATCHED, f"line {line_of(MISMATCHED, '</ArticleTitl>')}: not well-formed XML \\(Opening and ending tag "
+                 "mismatch: ArticleTitle"),
     (NO_PMID, f"line {line_of(NO_PMID, SECOND)}: a citation without a PMID"),
     ("<?xml version='1.0'?><records><record/></records>", "an XML file of <records>, not PubMed"),
 ])
@@ -233,7 +233,7 @@ def test_entities_are_refused_at_once_and_no_dtd_is_fetched():
         f'<!ENTITY lol{i} "{("&lol" + str(i - 1) + ";") * 10 if i > 1 else "&lol;" * 10}">\n' for i in range(1, 10)) \
         + "]>\n<PubmedArticleSet>&lol9;</PubmedArticleSet>\n"
     start = time.perf_counter()
-    with pytest.raises(InputError, match="refused: it declares XML entities"):
+    with pytest.raises(InputError, match="laughs.xml: refused: .* XML entities could expand without bound"):
         records(laughs, "laughs.xml")
     assert time.perf_counter() - start < 1
     with socket.socket() as listener:
@@ -252,135 +252,13 @@ def test_entities_are_refused_at_once_and_no_dtd_is_fetched():
 
 
 def test_memory_does_not_grow_with_the_file(monkeypatch):
-    """Each citation leaves the tree once read: whenever a document is handed on, the parser's tree
-    holds at most the one being read."""
+    """Each citation leaves the tree once read: whenever a document is handed on, the tree holds it
+    and what the parser has read ahead, not the documents before it."""
     citation = PUBMED.split("<PubmedArticle>")[1].split("</PubmedArticle>")[0]
     body = "".join(f"<PubmedArticle>{citation.replace('31000001', str(i))}</PubmedArticle>\n" for i in range(1, 3001))
     data = f"<?xml version='1.0'?>\n<PubmedArticleSet>\n{body}</PubmedArticleSet>\n".encode()
-    builders, real = [], literature._Streaming
-    monkeypatch.setattr(literature, "_Streaming", lambda *a: builders.append(real(*a)) or builders[-1])
-    held = [len(builders[0].root) for _ in literature.documents(io.BytesIO(data), "x.xml", "pubmed")]
-    assert len(held) == 3000 and max(held) <= 1
-
-
-CDR_IN = ("1|t|Aspirin\n1|a|It causes ulcer.\n1\t0\t7\tAspirin\tChemical\tD001241\n"
-          "1\t18\t23\tulcer\tDisease\tD014456\n\n")
-
-
-@pytest.mark.parametrize("fmt", ["pubtator", "bioc-json", "bioc-xml"])
-def test_extract_writes_the_literature_formats_with_entities_tied_to_the_text(cli, trained, tmp_path, fmt):  # noqa: F811
-    """PubTator in, relations out by the input's mention identifiers (BC5CDR's `CID` lines); the
-    same document as BioC, its relation's nodes pointing at the mentions; read back by our readers."""
-    (tmp_path / "in.txt").write_text(CDR_IN)
-    out = tmp_path / f"out.{fmt}"
-    code, _, err = cli("extract", "--task", "bc5cdr", "-m", trained, "-i", tmp_path / "in.txt", "-o", out,
-                       "--format", fmt)
-    assert code == 0, err
-    [doc] = list(literature.documents(io.BufferedReader(io.BytesIO(out.read_bytes())), out.name,
-                                      {"pubtator": "pubtator", "bioc-json": "json", "bioc-xml": "bioc"}[fmt]))
-    assert (doc["id"], doc["title"], doc["abstract"]) == ("1", "Aspirin", "It causes ulcer.")
-    if fmt == "pubtator":
-        assert out.read_text() == CDR_IN.rstrip("\n") + "\n1\tCID\tD001241\tD014456\n\n"
-        return
-    [relation] = doc["relations"]
-    by_id = {a["id"]: a for a in doc["annotations"]}
-    assert relation["infons"]["type"] == "CID" and "grounded" not in relation["infons"]
-    assert [(by_id[n["refid"]]["text"], by_id[n["refid"]]["identifier"], n["role"]) for n in relation["nodes"]] == [
-        ("Aspirin", "D001241", "head"), ("ulcer", "D014456", "tail")]
-
-
-def test_names_without_a_mention_are_located_or_marked_ungrounded():
-    """A name the input has no mention of is found in the text (whatever its case and the spacing
-    the tokenizer put between its pieces) and added as a mention with its offsets; one found nowhere
-    is kept, `grounded: false`."""
-    from biogpt_cli import writers
-
-    fields = {"title": "Cardiotoxicity of 5-Fluorouracil", "abstract": "Patients on 5-FU had angina."}
-    record = {"relations": [{"head": "5 - fluorouracil", "relation": "CID", "tail": "cardiotoxicity"},
-                            {"head": "cisplatin", "relation": "CID", "tail": "angina"}]}
-    doc = writers.bioc_document(fields, record, "bc5cdr", "7")
-    added = [a for p in doc["passages"] for a in p["annotations"]]
-    text = writers.source_text(fields)
-    assert [(a["text"], text[a["locations"][0]["offset"]:][:a["locations"][0]["length"]], a["infons"]["type"])
-            for a in added] == [("5-Fluorouracil", "5-Fluorouracil", "Chemical"),
-                                ("Cardiotoxicity", "Cardiotoxicity", "Disease"), ("angina", "angina", "Disease")]
-    assert "grounded" not in doc["relations"][0]["infons"] and doc["relations"][1]["infons"]["grounded"] == "false"
-    assert writers.pubtator(doc).splitlines()[-2:] == ["7\tCID\t5-fluorouracil\tcardiotoxicity",
-                                                        "7\tCID\tcisplatin\tangina"]
-    relations = [dict(r) for r in record["relations"]]
-    assert writers.mark_ungrounded(fields, relations) == 1 and relations[1]["grounded"] is False
-
-
-DATA = Path(__file__).parent / "data"  # three documents of the BioCreative V CDR evaluation kit's sample set
-GOLD, SYSTEM = DATA / "CDR_sample.gold.3docs.PubTator", DATA / "CDR_sample.test.CID.3docs.PubTator"
-
-
-def cdr_eval(gold: Path, predictions: Path) -> dict[str, float] | None:
-    """The official BioCreative V CDR evaluation (`bc5cdr_eval.jar`, NCBI, public domain) on the
-    relation task, where Java and the jar ($BIOGPT_CDR_EVAL_JAR) are here; None elsewhere."""
-    import os
-    import shutil
-    import subprocess
-
-    jar = os.environ.get("BIOGPT_CDR_EVAL_JAR")
-    if not jar or not Path(jar).is_file() or shutil.which("java") is None:
-        return None
-    run = subprocess.run(["java", "-cp", jar, "ncbi.bc5cdr_eval.Evaluate", "relation", "CID", "PubTator", str(gold),
-                          str(predictions)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stdout + run.stderr
-    return {k.strip(): float(v) for k, v in (line.split(":") for line in run.stdout.splitlines() if ":" in line
-                                             and not line.startswith("INFO"))}
-
-
-def test_real_cdr_files_are_read_and_scored_as_the_official_evaluation_scores_them(cli):
-    """The CDR kit's own files (mentions with composite parts, relation lines with a score): read
-    whole, and `evaluate --task bc5cdr` gives the official jar's precision, recall and F
-    (0.0238 / 0.25 / 0.0435 on these three documents, as the jar prints them)."""
-    docs, _ = records(GOLD.read_bytes(), GOLD.name)
-    assert [d.id for d in docs] == ["26094", "354896", "1720453"]
-    assert sum(len(d.fields["relations"]) for d in docs) == 4
-    code, out, _ = cli("evaluate", "--task", "bc5cdr", SYSTEM, GOLD, "--format", "jsonl")
-    scores = json.loads(out)
-    assert code == 0 and (scores["predicted_relations"], scores["gold_relations"]) == (42, 4)
-    assert abs(scores["precision"] - 1 / 42) < 1e-12 and scores["recall"] == 0.25
-    official = cdr_eval(GOLD, SYSTEM)
-    if official is not None:
-        assert (official["Precision"], official["Recall"], official["F-score"]) == pytest.approx(
-            (scores["precision"], scores["recall"], scores["f1"]))
-
-
-def test_extract_pubtator_output_is_read_by_the_official_evaluation(cli, trained, tmp_path):  # noqa: F811
-    """PubTator in, `extract --format pubtator` out: each document as it came (title, abstract and
-    its mentions, composite parts included), then our relation lines; the official CDR evaluation
-    reads it as a prediction file (run where Java and the jar are; skipped elsewhere)."""
-    out = tmp_path / "pred.PubTator"
-    code, _, err = cli("extract", "--task", "bc5cdr", "-m", trained, "-i", GOLD, "-o", out, "--format", "pubtator")
-    assert code == 0, err
-    ours = out.read_text().split("\n\n")
-    for given, written in zip(GOLD.read_text().split("\n\n"), ours, strict=False):
-        kept = [line for line in given.splitlines() if "\tCID\t" not in line]
-        assert written.splitlines()[:len(kept)] == kept
-    if cdr_eval(GOLD, out) is None:
-        pytest.skip("the official evaluation needs Java and $BIOGPT_CDR_EVAL_JAR (bc5cdr_eval.jar of the CDR "
-                    "evaluation kit): the output's form was checked, not the jar's reading of it")
-
-
-def test_relations_written_by_name_are_linked_to_the_mentions_identifiers(cli, tmp_path):
-    """Relations given by entity names (as the model writes them) come out as the gold's own
-    identifier pairs: every gold relation of the CDR sample, written back from its mention texts,
-    scores P = R = 1 by `evaluate` and by the official jar where it runs."""
-    from biogpt_cli import writers
-
-    blocks = []
-    for doc in literature.documents(io.BufferedReader(io.BytesIO(GOLD.read_bytes())), GOLD.name, "pubtator"):
-        name = {a["identifier"]: a["text"].lower() for a in doc["annotations"]}
-        relations = [{"head": name[r["id1"]], "relation": "CID", "tail": name[r["id2"]]} for r in doc["relations"]]
-        fields = {**doc, "relations": []}
-        blocks.append(writers.pubtator(writers.bioc_document(fields, {"relations": relations}, "bc5cdr", doc["id"])))
-    (tmp_path / "pred.PubTator").write_text("\n".join(blocks))
-    code, out, _ = cli("evaluate", "--task", "bc5cdr", tmp_path / "pred.PubTator", GOLD, "--format", "jsonl")
-    scores = json.loads(out)
-    assert code == 0 and (scores["precision"], scores["recall"]) == (1.0, 1.0)
-    official = cdr_eval(GOLD, tmp_path / "pred.PubTator")
-    if official is not None:
-        assert (official["TP"], official["FP"], official["FN"]) == (4, 0, 0)
+    held, real = [], literature._read_element
+    monkeypatch.setattr(literature, "_read_element", lambda e, *a: held.append(len(e.getparent())) or real(e, *a))
+    assert sum(1 for _ in literature.documents(io.BytesIO(data), "x.xml", "pubmed")) == 3000
+    per_read = 2 * (1 << 16) // (len(data) // 3000)  # citations in two 64 kB reads of the file
+    assert len(held) == 3000 and max(held) <= per_read  # of 3,000

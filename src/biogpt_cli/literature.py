@@ -3,10 +3,10 @@ and the BioGPT release's task files. A reader streams one format's documents as 
 
     {"id", "title", "abstract", "text" (other passages), "annotations", "relations", ...}
 
-XML is parsed by `defusedxml` (the standard library's expat with its guards on): a DTD named in a
-DOCTYPE is never fetched nor read, and a file that declares entities (a "billion laughs") is
-refused at the declaration, before anything is expanded. It streams: each citation is removed
-from the tree once read, so memory does not grow with the file.
+XML is parsed by `lxml` (libxml2) with the network and entity resolution off: a DTD named in a
+DOCTYPE is never fetched nor read, no entity is ever expanded, and a file that declares entities
+(a "billion laughs", an external entity) is refused. It streams: each citation is removed from the
+tree once read, so memory does not grow with the file.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
-from xml.etree.ElementTree import Element, ParseError, TreeBuilder
 
 from .errors import InputError
 from .jsonl import lines, loads
@@ -24,6 +23,7 @@ FORMATS = ("pubmed", "bioc", "bioc-json", "pubtator", "release")
 PUBMED_ROOTS = ("PubmedArticleSet", "MedlineCitationSet")
 CITATIONS = ("PubmedArticle", "PubmedBookArticle", "MedlineCitation")
 Document = dict[str, Any]
+Element = Any  # an lxml element (imported where a file is parsed)
 
 
 def sniff(head: bytes, name: str) -> str | None:
@@ -78,64 +78,63 @@ def _text(f: BinaryIO, name: str) -> str:
 
 
 # -- XML: PubMed and BioC ------------------------------------------------------------------------
-class _Streaming(TreeBuilder):
-    """A tree builder that hands each finished document (`kinds`, children of the root) to `done`
-    with the line it began on, and drops it from the tree."""
-
-    def __init__(self, kinds: tuple[str, ...], line: Callable[[], int]) -> None:
-        super().__init__()
-        self.kinds, self.line = (*kinds, "DeleteCitation"), line
-        self.root: Element | None = None
-        self.done: list[tuple[int, Element]] = []
-        self.starts: list[int] = []
-
-    def start(self, tag: str, attrs: dict[str, str]) -> Element:
-        element = super().start(tag, attrs)
-        if self.root is None:
-            self.root = element
-        elif tag in self.kinds:
-            self.starts.append(self.line())
-        return element
-
-    def end(self, tag: str) -> Element:
-        element = super().end(tag)
-        if tag in self.kinds and self.starts:
-            line = self.starts.pop()
-            if not self.starts:  # a whole document (a MedlineCitation inside a PubmedArticle is part of it)
-                self.done.append((line, element))
-                self.root.remove(element)
-        return element
-
-
 def _xml_documents(f: BinaryIO, name: str, fmt: str, labels: bool) -> Iterator[Document]:
-    from defusedxml import DefusedXmlException
-    from defusedxml.ElementTree import DefusedXMLParser
+    """The documents of an XML file, each read when its end tag is parsed, then dropped from the
+    tree with whatever came before it: memory holds what the parser has read ahead, never the file.
+    A file that breaks off gives the documents before the break, then the error."""
+    from lxml import etree
 
-    kinds = CITATIONS if fmt == "pubmed" else ("document",)
-    target = _Streaming(kinds, lambda: parser.parser.CurrentLineNumber)
-    parser = DefusedXMLParser(target=target)
-    last = None
+    kinds = (*CITATIONS, "DeleteCitation") if fmt == "pubmed" else ("document",)
+    parser = etree.XMLPullParser(events=("end",), tag=kinds, resolve_entities=False, no_network=True,
+                                 load_dtd=False, huge_tree=False, remove_comments=True)
+    state: dict[str, Any] = {"last": None, "root": None}
     try:
         for chunk in iter(lambda: f.read(1 << 16), b""):
             parser.feed(chunk)
-            for line, element in target.done:
-                doc = _read_element(element, target.root.tag, name, line, labels)
-                last = doc["id"] or last
-                yield doc
-            target.done.clear()
-        parser.close()
-    except ParseError as e:
-        last = next((d.findtext(".//PMID") or d.findtext("id") for _, d in reversed(target.done)), last)
-        after = f" (after id {last})" if last is not None else ""
-        raise InputError(f"{name}: line {e.position[0]}: not well-formed XML ({str(e).split(':')[0]}){after}") from None
-    except DefusedXmlException as e:
-        what = getattr(e, "name", None) or type(e).__name__
-        raise InputError(f"{name}: refused: it declares XML entities ({what}), which could expand without bound "
-                         "(PubMed and BioC files declare none)") from None
-    root = target.root.tag if target.root is not None else "nothing"
-    if root not in (*PUBMED_ROOTS, "collection"):
-        raise InputError(f"{name}: an XML file of <{root}>, not PubMed / MEDLINE XML (<PubmedArticleSet>, "
+            yield from _finished(parser.read_events(), name, labels, state)
+        closed = parser.close()
+        yield from _finished(parser.read_events(), name, labels, state)
+    except etree.XMLSyntaxError as e:
+        what = e.msg.split(", line")[0]
+        if "entit" in what.lower():  # libxml2's own bound on expansion, met while reading the DTD
+            raise InputError(f"{name}: refused: {what} (a file that declares XML entities could expand without "
+                             "bound; PubMed and BioC files declare none)") from None
+        yield from _finished(parser.read_events(), name, labels, state)
+        after = f" (after id {state['last']})" if state["last"] is not None else ""
+        raise InputError(f"{name}: line {e.lineno}: not well-formed XML ({what}){after}") from None
+    root = state["root"] if state["root"] is not None else closed
+    _no_entities(root, name)
+    if root.tag not in (*PUBMED_ROOTS, "collection"):
+        raise InputError(f"{name}: an XML file of <{root.tag}>, not PubMed / MEDLINE XML (<PubmedArticleSet>, "
                          "<MedlineCitationSet>) nor BioC (<collection>)")
+
+
+def _finished(events: Iterator[tuple[str, Element]], name: str, labels: bool,
+              state: dict[str, Any]) -> Iterator[Document]:
+    """The documents whose end tags were parsed, each dropped from the tree once read."""
+    for _, element in events:
+        root = state["root"] = element.getroottree().getroot()
+        if state["last"] is None:
+            _no_entities(root, name)
+        if element.getparent() is not root:
+            continue  # a MedlineCitation inside its PubmedArticle: read with it
+        doc = _read_element(element, root.tag, name, element.sourceline or 0, labels)
+        state["last"] = doc["id"] or state["last"]
+        yield doc
+        element.clear(keep_tail=True)
+        while element.getprevious() is not None:
+            del root[0]
+
+
+def _no_entities(element: Element, name: str) -> bool:
+    """Refuse a file whose DTD declares entities (none is ever expanded: the parser keeps them as
+    references; PubMed and BioC files declare none)."""
+    dtd = element.getroottree().docinfo.internalDTD if element is not None else None
+    declared = [e.name for e in dtd.iterentities()] if dtd is not None else []
+    if declared:
+        raise InputError(f"{name}: refused: it declares XML entities ({', '.join(declared[:3])}), which could expand "
+                         "without bound (PubMed and BioC files declare none)")
+    return True
 
 
 def _read_element(element: Element, root: str, name: str, line: int, labels: bool) -> Document:
