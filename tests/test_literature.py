@@ -262,3 +262,16 @@ def test_memory_does_not_grow_with_the_file(monkeypatch):
     assert sum(1 for _ in literature.documents(io.BytesIO(data), "x.xml", "pubmed")) == 3000
     per_read = 2 * (1 << 16) // (len(data) // 3000)  # citations in two 64 kB reads of the file
     assert len(held) == 3000 and max(held) <= per_read  # of 3,000
+
+
+def test_classify_writes_labels_as_a_document_infon(cli, trained, tmp_path):  # noqa: F811
+    """A PubTator document in, its HoC labels out: a BioC document infon, or a PubTator line."""
+    (tmp_path / "in.txt").write_text("5|t|cells divide\n5|a|\n\n")
+    for fmt in ("bioc-json", "pubtator"):
+        code, out, err = cli("classify", "-m", trained, "-i", tmp_path / "in.txt", "--format", fmt, "--text", "title")
+        assert code == 0, err
+        if fmt == "pubtator":
+            assert out.strip().splitlines()[-1] == "5\tlabels\tempty"
+        else:
+            [doc] = json.loads(out)["documents"]
+            assert doc["id"] == "5" and doc["infons"] == {"labels": "empty"}
