@@ -275,3 +275,12 @@ def test_classify_writes_labels_as_a_document_infon(cli, trained, tmp_path):  # 
         else:
             [doc] = json.loads(out)["documents"]
             assert doc["id"] == "5" and doc["infons"] == {"labels": "empty"}
+
+
+def test_tokenize_reads_documents_keyed_by_id(cli, tiny_ref, tmp_path):
+    path = tmp_path / "cdr.txt"
+    path.write_text(PUBTATOR)
+    code, out, err = cli("tokenize", "-i", path, "--format", "jsonl", "--text", "title", "-m", tiny_ref[1])
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["id"] for r in records] == ["6794356", "6804000"], err
+    assert "".join(records[1]["tokens"]).replace("</w>", " ").strip() == "</s>Only a title here ."

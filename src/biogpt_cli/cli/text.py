@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
 from ..errors import InputError
 from ..hub import DEFAULT_MODEL
-from ..inputs import Prompt, input_name, jsonl_input, open_input, parallel_map, read_lines, read_prompts
+from ..inputs import Prompt, input_name, jsonl_input, open_input, parallel_map, read_lines, read_records
 from ..jsonl import dumps, loads
 from ..output import whole_output
 from .common import (
@@ -17,13 +17,15 @@ from .common import (
     ErrorsOpt,
     FileArg,
     ForceOpt,
-    InputFormat,
+    InputFormatOpt,
     ModelOpt,
     OutputFormatOpt,
     OutputOpt,
     QuietOpt,
     RevisionOpt,
     SameInputOpt,
+    SectionLabelsOpt,
+    TextOpt,
     command,
     file_or_input,
     line_progress,
@@ -45,8 +47,9 @@ def tokenize(
     revision: RevisionOpt = None,
     tokens: Annotated[bool, typer.Option("--tokens", help="BPE pieces instead of ids.")] = False,
     no_special: Annotated[bool, typer.Option("--no-special", help="Drop the leading </s>.")] = False,
-    input_format: Annotated[InputFormat, typer.Option(help="auto: JSONL records with \"text\" (and \"id\") if the "
-                                                           "name ends in .jsonl(.gz).")] = "auto",
+    input_format: InputFormatOpt = "auto",
+    text: TextOpt = None,
+    section_labels: SectionLabelsOpt = False,
     output: OutputOpt = None,
     fmt: OutputFormatOpt = "auto",
     force: ForceOpt = False,
@@ -57,13 +60,14 @@ def tokenize(
 ) -> None:
     """Text to token ids, one line per line.
 
-    Moses + BPE ids (exactly the reference's input_ids), one output line per input line."""
+    Moses + BPE ids (exactly the reference's input_ids), one output line per input line (or per
+    document of a literature file)."""
     file, fmt = _files(file, input, output, force), output_format(fmt, output)
     name = input_name(file)
     with open_input(file) as f, whole_output(output) as writer:  # a missing input is named before the vocabulary
         render = functools.partial(_tokenize_line, _tokenizer(model, revision), not no_special,
                                    "jsonl" if fmt == "jsonl" else "tokens" if tokens else "ids", name)
-        items = read_prompts(f, name, jsonl_input(file, input_format), errors, "text")
+        items = read_records(f, name, input_format, errors, "text", text or "all", section_labels)
         with line_progress(file, output, quiet) as update:
             n = 0
             for n, line in enumerate(parallel_map(render, items, jobs), 1):
@@ -87,7 +91,7 @@ def _tokenize_line(tok: Any, special: bool, mode: str, name: str, item: Prompt) 
     try:
         ids = tok.encode(item.text, add_special_tokens=special)
     except InputError as e:
-        raise InputError(f"{name}: line {item.line}: {e}") from None
+        raise InputError(f"{name}: {item.where}{e}") from None
     if mode == "jsonl":
         return dumps({"ids": ids, "tokens": tok.convert_ids_to_tokens(ids), **item.origin})
     return " ".join(tok.convert_ids_to_tokens(ids) if mode == "tokens" else map(str, ids)) + "\n"
@@ -99,8 +103,9 @@ def detokenize(
     input: SameInputOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
-    input_format: Annotated[InputFormat, typer.Option(help="text: ids per line; jsonl: records with \"ids\"; auto: "
-                                                           "JSONL for *.jsonl(.gz), else either, line by line.")]
+    input_format: Annotated[Literal["auto", "text", "jsonl"], typer.Option(
+        help="text: ids per line; jsonl: records with \"ids\"; auto: JSONL for *.jsonl(.gz), else either, line "
+             "by line.")]
     = "auto",
     output: OutputOpt = None,
     fmt: OutputFormatOpt = "auto",
