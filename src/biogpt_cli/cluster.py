@@ -124,11 +124,7 @@ def _scan_documents(f: Path, fmt: str, reading: Reading, check: Callable[[Prompt
     for p in reading.documents(f, fmt):
         if seen.setdefault(p.id, f.name) != f.name:
             raise InputError(f"{f}: id {p.id} is repeated (first in {seen[p.id]}); ids join output to input")
-        if check is not None:
-            try:
-                check(p)
-            except InputError as e:
-                raise InputError(f"{f}: id {p.id}: {e}") from None
+        _check(check, p, f"{f}: id {p.id}")
         count += 1
         if p.id in done:
             skip.append(p.id)
@@ -156,12 +152,17 @@ def _record(f: Path, n: int, raw: bytes, text_field: tuple[str, ...] | None, see
         raise InputError(f'{e}; --engine ray reads JSONL records, each with an "id"') from None
     if p.id is None:
         raise InputError(f'{f}: line {n}: --engine ray needs a string or integer "id" in every record')
+    _check(check, p, f"{f}: line {n}")
+    return p
+
+
+def _check(check: Callable[[Prompt], Any] | None, p: Prompt, where: str) -> None:
+    """`check` on a record (a task's fields), its error naming where the record is."""
     if check is not None:
         try:
             check(p)
         except InputError as e:
-            raise InputError(f"{f}: line {n}: {e}") from None
-    return p
+            raise InputError(f"{where}: {e}") from None
 
 
 def read_shard(shard: dict[str, Any], reading: Reading) -> list[Prompt]:

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from .errors import InputError
 from .jsonl import loads
-from .literature import text_of
+from .literature import FORMATS, documents, sniff, text_of
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,6 @@ MARKERS = {None: (b"\n",), "pubtator": (b"|t|",), "bioc": (b"</document>",),
 def count_items(path: str) -> int | None:
     """A progress bar's total: the lines of a file, or the documents of a literature file (counted
     by their closing tags), read in large chunks; None for one not `rereadable`, or a JSON document."""
-    from .literature import sniff
-
     if not rereadable(path):
         return None
     with open_input(path) as f:
@@ -153,8 +151,6 @@ def read_records(f: BinaryIO, name: str, input_format: str, errors: str = "stric
     release's task files; `--input-format auto` tells them by content and name), each keyed by its
     id and read as its `which` text (title, abstract or all), else lines of text or JSONL records
     (`read_prompts`). `note` hears, at the end, what was not a document and the title-only ones."""
-    from .literature import FORMATS, documents, sniff
-
     f = f if hasattr(f, "peek") else io.BufferedReader(f)  # a look at its start, which stays to be read
     fmt = input_format if input_format != "auto" else sniff(f.peek(1 << 12)[:1 << 12], name) or \
         ("jsonl" if jsonl_input(name, "auto") else "text")
