@@ -188,7 +188,8 @@ def test_extract_reads_a_release_file_as_its_documents(cli, trained, tmp_path): 
     assert found[0]["relations"] == [{"head": "warfarin", "relation": "effect", "tail": "aspirin"}]
     (tmp_path / "other.json").write_text('{"a": [1, 2]}')
     code, _, err = cli("extract", "--task", "ddi", "-m", trained, "-i", tmp_path / "other.json")
-    assert code == 1 and "a JSON document of none of the forms read here: BioC JSON" in one_error_line(err)
+    assert code == 1 and "pmid a: expected a JSON object: a JSON document of none of the forms read here: BioC JSON" \
+        in one_error_line(err)
 
 
 def test_title_only_documents_get_the_release_source():
@@ -284,3 +285,23 @@ def test_tokenize_reads_documents_keyed_by_id(cli, tiny_ref, tmp_path):
     records = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [r["id"] for r in records] == ["6794356", "6804000"], err
     assert "".join(records[1]["tokens"]).replace("</w>", " ").strip() == "</s>Only a title here ."
+
+
+def test_bc5cdr_training_data_reads_as_the_corpus_ships_it(tmp_path):
+    """`finetune --task bc5cdr` takes the corpus's BioC as it takes its PubTator: the same examples."""
+    from biogpt_cli.datasets import read_examples
+
+    title, abstract = PUBTATOR.splitlines()[0].split("|t|")[1], PUBTATOR.splitlines()[1].split("|a|")[1]
+    bioc = {"documents": [{"id": "6794356", "relations": [
+        {"id": "R0", "infons": {"relation": "CID", "Chemical": "D016651", "Disease": "D014262"}}], "passages": [
+        {"infons": {"type": "title"}, "offset": 0, "text": title, "annotations": [
+            {"id": "0", "infons": {"type": "Disease", "MESH": "D014262"}, "text": "Tricuspid valve regurgitation",
+             "locations": [{"offset": 0, "length": 29}]},
+            {"id": "1", "infons": {"type": "Chemical", "MESH": "D016651"}, "text": "lithium carbonate",
+             "locations": [{"offset": 34, "length": 17}]}]},
+        {"infons": {"type": "abstract"}, "offset": len(title) + 1, "text": abstract, "annotations": []}]}]}
+    (tmp_path / "cdr.txt").write_text(PUBTATOR)
+    (tmp_path / "cdr.json").write_text(json.dumps(bioc))
+    from_pubtator, from_bioc = (read_examples("bc5cdr", tmp_path / name) for name in ("cdr.txt", "cdr.json"))
+    assert from_bioc == from_pubtator and from_bioc[0].target == (
+        "the relation between lithium carbonate and tricuspid valve regurgitation exists.")

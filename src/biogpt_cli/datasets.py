@@ -6,8 +6,9 @@ exactly as at inference) plus the verbalised target. Readers check every record 
 training, and a bad one is named by file and line (or key, for JSON documents).
 
 * PubMedQA: the release's JSON (`{pmid: {QUESTION, CONTEXTS, final_decision, ...}}`).
-* BC5CDR: PubTator text (title `|t|`, abstract `|a|`, mentions, `CID` relations), or the
-  release's rebuilt JSON (`title`, `abstract`, `relations`, `chemical2id`, `disease2id`).
+* BC5CDR: PubTator text (title `|t|`, abstract `|a|`, mentions, `CID` relations) or BioC (XML or
+  JSON) as the corpus ships it, or the release's rebuilt JSON (`title`, `abstract`, `relations`,
+  `chemical2id`, `disease2id`).
 * DDI / KD-DTI: the release's JSON (`{pmid: {title?, abstract, triples: [{drug, target, interaction}]}}`).
 * HoC: the release's TSV (`text<TAB>label|label`).
 * custom: JSONL records `{"source": ..., "target": ...}` (the source is used as given).
@@ -16,8 +17,8 @@ Documents without relations are skipped, as the release skips them.
 
 from __future__ import annotations
 
+import io
 import json
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from .errors import InputError
 from .evaluate import read_text
 from .inputs import parse_record
 from .jsonl import lines, loads
+from .literature import cid_pairs, documents, sniff
 from .tasks import TASKS, Task, text_field
 
 TASK_NAMES = (*TASKS, "custom")
@@ -114,7 +116,7 @@ def _relations(text: str, path: str, task: str) -> Iterator[Example]:
 
 
 def _bc5cdr(text: str, path: str, task: str) -> Iterator[Example]:
-    docs = _json_documents(text, path, "BC5CDR") if text.lstrip().startswith("{") else _pubtator(text, path)
+    docs = _cdr_documents(text, path)
     for pmid, doc in docs.items():
         if not _objects(doc, "relations", path, pmid):
             continue
@@ -136,29 +138,24 @@ def _longest_names(name2id: dict[str, str]) -> dict[str, str]:
     return names
 
 
-def _pubtator(text: str, path: str) -> dict[str, dict[str, Any]]:
-    """PubTator documents as the release's JSON: mentions lowercased, `CID` relations in order."""
-    docs: dict[str, dict[str, Any]] = {}
-    for n, line in lines(text):
-        if not line.strip():
-            continue
-        if m := re.match(r"([^|\t]+)\|([ta])\|(.*)$", line):
-            doc = docs.setdefault(m[1], {"title": "", "abstract": "", "relations": [], "chemical2id": {},
-                                         "disease2id": {}})
-            doc["title" if m[2] == "t" else "abstract"] = m[3]
-            continue
-        cols = line.split("\t")
-        doc = docs.get(cols[0])
-        if doc is None:
-            raise InputError(f"{path}: line {n}: expected PubTator (`PMID|t|title`, `PMID|a|abstract`, then "
-                             "tab-separated mentions and relations)")
-        if len(cols) >= 4 and cols[1] == "CID":
-            doc["relations"].append({"chemical": cols[2], "disease": cols[3].strip()})
-        elif len(cols) >= 6 and cols[4] in ("Chemical", "Disease"):
-            doc[f"{cols[4].lower()}2id"][cols[3].lower()] = cols[5].strip()
-        elif len(cols) < 6:
-            raise InputError(f"{path}: line {n}: not a PubTator mention or relation ({len(cols)} columns)")
-    return docs
+def _cdr_documents(text: str, path: str) -> dict[str, dict[str, Any]]:
+    """BC5CDR as the corpus ships it (PubTator, BioC XML or JSON) or the release rebuilt it (JSON),
+    each document in the release's form: mentions lowercased, `CID` relations in order."""
+    fmt = sniff(text[:4096].encode(), path) or ("json" if text.lstrip().startswith("{") else "pubtator")
+    if fmt == "json" and not text.lstrip().startswith("{"):
+        raise InputError(f"{path}: expected BC5CDR as PubTator, BioC or the release's JSON")
+    found = documents(io.BytesIO(text.encode()), path, fmt)
+    return {d["id"]: _release_form(d) if "annotations" in d else d for d in found}
+
+
+def _release_form(doc: dict[str, Any]) -> dict[str, Any]:
+    names: dict[str, dict[str, str]] = {"chemical2id": {}, "disease2id": {}}
+    for a in doc["annotations"]:
+        kind = (a.get("type") or "").lower()
+        if kind in ("chemical", "disease") and a.get("identifier"):
+            names[f"{kind}2id"][a["text"].lower()] = a["identifier"]
+    return {"title": doc["title"], "abstract": doc["abstract"],
+            "relations": [{"chemical": c, "disease": d} for c, d in cid_pairs(doc)], **names}
 
 
 # -- HoC and custom ----------------------------------------------------------------------------

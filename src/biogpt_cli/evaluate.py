@@ -251,7 +251,7 @@ def _literature_format(path: str | Path) -> str | None:
 def _cdr_relations(path: str | Path) -> tuple[set[str], set[tuple[str, str, str]]]:
     """The documents and the `CID` relations (pmid, chemical, disease) of a PubTator or BioC file."""
     from .inputs import open_input
-    from .literature import documents
+    from .literature import cid_pairs, documents
 
     fmt = _literature_format(path)
     if fmt not in ("pubtator", "bioc", "json"):
@@ -260,24 +260,8 @@ def _cdr_relations(path: str | Path) -> tuple[set[str], set[tuple[str, str, str]
     with open_input(str(path)) as f:
         for doc in documents(f, str(path), fmt):
             pmids.add(doc["id"])
-            relations |= {(doc["id"], *pair) for pair in _cid_pairs(doc)}
+            relations |= {(doc["id"], *pair) for pair in cid_pairs(doc)}
     return pmids, relations
-
-
-def _cid_pairs(doc: dict[str, Any]) -> list[tuple[str, str]]:
-    """A document's CID pairs: PubTator's relation lines, or BioC relations (their Chemical and
-    Disease infons, or the identifiers of the mentions their nodes point at)."""
-    if "passages" not in doc:
-        return [(r["id1"], r["id2"]) for r in doc["relations"] if r["type"] == "CID"]
-    mentions = {a.get("id"): a.get("identifier", "") for a in doc["annotations"]}
-    pairs = []
-    for r in doc["relations"]:
-        infons = r.get("infons") or {}
-        if (infons.get("relation") or infons.get("type")) == "CID":
-            nodes = {n.get("role", ""): mentions.get(n.get("refid"), "") for n in r.get("nodes") or []}
-            pairs.append((infons.get("Chemical") or nodes.get("Chemical") or nodes.get("head", ""),
-                          infons.get("Disease") or nodes.get("Disease") or nodes.get("tail", "")))
-    return pairs
 
 
 def evaluate(task: str, predictions: str | Path, gold: str | Path, entities: str | Path | None = None) -> Scores:

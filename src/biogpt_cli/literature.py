@@ -245,10 +245,30 @@ def pubtator_documents(text: str, name: str) -> Iterator[Document]:
         yield doc
 
 
+def cid_pairs(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """A document's CID pairs: PubTator's relation lines, or BioC relations (their Chemical and
+    Disease infons, or the identifiers of the mentions their nodes point at)."""
+    if "passages" not in doc:
+        return [(r["id1"], r["id2"]) for r in doc["relations"] if r["type"] == "CID"]
+    mentions = {a.get("id"): a.get("identifier", "") for a in doc["annotations"]}
+    pairs = []
+    for r in doc["relations"]:
+        infons = r.get("infons") or {}
+        if (infons.get("relation") or infons.get("type")) == "CID":
+            nodes = {n.get("role", ""): mentions.get(n.get("refid"), "") for n in r.get("nodes") or []}
+            pairs.append((infons.get("Chemical") or nodes.get("Chemical") or nodes.get("head", ""),
+                          infons.get("Disease") or nodes.get("Disease") or nodes.get("tail", "")))
+    return pairs
+
+
 # -- JSON documents: BioC JSON and the release's files ---------------------------------------------
 RELEASE_FORMS = ('BioC JSON ({"documents": [...]})', 'DDI / KD-DTI ({pmid: {"abstract", "triples"}})',
                  'BC5CDR ({pmid: {"title", "abstract", "relations", ...}})',
                  'PubMedQA ({pmid: {"QUESTION", "CONTEXTS", ...}})')
+
+
+NONE_OF_THE_FORMS = (f"a JSON document of none of the forms read here: {'; '.join(RELEASE_FORMS)} (JSONL, one record "
+                     "a line, is read from a .jsonl file)")
 
 
 def json_documents(text: str, name: str) -> Iterator[Document]:
@@ -263,12 +283,13 @@ def json_documents(text: str, name: str) -> Iterator[Document]:
                 raise InputError(f"{name}: BioC document {i + 1}: expected an object with an \"id\"")
             yield bioc_document(d)
         return
-    if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+    if isinstance(data, dict) and data:
         for pmid, doc in data.items():
+            if not isinstance(doc, dict):
+                raise InputError(f"{name}: pmid {pmid}: expected a JSON object: {NONE_OF_THE_FORMS}")
             yield _release_document(str(pmid), doc, name)
         return
-    raise InputError(f"{name}: a JSON document of none of the forms read here: {'; '.join(RELEASE_FORMS)} "
-                     "(JSONL, one record a line, is read from a .jsonl file)")
+    raise InputError(f"{name}: {NONE_OF_THE_FORMS}")
 
 
 def _release_document(pmid: str, doc: dict[str, Any], name: str) -> Document:
