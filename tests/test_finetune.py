@@ -157,6 +157,20 @@ def small_run(base: Path, tmp_path: Path, method: str, out: str = "out", device:
     return ft.prepare("pubmedqa", str(base), examples, tmp_path / out, r, torch.device(device), identity)
 
 
+def test_the_parameters_said_to_train_are_those_that_change(cli, base, tmp_path, monkeypatch):
+    """`prompt` trains the 9 prompt rows of the embedding (9 x 64 values here), not all of it; a
+    run that cannot fit in memory is a usage error (exit 2), before any training."""
+    from biogpt_cli import memory
+
+    train = pubmedqa_json(tmp_path / "train.json")
+    code, _, err = cli("finetune", train, "--task", "pubmedqa", "-m", base, "-o", tmp_path / "p", "--method", "prompt",
+                       "--epochs", "1", *FAST)
+    assert code == 0 and "(prompt: 576 parameters train)" in err, err
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 10**6)
+    code, _, err = cli("finetune", train, "--task", "pubmedqa", "-m", base, "-o", tmp_path / "q", "--epochs", "1")
+    assert code == 2 and "training needs about" in one_error_line(err)
+
+
 def test_prompt_method_trains_only_the_prompt_rows(base, tmp_path):
     run = small_run(base, tmp_path, "prompt")
     ft.train(run)

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from ..datasets import TASK_NAMES
+from ..errors import InputError
 from ..hub import DEFAULT_MODEL
 from .common import (
     DebugOpt,
@@ -92,14 +93,18 @@ def finetune(
     if resume:
         ft.check_same_run(output, identity)
     run = ft.prepare(task, model, examples, output, recipe, torch_device, identity)
-    trained = sum(p.numel() for g in run.groups for p in g["params"])
-    check_training_fits(run.model.config, trained, batch_tokens, torch_device)
+    trained = sum(p.numel() for g in run.groups for p in g["params"])  # what the optimizer holds moments of
+    try:
+        check_training_fits(run.model.config, trained, batch_tokens, torch_device)
+    except InputError as e:  # a value that cannot fit is a usage error, found before any training
+        raise UsageError(str(e)) from None
+    changing = sum(v.numel() for v in ft.trained_tensors(run.model).values())  # prompt, lora: the rows that train
     if held_out:
         from ..devset import dev_metrics
 
         run.dev = dev_metrics(task, held_out, run.tok)
     stderr.print(f"fine-tuning {model} on {counted(len(examples), 'example')} ({recipe.method}: "
-                 f"{trained:,} parameters train), {counted(run.total_updates(), 'update')} to {output}",
+                 f"{changing:,} parameters train), {counted(run.total_updates(), 'update')} to {output}",
                  markup=False, highlight=False)
     try:
         _train(run, resume, quiet)
