@@ -115,6 +115,9 @@ def test_a_folder_keeps_its_run(cli, local_ray, tiny_ref, prompts, tmp_path):
     assert cli(*args, "6")[0] == 0
     manifest = json.loads((tmp_path / "out.manifest.json").read_text())
     assert (manifest["status"], manifest["records"], type(manifest["seed"])) == ("complete", N, int)
+    import hashlib  # the input's sha256 is its bytes', as sha256sum and a local run's manifest give it
+
+    assert manifest["run"]["input_sha256"] == hashlib.sha256(prompts.read_bytes()).hexdigest()
     (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # another model, same path
     code, _, err = cli(*args, "6")
     assert code == 1 and "written by a different run (model.model_files.sha256 " in one_error_line(err)
@@ -284,6 +287,11 @@ def test_a_folder_of_pubmed_files_is_split_by_file_and_equals_the_local_run(cli,
     ours = {r["id"]: r for r in records(tmp_path / "out")}
     local = [json.loads(x) for x in (tmp_path / "local.jsonl").read_text().splitlines()]
     assert len(ours) == 12 and all(ours[r["id"]] == r for r in local)
+    import hashlib  # a folder's: of its files' `sha256  name` lines, as `sha256sum * | sha256sum` in it
+
+    listing = "".join(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}\n" for f in sorted(folder.iterdir()))
+    manifest = json.loads((tmp_path / "out.manifest.json").read_text())
+    assert manifest["run"]["input_folder_sha256"] == hashlib.sha256(listing.encode()).hexdigest()
     next((tmp_path / "out").glob("part-*.jsonl")).unlink()  # one file's records lost
     code, _, err = cli(*args, "-i", folder, "-o", tmp_path / "out", "--engine", "ray", "-q")
     assert code == 0 and "4 records written to" in err and "(8 were there already)" in err, err

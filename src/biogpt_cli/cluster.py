@@ -82,20 +82,21 @@ class Reading:
 
 
 def scan(files: list[Path], reading: Reading, check: Callable[[Prompt], Any] | None,
-         done: set[Any], rows: int) -> tuple[list[dict[str, Any]], int, str]:
+         done: set[Any], rows: int) -> tuple[list[dict[str, Any]], int, dict[str, str]]:
     """Read every record as the local run does (`parse_record`, then `check` on it), with an `id`
     that Ray joins output to input by. Returns the shards of the records not in `done` (at most
     `rows` each, contiguous in one file; a literature file's documents are one shard: work is
-    split by file), the record count and a sha256 of the input (its files' names and bytes)."""
+    split by file), the record count and the sha256 of each file's bytes, by name."""
     seen: dict[Any, str] = {}
-    digest = hashlib.sha256()
+    digests: dict[str, str] = {}
     shards: list[dict[str, Any]] = []
     total = 0
     for f in files:
-        digest.update(f"{f.name}\0".encode())
+        digest = hashlib.sha256()
         fmt = reading.literature(f)
         if fmt is not None:
             total += _scan_documents(f, fmt, reading, check, done, seen, digest, shards)
+            digests[f.name] = digest.hexdigest()
             continue
         shard, end = None, 0
         with open(f, "rb") as data:
@@ -114,7 +115,18 @@ def scan(files: list[Path], reading: Reading, check: Callable[[Prompt], Any] | N
                     shards.append(shard)
                 else:
                     shard["end"], shard["records"] = end, shard["records"] + 1
-    return shards, total, digest.hexdigest()
+        digests[f.name] = digest.hexdigest()
+    return shards, total, digests
+
+
+def input_digest(path: str, digests: dict[str, str]) -> dict[str, str]:
+    """What a manifest records of the input: a file's sha256 (of its bytes, as `sha256sum` and a
+    local run's manifest give it), or a folder's (of its files' `sha256  name` lines, sorted by
+    name, as `sha256sum * | sha256sum` gives it in the folder)."""
+    if not Path(path).is_dir():
+        return {"input_sha256": next(iter(digests.values()))}
+    lines = "".join(f"{digests[name]}  {name}\n" for name in sorted(digests))
+    return {"input_folder_sha256": hashlib.sha256(lines.encode()).hexdigest()}
 
 
 def _scan_documents(f: Path, fmt: str, reading: Reading, check: Callable[[Prompt], Any] | None, done: set[Any],
@@ -284,7 +296,7 @@ def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str
         raise InputError(f"{output}: is also the input folder; write the part files to another folder")
     done = set() if force or not out.exists() else done_ids(out)
     reading = reading or Reading(TEXT_FIELDS.get(command))
-    shards, total, input_sha256 = scan(input_files(input), reading, check, done, rows_per_batch)
+    shards, total, digests = scan(input_files(input), reading, check, done, rows_per_batch)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob(".part-*.tmp"), *(out.glob(PART) if force else ())]:  # .tmp: a worker killed mid-write
         stale.unlink()
@@ -292,7 +304,7 @@ def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str
                 "reading": {"input_format": reading.input_format, "text": reading.which, "labels": reading.labels},
                 "model": {**{k: load[k] for k in ("path_or_id", "revision", "dtype", "quantize", "device")},
                           "model_files": model_files},
-                "input": str(Path(input).resolve()), "input_sha256": input_sha256}
+                "input": str(Path(input).resolve()), **input_digest(input, digests)}
     if done:
         check_manifest(out, identity)
     settings = _with_seed(settings, out, bool(done))
