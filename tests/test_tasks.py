@@ -292,7 +292,14 @@ def test_evaluate_pubmedqa(cli, tmp_path):
                                                {"id": "3", "answer": "maybe"}])
     scores = evaluate(cli, "--task", "pubmedqa", preds, gold)
     # macro-F1 as sklearn's f1_score(average="macro"): yes 0.5, no 0, maybe 1
-    assert scores == {"task": "pubmedqa", "accuracy": 0.5, "macro_f1": 0.5, "correct": 2, "n": 4, "missing": 1}
+    assert scores == {"task": "pubmedqa", "accuracy": 0.5, "macro_f1": 0.5, "correct": 2, "n": 4, "missing": 1,
+                      "extra": 0}
+    other = write_jsonl(tmp_path / "o.jsonl", [{"id": "91", "answer": "yes"}, {"id": "92", "answer": "no"}])
+    code, _, err = cli("evaluate", "--task", "pubmedqa", str(other), str(gold))  # another test set's answers
+    assert code == 1 and "none of its records matches one of the 4 gold items" in one_error_line(err)
+    write_jsonl(other, [{"id": "1", "answer": "yes"}, {"id": "92", "answer": "no"}])
+    code, _, err = cli("evaluate", "--task", "pubmedqa", str(other), str(gold))
+    assert code == 0 and "note: 1 prediction with no gold item, not scored" in err
     gold.write_text("{}")  # nothing to score: an error, not an accuracy of 0
     code, _, err = cli("evaluate", "--task", "pubmedqa", str(preds), str(gold))
     assert code == 1 and "no gold items to score against" in one_error_line(err)

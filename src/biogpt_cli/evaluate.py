@@ -91,7 +91,8 @@ def pubmedqa(predictions: str | Path, gold: str | Path) -> Scores:
     answers = {pmid: preds.get(str(pmid), {}).get("answer") for pmid in truth}
     correct = sum(answers[pmid] == label for pmid, label in truth.items())
     return {"accuracy": correct / len(truth) if truth else 0.0, "macro_f1": _macro_f1(truth, answers),
-            "correct": correct, "n": len(truth), "missing": sum(str(pmid) not in preds for pmid in truth)}
+            "correct": correct, "n": len(truth), "missing": sum(str(pmid) not in preds for pmid in truth),
+            "extra": len(set(preds) - set(map(str, truth)))}
 
 
 def _macro_f1(truth: dict[str, str], answers: dict[str, str | None]) -> float:
@@ -114,7 +115,7 @@ def hoc(predictions: str | Path, gold: str | Path) -> Scores:
         tp, fp, fn = tp + len(g & p), fp + len(p - g), fn + len(g - p)
     precision, recall, f1 = _prf(tp, tp + fp, tp + fn)
     return {"f1": f1, "precision": precision, "recall": recall, "n": len(truth),
-            "missing": sum(key not in preds for key in truth)}
+            "missing": sum(key not in preds for key in truth), "extra": len(set(preds) - set(truth))}
 
 
 # -- DDI and KD-DTI (hard_match_evaluation.py) -------------------------------------------------
@@ -143,15 +144,15 @@ def _normed(items: set, fn: Any) -> set:
 
 
 def _precision(pred: set, gold: set) -> float:
-    return int(pred == gold) if not pred else len(pred & gold) / len(pred)
+    return float(pred == gold) if not pred else len(pred & gold) / len(pred)
 
 
 def _recall(pred: set, gold: set) -> float:
-    return int(pred == gold) if not gold else len(pred & gold) / len(gold)
+    return float(pred == gold) if not gold else len(pred & gold) / len(gold)
 
 
 def _accuracy(pred: set, gold: set) -> float:
-    return int(pred == gold) if not gold else len(pred & gold) / len(pred | gold)
+    return float(pred == gold) if not gold else len(pred & gold) / len(pred | gold)
 
 
 def _best(pred: set, gold: set, metric: Any) -> float:
@@ -210,6 +211,7 @@ def hard_match(predictions: str | Path, gold: str | Path) -> Scores:
         "onto_precision": onto[3][0], "onto_recall": onto[3][1], "onto_f1": _f1(*onto[3]),
         "onto_f1_drug": _f1(*onto[0]), "onto_f1_target": _f1(*onto[1]), "onto_f1_interaction": _f1(*onto[2]),
         "n": len(docs), "missing": sum(pmid not in preds for pmid in docs),
+        "extra": len(set(preds) - set(map(str, truth))),
     }
 
 
@@ -237,7 +239,7 @@ def bc5cdr(predictions: str | Path, gold: str | Path, entities: str | Path | Non
     predicted = {p for p in predicted if p[0] in pmids}
     precision, recall, f1 = _prf(len(predicted & truth), len(predicted), len(truth))
     return {"precision": precision, "recall": recall, "f1": f1, "n": len(pmids), "gold_relations": len(truth),
-            "predicted_relations": len(predicted), "missing": len(pmids - done)}
+            "predicted_relations": len(predicted), "missing": len(pmids - done), "extra": len(done - pmids)}
 
 
 def _literature_format(path: str | Path) -> str | None:
@@ -276,4 +278,7 @@ def evaluate(task: str, predictions: str | Path, gold: str | Path, entities: str
         scores = bc5cdr(predictions, gold, entities)
     if not scores["n"]:
         raise InputError(f"{gold}: no gold items to score against (is it the {task} test set?)")
+    if scores["missing"] == scores["n"]:  # almost always the wrong file: every answer would count as wrong
+        raise InputError(f"{predictions}: none of its records matches one of the {scores['n']} gold items (by id, "
+                         f"or line for hoc): is it the output for this test set?{_order_hint(predictions)}")
     return scores

@@ -338,3 +338,5 @@ def evaluate(
     Console(highlight=False).print(table)
     if scores.get("missing"):
         stderr.print(f"note: {counted(scores['missing'], 'gold item')} without a prediction, counted as wrong")
+    if scores.get("extra"):
+        stderr.print(f"note: {counted(scores['extra'], 'prediction')} with no gold item, not scored")
