@@ -295,3 +295,11 @@ def test_a_folder_of_pubmed_files_is_split_by_file_and_equals_the_local_run(cli,
     next((tmp_path / "out").glob("part-*.jsonl")).unlink()  # one file's records lost
     code, _, err = cli(*args, "-i", folder, "-o", tmp_path / "out", "--engine", "ray", "-q")
     assert code == 0 and "4 records written to" in err and "(8 were there already)" in err, err
+
+
+def test_an_output_named_as_a_file_is_refused_before_anything_is_made(cli, tiny_ref, tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "a"}\n')
+    code, _, err = cli("generate", "--engine", "ray", "-m", tiny_ref[1], "-i", tmp_path / "in.jsonl", "-o",
+                       tmp_path / "out.jsonl")
+    assert code == 2 and "writes a folder of part files, not one file" in one_error_line(err)
+    assert not (tmp_path / "out.jsonl").exists()

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import gc
 import linecache
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -309,6 +310,9 @@ def run_on_ray(command: str, settings: dict[str, Any], engine: Engine, *, model:
         raise UsageError("--engine ray reads a JSONL or literature file, or a folder of them: give -i PATH")
     if output is None:
         raise UsageError("--engine ray writes a folder of JSONL part files: give -o FOLDER")
+    if output.removesuffix("/").endswith((".jsonl", ".json", ".txt")) and not os.path.isdir(output):
+        raise UsageError(f"-o {output}: --engine ray writes a folder of part files, not one file: name a folder "
+                         "(they join to one file with `cat FOLDER/part-*.jsonl`)")
     end_startup()  # the driver loads no model, and Ray's client makes garbage
     cluster.ray_module()
     described = describe(model, revision)  # a model that cannot load fails now

@@ -118,7 +118,8 @@ def generate(
 ) -> None:
     """Continue prompts (streamed, or to files).
 
-    Continue prompts: streamed to a terminal, whole lines or JSONL records otherwise."""
+    Text streams to a terminal; otherwise whole lines, or JSONL records. Without PROMPT or
+    --input, stdin is read, or on a terminal the interactive mode starts."""
     from ..plans import generate_plan, generation_options
 
     if seed is not None and seed > MAX_SEED:
