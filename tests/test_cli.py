@@ -654,6 +654,17 @@ def test_verbose_figures_are_real_for_beam_search(cli, tiny, monkeypatch):
     assert seconds >= 0.3 and 0 < rate <= new / 0.3 + 1e-6
 
 
+def test_verbose_first_token_is_the_first_token_even_when_nobody_watches(cli, tiny, monkeypatch):
+    """Output to a pipe is decoded once at the end: the first token's time is still when it was chosen."""
+    from biogpt_cli import generation
+
+    step = generation._Batch.step
+    monkeypatch.setattr(generation._Batch, "step", lambda self, *a: time.sleep(0.02) or step(self, *a))
+    code, _, err = cli("generate", "the cat", "-m", tiny[0], "-n", "30", "--min-new-tokens", "30", "-v")
+    m = re.search(r"in ([\d.]+) s; first token after ([\d.]+) s", err)
+    assert code == 0 and m and float(m[2]) < float(m[1]) / 3, err
+
+
 def test_verbose_counts_read_well(cli, tiny, tmp_path):
     (tmp_path / "in.txt").write_text("the cat\n\n")
     code, _, err = cli("generate", "-m", tiny[0], "-n", "2", "-i", tmp_path / "in.txt", "-o", tmp_path / "o.jsonl",

@@ -149,12 +149,14 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job | None], opts: Generation
         renderer.begin([])
         start, base = time.perf_counter(), stats.prompts
         sampled = opts.do_sample or opts.num_beams == 1  # a job of its own settings may sample
+
+        def first_token(start: float = start) -> None:  # chosen, whether or not its text is shown yet
+            if stats.first_token is None:
+                stats.first_token = time.perf_counter() - start
         for ev in stream_completions(model, tokenizer, feed(), opts, stop, stream if sampled else None,
                                      progress, slots=batch_size, confidence=confidence, live=live,
                                      per_prompt=own if opts.num_beams == 1 else None,
-                                     gone=gone):
-            if stats.first_token is None and ev.text:
-                stats.first_token = time.perf_counter() - start
+                                     gone=gone, first_token=first_token):
             if ev.done is not None:
                 stats.new_tokens += len(ev.done.ids) + (ev.done.finish_reason == "eos")
                 index = base + ev.done.prompt_index

@@ -237,7 +237,8 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
                        generator: Generators = None, progress: Callable[[int], None] | None = None,
                        slots: int | None = None, confidence: bool = False, live: bool = True,
                        per_prompt: Callable[[int], tuple[GenerationOptions, Sequence[str]]] | None = None,
-                       gone: Callable[[int], bool] | None = None) -> Iterator[TextEvent]:
+                       gone: Callable[[int], bool] | None = None,
+                       first_token: Callable[[], None] | None = None) -> Iterator[TextEvent]:
     """Generate for a batch of prompts, yielding text as it becomes final.
 
     Greedy and sampled sequences stream token by token and stop at a stop string. Beam search
@@ -247,12 +248,16 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
     Without `live` (output nobody watches as it comes: files, pipes, records) a sequence yields
     only its finished event, its text decoded once; stop strings are still watched token by token.
     `per_prompt(j)`: prompt j's own options and stop strings (see `stream_tokens`). `gone(j)`: prompt
-    j's reader went away; its rows end at the next step (reason "stop").
+    j's reader went away; its rows end at the next step (reason "stop"). `first_token()` is
+    called when the first token is chosen (for `-v`: text that nobody watches comes only at the end).
     """
     k = opts.num_return_sequences
     if opts.num_beams > 1:
         prompts = list(prompts)
         for i, seqs in enumerate(beam_search(model, prompts, opts, progress, generator)):
+            if first_token is not None:  # the winners are known only now
+                first_token()
+                first_token = None
             for j, seq in enumerate(seqs):
                 text, stopped = continuation(tokenizer, prompts[i], seq.ids, stop)
                 ids = _through_stop(tokenizer, prompts[i], seq.ids, stop) if stopped else seq.ids
@@ -301,6 +306,9 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
                                             observe=observe if confidence or per_prompt or opts.logprobs is not None
                                             else None, per_prompt=options if per_prompt else None):
         s = streams.get(row) or streams.setdefault(row, text_stream(row))
+        if first_token is not None:
+            first_token()
+            first_token = None
         if reason is None and not live and not s.stop:
             s.extend(token)
         elif reason is None:
