@@ -268,7 +268,7 @@ def test_resume_continues_only_the_same_run(cli, base, tmp_path):
     code, _, err = cli(*args, "--epochs", "2", "--resume")  # a longer run continues the shorter one
     assert code == 0 and json.loads((tmp_path / "out" / "training.json").read_text())["complete"], err
     code, _, err = cli(*args, "--epochs", "3", "--lr", "1e-3", "--resume")
-    assert code == 1 and "(recipe differ)" in one_error_line(err)
+    assert code == 1 and "(recipe.lr 1e-05 -> 0.001)" in one_error_line(err)  # the field and both values
     code, _, err = cli(*args, "--epochs", "1")
     assert code == 2 and "--resume continues it, --force starts over" in one_error_line(err)
 
@@ -292,3 +292,15 @@ def test_output_folder_and_memory_are_checked_first(cli, base, tmp_path):
     (tmp_path / "full" / ft.STATE / "run.json").write_text("")  # emptied by something else
     code, _, err = cli("finetune", train, "--task", "pubmedqa", "-m", base, "-o", tmp_path / "full", "--resume")
     assert code == 1 and "run.json: unreadable" in one_error_line(err) and "--force starts it over" in err
+
+
+def test_a_small_dataset_is_told_how_to_learn_and_each_epoch_is_reported(cli, base, tmp_path):
+    """40 examples are less than one update of the recipe's 32,768 tokens: a note names the flags
+    that make several updates an epoch; every epoch prints its line, and a resume its epoch."""
+    train = pubmedqa_json(tmp_path / "train.json")
+    args = ("finetune", train, "--task", "pubmedqa", "-m", base, "-o", tmp_path / "out", "--batch-tokens", "256")
+    code, _, err = cli(*args, "--epochs", "2")
+    assert code == 0 and "less than one update of 32,768: each epoch makes a single small step" in err, err
+    assert "set --tokens-per-update 256 --warmup 10" in err and "epoch 2: 2/2 updates" in err
+    code, _, err = cli(*args, "--epochs", "3", "--resume")
+    assert code == 0 and "at epoch 3 (epochs 1-2 done)" in err and "epoch 3: 3/3 updates" in err, err

@@ -269,6 +269,12 @@ def read_state(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: cannot read the run's state ({e}); --force starts the run over") from None
 
 
+def resumable_epoch(folder: Path) -> int:
+    """The last complete epoch a run folder holds (0: none)."""
+    kept = snapshots(folder)
+    return int(kept[-1].stem.split("-")[1]) if kept else 0
+
+
 def check_same_run(folder: Path, identity: dict[str, Any]) -> None:
     """Refuse to resume `folder` as the run `identity` describes when it was another run."""
     path = folder / STATE / "run.json"
@@ -280,8 +286,9 @@ def check_same_run(folder: Path, identity: dict[str, Any]) -> None:
                          "it over") from None
     theirs, ours = _same_run(saved), _same_run(json.loads(json.dumps(identity)))  # as JSON keeps it
     if theirs != ours:
-        changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-        raise InputError(f"{folder} was trained with other settings or data ({', '.join(changed)} differ): "
+        from .output import differences
+
+        raise InputError(f"{folder} was trained with other settings or data ({'; '.join(differences(theirs, ours))}): "
                          "--resume continues the same run; use another -o to start a new one")
 
 

@@ -224,18 +224,18 @@ def check_manifest(output: Path, run: dict[str, Any]) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         raise InputError(f"{output}: no readable run manifest ({path.name}) beside it, so a resume cannot tell "
                          "whether it is the same run; pass --force to start over") from None
-    differ = list(_differences(recorded, run))
+    differ = list(differences(recorded, run))
     if differ:
         raise InputError(f"{output}: written by a different run ({'; '.join(differ)}); resume with the same "
                          "settings, or pass --force to start over")
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> Iterator[str]:
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> Iterator[str]:
     """`key old -> new` for each value that differs, nested keys dotted (`options.max_new_tokens`)."""
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            yield from _differences(a, b, f"{prefix}{key}.")
+            yield from differences(a, b, f"{prefix}{key}.")
         elif a != b:
             yield f"{prefix}{key} {_show(a)} -> {_show(b)}"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -12,6 +13,7 @@ from ..datasets import TASK_NAMES
 from ..errors import InputError
 from ..hub import DEFAULT_MODEL
 from .common import (
+    ARGV,
     DebugOpt,
     DeviceOpt,
     ModelOpt,
@@ -21,7 +23,6 @@ from .common import (
     counted,
     device_or_usage_error,
     progress,
-    shows_progress,
     stderr,
 )
 
@@ -106,11 +107,28 @@ def finetune(
     stderr.print(f"fine-tuning {model} on {counted(len(examples), 'example')} ({recipe.method}: "
                  f"{changing:,} parameters train), {counted(run.total_updates(), 'update')} to {output}",
                  markup=False, highlight=False)
+    _note_small_data(run, tokens_per_update)
     try:
         _train(run, resume, quiet)
     except KeyboardInterrupt:
-        stderr.print(f"interrupted: {output} holds the last complete epoch; --resume continues", markup=False)
+        args = shlex.join(a for a in ARGV if a not in ("--force", "--resume"))
+        stderr.print(f"interrupted: {output} holds the last complete epoch; to continue: biogpt {args} --resume",
+                     markup=False, highlight=False)
         raise
+
+
+def _note_small_data(run: Any, tokens_per_update: int) -> None:
+    """Say so when an epoch is less than one update: the recipe's updates are sized for the
+    release's thousands of examples, and a lab's few dozen would make one small step an epoch."""
+    tokens = sum(len(s) - 1 for s in run.train)
+    if tokens >= tokens_per_update:
+        return
+    fit = max(run.recipe.batch_tokens, 1 << max(tokens // 8, 1).bit_length() - 1)
+    stderr.print(f"note: an epoch of these examples is {tokens:,} target tokens, less than one update of "
+                 f"{tokens_per_update:,}: each epoch makes a single small step, and the warm-up of "
+                 f"{run.recipe.warmup} updates outlasts {counted(run.total_updates(), 'update')}. For data this "
+                 f"small set --tokens-per-update {fit} --warmup 10 (about 8 updates an epoch)",
+                 markup=False, highlight=False)
 
 
 def _train(run: Any, resume: bool, quiet: bool) -> None:
@@ -119,11 +137,15 @@ def _train(run: Any, resume: bool, quiet: bool) -> None:
     with progress(run.total_updates(), quiet, "updates") as update:
         def show(p: ft.Progress) -> None:
             update(p.update, p.tokens, note=f"epoch {p.epoch} loss {p.loss:.3f}")
-            if p.epoch_done and not shows_progress(quiet):
+            if p.epoch_done:  # a line an epoch, above the bar on a terminal: the run's history at a glance
                 dev = "".join(f", {k} {v:.4f}" for k, v in p.dev.items())
                 stderr.print(f"epoch {p.epoch}: {p.update}/{p.total_updates} updates, loss {p.loss:.4f}, "
                              f"{p.tokens / max(p.seconds, 1e-9):,.0f} tok/s{dev}", markup=False, highlight=False)
 
+        if resume:
+            done = ft.resumable_epoch(run.out)
+            stderr.print(f"resuming {run.out} at epoch {done + 1} (epochs 1-{done} done)" if done else
+                         f"resuming {run.out}", markup=False, highlight=False)
         history = ft.train(run, resume, show)
     if not history:
         stderr.print(f"{run.out}: nothing left to train", markup=False)
