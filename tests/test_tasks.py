@@ -242,6 +242,7 @@ def test_bad_task_inputs(cli, tiny_ref, task_ref, tmp_path):
     plain, fine_tuned = tiny_ref[1], task_ref[1]
     code, _, err = cli("qa", "-m", plain, "--question", "q", "--context", "c")
     assert code == 1 and "language model without learned prompt tokens" in one_error_line(err)
+    assert f"make one from the task's data: biogpt finetune TRAIN --task pubmedqa -m {plain} -o FOLDER" in err
     code, _, err = cli("extract", "-m", plain, "some text")
     assert code == 1 and ("needs one: RE-BC5CDR-BioGPT, RE-DDI-BioGPT or RE-DTI-BioGPT from the original release"
                           in one_error_line(err)) and err.count("github.com") == 1

@@ -152,7 +152,9 @@ def task_for(command: str, requested: str | None, config: BioGptConfig, source: 
         raise InputError(f"{source} is a language model without learned prompt tokens, not a fine-tuned "
                          f"{'/'.join(names)} checkpoint; `biogpt {command}` needs one: "
                          f"{', '.join(others) + ' or ' if others else ''}{last} {RELEASE}"
-                         + "".join(f", or {TASKS[n].hub} on the Hub" for n in names if TASKS[n].hub))
+                         + "".join(f", or {TASKS[n].hub} on the Hub" for n in names if TASKS[n].hub)
+                         + f"; or make one from the task's data: biogpt finetune TRAIN --task {names[0]} -m "
+                           f"{source} -o FOLDER")
     if requested is not None and config.task is not None and requested != config.task:
         raise InputError(f"--task {requested} does not match {source}, fine-tuned for {config.task}")
     name = requested or config.task or (names[0] if len(names) == 1 else None)
