@@ -179,16 +179,19 @@ def line_progress(path: str | None, output: str | None, quiet: bool) -> Iterator
         yield update
 
 
-def command(fn: Callable[..., None]) -> Callable[..., None]:
-    """Register a command; a closed stdout ends it quietly."""
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> None:
-        try:
-            fn(*args, **kwargs)
-            sys.stdout.flush()
-        except BrokenPipeError:
-            raise Quit(141) from None
-    return app.command()(run)
+def command(fn: Callable[..., None] | None = None, *, name: str | None = None) -> Any:
+    """Register a command (`name`: when it is not the function's, `list` say); a closed stdout
+    ends it quietly."""
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> None:
+            try:
+                fn(*args, **kwargs)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                raise Quit(141) from None
+        return app.command(name)(run)
+    return register(fn) if fn is not None else register
 
 
 def out(text: str) -> None:
