@@ -304,3 +304,21 @@ def test_a_small_dataset_is_told_how_to_learn_and_each_epoch_is_reported(cli, ba
     assert "set --tokens-per-update 256 --warmup 10" in err and "epoch 2: 2/2 updates" in err
     code, _, err = cli(*args, "--epochs", "3", "--resume")
     assert code == 0 and "at epoch 3 (epochs 1-2 done)" in err and "epoch 3: 3/3 updates" in err, err
+
+
+def test_the_best_dev_epoch_is_kept_and_training_stops_when_it_stalls(cli, base, tmp_path):
+    """`--keep best` exports the epoch best on --dev (kept beside the last --average), `--patience`
+    stops once the dev metric has not improved for that many epochs; both need --dev."""
+    train = pubmedqa_json(tmp_path / "train.json")
+    code, _, err = cli("finetune", train, "--task", "pubmedqa", "-m", base, "-o", tmp_path / "x", "--keep", "best")
+    assert code == 2 and "goes by the dev metric: add --dev FILE" in one_error_line(err)
+    code, _, err = cli("finetune", train, "--task", "pubmedqa", "-m", base, "-o", tmp_path / "out", "--dev", train,
+                       "--epochs", "40", "--keep", "best", "--patience", "3", *FAST)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "training.json").read_text())
+    history = manifest["history"]
+    best = ft.best_epoch(history)
+    assert manifest["averaged_epochs"] == [best] and history[-1]["epoch"] - best == 3 < 40  # stopped early
+    assert manifest["complete"] and history[best - 1]["dev_accuracy"] == max(h["dev_accuracy"] for h in history)
+    kept = ft.snapshots(tmp_path / "out")
+    assert [int(p.stem.split("-")[1]) for p in kept] == sorted({best, history[-1]["epoch"]})

@@ -60,6 +60,8 @@ class Recipe:
     alpha: float = 16.0
     source_limit: int | None = None  # the task's default when None
     recompute: bool = False  # recompute each layer's activations in the backward pass (less memory)
+    keep: str = "average"  # the checkpoint: the last `average` epochs' mean (the release's), or the best dev epoch
+    patience: int | None = None  # stop once the dev metric has not improved for this many epochs
 
     @property
     def accumulate(self) -> int:
@@ -235,8 +237,10 @@ class Trainer:
                  "rng": torch.get_rng_state(), "cuda_rng": cuda, "history": history}
         write_text(state_dir / "run.json", json.dumps(identity))
         save_torch(state, state_dir / "state.pt")
+        best = best_epoch(history)
         for old in snapshots(folder)[:-self.r.average]:
-            old.unlink()
+            if int(old.stem.split("-")[1]) != best:  # the best dev epoch is kept for `keep best`
+                old.unlink()
 
     def restore(self, folder: Path, identity: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
         """Continue after the last complete epoch; refused when the run was another one."""
@@ -267,6 +271,19 @@ def read_state(path: Path) -> dict[str, Any]:
                          "run code; --force starts the run over") from None
     except (OSError, RuntimeError, EOFError) as e:
         raise InputError(f"{path}: cannot read the run's state ({e}); --force starts the run over") from None
+
+
+def best_epoch(history: list[dict[str, Any]]) -> int | None:
+    """The epoch of the best dev metric (the first `dev_` one: accuracy or F1; the earliest of equals)."""
+    scored = [(next(v for k, v in h.items() if k.startswith("dev_")), -h["epoch"]) for h in history
+              if any(k.startswith("dev_") for k in h)]
+    return -max(scored)[1] if scored else None
+
+
+def stalled(history: list[dict[str, Any]], patience: int | None) -> bool:
+    """Whether the dev metric has not improved for `patience` epochs (early stopping)."""
+    best = best_epoch(history)
+    return bool(patience and best is not None and history[-1]["epoch"] - best >= patience)
 
 
 def resumable_epoch(folder: Path) -> int:
@@ -370,7 +387,7 @@ def train(run: Run, resume: bool = False, on_progress: Callable[[Progress], None
     epoch, history = trainer.restore(run.out, run.identity) if resume else (0, [])
     lengths, total = [len(s) for s in run.train], run.total_updates()
     started, trained = time.perf_counter(), 0
-    while not run.finished(epoch, trainer.updates):
+    while not run.finished(epoch, trainer.updates) and not stalled(history, r.patience):
         epoch += 1
         model.train()
         batches, losses = epoch_batches(lengths, epoch, r), []
@@ -386,7 +403,7 @@ def train(run: Run, resume: bool = False, on_progress: Callable[[Progress], None
             dev = run.dev(model) if run.dev else {}
         history.append({"epoch": epoch, "updates": trainer.updates, "loss": sum(losses) / max(len(losses), 1), **dev})
         trainer.save(run.out, epoch, history, run.identity)
-        export(run, history, complete=run.finished(epoch, trainer.updates))
+        export(run, history, complete=run.finished(epoch, trainer.updates) or stalled(history, r.patience))
         on_progress(Progress(epoch, trainer.updates, total, history[-1]["loss"], trained,
                              time.perf_counter() - started, dev, epoch_done=True))
     return history
@@ -396,9 +413,13 @@ def export(run: Run, history: list[dict[str, Any]], complete: bool) -> None:
     """The Hub-layout checkpoint of the kept epochs' average, and its training manifest."""
     from .loading import write_checkpoint
 
-    state = averaged_state(run.model, snapshots(run.out))
-    manifest = {**run.identity, "complete": complete, "averaged_epochs": [int(p.stem.split("-")[1])
-                                                                          for p in snapshots(run.out)],
+    kept = snapshots(run.out)
+    if run.recipe.keep == "best" and (best := best_epoch(history)) is not None:
+        kept = [p for p in kept if int(p.stem.split("-")[1]) == best]
+    else:  # the last `average` epochs (a best epoch kept beside them is not among them)
+        kept = kept[-run.recipe.average:]
+    state = averaged_state(run.model, kept)
+    manifest = {**run.identity, "complete": complete, "averaged_epochs": [int(p.stem.split("-")[1]) for p in kept],
                 "history": history}
     write_checkpoint(run.out, run.model.config, {k: v.cpu() for k, v in state.items()}, run.tok,
                      extra={"training.json": json.dumps(manifest, indent=2) + "\n"})

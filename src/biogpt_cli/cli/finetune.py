@@ -54,6 +54,11 @@ def finetune(
     prompt_tokens: Annotated[int | None, typer.Option(min=1, max=64, help="Learned prompt tokens [9; HoC 1].")] = None,
     source_limit: Annotated[int | None, typer.Option(min=2, help="Source tokens kept [the task's].")] = None,
     average: Annotated[int | None, typer.Option(min=1, help="Average the last K epochs' weights [5; HoC 1].")] = None,
+    keep: Annotated[Literal["average", "best"], typer.Option(
+        help="The checkpoint: the last --average epochs' mean (the release's), or the epoch best on --dev.")]
+    = "average",
+    patience: Annotated[int | None, typer.Option(min=1, help="Stop once --dev's metric has not improved for N "
+                                                             "epochs.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the shuffles, new rows and dropout.")] = 1,
     recompute: Annotated[bool | None, typer.Option(show_default=False, help="Recompute activations in the backward "
                                                    "pass: less memory, more time [on for lora and prompt].")] = None,
@@ -74,6 +79,8 @@ def finetune(
     torch_device = device_or_usage_error(device)
     if dev is not None and task == "custom":
         raise UsageError("--dev scores a task's answers with its metric: --task custom has none")
+    if dev is None and (keep == "best" or patience):
+        raise UsageError(f"{'--keep best' if keep == 'best' else '--patience'} goes by the dev metric: add --dev FILE")
     examples = read_examples(task, train)
     held_out = read_examples(task, dev) if dev is not None else []
     title_only = sum(1 for e in examples if e.fields.get("title") and not str(e.fields.get("abstract", "x")).strip())
@@ -86,7 +93,7 @@ def finetune(
     recipe = dataclasses.replace(ft.RECIPES[task], **{k: v for k, v in given.items() if v is not None},
                                  **({"epochs": None} if updates else {"updates": None} if epochs else {}),
                                  tokens_per_update=tokens_per_update, batch_tokens=batch_tokens, seed=seed,
-                                 method=method, rank=rank,
+                                 method=method, rank=rank, keep=keep, patience=patience,
                                  recompute=method != "full" if recompute is None else recompute)
     identity = {"base_model": model, "base_sha256": model_identity(_folder(model))["sha256"], "task": task,
                 "train": {"file": train.name, "sha256": file_sha256(train.resolve()), "examples": len(examples)},
