@@ -233,3 +233,34 @@ def test_commands_that_write_records_share_their_spellings():
             assert {"-o", "--format"} <= opts, name
         if "--input" in opts:
             assert {"-i", "--input-format"} <= opts, name
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "-i", "{inp}", "-o", "{out}/out.jsonl"], ["score", "{inp}", "-o", "{out}/s.jsonl"],
+    ["embed", "-i", "{inp}", "-o", "{out}/e.safetensors"], ["tokenize", "{inp}", "-o", "{out}/ids.txt"],
+    ["convert", "{model}", "{out}/converted"], ["extract", "-i", "{inp}", "-o", "{out}/r.jsonl"],
+    ["finetune", "{inp}", "--task", "custom", "-o", "{out}/ft"],
+], ids=lambda c: c[0])
+def test_an_unwritable_output_is_one_line_before_any_model_loads(cli, tiny_ref, tmp_path, monkeypatch, command):
+    """Where the output cannot be written (here /sys, which refuses even root), every command says
+    so in one line naming the output, before it loads anything: no library error, no temp name."""
+    from biogpt_cli import loading
+
+    unwritable = "/sys"
+    if not _refuses(unwritable):
+        pytest.skip(f"{unwritable} takes files here")
+    (tmp_path / "in.jsonl").write_text('{"source": "a", "target": "b", "prompt": "a", "text": "a"}\n')
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    args = [a.format(inp=tmp_path / "in.jsonl", out=unwritable, model=tiny_ref[1]) for a in command]
+    code, _, err = cli(*args, "-m", tiny_ref[1]) if command[0] != "convert" else cli(*args)
+    assert code in (1, 2) and "cannot write (Permission denied)" in one_error_line(err), err
+    assert args[args.index("-o") + 1 if "-o" in args else 2] in err
+
+
+def _refuses(folder: str) -> bool:
+    try:
+        os.close(os.open(os.path.join(folder, ".probe"), os.O_CREAT | os.O_WRONLY))
+    except OSError:
+        return True
+    os.unlink(os.path.join(folder, ".probe"))
+    return False

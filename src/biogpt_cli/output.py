@@ -183,6 +183,7 @@ def check_output(path: str | None, *, force: bool = False, resume: bool | None =
     target = Path(path)
     if not target.parent.is_dir():
         raise InputError(f"{path}: no folder {target.parent} to write it in")
+    check_writable(target.parent, path)
     if not target.exists():
         return
     if not target.is_file():
@@ -192,6 +193,21 @@ def check_output(path: str | None, *, force: bool = False, resume: bool | None =
     if not (force or resume):
         raise InputError(f"{path}: already exists; pass --force to overwrite it"
                          + (" or --resume to finish it" if resume is not None else ""))
+
+
+def check_writable(folder: str | Path, name: str | Path) -> None:
+    """Refuse, before any model loads, an output whose folder (or, for one not made yet, the
+    nearest folder above it) cannot take a file: a file is made there and removed, which the
+    permission bits alone cannot tell (root, a read-only mount, a full quota)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    probe = folder / f".biogpt-probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"{name}: cannot write ({e.strerror})") from None
 
 
 def manifest_path(output: Path) -> Path:

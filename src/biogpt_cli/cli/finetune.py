@@ -172,9 +172,11 @@ def _folder(model: str) -> Path:
 
 def _check_output(output: Path, resume: bool, force: bool) -> None:
     from ..finetune import STATE
+    from ..output import check_writable
 
     if output.exists() and not output.is_dir():
         raise UsageError(f"{output}: is a file; --output is the folder to write the checkpoint into")
+    check_writable(output, output)
     has_run = (output / STATE / "state.pt").exists()
     if resume and force:
         raise UsageError("--resume continues a run and --force starts it over: pass one")

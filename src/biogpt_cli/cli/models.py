@@ -51,7 +51,9 @@ def convert(
 
     Write a checkpoint in the Hub layout: config.json, model.safetensors, vocab.json, merges.txt."""
     from ..loading import convert as convert_checkpoint
+    from ..output import check_writable
 
+    check_writable(dst, dst)
     if dst.exists() and not dst.is_dir():
         raise UsageError(f"{dst}: is a file; DST is the folder to write the checkpoint into")
     if dst.exists() and any(dst.iterdir()) and not force:
