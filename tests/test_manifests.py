@@ -10,6 +10,7 @@ import pytest
 from biogpt_cli import output
 from biogpt_cli.errors import InputError
 from biogpt_cli.jsonl import dumps, lines
+from tests.conftest import one_error_line
 
 BREAKS = ["Aspirin\u2028is", "the\u2029cat", "of\x85the", "and\rthen"]
 
@@ -93,3 +94,39 @@ def test_every_path_keeps_records_whole(cli, tiny_ref, tmp_path):
     gold.write_text(json.dumps({str(i): "yes" for i in range(4)}))
     code, text, _ = cli("evaluate", "--task", "pubmedqa", answers, gold, "--format", "jsonl")
     assert code == 0 and json.loads(text)["correct"] == 4
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 kB file system of its own (a tmpfs: needs root, as CI runs), unmounted at the end."""
+    import subprocess
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a small file system here (not root)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_full_disk_leaves_whole_records_a_failed_manifest_and_a_resumable_file(cli, tiny_ref, tmp_path,
+                                                                                  small_disk):
+    import json as json_
+
+    prompts = tmp_path / "in.txt"
+    prompts.write_text("".join(f"the cat {i}\n" for i in range(400)))
+    filler = small_disk / "filler"
+    filler.write_bytes(b"x" * (256 * 1024 - 24 * 1024))  # about 24 kB left for the output and its manifest
+    out = small_disk / "out.jsonl"
+    code, _, err = cli("generate", "-i", prompts, "-o", out, "-n", "4", "-m", tiny_ref[1], "-q")
+    message = one_error_line(err)
+    assert code == 1 and message.startswith(f"error: {out}: disk full after ") and "free space" in message, err
+    written = out.read_text().splitlines()
+    assert 0 < len(written) < 400 and all(json_.loads(line) for line in written)  # whole records only
+    manifest = json_.loads((small_disk / "out.jsonl.manifest.json").read_text())
+    assert manifest["status"] == "failed" and "disk full" in manifest["error"]
+    assert not [p.name for p in small_disk.iterdir() if p.name.endswith(".tmp") or ".biogpt-probe" in p.name]
+    filler.unlink()  # space freed: the same command finishes the file
+    code, _, err = cli("generate", "-i", prompts, "-o", out, "-n", "4", "-m", tiny_ref[1], "-q", "--resume")
+    assert code == 0 and len(out.read_text().splitlines()) == 400, err

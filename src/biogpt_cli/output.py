@@ -13,6 +13,7 @@ its files, options, seed, input) for `--resume` to compare, and for a paper's me
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -62,27 +63,38 @@ def signals_deferred() -> Iterator[None]:
 
 
 class LineWriter:
-    """Writes whole lines to a file descriptor, uninterrupted by Ctrl-C or SIGTERM."""
+    """Writes whole lines to a file descriptor, uninterrupted by Ctrl-C or SIGTERM. A write that
+    fails (a full disk) takes back what it wrote of its record, so the file ends with whole ones."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd, self.records = fd, 0
+    def __init__(self, fd: int, name: str | Path = "stdout") -> None:
+        self.fd, self.records, self.name = fd, 0, str(name)
 
     def write(self, text: str, records: int = 1) -> None:
         data = memoryview(text.encode("utf-8"))
         with signals_deferred():
-            while data:
-                data = data[os.write(self.fd, data):]
+            start = os.fstat(self.fd).st_size if self.fd > 2 else None  # a file is written at its end
+            try:
+                while data:
+                    data = data[os.write(self.fd, data):]
+            except OSError as e:
+                if start is not None:
+                    os.ftruncate(self.fd, start)
+                what = "disk full" if e.errno == errno.ENOSPC else f"cannot write ({e.strerror})"
+                raise InputError(f"{self.name}: {what} after {self.records} records; free space, then run the "
+                                 "same command again (with --resume for a JSONL output)") from None
             self.records += records
 
     @classmethod
-    def create(cls, path: Path | None, append: bool = False) -> LineWriter:
-        """A writer to a new (or emptied, or with `append` continued) file; to stdout without a path."""
+    def create(cls, path: Path | None, append: bool = False, name: str | Path | None = None) -> LineWriter:
+        """A writer to a new (or emptied, or with `append` continued) file, which messages call
+        `name` (the file a temporary one becomes); to stdout without a path."""
         if path is None:
             return cls(1)
         try:
-            return cls(os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), 0o644))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), 0o644)
         except OSError as e:
-            raise InputError(f"{path}: cannot write ({e.strerror})") from None
+            raise InputError(f"{name or path}: cannot write ({e.strerror})") from None
+        return cls(fd, name or path)
 
     def close(self) -> None:
         if self.fd > 2:
@@ -106,7 +118,7 @@ def whole_file(path: str | None) -> Iterator[Path | None]:
 def whole_output(path: str | None) -> Iterator[LineWriter]:
     """A writer to `path` through `whole_file` (stdout without one), closed when the block ends."""
     with whole_file(path) as target:
-        writer = LineWriter.create(target)
+        writer = LineWriter.create(target, name=path)
         try:
             yield writer
         finally:
@@ -226,10 +238,15 @@ def write_manifest(output: Path, run: dict[str, Any], **state: Any) -> None:
     data = {"tool": f"biogpt-cli {__version__}", "started": old.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "run": run, **{k: v for k, v in old.items() if k not in ("tool", "started", "run")}, **state}
     data = {k: v for k, v in data.items() if v is not None}  # a None in `state` removes an old value
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     try:
-        write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        write_text(path, text)
     except OSError as e:
-        raise InputError(f"{path}: cannot write the run manifest ({e.strerror})") from None
+        if e.errno != errno.ENOSPC or not path.is_file():
+            raise InputError(f"{path}: cannot write the run manifest ({e.strerror})") from None
+        with open(path, "r+b") as f:  # a full disk: over the old manifest's own space, so the run says it failed
+            f.write(text.encode())
+            f.truncate()
 
 
 def check_manifest(output: Path, run: dict[str, Any]) -> None:

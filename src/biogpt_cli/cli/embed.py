@@ -116,7 +116,7 @@ def embed(
     source = prompt_source(prompt, input, input_format, errors, TEXT_FIELDS["embed"], text, section_labels)
     with source as items, whole_file(output) as target:
         lm, tok = load(model, revision, dtype, torch_device, quantize, cls=BioGptModel, kernels=True)
-        writer = None if matrix else LineWriter.create(target)
+        writer = None if matrix else LineWriter.create(target, name=output)
         rows, keys, skipped, done = [], [], 0, 0
         try:
             with line_progress(input, output, quiet) as update:
