@@ -120,7 +120,9 @@ def test_generate_prompt_too_long_and_truncate(cli, tiny):
     assert code == 1 and "exceeds the model's 64 positions" in one_error_line(err) and out == ""
     code, out, err = cli("generate", long, "-m", folder, "-n", "5", "--truncate", "--format", "jsonl")
     assert code == 0 and "cut to 59 (</s> and its last 58)" in err
-    assert len(json.loads(out)["ids"]) == 5
+    record = json.loads(out)
+    assert len(record["ids"]) == 5 and record["prompt_tokens_given"] == 71
+    assert record["prompt"].split() == ["the"] * 58  # the prompt as used, not the whole one given
 
 
 @pytest.mark.parametrize("args", [

@@ -314,8 +314,10 @@ def _recover(path: Path, group: int) -> set[Key]:
 
 
 def generation_record(prompt: Prompt, done: Completion) -> dict[str, Any]:
-    """`generate`'s record: the prompt first, then what every record has."""
-    return {"prompt": prompt.text, **base_record(prompt, done)}
+    """`generate`'s record: the prompt first (as used: a `--truncate`d one as cut, with the length
+    it was given), then what every record has."""
+    given = prompt.fields.get("prompt_tokens_given")
+    return {"prompt": prompt.text, **({"prompt_tokens_given": given} if given else {}), **base_record(prompt, done)}
 
 
 def base_record(prompt: Prompt, done: Completion) -> dict[str, Any]:

@@ -75,6 +75,9 @@ def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
         ids = fit_prompt(full, opts.max_new_tokens, lm.config.max_position_embeddings, s.get("truncate", False))
         if len(ids) < len(full):
             warn(f"warning: {p.where}prompt of {len(full)} tokens cut to {len(ids)} (</s> and its last {len(ids) - 1})")
+            # the record keeps the prompt that was used, and says how long the given one was
+            used = tok.decode(ids, skip_special_tokens=True)
+            p = Prompt(p.line, used, p.id, {**p.fields, "prompt_tokens_given": len(full)})
         if beams:
             inputs[p.key] = ids
         return job_of(p, ids)
