@@ -428,3 +428,9 @@ def test_classify_with_a_classification_head(cli, tmp_path, head):
         hidden = transformers.BioGptModel.from_pretrained(tmp_path)(torch.tensor([tok.encode("the cat")]))
     assert code == 0 and torch.allclose(torch.tensor(json.loads(out)["embedding"]), hidden.last_hidden_state[0, -1],
                                         atol=1e-4), err
+
+
+def test_text_output_says_null_for_an_answer_that_did_not_parse(cli, task_ref, tmp_path):
+    (tmp_path / "in.jsonl").write_text(json.dumps({"question": "q", "context": "c"}) + "\n")
+    code, out, err = cli("qa", "-m", task_ref[1], "-i", tmp_path / "in.jsonl", "-n", "3", "--format", "text")
+    assert code == 0 and out == "null\n" and "did not parse" in err

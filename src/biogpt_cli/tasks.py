@@ -199,9 +199,10 @@ def parse(task: Task, text: str) -> Any:
 
 
 def render(task: Task, result: Any) -> str:
-    """One plain-text line for a result: `yes`, `label|label`, `head<TAB>relation<TAB>tail; ...`."""
+    """One plain-text line for a result: `yes`, `label|label`, `head<TAB>relation<TAB>tail; ...`;
+    `null` for an answer that did not parse (as JSONL says it), never an empty line."""
     if result is None:
-        return ""
+        return "null"
     if task.result == "relations":
         return "; ".join(f"{r['head']}\t{r['relation']}\t{r['tail']}" for r in result)
     return "|".join(result) if isinstance(result, list) else str(result)
