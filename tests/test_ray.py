@@ -265,6 +265,7 @@ def test_duplicate_ids_and_impossible_layouts_are_refused_before_any_work(cli, t
 def test_a_layout_that_would_deadlock_is_refused(local_ray, tiny_ref, prompts, tmp_path):
     with pytest.raises(BioGptError, match="Ray would wait forever"):
         run(tiny_ref[1], prompts, tmp_path / "out", workers=2, cpus=1.0)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.manifest.json").exists()  # nothing made
 
 
 def test_a_folder_of_pubmed_files_is_split_by_file_and_equals_the_local_run(cli, local_ray, tiny_ref, tmp_path):

@@ -297,9 +297,7 @@ def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str
     done = set() if force or not out.exists() else done_ids(out)
     reading = reading or Reading(TEXT_FIELDS.get(command))
     shards, total, digests = scan(input_files(input), reading, check, done, rows_per_batch)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob(".part-*.tmp"), *(out.glob(PART) if force else ())]:  # .tmp: a worker killed mid-write
-        stale.unlink()
+    todo = sum(shard["records"] for shard in shards)
     identity = {"command": command, "settings": {k: v for k, v in settings.items() if k != "seed"},
                 "reading": {"input_format": reading.input_format, "text": reading.which, "labels": reading.labels},
                 "model": {**{k: load[k] for k in ("path_or_id", "revision", "dtype", "quantize", "device")},
@@ -307,16 +305,30 @@ def run(command: str, settings: dict[str, Any], load: dict[str, Any], input: str
                 "input": str(Path(input).resolve()), **input_digest(input, digests)}
     if done:
         check_manifest(out, identity)
+    started = todo and _connect(ray, address, workers, cpus_per_worker)  # a layout it cannot hold: nothing made
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.tmp"), *(out.glob(PART) if force else ())]:  # .tmp: a worker killed mid-write
+        stale.unlink()
     settings = _with_seed(settings, out, bool(done))
     state = {"seed": settings["seed"]} if "seed" in settings else {}
-    todo = sum(shard["records"] for shard in shards)
     if todo == 0:
         return 0, len(done)
+    try:
+        return _run_shards(ray, shards, worker, out, identity, done, state, todo, progress, kwargs={
+            "command": command, "settings": settings, "load": load, "output": str(out), "batch_size": batch_size,
+            "threads": max(1, int(cpus_per_worker)), "reading": dataclasses.asdict(reading)},
+            workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    finally:
+        if started:  # a local cluster of this run's own: its helper processes go with it
+            ray.shutdown()
+
+
+def _run_shards(ray: Any, shards: list[dict[str, Any]], worker: type, out: Path, identity: dict[str, Any],
+                done: set[Any], state: dict[str, Any], todo: int, progress: Callable[[int, int], None] | None, *,
+                kwargs: dict[str, Any], workers: int, cpus_per_worker: float,
+                gpus_per_worker: float) -> tuple[int, int]:
+    """The shards through an actor pool of `worker`s into part files, under the folder's manifest."""
     with manifested(out, identity, lambda: len(done_ids(out)), fresh=not done, **state):
-        _connect(ray, address, workers, cpus_per_worker)
-        kwargs = {"command": command, "settings": settings, "load": load, "output": str(out),
-                  "batch_size": batch_size, "threads": max(1, int(cpus_per_worker)),
-                  "reading": dataclasses.asdict(reading)}
         ds = ray.data.from_items(shards).map_batches(
             worker, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=workers), batch_size=1,
             batch_format="pyarrow", num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None)
@@ -343,11 +355,13 @@ def failure(e: BaseException) -> BioGptError:
                        "command to finish the remaining ids")
 
 
-def _connect(ray: Any, address: str | None, workers: int, cpus_per_worker: float) -> None:
-    """Join the cluster at `address` (or start a local one), and refuse a layout it cannot hold."""
+def _connect(ray: Any, address: str | None, workers: int, cpus_per_worker: float) -> bool:
+    """Join the cluster at `address` (or start a local one), and refuse a layout it cannot hold.
+    Whether this started Ray (the caller then shuts it down)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     _quiet(ray)
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         saved = os.dup(2)  # the core's start-up notice goes to Ray's log folder, not our stderr
         try:
             with open(Path(tempfile.gettempdir()) / "biogpt-ray-init.log", "ab") as log:
@@ -359,9 +373,12 @@ def _connect(ray: Any, address: str | None, workers: int, cpus_per_worker: float
             os.close(saved)
     cpus = ray.cluster_resources().get("CPU", 0)
     if workers * cpus_per_worker + 1 > cpus:
+        if started:
+            ray.shutdown()
         raise InputError(f"{workers} workers x {cpus_per_worker:g} CPUs + 1 for reading the input need more than the "
                          f"cluster's {cpus:g} CPUs (Ray would wait forever): use fewer --workers or less "
                          "--cpus-per-worker")
+    return started
 
 
 def _with_seed(settings: dict[str, Any], out: Path, resuming: bool) -> dict[str, Any]:
