@@ -130,3 +130,16 @@ def test_a_full_disk_leaves_whole_records_a_failed_manifest_and_a_resumable_file
     filler.unlink()  # space freed: the same command finishes the file
     code, _, err = cli("generate", "-i", prompts, "-o", out, "-n", "4", "-m", tiny_ref[1], "-q", "--resume")
     assert code == 0 and len(out.read_text().splitlines()) == 400, err
+
+
+def test_a_full_disk_under_a_checkpoint_or_a_matrix_is_one_line_naming_it(cli, tiny_ref, tmp_path, small_disk):
+    """convert and embed's safetensors matrix (finetune exports the same way) on a full disk: one
+    line naming the output, nothing of theirs left behind."""
+    (small_disk / "filler").write_bytes(b"x" * (256 * 1024 - 16 * 1024))
+    code, _, err = cli("convert", tiny_ref[1], small_disk / "converted")
+    assert code == 1 and one_error_line(err).startswith(f"error: {small_disk / 'converted'}: disk full"), err
+    assert not (small_disk / "converted").exists()
+    (tmp_path / "in.txt").write_text("the cat\n" * 200)
+    code, _, err = cli("embed", "-i", tmp_path / "in.txt", "-o", small_disk / "e.safetensors", "-m", tiny_ref[1])
+    assert code == 1 and one_error_line(err).startswith(f"error: {small_disk / 'e.safetensors'}: disk full"), err
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]

@@ -7,10 +7,13 @@ reads and the next write of the same file replaces.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .errors import InputError
 
 if TYPE_CHECKING:  # torch is imported where a tensor is written: the tokenizer's commands run without it
     import torch
@@ -32,6 +35,19 @@ def replacing(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_errors(name: str | Path) -> Iterator[None]:
+    """A write of an output (not a cache's) that fails, a full disk say, as one line naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+        raise InputError(f"{name}: {'disk full' if full else f'cannot write ({e})'}; free space, then run the same "
+                         "command again") from None
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -31,7 +31,7 @@ from torch import nn
 from .adapters import add_lora, merged_weights, plain_state, train_rows_from
 from .datasets import Example, task_of
 from .errors import InputError
-from .files import save_torch, write_safetensors, write_text
+from .files import output_errors, save_torch, write_safetensors, write_text
 from .model import causal_lm_loss
 from .tasks import build_input, source_limit
 from .tokenizer import EOS_ID, PAD_ID, BioGptTokenizer
@@ -229,14 +229,15 @@ class Trainer:
     def save(self, folder: Path, epoch: int, history: list[dict[str, Any]], identity: dict[str, Any]) -> None:
         """The epoch's trained tensors, then (atomically) the state that makes them resumable."""
         state_dir = folder / STATE
-        state_dir.mkdir(parents=True, exist_ok=True)
-        write_safetensors({k: v.contiguous() for k, v in trained_tensors(self.model).items()},
-                          state_dir / f"epoch-{epoch}.safetensors")
         cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
         state = {"epoch": epoch, "updates": self.updates, "optimizer": self.opt.state_dict(),
                  "rng": torch.get_rng_state(), "cuda_rng": cuda, "history": history}
-        write_text(state_dir / "run.json", json.dumps(identity))
-        save_torch(state, state_dir / "state.pt")
+        with output_errors(folder):  # a full disk: one line; the last complete epoch stays resumable
+            state_dir.mkdir(parents=True, exist_ok=True)
+            write_safetensors({k: v.contiguous() for k, v in trained_tensors(self.model).items()},
+                              state_dir / f"epoch-{epoch}.safetensors")
+            write_text(state_dir / "run.json", json.dumps(identity))
+            save_torch(state, state_dir / "state.pt")
         best = best_epoch(history)
         for old in snapshots(folder)[:-self.r.average]:
             if int(old.stem.split("-")[1]) != best:  # the best dev epoch is kept for `keep best`

@@ -31,7 +31,7 @@ from torch import nn
 from . import fairseq
 from .config import BioGptConfig
 from .errors import BioGptError, CheckpointError, VocabularyError
-from .files import write_safetensors
+from .files import output_errors, write_safetensors
 from .hub import HUB_FILES, resolve
 from .identity import cache_limit, file_sha256, prune
 from .linear import cache_dir, choose_kernel, is_kernel, optimize
@@ -532,17 +532,18 @@ def write_checkpoint(dst: str | Path, config: BioGptConfig, state: dict[str, tor
     tensors = {k: v.contiguous() for k, v in state.items()
                if not (config.tie_word_embeddings and k == "output_projection.weight")}
     staging = dst / f".biogpt-convert-{os.getpid()}"
-    try:
-        staging.mkdir(parents=True)
-        write_safetensors(tensors, staging / "model.safetensors", metadata={"format": "pt"})
-        (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-        tokenizer.save_vocabulary(staging)
-        for name, text in (extra or {}).items():
-            (staging / name).write_text(text, encoding="utf-8")
-        for path in staging.iterdir():
-            os.replace(path, dst / path.name)
-        staging.rmdir()
-    except BaseException:
-        shutil.rmtree(dst if created else staging, ignore_errors=True)
-        raise
+    with output_errors(dst):  # a full disk: one line naming the folder
+        try:
+            staging.mkdir(parents=True)
+            write_safetensors(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+            (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+            tokenizer.save_vocabulary(staging)
+            for name, text in (extra or {}).items():
+                (staging / name).write_text(text, encoding="utf-8")
+            for path in staging.iterdir():
+                os.replace(path, dst / path.name)
+            staging.rmdir()
+        except BaseException:
+            shutil.rmtree(dst if created else staging, ignore_errors=True)
+            raise
     return dst

@@ -134,9 +134,10 @@ def embed(
             if writer is not None:
                 writer.close()
         if matrix:
-            from ..files import write_safetensors
+            from ..files import output_errors, write_safetensors
 
-            write_safetensors({"embeddings": torch.cat(rows) if rows else torch.empty(0, lm.config.hidden_size)},
-                             target, metadata={"keys": json.dumps(keys), **{k: str(v).lower() for k, v in
-                                                                            settings.items()}})
+            with output_errors(output):
+                matrix_of = torch.cat(rows) if rows else torch.empty(0, lm.config.hidden_size)
+                write_safetensors({"embeddings": matrix_of}, target, metadata={
+                    "keys": json.dumps(keys), **{k: str(v).lower() for k, v in settings.items()}})
         note_skipped(skipped)
