@@ -175,3 +175,13 @@ def test_output_nobody_watches_is_decoded_once_per_row(tiny_ref, tiny_tok, monke
     events = list(stream_completions(model, tiny_tok, prompts, opts, live=False))
     assert [ev.done for ev in events] == watched  # one event per sequence, its finished one
     assert len(calls) <= 2 * len(prompts)  # the prompt's tail and the whole text, once each
+
+
+def test_a_stop_string_at_the_first_word_leaves_no_text(cli, tiny_ref):
+    import json
+
+    code, out, _ = cli("generate", "the cat", "-m", tiny_ref[1], "-n", "6", "--format", "jsonl")
+    first = json.loads(out)["text"].split()[0]
+    code, out, _ = cli("generate", "the cat", "-m", tiny_ref[1], "-n", "6", "--format", "jsonl", "--stop", first)
+    record = json.loads(out)
+    assert code == 0 and (record["text"], record["finish_reason"]) == ("", "stop")

@@ -33,8 +33,13 @@ def _common_prefix(a: str, b: str) -> int:
 
 
 def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` before the first stop string, and whether one was there; a stop string at the first
+    word leaves nothing (not the space before it)."""
     hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
+    if not hits:
+        return text, False
+    head = text[: min(hits)]
+    return head if head.strip() else "", True
 
 
 def continuation(tokenizer: BioGptTokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int],
