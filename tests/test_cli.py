@@ -700,7 +700,7 @@ def test_failed_convert_removes_what_it_created(cli, tiny, tmp_path, monkeypatch
 
     monkeypatch.setattr(safetensors.torch, "save_file", fail)
     code, _, err = cli("convert", tiny[0], tmp_path / "dst")
-    assert code == 1 and "No space left" in one_error_line(err) and not (tmp_path / "dst").exists()
+    assert code == 1 and f"{tmp_path / 'dst'}: disk full" in one_error_line(err) and not (tmp_path / "dst").exists()
 
 
 def run_in_pty(args: list[str], timeout: float = 60, env: dict | None = None,

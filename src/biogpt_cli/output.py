@@ -76,6 +76,8 @@ class LineWriter:
             try:
                 while data:
                     data = data[os.write(self.fd, data):]
+            except BrokenPipeError:  # a reader that went away (`| head`): a quiet end, not an error
+                raise
             except OSError as e:
                 if start is not None:
                     os.ftruncate(self.fd, start)

@@ -53,11 +53,11 @@ def convert(
     from ..loading import convert as convert_checkpoint
     from ..output import check_writable
 
-    check_writable(dst, dst)
     if dst.exists() and not dst.is_dir():
         raise UsageError(f"{dst}: is a file; DST is the folder to write the checkpoint into")
     if dst.exists() and any(dst.iterdir()) and not force:
         raise UsageError(f"{dst}: exists and is not an empty folder (pass --force to write into it)")
+    check_writable(dst, dst)
     stderr.print(f"wrote {convert_checkpoint(src, dst)}")
 
 
