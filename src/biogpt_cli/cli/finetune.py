@@ -131,11 +131,12 @@ def _note_small_data(run: Any, tokens_per_update: int) -> None:
     if tokens >= tokens_per_update:
         return
     fit = max(run.recipe.batch_tokens, 1 << max(tokens // 8, 1).bit_length() - 1)
+    warmup = run.recipe.warmup
+    outlasts = (f", and the warm-up of {warmup} updates outlasts all {run.total_updates()}"
+                if warmup >= run.total_updates() else "")
     stderr.print(f"note: an epoch of these examples is {tokens:,} target tokens, less than one update of "
-                 f"{tokens_per_update:,}: each epoch makes a single small step, and the warm-up of "
-                 f"{run.recipe.warmup} updates outlasts {counted(run.total_updates(), 'update')}. For data this "
-                 f"small set --tokens-per-update {fit} --warmup 10 (about 8 updates an epoch)",
-                 markup=False, highlight=False)
+                 f"{tokens_per_update:,}: each epoch makes a single small step{outlasts}. For data this small set "
+                 f"--tokens-per-update {fit} --warmup 10 (about 8 updates an epoch)", markup=False, highlight=False)
 
 
 def _train(run: Any, resume: bool, quiet: bool) -> None:
