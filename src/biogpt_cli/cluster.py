@@ -29,7 +29,7 @@ from typing import Any
 
 from .errors import BioGptError, InputError, missing_extra
 from .files import write_text
-from .inputs import Prompt, open_input, parse_record, read_records
+from .inputs import Prompt, open_input, parse_record, read_records, record_format
 from .jsonl import dumps, lines
 from .output import check_manifest, manifest_path, manifested
 
@@ -68,13 +68,10 @@ class Reading:
     labels: bool = False
 
     def literature(self, f: Path) -> str | None:
-        from .literature import FORMATS, sniff
-
-        if self.input_format in FORMATS:
-            return self.input_format
+        """`f`'s literature format, or None for JSONL."""
         with open_input(str(f)) as data:
-            found = sniff(data.peek(1 << 12)[:1 << 12], f.name)
-        return None if found is None else "json" if found in ("json", "release") else found
+            fmt = record_format(data, f.name, self.input_format)
+        return None if fmt in ("text", "jsonl") else fmt
 
     def documents(self, f: Path, fmt: str) -> Iterator[Prompt]:
         with open_input(str(f)) as data:

@@ -221,7 +221,7 @@ def bc5cdr(predictions: str | Path, gold: str | Path, entities: str | Path | Non
     (PubTator, BioC XML or JSON); the predictions as our JSONL (names, mapped to MeSH ids by the
     release's test.entities.json) or as PubTator (`extract --format pubtator`: identifiers)."""
     pmids, truth = _cdr_relations(gold)
-    if _literature_format(predictions) == "pubtator":
+    if _input_format(predictions) == "pubtator":
         ids, predicted = _cdr_relations(predictions)
         done = ids
     elif entities is None:
@@ -242,12 +242,11 @@ def bc5cdr(predictions: str | Path, gold: str | Path, entities: str | Path | Non
             "predicted_relations": len(predicted), "missing": len(pmids - done), "extra": len(done - pmids)}
 
 
-def _literature_format(path: str | Path) -> str | None:
-    from .inputs import open_input
-    from .literature import sniff
+def _input_format(path: str | Path) -> str:
+    from .inputs import open_input, record_format
 
     with open_input(str(path)) as f:
-        return sniff(f.peek(1 << 12)[:1 << 12], str(path)) if hasattr(f, "peek") else None
+        return record_format(f, str(path))
 
 
 def _cdr_relations(path: str | Path) -> tuple[set[str], set[tuple[str, str, str]]]:
@@ -255,7 +254,7 @@ def _cdr_relations(path: str | Path) -> tuple[set[str], set[tuple[str, str, str]
     from .inputs import open_input
     from .literature import cid_pairs, documents
 
-    fmt = _literature_format(path)
+    fmt = _input_format(path)
     if fmt not in ("pubtator", "bioc", "json"):
         raise InputError(f"{path}: expected BC5CDR's relations as PubTator or BioC (XML or JSON)")
     pmids, relations = set(), set()

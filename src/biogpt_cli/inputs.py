@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from .errors import InputError
 from .jsonl import loads
-from .literature import FORMATS, documents, sniff, text_of
+from .literature import documents, sniff, text_of
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,16 @@ def rereadable(path: str | None) -> bool:
     return path not in (None, "-") and os.path.isfile(path)
 
 
-MARKERS = {None: (b"\n",), "pubtator": (b"|t|",), "bioc": (b"</document>",),
+MARKERS = {"text": (b"\n",), "jsonl": (b"\n",), "pubtator": (b"|t|",), "bioc": (b"</document>",),
            "pubmed": (b"</PubmedArticle>", b"</PubmedBookArticle>", b"</MedlineCitation>")}
+
+
+def record_format(f: BinaryIO, name: str, input_format: str = "auto") -> str:
+    """What an input holds: the format forced, else the literature format its first bytes and name
+    say (`literature.sniff`), else JSONL by its name, else lines of text. `f` is peeked at, not read."""
+    if input_format != "auto":
+        return input_format
+    return sniff(f.peek(1 << 12)[:1 << 12], name) or ("jsonl" if jsonl_input(name, "auto") else "text")
 
 
 def count_items(path: str) -> int | None:
@@ -97,7 +105,7 @@ def count_items(path: str) -> int | None:
     if not rereadable(path):
         return None
     with open_input(path) as f:
-        fmt = sniff(f.peek(1 << 12)[:1 << 12], path)
+        fmt = record_format(f, path)
         if fmt not in MARKERS:
             return None
         markers, tail = MARKERS[fmt], b""
@@ -152,13 +160,12 @@ def read_records(f: BinaryIO, name: str, input_format: str, errors: str = "stric
     id and read as its `which` text (title, abstract or all), else lines of text or JSONL records
     (`read_prompts`). `note` hears, at the end, what was not a document and the title-only ones."""
     f = f if hasattr(f, "peek") else io.BufferedReader(f)  # a look at its start, which stays to be read
-    fmt = input_format if input_format != "auto" else sniff(f.peek(1 << 12)[:1 << 12], name) or \
-        ("jsonl" if jsonl_input(name, "auto") else "text")
-    if fmt not in (*FORMATS, "xml", "json"):
+    fmt = record_format(f, name, input_format)
+    if fmt in ("text", "jsonl"):
         yield from read_prompts(f, name, fmt == "jsonl", errors, text_field)
         return
     counts: dict[str, int] = {}
-    for doc in documents(f, name, "json" if fmt in ("bioc-json", "release") else fmt, labels, counts):
+    for doc in documents(f, name, fmt, labels, counts):
         text = text_of(doc, which)
         yield Prompt(0, text, doc["id"], {**doc, "text": text})
     if note is not None:

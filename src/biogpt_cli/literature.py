@@ -1,7 +1,7 @@
 """The literature's own files, read as documents: PubMed / MEDLINE XML, BioC XML and JSON, PubTator,
 and the BioGPT release's task files. A reader streams one format's documents as plain dicts:
 
-    {"id", "title", "abstract", "text" (other passages), "annotations", "relations", ...}
+    {"id", "title", "abstract", "body" (other passages), "annotations", "relations", ...}
 
 XML is parsed by `lxml` (libxml2) with the network and entity resolution off: a DTD named in a
 DOCTYPE is never fetched nor read, no entity is ever expanded, and a file that declares entities
@@ -94,6 +94,8 @@ def _xml_documents(f: BinaryIO, name: str, fmt: str, labels: bool) -> Iterator[D
             yield from _finished(parser.read_events(), name, labels, state)
         closed = parser.close()
         yield from _finished(parser.read_events(), name, labels, state)
+        if state["root"] is None:  # no document at all: its DTD is checked here
+            _no_entities(closed, name)
     except etree.XMLSyntaxError as e:
         what = e.msg.split(", line")[0]
         if "entit" in what.lower():  # libxml2's own bound on expansion, met while reading the DTD
@@ -103,7 +105,6 @@ def _xml_documents(f: BinaryIO, name: str, fmt: str, labels: bool) -> Iterator[D
         after = f" (after id {state['last']})" if state["last"] is not None else ""
         raise InputError(f"{name}: line {e.lineno}: not well-formed XML ({what}){after}") from None
     root = state["root"] if state["root"] is not None else closed
-    _no_entities(root, name)
     if root.tag not in (*PUBMED_ROOTS, "collection"):
         raise InputError(f"{name}: an XML file of <{root.tag}>, not PubMed / MEDLINE XML (<PubmedArticleSet>, "
                          "<MedlineCitationSet>) nor BioC (<collection>)")
@@ -113,9 +114,9 @@ def _finished(events: Iterator[tuple[str, Element]], name: str, labels: bool,
               state: dict[str, Any]) -> Iterator[Document]:
     """The documents whose end tags were parsed, each dropped from the tree once read."""
     for _, element in events:
+        if state["root"] is None:  # the first document: its DTD is checked before any is read
+            _no_entities(element, name)
         root = state["root"] = element.getroottree().getroot()
-        if state["last"] is None:
-            _no_entities(root, name)
         if element.getparent() is not root:
             continue  # a MedlineCitation inside its PubmedArticle: read with it
         doc = _read_element(element, root.tag, name, element.sourceline or 0, labels)
@@ -126,15 +127,14 @@ def _finished(events: Iterator[tuple[str, Element]], name: str, labels: bool,
             del root[0]
 
 
-def _no_entities(element: Element, name: str) -> bool:
+def _no_entities(element: Element, name: str) -> None:
     """Refuse a file whose DTD declares entities (none is ever expanded: the parser keeps them as
     references; PubMed and BioC files declare none)."""
-    dtd = element.getroottree().docinfo.internalDTD if element is not None else None
+    dtd = element.getroottree().docinfo.internalDTD
     declared = [e.name for e in dtd.iterentities()] if dtd is not None else []
     if declared:
         raise InputError(f"{name}: refused: it declares XML entities ({', '.join(declared[:3])}), which could expand "
                          "without bound (PubMed and BioC files declare none)")
-    return True
 
 
 def _read_element(element: Element, root: str, name: str, line: int, labels: bool) -> Document:
@@ -157,7 +157,8 @@ def _citation(element: Element, name: str, line: int, labels: bool) -> Document:
     pmid = where.findtext("PMID") if where is not None else None
     if not pmid or not pmid.strip():
         raise InputError(f"{name}: line {line}: a citation without a PMID")
-    article = where.find("Article") if where is not None and where.find("Article") is not None else where
+    article = where.find("Article")
+    article = where if article is None else article  # a book's fields are the BookDocument's own
     title = _flat(article.find("ArticleTitle")) or _flat(article.find("VernacularTitle")) \
         or _flat(article.find("Book/BookTitle"))
     sections = [(a.get("Label"), _flat(a)) for a in article.findall("Abstract/AbstractText")]
@@ -201,14 +202,15 @@ def bioc_document(d: dict[str, Any]) -> Document:
     title = " ".join(by_type.pop("title", []) + by_type.pop("front", []))
     abstract = " ".join(by_type.pop("abstract", []))
     rest = " ".join(t for texts in by_type.values() for t in texts)
-    annotations = [{**a, "type": (a.get("infons") or {}).get("type", ""), "identifier": _identifier(a)}
+    annotations = [{**a, "type": (a.get("infons") or {}).get("type", ""), "identifier": identifier(a)}
                    for p in passages for a in p.get("annotations") or []]
     relations = [*(r for p in passages for r in p.get("relations") or []), *(d.get("relations") or [])]
     return {"id": str(d["id"]), "title": title, "abstract": abstract, "body": rest, "infons": d.get("infons") or {},
             "passages": passages, "annotations": annotations, "relations": relations}
 
 
-def _identifier(annotation: dict[str, Any]) -> str:
+def identifier(annotation: dict[str, Any]) -> str:
+    """A BioC annotation's database identifier, under the infon names corpora use for it."""
     infons = annotation.get("infons") or {}
     return infons.get("identifier") or infons.get("MESH") or infons.get("Identifier") or ""
 

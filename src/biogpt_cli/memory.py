@@ -60,9 +60,10 @@ def check_rows_fit(config: BioGptConfig, rows: int, positions: int, *, what: str
 
 
 def batch_rows(rows: int, device: Any) -> int:
-    """The rows a batch of `rows` holds: on a GPU its static cache rounds them up to a power of two
-    (graphs.py)."""
-    return 1 << (rows - 1).bit_length() if str(device).startswith("cuda") else rows
+    """The rows a batch of `rows` holds: on a GPU its static cache rounds them up to a bucket."""
+    from .graphs import bucket_of  # here: the commands that never decode start without torch
+
+    return bucket_of(rows) if str(device).startswith("cuda") else rows
 
 
 def check_batch_fits(model: Any, rows: int, free: int | None = None) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
+from .literature import identifier
+
 FORMATS = ("pubtator", "bioc-json", "bioc-xml")
 ROLES = {"bc5cdr": ("Chemical", "Disease"), "ddi": ("Drug", "Drug"), "kd-dti": ("Drug", "Target")}
 
@@ -155,23 +157,18 @@ def pubtator(doc: dict[str, Any]) -> str:
     names: dict[str, str] = {}
     for p in doc["passages"]:
         for a in p["annotations"]:
-            ident = _identifier(a) or a.get("text", "").lower()
-            names[a["id"]] = ident
+            ident = identifier(a)
+            names[a["id"]] = ident or a.get("text", "").lower()
             extra = "".join(f"\t{x}" for x in a.get("extra") or [])  # a composite mention's parts, as given
             for loc in a.get("locations") or []:
                 lines.append(f"{pmid}\t{loc['offset']}\t{loc['offset'] + loc['length']}\t{a.get('text', '')}\t"
-                             f"{a['infons'].get('type', '')}\t{_identifier(a) or '-1'}{extra}")
+                             f"{a['infons'].get('type', '')}\t{ident or '-1'}{extra}")
     for r in doc["relations"]:
         ends = {n["role"]: names[n["refid"]] for n in r["nodes"]}
         head, tail = ends.get("head", r["infons"].get("head", "")), ends.get("tail", r["infons"].get("tail", ""))
         lines.append(f"{pmid}\t{r['infons']['type']}\t{head}\t{tail}")
     lines += [f"{pmid}\t{key}\t{value}" for key, value in doc["infons"].items() if key in ("labels", "answer")]
     return "\n".join(lines) + "\n"
-
-
-def _identifier(a: dict[str, Any]) -> str:
-    infons = a.get("infons") or {}
-    return infons.get("identifier") or infons.get("MESH") or ""
 
 
 def bioc_xml(doc: dict[str, Any]) -> str:
