@@ -19,17 +19,12 @@ if TYPE_CHECKING:  # torch is imported where a tensor is written: the tokenizer'
     import torch
 
 
-def temporary(path: Path) -> Path:
-    """The name `replacing` writes `path` under first."""
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
-
-
 @contextlib.contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
     """A temporary name beside `path` for the block to write; it becomes `path` when the block ends
     without an error, and is removed when it raises."""
     path = Path(path)
-    tmp = temporary(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -148,11 +148,6 @@ class Decoders:
             if _weights(model) == self.weights:  # else it reads weights that are gone
                 self.idle.append(decoder)
 
-    def forget(self) -> None:
-        with self.lock:
-            self.idle.clear()
-            self.weights = ()
-
     def _check(self, model: torch.nn.Module) -> None:
         key = _weights(model)
         if key != self.weights:
