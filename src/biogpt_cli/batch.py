@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .constraints import Constraint
 from .errors import InputError
 from .generation import GenerationOptions, fit_prompt, prompt_generator
 from .streaming import TextEvent, stream_completions
@@ -34,6 +35,7 @@ class Job:
     stop: Sequence[str] | None = None
     seed: int | None = None
     gone: threading.Event | None = None  # set when its reader went away: its rows end at the next step
+    constraint: Constraint | None = None  # the automaton its tokens must follow (constraints.py)
 
 
 class Renderer(Protocol):
@@ -146,6 +148,9 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job | None], opts: Generation
             event = running[base + i].gone
             return event is not None and event.is_set()
 
+        def constraint(i: int, running: dict[int, Job] = running, base: int = stats.prompts) -> Constraint | None:
+            return running[base + i].constraint
+
         renderer.begin([])
         start, base = time.perf_counter(), stats.prompts
         sampled = opts.do_sample or opts.num_beams == 1  # a job of its own settings may sample
@@ -156,7 +161,7 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job | None], opts: Generation
         for ev in stream_completions(model, tokenizer, feed(), opts, stop, stream if sampled else None,
                                      progress, slots=batch_size, confidence=confidence, live=live,
                                      per_prompt=own if opts.num_beams == 1 else None,
-                                     gone=gone, first_token=first_token):
+                                     gone=gone, first_token=first_token, constraint_of=constraint):
             if ev.done is not None:
                 stats.new_tokens += len(ev.done.ids) + (ev.done.finish_reason == "eos")
                 index = base + ev.done.prompt_index

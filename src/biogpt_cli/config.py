@@ -42,6 +42,7 @@ class BioGptConfig:
     task: str | None = None
     learned_prompt: int = 0
     max_source_positions: int | None = None
+    relations: tuple[str, ...] = ()  # the relation words of its training data (`extract --constrained`)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -63,6 +64,8 @@ class BioGptConfig:
         if self.max_source_positions is not None and (
                 not isinstance(self.max_source_positions, int) or self.max_source_positions < 2):
             raise ConfigError(f"max_source_positions must be an integer >= 2, got {self.max_source_positions!r}")
+        if not isinstance(self.relations, tuple) or not all(isinstance(r, str) and r.strip() for r in self.relations):
+            raise ConfigError(f"relations must be a list of relation words, got {self.relations!r}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < self.vocab_size:
@@ -88,6 +91,8 @@ class BioGptConfig:
             kwargs.setdefault("num_labels", len(id2label))
         if isinstance(data.get("architectures"), list) and data["architectures"]:
             kwargs["architecture"] = str(data["architectures"][0])
+        if isinstance(kwargs.get("relations"), list):
+            kwargs["relations"] = tuple(kwargs["relations"])
         if isinstance(kwargs.get("eos_token_id"), list) and kwargs["eos_token_id"]:
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         try:
@@ -121,6 +126,8 @@ class BioGptConfig:
         data = dataclasses.asdict(self)
         data["architectures"] = [data.pop("architecture")]
         labels = data.pop("labels")
+        if not data["relations"]:
+            del data["relations"]
         if labels:
             data["id2label"] = dict(enumerate(labels))
             data["label2id"] = {label: i for i, label in enumerate(labels)}

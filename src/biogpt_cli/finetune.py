@@ -33,7 +33,7 @@ from .datasets import Example, task_of
 from .errors import InputError
 from .files import output_errors, save_torch, write_safetensors, write_text
 from .model import causal_lm_loss
-from .tasks import build_input, source_limit
+from .tasks import build_input, parse, source_limit
 from .tokenizer import EOS_ID, PAD_ID, BioGptTokenizer
 
 STATE = ".finetune"
@@ -100,6 +100,13 @@ def encode(task: str, examples: Sequence[Example], tok: BioGptTokenizer, limit: 
         except InputError as e:
             raise InputError(f"record {ex.id}: {e}") from None
     return seqs
+
+
+def relation_vocabulary(task: str, examples: Sequence[Example]) -> tuple[str, ...]:
+    """DDI / KD-DTI: the relation words the targets use, which `extract --constrained` allows."""
+    if task not in ("ddi", "kd-dti"):
+        return ()
+    return tuple(sorted({r["relation"] for ex in examples for r in parse(task_of(task), ex.target) or ()}))
 
 
 def epoch_batches(lengths: Sequence[int], epoch: int, r: Recipe) -> list[list[int]]:
@@ -374,7 +381,8 @@ def prepare(task: str, base: str, examples: Sequence[Example], out: Path, r: Rec
     first = with_prompt_rows(model, tok, r.prompt_tokens, r.seed)
     limit = r.source_limit or source_limit(task_of(task), model.config)
     model.config = dataclasses.replace(model.config, vocab_size=tok.vocab_size, learned_prompt=r.prompt_tokens,
-                                       task=None if task == "custom" else task, max_source_positions=limit)
+                                       task=None if task == "custom" else task, max_source_positions=limit,
+                                       relations=relation_vocabulary(task, examples))
     seqs = encode(task, examples, tok, limit, model.config.max_position_embeddings)
     groups = trainable(model, r, first)
     model.to(device)

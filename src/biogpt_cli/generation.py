@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .constraints import Constraint, RowStates, constrain
 from .errors import InputError, PromptTooLong
 from .graphs import graphs_enabled, release, resized, static_rows
 from .model import BioGptForCausalLM
@@ -101,8 +102,11 @@ class GeneratedSequence:
     finish_reason: str  # "eos" | "length" | "stop"
 
 
-def make_processors(opts: GenerationOptions, eos: int, prompt_width: int | torch.Tensor) -> list[Processor]:
-    """The reference's order: penalties and bans, then (sampling only) the warpers."""
+def make_processors(opts: GenerationOptions, eos: int, prompt_width: int | torch.Tensor,
+                    allowed: torch.Tensor | None = None) -> list[Processor]:
+    """The reference's order: penalties and bans, then (sampling only) the warpers. The rows'
+    constraints (`allowed`, constraints.py) come between: the warpers then keep the likeliest of
+    the tokens a constraint allows, never a set it allows none of."""
     procs: list[Processor] = []
     if opts.repetition_penalty != 1.0:
         procs.append(repetition_penalty(opts.repetition_penalty))
@@ -112,6 +116,8 @@ def make_processors(opts: GenerationOptions, eos: int, prompt_width: int | torch
         procs.append(bad_words(opts.bad_words_ids))
     if opts.min_new_tokens > 0:
         procs.append(min_new_tokens(opts.min_new_tokens, eos, prompt_width))
+    if allowed is not None:
+        procs.append(lambda history, scores: constrain(scores, allowed, eos))
     if opts.do_sample:
         keep = 2 if opts.num_beams > 1 else 1  # beam sampling keeps a token besides </s> to explore, as the reference
         if opts.temperature != 1.0:
@@ -154,6 +160,7 @@ class _Batch:
             raise InputError("every prompt needs at least one token")
         cfg = model.config
         self.model, self.width, self.vocab = model, max(map(len, prompts)), cfg.vocab_size
+        self.inputs_only = cfg.vocab_size - cfg.learned_prompt  # the first learned prompt token: never generated
         fit_prompt([0] * self.width, max_new, cfg.max_position_embeddings)  # raises when it does not fit
         device = next(model.parameters()).device
         b, total = len(prompts), max(columns, self.width + max_new)  # the cache grows only as decoding needs
@@ -170,12 +177,12 @@ class _Batch:
         static = repeats == 1 and graphs_enabled(device)
         self.rows = static_rows(model, b, self.width + max_new) if static else None
         if self.rows is not None:
-            self.cache, self.logits = None, self.rows.prefill(range(b), prompts)
+            self.cache, self.logits = None, self._offered(self.rows.prefill(range(b), prompts))
         else:
             self.cache = model.new_cache(b, self.width + max_new, room)
             with torch.no_grad():
                 out = model(ids, self._mask(self.width), past_key_values=self.cache, logits_to_keep=1)
-            self.logits = out.logits[:, -1].float()
+            self.logits = self._offered(out.logits[:, -1].float())
         if repeats > 1:  # beams/samples of one prompt share its prefill
             index = torch.arange(b, device=device).repeat_interleave(repeats)
             self.history, self.logits = self.history[index], self.logits[index]
@@ -187,6 +194,12 @@ class _Batch:
 
     def _mask(self, length: int) -> torch.Tensor | None:
         return self.mask[:, :length] if self.mask is not None else None
+
+    def _offered(self, scores: torch.Tensor) -> torch.Tensor:
+        """Next-token scores without the model's learned prompt tokens: they are inputs only."""
+        if self.inputs_only < self.vocab:
+            scores[:, self.inputs_only:] = float("-inf")
+        return scores
 
     def window(self, alive: Sequence[bool]) -> int:
         """The first column a live row still reads (the current length when none is live)."""
@@ -239,6 +252,7 @@ class _Batch:
         if self.rows is not None and n + max_new > self.rows.cache.capacity:  # its rows start at 0
             self.rows = resized(self.model, self.rows, self.rows.rows, n + max_new)
         logits = self.rows.prefill(rows, prompts) if self.rows is not None else self._prefill(rows, prompts, end)
+        logits = self._offered(logits)
         if self.mask is None:
             self.mask = torch.ones_like(self.history)
         for row, p in zip(rows, prompts, strict=True):
@@ -289,10 +303,10 @@ class _Batch:
         self.history[:, self.length] = tokens
         self.length += 1
         if self.rows is not None:
-            return self.rows.step(tokens, torch.ones_like(tokens) if live is None else live.long())
+            return self._offered(self.rows.step(tokens, torch.ones_like(tokens) if live is None else live.long()))
         with torch.no_grad():
             out = self.model(tokens[:, None], self._mask(self.length), past_key_values=self.cache, logits_to_keep=1)
-        return out.logits[:, -1].float()
+        return self._offered(out.logits[:, -1].float())
 
 
 StopCheck = Callable[[int, list[int]], bool]
@@ -361,6 +375,7 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
                   generator: Generators = None, should_stop: StopCheck | None = None,
                   slots: int | None = None, observe: Callable[[int, int, torch.Tensor], None] | None = None,
                   per_prompt: Callable[[int], GenerationOptions] | None = None,
+                  constraint_of: Callable[[int], Constraint | None] | None = None,
                   ) -> Iterator[tuple[int, int | None, str | None]]:
     """Greedy or sampled decoding. Yields `(sequence, token, finish_reason)` as tokens are chosen:
     a token with reason None is a new token; a final event per sequence carries the reason ("eos"
@@ -377,8 +392,10 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
     `per_prompt(j)`: prompt j's own options instead of `opts` (its length, penalties, bans,
     greedy or sampled and how), so that rows of different settings share the batch and its steps;
     each keeps `opts`' k. `observe(sequence, token, logits)` hears each chosen token with its row's
-    raw logits at that step (before any processor), to be read at once."""
+    raw logits at that step (before any processor), to be read at once. `constraint_of(j)`: prompt
+    j's automaton (constraints.py), or None; each of its rows keeps its own state."""
     opts.validate(model.config.vocab_size)
+    constraint_of = constraint_of or (lambda j: None)
     if opts.num_beams != 1:
         raise InputError("stream_tokens does greedy or sampled decoding; use beam_search for beams")
     eos, k = model.config.eos_token_id, opts.num_return_sequences
@@ -403,11 +420,14 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
             own = {j: stream_of(j) for j, _ in first} if per_row else {}  # a prompt's k rows share its stream
             draw = [own[s // k] for s in seq_of] if per_row else generator
             alive, new_ids, scores = [True] * len(seq_of), [[] for _ in seq_of], batch.logits
+            held = RowStates([constraint_of(j) for j, _ in first for _ in range(k)])
             shown: list[bool] = []  # `alive` as the device last saw it: it changes when a row ends or joins
             while True:
-                tokens = _choose(scores, batch.history[:, :batch.length], batch.starts, row_opts, draw, alive, eos)
+                tokens = _choose(scores, batch.history[:, :batch.length], batch.starts, row_opts, draw, alive, eos,
+                                 held.mask(batch.vocab, scores.device))
                 for r, tok in enumerate(tokens.tolist()):
                     if alive[r]:
+                        held.advance(r, tok)
                         if observe is not None:
                             observe(seq_of[r], tok, scores[r])
                         alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos, row_opts[r].max_new_tokens,
@@ -436,6 +456,7 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
                     r = free.pop(0)
                     j, prompt = taken
                     row_opts[r], seq_of[r], new_ids[r] = own_opts(j), j, []
+                    held.set(r, constraint_of(j))
                     if per_row:
                         draw[r] = stream_of(j)
                     joining.append((r, j, prompt))
@@ -443,10 +464,13 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
                     rows = [r for r, _, _ in joining]
                     scores[rows] = batch.admit(rows, [p for _, _, p in joining], keep,
                                                max(row_opts[r].max_new_tokens for r in rows), to_go)
+                allowed = held.mask(batch.vocab, scores.device) if joining else None
                 for r, j, _ in joining:
                     one = slice(r, r + 1)
                     tok = int(_choose(scores[one], batch.history[one, :batch.length], batch.starts[one], row_opts[one],
-                                      draw[one] if per_row else draw, [True], eos)[0])
+                                      draw[one] if per_row else draw, [True], eos,
+                                      allowed[one] if allowed is not None else None)[0])
+                    held.advance(r, tok)
                     if observe is not None:
                         observe(j, tok, scores[r])
                     alive[r] = yield from _advance(j, tok, new_ids[r], eos, row_opts[r].max_new_tokens, should_stop)
@@ -474,20 +498,21 @@ def _checked(per_prompt: Callable[[int], GenerationOptions], k: int,
 
 
 def _choose(scores: torch.Tensor, history: torch.Tensor, starts: torch.Tensor, row_opts: Sequence[GenerationOptions],
-            draw: Any, alive: list[bool], eos: int) -> torch.Tensor:
-    """The next token of each row, under its own options: rows whose options process and choose
-    alike are handled together (all at once when they share them), each as it would be alone."""
+            draw: Any, alive: list[bool], eos: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The next token of each row, under its own options and within what its constraint
+    `allowed`: rows whose options process and choose alike are handled together (all at once when
+    they share them), each as it would be alone."""
     groups: dict[tuple, list[int]] = {}
     for r, o in enumerate(row_opts):
         groups.setdefault(_choosing(o), []).append(r)
     if len(groups) == 1:
-        return _pick(row_opts[0], scores, history, starts, draw, alive, eos)
+        return _pick(row_opts[0], scores, history, starts, draw, alive, eos, allowed)
     tokens = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
     for rows in groups.values():
         index = torch.tensor(rows, device=scores.device)
         mine = [draw[r] for r in rows] if isinstance(draw, list) else draw
         tokens[index] = _pick(row_opts[rows[0]], scores[index], history[index], starts[index], mine,
-                              [alive[r] for r in rows], eos)
+                              [alive[r] for r in rows], eos, allowed[index] if allowed is not None else None)
     return tokens
 
 
@@ -499,8 +524,8 @@ def _choosing(o: GenerationOptions) -> tuple:
 
 
 def _pick(o: GenerationOptions, scores: torch.Tensor, history: torch.Tensor, starts: torch.Tensor, draw: Any,
-          alive: list[bool], eos: int) -> torch.Tensor:
-    scores = apply_all(make_processors(o, eos, starts), history, scores)
+          alive: list[bool], eos: int, allowed: torch.Tensor | None) -> torch.Tensor:
+    scores = apply_all(make_processors(o, eos, starts, allowed), history, scores)
     return _draw(scores.softmax(-1), 1, draw, alive)[:, 0] if o.do_sample else scores.argmax(-1)
 
 
@@ -523,21 +548,22 @@ def _advance(seq: int, tok: int, new_ids: list[int], eos: int, max_new: int,
 
 
 def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts: GenerationOptions,
-                progress: Callable[[int], None] | None = None,
-                generator: Generators = None) -> list[list[GeneratedSequence]]:
+                progress: Callable[[int], None] | None = None, generator: Generators = None,
+                constraint_of: Callable[[int], Constraint | None] | None = None) -> list[list[GeneratedSequence]]:
     """The reference's vectorised beam search: 2*beams candidates per step, finished hypotheses
     scored as sum(log p) / new_length ** length_penalty, the same early-stopping heuristic.
     With `do_sample` the candidates are drawn (without replacement, from the warped scores) instead
     of taken best first, as the reference's beam sampling does: from `generator` (one stream for
     the batch, as the reference draws from torch's), or from each prompt's own (a list, or a
     function of the prompt's index), which makes a prompt's result the same in any batch.
-    `progress(step)` is called after each step (the winners are known only at the end)."""
+    `progress(step)` is called after each step (the winners are known only at the end).
+    `constraint_of(i)`: prompt i's automaton, or None; each beam carries its own state."""
     opts.validate(model.config.vocab_size)
     eos, nb, max_new = model.config.eos_token_id, opts.num_beams, opts.max_new_tokens
     if generator is not None and not isinstance(generator, torch.Generator):
         generator = [generator(i) if callable(generator) else generator[i] for i in range(len(prompts))]
     batch = _Batch(model, prompts, max_new, nb)
-    procs = make_processors(opts, eos, batch.width)
+    held = RowStates([constraint_of(i) if constraint_of else None for i in range(len(prompts)) for _ in range(nb)])
     b, v, width, total = len(prompts), batch.vocab, batch.width, batch.width + max_new
     keep = 2 * nb
     dev = batch.history.device
@@ -561,6 +587,7 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
     while True:
         step = cur - width
         history = seqs.view(b * nb, total)[:, :cur] if reads else toks.new_zeros(1, 1).expand(b * nb, cur)
+        procs = make_processors(opts, eos, batch.width, held.mask(batch.vocab, dev))
         logp = apply_all(procs, history, F.log_softmax(scores, -1))
         logp = (logp.view(b, nb, v) + run_scores[:, :, None]).view(b, nb * v)
         if opts.do_sample:
@@ -601,6 +628,8 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
         all_done = bool(finished.all()) and opts.early_stopping is True
         if not improvable.any() or all_done or bool(hits.all()):
             break
+        if held:
+            held.follow(parents.tolist(), toks[:, :, step].reshape(-1).tolist())
         slots = batch.cache.inherit(slots, parents.tolist(), start=width)
         where = torch.tensor(slots, device=dev)
         tokens = toks[:, :, step].reshape(-1)
@@ -629,16 +658,18 @@ def _read_back(toks: list, back: list, length: list, parent: list, token: list, 
 
 
 def generate(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts: GenerationOptions,
-             generator: Generators = None,
-             should_stop: StopCheck | None = None) -> list[list[GeneratedSequence]]:
-    """All strategies, final results: one list of sequences per prompt."""
+             generator: Generators = None, should_stop: StopCheck | None = None,
+             constraints: Sequence[Constraint | None] | None = None) -> list[list[GeneratedSequence]]:
+    """All strategies, final results: one list of sequences per prompt (`constraints`: one
+    automaton or None per prompt)."""
     opts.validate(model.config.vocab_size)
+    constraint_of = constraints.__getitem__ if constraints is not None else None
     if opts.num_beams > 1:
-        return beam_search(model, prompts, opts, generator=generator)
+        return beam_search(model, prompts, opts, generator=generator, constraint_of=constraint_of)
     k = opts.num_return_sequences
     ids: dict[int, list[int]] = {}
     reasons: dict[int, str] = {}
-    for row, tok, reason in stream_tokens(model, prompts, opts, generator, should_stop):
+    for row, tok, reason in stream_tokens(model, prompts, opts, generator, should_stop, constraint_of=constraint_of):
         if reason is None:
             ids.setdefault(row, []).append(tok)
         else:

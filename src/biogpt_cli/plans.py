@@ -67,6 +67,7 @@ def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
     opts = generation_options(s)
     opts.bad_words_ids = [tok.encode(b, add_special_tokens=False) for b in s.get("ban") or () if b.strip()]
     opts.logprobs = s.get("logprobs")
+    constraint = choice_grammar(tok, s.get("choices"), opts.max_new_tokens)
     beams = opts.num_beams > 1 and opts.logprobs is not None
     inputs: dict[Any, list[int]] = {}  # beams: the prompts whose winners are still to score
 
@@ -80,10 +81,14 @@ def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
             p = Prompt(p.line, used, p.id, {**p.fields, "prompt_tokens_given": len(full)})
         if beams:
             inputs[p.key] = ids
-        return job_of(p, ids)
+        row = job_of(p, ids)
+        row.constraint = constraint
+        return row
 
     def record(p: Prompt, done: Completion) -> dict[str, Any]:
         out = generation_record(p, done)
+        if constraint is not None:  # which of the texts it is (None: cut short by a stop or -n)
+            out.update(constrained="choices", choice=choice_of(tok, s["choices"], done.ids))
         if done.logprobs is not None:
             out["logprobs"] = named_entries(tok, done.ids, done.logprobs)
         elif beams:
@@ -93,8 +98,26 @@ def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
     options = {k: v for k, v in vars(opts).items() if k not in ("bad_words_ids", "logprobs")}
     identity = {"command": "generate", "options": options, "stop": s.get("stop") or [], "ban": s.get("ban") or [],
                 "truncate": s.get("truncate", False), **({"seed": s["seed"]} if opts.do_sample else {}),
-                **({"logprobs": s["logprobs"]} if s.get("logprobs") is not None else {})}
+                **({"logprobs": s["logprobs"]} if s.get("logprobs") is not None else {}),
+                **({"constrained": "choices", "choices": s["choices"]} if constraint is not None else {})}
     return Plan(opts, job, record=record, stop=tuple(s.get("stop") or ()), seed=s.get("seed"), identity=identity)
+
+
+def choice_grammar(tok: Any, texts: list[str] | None, max_new_tokens: int) -> Any:
+    """`--choices`' constraint (None without them); each choice must fit in `max_new_tokens`."""
+    from .grammars import choices
+
+    if not texts:
+        return None
+    longest = max(texts, key=lambda t: len(tok.encode(t, add_special_tokens=False)))
+    if (n := len(tok.encode(longest, add_special_tokens=False))) > max_new_tokens:
+        raise InputError(f"the choice {longest!r} takes {n} tokens: raise -n (max_new_tokens) to at least {n}")
+    return choices(tok, texts)
+
+
+def choice_of(tok: Any, texts: list[str], ids: list[int]) -> str | None:
+    """The choice a constrained continuation wrote (None when it was cut short)."""
+    return next((t for t in texts if tok.encode(t, add_special_tokens=False) == list(ids)), None)
 
 
 def logprob_entries(lm: Any, tok: Any, prompt: list[int], new: list[int], k: int) -> list[dict[str, Any]]:
@@ -115,7 +138,9 @@ def named_entries(tok: Any, new: list[int], values: list[tuple[float, list[tuple
 
 def task_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
     """A task command on a fine-tuned checkpoint: the release's input, greedy to `</s>` with
-    `<pad>` banned, the release's post-processing (tasks.py)."""
+    `<pad>` banned, the release's post-processing (tasks.py); with `constrained`, each answer
+    follows the task's grammar (grammars.py)."""
+    from .grammars import relation_words, task_grammar
     from .tasks import build_input, parse, render, source_limit, task_for
     from .writers import mark_ungrounded
 
@@ -130,11 +155,16 @@ def task_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
     if limit < 2:
         raise InputError(f"-n {new} leaves no room for a source in the model's {positions} positions")
     unparsed, ungrounded = [0], [0]
+    constrained = bool(s.get("constrained"))
+    relations = relation_words(task, lm.config.relations, s.get("relations")) if constrained else ()
 
     def job(p: Prompt) -> Job:
         shown = next((p.fields[k] for k in ("question", "title", "text", "abstract")
                       if isinstance(p.fields.get(k), str)), "")
-        return job_of(Prompt(p.line, shown[:200], p.id, p.fields), build_input(task, tok, p.fields, limit))
+        row = job_of(Prompt(p.line, shown[:200], p.id, p.fields), build_input(task, tok, p.fields, limit))
+        if constrained:
+            row.constraint = task_grammar(task, tok, row.ids, relations)
+        return row
 
     def result(done: Completion) -> Any:
         value = parse(task, tok.decode(done.ids))  # learned tokens shown: the release strips their echoes
@@ -145,9 +175,10 @@ def task_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
         value = result(done)
         if task.result == "relations":  # tied to the document's text, or marked `grounded: false`
             ungrounded[0] += mark_ungrounded(p.fields, value)
-        return {**base_record(p, done), task.result: value}
+        return {**base_record(p, done), task.result: value, **({"constrained": task.name} if constrained else {})}
 
-    identity = {"command": s["command"], "task": task.name, "source_limit": limit, "max_new_tokens": new}
+    identity = {"command": s["command"], "task": task.name, "source_limit": limit, "max_new_tokens": new,
+                **({"constrained": task.name, "relations": list(relations)} if constrained else {})}
     return Plan(GenerationOptions(max_new_tokens=new, bad_words_ids=[[lm.config.pad_token_id]]), job,
                 record=record,
                 line=lambda p, done: render(task, result(done)),

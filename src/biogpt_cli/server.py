@@ -65,6 +65,7 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    guided_choice: list[str] | None = None  # vLLM's: the completion is one of these texts
     # fields this server does not implement, which clients send at the values that change nothing
     # (LangChain: both penalties at 0, with every request): taken there, refused otherwise
     frequency_penalty: float | None = None
@@ -105,6 +106,8 @@ def refusal(body: CompletionRequest, limits: Limits) -> JSONResponse | None:
     if field := body.unsupported():
         return error(400, f"{field}: not supported by this server (leave it out, or give the value that "
                      "changes nothing)", param=field)
+    if body.guided_choice is not None and not (body.guided_choice and all(c.strip() for c in body.guided_choice)):
+        return error(400, "guided_choice: a list of one or more non-empty texts", param="guided_choice")
     if body.stream_options is not None and not body.stream:
         return error(400, "stream_options: only with stream: true", param="stream_options")
     if body.echo and body.stream:
@@ -167,13 +170,14 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
         request.state.arrived = time.perf_counter()
         if refused := not_served(body.model) or refusal(body, limits):
             return refused
-        s = settings(body.max_tokens, body.temperature, body.top_p, body.n, body.stop, body.seed, body.logprobs)
+        s = settings(body.max_tokens, body.temperature, body.top_p, body.n, body.stop, body.seed, body.logprobs,
+                     body.guided_choice)
         try:
             work = await asyncio.to_thread(engine.prepare, prompts_of(body), s, body.n)
         except PromptTooLong as e:
             return error(400, e.hinted("shorten it or lower max_tokens"), param="prompt")
         except BioGptError as e:
-            return error(400, str(e), param="prompt")
+            return error(400, str(e), param="guided_choice" if "choice" in str(e) else "prompt")
         if engine.turns.full():
             return busy(engine)
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),

@@ -56,7 +56,7 @@ class Work:
 
 
 def settings(max_tokens: int, temperature: float, top_p: float, n: int, stop: str | list[str] | None,
-             seed: int | None, logprobs: int | None) -> dict[str, Any]:
+             seed: int | None, logprobs: int | None, choices: list[str] | None = None) -> dict[str, Any]:
     """`generate`'s settings for a completions request (OpenAI's fields); max_tokens 0 (an echo
     alone) plans one token, never decoded."""
     sample = temperature > 0
@@ -64,7 +64,7 @@ def settings(max_tokens: int, temperature: float, top_p: float, n: int, stop: st
             "top_p": top_p if sample else None, "top_k": 0 if sample else None,
             "num_return_sequences": n if sample else 1, "logprobs": logprobs,
             "seed": seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
-            "stop": [stop] if isinstance(stop, str) else stop or []}
+            "stop": [stop] if isinstance(stop, str) else stop or [], "choices": choices}
 
 
 class Collector:

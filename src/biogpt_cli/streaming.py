@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .constraints import Constraint
 from .generation import GenerationOptions, Generators, beam_search, stream_tokens
 from .model import BioGptForCausalLM
 from .tokenizer import BioGptTokenizer
@@ -243,7 +244,8 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
                        slots: int | None = None, confidence: bool = False, live: bool = True,
                        per_prompt: Callable[[int], tuple[GenerationOptions, Sequence[str]]] | None = None,
                        gone: Callable[[int], bool] | None = None,
-                       first_token: Callable[[], None] | None = None) -> Iterator[TextEvent]:
+                       first_token: Callable[[], None] | None = None,
+                       constraint_of: Callable[[int], Constraint | None] | None = None) -> Iterator[TextEvent]:
     """Generate for a batch of prompts, yielding text as it becomes final.
 
     Greedy and sampled sequences stream token by token and stop at a stop string. Beam search
@@ -255,11 +257,12 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
     `per_prompt(j)`: prompt j's own options and stop strings (see `stream_tokens`). `gone(j)`: prompt
     j's reader went away; its rows end at the next step (reason "stop"). `first_token()` is
     called when the first token is chosen (for `-v`: text that nobody watches comes only at the end).
+    `constraint_of(j)`: prompt j's automaton (constraints.py), or None.
     """
     k = opts.num_return_sequences
     if opts.num_beams > 1:
         prompts = list(prompts)
-        for i, seqs in enumerate(beam_search(model, prompts, opts, progress, generator)):
+        for i, seqs in enumerate(beam_search(model, prompts, opts, progress, generator, constraint_of)):
             if first_token is not None:  # the winners are known only now
                 first_token()
                 first_token = None
@@ -309,7 +312,8 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
                                             should_stop=lambda r, _: streams[r].stopped or bool(gone and gone(r // k)),
                                             slots=slots,
                                             observe=observe if confidence or per_prompt or opts.logprobs is not None
-                                            else None, per_prompt=options if per_prompt else None):
+                                            else None, per_prompt=options if per_prompt else None,
+                                            constraint_of=constraint_of):
         s = streams.get(row) or streams.setdefault(row, text_stream(row))
         if first_token is not None:
             first_token()

@@ -88,6 +88,7 @@ def generate(
     num_return_sequences: Annotated[int, typer.Option(min=1, help="Sequences per prompt (sampling/beams).")] = 1,
     stop: Annotated[list[str] | None, typer.Option(help="Stop when the text contains this (repeatable).")] = None,
     ban: Annotated[list[str] | None, typer.Option(help="Never generate this word or phrase (repeatable).")] = None,
+    choices: Annotated[str | None, typer.Option(help="The continuation is one of these texts: a,b,c.")] = None,
     input: InputOpt = None,
     input_format: InputFormatOpt = "auto",
     text: TextOpt = None,
@@ -140,7 +141,9 @@ def generate(
                     num_return_sequences=num_return_sequences, sample=sample, temperature=temperature, top_k=top_k,
                     top_p=top_p, min_p=min_p, seed=seed, repetition_penalty=repetition_penalty,
                     no_repeat_ngram_size=no_repeat_ngram_size, stop=stop or [], ban=ban or [], truncate=truncate,
-                    logprobs=logprobs)
+                    logprobs=logprobs, choices=[c.strip() for c in choices.split(",")] if choices is not None else None)
+    if choices is not None and not all(settings["choices"]):
+        raise UsageError("--choices needs non-empty texts separated by commas: --choices yes,no,maybe")
     if "" in (stop or []) or any(not b.strip() for b in ban or []):
         raise UsageError(f"--{'stop' if '' in (stop or []) else 'ban'} needs a non-empty text")
     try:
@@ -170,6 +173,8 @@ def generate(
         raise UsageError("the prompt is empty")
     if prompt is None and input is None:
         if sys.stdin.isatty():  # a person at a terminal: the interactive mode
+            if choices is not None:
+                raise UsageError("--choices continues given prompts: give a PROMPT or --input")
             from .interactive import interact
 
             return interact(settings, model=model, revision=revision, dtype=dtype, device=torch_device,

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
@@ -71,6 +72,9 @@ ExtractTask = Literal["bc5cdr", "ddi", "kd-dti"]
 EvalTask = Literal["pubmedqa", "hoc", "ddi", "kd-dti", "bc5cdr"]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", min=0,
                                         help="New tokens at most; 0: until </s> or the positions left.")]
+ConstrainedOpt = Annotated[bool, typer.Option(help="Answers can only be what the task allows (docs/tasks.md).")]
+RelationsOpt = Annotated[str | None, typer.Option(
+    help="With --constrained: the relation words (a file, one a line, or a,b,c); default: the checkpoint's.")]
 
 
 @dataclasses.dataclass
@@ -94,6 +98,8 @@ class TaskRun:
     verbose: bool
     engine: Engine
     documents: tuple[str | None, bool] = (None, False)  # a literature input's --text and --section-labels
+    constrained: bool = False
+    relations: str | None = None  # a file or a,b,c
 
 
 def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextlib.AbstractContextManager) -> None:
@@ -107,7 +113,8 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
                          "$BIOGPT_MODEL); microsoft/biogpt is a language model, not one")
     torch_device = device_or_usage_error(run.device)
     check_precision(run.quantize, run.dtype, torch_device)
-    settings = {"command": command_name, "task": task_name, "model": run.model, "max_new_tokens": run.max_new_tokens}
+    settings = {"command": command_name, "task": task_name, "model": run.model, "max_new_tokens": run.max_new_tokens,
+                "constrained": run.constrained, "relations": _relations(run.relations, run.constrained)}
     if run.engine.engine == "ray":
         if run.fmt not in ("auto", "text", "jsonl"):
             raise UsageError(f"--format {run.fmt}: --engine ray writes JSONL records (convert them, or run locally)")
@@ -127,8 +134,9 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
         if command_name == "classify" and task_head(lm.config):
             if fmt not in ("text", "jsonl"):
                 raise UsageError(f"{run.model} has a classification head: its records are text or JSONL, not {fmt}")
-            if run.max_new_tokens:
-                raise UsageError(f"{run.model} has a classification head: it generates nothing, so -n does not apply")
+            if run.max_new_tokens or run.constrained:
+                raise UsageError(f"{run.model} has a classification head: it generates nothing, so "
+                                 f"{'-n' if run.max_new_tokens else '--constrained'} does not apply")
             return _classify_with_head(lm, tok, records, run, fmt)
         plan = task_plan(lm, tok, settings, stderr.print)
         identity = {**plan.identity, **model_identity(lm, run.model, run.revision, run.dtype, run.quantize),
@@ -137,6 +145,23 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
                   resume=run.resume, batch_size=run.batch_size, verbose=run.verbose,
                   total=progress_total(run.input, run.output, run.engine.quiet),
                   quiet=run.engine.quiet)
+
+
+def _relations(given: str | None, constrained: bool) -> list[str] | None:
+    """`--relations`: a file of one relation a line, or a comma-separated list."""
+    if given is None:
+        return None
+    if not constrained:
+        raise UsageError("--relations goes with --constrained")
+    path = Path(given)
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else given.replace(",", "\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--relations {given}: cannot read it ({e})") from None
+    found = [w.strip().lower() for w in text.splitlines() if w.strip()]
+    if not found:
+        raise UsageError(f"--relations {given}: no relation words in it")
+    return found
 
 
 def task_output_format(fmt: str, output: str | None) -> str:
@@ -226,7 +251,7 @@ def qa(
                                                                     ".json file ('-': stdin).")] = None,
     input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: TaskFormatOpt = "auto",
     force: ForceOpt = False, resume: ResumeOpt = False, batch_size: TaskBatchOpt = None,
-    max_new_tokens: MaxNewOpt = 0,
+    max_new_tokens: MaxNewOpt = 0, constrained: ConstrainedOpt = False,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
     errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, quiet: QuietOpt = False, engine: EngineOpt = "local",
     address: AddressOpt = None, workers: WorkersOpt = 1, cpus_per_worker: CpusOpt = 1.0,
@@ -247,7 +272,7 @@ def qa(
                          'answer: --long-answer, or a "long_answer" field in JSONL records')
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
                   dtype, device, quantize, errors, verbose,
-                  Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet))
+                  Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet), constrained=constrained)
     if official:
         if fields:
             raise UsageError("give the input on the command line or with --input, not both")
@@ -266,7 +291,7 @@ def extract(
     input_format: InputFormatOpt = "auto", text_part: TextOpt = None, section_labels: SectionLabelsOpt = False,
     output: OutputOpt = None, fmt: TaskFormatOpt = "auto",
     force: ForceOpt = False, resume: ResumeOpt = False, batch_size: TaskBatchOpt = None,
-    max_new_tokens: MaxNewOpt = 0,
+    max_new_tokens: MaxNewOpt = 0, constrained: ConstrainedOpt = False, relations: RelationsOpt = None,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
     errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, quiet: QuietOpt = False, engine: EngineOpt = "local",
     address: AddressOpt = None, workers: WorkersOpt = 1, cpus_per_worker: CpusOpt = 1.0,
@@ -279,7 +304,7 @@ def extract(
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
                   dtype, device, quantize, errors, verbose,
                   Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet),
-                  (text_part, section_labels))
+                  (text_part, section_labels), constrained, relations)
     _run("extract", task, run, _items(text, None, input, input_format, errors, documents=run.documents))
 
 
@@ -291,7 +316,7 @@ def classify(
     input_format: InputFormatOpt = "auto", text_part: TextOpt = None, section_labels: SectionLabelsOpt = False,
     output: OutputOpt = None, fmt: TaskFormatOpt = "auto",
     force: ForceOpt = False, resume: ResumeOpt = False, batch_size: TaskBatchOpt = None,
-    max_new_tokens: MaxNewOpt = 0,
+    max_new_tokens: MaxNewOpt = 0, constrained: ConstrainedOpt = False,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
     errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, quiet: QuietOpt = False, engine: EngineOpt = "local",
     address: AddressOpt = None, workers: WorkersOpt = 1, cpus_per_worker: CpusOpt = 1.0,
@@ -304,7 +329,7 @@ def classify(
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
                   dtype, device, quantize, errors, verbose,
                   Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet),
-                  (text_part, section_labels))
+                  (text_part, section_labels), constrained)
     _run("classify", None, run, _items(text, None, input, input_format, errors, documents=run.documents))
 
 
