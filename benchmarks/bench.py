@@ -1,7 +1,8 @@
 """biogpt-cli against the reference (`transformers`), side by side in one run, on this machine.
 
     python benchmarks/bench.py [--quick] [--json] [--repeats N] [--new-tokens N] [--workdir DIR]
-                               [--only decode|process|tokenize|engine|bulk|embed|quality|gpu|serve|finetune|literature]
+                               [--only decode|process|tokenize|engine|bulk|embed|quality|gpu|serve|finetune|
+                                       literature|constraints]
                                [--device cuda] [--compile]
 
 Builds random weights of the full microsoft/biogpt shape (saved once as safetensors with the real
@@ -311,6 +312,64 @@ def engine_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> 
                                   str(tiny), "-n", "1", "--batch-size", "64"])
     rows.append(row("peak memory of generate -i -o: 40,000 prompts vs 4,000", peaks[40000] / 1e6, peaks[4000] / 1e6,
                     "MB", higher=False, target="+ <= 10 MB", note=f"+{(peaks[40000] - peaks[4000]) / 1e6:.1f} MB"))
+
+
+def constraint_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """What `--constrained` costs (the "reference" column is the same decoding unconstrained):
+    building DDI's automaton for a 640-token source up to its first entity's tokens (the widest
+    step) against one decoding step at batch 1, and the median time between decoding steps, from
+    one model step to the next (the mask, the automata, the choice and the model), at batch 1
+    (640-token sources) and 16 (160-token ones), on microsoft/biogpt's shape."""
+    from biogpt_cli import generation
+    from biogpt_cli.grammars import DDI_RELATIONS, task_grammar
+    from biogpt_cli.tasks import TASKS
+
+    tok = BioGptTokenizer.from_folder(folder)
+    lines = (shared_dir() / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
+    texts = [" ".join(lines[i * 12:(i + 1) * 12]).lower() for i in range(16)]
+    ours = BioGptForCausalLM.from_pretrained(folder)
+    task = TASKS["ddi"]
+    head = tok.encode("the interaction between", add_special_tokens=False)
+
+    def grammar(ids: list[int]) -> object:
+        g = task_grammar(task, tok, ids, DDI_RELATIONS)
+        state = g.start()
+        for t in head:
+            state = g.advance(state, t)
+        g.allowed(state)
+        return g
+
+    times: list[float] = []
+    step = generation._Batch.step
+
+    def timed(self: object, *a: object) -> torch.Tensor:
+        times.append(time.perf_counter())
+        return step(self, *a)
+
+    def per_step(prompts: list[list[int]], held: bool) -> float:
+        times.clear()
+        opts = GenerationOptions(max_new_tokens=24, min_new_tokens=0 if held else 24)
+        with torch.inference_mode():
+            generate(ours, prompts, opts, constraints=[grammar(p) for p in prompts] if held else None)
+        return statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
+
+    generation._Batch.step = timed
+    try:
+        for batch, size in ((1, 640), (16, 160)):
+            prompts = [[2, *tok.encode(t, add_special_tokens=False)[:size]] for t in texts[:batch]]
+            per_step(prompts, False)  # one-time set-up
+            pairs = [(per_step(prompts, True), per_step(prompts, False)) for _ in range(args.repeats)]
+            held, free = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+            rows.append(row(f"constrained (DDI) decoding step, batch {batch}, {size}-token sources", held * 1e3,
+                            free * 1e3, "ms", higher=False, target="<= 1.10x unconstrained (better by >= 0.91)",
+                            note="reference: the same decoding unconstrained"))
+            if batch == 1:
+                build = statistics.median(seconds(lambda p=prompts[0]: grammar(p)) for _ in range(args.repeats))
+                rows.append(row("DDI automaton for a 640-token source vs one step at batch 1", build * 1e3, free * 1e3,
+                                "ms", higher=False, target="well under one step",
+                                note="reference: one unconstrained decoding step at batch 1"))
+    finally:
+        generation._Batch.step = step
 
 
 def tiny_model(args: argparse.Namespace) -> Path:
@@ -787,9 +846,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "biogpt-bench",
                         help="where the random full-size checkpoint is kept between runs")
     parser.add_argument("--only", choices=["decode", "process", "tokenize", "engine", "bulk", "embed", "quality", "ray",
-                                           "gpu", "serve", "finetune", "literature"],
+                                           "gpu", "serve", "finetune", "literature", "constraints"],
                         action="append",
-                        help="run only these parts (ray, serve, finetune and literature: only when named)")
+                        help="run only these parts (ray, serve, finetune, literature, constraints: only when named)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (decode and bulk figures)")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes)")
     args = parser.parse_args()
@@ -806,13 +865,13 @@ def main() -> None:
              ("decode", decode_figures),
              ("bulk", bulk_figures), ("embed", embed_figures), ("quality", quality_figures), ("ray", ray_figures),
              ("gpu", gpu_figures), ("serve", serve_figures), ("finetune", finetune_figures),
-             ("literature", literature_figures))
+             ("literature", literature_figures), ("constraints", constraint_figures))
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # `timeout`: keep what was measured
     gpu = args.device != "cpu"
     complete = False
     try:
         for part, fn in parts:
-            named_only = ("ray", "serve", "finetune", "literature")
+            named_only = ("ray", "serve", "finetune", "literature", "constraints")
             everything = part not in named_only and (part in ("decode", "bulk", "gpu") if gpu else part != "gpu")
             if (not args.only and everything) or part in (args.only or ()):
                 fn(folder, args, rows)

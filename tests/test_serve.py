@@ -331,3 +331,27 @@ def test_prompts_are_tokenized_off_the_event_loop(server, monkeypatch):
     out = client(server).completions.create(model="tiny", prompt="the cat", max_tokens=2, temperature=0)
     assert out.choices[0].text == greedy_text(lm, tok, "the cat", 2)
     assert on_loop and not any(on_loop)
+
+
+def test_guided_choice_answers_one_of_the_texts(server):
+    """vLLM's `guided_choice`, through the openai client's extra_body: each completion is one of
+    the texts, equal to `generate --choices`' greedy answer, beside a free request."""
+    from biogpt_cli.grammars import choices
+
+    _, lm, tok = server
+    c = client(server)
+    texts = ["x", "y z", "zz"]
+    for prompt in ("the cat and", "of the", "dna"):
+        out = c.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0,
+                                   extra_body={"guided_choice": texts})
+        ids = tok.encode(prompt)
+        want = generate(lm, [ids], GenerationOptions(max_new_tokens=8), constraints=[choices(tok, texts)])[0][0]
+        assert out.choices[0].text.strip() in texts and out.choices[0].text == continuation(tok, ids, want.ids)[0]
+    sampled = c.completions.create(model="tiny", prompt="the cat", max_tokens=8, n=4, seed=2,
+                                   extra_body={"guided_choice": texts})
+    assert all(ch.text.strip() in texts for ch in sampled.choices)
+    for bad in ([], ["a", " "]):
+        with pytest.raises(openai.BadRequestError, match="guided_choice"):
+            c.completions.create(model="tiny", prompt="the", max_tokens=4, extra_body={"guided_choice": bad})
+    with pytest.raises(openai.BadRequestError, match="raise -n"):
+        c.completions.create(model="tiny", prompt="the", max_tokens=1, extra_body={"guided_choice": ["a b c"]})

@@ -11,7 +11,7 @@ import transformers
 
 from biogpt_cli import BioGptConfig, BioGptForCausalLM, BioGptTokenizer, CheckpointError
 from biogpt_cli.loading import load_pretrained
-from biogpt_cli.tasks import TASKS, build_input, parse
+from biogpt_cli.tasks import HOC_LABELS, TASKS, build_input, parse
 from tests.conftest import TINY, make_reference, one_error_line, write_tiny_vocab
 from tests.test_loading import fairseq_folder
 
@@ -434,3 +434,28 @@ def test_text_output_says_null_for_an_answer_that_did_not_parse(cli, task_ref, t
     (tmp_path / "in.jsonl").write_text(json.dumps({"question": "q", "context": "c"}) + "\n")
     code, out, err = cli("qa", "-m", task_ref[1], "-i", tmp_path / "in.jsonl", "-n", "3", "--format", "text")
     assert code == 0 and out == "null\n" and "did not parse" in err
+
+
+def test_constrained_answers_are_always_the_tasks(cli, trained, tmp_path):
+    """`--constrained`: the trained answers are unchanged, and inputs the model never saw get an
+    answer the task allows (never null): qa yes/no/maybe, classify HoC labels."""
+    for args, fields, answer, result in EXAMPLES:
+        key = {"qa": "answer", "extract": "relations", "classify": "labels"}[args[0]]
+        (tmp_path / "in.jsonl").write_text(json.dumps(fields) + "\n")
+        code, out, err = cli(*args, "-m", trained, "-i", tmp_path / "in.jsonl", "--format", "jsonl",
+                             "--constrained")
+        record = json.loads(out)
+        assert code == 0 and record[key] == result and record["constrained"], err
+    unseen = [{"question": f"what of {w}", "context": f"{w} and more {w}"} for w in ("zinc", "x y z", "q", "blood")]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(u) + "\n" for u in unseen))
+    code, out, err = cli("qa", "-m", trained, "-i", tmp_path / "qa.jsonl", "-o", tmp_path / "qa.out.jsonl",
+                         "--constrained")
+    records = [json.loads(line) for line in (tmp_path / "qa.out.jsonl").read_text().splitlines()]
+    assert code == 0 and all(r["answer"] in ("yes", "no", "maybe") for r in records) and "did not parse" not in err
+    manifest = json.loads((tmp_path / "qa.out.jsonl.manifest.json").read_text())
+    assert manifest["run"]["constrained"] == "pubmedqa"
+    (tmp_path / "hoc.txt").write_text("tumors grow\nvessels\n")
+    code, out, err = cli("classify", "-m", trained, "-i", tmp_path / "hoc.txt", "--format", "jsonl",
+                         "--constrained")
+    labels = [json.loads(line)["labels"] for line in out.splitlines()]
+    assert code == 0 and all(labels) and all(set(x) <= set(HOC_LABELS) for x in labels), err
