@@ -56,6 +56,21 @@ def test_rows_of_different_settings_on_cuda_equal_each_alone(eos_ref, slots):
     mixed_rows_equal_each_alone(ours_from(on_cuda(eos_ref), device="cuda"), slots, "cuda")
 
 
+@pytest.mark.parametrize("opts", [GenerationOptions(max_new_tokens=10),
+                                  GenerationOptions(max_new_tokens=8, num_beams=3)],
+                         ids=["greedy", "beams"])
+def test_constrained_rows_on_cuda_equal_the_cpu(eos_ref, opts):
+    """The mask is made on the device (captured steps for greedy rows): each row's tokens, free or
+    held by a grammar, equal the CPU's."""
+    from biogpt_cli.constraints import Grammar, OneOf, words
+
+    g = Grammar("t", 2, items=(OneOf(((40, 41), (41,), (45, 46, 47))),), sep=(words([44]),), unique=True)
+    grammars = [g if i % 2 else None for i in range(len(PROMPTS))]
+    cpu = generate(ours_from(eos_ref), PROMPTS, opts, constraints=grammars)
+    cuda = generate(ours_from(on_cuda(eos_ref), device="cuda"), PROMPTS, opts, constraints=grammars)
+    assert [[s.ids for s in p] for p in cuda] == [[s.ids for s in p] for p in cpu]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_on_cuda_stays_close(tiny_ref, dtype):
     ref = on_cuda(tiny_ref[0])

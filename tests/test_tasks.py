@@ -439,7 +439,7 @@ def test_text_output_says_null_for_an_answer_that_did_not_parse(cli, task_ref, t
 def test_constrained_answers_are_always_the_tasks(cli, trained, tmp_path):
     """`--constrained`: the trained answers are unchanged, and inputs the model never saw get an
     answer the task allows (never null): qa yes/no/maybe, classify HoC labels."""
-    for args, fields, answer, result in EXAMPLES:
+    for args, fields, _, result in EXAMPLES:
         key = {"qa": "answer", "extract": "relations", "classify": "labels"}[args[0]]
         (tmp_path / "in.jsonl").write_text(json.dumps(fields) + "\n")
         code, out, err = cli(*args, "-m", trained, "-i", tmp_path / "in.jsonl", "--format", "jsonl",
