@@ -121,3 +121,12 @@ def one_error_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     return lines[0]
+
+
+def request_settings(max_tokens: int, temperature: float = 0.0, n: int = 1, seed: int | None = None,
+                     logprobs: int | None = None) -> dict:
+    """A completions request's settings for the server's engine (protocol.py), as HTTP makes them."""
+    from biogpt_cli.protocol import CompletionRequest, settings
+
+    return settings(CompletionRequest(prompt="-", max_tokens=max_tokens, temperature=temperature, n=n, seed=seed,
+                                      logprobs=logprobs))

@@ -134,8 +134,9 @@ def test_sixteen_concurrent_requests_on_cuda_each_equal_generate(tiny_ref):
 
     pytest.importorskip("prometheus_client", reason="the serve extra is not installed")
     from biogpt_cli.loading import load_pretrained
-    from biogpt_cli.serving import Engine, settings
+    from biogpt_cli.serving import Engine
     from biogpt_cli.streaming import continuation
+    from tests.conftest import request_settings as settings
 
     lm, tok = load_pretrained(tiny_ref[1], device="cuda")
     engine = Engine(lm, tok)
@@ -143,7 +144,7 @@ def test_sixteen_concurrent_requests_on_cuda_each_equal_generate(tiny_ref):
     texts: dict[int, str] = {}
 
     async def ask(i: int) -> None:
-        work = engine.prepare([prompts[i]], settings(4 + i, 0, 1, 1, None, None, None), 1)
+        work = engine.prepare([prompts[i]], settings(4 + i), 1)
         await engine.generate(work, lambda ev: ev.done and texts.setdefault(i, ev.done.text), threading.Event(),
                               time.perf_counter())
 

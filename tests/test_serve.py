@@ -126,8 +126,11 @@ def test_a_client_that_disconnects_frees_its_slot(server, slow_generation):
     ({"prompt": "x", "temperature": -1}, 400), ({"prompt": "x " * 200, "max_tokens": 10}, 400),
     ({"prompt": []}, 400), ({"prompt": "   "}, 400), ({}, 400), ({"prompt": "x", "logprobs": 99}, 400),
     ({"prompt": [1, 2]}, 400), ({"prompt": "x", "stop": 3}, 400), ({"prompt": ""}, 400),
-    ({"prompt": "x", "presence_penalty": 0.5}, 400), ({"prompt": "x", "logit_bias": {"50": 5}}, 400),
-    ({"prompt": "x", "best_of": 3}, 400), ({"prompt": "x", "echo": True, "stream": True}, 400),
+    ({"prompt": "x", "suffix": "y"}, 400), ({"prompt": "x", "guided_json": {}}, 400),
+    ({"prompt": "x", "logit_bias": {"tok": 5}}, 400), ({"prompt": "x", "logit_bias": {"99999": 5}}, 400),
+    ({"prompt": "x", "best_of": 1, "n": 2}, 400), ({"prompt": "x", "use_beam_search": True}, 400),
+    ({"prompt": "x", "length_penalty": 2.0}, 400), ({"prompt": "x", "best_of": 3, "stream": True}, 400),
+    ({"prompt": "x", "min_tokens": 20}, 400), ({"prompt": "x", "echo": True, "stream": True}, 400),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400),
 ])
 def test_bad_requests_get_400_in_openai_shape(server, body, status):
@@ -142,8 +145,10 @@ def test_bad_requests_get_400_in_openai_shape(server, body, status):
         assert r.json()["error"]["message"].endswith(": a string or a list of strings")
     if body in ({"prompt": ""}, {"prompt": []}):  # not pydantic's "at least 1 item"
         assert r.json()["error"]["message"] == "prompt: every prompt needs some text"
-    if isinstance(body, dict) and body.keys() & {"presence_penalty", "logit_bias", "best_of"}:
+    if isinstance(body, dict) and body.keys() & {"suffix", "bogus", "guided_json"}:  # not pydantic's "Extra inputs"
         assert "not supported by this server" in r.json()["error"]["message"] and r.json()["error"]["param"]
+    if isinstance(body, dict) and len(body) == 2 and body.get("prompt") == "x":  # one field wrong: it is named
+        assert r.json()["error"]["param"] == next(k for k in body if k != "prompt"), r.text
     if isinstance(body, dict) and body.get("max_tokens") == 10:  # the hint names the request's field, not a CLI flag
         assert "lower max_tokens" in r.json()["error"]["message"] and "--" not in r.json()["error"]["message"]
     assert httpx.get(base + "/health", timeout=10).json()["status"] == "ok"  # and it keeps serving
@@ -153,7 +158,7 @@ def test_fields_clients_send_at_their_inert_values_are_taken(server):
     """Clients send these at values that change nothing (LangChain: both penalties, every request): taken."""
     base, headers = server[0], {"Authorization": "Bearer sekret"}
     inert = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "best_of": 1, "echo": False,
-             "user": "me"}
+             "user": "me", "suffix": ""}
     plain = {"prompt": "the cat", "max_tokens": 4, "temperature": 0}
     answers = [httpx.post(base + "/v1/completions", json=body, headers=headers, timeout=30) for body in
                (plain, {**plain, **inert})]
@@ -293,7 +298,8 @@ def test_the_engine_serves_requests_of_mixed_settings_without_http(tiny_ref):
     what `generate` gives it alone; prompts are made ready off the event loop by the app."""
     import asyncio
 
-    from biogpt_cli.serving import Engine, settings
+    from biogpt_cli.serving import Engine
+    from tests.conftest import request_settings as settings
 
     lm, tok = load_pretrained(tiny_ref[1])
     engine = Engine(lm, tok)
@@ -305,8 +311,8 @@ def test_the_engine_serves_requests_of_mixed_settings_without_http(tiny_ref):
                               threading.Event(), time.perf_counter())
 
     async def both():
-        await asyncio.gather(ask("a", "the cat", settings(7, 0, 1, 1, None, None, None)),
-                             ask("b", "of the", settings(4, 0, 1, 1, None, None, 2)))
+        await asyncio.gather(ask("a", "the cat", settings(7)),
+                             ask("b", "of the", settings(4, logprobs=2)))
 
     asyncio.run(both())
     assert texts == {"a": {0: greedy_text(lm, tok, "the cat", 7)}, "b": {0: greedy_text(lm, tok, "of the", 4)}}
@@ -353,5 +359,5 @@ def test_guided_choice_answers_one_of_the_texts(server):
     for bad in ([], ["a", " "]):
         with pytest.raises(openai.BadRequestError, match="guided_choice"):
             c.completions.create(model="tiny", prompt="the", max_tokens=4, extra_body={"guided_choice": bad})
-    with pytest.raises(openai.BadRequestError, match="raise -n"):
+    with pytest.raises(openai.BadRequestError, match="raise max_tokens to at least 3"):
         c.completions.create(model="tiny", prompt="the", max_tokens=1, extra_body={"guided_choice": ["a b c"]})

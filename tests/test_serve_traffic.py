@@ -20,10 +20,11 @@ from biogpt_cli.errors import InputError  # noqa: E402
 from biogpt_cli.limits import Limits  # noqa: E402
 from biogpt_cli.loading import load_pretrained  # noqa: E402
 from biogpt_cli.server import create_app  # noqa: E402
-from biogpt_cli.serving import Engine, settings  # noqa: E402
+from biogpt_cli.serving import Engine  # noqa: E402
 from biogpt_cli.streaming import continuation  # noqa: E402
 from biogpt_cli.turns import Member  # noqa: E402
 from tests.conftest import one_error_line  # noqa: E402
+from tests.conftest import request_settings as settings  # noqa: E402
 from tests.test_serve_limits import serving  # noqa: E402
 
 
@@ -77,7 +78,7 @@ def test_finished_requests_are_let_go_while_the_batch_runs(tiny, slow_steps):
     counts: list[int] = []
 
     async def one(prompt: str, n: int) -> None:
-        work = engine.prepare([prompt], settings(n, 0, 1, 1, None, None, None), 1)
+        work = engine.prepare([prompt], settings(n), 1)
         await engine.generate(work, lambda ev: None, threading.Event(), time.perf_counter())
 
     async def traffic() -> None:
@@ -102,7 +103,7 @@ def test_other_kinds_of_request_wait_a_bounded_time(tiny, slow_steps):
     waited: dict[str, float] = {}
 
     async def one(prompt: str, n: int, sampled: int = 1) -> None:
-        s = settings(n, 0.8 if sampled > 1 else 0, 1, sampled, None, 1, None)
+        s = settings(n, 0.8 if sampled > 1 else 0, sampled, seed=1)
         work = engine.prepare([prompt], s, sampled)
         await engine.generate(work, lambda ev: None, threading.Event(), time.perf_counter())
 
@@ -173,7 +174,7 @@ def test_the_running_gauge_counts_requests_and_per_token_time_counts_steps(tiny,
     seen: list[float] = []
 
     async def one(prompt: str, n: int, k: int = 1) -> None:
-        work = engine.prepare([prompt], settings(n, 0.8 if k > 1 else 0, 1, k, None, 1, None), k)
+        work = engine.prepare([prompt], settings(n, 0.8 if k > 1 else 0, k, seed=1), k)
         await engine.generate(work, lambda ev: None, threading.Event(), time.perf_counter())
 
     async def traffic() -> None:

@@ -26,6 +26,8 @@ from .processors import (
     Processor,
     apply_all,
     bad_words,
+    frequency_presence,
+    logit_bias,
     min_new_tokens,
     min_p,
     no_repeat_ngram,
@@ -55,6 +57,13 @@ class GenerationOptions:
     no_repeat_ngram_size: int = 0
     bad_words_ids: list[list[int]] = field(default_factory=list)
     logprobs: int | None = None  # keep each new token's log-probability and the K likeliest at its step
+    # OpenAI's and vLLM's: penalties over the new tokens, a bias per token id, tokens that end a
+    # sequence as `</s>` does (its text kept with `include_stop`, as the stop strings' then)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop: bool = False
 
     @property
     def rows_per_prompt(self) -> int:
@@ -82,7 +91,13 @@ class GenerationOptions:
         need(self.early_stopping in (True, False, "never"), "early_stopping must be true, false or 'never'")
         need(self.logprobs is None or self.logprobs >= 0, "logprobs must be 0 or more")
         need(all(ids for ids in self.bad_words_ids), "bad_words_ids: every banned sequence needs a token")
+        need(-2 <= self.frequency_penalty <= 2 and -2 <= self.presence_penalty <= 2,
+             "frequency_penalty and presence_penalty must be in [-2, 2]")
+        need(all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias: biases must be in [-100, 100]")
+        need(self.num_beams == 1 or not self.stop_token_ids, "stop_token_ids: not with beam search")
         if vocab_size is not None:
+            need(all(0 <= i < vocab_size for i in [*self.logit_bias, *self.stop_token_ids]),
+                 f"logit_bias and stop_token_ids: token ids must be in 0..{vocab_size - 1}")
             need(self.logprobs is None or self.logprobs <= vocab_size,
                  f"logprobs must be at most the vocabulary's {vocab_size} tokens")
             need(all(0 <= i < vocab_size for ids in self.bad_words_ids for i in ids),
@@ -104,10 +119,15 @@ class GeneratedSequence:
 
 def make_processors(opts: GenerationOptions, eos: int, prompt_width: int | torch.Tensor,
                     allowed: torch.Tensor | None = None) -> list[Processor]:
-    """The reference's order: penalties and bans, then (sampling only) the warpers. The rows'
+    """The reference's order: penalties and bans (after OpenAI's bias and penalties, which the
+    reference lacks), then (sampling only) the warpers. The rows'
     constraints (`allowed`, constraints.py) come between: the warpers then keep the likeliest of
     the tokens a constraint allows, never a set it allows none of."""
     procs: list[Processor] = []
+    if opts.logit_bias:
+        procs.append(logit_bias(opts.logit_bias))
+    if opts.frequency_penalty or opts.presence_penalty:
+        procs.append(frequency_presence(opts.frequency_penalty, opts.presence_penalty, prompt_width))
     if opts.repetition_penalty != 1.0:
         procs.append(repetition_penalty(opts.repetition_penalty))
     if opts.no_repeat_ngram_size > 0:
@@ -431,7 +451,7 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
                         if observe is not None:
                             observe(seq_of[r], tok, scores[r])
                         alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos, row_opts[r].max_new_tokens,
-                                                       should_stop)
+                                                       should_stop, row_opts[r].stop_token_ids)
                 free = [r for r, live in enumerate(alive) if refill and not live]
                 joining: list[tuple[int, int, Sequence[int]]] = []  # (row, prompt index, prompt)
                 keep = batch.window(alive)
@@ -473,7 +493,8 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
                     held.advance(r, tok)
                     if observe is not None:
                         observe(j, tok, scores[r])
-                    alive[r] = yield from _advance(j, tok, new_ids[r], eos, row_opts[r].max_new_tokens, should_stop)
+                    alive[r] = yield from _advance(j, tok, new_ids[r], eos, row_opts[r].max_new_tokens, should_stop,
+                                                   row_opts[r].stop_token_ids)
                     tokens[r] = tok
                 if not any(alive):
                     break
@@ -520,7 +541,8 @@ def _choosing(o: GenerationOptions) -> tuple:
     """What of a row's options its processors and its choice read (not its length, stops, seed or
     logprobs): requests that differ only there share one pass over their rows."""
     return (o.do_sample, o.temperature, o.top_k, o.top_p, o.min_p, o.repetition_penalty, o.no_repeat_ngram_size,
-            o.min_new_tokens, tuple(map(tuple, o.bad_words_ids)))
+            o.min_new_tokens, tuple(map(tuple, o.bad_words_ids)), o.frequency_penalty, o.presence_penalty,
+            tuple(sorted(o.logit_bias.items())))
 
 
 def _pick(o: GenerationOptions, scores: torch.Tensor, history: torch.Tensor, starts: torch.Tensor, draw: Any,
@@ -529,12 +551,13 @@ def _pick(o: GenerationOptions, scores: torch.Tensor, history: torch.Tensor, sta
     return _draw(scores.softmax(-1), 1, draw, alive)[:, 0] if o.do_sample else scores.argmax(-1)
 
 
-def _advance(seq: int, tok: int, new_ids: list[int], eos: int, max_new: int,
-             should_stop: StopCheck | None) -> Generator[tuple[int, int | None, str | None], None, bool]:
+def _advance(seq: int, tok: int, new_ids: list[int], eos: int, max_new: int, should_stop: StopCheck | None,
+             stops: Sequence[int] = ()) -> Generator[tuple[int, int | None, str | None], None, bool]:
     """One chosen token of a sequence: yields its events, returns whether it goes on. The token's
-    event is consumed before `should_stop` is asked (a caller's text stream decides it)."""
-    if tok == eos:
-        yield seq, tok, "eos"
+    event is consumed before `should_stop` is asked (a caller's text stream decides it). `</s>`
+    and the `stops` tokens end it with their token (reason "eos", "stop")."""
+    if tok == eos or tok in stops:
+        yield seq, tok, "eos" if tok == eos else "stop"
         return False
     new_ids.append(tok)
     yield seq, tok, None
@@ -571,7 +594,8 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
     # through them at the end, so no step copies whole histories
     toks = torch.zeros(b, nb, max_new, dtype=torch.long, device=dev)
     back = torch.zeros_like(toks)
-    reads = opts.repetition_penalty != 1.0 or opts.no_repeat_ngram_size > 0 or bool(opts.bad_words_ids)
+    reads = (opts.repetition_penalty != 1.0 or opts.no_repeat_ngram_size > 0 or bool(opts.bad_words_ids)
+             or bool(opts.frequency_penalty or opts.presence_penalty))
     seqs = batch.history.view(b, nb, total).clone() if reads else None  # for processors that read tokens
     run_scores = torch.zeros(b, nb, device=dev)
     run_scores[:, 1:] = -1e9

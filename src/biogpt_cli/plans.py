@@ -57,7 +57,9 @@ def generation_options(s: dict[str, Any]) -> GenerationOptions:
         early_stopping=bool(s.get("early_stopping")), num_return_sequences=given("num_return_sequences", 1),
         do_sample=bool(s.get("sample")), temperature=given("temperature", 1.0), top_k=given("top_k", 50),
         top_p=given("top_p", 1.0), min_p=s.get("min_p"), repetition_penalty=given("repetition_penalty", 1.0),
-        no_repeat_ngram_size=given("no_repeat_ngram_size", 0))
+        no_repeat_ngram_size=given("no_repeat_ngram_size", 0), frequency_penalty=given("frequency_penalty", 0.0),
+        presence_penalty=given("presence_penalty", 0.0), logit_bias=given("logit_bias", {}),
+        stop_token_ids=given("stop_token_ids", []), include_stop=bool(s.get("include_stop")))
 
 
 def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
@@ -95,7 +97,9 @@ def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
             out["logprobs"] = logprob_entries(lm, tok, inputs[p.key], done.ids, opts.logprobs)
         return out
 
-    options = {k: v for k, v in vars(opts).items() if k not in ("bad_words_ids", "logprobs")}
+    server_only = ("frequency_penalty", "presence_penalty", "logit_bias", "stop_token_ids", "include_stop")
+    options = {k: v for k, v in vars(opts).items()
+               if k not in ("bad_words_ids", "logprobs") and (k not in server_only or v)}
     identity = {"command": "generate", "options": options, "stop": s.get("stop") or [], "ban": s.get("ban") or [],
                 "truncate": s.get("truncate", False), **({"seed": s["seed"]} if opts.do_sample else {}),
                 **({"logprobs": s["logprobs"]} if s.get("logprobs") is not None else {}),

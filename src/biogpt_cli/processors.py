@@ -25,6 +25,27 @@ def repetition_penalty(penalty: float) -> Processor:
     return apply
 
 
+def logit_bias(bias: dict[int, float]) -> Processor:
+    """Add `bias[token]` to its score (OpenAI's `logit_bias`: -100 bans a token, 100 all but forces it)."""
+    def apply(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        index = torch.tensor(list(bias), device=scores.device)
+        values = torch.tensor(list(bias.values()), device=scores.device, dtype=scores.dtype)
+        return scores.index_add(1, index, values.expand(scores.shape[0], -1))
+    return apply
+
+
+def frequency_presence(frequency: float, presence: float, starts: int | torch.Tensor) -> Processor:
+    """OpenAI's penalties: subtract `frequency` times a token's count among the new tokens so far,
+    and `presence` once if it is among them (`starts`: where new tokens begin, per row or for all)."""
+    def apply(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        columns = torch.arange(history.shape[1], device=history.device)
+        new = (columns >= torch.as_tensor(starts, device=history.device).reshape(-1, 1)).to(scores.dtype)
+        counts = torch.zeros(scores.shape[0], scores.shape[1] + 1, device=scores.device, dtype=scores.dtype)
+        counts = counts.scatter_add_(1, history, new.expand(history.shape[0], -1))[:, :-1]  # less the padding's
+        return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
+    return apply
+
+
 def _banned(scores: torch.Tensor, tokens: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
     """`scores` with `tokens[r, i]` banned wherever `hit[r, i]`, in one scatter on the device."""
     index = torch.where(hit, tokens, scores.shape[1])  # a miss lands in a spare column

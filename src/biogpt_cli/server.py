@@ -24,74 +24,34 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from .errors import BioGptError, InputError, PromptTooLong
 from .limits import DEFAULT_LIMITS, Limits
 from .metrics import CONTENT_TYPE
-from .serving import Cancelled, Engine, Work, settings
+from .protocol import (
+    OPENAI_FIELDS,
+    VLLM_FIELDS,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+    in_request_terms,
+    problem,
+    settings,
+)
+from .serving import Cancelled, Engine, Work
 from .streaming import TextEvent
 
 log = logging.getLogger("biogpt.serve")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False  # a last chunk with no choices and the request's usage
-
-
-class CompletionRequest(BaseModel):
-    """The fields of OpenAI's /v1/completions this server honours; any other field is refused."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=0)  # 0 only with echo: the prompt's log-probabilities alone
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, ge=0, le=1)
-    n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    logprobs: int | None = Field(None, ge=0, le=5)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    guided_choice: list[str] | None = None  # vLLM's: the completion is one of these texts
-    # fields this server does not implement, which clients send at the values that change nothing
-    # (LangChain: both penalties at 0, with every request): taken there, refused otherwise
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    best_of: int | None = None
-    echo: bool | None = None
-    suffix: str | None = None
-
-    def unsupported(self) -> str | None:
-        """The first field set to a value this server cannot honour."""
-        inert = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "best_of": (1, self.n),
-                 "suffix": ("",)}
-        return next((f for f, values in inert.items() if getattr(self, f) not in (None, *values)), None)
-
-
-class EmbeddingRequest(BaseModel):
-    """OpenAI's /v1/embeddings. Token arrays are typed here only to be refused with a hint: clients
-    send them as tiktoken's ids (LangChain's OpenAIEmbeddings does by default), not BioGPT's."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
-    user: str | None = None
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
@@ -100,49 +60,34 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param:
 
 def refusal(body: CompletionRequest, limits: Limits) -> JSONResponse | None:
     """The first thing wrong with a completions request that is seen without the model."""
-    prompts = prompts_of(body)
-    if not prompts or not all(p.strip() for p in prompts):
-        return error(400, "prompt: every prompt needs some text", param="prompt")
-    if field := body.unsupported():
-        return error(400, f"{field}: not supported by this server (leave it out, or give the value that "
-                     "changes nothing)", param=field)
-    if body.guided_choice is not None and not (body.guided_choice and all(c.strip() for c in body.guided_choice)):
-        return error(400, "guided_choice: a list of one or more non-empty texts", param="guided_choice")
-    if body.stream_options is not None and not body.stream:
-        return error(400, "stream_options: only with stream: true", param="stream_options")
-    if body.echo and body.stream:
-        return error(400, "echo: not with stream: true (echo scores the prompt: send it unstreamed)", param="echo")
-    if body.max_tokens == 0 and not body.echo:
-        return error(400, "max_tokens: 0 generates nothing: give at least 1, or echo: true to score the prompt",
-                     param="max_tokens")
-    if len(prompts) * body.n > limits.rows:
-        return error(400, f"prompt x n: {len(prompts)} x {body.n} rows, over this server's {limits.rows} a request "
-                     "(serve --max-rows)", param="n")
-    return None
+    found = problem(body, limits.rows)
+    return error(400, found[1], param=found[0]) if found else None
 
 
-def prompts_of(body: CompletionRequest) -> list[str]:
-    return [body.prompt] if isinstance(body.prompt, str) else body.prompt
-
-
-def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins: Sequence[str] = (),
+def create_app(lm: Any, tok: Any, names: str | Sequence[str], api_key: str | None = None, origins: Sequence[str] = (),
                hosts: Sequence[str] | None = None, limits: Limits = DEFAULT_LIMITS) -> FastAPI:
-    """The app; `origins`: web pages (scheme://host:port, or *) whose scripts may call it (CORS);
-    `hosts`: the Host header names it answers (None: any), a guard against DNS rebinding for a
-    server on a loopback address."""
+    """The app, serving the model under `names` (the first is the one its answers give); `origins`:
+    web pages (scheme://host:port, or *) whose scripts may call it (CORS); `hosts`: the Host
+    header names it answers (None: any), a guard against DNS rebinding for a server on a
+    loopback address."""
+    names = [names] if isinstance(names, str) else list(names)
     app = FastAPI(title="biogpt-cli", docs_url=None, redoc_url=None)
     engine = app.state.engine = Engine(lm, tok, limits)
     guard(app, engine, api_key, hosts, limits)
     if origins:  # added last, so outermost: a browser's preflight is answered before the key is asked for
         app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    served = {"id": name, "object": "model", "created": 0, "owned_by": "biogpt-cli"}
+    honoured = {"openai": list(OPENAI_FIELDS), "vllm": list(VLLM_FIELDS)}
+    served = [{"id": n, "object": "model", "created": 0, "owned_by": "biogpt-cli", "root": names[0],
+               "max_model_len": lm.config.max_position_embeddings, "completion_fields": honoured} for n in names]
+    name = names[0]
 
     def not_served(model: str | None) -> JSONResponse | None:
-        """A 404 for a request naming another model (None: it named none, or this one)."""
-        if model in (None, name):
+        """A 404 for a request naming another model (None: it named none, or one of these)."""
+        if model is None or model in names:
             return None
-        return error(404, f"model {model!r} is not served here (this server serves {name!r})", param="model")
+        return error(404, f"model {model!r} is not served here (this server serves "
+                     f"{', '.join(map(repr, names))})", param="model")
 
     @app.get("/metrics")
     async def exposition() -> Response:
@@ -159,29 +104,49 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [served]}
+        return {"object": "list", "data": served}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> Any:  # the client's models.retrieve()
-        return not_served(model) or served
+        return not_served(model) or served[names.index(model)]
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> Any:  # vLLM's
+        if refused := not_served(body.model):
+            return refused
+        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": lm.config.max_position_embeddings, "tokens": ids,
+                "token_strs": tok.convert_ids_to_tokens(ids)}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> Any:  # vLLM's
+        if refused := not_served(body.model):
+            return refused
+        bad = next((t for t in body.tokens if not 0 <= t < lm.config.vocab_size), None)
+        if bad is not None:
+            return error(400, f"tokens: {bad} is not a token id (0..{lm.config.vocab_size - 1})", param="tokens")
+        return {"prompt": tok.decode(body.tokens, skip_special_tokens=True)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         request.state.arrived = time.perf_counter()
         if refused := not_served(body.model) or refusal(body, limits):
             return refused
-        s = settings(body.max_tokens, body.temperature, body.top_p, body.n, body.stop, body.seed, body.logprobs,
-                     body.guided_choice)
         try:
-            work = await asyncio.to_thread(engine.prepare, prompts_of(body), s, body.n)
+            s = settings(body)
+        except ValueError as e:
+            return error(400, str(e), param=str(e).split(":")[0])
+        try:
+            work = await asyncio.to_thread(engine.prepare, body.prompts, s, body.n)
         except PromptTooLong as e:
             return error(400, e.hinted("shorten it or lower max_tokens"), param="prompt")
         except BioGptError as e:
-            return error(400, str(e), param="guided_choice" if "choice" in str(e) else "prompt")
+            param, message = in_request_terms(str(e))
+            return error(400, message, param=param)
         if engine.turns.full():
             return busy(engine)
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": name}
+                "model": body.model or name}
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             request.state.streamed = True
@@ -205,7 +170,8 @@ def create_app(lm: Any, tok: Any, name: str, api_key: str | None = None, origins
                  "embedding": base64.b64encode(struct.pack(f"<{width}f", *v.tolist())).decode()
                  if body.encoding_format == "base64" else v.tolist()} for i, v in enumerate(vectors)]
         used = sum(map(len, ids))
-        return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": used, "total_tokens": used}}
+        return {"object": "list", "data": data, "model": body.model or name,
+                "usage": {"prompt_tokens": used, "total_tokens": used}}
 
     return app
 
@@ -218,6 +184,9 @@ def guard(app: FastAPI, engine: Engine, api_key: str | None, hosts: Sequence[str
         if first.get("type") == "json_invalid":  # its location is a character offset, not a field
             return error(400, f"invalid JSON body: {first.get('ctx', {}).get('error', 'cannot parse it')}")
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "extra_forbidden":
+            return error(400, f"{'.'.join(loc)}: not supported by this server (leave it out; GET /v1/models lists "
+                         "the fields it honours)", param=".".join(loc))
         if loc[:1] in (["prompt"], ["stop"], ["input"]) and len(loc) > 1:  # `str | list[...]`: the first failed
             return error(400, f"{loc[0]}: a string or a list of strings", param=loc[0])
         where = ".".join(loc)
@@ -315,6 +284,9 @@ async def complete(engine: Engine, work: Work, body: CompletionRequest, meta: di
     copies = work.copies
     choices = [dict(c, index=(c["index"] * copies + k)) for c in sorted(choices, key=lambda c: c["index"])
                for k in range(copies)]
+    choices = work.best(choices)
+    if body.logprobs is None:  # asked for only to rank best_of's samples
+        choices = [dict(c, logprobs=None) for c in choices]
     if body.echo:
         choices = [joined(echoed[c["index"] // body.n], c) for c in choices]  # n choices a prompt
     usage = usage_of(work.jobs, sum(len(c.pop("_ids")) for c in choices))
@@ -400,7 +372,9 @@ def joined(echoed: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any]:
     """A generated choice after its echoed prompt: texts and logprobs one after the other."""
     logprobs = None
     if echoed["logprobs"] is not None and choice["logprobs"] is not None:
-        logprobs = {key: echoed["logprobs"][key] + choice["logprobs"][key] for key in echoed["logprobs"]}
+        shifted = {**choice["logprobs"], "text_offset": [len(echoed["text"]) + o for o in
+                                                         choice["logprobs"]["text_offset"]]}
+        logprobs = {key: echoed["logprobs"][key] + shifted[key] for key in echoed["logprobs"]}
     return {**choice, "text": echoed["text"] + choice["text"], "logprobs": logprobs}
 
 
@@ -420,8 +394,9 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(lm: Any, tok: Any, name: str, sock: socket.socket, api_key: str | None, origins: Sequence[str] = (),
-          hosts: Sequence[str] | None = None, limits: Limits = DEFAULT_LIMITS, quiet: bool = False) -> None:
+def serve(lm: Any, tok: Any, names: Sequence[str], sock: socket.socket, api_key: str | None,
+          origins: Sequence[str] = (), hosts: Sequence[str] | None = None, limits: Limits = DEFAULT_LIMITS,
+          quiet: bool = False) -> None:
     import uvicorn
 
     if not quiet:  # one line per cancelled or dropped request
@@ -429,6 +404,6 @@ def serve(lm: Any, tok: Any, name: str, sock: socket.socket, api_key: str | None
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    app = create_app(lm, tok, name, api_key, origins, hosts, limits)
+    app = create_app(lm, tok, names, api_key, origins, hosts, limits)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 

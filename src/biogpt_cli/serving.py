@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import threading
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from .batch import Job
-from .errors import InputError, NothingToEmbed
+from .errors import InputError, NothingToEmbed, PromptTooLong
 from .generation import GenerationOptions
 from .inputs import Prompt
 from .limits import DEFAULT_LIMITS, Limits
@@ -29,7 +30,7 @@ from .memory import check_batch_fits, check_rows_fit
 from .metrics import Metrics
 from .plans import Plan, generate_plan, logprob_entries
 from .scoring import embed
-from .streaming import TextEvent
+from .streaming import TextEvent, continuation
 from .turns import Member, Turns
 
 log = logging.getLogger("biogpt.serve")
@@ -42,45 +43,51 @@ class Cancelled(Exception):
 @dataclass
 class Work:
     """A completions request made ready: its plan, one job per prompt (carrying the request's
-    settings), the rows each prompt decodes (`k`) and the copies of each choice (greedy n)."""
+    settings), the rows each prompt decodes (`k`), the copies of each choice (greedy n) and the
+    choices a prompt returns (`n`: the best of its `k` samples by cumulative log-probability)."""
 
     plan: Plan
     jobs: list[Job]
     k: int
     copies: int
+    n: int
 
     @property
     def key(self) -> str:
-        """The run it may join: one of the same rows per prompt."""
-        return f"rows={self.k}"
+        """The run it may join: greedy and sampled rows share one of the same rows per prompt;
+        beam search runs fixed batches of one setting (every option, and the stop strings)."""
+        opts = self.plan.opts
+        if opts.num_beams == 1:
+            return f"rows={self.k}"
+        return "beams:" + json.dumps([vars(opts), self.plan.stop], sort_keys=True, default=str)
 
+    def best(self, choices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each prompt's `n` choices: all of them, or the best of its `k` by cumulative logprob."""
+        if self.n == self.k * self.copies:
+            return choices
 
-def settings(max_tokens: int, temperature: float, top_p: float, n: int, stop: str | list[str] | None,
-             seed: int | None, logprobs: int | None, choices: list[str] | None = None) -> dict[str, Any]:
-    """`generate`'s settings for a completions request (OpenAI's fields); max_tokens 0 (an echo
-    alone) plans one token, never decoded."""
-    sample = temperature > 0
-    return {"max_new_tokens": max_tokens or 1, "sample": sample, "temperature": temperature or None,
-            "top_p": top_p if sample else None, "top_k": 0 if sample else None,
-            "num_return_sequences": n if sample else 1, "logprobs": logprobs,
-            "seed": seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
-            "stop": [stop] if isinstance(stop, str) else stop or [], "choices": choices}
+        def total(c: dict[str, Any]) -> float:
+            return sum(c["logprobs"]["token_logprobs"]) if c["logprobs"] else 0.0
+        ranked = [sorted(choices[i:i + self.k], key=total, reverse=True)[:self.n]
+                  for i in range(0, len(choices), self.k)]
+        return [dict(c, index=i) for i, c in enumerate(c for group in ranked for c in group)]
 
 
 class Collector:
-    """A renderer for batch.run that hands each event to `sink` (in the run's thread)."""
+    """A renderer for batch.run that hands each event to `sink` (in the run's thread), its row
+    counted over the whole run (beam search numbers each fixed batch's rows from 0)."""
 
-    def __init__(self, sink: Callable[[TextEvent], None]) -> None:
-        self.sink = sink
+    def __init__(self, sink: Callable[[TextEvent], None], k: int) -> None:
+        self.sink, self.k, self.added, self.base = sink, k, 0, 0
 
     def begin(self, prompts: Any) -> None:
-        pass
+        self.base = self.added
 
     def add(self, prompt: Prompt) -> None:
-        pass
+        self.added += 1
 
     def event(self, ev: TextEvent) -> None:
-        self.sink(ev)
+        self.sink(dataclasses.replace(ev, row=ev.row + self.base * self.k))
 
 
 class Engine:
@@ -88,12 +95,24 @@ class Engine:
         self.lm, self.tok, self.limits = lm, tok, limits
         check_batch_fits(lm, limits.rows)
         self.turns = Turns(limits.waiting, limits.rows, limits.fair_wait)
+        self.kinds: dict[str, Plan] = {}  # a run's key -> a plan of its kind
         self.metrics = Metrics(running=lambda: float(self.turns.running), waiting=lambda: self.turns.waiting)
 
     def prepare(self, prompts: list[str], s: dict[str, Any], n: int) -> Work:
         """Tokenize and check a request (a worker thread's job: long prompts would stall the event
-        loop); BioGptError for a prompt or size the model cannot take."""
+        loop); BioGptError for a prompt or size the model cannot take. `max_new_tokens` None: up
+        to the model's positions after the longest prompt."""
         lm = self.lm
+        if s["max_new_tokens"] is None:
+            limit = lm.config.max_position_embeddings
+            longest = max(len(self.tok.encode(p)) for p in prompts)
+            if longest >= limit:
+                raise PromptTooLong(longest, 1, limit)
+            s = {**s, "max_new_tokens": limit - longest}
+        if s.get("ignore_eos"):
+            s = {**s, "min_new_tokens": s["max_new_tokens"]}
+        if s.get("seed") is None:
+            s = {**s, "seed": int.from_bytes(os.urandom(4), "little")}
         plan = generate_plan(lm, self.tok, s, lambda m: None)
         jobs = [dataclasses.replace(plan.job(Prompt(i + 1, p)), opts=plan.opts, stop=plan.stop, seed=plan.seed)
                 for i, p in enumerate(prompts)]
@@ -102,7 +121,8 @@ class Engine:
                        what="prompt x n", dtype_bytes=next(lm.parameters()).element_size(),
                        device=next(lm.parameters()).device)
         k = plan.opts.num_return_sequences
-        return Work(plan, jobs, k, 1 if plan.opts.do_sample else n)
+        copies = 1 if plan.opts.do_sample or plan.opts.num_beams > 1 else n
+        return Work(plan, jobs, k, copies, n)
 
     async def generate(self, work: Work, sink: Callable[[TextEvent], None], cancelled: threading.Event,
                        arrived: float) -> None:
@@ -122,6 +142,7 @@ class Engine:
         for job in work.jobs:  # a request's rows end with its client
             job.gone = cancelled
         self.metrics.prompt_tokens.inc(sum(len(j.ids) for j in work.jobs))
+        self.kinds[work.key] = work.plan  # how a run of its key decodes
         me = Member(work.jobs, counted, cancelled, work.key)
         await self.turns.take_turn(me, lambda key: asyncio.to_thread(self._run_kind, key))
         if me.error is not None:
@@ -135,8 +156,10 @@ class Engine:
         """A finished row as a completions choice (`_ids`: its new tokens, for the usage)."""
         done = ev.done
         record = work.plan.record(work.jobs[done.prompt_index].item, done)
+        entries = record.get("logprobs")
+        pieces = text_pieces(self.tok, work.jobs[done.prompt_index].ids, done.ids, done.text) if entries else []
         return {"text": done.text, "index": ev.row, "finish_reason": "length" if done.finish_reason == "length"
-                else "stop", "logprobs": legacy_logprobs(record.get("logprobs")), "_ids": done.ids}
+                else "stop", "logprobs": legacy_logprobs(self.tok, entries, pieces), "_ids": done.ids}
 
     def echo(self, ids: list[int], k: int | None) -> dict[str, Any]:
         """A prompt as `echo` gives it: its text and, with logprobs, each token's log-probability
@@ -148,7 +171,7 @@ class Engine:
         first = {"token": self.tok.convert_ids_to_tokens(ids[:1])[0], "logprob": None, "top": None}
         with torch.no_grad():
             entries = [first, *logprob_entries(self.lm, self.tok, ids[:1], ids[1:], k)]
-        return {"text": text, "logprobs": legacy_logprobs(entries)}
+        return {"text": text, "logprobs": legacy_logprobs(self.tok, entries, text_pieces(self.tok, [], ids, text))}
 
     def embed_texts(self, texts: list[str]) -> tuple[list[list[int]], torch.Tensor]:
         """Their ids and unit vectors (in a worker thread); a text too long or left with no token
@@ -167,9 +190,9 @@ class Engine:
         """The run of `key` (in its own thread): batches over the requests of that key, until no
         request of the key waits."""
         while self.turns.waits(key):
-            self._run_batch_of(key, int(key.split("=")[1]))
+            self._run_batch_of(key, self.kinds[key])
 
-    def _run_batch_of(self, key: str, k: int) -> None:
+    def _run_batch_of(self, key: str, kind: Plan) -> None:
         """One batch fed by every request of `key` as it arrives (its rows join at the next step),
         each event routed to its request as if it ran alone; it ends when no row runs and nobody
         waits. A request is forgotten as soon as its rows end. If the batch fails, the requests
@@ -178,6 +201,7 @@ class Engine:
         from .batch import run as run_batch
 
         turns, metrics = self.turns, self.metrics
+        beams, k = kind.opts.num_beams > 1, kind.opts.num_return_sequences
         owners: dict[int, list] = {}  # the batch's prompt index -> [request, its own index, rows still running]
         left: dict[Member, int] = {}  # the rows each request taken still runs
         fresh: set[Member] = set()  # taken, and no event of theirs yet
@@ -186,6 +210,8 @@ class Engine:
         def source() -> Any:
             while True:
                 m = turns.next_member(key)
+                if m is None and beams:
+                    return  # a beam batch is fixed: those waiting now
                 if m is None:
                     yield None  # nobody now: the batch goes on, and asks again at its next step
                     continue
@@ -218,9 +244,12 @@ class Engine:
                     del left[m]
                     turns.finish(m)
 
-        try:  # the jobs carry their own settings: these say only how many rows each prompt has
-            run_batch(self.lm, self.tok, source(), GenerationOptions(num_return_sequences=k, do_sample=k > 1),
-                      Collector(route), batch_size=max(1, self.limits.rows // k))
+        # greedy and sampled jobs carry their own settings: the run's say only how many rows each
+        # prompt has; a beam run's are its requests' own (they are alike)
+        opts = kind.opts if beams else GenerationOptions(num_return_sequences=k, do_sample=k > 1)
+        try:
+            run_batch(self.lm, self.tok, source(), opts, Collector(route, k), stop=kind.stop if beams else (),
+                      batch_size=max(1, self.limits.rows // opts.rows_per_prompt))
         except Exception as e:  # noqa: BLE001 -- answered to the requests it concerns; the server goes on
             blamed = set(fresh) or set(left)  # being admitted; else a step failed, and everyone with it
             log.error("a batch failed (%s: %s): %d request(s) get the error, %d start over", type(e).__name__,
@@ -237,11 +266,28 @@ class Engine:
             metrics.rows.set(0)
 
 
-def legacy_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
-    """Our per-token entries in the completions API's logprobs shape."""
+def text_pieces(tok: Any, prompt: list[int], ids: list[int], text: str) -> list[str]:
+    """The text each of `ids` adds to `text` (the choice's text, cut at a stop string if one cut
+    it), as OpenAI's logprobs tokens are: their concatenation is `text`. Each token's share is
+    where the text of the tokens through it stops agreeing with `text` (decoded after the
+    prompt's last words: Moses spaces a word by its neighbours)."""
+    context, ends, at = prompt[-8:], [], 0
+    for i in range(len(ids)):
+        so_far = continuation(tok, context, ids[:i + 1])[0]
+        at = max(at, len(os.path.commonprefix([so_far, text])))
+        ends.append(at)
+    if ends:
+        ends[-1] = len(text)
+    return [text[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def legacy_logprobs(tok: Any, entries: list[dict[str, Any]] | None, pieces: list[str]) -> dict[str, Any] | None:
+    """Our per-token entries in the completions API's logprobs shape: `tokens` the text pieces
+    they add, `text_offset` where each starts in the text, the alternatives by their text."""
     if entries is None:
         return None
-    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [None if e["top"] is None else {t["token"]: t["logprob"] for t in e["top"]}
+    starts = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+    return {"tokens": pieces, "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [None if e["top"] is None else {tok.decode([t["id"]]): t["logprob"] for t in e["top"]}
                              for e in entries],
-            "text_offset": []}
+            "text_offset": starts}

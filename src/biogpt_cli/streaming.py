@@ -33,19 +33,21 @@ def _common_prefix(a: str, b: str) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
-def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """`text` before the first stop string, and whether one was there; a stop string at the first
-    word leaves nothing (not the space before it)."""
-    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+def _cut(text: str, stop: Sequence[str], keep: bool = False) -> tuple[str, bool]:
+    """`text` before the first stop string (through it, with `keep`), and whether one was there;
+    a stop string at the first word leaves nothing (not the space before it)."""
+    hits = [(i, -len(s), s) for s in stop if s and (i := text.find(s)) >= 0]
     if not hits:
         return text, False
-    head = text[: min(hits)]
+    i, _, found = min(hits)
+    head = text[:i] + (found if keep else "")
     return head if head.strip() else "", True
 
 
 def continuation(tokenizer: BioGptTokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int],
-                 stop: Sequence[str] = ()) -> tuple[str, bool]:
-    """The text `new_ids` add to the prompt's decoded text, cut before the first stop string.
+                 stop: Sequence[str] = (), keep: bool = False) -> tuple[str, bool]:
+    """The text `new_ids` add to the prompt's decoded text, cut before the first stop string
+    (after it, with `keep`).
 
     `decode(prompt) + text == decode(prompt + new)`, so the text usually starts with a space. Where
     Moses rewrites the end of the prompt (a rare `@-@` join), the text starts where the two differ.
@@ -53,7 +55,7 @@ def continuation(tokenizer: BioGptTokenizer, prompt_ids: Sequence[int], new_ids:
     """
     prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     full = tokenizer.decode([*prompt_ids, *new_ids], skip_special_tokens=True)
-    return _cut(full[_common_prefix(prompt, full):], stop)
+    return _cut(full[_common_prefix(prompt, full):], stop, keep)
 
 
 class TextStream:
@@ -66,8 +68,10 @@ class TextStream:
     decided as in the whole text. The prompt itself is read from the last anchor two words before
     its end (`_base`): all texts here begin there, so a long prompt costs what a short one does."""
 
-    def __init__(self, tokenizer: BioGptTokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: BioGptTokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = (),
+                 keep_stop: bool = False) -> None:
         self.tokenizer, self.prompt_ids, self.stop = tokenizer, list(prompt_ids), tuple(s for s in stop if s)
+        self.keep_stop = keep_stop  # the final text keeps the stop string that ended it
         self.ids: list[int] = []
         self.text = ""  # emitted so far
         self.stopped = False  # a stop string appeared: the caller should end this sequence
@@ -115,7 +119,7 @@ class TextStream:
         """The rest of the text, once the sequence has ended: `continuation`'s text, computed from
         the base on."""
         full = self._whole()
-        text, self.stopped = _cut(full[_common_prefix(self.prompt_text, full):], self.stop)
+        text, self.stopped = _cut(full[_common_prefix(self.prompt_text, full):], self.stop, self.keep_stop)
         if not text.startswith(self.text):
             raise RuntimeError(f"streamed text {self.text!r} is not a prefix of the final text {text!r}")
         return self._emit(text)
@@ -267,7 +271,7 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
                 first_token()
                 first_token = None
             for j, seq in enumerate(seqs):
-                text, stopped = continuation(tokenizer, prompts[i], seq.ids, stop)
+                text, stopped = continuation(tokenizer, prompts[i], seq.ids, stop, opts.include_stop)
                 ids = _through_stop(tokenizer, prompts[i], seq.ids, stop) if stopped else seq.ids
                 reason = "stop" if stopped else seq.finish_reason
                 yield TextEvent(i * k + j, text, Completion(i, text, ids, reason))
@@ -306,7 +310,8 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
             yield p
 
     def text_stream(row: int) -> TextStream:
-        return TextStream(tokenizer, seen[row // k], per_prompt(row // k)[1] if per_prompt else stop)
+        return TextStream(tokenizer, seen[row // k], per_prompt(row // k)[1] if per_prompt else stop,
+                          options(row // k).include_stop)
 
     for row, token, reason in stream_tokens(model, feed(), opts, generator,
                                             should_stop=lambda r, _: streams[r].stopped or bool(gone and gone(r // k)),
@@ -325,6 +330,8 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
             if live:
                 yield TextEvent(row, text, confidence=least(row, text))
         else:
+            if token is not None and reason == "stop" and options(row // k).include_stop:
+                s.extend(token)  # a stop token, kept
             text = s.finish()
             logprobs = entries.pop(row, [])[:len(s.ids)] if options(row // k).logprobs is not None else None
             yield TextEvent(row, text, Completion(row // k, s.text, s.ids, "stop" if s.stopped else reason, logprobs),

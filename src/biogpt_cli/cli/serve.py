@@ -46,6 +46,8 @@ def serve(
     max_rows: Annotated[int, typer.Option(min=1, help="Prompts x n of one request, at most.")] = Limits.rows,
     max_waiting: Annotated[int, typer.Option(min=0, help="Requests waiting for the model; more get a 429.")]
     = Limits.waiting,
+    served_model_name: Annotated[list[str] | None, typer.Option(
+        help="The name requests give the model (repeatable: aliases; default: -m as given).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No access log, nor notes of cancelled requests.")]
     = False,
     dtype: DTypeOpt = "float32",
@@ -58,7 +60,7 @@ def serve(
     Serve /v1/completions, /v1/embeddings, /v1/models and /health, OpenAI-style, for any OpenAI client.
     As OpenAI's API does, a request samples at temperature 1 unless it says otherwise (`biogpt
     generate` is greedy): send temperature 0 for generate's text. A request's "model" must name
-    the served model (or be left out)."""
+    the served model (-m, or a --served-model-name), or be left out."""
     try:
         from ..server import LOOPBACK_HOSTS, listen
         from ..server import serve as run_server
@@ -77,7 +79,7 @@ def serve(
     stderr.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
     hosts = None if not _loopback(host) or "*" in (allow_host or ()) else (*LOOPBACK_HOSTS, *(allow_host or ()))
     limits = Limits(body_bytes=max_body_bytes, rows=max_rows, waiting=max_waiting)
-    run_server(lm, tok, model, sock, api_key, allow_origin or (), hosts, limits, quiet)
+    run_server(lm, tok, served_model_name or [model], sock, api_key, allow_origin or (), hosts, limits, quiet)
 
 
 def _loopback(host: str) -> bool:
