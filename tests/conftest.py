@@ -130,3 +130,38 @@ def request_settings(max_tokens: int, temperature: float = 0.0, n: int = 1, seed
 
     return settings(CompletionRequest(prompt="-", max_tokens=max_tokens, temperature=temperature, n=n, seed=seed,
                                       logprobs=logprobs))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ref):
+    """(base URL, model, tokenizer) of a server on a free loopback port, stopped at the end; the
+    model is served as "tiny" and "alias"."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from biogpt_cli.loading import load_pretrained
+    from biogpt_cli.server import create_app
+
+    lm, tok = load_pretrained(tiny_ref[1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(lm, tok, ["tiny", "alias"], api_key="sekret"), host="127.0.0.1",
+                                        port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", lm, tok
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="sekret", max_retries=0, timeout=60)

@@ -14,36 +14,13 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 openai = pytest.importorskip("openai", reason="openai (a test dependency) is not installed")
 import httpx  # noqa: E402
 import torch  # noqa: E402
-import uvicorn  # noqa: E402
 
 from biogpt_cli import GenerationOptions, generate  # noqa: E402
 from biogpt_cli.loading import load_pretrained  # noqa: E402
 from biogpt_cli.scoring import embed  # noqa: E402
 from biogpt_cli.server import create_app  # noqa: E402
 from biogpt_cli.streaming import continuation  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def server(tiny_ref):
-    """(base URL, model, tokenizer) of a server on a free loopback port, stopped at the end."""
-    lm, tok = load_pretrained(tiny_ref[1])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(lm, tok, "tiny", api_key="sekret"), host="127.0.0.1", port=port,
-                                        log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", lm, tok
-    srv.should_exit = True
-    thread.join(timeout=10)
-
-
-def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="sekret", max_retries=0, timeout=60)
+from tests.conftest import client  # noqa: E402
 
 
 def greedy_text(lm, tok, prompt, n):
@@ -69,7 +46,7 @@ def test_greedy_equals_generate_and_streaming_concatenates(server):
     both = c.completions.create(model="tiny", prompt=["the cat and", "of the"], max_tokens=6, temperature=0)
     assert [ch.text for ch in sorted(both.choices, key=lambda ch: ch.index)] == \
         [greedy_text(lm, tok, p, 6) for p in ("the cat and", "of the")]
-    assert [m.id for m in c.models.list().data] == ["tiny"] and c.models.retrieve("tiny").id == "tiny"
+    assert [m.id for m in c.models.list().data] == ["tiny", "alias"] and c.models.retrieve("alias").id == "alias"
     with pytest.raises(openai.NotFoundError, match="is not served here"):
         c.models.retrieve("gpt-4")
 

@@ -165,6 +165,7 @@ def test_a_request_that_fails_fails_alone(tiny, slow_steps, monkeypatch, caplog)
     assert after.status_code == 200 and after.json()["choices"][0]["text"] == greedy(lm, tok, "of the", 4)
     assert '"type": "server_error"' in streamed.text
     assert 'biogpt_requests_total{status="500"} 2.0' in metrics  # the stream that ended in an error too
+    assert "biogpt_requests_restarted_total 1.0" in metrics  # the long request, once, when "zebra" failed
     assert "Traceback" not in caplog.text and sum("a batch failed" in m for m in caplog.messages) == 2
 
 
@@ -191,6 +192,9 @@ def test_the_running_gauge_counts_requests_and_per_token_time_counts_steps(tiny,
     [total] = [line for line in text.splitlines() if line.startswith("biogpt_time_per_output_token_seconds_sum")]
     [count] = [line for line in text.splitlines() if line.startswith("biogpt_time_per_output_token_seconds_count")]
     assert float(count.split()[-1]) == 6 and float(total.split()[-1]) / 6 > 0.015  # each step took >= 20 ms
+    for name in ("biogpt_queue_time_seconds_count", "biogpt_e2e_request_latency_seconds_count"):
+        assert f"{name} 6.0" in text
+    assert f"biogpt_batch_rows_capacity {float(engine.limits.rows)}" in text
 
 
 def test_a_streamed_client_that_disconnects_leaves_no_unretrieved_exception(tiny, slow_steps, caplog):
@@ -204,8 +208,10 @@ def test_a_streamed_client_that_disconnects_leaves_no_unretrieved_exception(tiny
         time.sleep(0.5)
         gc.collect()
         assert ask(base, "of", 2).status_code == 200
+        metrics = httpx.get(base + "/metrics").text
     finally:
         stop()
+    assert "biogpt_requests_cancelled_total 1.0" in metrics
     assert "never retrieved" not in caplog.text and "Traceback" not in caplog.text
 
 

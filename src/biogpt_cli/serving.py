@@ -95,8 +95,8 @@ class Engine:
         self.lm, self.tok, self.limits = lm, tok, limits
         check_batch_fits(lm, limits.rows)
         self.turns = Turns(limits.waiting, limits.rows, limits.fair_wait)
-        self.kinds: dict[str, Plan] = {}  # a run's key -> a plan of its kind
-        self.metrics = Metrics(running=lambda: float(self.turns.running), waiting=lambda: self.turns.waiting)
+        self.metrics = Metrics(running=lambda: float(self.turns.running), waiting=lambda: self.turns.waiting,
+                               capacity=limits.rows)
 
     def prepare(self, prompts: list[str], s: dict[str, Any], n: int) -> Work:
         """Tokenize and check a request (a worker thread's job: long prompts would stall the event
@@ -114,7 +114,7 @@ class Engine:
         if s.get("seed") is None:
             s = {**s, "seed": int.from_bytes(os.urandom(4), "little")}
         plan = generate_plan(lm, self.tok, s, lambda m: None)
-        jobs = [dataclasses.replace(plan.job(Prompt(i + 1, p)), opts=plan.opts, stop=plan.stop, seed=plan.seed)
+        jobs = [dataclasses.replace(plan.job(Prompt(i, p)), opts=plan.opts, stop=plan.stop, seed=plan.seed)
                 for i, p in enumerate(prompts)]
         plan.opts.validate(lm.config.vocab_size)
         check_rows_fit(lm.config, len(prompts) * n, max(len(j.ids) for j in jobs) + s["max_new_tokens"],
@@ -142,12 +142,12 @@ class Engine:
         for job in work.jobs:  # a request's rows end with its client
             job.gone = cancelled
         self.metrics.prompt_tokens.inc(sum(len(j.ids) for j in work.jobs))
-        self.kinds[work.key] = work.plan  # how a run of its key decodes
-        me = Member(work.jobs, counted, cancelled, work.key)
-        await self.turns.take_turn(me, lambda key: asyncio.to_thread(self._run_kind, key))
+        me = Member(work.jobs, counted, cancelled, work.key)  # a run it starts decodes as its plan says
+        await self.turns.take_turn(me, lambda key: asyncio.to_thread(self._run_kind, key, work.plan))
         if me.error is not None:
             raise me.error
         if cancelled.is_set():
+            self.metrics.cancelled.inc()
             raise Cancelled
         end = time.perf_counter()
         self.metrics.generated((first[0] if first else end) - arrived, end - arrived, new[0], longest[0])
@@ -186,11 +186,11 @@ class Engine:
         except NothingToEmbed as e:
             raise InputError(f"input[{e.index}]: {e.reason}") from None
 
-    def _run_kind(self, key: str) -> None:
-        """The run of `key` (in its own thread): batches over the requests of that key, until no
-        request of the key waits."""
+    def _run_kind(self, key: str, kind: Plan) -> None:
+        """The run of `key` (in its own thread; `kind`: the plan of a request of that key, which
+        all decode alike): batches over the requests of that key, until none waits."""
         while self.turns.waits(key):
-            self._run_batch_of(key, self.kinds[key])
+            self._run_batch_of(key, kind)
 
     def _run_batch_of(self, key: str, kind: Plan) -> None:
         """One batch fed by every request of `key` as it arrives (its rows join at the next step),
@@ -217,6 +217,9 @@ class Engine:
                     continue
                 left[m] = len(m.jobs) * k
                 fresh.add(m)
+                if m.joined is None:  # its first batch (one that starts over was counted then)
+                    m.joined = time.monotonic()
+                    metrics.queued.observe(m.joined - m.since)
                 for i, job in enumerate(m.jobs):
                     owners[next(indices)] = [m, i, k]
                     metrics.rows.inc(k)
@@ -261,6 +264,7 @@ class Engine:
                 else:
                     m.skip = dict(m.delivered)
                     m.delivered = {}
+                    metrics.restarted.inc()
                     turns.retry(m)
         finally:
             metrics.rows.set(0)

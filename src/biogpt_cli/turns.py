@@ -28,6 +28,7 @@ class Member:
     error: BaseException | None = None
     taken: bool = False
     since: float = field(default_factory=time.monotonic)  # when it arrived
+    joined: float | None = None  # when its rows first joined a batch
     delivered: dict[int, int] = field(default_factory=dict)  # events of each row seen in its batch
     skip: dict[int, int] = field(default_factory=dict)  # ... of them handed on before its batch failed
 
