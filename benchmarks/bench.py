@@ -664,9 +664,39 @@ def serve_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> N
                             note=f"latency {p50_p95([a[0] for a in answers])}; first token "
                                  f"{p50_p95([a[1] for a in answers])}"))
         short_while_busy(client, model, lines, rows)
+        beam_requests(client, model, lines, folder, rows)
     finally:
         server.terminate()
         server.wait(30)
+
+
+def beam_requests(client: object, model: str, lines: list[str], folder: Path, rows: list[dict]) -> None:
+    """4 clients at once asking for beam search (`use_beam_search`, n 5, 32 tokens), against the
+    library's `generate` with `--num-beams 5 --num-return-sequences 5`'s settings, one prompt at a
+    time in this process: new tokens/s of all the sequences returned."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [" ".join(lines[40 + i].split()[:12]) for i in range(4)]
+
+    def ask(prompt: str) -> int:
+        out = client.completions.create(model=model, prompt=prompt, max_tokens=32, temperature=0, n=5,
+                                        extra_body={"use_beam_search": True})
+        return out.usage.completion_tokens
+
+    with ThreadPoolExecutor(4) as pool:
+        start = time.perf_counter()
+        served = sum(pool.map(ask, prompts))
+        together = time.perf_counter() - start
+    lm, tok = BioGptForCausalLM.from_pretrained(folder), BioGptTokenizer.from_folder(folder)
+    opts = GenerationOptions(max_new_tokens=32, num_beams=5, num_return_sequences=5)
+    start, made = time.perf_counter(), 0
+    with torch.inference_mode():
+        for prompt in prompts:
+            made += sum(len(s.ids) for s in generate(lm, [tok.encode(prompt)], opts)[0])  # as usage counts
+    alone = time.perf_counter() - start
+    rows.append(row("serve, 4 clients x beam search (n 5, 32 tokens) vs generate one at a time", served / together,
+                    made / alone, "tokens/s", higher=True, note="requests of the same beam settings share fixed "
+                    "batches; the reference column is the library's generate(), one prompt at a time, in process"))
 
 
 def short_while_busy(client: object, model: str, lines: list[str], rows: list[dict]) -> None:
