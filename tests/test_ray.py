@@ -304,3 +304,63 @@ def test_an_output_named_as_a_file_is_refused_before_anything_is_made(cli, tiny_
                        tmp_path / "out.jsonl")
     assert code == 2 and "writes a folder of part files, not one file" in one_error_line(err)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_serve_replicas_answer_as_one_server_and_replace_a_killed_one(local_ray, tiny_ref):
+    """`biogpt serve --replicas 2` (fleet.py) on Ray Serve: greedy answers equal generate's (a
+    single server's, tested there), /health and /metrics cover both replicas (labelled, and
+    summed), and a killed replica is replaced while the other keeps answering."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[ray,serve]')")
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    import socket
+    import time
+
+    import httpx
+    from ray import serve
+
+    from biogpt_cli import GenerationOptions, fleet, generate
+    from biogpt_cli.limits import Limits
+    from biogpt_cli.loading import load_pretrained
+    from biogpt_cli.streaming import continuation
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = {"load": {"path_or_id": str(tiny_ref[1])}, "names": ["tiny"], "api_key": None, "origins": [],
+            "hosts": None, "limits": Limits(), "threads": 1}
+    stop = fleet.start(spec, 2, 0.5, 0, "127.0.0.1", port, None)
+    url = f"http://127.0.0.1:{port}"
+    lm, tok = load_pretrained(tiny_ref[1])
+
+    def ask(prompt: str) -> httpx.Response:
+        return httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0},
+                          timeout=60)
+
+    def replicas() -> list[str]:
+        return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::biogpt#")]
+
+    try:
+        for prompt in ("the cat", "of the", "a b c", "dna and"):
+            ids = tok.encode(prompt)
+            want = continuation(tok, ids, generate(lm, [ids], GenerationOptions(max_new_tokens=6))[0][0].ids)[0]
+            assert ask(prompt).json()["choices"][0]["text"] == want
+        deadline = time.time() + 30
+        while len(httpx.get(url + "/health", timeout=30).json()["replicas"]) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        assert len(httpx.get(url + "/health", timeout=30).json()["replicas"]) == 2
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+        assert metrics.count('biogpt_prompt_tokens_total{replica="') == 2 and "\nbiogpt_prompt_tokens_total " in metrics
+        killed = replicas()[0]
+        ray.kill(ray.get_actor(killed, namespace="serve"), no_restart=True)
+        assert all(ask("the cat").status_code == 200 for _ in range(6))
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            states = serve.status().applications[fleet.APP].deployments["BioGptReplica"].replica_states
+            if states.get("RUNNING") == 2 and killed not in replicas() and len(replicas()) == 2:
+                break
+            time.sleep(1)
+        assert states.get("RUNNING") == 2 and killed not in replicas() and len(replicas()) == 2
+        assert ask("of the").status_code == 200
+    finally:
+        stop()

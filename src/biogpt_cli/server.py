@@ -65,11 +65,12 @@ def refusal(body: CompletionRequest, limits: Limits) -> JSONResponse | None:
 
 
 def create_app(lm: Any, tok: Any, names: str | Sequence[str], api_key: str | None = None, origins: Sequence[str] = (),
-               hosts: Sequence[str] | None = None, limits: Limits = DEFAULT_LIMITS) -> FastAPI:
+               hosts: Sequence[str] | None = None, limits: Limits = DEFAULT_LIMITS, fleet: Any = None) -> FastAPI:
     """The app, serving the model under `names` (the first is the one its answers give); `origins`:
     web pages (scheme://host:port, or *) whose scripts may call it (CORS); `hosts`: the Host
     header names it answers (None: any), a guard against DNS rebinding for a server on a
-    loopback address."""
+    loopback address; `fleet`: the replicas this app is one of (fleet.py), whose metrics and
+    health /metrics and /health give."""
     names = [names] if isinstance(names, str) else list(names)
     app = FastAPI(title="biogpt-cli", docs_url=None, redoc_url=None)
     engine = app.state.engine = Engine(lm, tok, limits)
@@ -91,7 +92,7 @@ def create_app(lm: Any, tok: Any, names: str | Sequence[str], api_key: str | Non
 
     @app.get("/metrics")
     async def exposition() -> Response:
-        return Response(engine.metrics.text(), media_type=CONTENT_TYPE)
+        return Response(await fleet.metrics() if fleet else engine.metrics.text(), media_type=CONTENT_TYPE)
 
     @app.post("/v1/chat/completions")
     async def chat() -> JSONResponse:  # what many clients try first
@@ -99,8 +100,8 @@ def create_app(lm: Any, tok: Any, names: str | Sequence[str], api_key: str | Non
                      "/v1/completions with a prompt")
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "model": name}
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": name, **(await fleet.health() if fleet else {})}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

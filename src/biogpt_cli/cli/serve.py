@@ -19,6 +19,7 @@ from .common import (
     ModelOpt,
     QuantizeOpt,
     RevisionOpt,
+    UsageError,
     check_decode_memory,
     check_precision,
     command,
@@ -48,6 +49,12 @@ def serve(
     = Limits.waiting,
     served_model_name: Annotated[list[str] | None, typer.Option(
         help="The name requests give the model (repeatable: aliases; default: -m as given).")] = None,
+    replicas: Annotated[int | None, typer.Option(min=1, help="Run N copies on Ray Serve behind this address (the "
+                                                 "ray extra).")] = None,
+    cpus_per_replica: Annotated[float, typer.Option(min=0.1, help="With --replicas: CPUs each.")] = 1.0,
+    gpus_per_replica: Annotated[float, typer.Option(min=0, help="With --replicas: GPUs each.")] = 0.0,
+    address: Annotated[str | None, typer.Option(help="With --replicas: a Ray cluster's address (default: a "
+                                                "local Ray, or $RAY_ADDRESS).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No access log, nor notes of cancelled requests.")]
     = False,
     dtype: DTypeOpt = "float32",
@@ -68,18 +75,46 @@ def serve(
         raise missing_extra("biogpt serve", "serve") from None
     torch_device = device_or_usage_error(device)
     check_precision(quantize, dtype, torch_device)
+    if replicas is None and (address or gpus_per_replica or cpus_per_replica != 1.0):
+        raise UsageError("--address, --cpus-per-replica and --gpus-per-replica go with --replicas N")
     sock = listen(host, port)
     if not api_key and not _loopback(host):
         stderr.print(f"warning: listening on {host} without --api-key: anyone who can reach port {port} can use "
                      "this server")
+    hosts = None if not _loopback(host) or "*" in (allow_host or ()) else (*LOOPBACK_HOSTS, *(allow_host or ()))
+    limits = Limits(body_bytes=max_body_bytes, rows=max_rows, waiting=max_waiting)
+    names = served_model_name or [model]
+    if replicas is not None:  # each replica loads the model and checks its batch fits, where it runs
+        sock.close()  # Ray Serve's proxy takes the address: it was free a moment ago
+        weights = {"path_or_id": model, "revision": revision, "dtype": dtype, "quantize": quantize,
+                   "device": "cuda" if gpus_per_replica else device}
+        spec = {"load": weights, "names": names, "api_key": api_key, "origins": list(allow_origin or ()),
+                "hosts": hosts, "limits": limits, "threads": max(1, int(cpus_per_replica))}
+        return _serve_replicas(spec, replicas, cpus_per_replica, gpus_per_replica, host, port, address)
     # the batch that requests share may hold --max-rows rows, each at the model's full length
     check_decode_memory(model, revision, batch_rows(max_rows, torch_device), 1 << 30, "serve --max-rows", dtype,
                         torch_device)
     lm, tok = load(model, revision, dtype, torch_device, quantize)
     stderr.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
-    hosts = None if not _loopback(host) or "*" in (allow_host or ()) else (*LOOPBACK_HOSTS, *(allow_host or ()))
-    limits = Limits(body_bytes=max_body_bytes, rows=max_rows, waiting=max_waiting)
-    run_server(lm, tok, served_model_name or [model], sock, api_key, allow_origin or (), hosts, limits, quiet)
+    run_server(lm, tok, names, sock, api_key, allow_origin or (), hosts, limits, quiet)
+
+
+def _serve_replicas(spec: dict, replicas: int, cpus: float, gpus: float, host: str, port: int,
+                    address: str | None) -> None:
+    """The deployment on Ray Serve (fleet.py), until Ctrl-C."""
+    import time
+
+    from .. import fleet
+
+    fleet.ray_serve()  # the extra is there, or one line saying how to add it
+    stop = fleet.start(spec, replicas, cpus, gpus, host, port, address)
+    try:
+        stderr.print(f"serving {spec['load']['path_or_id']} on http://{host}:{port}/v1 from {replicas} Ray Serve "
+                     "replicas (Ctrl-C stops)")
+        while True:
+            time.sleep(1)
+    finally:
+        stop()
 
 
 def _loopback(host: str) -> bool:
