@@ -68,7 +68,8 @@ def test_openai_penalties_bias_and_stop_tokens(server):
         got = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, logit_bias=bias)
 
         def add(logits, new, bias=bias):
-            return logits.index_add(0, torch.tensor([int(k) for k in bias]), torch.tensor([float(v) for v in bias.values()]))
+            index, values = torch.tensor([int(k) for k in bias]), torch.tensor([float(v) for v in bias.values()])
+            return logits.index_add(0, index, values)
         assert got.choices[0].text == by_hand(lm, tok, ids, 6, add)
     for frequency, presence in ((1.5, 0), (0, 2), (-1, 0.5)):
         got = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0,
