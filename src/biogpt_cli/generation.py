@@ -120,9 +120,9 @@ class GeneratedSequence:
 def make_processors(opts: GenerationOptions, eos: int, prompt_width: int | torch.Tensor,
                     allowed: torch.Tensor | None = None) -> list[Processor]:
     """The reference's order: penalties and bans (after OpenAI's bias and penalties, which the
-    reference lacks), then (sampling only) the warpers. The rows'
-    constraints (`allowed`, constraints.py) come between: the warpers then keep the likeliest of
-    the tokens a constraint allows, never a set it allows none of."""
+    reference lacks), then (sampling only) the warpers. The rows' constraints (`allowed`,
+    constraints.py) come between: the warpers then keep the likeliest of the tokens a constraint
+    allows, never a set it allows none of."""
     procs: list[Processor] = []
     if opts.logit_bias:
         procs.append(logit_bias(opts.logit_bias))

@@ -54,7 +54,8 @@ def generation_options(s: dict[str, Any]) -> GenerationOptions:
     return GenerationOptions(
         max_new_tokens=s["max_new_tokens"], min_new_tokens=given("min_new_tokens", 0),
         num_beams=given("num_beams", 1), length_penalty=given("length_penalty", 1.0),
-        early_stopping=bool(s.get("early_stopping")), num_return_sequences=given("num_return_sequences", 1),
+        early_stopping="never" if s.get("early_stopping") == "never" else bool(s.get("early_stopping")),
+        num_return_sequences=given("num_return_sequences", 1),
         do_sample=bool(s.get("sample")), temperature=given("temperature", 1.0), top_k=given("top_k", 50),
         top_p=given("top_p", 1.0), min_p=s.get("min_p"), repetition_penalty=given("repetition_penalty", 1.0),
         no_repeat_ngram_size=given("no_repeat_ngram_size", 0), frequency_penalty=given("frequency_penalty", 0.0),
