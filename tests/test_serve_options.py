@@ -137,3 +137,15 @@ def test_names_max_tokens_null_and_the_tokenizer_routes(server):
     assert r == {"prompt": PROMPT}
     r = httpx.post(base + "/detokenize", json={"tokens": [10 ** 6]}, headers=headers, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+
+
+def test_a_stop_string_kept_in_the_text(server):
+    c = client(server)
+    ask = dict(model="tiny", prompt=PROMPT, max_tokens=12, temperature=1, seed=3)  # varied text, the same each time
+    free = c.completions.create(**ask).choices[0].text
+    # a stop string first found past the first word (one at the first word leaves no text at all)
+    stop = next(free[i:i + 2] for i in range(len(free) - 1) if free[:free.index(free[i:i + 2])].strip())
+    cut = c.completions.create(**ask, stop=[stop]).choices[0]
+    kept = c.completions.create(**ask, stop=[stop], extra_body={"include_stop_str_in_output": True}).choices[0]
+    assert cut.finish_reason == kept.finish_reason == "stop"
+    assert kept.text == free[:free.index(stop) + len(stop)] and cut.text == free[:free.index(stop)]
