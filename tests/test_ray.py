@@ -63,6 +63,17 @@ def test_records_equal_the_local_run(cli, local_ray, tiny_ref, prompts, tmp_path
     assert {k: (v["ids"], v["text"]) for k, v in got.items()} == {k: (v["ids"], v["text"]) for k, v in expected.items()}
 
 
+def test_constrained_records_equal_the_local_run(cli, local_ray, tiny_ref, prompts, tmp_path):
+    """A row's constraint is built in the worker from the run's settings, as locally."""
+    args = ("generate", "-m", tiny_ref[1], "-n", "4", "-i", prompts, "--choices", "x,y z,the")
+    code, _, err = cli(*args, "--engine", "ray", "-o", tmp_path / "out")
+    assert code == 0, err
+    code, local, _ = cli(*args, "--format", "jsonl")
+    expected = {r["id"]: r["choice"] for r in map(json.loads, local.splitlines())}
+    assert {r["id"]: r["choice"] for r in records(tmp_path / "out")} == expected
+    assert set(expected.values()) <= {"x", "y z", "the"}
+
+
 @pytest.mark.parametrize("command", ["score", "embed"])
 def test_texts_read_whole_give_the_local_records(cli, local_ray, tiny_ref, tmp_path, command):
     """score and embed on Ray: the local run's records, batched; a bad text is an error record and
