@@ -39,11 +39,11 @@ def choices(tok: BioGptTokenizer, texts: Sequence[str]) -> Grammar:
 def relation_words(task: Task, configured: Sequence[str], given: Sequence[str] | None) -> tuple[str, ...]:
     """The relation words `extract --constrained` may write: given (`--relations`), else the
     checkpoint's (kept by `finetune`), else DDI's four; KD-DTI has no fixed set."""
-    words_ = tuple(given or configured or (DDI_RELATIONS if task.name == "ddi" else ()))
-    if task.name == "kd-dti" and not words_:
+    found = tuple(given or configured or (DDI_RELATIONS if task.name == "ddi" else ()))
+    if task.name == "kd-dti" and not found:
         raise InputError("extract --constrained on kd-dti needs the relation words of its training data: this "
                          "checkpoint does not keep them (biogpt finetune does); give --relations FILE or a,b,c")
-    return words_
+    return found
 
 
 def source_words(tok: BioGptTokenizer, ids: Sequence[int]) -> tuple[list[tuple[int, ...]], dict[int, tuple]]:
