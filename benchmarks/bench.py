@@ -319,7 +319,7 @@ def constraint_figures(folder: Path, args: argparse.Namespace, rows: list[dict])
     building DDI's automaton for a 640-token source up to its first entity's tokens (the widest
     step) against one decoding step at batch 1, and the median time between decoding steps, from
     one model step to the next (the mask, the automata, the choice and the model), at batch 1
-    (640-token sources) and 16 (160-token ones), on microsoft/biogpt's shape."""
+    (640-token sources) and 16 (160-token ones), on microsoft/biogpt's shape, on `--device`."""
     from biogpt_cli import generation
     from biogpt_cli.grammars import DDI_RELATIONS, task_grammar
     from biogpt_cli.tasks import TASKS
@@ -327,7 +327,7 @@ def constraint_figures(folder: Path, args: argparse.Namespace, rows: list[dict])
     tok = BioGptTokenizer.from_folder(folder)
     lines = (shared_dir() / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
     texts = [" ".join(lines[i * 12:(i + 1) * 12]).lower() for i in range(16)]
-    ours = BioGptForCausalLM.from_pretrained(folder)
+    ours = BioGptForCausalLM.from_pretrained(folder, device=args.device)
     task = TASKS["ddi"]
     head = tok.encode("the interaction between", add_special_tokens=False)
 

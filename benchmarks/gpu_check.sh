@@ -12,7 +12,7 @@
 # pip's --no-index: nothing is fetched (docs/performance.md says how to download them). The real
 # vocabulary and corpus come from $BIOGPT_SHARED (default ../shared; carry a copy with the checkout).
 #
-# Each phase runs under its own time limit (about 7 minutes in all); a phase that fails or runs out
+# Each phase runs under its own time limit (about 8 minutes in all); a phase that fails or runs out
 # of time is recorded and the next one runs. OUT gets log.txt (every phase's output), timing.txt
 # (what each phase took, and its exit status) and the bench's result files.
 set -uo pipefail
@@ -82,12 +82,14 @@ if [ "$dry" = 1 ]; then  # the same phases, each cut to what shows that it start
     phase bench 60 python3 benchmarks/bench.py --help
     phase serve 30 python3 -c "import benchmarks.bench as b; assert callable(b.serve_figures)"
     phase finetune 30 python3 -c "import benchmarks.train_bench as t; assert callable(t.main)"
+    phase constraints 30 python3 -c "import benchmarks.bench as b; assert callable(b.constraint_figures)"
 else
     phase setup 40 bash -c setup
     phase tests 100 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider
     phase bench 170 "${bench[@]}" --only gpu
     phase serve 50 "${bench[@]}" --only serve
     phase finetune 50 "${bench[@]}" --only finetune
+    phase constraints 40 "${bench[@]}" --only constraints
 fi
 total=$(awk 'NR > 1 { s += $2 } END { printf "%.1f", s }' "$timing")
 echo "total     $total s" | tee -a "$timing"

@@ -18,5 +18,5 @@ def test_the_dry_run_runs_every_phase_and_records_its_time(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     rows = (tmp_path / "out" / "timing.txt").read_text().splitlines()
     phases = {line.split()[0]: line.split()[3:] for line in rows[1:-1]}
-    assert phases == {p: ["ok"] for p in ("setup", "tests", "bench", "serve", "finetune")}, rows
+    assert phases == {p: ["ok"] for p in ("setup", "tests", "bench", "serve", "finetune", "constraints")}, rows
     assert rows[-1].startswith("total") and "== tests" in (tmp_path / "out" / "log.txt").read_text()
