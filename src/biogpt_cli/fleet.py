@@ -115,14 +115,12 @@ class Replica:
         from .server import create_app
 
         s, hub = self.spec, ray.get_actor(HUB, namespace=NAMESPACE)
-        holder: list[Any] = []
-        fleet = Fleet(hub, self.id, lambda: holder[0].metrics.text())
+        fleet = Fleet(hub, self.id, lambda: app.state.engine.metrics.text())  # the app's, once it is made
         app = create_app(self.lm, self.tok, s["names"], s["api_key"], s["origins"], s["hosts"], s["limits"], fleet)
-        holder.append(app.state.engine)
 
         def post() -> None:
             while True:
-                hub.post.remote(self.id, holder[0].metrics.text())
+                hub.post.remote(self.id, app.state.engine.metrics.text())
                 time.sleep(POST_EVERY)
         threading.Thread(target=post, daemon=True).start()
         return app
