@@ -132,33 +132,41 @@ def request_settings(max_tokens: int, temperature: float = 0.0, n: int = 1, seed
                                       logprobs=logprobs))
 
 
-@pytest.fixture(scope="module")
-def server(tiny_ref):
-    """(base URL, model, tokenizer) of a server on a free loopback port, stopped at the end; the
-    model is served as "tiny" and "alias"."""
+def serving(app):
+    """A real server on a free loopback port, in a thread: (base URL, stop)."""
     import socket
     import threading
     import time
 
     import uvicorn
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=10)
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ref):
+    """(base URL, model, tokenizer) of a server on a free loopback port, stopped at the end; the
+    model is served as "tiny" and "alias"."""
     from biogpt_cli.loading import load_pretrained
     from biogpt_cli.server import create_app
 
     lm, tok = load_pretrained(tiny_ref[1])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(lm, tok, ["tiny", "alias"], api_key="sekret"), host="127.0.0.1",
-                                        port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", lm, tok
-    srv.should_exit = True
-    thread.join(timeout=10)
+    base, stop = serving(create_app(lm, tok, ["tiny", "alias"], api_key="sekret"))
+    yield base, lm, tok
+    stop()
 
 
 def client(server):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
 import time
 
@@ -13,7 +12,6 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
 from biogpt_cli import batch  # noqa: E402
@@ -21,29 +19,12 @@ from biogpt_cli.limits import Limits  # noqa: E402
 from biogpt_cli.loading import load_pretrained  # noqa: E402
 from biogpt_cli.server import LOOPBACK_HOSTS, create_app, host_name  # noqa: E402
 from biogpt_cli.turns import Turns  # noqa: E402
+from tests.conftest import serving  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_ref):
     return load_pretrained(tiny_ref[1])
-
-
-def serving(app):
-    """A real server on a free loopback port, in a thread: (base URL, stop)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(timeout=10)
-    return f"http://127.0.0.1:{port}", stop
 
 
 def test_requests_beyond_a_limit_get_a_4xx_and_the_next_succeeds(tiny):

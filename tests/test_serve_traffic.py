@@ -23,9 +23,11 @@ from biogpt_cli.server import create_app  # noqa: E402
 from biogpt_cli.serving import Engine  # noqa: E402
 from biogpt_cli.streaming import continuation  # noqa: E402
 from biogpt_cli.turns import Member  # noqa: E402
-from tests.conftest import one_error_line  # noqa: E402
+from tests.conftest import (
+    one_error_line,  # noqa: E402
+    serving,  # noqa: E402
+)
 from tests.conftest import request_settings as settings  # noqa: E402
-from tests.test_serve_limits import serving  # noqa: E402
 
 
 @pytest.fixture(scope="module")

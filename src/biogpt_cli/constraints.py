@@ -88,8 +88,7 @@ class Span:
         return None
 
     def _next(self, sub: Any) -> dict[int, list[tuple]]:
-        if sub is None:
-            return {t: [(w, 1, 1) for w in where] for t, where in self.at.items()}
+        """Where a started span may go: on through its word, or into the next one."""
         w, i, count = sub
         if i < len(self.words[w]):
             return {self.words[w][i]: [(w, i + 1, count)]}
