@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from biogpt_cli.constraints import Grammar, OneOf, RowStates, Span, words
+from biogpt_cli.constraints import Grammar, OneOf, RowStates, fixed
 from biogpt_cli.generation import GenerationOptions, generate, prompt_generator, stream_tokens
-from biogpt_cli.grammars import choices, source_words, task_grammar
+from biogpt_cli.grammars import choices, entity_span, source_words, task_grammar
+from biogpt_cli.grounding import align
 from biogpt_cli.tasks import HOC_LABELS, TASKS, build_input, parse
 from biogpt_cli.tokenizer import BioGptTokenizer
 from tests.conftest import make_reference
@@ -54,8 +55,9 @@ def run(grammar, tok, text: str) -> tuple[bool, bool]:
 
 # -- the automata ------------------------------------------------------------------------------
 def test_relation_grammar_takes_only_spans_of_the_source(tok):
-    ids = build_input(TASKS["ddi"], tok, {"abstract": "Warfarin raises INR with aspirin and heparin."}, 200)
-    g = task_grammar(TASKS["ddi"], tok, ids, ("effect", "advise"))
+    fields = {"abstract": "Warfarin raises INR with aspirin and heparin."}
+    ids = build_input(TASKS["ddi"], tok, fields, 200)
+    g = task_grammar(TASKS["ddi"], tok, source_words(TASKS["ddi"], tok, fields, ids), ("effect", "advise"))
     assert run(g, tok, "the interaction between warfarin and aspirin is effect.") == (True, True)
     assert run(g, tok, "the interaction between warfarin and raises inr with aspirin is advise; "
                        "the interaction between heparin and warfarin is effect.") == (True, True)
@@ -74,15 +76,16 @@ def test_relation_grammar_takes_only_spans_of_the_source(tok):
 
 
 def test_bc5cdr_hoc_and_qa_grammars(tok):
-    ids = build_input(TASKS["bc5cdr"], tok, {"title": "Lithium", "abstract": "It causes tremor."}, 200)
-    g = task_grammar(TASKS["bc5cdr"], tok, ids)
+    fields = {"title": "Lithium", "abstract": "It causes tremor."}
+    ids = build_input(TASKS["bc5cdr"], tok, fields, 200)
+    g = task_grammar(TASKS["bc5cdr"], tok, source_words(TASKS["bc5cdr"], tok, fields, ids))
     assert run(g, tok, "the relation between lithium and tremor exists.") == (True, True)
     assert run(g, tok, "the relation between lithium and renal failure")[0] is False
-    hoc = task_grammar(TASKS["hoc"], tok, [2, 5, 6])
+    hoc = task_grammar(TASKS["hoc"], tok)
     assert run(hoc, tok, "the type of this document is empty|resisting cell death.") == (True, True)
     assert run(hoc, tok, "the type of this document is empty|empty")[0] is False
     assert run(hoc, tok, "the type of this document is cancer")[0] is False
-    qa = task_grammar(TASKS["pubmedqa"], tok, [2, 5, 6])
+    qa = task_grammar(TASKS["pubmedqa"], tok)
     for answer in ("yes", "no", "maybe"):
         assert run(qa, tok, f"the answer to the question given the context is {answer}.") == (True, True)
     assert run(qa, tok, "the answer to the question given the context is perhaps")[0] is False
@@ -92,8 +95,9 @@ def test_bc5cdr_hoc_and_qa_grammars(tok):
 def test_a_span_may_end_or_go_on_until_a_token_settles_it(tok):
     """`the cell` and `the cell wall` are both spans: after `cell` the automaton allows both
     ending the span and going on, and a span may stop only at the end of a word."""
-    g = Grammar("t", 2, items=(Span(*source_words(tok, tok.encode("the cell wall", add_special_tokens=False))),
-                               words(tok.encode("!", add_special_tokens=False))))
+    text = "the cell wall"
+    span = entity_span(tok, align(tok.encode_words(text), text), ())
+    g = Grammar("t", 2, items=(span, fixed(tok.encode("!", add_special_tokens=False))))
     assert run(g, tok, "the cell!") == (True, True) and run(g, tok, "the cell wall!") == (True, True)
     assert run(g, tok, "cell wall!") == (True, True) and run(g, tok, "wall the")[0] is False
     assert run(g, tok, "the ce!")[0] is False
@@ -106,7 +110,7 @@ def test_a_source_is_ready_at_once(tok):
     text = " ".join(f"w{i % 97}x{i % 13}" for i in range(160))
     ids = build_input(TASKS["ddi"], tok, {"abstract": text}, 640)
     start = time.perf_counter()
-    g = task_grammar(TASKS["ddi"], tok, ids, ("effect",))
+    g = task_grammar(TASKS["ddi"], tok, source_words(TASKS["ddi"], tok, {"abstract": text}, ids), ("effect",))
     state = g.start()
     for t in tok.encode("the interaction between", add_special_tokens=False):
         state = g.advance(state, t)
@@ -144,7 +148,7 @@ def test_constrained_rows_follow_their_grammar_beside_free_rows(eos_ref, tok, op
     what their grammar allows, ending at its end."""
     ours = ours_from(eos_ref)
     one = tok.encode("ab", add_special_tokens=False)
-    g = Grammar("t", 2, items=(OneOf((tuple(one), (40, 41), (41,))),), sep=(words([44]),), unique=True)
+    g = Grammar("t", 2, items=(OneOf((tuple(one), (40, 41), (41,))),), sep=(fixed([44]),), unique=True)
     prompts = PROMPTS * 2
     grammars = [g if i % 2 else None for i in range(len(prompts))]
     seeds = [prompt_generator(4, i) for i in range(len(prompts))] if opts.do_sample else None
@@ -172,7 +176,7 @@ def test_constrained_rows_follow_their_grammar_beside_free_rows(eos_ref, tok, op
 
 def test_a_row_allowed_only_eos_ends_even_under_min_new_tokens(eos_ref):
     ours = ours_from(eos_ref)
-    g = Grammar("t", 2, items=(words([40]),))
+    g = Grammar("t", 2, items=(fixed([40]),))
     out = generate(ours, [[2, 50]], GenerationOptions(max_new_tokens=6, min_new_tokens=4), constraints=[g])[0][0]
     assert out.ids == [40] and out.finish_reason == "eos"
 
@@ -243,11 +247,26 @@ def test_generate_choices(cli, tiny_ref, tmp_path):
     assert code == 1 and "raise -n (max_new_tokens) to at least" in err
 
 
+def test_choices_that_other_options_would_cut_are_left_out_or_refused(cli, tiny_ref):
+    """A choice a ban or --min-new-tokens would cut is left out (a note says so); none left, a
+    choice the vocabulary cannot spell, or --no-repeat-ngram-size: exit 2 naming both options."""
+    folder = tiny_ref[1]
+    base = ("generate", "-m", folder, "the cell", "--format", "jsonl", "-n", "4")
+    code, out, err = cli(*base, "--choices", "x,y z", "--ban", "z")
+    assert code == 0 and json.loads(out)["choice"] == "x" and "'y z' (it holds a banned word (--ban)): left out" in err
+    code, out, err = cli(*base, "--choices", "x,y z", "--min-new-tokens", "2")
+    assert code == 0 and json.loads(out)["choice"] == "y z", err
+    for extra, words in ((("--choices", "y z", "--ban", "z"), "none is left"),
+                         (("--choices", "x,y", "--no-repeat-ngram-size", "2"), "--no-repeat-ngram-size"),
+                         (("--choices", "\u00ad,x"), "<unk>"), (("--choices", "x y,x", "--ban", "q x"), "--ban")):
+        code, _, err = cli(*base, *extra)
+        assert code == 2 and "--choices" in err and words in err and err.count("\n") == 1, err
+
+
 def test_parse_of_a_constrained_answer_is_never_null(tok):
     """Whatever path a grammar's answer takes, the task's parser reads it."""
-    ids = build_input(TASKS["hoc"], tok, {"text": "cells divide"}, 200)
     text = "the type of this document is " + "|".join(HOC_LABELS[:3]) + "."
-    assert run(task_grammar(TASKS["hoc"], tok, ids), tok, text) == (True, True)
+    assert run(task_grammar(TASKS["hoc"], tok), tok, text) == (True, True)
     assert parse(TASKS["hoc"], text) == list(HOC_LABELS[:3])
 
 

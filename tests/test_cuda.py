@@ -62,9 +62,9 @@ def test_rows_of_different_settings_on_cuda_equal_each_alone(eos_ref, slots):
 def test_constrained_rows_on_cuda_equal_the_cpu(eos_ref, opts):
     """The mask is made on the device (captured steps for greedy rows): each row's tokens, free or
     held by a grammar, equal the CPU's."""
-    from biogpt_cli.constraints import Grammar, OneOf, words
+    from biogpt_cli.constraints import Grammar, OneOf, fixed
 
-    g = Grammar("t", 2, items=(OneOf(((40, 41), (41,), (45, 46, 47))),), sep=(words([44]),), unique=True)
+    g = Grammar("t", 2, items=(OneOf(((40, 41), (41,), (45, 46, 47))),), sep=(fixed([44]),), unique=True)
     grammars = [g if i % 2 else None for i in range(len(PROMPTS))]
     cpu = generate(ours_from(eos_ref), PROMPTS, opts, constraints=grammars)
     cuda = generate(ours_from(on_cuda(eos_ref), device="cuda"), PROMPTS, opts, constraints=grammars)

@@ -176,6 +176,15 @@ def test_gzip_and_the_commands_read_documents(cli, tiny_ref, tmp_path):
     assert code == 0 and [r["id"] for r in scored] == [r["id"] for r in written], err
 
 
+def test_a_truncated_xml_gz_is_one_error_line(cli, tiny_ref, tmp_path):
+    """`head -c` of a .xml.gz: one line naming the file, exit 1 (not click's Ctrl-D exit 130)."""
+    whole = gzip.compress((PUBMED * 1).encode() + b"<!--" + b"x" * 200_000 + b"-->")
+    path = tmp_path / "t.xml.gz"
+    path.write_bytes(whole[:len(whole) // 2])
+    code, _, err = cli("generate", "-i", path, "-o", tmp_path / "o.jsonl", "-n", "2", "-m", tiny_ref[1], "-q")
+    assert code == 1 and "t.xml.gz: a damaged or truncated gzip file" in one_error_line(err)
+
+
 def test_extract_reads_a_release_file_as_its_documents(cli, trained, tmp_path):  # noqa: F811
     """The release's DDI test file is a pretty-printed JSON object: one record per document, keyed
     by PMID (not one per line of its text); a title-only document is a record like any other."""
@@ -305,3 +314,48 @@ def test_bc5cdr_training_data_reads_as_the_corpus_ships_it(tmp_path):
     from_pubtator, from_bioc = (read_examples("bc5cdr", tmp_path / name) for name in ("cdr.txt", "cdr.json"))
     assert from_bioc == from_pubtator and from_bioc[0].target == (
         "the relation between lithium carbonate and tricuspid valve regurgitation exists.")
+
+
+# -- composite mentions (BC5CDR) -------------------------------------------------------------------
+COMPOSITE = """\
+8701013|t|Ifosfamide-induced hemorrhagic cystitis.
+8701013|a|Ifosfamide caused hemorrhagic cystitis and nephrotoxicity in children.
+8701013\t0\t10\tIfosfamide\tChemical\tD007069
+8701013\t19\t39\themorrhagic cystitis\tDisease\tD006470|D003556\themorrhagic|cystitis
+8701013\t41\t51\tIfosfamide\tChemical\tD007069
+8701013\t59\t79\themorrhagic cystitis\tDisease\tD006470|D003556\themorrhagic|cystitis
+8701013\t84\t98\tnephrotoxicity\tDisease\tD009422
+8701013\tCID\tD007069\tD006470
+8701013\tCID\tD007069\tD003556
+8701013\tCID\tD007069\tD009422
+
+"""
+
+
+def test_composite_mentions_train_as_their_parts(tmp_path):
+    """A CDR composite mention (`D006470|D003556`, parts `hemorrhagic|cystitis`), whose CID lines
+    name each part: training reads it as the release's rebuilt data does, one name per part."""
+    from biogpt_cli.datasets import read_examples
+
+    (tmp_path / "cdr.PubTator").write_text(COMPOSITE)
+    (example,) = read_examples("bc5cdr", tmp_path / "cdr.PubTator")
+    assert example.target == ("the relation between ifosfamide and hemorrhagic exists; the relation between "
+                              "ifosfamide and cystitis exists; the relation between ifosfamide and nephrotoxicity "
+                              "exists.")
+
+
+def test_the_writers_name_a_composite_mentions_parts():
+    """A relation naming a composite's part gets a mention of that part, inside the composite,
+    with its identifier; one naming the whole composite, a relation line for each of its ids."""
+    from biogpt_cli.writers import bioc_document, pubtator
+
+    (doc,) = literature.pubtator_documents(COMPOSITE, "cdr.PubTator")
+    text = f"{doc['title']} {doc['abstract']}"
+    record = {"relations": [{"head": "ifosfamide", "relation": "CID", "tail": "cystitis"},
+                            {"head": "ifosfamide", "relation": "CID", "tail": "hemorrhagic cystitis"}]}
+    out = pubtator(bioc_document(dict(doc), record, "bc5cdr", doc["id"])).splitlines()
+    part = [line.split("\t") for line in out if line.endswith("\tD003556") and "\tCID\t" not in line]
+    assert [p[3] for p in part] == ["cystitis"] and text[int(part[0][1]):int(part[0][2])] == "cystitis"
+    relations = [line for line in out if "\tCID\t" in line]
+    assert relations == ["8701013\tCID\tD007069\tD003556", "8701013\tCID\tD007069\tD006470",
+                         "8701013\tCID\tD007069\tD003556"]

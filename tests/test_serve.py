@@ -338,3 +338,14 @@ def test_guided_choice_answers_one_of_the_texts(server):
             c.completions.create(model="tiny", prompt="the", max_tokens=4, extra_body={"guided_choice": bad})
     with pytest.raises(openai.BadRequestError, match="raise max_tokens to at least 3"):
         c.completions.create(model="tiny", prompt="the", max_tokens=1, extra_body={"guided_choice": ["a b c"]})
+    (stop,) = tok.encode("x", add_special_tokens=False)
+    out = c.completions.create(model="tiny", prompt="the", max_tokens=4, temperature=0,
+                               extra_body={"guided_choice": ["x", "y z"], "stop_token_ids": [stop]})
+    assert out.choices[0].text.strip() == "y z" and out.choices[0].finish_reason == "stop"
+    for extra, words in (({"stop_token_ids": [stop]}, "none is left"), ({"ignore_eos": True}, "ignore_eos"),
+                         ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size"), ({"bad_words": ["x"]}, "bad_words")):
+        with pytest.raises(openai.BadRequestError, match=words) as e:
+            c.completions.create(model="tiny", prompt="the", max_tokens=4, extra_body={"guided_choice": ["x"], **extra})
+        assert "guided_choice" in str(e.value)
+    with pytest.raises(openai.BadRequestError, match="<unk>"):
+        c.completions.create(model="tiny", prompt="the", max_tokens=4, extra_body={"guided_choice": ["\u200b", "x"]})

@@ -28,7 +28,7 @@ from .errors import InputError
 from .evaluate import read_text
 from .inputs import parse_record
 from .jsonl import lines, loads
-from .literature import cid_pairs, documents, sniff
+from .literature import cid_pairs, documents, mention_parts, sniff
 from .tasks import TASKS, Task, text_field
 
 TASK_NAMES = (*TASKS, "custom")
@@ -153,7 +153,8 @@ def _release_form(doc: dict[str, Any]) -> dict[str, Any]:
     for a in doc["annotations"]:
         kind = (a.get("type") or "").lower()
         if kind in ("chemical", "disease") and a.get("identifier"):
-            names[f"{kind}2id"][a["text"].lower()] = a["identifier"]
+            for text, ident in mention_parts(a):  # a composite mention as its parts, which the CID lines name
+                names[f"{kind}2id"][text.lower()] = ident
     return {"title": doc["title"], "abstract": doc["abstract"],
             "relations": [{"chemical": c, "disease": d} for c, d in cid_pairs(doc)], **names}
 

@@ -21,6 +21,10 @@ class InputError(BioGptError):
     """A prompt or option value that generation cannot honour (e.g. too long for the model)."""
 
 
+class Conflict(InputError):
+    """Options that contradict each other or cannot apply: a usage error (exit 2), a 400."""
+
+
 class NothingToEmbed(InputError):
     """A text of which the tokenizer keeps no token; `index` says which of the texts given, so that
     a front end can name its line or its request field."""

@@ -10,7 +10,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -20,7 +19,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from .errors import InputError
 from .jsonl import loads
-from .literature import documents, sniff, text_of
+from .literature import GZIP_ERRORS, documents, sniff, text_of
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,6 @@ def open_input(path: str) -> Iterator[BinaryIO]:
             yield f
 
 
-_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
 
 
 def jsonl_input(path: str, input_format: str) -> bool:
@@ -114,7 +112,7 @@ def count_items(path: str) -> int | None:
             for chunk in iter(lambda: f.read(1 << 20), b""):  # a tag split between two chunks counts once
                 counts = [c + (tail + chunk).count(m) - tail.count(m) for c, m in zip(counts, markers, strict=True)]
                 tail = chunk[-20:]
-        except _GZIP_ERRORS:
+        except GZIP_ERRORS:
             return None  # reading it will say what is wrong, and where
     # a PubmedArticle holds a MedlineCitation: the older MedlineCitationSet has only the latter
     return counts[0] + counts[1] if fmt == "pubmed" and counts[0] + counts[1] else sum(counts)
@@ -134,7 +132,7 @@ def read_lines(f: BinaryIO, name: str, errors: str = "strict") -> Iterator[tuple
             except UnicodeDecodeError as e:
                 raise InputError(f"{name}: line {n}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column "
                                  f"{e.start + 1}); pass --errors replace to substitute U+FFFD") from None
-    except _GZIP_ERRORS as e:  # click would take an EOFError for Ctrl-D
+    except GZIP_ERRORS as e:  # click would take an EOFError for Ctrl-D
         raise InputError(f"{name}: a damaged or truncated gzip file ({e})") from None
 
 

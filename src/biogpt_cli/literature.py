@@ -11,8 +11,10 @@ tree once read, so memory does not grow with the file.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
@@ -24,6 +26,9 @@ PUBMED_ROOTS = ("PubmedArticleSet", "MedlineCitationSet")
 CITATIONS = ("PubmedArticle", "PubmedBookArticle", "MedlineCitation")
 Document = dict[str, Any]
 Element = Any  # an lxml element (imported where a file is parsed)
+
+
+GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)  # what reading a damaged or truncated .gz raises
 
 
 def sniff(head: bytes, name: str) -> str | None:
@@ -48,13 +53,16 @@ def documents(f: BinaryIO, name: str, fmt: str, labels: bool = False,
     structured abstract's sections as `LABEL: text` with `labels`. `counts` gets what is not a
     document (`deleted`: DeleteCitation entries) and the title-only documents (`title only`)."""
     counts = {} if counts is None else counts
-    for doc in _documents(f, name, fmt, labels):
-        if "deleted" in doc:
-            counts["deleted"] = counts.get("deleted", 0) + len(doc["deleted"])
-            continue
-        if doc.get("title") and not (doc.get("abstract") or doc.get("body")):
-            counts["title only"] = counts.get("title only", 0) + 1
-        yield doc
+    try:
+        for doc in _documents(f, name, fmt, labels):
+            if "deleted" in doc:
+                counts["deleted"] = counts.get("deleted", 0) + len(doc["deleted"])
+                continue
+            if doc.get("title") and not (doc.get("abstract") or doc.get("body")):
+                counts["title only"] = counts.get("title only", 0) + 1
+            yield doc
+    except GZIP_ERRORS as e:  # an EOFError left to click would pass for Ctrl-D (exit 130, no message)
+        raise InputError(f"{name}: a damaged or truncated gzip file ({e})") from None
 
 
 def _documents(f: BinaryIO, name: str, fmt: str, labels: bool) -> Iterator[Document]:
@@ -213,6 +221,18 @@ def identifier(annotation: dict[str, Any]) -> str:
     """A BioC annotation's database identifier, under the infon names corpora use for it."""
     infons = annotation.get("infons") or {}
     return infons.get("identifier") or infons.get("MESH") or infons.get("Identifier") or ""
+
+
+def mention_parts(annotation: dict[str, Any]) -> list[tuple[str, str]]:
+    """A mention's (text, identifier) pairs: a composite one (CDR's `hemorrhagic cystitis`,
+    identifier `D006470|D003556`, PubTator's sixth column `hemorrhagic|cystitis`) as its parts,
+    which the corpus's CID lines name, as the release's rebuilt data splits it; any other as itself."""
+    ident = annotation.get("identifier") or identifier(annotation)
+    ids, extra = ident.split("|"), annotation.get("extra") or []
+    parts = extra[0].split("|") if extra else []
+    if len(ids) > 1 and len(parts) == len(ids):
+        return list(zip(parts, ids, strict=True))
+    return [(annotation.get("text", ""), ident)]
 
 
 # -- PubTator ------------------------------------------------------------------------------------

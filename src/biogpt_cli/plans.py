@@ -67,10 +67,12 @@ def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
     """`generate`; with `logprobs` K, each record also has every new token's log-probability and
     the K likeliest tokens at its step (the step's own logits; beams, whose steps weigh
     hypotheses, score their winners in one more pass)."""
+    from .grammars import fitted_choices
+
     opts = generation_options(s)
     opts.bad_words_ids = [tok.encode(b, add_special_tokens=False) for b in s.get("ban") or () if b.strip()]
     opts.logprobs = s.get("logprobs")
-    constraint = choice_grammar(tok, s.get("choices"), opts.max_new_tokens)
+    constraint, kept = fitted_choices(tok, s["choices"], opts, warn) if s.get("choices") else (None, [])
     beams = opts.num_beams > 1 and opts.logprobs is not None
     inputs: dict[Any, list[int]] = {}  # beams: the prompts whose winners are still to score
 
@@ -91,7 +93,7 @@ def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
     def record(p: Prompt, done: Completion) -> dict[str, Any]:
         out = generation_record(p, done)
         if constraint is not None:  # which of the texts it is (None: cut short by a stop or -n)
-            out.update(constrained="choices", choice=choice_of(tok, s["choices"], done.ids))
+            out.update(constrained="choices", choice=choice_of(tok, kept, done.ids))
         if done.logprobs is not None:
             out["logprobs"] = named_entries(tok, done.ids, done.logprobs)
         elif beams:
@@ -106,18 +108,6 @@ def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
                 **({"logprobs": s["logprobs"]} if s.get("logprobs") is not None else {}),
                 **({"constrained": "choices", "choices": s["choices"]} if constraint is not None else {})}
     return Plan(opts, job, record=record, stop=tuple(s.get("stop") or ()), seed=s.get("seed"), identity=identity)
-
-
-def choice_grammar(tok: Any, texts: list[str] | None, max_new_tokens: int) -> Any:
-    """`--choices`' constraint (None without them); each choice must fit in `max_new_tokens`."""
-    from .grammars import choices
-
-    if not texts:
-        return None
-    longest = max(texts, key=lambda t: len(tok.encode(t, add_special_tokens=False)))
-    if (n := len(tok.encode(longest, add_special_tokens=False))) > max_new_tokens:
-        raise InputError(f"the choice {longest!r} takes {n} tokens: raise -n (max_new_tokens) to at least {n}")
-    return choices(tok, texts)
 
 
 def choice_of(tok: Any, texts: list[str], ids: list[int]) -> str | None:
@@ -145,7 +135,7 @@ def task_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
     """A task command on a fine-tuned checkpoint: the release's input, greedy to `</s>` with
     `<pad>` banned, the release's post-processing (tasks.py); with `constrained`, each answer
     follows the task's grammar (grammars.py)."""
-    from .grammars import relation_words, task_grammar
+    from .grammars import entity_offsets, relation_words, source_words, task_grammar
     from .tasks import build_input, parse, render, source_limit, task_for
     from .writers import mark_ungrounded
 
@@ -162,13 +152,21 @@ def task_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
     unparsed, ungrounded = [0], [0]
     constrained = bool(s.get("constrained"))
     relations = relation_words(task, lm.config.relations, s.get("relations")) if constrained else ()
+    spans = constrained and task.result == "relations"  # entities copied from the source, with their offsets
+
+    def grammar(p: Prompt) -> tuple[list[int], Any, Any]:
+        """The model input, the grammar and the aligned source words of a record (one tokenization)."""
+        pieces = tok.encode_words(task.source(p.fields))
+        ids = build_input(task, tok, p.fields, limit, pieces)
+        words = source_words(task, tok, p.fields, ids, pieces) if spans else ()
+        return ids, task_grammar(task, tok, words, relations, limit=new), words
 
     def job(p: Prompt) -> Job:
         shown = next((p.fields[k] for k in ("question", "title", "text", "abstract")
                       if isinstance(p.fields.get(k), str)), "")
-        row = job_of(Prompt(p.line, shown[:200], p.id, p.fields), build_input(task, tok, p.fields, limit))
-        if constrained:
-            row.constraint = task_grammar(task, tok, row.ids, relations)
+        ids, held, _ = grammar(p) if constrained else (build_input(task, tok, p.fields, limit), None, ())
+        row = job_of(Prompt(p.line, shown[:200], p.id, p.fields), ids)
+        row.constraint = held
         return row
 
     def result(done: Completion) -> Any:
@@ -178,6 +176,11 @@ def task_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
 
     def record(p: Prompt, done: Completion) -> dict[str, Any]:
         value = result(done)
+        if spans and value:  # where each entity was copied from (the grammar is made again: rows keep nothing)
+            offsets = entity_offsets(*grammar(p)[1:], done.ids)
+            if len(offsets) == len(value):  # else two sentences read alike and parse as one: searched for below
+                for r, (head, tail) in zip(value, offsets, strict=True):
+                    r.update(head_spans=head, tail_spans=tail)
         if task.result == "relations":  # tied to the document's text, or marked `grounded: false`
             ungrounded[0] += mark_ungrounded(p.fields, value)
         return {**base_record(p, done), task.result: value, **({"constrained": task.name} if constrained else {})}

@@ -117,6 +117,8 @@ def problem(body: CompletionRequest, rows_limit: int) -> tuple[str, str] | None:
         ("stop_token_ids", bool(body.stop_token_ids) and body.use_beam_search, "not with use_beam_search"),
         ("guided_choice", body.guided_choice is not None and not (body.guided_choice and all(
             c.strip() for c in body.guided_choice)), "a list of one or more non-empty texts"),
+        ("guided_choice", bool(body.guided_choice) and body.ignore_eos, "not with ignore_eos (a choice ends the "
+         "completion with </s>)"),
         ("bad_words", any(not w.strip() for w in body.bad_words or ()), "every banned word needs some text"),
         ("stream_options", body.stream_options is not None and not body.stream, "only with stream: true"),
         ("echo", bool(body.echo) and body.stream, "not with stream: true (echo scores the prompt: send it unstreamed)"),
@@ -134,7 +136,8 @@ def problem(body: CompletionRequest, rows_limit: int) -> tuple[str, str] | None:
 # the engine's names for what a request calls otherwise
 REQUEST_TERMS = {"-n (max_new_tokens)": "max_tokens", "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
                  "bad_words_ids": "bad_words", "num_return_sequences": "n", "num_beams": "n",
-                 "the choice": "guided_choice: the choice"}
+                 "the choice": "guided_choice: the choice", "--choices": "guided_choice", "--ban": "bad_words",
+                 "--min-new-tokens": "min_tokens", "--no-repeat-ngram-size": "no_repeat_ngram_size"}
 
 
 def in_request_terms(message: str) -> tuple[str, str]:

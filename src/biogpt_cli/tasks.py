@@ -10,12 +10,13 @@ resume) is the same engine `generate` uses.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .config import BioGptConfig
 from .errors import InputError
+from .grounding import document_text
 from .literature import joined
 from .tokenizer import EOS_ID, BioGptTokenizer
 
@@ -26,8 +27,9 @@ HOC_LABELS = ("tumor promoting inflammation", "inducing angiogenesis", "evading 
               "activating invasion and metastasis", "enabling replicative immortality")
 # The release's `strip_prefix`: the first of these found in the answer is cut off with all before it.
 # The learned tokens come first and always match an echoed prompt; the rest are from a prompt ablation.
-PREFIXES = (r"(learned[0-9]+ )+", "we can conclude that", "we have that", "in conclusion,")
-BC5CDR_PREFIXES = (r"(learned[0-9]+ )+", "in conclusion ,", "we can conclude that", "we have that")
+ECHO = r"(learned[0-9]+ )+"
+PREFIXES = (ECHO, "we can conclude that", "we have that", "in conclusion,")
+BC5CDR_PREFIXES = (ECHO, "in conclusion ,", "we can conclude that", "we have that")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class Task:
     parse: Callable[[str], Any]  # answer text (post-processed) -> result; None when it does not parse
     max_source: int  # source limit in BPE tokens when the checkpoint does not say (the release's train.sh)
     prefixes: tuple[str, ...] = PREFIXES
+    region: Callable[[Mapping[str, Any]], tuple[int, int]] = lambda f: (0, len(document_text(f)))  # the source's
+    # characters in the document's text (grounding.py), for relation extraction
     checkpoint: str = ""  # the release's checkpoint name, for messages
     hub: str = ""  # a Hub model fine-tuned for it too, if any
 
@@ -81,6 +85,14 @@ def _abstract(fields: Mapping[str, Any]) -> str:
         return text_field(fields, "text").strip().replace("\n", " ").lower()
     title, abstract = _title_and_abstract(fields)
     return (abstract if abstract.strip() else title).strip().replace("\n", " ").lower()
+
+
+def _abstract_region(fields: Mapping[str, Any]) -> tuple[int, int]:
+    """Where `_abstract`'s source is in the document's text: the abstract, else the title."""
+    if "abstract" not in fields:
+        return 0, len(document_text(fields))
+    title, abstract = fields.get("title") or "", fields.get("abstract") or ""
+    return (len(title) + 1, len(title) + 1 + len(abstract)) if abstract.strip() else (0, len(title))
 
 
 def _question_context(fields: Mapping[str, Any]) -> str:
@@ -137,7 +149,8 @@ TASKS = {t.name: t for t in (
          hub="microsoft/BioGPT-Large-PubMedQA"),
     Task("bc5cdr", "extract", "relations", _title_abstract, _bc5cdr, 640, BC5CDR_PREFIXES,
          checkpoint="RE-BC5CDR-BioGPT"),
-    Task("ddi", "extract", "relations", _abstract, _interactions, 640, checkpoint="RE-DDI-BioGPT"),
+    Task("ddi", "extract", "relations", _abstract, _interactions, 640, checkpoint="RE-DDI-BioGPT",
+         region=_abstract_region),
     Task("kd-dti", "extract", "relations", _title_abstract, _interactions, 640, checkpoint="RE-DTI-BioGPT"),
     Task("hoc", "classify", "labels", _sentence, _labels, 900, checkpoint="DC-HoC-BioGPT"),
 )}
@@ -172,10 +185,13 @@ def source_limit(task: Task, config: BioGptConfig) -> int:
     return LARGE_PUBMEDQA_SOURCE if large else task.max_source
 
 
-def build_input(task: Task, tokenizer: BioGptTokenizer, fields: Mapping[str, Any], limit: int) -> list[int]:
+def build_input(task: Task, tokenizer: BioGptTokenizer, fields: Mapping[str, Any], limit: int,
+                words: Sequence[tuple[str, Sequence[int]]] | None = None) -> list[int]:
     """`</s>`, the source's BPE ids (cut to `limit` with `...` as the last kept token), then the
-    learned prompt ids: the release's `[eos] + source + prompt` with its truncation rule."""
-    source = tokenizer.encode(task.source(fields), add_special_tokens=False)
+    learned prompt ids: the release's `[eos] + source + prompt` with its truncation rule. `words`:
+    the source's `encode_words`, when the caller has them."""
+    words = tokenizer.encode_words(task.source(fields)) if words is None else words
+    source = [i for _, ids in words for i in ids]
     if len(source) > limit:  # a vocabulary without the one `...` token (a home-made one) spells it out
         marker = [tokenizer.encoder[TRUNCATION_TOKEN]] if TRUNCATION_TOKEN in tokenizer.encoder else \
             tokenizer.encode("...", add_special_tokens=False)

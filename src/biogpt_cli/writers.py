@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
-from .literature import identifier
+from .grounding import document_text
+from .literature import identifier, mention_parts
 
 FORMATS = ("pubtator", "bioc-json", "bioc-xml")
 ROLES = {"bc5cdr": ("Chemical", "Disease"), "ddi": ("Drug", "Drug"), "kd-dti": ("Drug", "Target")}
@@ -37,18 +38,14 @@ def locate(name: str, text: str) -> tuple[int, int] | None:
     return (m.start(), m.end()) if m else None
 
 
-def source_text(fields: dict[str, Any]) -> str:
-    """A document's text as PubTator and BioC count offsets: title, a space, abstract (or `text`)."""
-    if "title" in fields or "abstract" in fields:
-        return f"{fields.get('title') or ''} {fields.get('abstract') or ''}"
-    return str(fields.get("text") or "")
-
-
 def mark_ungrounded(fields: dict[str, Any], relations: list[dict[str, Any]] | None) -> int:
-    """Mark `grounded: false` on each relation whose head or tail is nowhere in the document; how many."""
-    text = source_text(fields)
+    """Mark `grounded: false` on each relation whose head or tail is nowhere in the document (a
+    constrained one carries its offsets: no search); how many."""
+    text = document_text(fields)
     missing = 0
     for r in relations or []:
+        if "head_spans" in r:
+            continue
         if locate(r["head"], text) is None or locate(r["tail"], text) is None:
             r["grounded"] = False
             missing += 1
@@ -91,10 +88,11 @@ def bioc_document(fields: dict[str, Any], record: dict[str, Any], task: str, doc
     relation's entities tied to mentions (found or added), labels or an answer as infons."""
     passages = _passages(fields)
     annotations = [a for p in passages for a in p["annotations"]]
+    places = _layout(fields, passages)
     relations, infons = [], {}
     for i, r in enumerate(record.get("relations") or []):
-        nodes = [_node(r[end], role, passages, annotations) for end, role in zip(("head", "tail"), ROLES.get(
-            task, ("Entity", "Entity")), strict=True)]
+        nodes = [_node(r[end], r.get(f"{end}_spans"), role, places, annotations)
+                 for end, role in zip(("head", "tail"), ROLES.get(task, ("Entity", "Entity")), strict=True)]
         grounded = all(n is not None for n in nodes)
         relations.append({"id": f"R{i}", "infons": {"type": r["relation"], **({} if grounded else {
             "grounded": "false", "head": r["head"], "tail": r["tail"]})},
@@ -130,21 +128,70 @@ def _passages(fields: dict[str, Any]) -> list[dict[str, Any]]:
     return passages
 
 
-def _node(name: str, role: str, passages: list[dict[str, Any]], annotations: list[dict[str, Any]]) -> dict | None:
-    """The mention `name` is: the input's of the same text, else a new one where it first occurs; None."""
+def _layout(fields: dict[str, Any], passages: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """Where each title and abstract passage starts in the document's text (`document_text`: the
+    titles joined by spaces, a space, the abstracts joined by spaces; a `text` record: its text),
+    the text a record's offsets count in."""
+    if "text" in fields and "abstract" not in fields and not fields.get("passages"):
+        return [(0, passages[-1])]
+    kind = [(p.get("infons") or {}).get("type", "").lower() for p in passages]
+    places, at = [], 0
+    for group in (("title", "front"), ("abstract",)):
+        texts = [(p, p.get("text") or "") for p, k in zip(passages, kind, strict=True) if k in group]
+        for p, text in texts:
+            places.append((at, p))
+            at += len(text) + 1
+        if group[0] == "title":
+            at = len(" ".join(t for _, t in texts)) + 1
+    return places
+
+
+def _node(name: str, spans: list[list[int]] | None, role: str, places: list[tuple[int, dict[str, Any]]],
+          annotations: list[dict[str, Any]]) -> dict | None:
+    """The mention `name` is: the input's of the same text, else a new one at the first of its
+    `spans` (a constrained answer's offsets), else where it first occurs; None."""
     same = next((a for a in annotations if a.get("text", "").lower() == name.lower()), None)
     if same is not None:
         return same
-    for p in passages:
-        found = locate(name, p.get("text") or "")
+    if (part := _part_of_composite(name, places, annotations)) is not None:
+        return part
+    for start, p in places:
+        text = p.get("text") or ""
+        if spans:
+            found = next(((s - start, e - start) for s, e in spans[:1] if start <= s and e <= start + len(text)), None)
+        else:
+            found = locate(name, text)
         if found is not None:
-            start, end = found
+            begin, end = found
             added = {"id": f"G{len(annotations)}", "infons": {"type": role, "identifier": ""},
-                     "text": p["text"][start:end], "locations": [{"offset": p.get("offset", 0) + start,
-                                                                   "length": end - start}]}
+                     "text": text[begin:end], "locations": [{"offset": p.get("offset", 0) + begin,
+                                                              "length": end - begin}]}
             p["annotations"].append(added)
             annotations.append(added)
             return added
+    return None
+
+
+def _part_of_composite(name: str, places: list[tuple[int, dict[str, Any]]],
+                       annotations: list[dict[str, Any]]) -> dict | None:
+    """A new mention for `name` when it is a part of an input's composite mention (`cystitis` of
+    `hemorrhagic cystitis`): where the part stands inside it, with the part's identifier."""
+    for a in list(annotations):
+        parts = mention_parts(a)
+        at = (a.get("text") or "").lower().find(name.lower())
+        if len(parts) < 2 or at < 0 or not a.get("locations") or name.lower() not in [t.lower() for t, _ in parts]:
+            continue
+        ident = next(i for t, i in parts if t.lower() == name.lower())
+        owner = next((p for _, p in places if any(x is a for x in p["annotations"])), None)
+        if owner is None:
+            continue
+        added = {"id": f"G{len(annotations)}", "infons": {"type": (a.get("infons") or {}).get("type", ""),
+                                                          "identifier": ident},
+                 "text": a["text"][at:at + len(name)], "locations": [{"offset": a["locations"][0]["offset"] + at,
+                                                                      "length": len(name)}]}
+        owner["annotations"].append(added)
+        annotations.append(added)
+        return added
     return None
 
 
@@ -166,7 +213,8 @@ def pubtator(doc: dict[str, Any]) -> str:
     for r in doc["relations"]:
         ends = {n["role"]: names[n["refid"]] for n in r["nodes"]}
         head, tail = ends.get("head", r["infons"].get("head", "")), ends.get("tail", r["infons"].get("tail", ""))
-        lines.append(f"{pmid}\t{r['infons']['type']}\t{head}\t{tail}")
+        lines += [f"{pmid}\t{r['infons']['type']}\t{h}\t{t}"  # a composite mention: a line for each of its ids
+                  for h in head.split("|") for t in tail.split("|")]
     lines += [f"{pmid}\t{key}\t{value}" for key, value in doc["infons"].items() if key in ("labels", "answer")]
     return "\n".join(lines) + "\n"
 

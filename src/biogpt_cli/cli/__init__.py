@@ -15,11 +15,12 @@ import gc
 import os
 import signal
 import sys
+import warnings
 from typing import Annotated
 
 import typer
 
-from ..errors import BioGptError
+from ..errors import BioGptError, Conflict
 from . import embed, finetune, generate, models, score, serve, tasks, text  # noqa: F401 -- registers the commands
 from .common import ARGV, Quit, UsageError, app, stderr
 
@@ -58,6 +59,12 @@ def _terminate(signum: int, frame: object) -> None:
     raise Quit(128 + signum)
 
 
+def _warning_line(message: Warning | str, category: type, filename: str, lineno: int, file: object = None,
+                  line: str | None = None) -> None:
+    """A library's warning as one line on stderr, as the CLI's own are."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit code (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -66,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(encoding="utf-8")
     debug = "--debug" in argv
     signal.signal(signal.SIGTERM, _terminate)
+    warnings.showwarning = _warning_line
     code = 0
     try:
         result = _named_values(typer.main.get_command(app)).main(argv, prog_name="biogpt", standalone_mode=False)
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        code = 2 if isinstance(e, UsageError) else 1
+        code = 2 if isinstance(e, UsageError | Conflict) else 1
     except KeyboardInterrupt:
         code = 130
     except Exception as e:
