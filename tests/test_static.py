@@ -9,6 +9,7 @@ import torch
 
 from biogpt_cli import GenerationOptions, generate, generation, graphs
 from biogpt_cli.batch import Job, run
+from biogpt_cli.cli.common import _load
 from biogpt_cli.inputs import Prompt
 from biogpt_cli.loading import load_pretrained
 from biogpt_cli.plans import job_of
@@ -88,6 +89,91 @@ def test_a_step_that_cannot_be_captured_runs_eagerly(tiny, monkeypatch):
         assert idle and not any(d.captured for d in idle)
     finally:
         vars(model).pop("_decoders", None)
+        vars(model).pop("_eager", None)
+
+
+class Replay:
+    """A stand-in for a captured graph (CPU has none): its replay writes `logits` (wrong ones) or
+    raises, as a capture that computes something else would."""
+
+    def __init__(self, rows, wrong: bool) -> None:
+        self.rows, self.wrong = rows, wrong
+
+    def replay(self) -> None:
+        if not self.wrong:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        self.rows.logits = torch.zeros_like(self.rows._forward())
+
+
+@pytest.mark.parametrize("fault", ["capture", "replay", "wrong logits"])
+def test_a_captured_step_that_fails_or_disagrees_falls_back_to_eager_once(tiny, monkeypatch, fault):
+    """A capture that fails, a replay that fails, a replay whose logits differ from the eager
+    step's: the tokens equal eager decoding's, one warning names what failed and --no-graphs, and
+    the model decodes eagerly from then on (every later batch too)."""
+    model, tok = tiny
+    prompts = [tok.encode(p) for p in PROMPTS]
+    opts = GenerationOptions(max_new_tokens=10)
+    expected = generate(model, prompts, opts)
+    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(graphs, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(graphs, "UNCAPTURED", [])
+    if fault != "capture":
+        monkeypatch.setattr(graphs.StaticRows, "_capture",
+                            lambda self: setattr(self, "graph", Replay(self, fault == "wrong logits")))
+    vars(model).pop("_decoders", None)
+    try:
+        with pytest.warns(graphs.GraphFallback) as caught:
+            assert generate(model, prompts, opts) == expected
+            assert generate(model, prompts[:2], opts) == generate(model, prompts[:2], opts) == expected[:2]
+        assert len(caught) == 1 and "--no-graphs" in str(caught[0].message)
+        words = {"capture": "failed (", "replay": "illegal memory access", "wrong logits": "disagreed"}[fault]
+        assert words in str(caught[0].message) and "_eager" in vars(model)
+    finally:
+        vars(model).pop("_decoders", None)
+        vars(model).pop("_eager", None)
+
+
+def test_a_replay_that_agrees_is_used(tiny, monkeypatch):
+    """The check passes a replay equal to the eager step: no warning, the model keeps its graphs."""
+    model, tok = tiny
+    prompts = [tok.encode(p) for p in PROMPTS]
+    opts = GenerationOptions(max_new_tokens=6)
+    expected = generate(model, prompts, opts)
+    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(graphs, "graphs_enabled", lambda device: True)
+
+    class Honest:
+        def __init__(self, rows) -> None:
+            self.rows = rows
+
+        def replay(self) -> None:
+            self.rows.logits = self.rows._forward()
+
+    monkeypatch.setattr(graphs.StaticRows, "_capture", lambda self: setattr(self, "graph", Honest(self)))
+    vars(model).pop("_decoders", None)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", graphs.GraphFallback)
+            assert generate(model, prompts, opts) == expected
+        assert "_eager" not in vars(model) and all(d.checked for d in graphs.decoders(model).idle)
+    finally:
+        vars(model).pop("_decoders", None)
+
+
+def test_the_cli_warns_once_in_one_line(cli, tiny_ref, monkeypatch):
+    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(graphs, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(graphs.StaticRows, "_capture", lambda self: setattr(self, "graph", Replay(self, True)))
+    monkeypatch.setattr(graphs, "UNCAPTURED", [])
+    try:
+        code, out, err = cli("generate", "the cat", "-n", "4", "-m", tiny_ref[1])
+    finally:
+        _load.cache_clear()  # the model the CLI keeps loaded is eager from now on
+    assert code == 0 and out.strip()
+    lines = [line for line in err.splitlines() if "captured decode step" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "--no-graphs" in lines[0], err
 
 
 def test_verbose_says_when_the_step_was_not_captured(cli, tiny_ref, monkeypatch):

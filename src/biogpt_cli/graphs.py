@@ -10,8 +10,10 @@ buffers are freed before the new ones are taken. Prompts are prefilled eagerly, 
 any free rows; the logits processors and sampling run after the graph on its output. A capture
 cannot be kept on disk (a graph holds device addresses), so it is paid once per decoder shape and
 process; `-v` reports its time.
-BIOGPT_GRAPHS=0 (`--no-graphs`) decodes eagerly instead, as does a step that fails to capture
-(`-v` says why).
+BIOGPT_GRAPHS=0 (`--no-graphs`) decodes eagerly instead. A captured step checks itself: its first
+replay is compared with the eager step on the same inputs (logits within `TOLERANCE` of the
+largest, per dtype), and a mismatch, or any error while capturing or replaying, drops the model to
+the eager path for the rest of the process, with one `GraphFallback` warning naming what failed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +31,12 @@ from .cache import StaticCache
 BUCKET = 256  # capacities are rounded up to this, so a process captures few graphs
 CAPTURES: list[float] = []  # seconds each capture of this process took (`-v` reports them)
 UNCAPTURED: list[str] = []  # why a capture failed: those rows then run the same step eagerly (`-v` says so)
+# a replay may differ from the eager step by kernel choice and rounding, at most this much of the largest logit
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+class GraphFallback(UserWarning):
+    """A captured step failed or disagreed with the eager step: its model decodes eagerly from then on."""
 
 
 def graphs_enabled(device: torch.device) -> bool:
@@ -45,7 +54,8 @@ class StaticRows:
         self.cache = StaticCache(cfg.num_hidden_layers, rows, cfg.num_attention_heads, cfg.head_dim, capacity,
                                  p.dtype, p.device)
         self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=p.device)
-        self.captured = graphs_enabled(p.device)
+        self.captured = graphs_enabled(p.device) and "_eager" not in vars(model)
+        self.checked = False  # its first replay was compared with the eager step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
@@ -83,21 +93,55 @@ class StaticRows:
         self.tokens[:b, 0].copy_(tokens)
         self.cache.live[:b].copy_(live)
         self.cache.live[b:] = 0
-        if self.captured and self.graph is None:
-            self._capture()
-        if not self.captured:
-            return self._forward()[:b].float()
-        self.graph.replay()
-        return self.logits[:b].to(torch.float32, copy=True)
+        if self.captured and "_eager" not in vars(self.model):
+            logits = self._replayed(b)
+            if logits is not None:
+                return logits
+        self.captured = False
+        return self._forward()[:b].float()
 
     def _forward(self) -> torch.Tensor:
         with torch.no_grad():
             return self.model(self.tokens, past_key_values=self.cache, logits_to_keep=1).logits[:, -1]
 
+    def _replayed(self, b: int) -> torch.Tensor | None:
+        """The captured step's logits (captured at its first use); on its first replay the eager
+        step's, after checking that they agree. None, with the cache as it was and the model eager
+        from now on, when capturing or replaying fails or the first replay disagrees."""
+        position = self.cache.position.clone()
+        try:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.logits[:b].to(torch.float32, copy=True)
+        except RuntimeError as e:
+            self.cache.position.copy_(position)
+            return self._fall_back(f"failed ({(str(e).strip() or type(e).__name__).splitlines()[0]})")
+        if self.checked:
+            return logits
+        self.checked = True
+        self.cache.position.copy_(position)  # the same step again, eagerly: the same keys and positions
+        eager = self._forward()[:b].float()
+        worst = (logits - eager).abs().max().item()
+        bound = TOLERANCE.get(self.cache.k.dtype, 1e-3) * max(1.0, eager.abs().max().item())
+        if not worst <= bound:  # NaN too
+            self._fall_back(f"disagreed with the eager step (logits off by {worst:.3g}, more than {bound:.3g})")
+        return eager
+
+    def _fall_back(self, what: str) -> None:
+        """The model decodes eagerly from now on; one warning says why."""
+        self.graph = None
+        if "_eager" not in vars(self.model):
+            vars(self.model)["_eager"] = what
+            UNCAPTURED.append(what)
+            warnings.warn(f"the captured decode step {what}: decoding eagerly from here on (--no-graphs skips "
+                          "capturing)", GraphFallback, stacklevel=4)
+        return None
+
     def _capture(self) -> None:
         """Warm up on a side stream (restoring the positions each time: the warm-ups write the same
-        tokens' keys where the real step will), then record the step. A step this torch and device
-        cannot capture runs eagerly instead: slower, the same tokens."""
+        tokens' keys where the real step will), then record the step; RuntimeError when this torch
+        and device cannot capture it."""
         start = time.perf_counter()
         position = self.cache.position.clone()
         try:
@@ -113,9 +157,6 @@ class StaticRows:
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.logits = self._forward()
             CAPTURES.append(time.perf_counter() - start)
-        except RuntimeError as e:
-            self.graph, self.captured = None, False
-            UNCAPTURED.append((str(e).strip() or type(e).__name__).splitlines()[0])
         finally:
             self.cache.position.copy_(position)
 
