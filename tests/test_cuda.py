@@ -191,3 +191,20 @@ def test_fine_tuning_on_cuda_runs_and_resumes(tmp_path):
     ft.train(small_run(base, tmp_path, "full", device="cuda"), resume=True)
     whole, resumed = (read_safetensors(tmp_path / d / "model.safetensors") for d in ("whole", "out"))
     assert all(torch.allclose(whole[k].float(), resumed[k].float(), atol=1e-5) for k in whole)
+
+
+def test_the_captured_step_passes_its_own_check(eos_ref):
+    """Each bucket's first replay agrees with the eager step (graphs.py): no fallback, the model
+    keeps its graphs, and the tokens equal the eager path's."""
+    import warnings
+
+    from biogpt_cli import graphs
+
+    ours = ours_from(on_cuda(eos_ref), device="cuda")
+    opts = GenerationOptions(max_new_tokens=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", graphs.GraphFallback)
+        captured = generate(ours, PROMPTS, opts)
+    assert "_eager" not in vars(ours) and all(d.checked for d in graphs.decoders(ours).idle)
+    vars(ours)["_eager"] = "test: eager"
+    assert generate(ours, PROMPTS, opts) == captured
