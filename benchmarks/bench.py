@@ -401,6 +401,70 @@ def constraint_figures(folder: Path, args: argparse.Namespace, rows: list[dict])
                     note=f"reference: the target; median {statistics.median(costs) * 1e3:.3f} ms"))
 
 
+def speculate_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """Constrained task answers whose fixed words are fed in one forward pass with the token
+    before them (the "reference" column: the same engine feeding one token a pass), one document
+    at a time, tokens a second and the records identical; and what a forward pass of K new tokens
+    over a cached 600-token prompt costs against one token, on microsoft/biogpt's shape."""
+    from biogpt_cli import generation
+    from biogpt_cli.grammars import source_words, task_grammar
+    from biogpt_cli.tasks import TASKS, build_input
+
+    tok = BioGptTokenizer.from_folder(folder)
+    lines = (shared_dir() / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
+    ours = BioGptForCausalLM.from_pretrained(folder, device=args.device)
+    cases = {"extract --constrained (BC5CDR)": ("bc5cdr", [{"title": lines[2 * i][:120], "abstract": lines[2 * i + 1]}
+                                                         for i in range(4)]),
+             "qa --constrained (PubMedQA)": ("pubmedqa", [{"question": lines[i][:100] + "?", "context": lines[i + 9]}
+                                                         for i in range(4)])}
+    opts = GenerationOptions(max_new_tokens=48, bad_words_ids=[[1]])
+    for name, (task_name, docs) in cases.items():
+        task = TASKS[task_name]
+        inputs = [build_input(task, tok, d, 600) for d in docs]
+        words = [source_words(task, tok, d, ids) if task.result == "relations" else () for d, ids in zip(docs, inputs,
+                                                                                                       strict=True)]
+
+        def answers(inputs: list = inputs, words: list = words, task: object = task) -> list:
+            with torch.inference_mode():
+                return [generate(ours, [ids], opts, constraints=[task_grammar(task, tok, w, (), 48)])[0][0].ids
+                        for ids, w in zip(inputs, words, strict=True)]
+
+        fast = answers()
+        generation.MAX_FORCED, forced = 0, generation.MAX_FORCED
+        try:
+            slow = answers()
+            assert slow == fast, "forced words fed in one pass changed an answer"
+            off = statistics.median(seconds(answers) for _ in range(args.repeats))
+        finally:
+            generation.MAX_FORCED = forced
+        on = statistics.median(seconds(answers) for _ in range(args.repeats))
+        with torch.inference_mode():  # the prompts' prefill and first choice, which both pay alike
+            first = statistics.median(seconds(lambda inputs=inputs: [generate(ours, [i], GenerationOptions(
+                max_new_tokens=1)) for i in inputs]) for _ in range(args.repeats))
+        n = sum(len(a) + 1 for a in fast)
+        rows.append(row(f"{name}, batch 1: tokens/s, fixed words in one pass", n / on, n / off, "tokens/s",
+                        higher=True, target=">= 2x", note=f"{n} tokens over {len(docs)} answers, identical; reference: "
+                        "one token a pass; prefill included"))
+        rows.append(row(f"{name}, batch 1: tokens/s after the prefill", (n - len(docs)) / (on - first),
+                        (n - len(docs)) / (off - first), "tokens/s", higher=True, target=">= 2x",
+                        note=f"the prompts' prefill and first token ({first:.2f} s) left out of both"))
+    prompt = torch.tensor([[2, *tok.encode(" ".join(lines[:10]), add_special_tokens=False)[:599]]])
+    costs = {}
+    for k in (1, 2, 4, 8):
+        def forward(k: int = k) -> None:
+            cache = ours.new_cache(1, 600 + k)
+            with torch.inference_mode():
+                ours(prompt, past_key_values=cache, logits_to_keep=1)
+                start = time.perf_counter()
+                ours(prompt[:, -k:], past_key_values=cache, logits_to_keep=k)
+                costs[k] = min(costs.get(k, 1e9), time.perf_counter() - start)
+        for _ in range(args.repeats):
+            forward()
+    for k in (2, 4, 8):
+        rows.append(row(f"a forward pass of {k} new tokens vs 1, 600 cached", costs[k] * 1e3, costs[1] * 1e3, "ms",
+                        higher=False, note=f"{costs[k] / costs[1]:.2f}x the cost of one token for {k} tokens"))
+
+
 def tiny_model(args: argparse.Namespace) -> Path:
     """A tiny random model with the real vocabulary (what the engine costs beside the model)."""
     tiny = args.workdir / "tiny-real-vocab"
@@ -905,9 +969,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "biogpt-bench",
                         help="where the random full-size checkpoint is kept between runs")
     parser.add_argument("--only", choices=["decode", "process", "tokenize", "engine", "bulk", "embed", "quality", "ray",
-                                           "gpu", "serve", "finetune", "literature", "constraints"],
+                                           "gpu", "serve", "finetune", "literature", "constraints", "speculate"],
                         action="append",
-                        help="run only these parts (ray, serve, finetune, literature, constraints: only when named)")
+                        help="run only these parts (ray, serve, finetune, literature, constraints, speculate: "
+                             "only when named)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (decode and bulk figures)")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes)")
     args = parser.parse_args()
@@ -924,13 +989,13 @@ def main() -> None:
              ("decode", decode_figures),
              ("bulk", bulk_figures), ("embed", embed_figures), ("quality", quality_figures), ("ray", ray_figures),
              ("gpu", gpu_figures), ("serve", serve_figures), ("finetune", finetune_figures),
-             ("literature", literature_figures), ("constraints", constraint_figures))
+             ("literature", literature_figures), ("constraints", constraint_figures), ("speculate", speculate_figures))
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # `timeout`: keep what was measured
     gpu = args.device != "cpu"
     complete = False
     try:
         for part, fn in parts:
-            named_only = ("ray", "serve", "finetune", "literature", "constraints")
+            named_only = ("ray", "serve", "finetune", "literature", "constraints", "speculate")
             everything = part not in named_only and (part in ("decode", "bulk", "gpu") if gpu else part != "gpu")
             if (not args.only and everything) or part in (args.only or ()):
                 fn(folder, args, rows)

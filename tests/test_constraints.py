@@ -174,6 +174,47 @@ def test_constrained_rows_follow_their_grammar_beside_free_rows(eos_ref, tok, op
         assert [got.get(i, []) for i in range(len(prompts))] == [p[0].ids for p in together]
 
 
+@pytest.mark.parametrize("slots", [None, 3], ids=["one batch", "continuous"])
+def test_forced_tokens_are_fed_in_one_pass_with_the_same_tokens(eos_ref, monkeypatch, slots):
+    """A grammar's fixed words are fed together with the token before them, in one forward pass:
+    the same tokens, finish reasons and logits (for logprobs) as one token a pass, in fewer passes,
+    with rows of several lengths, a stop token inside a fixed run and continuous batching."""
+    from biogpt_cli import generation
+
+    ours = ours_from(eos_ref)
+    g = Grammar("t", 2, items=(OneOf(((50,), (51, 52, 53), (54,))),), head=(fixed([40, 41, 42, 43]),),
+                sep=(fixed([44, 45]),), tail=(fixed([46, 47, 48]),), unique=True, limit=24)
+    prompts = PROMPTS * 2
+    passes = {"step": 0, "extend": 0}
+
+    def run():
+        for name in passes:
+            passes[name] = 0
+        seen, logits = {}, {}
+        for i in range(2):  # the second time a stop token inside the head's run ends some rows there
+            opts = GenerationOptions(max_new_tokens=24 - 3 * (i and 2), bad_words_ids=[[1]],
+                                     stop_token_ids=[42] if i else [])
+            for seq, tok, reason in stream_tokens(ours, iter(prompts), opts, slots=slots, constraint_of=lambda j: g,
+                                                  observe=lambda q, t, x, i=i: logits.setdefault((i, q), []).append(
+                                                      float(x[t]))):  # read at once: the scores are reused
+                seen.setdefault((i, seq), []).append((tok, reason))
+        return seen, logits
+
+    for name in passes:
+        real = getattr(generation._Batch, name)
+        monkeypatch.setattr(generation._Batch, name, lambda self, *a, real=real, name=name:
+                            passes.__setitem__(name, passes[name] + 1) or real(self, *a))
+    fast, fast_logits = run()
+    fast_passes = dict(passes)
+    monkeypatch.setattr(generation, "MAX_FORCED", 0)
+    slow, slow_logits = run()
+    assert fast == slow and fast_passes["extend"] and not passes["extend"]
+    assert sum(fast_passes.values()) < passes["step"] / 2, (fast_passes, passes)
+    for key, values in slow_logits.items():
+        assert torch.allclose(torch.tensor(fast_logits[key]), torch.tensor(values), atol=1e-4)
+    assert any(reason == "stop" for (i, _), events in slow.items() if i for _, reason in events)
+
+
 def test_a_row_allowed_only_eos_ends_even_under_min_new_tokens(eos_ref):
     ours = ours_from(eos_ref)
     g = Grammar("t", 2, items=(fixed([40]),))

@@ -367,6 +367,18 @@ class RowStates:
         if self.constraints[row] is not None:
             self.states[row] = self.constraints[row].advance(self.states[row], token)
 
+    def forced(self, row: int, most: int, eos: int) -> list[int]:
+        """The tokens (at most `most`, `</s>` never) that row `row`'s constraint allows alone next,
+        one after another: the grammar's fixed words, which need no choice."""
+        c, state, run = self.constraints[row], self.states[row], []
+        while c is not None and len(run) < most:
+            allowed = c.allowed(state)
+            if allowed is None or len(allowed) != 1 or allowed[0] == eos:
+                break
+            run.append(allowed[0])
+            state = c.advance(state, allowed[0])
+        return run
+
     def follow(self, parents: Sequence[int], tokens: Sequence[int]) -> None:
         """Beam search: row r continues row `parents[r]` with `tokens[r]`."""
         before = self.states

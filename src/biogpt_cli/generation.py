@@ -163,6 +163,9 @@ def fit_prompt(ids: list[int], max_new_tokens: int, max_positions: int, truncate
     return ids[:1] + ids[len(ids) - room + 1:]
 
 
+MAX_FORCED = 16  # a grammar's fixed words fed in one pass at most (a longer run takes several)
+
+
 class _Batch:
     """Left-padded prompts, their history buffer and the cached forward pass.
 
@@ -316,6 +319,19 @@ class _Batch:
         self.length = n
         self.first = [f - start for f in self.first]
         self.starts -= start
+
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append `tokens` [rows, K] in one forward pass (eager rows only); the scores after each
+        of them [rows, K, vocab] in float32."""
+        k = tokens.shape[1]
+        self.history[:, self.length:self.length + k] = tokens
+        self.length += k
+        with torch.no_grad():
+            out = self.model(tokens, self._mask(self.length), past_key_values=self.cache, logits_to_keep=k)
+        scores = out.logits.float()
+        if self.inputs_only < self.vocab:
+            scores[:, :, self.inputs_only:] = float("-inf")
+        return scores
 
     def step(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
         """Append one token per row (`live`: the rows still decoding; None: all); return
@@ -501,9 +517,48 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
                 if alive != shown:
                     shown, finished = list(alive), torch.tensor([not a for a in alive], device=tokens.device)
                 pad = model.config.pad_token_id  # finished rows are fed <pad>, as the reference feeds them
-                scores = batch.step(tokens.masked_fill(finished, pad), ~finished)
+                ahead = [] if joining or batch.rows is not None else _forced(held, alive, new_ids, row_opts, eos)
+                if not ahead:
+                    scores = batch.step(tokens.masked_fill(finished, pad), ~finished)
+                    continue
+                # every live row's next tokens are its grammar's fixed words: fed with this step's, in one pass
+                fed = torch.cat([tokens[:, None], torch.tensor(ahead, device=tokens.device)], 1)
+                scores_at = batch.extend(fed.masked_fill(finished[:, None], pad))
+                for j in range(fed.shape[1] - 1):
+                    for r, tok in enumerate(fed[:, j + 1].tolist()):
+                        if alive[r]:
+                            held.advance(r, tok)
+                            if observe is not None:
+                                observe(seq_of[r], tok, scores_at[r, j])
+                            alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos,
+                                                           row_opts[r].max_new_tokens, should_stop,
+                                                           row_opts[r].stop_token_ids)
+                scores = scores_at[:, -1]
+                if not any(alive):
+                    break
         finally:
             batch.close()
+
+
+def _forced(held: RowStates, alive: Sequence[bool], new_ids: Sequence[list[int]],
+            row_opts: Sequence[GenerationOptions], eos: int) -> list[list[int]]:
+    """The tokens every live row's grammar forces next (as many for each: the fewest), which greedy
+    decoding would choose whatever the logits say; [] when a row has none, samples, or could have
+    one banned (an n-gram ban, a bad word ending with it). Finished rows get `eos` as filler."""
+    most, runs = MAX_FORCED, {}
+    for r, live in enumerate(alive):
+        if not live:
+            continue
+        o = row_opts[r]
+        if o.do_sample or o.no_repeat_ngram_size:
+            return []
+        banned = {b[-1] for b in o.bad_words_ids}
+        run = held.forced(r, min(most, o.max_new_tokens - len(new_ids[r])), eos)
+        run = run[:next((i for i, t in enumerate(run) if t in banned), len(run))]
+        if not run:
+            return []
+        most, runs[r] = min(most, len(run)), run
+    return [runs[r][:most] if r in runs else [eos] * most for r in range(len(alive))]
 
 
 def _checked(per_prompt: Callable[[int], GenerationOptions], k: int,
