@@ -172,4 +172,4 @@ def server(tiny_ref):
 def client(server):
     import openai
 
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="sekret", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="sekret", max_retries=0, timeout=300)

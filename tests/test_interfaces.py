@@ -268,5 +268,5 @@ def test_shell_completion_script():
     # typer finds the shell from the parent process (with shellingham installed): run it under bash ("; exit"
     # keeps bash from exec-ing python in its place)
     command = f"'{sys.executable}' -m biogpt_cli --show-completion; exit $?"
-    run = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "complete" in run.stdout and "biogpt" in run.stdout.lower()
