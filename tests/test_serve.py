@@ -308,24 +308,31 @@ def test_the_engine_serves_requests_of_mixed_settings_without_http(tiny_ref):
 
 
 def test_prompts_are_tokenized_off_the_event_loop(server, monkeypatch):
+    """Completions, /tokenize and /detokenize read text in worker threads: a long one stalls no
+    other client."""
     import asyncio
 
     _, lm, tok = server
     on_loop = []
 
-    def encode(text, *a, **k):
-        try:
-            asyncio.get_running_loop()
-            on_loop.append(True)
-        except RuntimeError:
-            on_loop.append(False)
-        return original(text, *a, **k)
+    def noted(real):
+        def call(*a, **k):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(True)
+            except RuntimeError:
+                on_loop.append(False)
+            return real(*a, **k)
+        return call
 
-    original = tok.encode
-    monkeypatch.setattr(tok, "encode", encode)
+    monkeypatch.setattr(tok, "encode", noted(tok.encode))
     out = client(server).completions.create(model="tiny", prompt="the cat", max_tokens=2, temperature=0)
     assert out.choices[0].text == greedy_text(lm, tok, "the cat", 2)
-    assert on_loop and not any(on_loop)
+    monkeypatch.setattr(tok, "decode", noted(tok.decode))
+    base, headers = server[0], {"Authorization": "Bearer sekret"}
+    assert httpx.post(base + "/tokenize", json={"prompt": "the cat"}, headers=headers, timeout=300).json()["count"]
+    assert httpx.post(base + "/detokenize", json={"tokens": [5, 6]}, headers=headers, timeout=300).status_code == 200
+    assert len(on_loop) >= 3 and not any(on_loop)
 
 
 def test_guided_choice_answers_one_of_the_texts(server):

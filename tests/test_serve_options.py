@@ -149,3 +149,17 @@ def test_a_stop_string_kept_in_the_text(server):
     kept = c.completions.create(**ask, stop=[stop], extra_body={"include_stop_str_in_output": True}).choices[0]
     assert cut.finish_reason == kept.finish_reason == "stop"
     assert kept.text == free[:free.index(stop) + len(stop)] and cut.text == free[:free.index(stop)]
+
+
+def test_token_id_fields_name_themselves(server):
+    """A logit_bias key that only Unicode calls a digit ("²", "١٢") is not a token id; an id out of
+    range is reported under the field that holds it."""
+    c = client(server)
+    for bias in ({"²": 1}, {"١٢": 100}, {"12a": 1}):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, logit_bias=bias)
+        assert e.value.body["param"] == "logit_bias" and "is not a token id" in e.value.body["message"]
+    for field, value in (("stop_token_ids", [10 ** 9]), ("logit_bias", {str(10 ** 9): 1})):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, extra_body={field: value})
+        assert e.value.body["param"] == field and e.value.body["message"].startswith(f"{field}: token ids must be")

@@ -96,8 +96,10 @@ class GenerationOptions:
         need(all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias: biases must be in [-100, 100]")
         need(self.num_beams == 1 or not self.stop_token_ids, "stop_token_ids: not with beam search")
         if vocab_size is not None:
-            need(all(0 <= i < vocab_size for i in [*self.logit_bias, *self.stop_token_ids]),
-                 f"logit_bias and stop_token_ids: token ids must be in 0..{vocab_size - 1}")
+            need(all(0 <= i < vocab_size for i in self.logit_bias),
+                 f"logit_bias: token ids must be in 0..{vocab_size - 1}")
+            need(all(0 <= i < vocab_size for i in self.stop_token_ids),
+                 f"stop_token_ids: token ids must be in 0..{vocab_size - 1}")
             need(self.logprobs is None or self.logprobs <= vocab_size,
                  f"logprobs must be at most the vocabulary's {vocab_size} tokens")
             need(all(0 <= i < vocab_size for ids in self.bad_words_ids for i in ids),

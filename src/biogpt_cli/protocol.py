@@ -6,6 +6,7 @@ layer (server.py) renders the 4xx they return.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -144,7 +145,7 @@ def in_request_terms(message: str) -> tuple[str, str]:
     """An engine message about a request in its own fields' names: (the field, the message)."""
     for ours, theirs in REQUEST_TERMS.items():
         message = message.replace(ours, theirs)
-    field = next((f for f in (*OPENAI_FIELDS, *VLLM_FIELDS) if message.startswith(f)), "prompt")
+    field = max((f for f in (*OPENAI_FIELDS, *VLLM_FIELDS) if message.startswith(f)), key=len, default="prompt")
     return field, message
 
 
@@ -152,7 +153,7 @@ def logit_bias(body: CompletionRequest) -> dict[int, float]:
     """`logit_bias` with integer keys; ValueError naming a key that is no token id."""
     out = {}
     for key, value in (body.logit_bias or {}).items():
-        if not key.strip().lstrip("-").isdigit():
+        if not re.fullmatch(r"\s*-?[0-9]+\s*", key):  # ASCII digits only: "²" and "١٢" are digits to isdigit()
             raise ValueError(f"logit_bias: {key!r} is not a token id (BioGPT's ids: POST /tokenize gives them)")
         out[int(key)] = value
     return out

@@ -115,7 +115,8 @@ def create_app(lm: Any, tok: Any, names: str | Sequence[str], api_key: str | Non
     async def tokenize(body: TokenizeRequest) -> Any:  # vLLM's
         if refused := not_served(body.model):
             return refused
-        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        # off the event loop: a long text would stall every other client
+        ids = await asyncio.to_thread(tok.encode, body.prompt, add_special_tokens=body.add_special_tokens)
         return {"count": len(ids), "max_model_len": lm.config.max_position_embeddings, "tokens": ids,
                 "token_strs": tok.convert_ids_to_tokens(ids)}
 
@@ -126,7 +127,7 @@ def create_app(lm: Any, tok: Any, names: str | Sequence[str], api_key: str | Non
         bad = next((t for t in body.tokens if not 0 <= t < lm.config.vocab_size), None)
         if bad is not None:
             return error(400, f"tokens: {bad} is not a token id (0..{lm.config.vocab_size - 1})", param="tokens")
-        return {"prompt": tok.decode(body.tokens, skip_special_tokens=True)}
+        return {"prompt": await asyncio.to_thread(tok.decode, body.tokens, skip_special_tokens=True)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
