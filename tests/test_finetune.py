@@ -317,8 +317,19 @@ def test_the_best_dev_epoch_is_kept_and_training_stops_when_it_stalls(cli, base,
     assert code == 0, err
     manifest = json.loads((tmp_path / "out" / "training.json").read_text())
     history = manifest["history"]
-    best = ft.best_epoch(history)
+    best = ft.best_epoch(history, "pubmedqa")
     assert manifest["averaged_epochs"] == [best] and history[-1]["epoch"] - best == 3 < 40  # stopped early
     assert manifest["complete"] and history[best - 1]["dev_accuracy"] == max(h["dev_accuracy"] for h in history)
     kept = ft.snapshots(tmp_path / "out")
     assert [int(p.stem.split("-")[1]) for p in kept] == sorted({best, history[-1]["epoch"]})
+
+
+def test_epochs_are_ranked_by_the_tasks_headline_metric():
+    """BC5CDR's dev scores list precision first: the best epoch is the best F1 all the same, and
+    PubMedQA's is the best accuracy (not its macro-F1)."""
+    history = [{"epoch": 1, "dev_precision": 0.9, "dev_recall": 0.1, "dev_f1": 0.18},
+               {"epoch": 2, "dev_precision": 0.5, "dev_recall": 0.5, "dev_f1": 0.5},
+               {"epoch": 3, "dev_precision": 0.4, "dev_recall": 0.4, "dev_f1": 0.4}]
+    assert ft.best_epoch(history, "bc5cdr") == 2 and ft.stalled(history, 1, "bc5cdr")
+    qa = [{"epoch": 1, "dev_f1": 0.6, "dev_accuracy": 0.5}, {"epoch": 2, "dev_f1": 0.4, "dev_accuracy": 0.7}]
+    assert ft.best_epoch(qa, "pubmedqa") == 2 and not ft.stalled(qa, 1, "pubmedqa")

@@ -33,7 +33,7 @@ from .datasets import Example, task_of
 from .errors import InputError
 from .files import output_errors, save_torch, write_safetensors, write_text
 from .model import causal_lm_loss
-from .tasks import build_input, parse, source_limit
+from .tasks import TASKS, build_input, parse, source_limit
 from .tokenizer import EOS_ID, PAD_ID, BioGptTokenizer
 
 STATE = ".finetune"
@@ -245,7 +245,7 @@ class Trainer:
                               state_dir / f"epoch-{epoch}.safetensors")
             write_text(state_dir / "run.json", json.dumps(identity))
             save_torch(state, state_dir / "state.pt")
-        best = best_epoch(history)
+        best = best_epoch(history, identity["task"])
         for old in snapshots(folder)[:-self.r.average]:
             if int(old.stem.split("-")[1]) != best:  # the best dev epoch is kept for `keep best`
                 old.unlink()
@@ -281,16 +281,17 @@ def read_state(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: cannot read the run's state ({e}); --force starts the run over") from None
 
 
-def best_epoch(history: list[dict[str, Any]]) -> int | None:
-    """The epoch of the best dev metric (the first `dev_` one: accuracy or F1; the earliest of equals)."""
-    scored = [(next(v for k, v in h.items() if k.startswith("dev_")), -h["epoch"]) for h in history
-              if any(k.startswith("dev_") for k in h)]
+def best_epoch(history: list[dict[str, Any]], task: str) -> int | None:
+    """The epoch of the best dev score in the task's headline metric (F1; PubMedQA's accuracy),
+    the earliest of equals."""
+    key = f"dev_{TASKS[task].headline}"
+    scored = [(h[key], -h["epoch"]) for h in history if key in h]
     return -max(scored)[1] if scored else None
 
 
-def stalled(history: list[dict[str, Any]], patience: int | None) -> bool:
+def stalled(history: list[dict[str, Any]], patience: int | None, task: str) -> bool:
     """Whether the dev metric has not improved for `patience` epochs (early stopping)."""
-    best = best_epoch(history)
+    best = best_epoch(history, task)
     return bool(patience and best is not None and history[-1]["epoch"] - best >= patience)
 
 
@@ -396,7 +397,7 @@ def train(run: Run, resume: bool = False, on_progress: Callable[[Progress], None
     epoch, history = trainer.restore(run.out, run.identity) if resume else (0, [])
     lengths, total = [len(s) for s in run.train], run.total_updates()
     started, trained = time.perf_counter(), 0
-    while not run.finished(epoch, trainer.updates) and not stalled(history, r.patience):
+    while not run.finished(epoch, trainer.updates) and not stalled(history, r.patience, run.task):
         epoch += 1
         model.train()
         batches, losses = epoch_batches(lengths, epoch, r), []
@@ -412,7 +413,7 @@ def train(run: Run, resume: bool = False, on_progress: Callable[[Progress], None
             dev = run.dev(model) if run.dev else {}
         history.append({"epoch": epoch, "updates": trainer.updates, "loss": sum(losses) / max(len(losses), 1), **dev})
         trainer.save(run.out, epoch, history, run.identity)
-        export(run, history, complete=run.finished(epoch, trainer.updates) or stalled(history, r.patience))
+        export(run, history, complete=run.finished(epoch, trainer.updates) or stalled(history, r.patience, run.task))
         on_progress(Progress(epoch, trainer.updates, total, history[-1]["loss"], trained,
                              time.perf_counter() - started, dev, epoch_done=True))
     return history
@@ -423,7 +424,7 @@ def export(run: Run, history: list[dict[str, Any]], complete: bool) -> None:
     from .loading import write_checkpoint
 
     kept = snapshots(run.out)
-    if run.recipe.keep == "best" and (best := best_epoch(history)) is not None:
+    if run.recipe.keep == "best" and (best := best_epoch(history, run.task)) is not None:
         kept = [p for p in kept if int(p.stem.split("-")[1]) == best]
     else:  # the last `average` epochs (a best epoch kept beside them is not among them)
         kept = kept[-run.recipe.average:]

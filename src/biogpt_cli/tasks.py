@@ -45,6 +45,7 @@ class Task:
     # characters in the document's text (grounding.py), for relation extraction
     checkpoint: str = ""  # the release's checkpoint name, for messages
     hub: str = ""  # a Hub model fine-tuned for it too, if any
+    headline: str = "f1"  # the metric (of `evaluate`'s) the paper reports, which fine-tuning ranks epochs by
 
 
 def text_field(fields: Mapping[str, Any], name: str, required: bool = True) -> str:
@@ -146,7 +147,7 @@ def _labels(text: str) -> list[str] | None:
 RELEASE = "from the original release's checkpoints (github.com/microsoft/BioGPT, README)"
 TASKS = {t.name: t for t in (
     Task("pubmedqa", "qa", "answer", _question_context, _answer, 900, checkpoint="QA-PubMedQA-BioGPT(-Large)",
-         hub="microsoft/BioGPT-Large-PubMedQA"),
+         hub="microsoft/BioGPT-Large-PubMedQA", headline="accuracy"),
     Task("bc5cdr", "extract", "relations", _title_abstract, _bc5cdr, 640, BC5CDR_PREFIXES,
          checkpoint="RE-BC5CDR-BioGPT"),
     Task("ddi", "extract", "relations", _abstract, _interactions, 640, checkpoint="RE-DDI-BioGPT",
