@@ -263,6 +263,8 @@ def test_bad_task_inputs(cli, tiny_ref, task_ref, tmp_path):
     assert code == 1 and 'the field "context" is empty' in one_error_line(err)
     code, _, err = cli("extract", "--task", "mesh", "-m", fine_tuned, "x")
     assert code == 2 and "--task" in one_error_line(err)
+    code, _, err = cli("extract", "--task", "ddi", "-m", fine_tuned, "-i", tmp_path / "a.jsonl", "--text", "title")
+    assert code == 2 and "--text title: extract reads each document as its task does" in one_error_line(err)
 
 
 def test_wrong_task_for_the_checkpoint(cli, task_ref, tmp_path):

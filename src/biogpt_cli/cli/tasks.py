@@ -301,6 +301,10 @@ def extract(
 
     Relations (head, relation, tail) from an RE checkpoint: BC5CDR, DDI or KD-DTI. Input: JSONL
     with title and abstract (or text), or plain text lines."""
+    if text_part is not None:
+        raise UsageError(f"--text {text_part}: extract reads each document as its task does (BC5CDR and KD-DTI: "
+                         "title and abstract joined as the release joins them; DDI: the abstract), whatever --text "
+                         "says: leave it out")
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
                   dtype, device, quantize, errors, verbose,
                   Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet),
