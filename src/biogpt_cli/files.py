@@ -1,14 +1,16 @@
 """Files written whole or not at all: every file the package writes goes through `replacing`, so
 a reader (a resumed run, another process, the next start) finds the old content or the new one,
-never a torn or empty file. A kill leaves at most a temporary beside the target, which nothing
-reads and the next write of the same file replaces.
+never a torn or empty file. A kill leaves at most a temporary beside the target (named by the
+writer's PID), which nothing reads and the next write of the same file removes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,12 +26,32 @@ def replacing(path: str | Path) -> Iterator[Path]:
     """A temporary name beside `path` for the block to write; it becomes `path` when the block ends
     without an error, and is removed when it raises."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    _clean_stale(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")  # two threads: two names
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _clean_stale(path: Path) -> None:
+    """Remove the temporaries of `path` that processes killed mid-write left (their PID is gone)."""
+    with contextlib.suppress(OSError):
+        for old in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
+            pid = old.name[len(path.name) + 1:].split(".")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+                old.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: running
+        return True
+    return True
 
 
 @contextlib.contextmanager
