@@ -359,3 +359,47 @@ def test_the_writers_name_a_composite_mentions_parts():
     relations = [line for line in out if "\tCID\t" in line]
     assert relations == ["8701013\tCID\tD007069\tD003556", "8701013\tCID\tD007069\tD006470",
                          "8701013\tCID\tD007069\tD003556"]
+
+
+def _document_text(doc):
+    return f"{doc['title']} {doc['abstract']}"
+
+
+def test_written_files_are_read_back_whatever_the_text_holds():
+    """Control characters (U+000C, U+001B) become spaces in BioC XML, which forbids them, and line
+    breaks become spaces in PubTator's one-line fields: both files read back, every offset kept."""
+    from biogpt_cli.writers import bioc_document, bioc_xml, pubtator
+
+    fields = {"id": "7", "title": "Aspirin\x0c and\nulcers\x1b", "abstract": "Aspirin caused\r\nulcers\u2028here.",
+              "annotations": [{"text": "ulcers", "type": "Disease", "identifier": "D014456",
+                               "locations": [{"offset": 13, "length": 6}]}]}
+    doc = bioc_document(fields, {"relations": [{"head": "aspirin", "relation": "CID", "tail": "ulcers"}]}, "bc5cdr", "7")
+    xml = '<?xml version="1.0" encoding="UTF-8"?><collection><source>x</source>' + bioc_xml(doc) + "</collection>"
+    (back,) = literature.documents(io.BytesIO(xml.encode()), "out.xml", "bioc")
+    assert len(_document_text(back)) == len(_document_text(fields))
+    (again,) = literature.pubtator_documents(pubtator(doc), "out.pubtator")
+    text = _document_text(again)
+    assert len(text) == len(_document_text(fields)) and again["relations"]
+    assert all(text[a["locations"][0]["offset"]:][:a["locations"][0]["length"]] == a["text"]
+               for a in again["annotations"])
+
+
+def test_pubtator_from_bioc_counts_offsets_over_its_own_layout():
+    """A BioC abstract passage need not start at len(title) + 1 (the CDR BioC sample has one at
+    102 after a 96-character title): PubTator's offsets are moved to its title, space, abstract;
+    a mention in another passage (a body section) is left out."""
+    from biogpt_cli.writers import bioc_document, pubtator
+
+    bioc = {"id": "9", "passages": [
+        {"infons": {"type": "title"}, "offset": 0, "text": "Lithium tremor.", "annotations": []},
+        {"infons": {"type": "abstract"}, "offset": 102, "text": "Lithium caused tremor.", "annotations": [
+            {"id": "T1", "infons": {"type": "Disease", "identifier": "D014202"}, "text": "tremor",
+             "locations": [{"offset": 117, "length": 6}]}]},
+        {"infons": {"type": "results"}, "offset": 200, "text": "Tremor again.", "annotations": [
+            {"id": "T2", "infons": {"type": "Disease", "identifier": "D014202"}, "text": "Tremor",
+             "locations": [{"offset": 200, "length": 6}]}]}]}
+    fields = literature.bioc_document(bioc)
+    (back,) = literature.pubtator_documents(pubtator(bioc_document(fields, {}, "bc5cdr", "9")), "x.pubtator")
+    (mention,) = back["annotations"]
+    start = mention["locations"][0]["offset"]
+    assert start == len("Lithium tremor.") + 1 + 15 and _document_text(back)[start:start + 6] == "tremor"

@@ -197,18 +197,28 @@ def _part_of_composite(name: str, places: list[tuple[int, dict[str, Any]]],
 
 def pubtator(doc: dict[str, Any]) -> str:
     """A BioC document (as `bioc_document` makes it) as PubTator: title, abstract, mentions, then
-    relations by identifier (a mention without one is named by its text, lowercased)."""
-    pmid = doc["id"]
-    texts = {p["infons"].get("type", ""): p.get("text", "") for p in doc["passages"]}
-    lines = [f"{pmid}|t|{texts.get('title', '')}", f"{pmid}|a|{texts.get('abstract', '')}"]
+    relations by identifier (a mention without one is named by its text, lowercased). Offsets
+    count over the title passages, a space, the abstract passages (`_layout`), wherever a BioC
+    passage said it starts; a mention in another passage (a body section) has no place in PubTator
+    and is left out, and a discontinuous one gets a line for each of its pieces. Line breaks in a
+    text become spaces (the offsets stay)."""
+    pmid, places = doc["id"], _layout({"passages": doc["passages"]}, doc["passages"])
+    start = {id(p): at for at, p in places}
+    kind = [(p.get("infons") or {}).get("type", "").lower() for p in doc["passages"]]
+    title, abstract = (" ".join(p.get("text") or "" for p, k in zip(doc["passages"], kind, strict=True) if k in group)
+                       for group in (("title", "front"), ("abstract",)))
+    lines = [f"{pmid}|t|{_one_line(title)}", f"{pmid}|a|{_one_line(abstract)}"]
     names: dict[str, str] = {}
     for p in doc["passages"]:
         for a in p["annotations"]:
             ident = identifier(a)
             names[a["id"]] = ident or a.get("text", "").lower()
             extra = "".join(f"\t{x}" for x in a.get("extra") or [])  # a composite mention's parts, as given
+            if id(p) not in start:
+                continue
             for loc in a.get("locations") or []:
-                lines.append(f"{pmid}\t{loc['offset']}\t{loc['offset'] + loc['length']}\t{a.get('text', '')}\t"
+                at = start[id(p)] + loc["offset"] - p.get("offset", 0)
+                lines.append(f"{pmid}\t{at}\t{at + loc['length']}\t{_one_line(a.get('text', ''))}\t"
                              f"{a['infons'].get('type', '')}\t{ident or '-1'}{extra}")
     for r in doc["relations"]:
         ends = {n["role"]: names[n["refid"]] for n in r["nodes"]}
@@ -219,21 +229,35 @@ def pubtator(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LINE_BREAKS = re.compile(r"[\n\r\t\v\f\x1c-\x1e\x85\u2028\u2029]")  # what a line reader (or a column) splits at
+NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")  # characters XML 1.0 forbids
+
+
+def _one_line(text: str) -> str:
+    return LINE_BREAKS.sub(" ", text)
+
+
+def _xml_text(text: str) -> str:
+    """`text` escaped for XML, each character XML forbids a space and a carriage return a
+    character reference (a parser would fold `\r\n` into `\n`), so every offset stays."""
+    return escape(NOT_XML.sub(" ", text)).replace("\r", "&#13;")
+
+
 def bioc_xml(doc: dict[str, Any]) -> str:
     """A BioC document (as `bioc_document` makes it) as BioC XML."""
     def infons(d: dict[str, Any]) -> str:
-        return "".join(f"<infon key={quoteattr(str(k))}>{escape(str(v))}</infon>" for k, v in d.items())
+        return "".join(f"<infon key={quoteattr(str(k))}>{_xml_text(str(v))}</infon>" for k, v in d.items())
 
     def annotation(a: dict[str, Any]) -> str:
         locations = "".join(f'<location offset="{loc["offset"]}" length="{loc["length"]}"/>'
                             for loc in a.get("locations") or [])
         return (f"<annotation id={quoteattr(a['id'])}>{infons(a.get('infons') or {})}{locations}"
-                f"<text>{escape(a.get('text', ''))}</text></annotation>")
+                f"<text>{_xml_text(a.get('text', ''))}</text></annotation>")
 
     passages = "".join(f"<passage>{infons(p.get('infons') or {})}<offset>{p.get('offset', 0)}</offset>"
-                       f"<text>{escape(p.get('text') or '')}</text>{''.join(map(annotation, p['annotations']))}"
+                       f"<text>{_xml_text(p.get('text') or '')}</text>{''.join(map(annotation, p['annotations']))}"
                        "</passage>" for p in doc["passages"])
     relations = "".join(f"<relation id={quoteattr(r['id'])}>{infons(r['infons'])}"
                         + "".join(f"<node refid={quoteattr(n['refid'])} role={quoteattr(n['role'])}/>"
                                   for n in r["nodes"]) + "</relation>" for r in doc["relations"])
-    return f"<document><id>{escape(doc['id'])}</id>{infons(doc['infons'])}{passages}{relations}</document>"
+    return f"<document><id>{_xml_text(doc['id'])}</id>{infons(doc['infons'])}{passages}{relations}</document>"
