@@ -373,7 +373,8 @@ def test_written_files_are_read_back_whatever_the_text_holds():
     fields = {"id": "7", "title": "Aspirin\x0c and\nulcers\x1b", "abstract": "Aspirin caused\r\nulcers\u2028here.",
               "annotations": [{"text": "ulcers", "type": "Disease", "identifier": "D014456",
                                "locations": [{"offset": 13, "length": 6}]}]}
-    doc = bioc_document(fields, {"relations": [{"head": "aspirin", "relation": "CID", "tail": "ulcers"}]}, "bc5cdr", "7")
+    record = {"relations": [{"head": "aspirin", "relation": "CID", "tail": "ulcers"}]}
+    doc = bioc_document(fields, record, "bc5cdr", "7")
     xml = '<?xml version="1.0" encoding="UTF-8"?><collection><source>x</source>' + bioc_xml(doc) + "</collection>"
     (back,) = literature.documents(io.BytesIO(xml.encode()), "out.xml", "bioc")
     assert len(_document_text(back)) == len(_document_text(fields))
@@ -403,3 +404,43 @@ def test_pubtator_from_bioc_counts_offsets_over_its_own_layout():
     (mention,) = back["annotations"]
     start = mention["locations"][0]["offset"]
     assert start == len("Lithium tremor.") + 1 + 15 and _document_text(back)[start:start + 6] == "tremor"
+
+
+@pytest.mark.parametrize(("document", "says"), [
+    ({"id": "1", "passages": ["a string"]}, 'document 1: passage 1: expected an object, got "a string"'),
+    ({"id": "2", "infons": ["x"], "passages": []}, 'document 2: "infons" must be an object of strings, got ["x"]'),
+    ({"id": "3", "passages": [{"infons": {"type": None}, "text": "t"}]}, 'the infon "type" must be a string, got null'),
+    ({"id": "4", "passages": [{"offset": 0, "text": 12}]}, 'document 4: passage 1: "text" must be a string, got 12'),
+    ({"id": "5", "passages": [{"offset": "x", "text": "t"}]}, "offset must be a whole number of characters, got \"x\""),
+    ({"id": None, "passages": []}, '"id" must be a non-empty string or a number, got null'),
+    ({"id": "6", "passages": [{"text": "t", "annotations": [{"text": "t",
+                                                             "locations": [{"offset": -1, "length": 1}]}]}]},
+     "a location's offset must be a whole number of characters, got -1"),
+])
+def test_malformed_bioc_is_one_line_naming_the_document(cli, tiny_ref, tmp_path, document, says):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"source": "x", "documents": [document]}))
+    code, _, err = cli("generate", "-i", path, "-n", "1", "-m", tiny_ref[1])
+    assert code == 1 and f"{path}: " in err and says in one_error_line(err)
+
+
+def test_malformed_bioc_xml_and_pubtator_are_one_line(cli, tiny_ref, tmp_path):
+    bad = {"x.xml": '<?xml version="1.0"?><collection><source>s</source><document><id>7</id><passage><offset>z'
+                    '</offset><text>t</text></passage></document></collection>',
+           "neg.pubtator": "8|t|Title\n8|a|Abstract\n8\t-3\t2\tTi\tChemical\tD1\n",
+           "ends.pubtator": "9|t|Title\n9|a|Abstract\n9\t5\t2\tTi\tChemical\tD1\n",
+           "order.pubtator": "10|a|Abstract first\n10|t|Title\n"}
+    says = {"x.xml": "document 7: passage 1: offset must be a whole number",
+            "neg.pubtator": "document 8: a mention at -3-2", "ends.pubtator": "document 9: a mention at 5-2",
+            "order.pubtator": "document 10: an |a| line that does not"}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        code, _, err = cli("generate", "-i", tmp_path / name, "-n", "1", "-m", tiny_ref[1], "--input-format",
+                           "auto")
+        assert code == 1 and says[name] in one_error_line(err), err
+
+
+def test_utf16_xml_is_told_by_its_content():
+    data = PUBMED.replace('encoding="utf-8"', 'encoding="UTF-16"').encode("utf-16")
+    assert literature.sniff(data[:4096], "x.xml") == "pubmed" and literature.sniff(data[:4096], "x") == "pubmed"
+    assert [d["id"] for d in literature.documents(io.BytesIO(data), "x", "pubmed")][:2] == ["31000001", "31000002"]

@@ -11,6 +11,7 @@ tree once read, so memory does not grow with the file.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import re
@@ -18,6 +19,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
+from .bioc import checked
 from .errors import InputError
 from .jsonl import lines, loads
 
@@ -33,7 +35,7 @@ GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)  # what reading a damaged
 
 def sniff(head: bytes, name: str) -> str | None:
     """The literature format a file's first bytes (and name) say, or None (lines of text or JSONL)."""
-    text, bare = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n"), name.removesuffix(".gz")
+    text, bare = _head_text(head).lstrip("\ufeff \t\r\n"), name.removesuffix(".gz")
     if text.startswith("<"):
         root = re.search(r"<(?![?!])([\w:.-]+)", re.sub(r"<!--.*?-->", "", text, flags=re.S))
         if root and root[1] in (*PUBMED_ROOTS, "collection"):
@@ -45,6 +47,17 @@ def sniff(head: bytes, name: str) -> str | None:
     if bare.endswith(".json"):
         return "json"  # a JSON document: BioC JSON or a release file, told apart once read
     return "release" if bare.endswith(".tsv") else None
+
+
+def _head_text(head: bytes) -> str:
+    """A file's first bytes as text: UTF-16 by its byte-order mark or its zero bytes (XML may come
+    so, its declaration saying it), else UTF-8."""
+    for bom, encoding in ((codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")):
+        if head.startswith(bom):
+            return head[len(bom):len(head) - len(head) % 2].decode(encoding, "replace")
+    if head[:2] in (b"<\x00", b"\x00<"):
+        return head[:len(head) - len(head) % 2].decode("utf-16-le" if head[0] else "utf-16-be", "replace")
+    return head.decode("utf-8", "replace")
 
 
 def documents(f: BinaryIO, name: str, fmt: str, labels: bool = False,
@@ -182,16 +195,16 @@ def _bioc_xml(element: Element, name: str, line: int) -> Document:
 
     def infons(e: Element) -> dict[str, str]:
         return {i.get("key", ""): i.text or "" for i in e.findall("infon")}
-    passages = [{"infons": infons(p), "offset": int(p.findtext("offset") or 0), "text": p.findtext("text") or "",
+    passages = [{"infons": infons(p), "offset": p.findtext("offset") or "0", "text": p.findtext("text") or "",
                  "annotations": [{"id": a.get("id"), "infons": infons(a), "text": a.findtext("text") or "",
-                                  "locations": [{"offset": int(loc.get("offset", 0)),
-                                                 "length": int(loc.get("length", 0))}
+                                  "locations": [{"offset": loc.get("offset", "0"), "length": loc.get("length", "0")}
                                                 for loc in a.findall("location")]}
                                  for a in p.findall("annotation")],
                  "relations": [_bioc_relation_xml(r, infons) for r in p.findall("relation")]}
                 for p in element.findall("passage")]
-    return bioc_document({"id": doc_id, "infons": infons(element), "passages": passages,
-                          "relations": [_bioc_relation_xml(r, infons) for r in element.findall("relation")]})
+    return bioc_document(checked({"id": doc_id, "infons": infons(element), "passages": passages,
+                                  "relations": [_bioc_relation_xml(r, infons) for r in element.findall("relation")]},
+                                 name, f"line {line}"))
 
 
 def _bioc_relation_xml(r: Element, infons: Callable[[Element], dict[str, str]]) -> dict[str, Any]:
@@ -245,22 +258,29 @@ def pubtator_documents(text: str, name: str) -> Iterator[Document]:
         if not line.strip():
             continue
         if m := re.match(r"([^|\t]+)\|([ta])\|(.*)$", line):
-            if doc is not None and (doc["id"] != m[1] or m[2] == "t"):
+            if m[2] == "a" and (doc is None or doc["id"] != m[1] or doc["abstract"]):
+                raise InputError(f"{name}: line {n}: document {m[1]}: an |a| line that does not follow its |t| line")
+            if doc is not None and m[2] == "t":
                 yield doc
-                doc = None
-            doc = doc or {"id": m[1], "title": "", "abstract": "", "annotations": [], "relations": []}
-            doc["title" if m[2] == "t" else "abstract"] = m[3]
+            if m[2] == "t":
+                doc = {"id": m[1], "title": m[3], "abstract": "", "annotations": [], "relations": []}
+            else:
+                doc["abstract"] = m[3]
             continue
         cols = [c.strip() for c in line.split("\t")]
         if doc is None or cols[0] != doc["id"] or len(cols) < 4:
             raise InputError(f"{name}: line {n}: not PubTator (`PMID|t|title`, `PMID|a|abstract`, then tab-separated "
                              "mentions and relations of that PMID)")
-        if not (cols[1].isdigit() and cols[2].isdigit()):
+        if not (re.fullmatch(r"-?[0-9]+", cols[1]) and re.fullmatch(r"-?[0-9]+", cols[2])):
             doc["relations"].append({"type": cols[1], "id1": cols[2], "id2": cols[3], "extra": cols[4:]})
         elif len(cols) < 5:
             raise InputError(f"{name}: line {n}: a mention needs PMID, start, end, text and type")
         else:
             start, end = int(cols[1]), int(cols[2])
+            if not 0 <= start <= end <= len(doc["title"]) + 1 + len(doc["abstract"]):
+                raise InputError(f"{name}: line {n}: document {doc['id']}: a mention at {start}-{end}, outside its "
+                                 f"text of {len(doc['title']) + 1 + len(doc['abstract'])} characters (title, a space, "
+                                 "abstract) or ending before it starts")
             doc["annotations"].append({"text": cols[3], "type": cols[4], "identifier": cols[5] if len(cols) > 5 else "",
                                        "locations": [{"offset": start, "length": end - start}], "extra": cols[6:]})
     if doc is not None:
@@ -301,9 +321,7 @@ def json_documents(text: str, name: str) -> Iterator[Document]:
         raise InputError(f"{name}: line {e.lineno}: not JSON ({e.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("documents"), list):
         for i, d in enumerate(data["documents"]):
-            if not isinstance(d, dict) or "id" not in d:
-                raise InputError(f"{name}: BioC document {i + 1}: expected an object with an \"id\"")
-            yield bioc_document(d)
+            yield bioc_document(checked(d, name, f"BioC document {i + 1}"))
         return
     if isinstance(data, dict) and data:
         for pmid, doc in data.items():
