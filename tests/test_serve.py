@@ -368,3 +368,29 @@ def test_guided_choice_answers_one_of_the_texts(server):
         assert "guided_choice" in str(e.value)
     with pytest.raises(openai.BadRequestError, match="<unk>"):
         c.completions.create(model="tiny", prompt="the", max_tokens=4, extra_body={"guided_choice": ["\u200b", "x"]})
+
+
+def test_logprobs_text_is_named_off_the_decoding_thread(server, monkeypatch):
+    """A choice's logprobs pieces are worked out after its rows end, outside the decoding run, so
+    a long one holds up no other client's tokens (unstreamed and streamed alike)."""
+    from biogpt_cli import serving
+
+    inside, calls = threading.local(), []
+    real_run, real_pieces = serving.Engine._run_batch_of, serving.text_pieces
+
+    def run(self, *a):
+        inside.yes = True
+        try:
+            return real_run(self, *a)
+        finally:
+            inside.yes = False
+
+    monkeypatch.setattr(serving.Engine, "_run_batch_of", run)
+    monkeypatch.setattr(serving, "text_pieces", lambda *a: calls.append(getattr(inside, "yes", False))
+                        or real_pieces(*a))
+    c = client(server)
+    out = c.completions.create(model="tiny", prompt="the cat", max_tokens=6, temperature=0, logprobs=1)
+    assert "".join(out.choices[0].logprobs.tokens) == out.choices[0].text
+    chunks = list(c.completions.create(model="tiny", prompt="the cat", max_tokens=6, temperature=0, logprobs=1,
+                                       stream=True))
+    assert chunks[-1].choices[0].logprobs.tokens and len(calls) == 2 and not any(calls)

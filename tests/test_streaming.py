@@ -185,3 +185,27 @@ def test_a_stop_string_at_the_first_word_leaves_no_text(cli, tiny_ref):
     code, out, _ = cli("generate", "the cat", "-m", tiny_ref[1], "-n", "6", "--format", "jsonl", "--stop", first)
     record = json.loads(out)
     assert code == 0 and (record["text"], record["finish_reason"]) == ("", "stop")
+
+
+@pytest.mark.parametrize("vocab", ["real_tok", "word_tok"])
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_logprob_text_pieces_equal_their_definition(request, vocab, data):
+    """The server's logprobs text pieces, read from one incremental decoding, are those of their
+    definition: where the text of the tokens through each stops agreeing with the choice's text."""
+    import os
+
+    from biogpt_cli.serving import text_pieces
+
+    tok = request.getfixturevalue(vocab)
+    ids = palette_ids(tok) + list(range(4, 20))
+    prompt = [2] + data.draw(st.lists(st.sampled_from(ids), max_size=12))
+    new = data.draw(st.lists(st.sampled_from(ids), min_size=1, max_size=40))
+    text = continuation(tok, prompt, new)[0]
+    text = text[:data.draw(st.integers(0, len(text)))]  # a stop string may have cut it
+    ends, at = [], 0
+    for i in range(len(new)):
+        at = max(at, len(os.path.commonprefix([continuation(tok, prompt[-8:], new[:i + 1])[0], text])))
+        ends.append(at)
+    ends[-1] = len(text)
+    assert text_pieces(tok, prompt, new, text) == [text[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]

@@ -283,6 +283,7 @@ async def complete(engine: Engine, work: Work, body: CompletionRequest, meta: di
         return error(500, f"the batch this request joined failed ({type(e).__name__}: {e})", "server_error")
     finally:
         watcher.cancel()
+    choices = await asyncio.to_thread(lambda: [engine.named(c) for c in choices])  # logprobs' text, off the loop
     copies = work.copies
     choices = [dict(c, index=(c["index"] * copies + k)) for c in sorted(choices, key=lambda c: c["index"])
                for k in range(copies)]
@@ -303,14 +304,13 @@ async def stream(engine: Engine, work: Work, meta: dict[str, Any], request: Requ
     loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
     dropped, buffered = False, engine.limits.buffered
 
-    def sink(ev: TextEvent) -> None:  # in the worker thread, where a finished choice's logprobs are named
+    def sink(ev: TextEvent) -> None:  # in the decoding thread: a finished choice's record, its text named later
         nonlocal dropped
         if queue.qsize() >= buffered:  # the client is not reading: drop it, free the model
             dropped = True
             log.info("%s: the client did not keep up with the stream; dropped", meta["id"])
             raise Cancelled
-        logprobs = None if ev.done is None else engine.choice(work, ev)["logprobs"]
-        loop.call_soon_threadsafe(queue.put_nowait, (ev, logprobs))
+        loop.call_soon_threadsafe(queue.put_nowait, (ev, None if ev.done is None else engine.choice(work, ev)))
 
     task = asyncio.ensure_future(engine.generate(work, sink, cancelled, request.state.arrived))
     task.add_done_callback(lambda t: t.cancelled() or t.exception() or True)  # retrieved, whoever waits for it
@@ -319,7 +319,8 @@ async def stream(engine: Engine, work: Work, meta: dict[str, Any], request: Requ
     try:
         used, copies = 0, work.copies
         while (item := await queue.get()) is not None:
-            ev, logprobs = item
+            ev, choice = item
+            logprobs = None if choice is None else (await asyncio.to_thread(engine.named, choice))["logprobs"]
             finish = None if ev.done is None else "length" if ev.done.finish_reason == "length" else "stop"
             used += 0 if ev.done is None else len(ev.done.ids) * copies
             for k in range(copies):

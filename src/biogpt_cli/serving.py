@@ -30,7 +30,7 @@ from .memory import check_batch_fits, check_rows_fit
 from .metrics import Metrics
 from .plans import Plan, generate_plan, logprob_entries
 from .scoring import embed
-from .streaming import TextEvent, continuation
+from .streaming import TextEvent, TextStream
 from .turns import Member, Turns
 
 log = logging.getLogger("biogpt.serve")
@@ -153,13 +153,19 @@ class Engine:
         self.metrics.generated((first[0] if first else end) - arrived, end - arrived, new[0], longest[0])
 
     def choice(self, work: Work, ev: TextEvent) -> dict[str, Any]:
-        """A finished row as a completions choice (`_ids`: its new tokens, for the usage)."""
+        """A finished row as a completions choice (`_ids`: its new tokens, for the usage), its
+        logprobs still by token: `named` gives them their text, off the decoding thread."""
         done = ev.done
         record = work.plan.record(work.jobs[done.prompt_index].item, done)
-        entries = record.get("logprobs")
-        pieces = text_pieces(self.tok, work.jobs[done.prompt_index].ids, done.ids, done.text) if entries else []
         return {"text": done.text, "index": ev.row, "finish_reason": "length" if done.finish_reason == "length"
-                else "stop", "logprobs": legacy_logprobs(self.tok, entries, pieces), "_ids": done.ids}
+                else "stop", "logprobs": record.get("logprobs"), "_ids": done.ids,
+                "_prompt": work.jobs[done.prompt_index].ids}
+
+    def named(self, choice: dict[str, Any]) -> dict[str, Any]:
+        """The choice with its logprobs in the completions API's shape: each token's text piece."""
+        entries, prompt = choice["logprobs"], choice.pop("_prompt")
+        pieces = text_pieces(self.tok, prompt, choice["_ids"], choice["text"]) if entries else []
+        return {**choice, "logprobs": legacy_logprobs(self.tok, entries, pieces)}
 
     def echo(self, ids: list[int], k: int | None) -> dict[str, Any]:
         """A prompt as `echo` gives it: its text and, with logprobs, each token's log-probability
@@ -274,11 +280,12 @@ def text_pieces(tok: Any, prompt: list[int], ids: list[int], text: str) -> list[
     """The text each of `ids` adds to `text` (the choice's text, cut at a stop string if one cut
     it), as OpenAI's logprobs tokens are: their concatenation is `text`. Each token's share is
     where the text of the tokens through it stops agreeing with `text` (decoded after the
-    prompt's last words: Moses spaces a word by its neighbours)."""
-    context, ends, at = prompt[-8:], [], 0
-    for i in range(len(ids)):
-        so_far = continuation(tok, context, ids[:i + 1])[0]
-        at = max(at, len(os.path.commonprefix([so_far, text])))
+    prompt's last words: Moses spaces a word by its neighbours), read from one incremental
+    decoding of the sequence: a window of words a token, not the whole text."""
+    stream, ends, at = TextStream(tok, prompt[-8:]), [], 0
+    for token in ids:
+        stream.add(token)
+        at = max(at, len(os.path.commonprefix([stream.so_far(), text])))
         ends.append(at)
     if ends:
         ends[-1] = len(text)

@@ -157,6 +157,10 @@ class TextStream:
         """The text of every word so far (unsettled ones too), from the base on."""
         return self._final + self._detok_between(self._settled, len(self._words))
 
+    def so_far(self) -> str:
+        """The continuation as the tokens so far give it, settled or not (`continuation`'s text)."""
+        return self._current()
+
     def _current(self) -> str:
         """The continuation as the words so far give it, for stop strings."""
         full = self._whole()
