@@ -394,3 +394,34 @@ def test_logprobs_text_is_named_off_the_decoding_thread(server, monkeypatch):
     chunks = list(c.completions.create(model="tiny", prompt="the cat", max_tokens=6, temperature=0, logprobs=1,
                                        stream=True))
     assert chunks[-1].choices[0].logprobs.tokens and len(calls) == 2 and not any(calls)
+
+
+def test_a_beam_request_whose_client_hangs_up_stops(server, monkeypatch):
+    """Beam search yields nothing until its winners are known: a client that hangs up on it still
+    ends it at the next step (every prompt of its batch unread), not after all its tokens."""
+    from biogpt_cli import streaming
+
+    steps, ended, real = [], [], streaming.beam_search
+
+    def search(model, prompts, opts, progress, *a):
+        try:
+            found = real(model, prompts, opts, lambda n: (steps.append(n), time.sleep(0.5), progress(n)), *a)
+        except Exception as e:
+            ended.append(type(e).__name__)
+            raise
+        ended.append("finished")
+        return found
+
+    monkeypatch.setattr(streaming, "beam_search", search)
+    base, headers = server[0], {"Authorization": "Bearer sekret"}
+    body = {"prompt": "the cat", "max_tokens": 50, "min_tokens": 50, "use_beam_search": True, "n": 2,
+            "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up
+        httpx.post(base + "/v1/completions", json=body, headers=headers, timeout=1.0)
+    deadline = time.time() + 600  # a safety net only
+    while not ended and time.time() < deadline:
+        time.sleep(0.1)
+    assert ended == ["_Unread"] and len(steps) < 50, (ended, len(steps))
+    out = httpx.post(base + "/v1/completions", json={"prompt": "of the", "max_tokens": 3, "temperature": 0},
+                     headers=headers, timeout=300)
+    assert out.status_code == 200

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .constraints import Constraint
-from .generation import GenerationOptions, Generators, beam_search, stream_tokens
+from .generation import GeneratedSequence, GenerationOptions, Generators, beam_search, stream_tokens
 from .model import BioGptForCausalLM
 from .tokenizer import BioGptTokenizer
 
@@ -56,6 +56,10 @@ def continuation(tokenizer: BioGptTokenizer, prompt_ids: Sequence[int], new_ids:
     prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     full = tokenizer.decode([*prompt_ids, *new_ids], skip_special_tokens=True)
     return _cut(full[_common_prefix(prompt, full):], stop, keep)
+
+
+class _Unread(Exception):
+    """Every prompt of a beam batch lost its reader: the search stops."""
 
 
 class TextStream:
@@ -270,7 +274,17 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
     k = opts.num_return_sequences
     if opts.num_beams > 1:
         prompts = list(prompts)
-        for i, seqs in enumerate(beam_search(model, prompts, opts, progress, generator, constraint_of)):
+
+        def step(n: int) -> None:  # beams yield nothing until the end: a batch nobody reads any more stops
+            if gone is not None and all(gone(i) for i in range(len(prompts))):
+                raise _Unread
+            if progress is not None:
+                progress(n)
+        try:
+            winners = beam_search(model, prompts, opts, step, generator, constraint_of)
+        except _Unread:
+            winners = [[GeneratedSequence(i, [], "stop")] * k for i in range(len(prompts))]
+        for i, seqs in enumerate(winners):
             if first_token is not None:  # the winners are known only now
                 first_token()
                 first_token = None
