@@ -863,3 +863,20 @@ def test_score_groups_lines_by_length_and_keeps_their_order(cli, tiny, tmp_path)
     for line, r in zip(lines, records, strict=True):
         count, nll = sequence_nll(model, [tok.encode(line)])[0]
         assert r["tokens"] == count and abs(r["nll"] - nll) < 1e-4
+
+
+def test_option_values_are_named_in_plain_words(cli, tiny):
+    """A count that is no number, a -n past the model's positions (exit 2, before loading) and
+    `pull` offline say what is wrong in the user's terms."""
+    code, _, err = cli("generate", "x", "--batch-size", "abc", "-m", tiny[0])
+    assert code == 2 and "'abc' is not a whole number" in one_error_line(err)
+    code, _, err = cli("generate", "x", "-n", "1000000000", "-m", tiny[0])
+    assert code == 2 and "-n 1000000000: more new tokens than the model's 64 positions" in one_error_line(err)
+
+
+def test_pull_offline_does_not_suggest_an_option_it_lacks(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = cli("pull", "someone/some-biogpt")
+    line = one_error_line(err)
+    assert code == 1 and "--model" not in line and "a local folder needs no pull" in line

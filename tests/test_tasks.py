@@ -301,8 +301,9 @@ def test_evaluate_pubmedqa(cli, tmp_path):
     code, _, err = cli("evaluate", "--task", "pubmedqa", str(other), str(gold))  # another test set's answers
     assert code == 1 and "none of its records matches one of the 4 gold items" in one_error_line(err)
     write_jsonl(other, [{"id": "1", "answer": "yes"}, {"id": "92", "answer": "no"}])
-    code, _, err = cli("evaluate", "--task", "pubmedqa", str(other), str(gold))
+    code, out, err = cli("evaluate", "--task", "pubmedqa", str(other), str(gold))
     assert code == 0 and "note: 1 prediction with no gold item, not scored" in err
+    assert "\naccuracy\t0.2500\nmacro_f1\t" in out and "─" not in out  # into a pipe: plain lines
     gold.write_text("{}")  # nothing to score: an error, not an accuracy of 0
     code, _, err = cli("evaluate", "--task", "pubmedqa", str(preds), str(gold))
     assert code == 1 and "no gold items to score against" in one_error_line(err)

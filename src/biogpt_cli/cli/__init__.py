@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 import signal
 import sys
 import warnings
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         elif hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
             # click's usage errors (bad option values, unknown options); typer may vendor click, so by shape
-            print("error: " + " ".join(e.format_message().split()), file=sys.stderr)  # choices come tab-indented
+            message = re.sub(r"is not a valid (int|integer|float)( range)?", lambda m: "is not a " + (
+                "number" if m[1] == "float" else "whole number"), " ".join(e.format_message().split()))
+            print("error: " + message, file=sys.stderr)  # choices come tab-indented
             code = e.exit_code
         else:  # a bug, or a failure we did not foresee: still one line
             print(f"error: {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)

@@ -228,20 +228,23 @@ def device_or_usage_error(name: str) -> Any:
 
 
 def check_decode_memory(model: str, revision: str | None, rows: int, positions: int, what: str, dtype: str,
-                        device: Any) -> None:
+                        device: Any, new_tokens: int = 0) -> None:
     """Refuse, before the model loads, a run whose decoding rows cannot fit in memory (the config
-    alone says what a row costs). A checkpoint without config.json (the fairseq layout) is not
-    checked here."""
+    alone says what a row costs), or whose `-n` alone is past the model's positions. A checkpoint
+    without config.json (the fairseq layout) is not checked here."""
     from ..config import BioGptConfig
     from ..hub import resolve
     from ..memory import check_rows_fit
 
-    config = resolve(model, revision, ("config.json",)) / "config.json"
-    if not config.is_file():
+    path = resolve(model, revision, ("config.json",)) / "config.json"
+    if not path.is_file():
         return
     try:
-        check_rows_fit(BioGptConfig.from_json(config), rows, positions, what=what,
-                       dtype_bytes=2 if dtype != "float32" else 4, device=device)
+        config = BioGptConfig.from_json(path)
+        if new_tokens >= config.max_position_embeddings:
+            raise InputError(f"-n {new_tokens}: more new tokens than the model's {config.max_position_embeddings} "
+                             "positions, which the prompt and the new tokens share")
+        check_rows_fit(config, rows, positions, what=what, dtype_bytes=2 if dtype != "float32" else 4, device=device)
     except InputError as e:
         raise UsageError(str(e)) from None
 

@@ -232,7 +232,8 @@ def check_rows(model: str, revision: str | None, opts: Any, prompt: str | None, 
              ("--batch-size", prompts > 1))
     what = " x ".join(name for name, on in named if on) or "decoding"
     positions = opts.max_new_tokens + (len(prompt.encode()) + 2 if prompt is not None else 1 << 30)
-    check_decode_memory(model, revision, prompts * opts.rows_per_prompt, positions, what, dtype, device)
+    check_decode_memory(model, revision, prompts * opts.rows_per_prompt, positions, what, dtype, device,
+                        opts.max_new_tokens)
 
 
 def load_model(model: str, revision: str | None, dtype: str, device: Any, quantize: str, verbose: bool,

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import CheckpointError
 from ..hub import DEFAULT_MODEL
 from ..jsonl import dumps
 from .common import DebugOpt, Format, ModelOpt, RevisionOpt, UsageError, command, out, stderr
@@ -76,7 +77,11 @@ def pull(
 
     if Path(model).expanduser().exists():
         raise UsageError(f"{model}: a local folder is used as it is: nothing to pull")
-    folder = resolve(model, revision, ("config.json", *HUB_FILES, "|".join(WEIGHT_FILES)))
+    try:
+        folder = resolve(model, revision, ("config.json", *HUB_FILES, "|".join(WEIGHT_FILES)))
+    except CheckpointError as e:  # its hint is the other commands' (`pull` has no --model)
+        raise CheckpointError(str(e).replace("pass --model PATH for a local folder", "a local folder needs no "
+                                             "pull (give it to the other commands' -m)")) from None
     stderr.print(f"pulled {model} into {folder}", markup=False, highlight=False)
 
 

@@ -359,12 +359,16 @@ def evaluate(
         out(dumps({"task": task, **scores}))
         return
     out(f"{task}: {predictions}\n")  # a title of rich's would wrap a long path with padding
-    table = Table()
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in scores.items():
-        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
-    Console(highlight=False).print(table)
+    values = [(name, f"{value:.4f}" if isinstance(value, float) else str(value)) for name, value in scores.items()]
+    if not sys.stdout.isatty():  # a pipe or a file: plain lines, no box drawing
+        out("".join(f"{name}\t{value}\n" for name, value in values))
+    else:
+        table = Table()
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name, value in values:
+            table.add_row(name, value)
+        Console(highlight=False).print(table)
     if scores.get("missing"):
         stderr.print(f"note: {counted(scores['missing'], 'gold item')} without a prediction, counted as wrong")
     if scores.get("extra"):
