@@ -52,9 +52,9 @@ def test_examples_are_the_releases_targets(tmp_path):
     assert doc.target == ("the interaction between warfarin and aspirin is effect; "
                           "the interaction between heparin and aspirin is advise.")  # sorted by position
     pubtator = tmp_path / "cdr.txt"
-    pubtator.write_text("7|t|Lithium and kidneys\n7|a|Lithium harms the kidney.\n"
+    pubtator.write_text("7|t|Lithium and kidneys\n7|a|Lithium harms the kidney damage.\n"
                         "7\t0\t7\tLithium\tChemical\tD008094\n7\t12\t19\tkidneys\tDisease\tD007674\n"
-                        "7\t40\t46\tkidney damage\tDisease\tD007674\n7\tCID\tD008094\tD007674\n\n"
+                        "7\t38\t51\tkidney damage\tDisease\tD007674\n7\tCID\tD008094\tD007674\n\n"
                         "8|t|None\n8|a|Nothing.\n")
     [cdr] = read_examples("bc5cdr", pubtator)  # the longest mention names the id; doc 8 has no relation
     assert cdr.target == "the relation between lithium and kidney damage exists."
