@@ -164,7 +164,7 @@ def test_gzip_and_the_commands_read_documents(cli, tiny_ref, tmp_path):
     path.write_bytes(gzip.compress(PUBMED.encode()))
     out = tmp_path / "out.jsonl"
     code, _, err = cli("generate", "-i", path, "-o", out, "-n", "3", "-m", tiny_ref[1], "-q")
-    assert code == 0 and "2 DeleteCitation entries" in err and "1 title-only document" in err, err
+    assert code == 0 and "2 DeleteCitation entries" in err and "title-only" not in err, err  # titles, all of them
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in written] == ["31000001", "31000002", "31000003", "31000004"]
     assert written[1]["prompt"] == "Aspirin and ulcers: a title without an abstract" and "line" not in written[1]
@@ -174,6 +174,7 @@ def test_gzip_and_the_commands_read_documents(cli, tiny_ref, tmp_path):
     code, got, err = cli("score", "-i", path, "--format", "jsonl", "-m", tiny_ref[1], "--truncate")
     scored = [json.loads(line) for line in got.splitlines()]
     assert code == 0 and [r["id"] for r in scored] == [r["id"] for r in written], err
+    assert "1 title-only document (no abstract): read as their title" in err
 
 
 def test_a_truncated_xml_gz_is_one_error_line(cli, tiny_ref, tmp_path):
@@ -444,3 +445,11 @@ def test_utf16_xml_is_told_by_its_content():
     data = PUBMED.replace('encoding="utf-8"', 'encoding="UTF-16"').encode("utf-16")
     assert literature.sniff(data[:4096], "x.xml") == "pubmed" and literature.sniff(data[:4096], "x") == "pubmed"
     assert [d["id"] for d in literature.documents(io.BytesIO(data), "x", "pubmed")][:2] == ["31000001", "31000002"]
+
+
+def test_a_qa_item_in_pubtator_has_its_question_and_context():
+    from biogpt_cli.writers import bioc_document, pubtator
+
+    fields = {"question": "Do statins help?", "context": ["Statins lowered deaths.", "In 2 trials."]}
+    lines = pubtator(bioc_document(fields, {"answer": "yes"}, "pubmedqa", "q1")).splitlines()
+    assert lines == ["q1|t|Do statins help?", "q1|a|Statins lowered deaths. In 2 trials.", "q1\tanswer\tyes"]

@@ -170,7 +170,7 @@ def read_records(f: BinaryIO, name: str, input_format: str, errors: str = "stric
         if counts.get("deleted"):
             note(f"{name}: {counts['deleted']} DeleteCitation entr{'y' if counts['deleted'] == 1 else 'ies'} "
                  "(PMIDs to delete, not citations) left out")
-        if counts.get("title only"):
+        if counts.get("title only") and which != "title":  # with --text title every document is read so
             note(f"{name}: {counts['title only']} title-only document{'s' * (counts['title only'] != 1)} (no "
                  "abstract): read as their title")
 

@@ -111,7 +111,10 @@ def _passages(fields: dict[str, Any]) -> list[dict[str, Any]]:
     if fields.get("passages"):
         passages = [dict(p, annotations=[dict(a) for a in p.get("annotations") or []]) for p in fields["passages"]]
     else:
-        title, abstract = fields.get("title") or "", fields.get("abstract") or fields.get("text") or ""
+        context = fields.get("context")  # a PubMedQA item: its question and context stand for them
+        context = " ".join(context) if isinstance(context, list) else context
+        title = fields.get("title") or fields.get("question") or ""
+        abstract = fields.get("abstract") or fields.get("text") or context or ""
         passages = [{"infons": {"type": "title"}, "offset": 0, "text": title, "annotations": []},
                     {"infons": {"type": "abstract"}, "offset": len(title) + 1, "text": abstract, "annotations": []}]
         for a in fields.get("annotations") or []:
