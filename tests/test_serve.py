@@ -425,3 +425,17 @@ def test_a_beam_request_whose_client_hangs_up_stops(server, monkeypatch):
     out = httpx.post(base + "/v1/completions", json={"prompt": "of the", "max_tokens": 3, "temperature": 0},
                      headers=headers, timeout=300)
     assert out.status_code == 200
+
+
+def test_a_stream_is_logged_with_its_tokens(server, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="biogpt.serve")
+    chunks = list(client(server).completions.create(model="tiny", prompt="the cat", max_tokens=4, temperature=0,
+                                                    stream=True))
+    assert chunks
+    deadline = time.time() + 300  # the line is written as the stream's handler ends, just after its last chunk
+    while not any("stream ended 200" in m for m in caplog.messages) and time.time() < deadline:
+        time.sleep(0.05)
+    line = next(m for m in caplog.messages if "stream ended 200" in m)
+    assert line.endswith(" tokens") and int(line.split(", ")[-1].split()[0]) >= 4 + 1

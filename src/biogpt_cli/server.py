@@ -315,9 +315,8 @@ async def stream(engine: Engine, work: Work, meta: dict[str, Any], request: Requ
     task = asyncio.ensure_future(engine.generate(work, sink, cancelled, request.state.arrived))
     task.add_done_callback(lambda t: t.cancelled() or t.exception() or True)  # retrieved, whoever waits for it
     task.add_done_callback(lambda _: queue.put_nowait(None))
-    status = "499"  # until the stream ends: the client went away
+    status, used, copies = "499", 0, work.copies  # 499 until the stream ends: the client went away
     try:
-        used, copies = 0, work.copies
         while (item := await queue.get()) is not None:
             ev, choice = item
             logprobs = None if choice is None else (await asyncio.to_thread(engine.named, choice))["logprobs"]
@@ -342,6 +341,7 @@ async def stream(engine: Engine, work: Work, meta: dict[str, Any], request: Requ
         yield {"data": "[DONE]"}
     finally:
         engine.metrics.answers.labels(status).inc()  # a stream's status is known at its end
+        log.info("%s: stream ended %s, %d tokens", meta["id"], status, usage_of(work.jobs, used)["total_tokens"])
         if not task.done():
             log.info("%s: the client went away; its generation is cancelled", meta["id"])
         cancelled.set()  # a client that went away stops the engine at its next event
