@@ -71,45 +71,29 @@ def test_batches_take_the_static_path_with_the_same_tokens(tiny, monkeypatch, op
     assert tokens() == expected and used
 
 
-def test_a_step_that_cannot_be_captured_runs_eagerly(tiny, monkeypatch):
-    """Where the capture fails (here: no CUDA at all), the rows decode the same step eagerly, with
-    the same tokens, and the failure is kept for `-v`."""
-    model, tok = tiny
-    prompts = [tok.encode(p) for p in PROMPTS]
-    opts = GenerationOptions(max_new_tokens=10)
-    expected = generate(model, prompts, opts)
-    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
-    monkeypatch.setattr(graphs, "graphs_enabled", lambda device: True)
-    monkeypatch.setattr(graphs, "UNCAPTURED", [])
-    vars(model).pop("_decoders", None)  # a decoder made with capturing on
-    try:
-        assert generate(model, prompts, opts) == expected
-        assert graphs.UNCAPTURED and "CUDA" in graphs.UNCAPTURED[0]
-        idle = graphs.decoders(model).idle
-        assert idle and not any(d.captured for d in idle)
-    finally:
-        vars(model).pop("_decoders", None)
-        vars(model).pop("_eager", None)
-
-
 class Replay:
-    """A stand-in for a captured graph (CPU has none): its replay writes `logits` (wrong ones) or
-    raises, as a capture that computes something else would."""
+    """A stand-in for a captured graph (CPU has none): its replay runs the step and writes its
+    logits (`honest`), zeros (`wrong logits`), or raises (`replay`), as captures that compute the
+    step, compute something else, or fail would."""
 
-    def __init__(self, rows, wrong: bool) -> None:
-        self.rows, self.wrong = rows, wrong
+    def __init__(self, rows, fault: str) -> None:
+        self.rows, self.fault = rows, fault
 
     def replay(self) -> None:
-        if not self.wrong:
+        if self.fault == "replay":
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        self.rows.logits = torch.zeros_like(self.rows._forward())
+        logits = self.rows._forward()
+        self.rows.logits = logits if self.fault == "honest" else torch.zeros_like(logits)
 
 
-@pytest.mark.parametrize("fault", ["capture", "replay", "wrong logits"])
-def test_a_captured_step_that_fails_or_disagrees_falls_back_to_eager_once(tiny, monkeypatch, fault):
-    """A capture that fails, a replay that fails, a replay whose logits differ from the eager
-    step's: the tokens equal eager decoding's, one warning names what failed and --no-graphs, and
-    the model decodes eagerly from then on (every later batch too)."""
+@pytest.mark.parametrize("fault", ["capture", "replay", "wrong logits", "honest"])
+def test_a_captured_step_checks_itself_and_falls_back_to_eager_once(tiny, monkeypatch, fault):
+    """A capture that fails (here: no CUDA at all), a replay that fails, a replay whose logits
+    differ from the eager step's: the tokens equal eager decoding's, one warning names what failed
+    and --no-graphs (kept for -v), and the model decodes eagerly from then on (every later batch
+    too). A replay that agrees passes its check: no warning, the model keeps its graphs."""
+    import warnings
+
     model, tok = tiny
     prompts = [tok.encode(p) for p in PROMPTS]
     opts = GenerationOptions(max_new_tokens=10)
@@ -118,54 +102,31 @@ def test_a_captured_step_that_fails_or_disagrees_falls_back_to_eager_once(tiny, 
     monkeypatch.setattr(graphs, "graphs_enabled", lambda device: True)
     monkeypatch.setattr(graphs, "UNCAPTURED", [])
     if fault != "capture":
-        monkeypatch.setattr(graphs.StaticRows, "_capture",
-                            lambda self: setattr(self, "graph", Replay(self, fault == "wrong logits")))
+        monkeypatch.setattr(graphs.StaticRows, "_capture", lambda self: setattr(self, "graph", Replay(self, fault)))
     vars(model).pop("_decoders", None)
     try:
-        with pytest.warns(graphs.GraphFallback) as caught:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             assert generate(model, prompts, opts) == expected
             assert generate(model, prompts[:2], opts) == generate(model, prompts[:2], opts) == expected[:2]
+        caught = [w for w in caught if issubclass(w.category, graphs.GraphFallback)]
+        idle = graphs.decoders(model).idle
+        if fault == "honest":
+            assert not caught and "_eager" not in vars(model) and idle and all(d.checked for d in idle)
+            return
         assert len(caught) == 1 and "--no-graphs" in str(caught[0].message)
-        words = {"capture": "failed (", "replay": "illegal memory access", "wrong logits": "disagreed"}[fault]
-        assert words in str(caught[0].message) and "_eager" in vars(model)
+        words = {"capture": "CUDA", "replay": "illegal memory access", "wrong logits": "disagreed"}[fault]
+        assert words in str(caught[0].message) and "_eager" in vars(model) and words in graphs.UNCAPTURED[0]
+        assert idle and not any(d.captured for d in idle)  # kept for -v, and none of them replays
     finally:
         vars(model).pop("_decoders", None)
         vars(model).pop("_eager", None)
 
 
-def test_a_replay_that_agrees_is_used(tiny, monkeypatch):
-    """The check passes a replay equal to the eager step: no warning, the model keeps its graphs."""
-    model, tok = tiny
-    prompts = [tok.encode(p) for p in PROMPTS]
-    opts = GenerationOptions(max_new_tokens=6)
-    expected = generate(model, prompts, opts)
-    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
-    monkeypatch.setattr(graphs, "graphs_enabled", lambda device: True)
-
-    class Honest:
-        def __init__(self, rows) -> None:
-            self.rows = rows
-
-        def replay(self) -> None:
-            self.rows.logits = self.rows._forward()
-
-    monkeypatch.setattr(graphs.StaticRows, "_capture", lambda self: setattr(self, "graph", Honest(self)))
-    vars(model).pop("_decoders", None)
-    try:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", graphs.GraphFallback)
-            assert generate(model, prompts, opts) == expected
-        assert "_eager" not in vars(model) and all(d.checked for d in graphs.decoders(model).idle)
-    finally:
-        vars(model).pop("_decoders", None)
-
-
 def test_the_cli_warns_once_in_one_line(cli, tiny_ref, monkeypatch):
     monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
     monkeypatch.setattr(graphs, "graphs_enabled", lambda device: True)
-    monkeypatch.setattr(graphs.StaticRows, "_capture", lambda self: setattr(self, "graph", Replay(self, True)))
+    monkeypatch.setattr(graphs.StaticRows, "_capture", lambda self: setattr(self, "graph", Replay(self, "replay")))
     monkeypatch.setattr(graphs, "UNCAPTURED", [])
     try:
         code, out, err = cli("generate", "the cat", "-n", "4", "-m", tiny_ref[1])
