@@ -265,8 +265,16 @@ def test_resume_continues_only_the_same_run(cli, base, tmp_path):
     args = ("finetune", train, "--task", "pubmedqa", "-m", base, "-o", tmp_path / "out", "--tokens-per-update", "512",
             "--batch-tokens", "256", "-q")
     assert cli(*args, "--epochs", "1")[0] == 0
-    code, _, err = cli(*args, "--epochs", "2", "--resume")  # a longer run continues the shorter one
+    state = tmp_path / "out" / ft.STATE / "state.pt"
+    good = state.read_bytes()
+    state.write_bytes(b"not a state")  # refused before anything says the run resumes
+    code, _, err = cli(*args, "--epochs", "2", "--resume")
+    assert code == 1 and err.splitlines()[-1].startswith("error: ") and "state.pt: refused" in err
+    assert "resuming" not in err
+    state.write_bytes(good)
+    code, _, err = cli(*args[:-1], "--epochs", "2", "--resume")  # a longer run continues the shorter one
     assert code == 0 and json.loads((tmp_path / "out" / "training.json").read_text())["complete"], err
+    assert f"resuming {tmp_path / 'out'} at epoch 2 (epochs 1-1 done)" in err
     code, _, err = cli(*args, "--epochs", "3", "--lr", "1e-3", "--resume")
     assert code == 1 and "(recipe.lr 1e-05 -> 0.001)" in one_error_line(err)  # the field and both values
     code, _, err = cli(*args, "--epochs", "1")

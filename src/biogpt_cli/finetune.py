@@ -205,6 +205,7 @@ class Progress:
     seconds: float = 0.0
     dev: dict[str, float] = field(default_factory=dict)
     epoch_done: bool = False
+    resumed: bool = False  # the run's state was read back: it goes on after `epoch`
 
 
 class Trainer:
@@ -293,12 +294,6 @@ def stalled(history: list[dict[str, Any]], patience: int | None, task: str) -> b
     """Whether the dev metric has not improved for `patience` epochs (early stopping)."""
     best = best_epoch(history, task)
     return bool(patience and best is not None and history[-1]["epoch"] - best >= patience)
-
-
-def resumable_epoch(folder: Path) -> int:
-    """The last complete epoch a run folder holds (0: none)."""
-    kept = snapshots(folder)
-    return int(kept[-1].stem.split("-")[1]) if kept else 0
 
 
 def check_same_run(folder: Path, identity: dict[str, Any]) -> None:
@@ -396,6 +391,8 @@ def train(run: Run, resume: bool = False, on_progress: Callable[[Progress], None
     trainer = Trainer(model, r, run.groups, run.device)
     epoch, history = trainer.restore(run.out, run.identity) if resume else (0, [])
     lengths, total = [len(s) for s in run.train], run.total_updates()
+    if resume:
+        on_progress(Progress(epoch, trainer.updates, total, history[-1]["loss"] if history else 0.0, resumed=True))
     started, trained = time.perf_counter(), 0
     while not run.finished(epoch, trainer.updates) and not stalled(history, r.patience, run.task):
         epoch += 1

@@ -144,16 +144,16 @@ def _train(run: Any, resume: bool, quiet: bool) -> None:
 
     with progress(run.total_updates(), quiet, "updates") as update:
         def show(p: ft.Progress) -> None:
+            if p.resumed:  # said once its state is read back, never before a state file is refused
+                stderr.print(f"resuming {run.out} at epoch {p.epoch + 1} (epochs 1-{p.epoch} done)" if p.epoch else
+                             f"resuming {run.out}", markup=False, highlight=False)
+                return
             update(p.update, p.tokens, note=f"epoch {p.epoch} loss {p.loss:.3f}")
             if p.epoch_done:  # a line an epoch, above the bar on a terminal: the run's history at a glance
                 dev = "".join(f", {k} {v:.4f}" for k, v in p.dev.items())
                 stderr.print(f"epoch {p.epoch}: {p.update}/{p.total_updates} updates, loss {p.loss:.4f}, "
                              f"{p.tokens / max(p.seconds, 1e-9):,.0f} tok/s{dev}", markup=False, highlight=False)
 
-        if resume:
-            done = ft.resumable_epoch(run.out)
-            stderr.print(f"resuming {run.out} at epoch {done + 1} (epochs 1-{done} done)" if done else
-                         f"resuming {run.out}", markup=False, highlight=False)
         history = ft.train(run, resume, show)
     if not history:
         stderr.print(f"{run.out}: nothing left to train", markup=False)
