@@ -361,7 +361,8 @@ def test_serve_replicas_answer_as_one_server_and_replace_a_killed_one(local_ray,
             time.sleep(0.5)
         assert len(httpx.get(url + "/health", timeout=300).json()["replicas"]) == 2
         metrics = httpx.get(url + "/metrics", timeout=300).text
-        assert metrics.count('biogpt_prompt_tokens_total{replica="') == 2 and "\nbiogpt_prompt_tokens_total " in metrics
+        assert metrics.count('biogpt_prompt_tokens_total{replica="') == 2
+        assert "\nbiogpt_fleet_prompt_tokens_total " in metrics
         killed = replicas()[0]
         ray.kill(ray.get_actor(killed, namespace="serve"), no_restart=True)
         assert all(ask("the cat").status_code == 200 for _ in range(6))

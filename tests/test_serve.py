@@ -439,3 +439,25 @@ def test_a_stream_is_logged_with_its_tokens(server, caplog):
         time.sleep(0.05)
     line = next(m for m in caplog.messages if "stream ended 200" in m)
     assert line.endswith(" tokens") and int(line.split(", ")[-1].split()[0]) >= 4 + 1
+
+
+def test_fleet_totals_never_go_back_and_never_count_twice():
+    """`serve --replicas`' /metrics: each live replica's series labelled, the deployment's totals
+    under names of their own; a replica that dies keeps its counts in the counters' totals (no
+    reset for Prometheus to read), while gauges add up the live ones."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+    from biogpt_cli.fleet import combined
+
+    def replica(tokens: int, running: int) -> bytes:
+        registry = CollectorRegistry()
+        Counter("biogpt_prompt_tokens", "Prompt tokens", registry=registry).inc(tokens)
+        Gauge("biogpt_running", "Rows running", registry=registry).set(running)
+        return generate_latest(registry)
+
+    both = combined({"a": replica(10, 2), "b": replica(5, 1)}).decode()
+    assert 'biogpt_prompt_tokens_total{replica="a"} 10.0' in both and "\nbiogpt_fleet_prompt_tokens_total 15.0" in both
+    assert "\nbiogpt_prompt_tokens_total " not in both and "\nbiogpt_fleet_running 3.0" in both
+    after = combined({"b": replica(6, 1)}, {"a": replica(10, 2)}).decode()  # a died: b answered one more
+    assert 'replica="a"' not in after and "\nbiogpt_fleet_prompt_tokens_total 16.0" in after
+    assert "\nbiogpt_fleet_running 1.0" in after

@@ -5,7 +5,8 @@ Ray Serve's own machinery does the rest: its proxy listens on the address and sp
 over the replicas, and its controller replaces a replica that dies. Each replica loads the model
 once and batches its own requests as a single server does. `/metrics` and `/health` answer for
 the whole deployment: each replica posts its metrics to a small named actor every second, and the
-replica a scrape reaches renders every live replica's series (labelled `replica`) and their sums.
+replica a scrape reaches renders every live replica's series (labelled `replica`) and the
+deployment's totals (`biogpt_fleet_...`).
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ class Hub:
     def post(self, replica: str, text: bytes) -> None:
         self.posts[replica] = (time.time(), text)
 
-    def live(self) -> dict[str, bytes]:
+    def live(self) -> tuple[dict[str, bytes], dict[str, bytes]]:
+        """The replicas heard from lately, and the last post of each one gone (whose counts stay
+        in the deployment's totals, so that they never go back)."""
         now = time.time()
-        return {r: text for r, (at, text) in self.posts.items() if now - at < STALE}
+        return ({r: text for r, (at, text) in self.posts.items() if now - at < STALE},
+                {r: text for r, (at, text) in self.posts.items() if now - at >= STALE})
 
 
 class Fleet:
@@ -52,39 +56,52 @@ class Fleet:
     def __init__(self, hub: Any, replica: str, own: Callable[[], bytes]) -> None:
         self.hub, self.replica, self.own = hub, replica, own
 
-    async def _posts(self) -> dict[str, bytes]:
-        return {**await self.hub.live.remote(), self.replica: self.own()}
+    async def _posts(self) -> tuple[dict[str, bytes], dict[str, bytes]]:
+        live, gone = await self.hub.live.remote()
+        gone.pop(self.replica, None)
+        return {**live, self.replica: self.own()}, gone
 
     async def metrics(self) -> bytes:
-        return combined(await self._posts())
+        return combined(*await self._posts())
 
     async def health(self) -> dict[str, Any]:
-        return {"replica": self.replica, "replicas": sorted(await self._posts())}
+        return {"replica": self.replica, "replicas": sorted((await self._posts())[0])}
 
 
-def combined(posts: dict[str, bytes]) -> bytes:
-    """Prometheus text of every replica's samples, labelled `replica`, then their sums."""
+def combined(live: dict[str, bytes], gone: dict[str, bytes] | None = None) -> bytes:
+    """Prometheus text of every live replica's samples, labelled `replica`, then the deployment's
+    totals under names of their own (`biogpt_fleet_...`: a `sum()` over the per-replica series
+    counts nothing twice). Counters and histograms keep the last counts of replicas that are `gone`,
+    so a total never goes back when a replica dies; gauges add up the live ones."""
     from prometheus_client.parser import text_string_to_metric_families
 
     families: dict[str, tuple[str, str, list]] = {}
-    for replica, text in sorted(posts.items()):
-        for fam in text_string_to_metric_families(text.decode()):
-            if fam.name.endswith("_created"):  # a creation time sums to nothing
-                continue
-            name = fam.name + "_total" if fam.type == "counter" else fam.name
-            entry = families.setdefault(name, (fam.type, fam.documentation, []))
-            entry[2].extend((s.name, s.labels, s.value, replica) for s in fam.samples
-                            if not s.name.endswith("_created"))
-    lines = []
+    for alive, posts in ((True, live), (False, gone or {})):
+        for replica, text in sorted(posts.items()):
+            for fam in text_string_to_metric_families(text.decode()):
+                if fam.name.endswith("_created"):  # a creation time sums to nothing
+                    continue
+                name = fam.name + "_total" if fam.type == "counter" else fam.name
+                entry = families.setdefault(name, (fam.type, fam.documentation, []))
+                entry[2].extend((s.name, s.labels, s.value, replica, alive) for s in fam.samples
+                                if not s.name.endswith("_created"))
+    lines, totals = [], []
     for name, (kind, doc, samples) in families.items():
         lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
         sums: dict[tuple, float] = {}
-        for sample, labels, value, replica in samples:
-            lines.append(_sample(sample, {**labels, "replica": replica}, value))
-            key = (sample, tuple(sorted(labels.items())))
-            sums[key] = sums.get(key, 0.0) + value
-        lines += [_sample(sample, dict(labels), value) for (sample, labels), value in sums.items()]
-    return ("\n".join(lines) + "\n").encode()
+        for sample, labels, value, replica, alive in samples:
+            if alive:
+                lines.append(_sample(sample, {**labels, "replica": replica}, value))
+            if alive or kind != "gauge":
+                key = (sample, tuple(sorted(labels.items())))
+                sums[key] = sums.get(key, 0.0) + value
+        totals += [f"# HELP {_fleet(name)} {doc} (the deployment's)", f"# TYPE {_fleet(name)} {kind}",
+                   *(_sample(_fleet(sample), dict(labels), value) for (sample, labels), value in sums.items())]
+    return ("\n".join(lines + totals) + "\n").encode()
+
+
+def _fleet(name: str) -> str:
+    return name.replace("biogpt_", "biogpt_fleet_", 1)
 
 
 def _sample(name: str, labels: dict[str, str], value: float) -> str:
