@@ -434,3 +434,40 @@ def test_a_long_prompt_joining_rows_that_have_far_to_go_waits_for_room(eos_ref, 
             got.setdefault(seq, []).append(tok)
     for i, (prompt, opts) in enumerate(zip(prompts, settings, strict=True)):
         assert got.get(i, []) == generate(ours, [prompt], opts)[0][0].ids, f"prompt {i}"
+
+
+@pytest.mark.parametrize("opts", [GenerationOptions(max_new_tokens=40),
+                                  GenerationOptions(max_new_tokens=40, repetition_penalty=1.3),
+                                  GenerationOptions(max_new_tokens=40, no_repeat_ngram_size=3),
+                                  GenerationOptions(max_new_tokens=30, min_new_tokens=20),
+                                  GenerationOptions(max_new_tokens=30, bad_words_ids=[[50], [60, 61]]),
+                                  GenerationOptions(max_new_tokens=30, stop_token_ids=[45])],
+                         ids=["greedy", "repetition", "no-repeat-ngram", "min-tokens", "bad-words", "stop-tokens"])
+def test_a_row_alone_guesses_from_its_own_text_with_the_same_tokens(tiny_ref, monkeypatch, opts):
+    """A greedy row decoding alone feeds a guess from its own text (prompt lookup) with each token
+    and keeps what it would have chosen: the same tokens, reasons and logits (for logprobs) as one
+    token a pass, under every processor; a tiny random model repeats itself, so guesses are kept."""
+    from biogpt_cli import generation
+
+    ours = ours_from(tiny_ref[0])
+    kept, real = [], generation.Guesses.taken
+    monkeypatch.setattr(generation.Guesses, "taken", lambda self, n: kept.append(n) or real(self, n))
+
+    def run() -> list:
+        out = []
+        for prompt in [*PROMPTS, [2, 40, 41, 42, 40, 41, 42, 40, 41]]:
+            events, logits = [], []
+            for _, tok, reason in stream_tokens(ours, [prompt], opts,
+                                                observe=lambda q, t, x, seen=logits: seen.append(float(x[t]))):
+                events.append((tok, reason))
+            out.append((events, logits))
+        return out
+
+    guessed = run()
+    monkeypatch.setattr(generation, "MAX_GUESS", 0)
+    kept_before, kept[:] = list(kept), []
+    alone = run()
+    assert [e for e, _ in guessed] == [e for e, _ in alone] and not kept
+    for (_, a), (_, b) in zip(guessed, alone, strict=True):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
+    assert kept_before and (any(kept_before) or opts.no_repeat_ngram_size)

@@ -37,9 +37,12 @@ def tiny(tiny_ref):
 
 @pytest.fixture
 def slow_steps(monkeypatch):
-    """Each decoding step takes 20 ms more: time for requests to overlap."""
-    step = generation._Batch.step
+    """Each decoding step takes 20 ms more a token (a pass of several tokens, that many times):
+    time for requests to overlap."""
+    step, extend = generation._Batch.step, generation._Batch.extend
     monkeypatch.setattr(generation._Batch, "step", lambda self, *a: time.sleep(0.02) or step(self, *a))
+    monkeypatch.setattr(generation._Batch, "extend", lambda self, tokens: time.sleep(0.02 * tokens.shape[1])
+                        or extend(self, tokens))
 
 
 def greedy(lm, tok, prompt: str, n: int) -> str:

@@ -166,6 +166,7 @@ def fit_prompt(ids: list[int], max_new_tokens: int, max_positions: int, truncate
 
 
 MAX_FORCED = 16  # a grammar's fixed words fed in one pass at most (a longer run takes several)
+MAX_GUESS = 8  # tokens of a row's own text guessed at once (Guesses)
 
 
 class _Batch:
@@ -335,6 +336,10 @@ class _Batch:
             scores[:, :, self.inputs_only:] = float("-inf")
         return scores
 
+    def truncate(self, length: int) -> None:
+        """Forget the columns from `length` on (a guess's tokens the row did not take)."""
+        self.length = self.cache.length = length
+
     def step(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
         """Append one token per row (`live`: the rows still decoding; None: all); return
         next-token scores [rows, vocab] in float32."""
@@ -459,6 +464,7 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
             draw = [own[s // k] for s in seq_of] if per_row else generator
             alive, new_ids, scores = [True] * len(seq_of), [[] for _ in seq_of], batch.logits
             held = RowStates([constraint_of(j) for j, _ in first for _ in range(k)])
+            guesses = Guesses()
             shown: list[bool] = []  # `alive` as the device last saw it: it changes when a row ends or joins
             while True:
                 tokens = _choose(scores, batch.history[:, :batch.length], batch.starts, row_opts, draw, alive, eos,
@@ -519,27 +525,86 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
                 if alive != shown:
                     shown, finished = list(alive), torch.tensor([not a for a in alive], device=tokens.device)
                 pad = model.config.pad_token_id  # finished rows are fed <pad>, as the reference feeds them
-                ahead = [] if joining or batch.rows is not None else _forced(held, alive, new_ids, row_opts, eos)
-                if not ahead:
+                if joining or batch.rows is not None:  # the captured step feeds one token a row
                     scores = batch.step(tokens.masked_fill(finished, pad), ~finished)
                     continue
-                # every live row's next tokens are its grammar's fixed words: fed with this step's, in one pass
-                fed = torch.cat([tokens[:, None], torch.tensor(ahead, device=tokens.device)], 1)
-                scores_at = batch.extend(fed.masked_fill(finished[:, None], pad))
-                for j in range(fed.shape[1] - 1):
-                    for r, tok in enumerate(fed[:, j + 1].tolist()):
-                        if alive[r]:
-                            held.advance(r, tok)
-                            if observe is not None:
-                                observe(seq_of[r], tok, scores_at[r, j])
-                            alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos,
-                                                           row_opts[r].max_new_tokens, should_stop,
-                                                           row_opts[r].stop_token_ids)
-                scores = scores_at[:, -1]
+                scores = yield from _fed(batch, tokens.masked_fill(finished, pad), finished, pad, held, alive,
+                                         new_ids, row_opts, seq_of, eos, observe, should_stop, draw, guesses)
                 if not any(alive):
                     break
         finally:
             batch.close()
+
+
+def _fed(batch: _Batch, tokens: torch.Tensor, finished: torch.Tensor, pad: int, held: RowStates, alive: list[bool],
+        new_ids: list[list[int]], row_opts: Sequence[GenerationOptions], seq_of: Sequence[int], eos: int,
+        observe: Callable[[int, int, torch.Tensor], None] | None, should_stop: StopCheck | None, draw: Any,
+        guesses: Guesses) -> Generator[tuple[int, int | None, str | None], None, torch.Tensor]:
+    """Feed this step's tokens (finished rows': <pad>) and return the next scores. Where every live
+    row's grammar forces its next tokens, they go in the same pass (`_forced`); where one greedy row
+    decodes alone, a guess from its own text goes with it and the longest prefix of it that the row
+    would have chosen is kept (`Guesses`). Either way the tokens are those of one token a pass."""
+    ahead = _forced(held, alive, new_ids, row_opts, eos)
+    guess = [] if ahead else guesses.guess(batch, held, alive, new_ids, row_opts, eos)
+    if not ahead and not guess:
+        return batch.step(tokens, ~finished)
+    start, extra = batch.length, torch.tensor(ahead or [guess], device=tokens.device)
+    scores_at = batch.extend(torch.cat([tokens[:, None], extra.masked_fill(finished[:, None], pad)], 1))
+    for j in range(extra.shape[1]):
+        if guess:  # the row's own choice after what it has taken: the draft's token, or the guess ends
+            mine = _choose(scores_at[:, j], batch.history[:, :start + 1 + j], batch.starts, row_opts, draw, alive,
+                           eos, held.mask(batch.vocab, scores_at.device))
+            if int(mine[0]) != guess[j]:
+                batch.truncate(start + 1 + j)
+                guesses.taken(j)
+                return scores_at[:, j]
+        for r, tok in enumerate(extra[:, j].tolist()):
+            if alive[r]:
+                held.advance(r, tok)
+                if observe is not None:
+                    observe(seq_of[r], tok, scores_at[r, j])
+                alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos, row_opts[r].max_new_tokens,
+                                               should_stop, row_opts[r].stop_token_ids)
+        if not any(alive):
+            break
+    if guess:
+        guesses.taken(len(guess))
+    return scores_at[:, -1]
+
+
+class Guesses:
+    """Prompt lookup for a greedy row decoding alone: the tokens that followed the first place its
+    text (prompt and output) ended as it ends now (its last 3, 2 or 1 tokens), at most `MAX_GUESS`,
+    cut where its grammar would not take them. A guess no token of which was kept makes the row
+    guess again only after 2, 4, 8, ... steps (at most 64): a pass of several tokens costs more
+    than one (docs/performance.md), and a row whose text does not repeat itself pays nothing for long."""
+
+    def __init__(self) -> None:
+        self.misses, self.wait = 0, 0
+
+    def guess(self, batch: _Batch, held: RowStates, alive: Sequence[bool], new_ids: Sequence[list[int]],
+              row_opts: Sequence[GenerationOptions], eos: int) -> list[int]:
+        o = row_opts[0]
+        room = min(MAX_GUESS, o.max_new_tokens - len(new_ids[0]) - 1)
+        if len(alive) != 1 or not alive[0] or o.do_sample or room < 1 or MAX_GUESS == 0:
+            return []
+        if self.wait:
+            self.wait -= 1
+            return []
+        text = batch.history[0, batch.first[0]:batch.length].tolist()
+        found = next((text[i + n:i + n + room] for n in (3, 2, 1) if len(text) > n
+                      for i in range(len(text) - n) if text[i:i + n] == text[-n:]), [])
+        c, state, kept = held.constraints[0], held.states[0], []
+        for t in found:
+            if t == eos or (c is not None and (allowed := c.allowed(state)) is not None and t not in allowed):
+                break
+            kept.append(t)
+            state = c.advance(state, t) if c is not None else state
+        return kept
+
+    def taken(self, n: int) -> None:
+        self.misses = 0 if n else self.misses + 1
+        self.wait = min(1 << self.misses, 64) if self.misses else 0
 
 
 def _forced(held: RowStates, alive: Sequence[bool], new_ids: Sequence[list[int]],
