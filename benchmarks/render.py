@@ -49,7 +49,12 @@ def performance_page(found: list[tuple[str, dict]]) -> str:
            "side by side on the same machine, with random weights of the full microsoft/biogpt shape; a figure "
            "holds for the machine it names. \"better by\" is how many times faster (or smaller) ours is.", "",
            "Reproduce: `python benchmarks/bench.py --json` (add `--device cuda` on a GPU, `--only decode` for a "
-           "part), then `python benchmarks/render.py`.", ""]
+           "part), then `python benchmarks/render.py`.", "",
+           "When several tokens a pass pay (`--only speculate`): a pass of K new tokens costs little more than one "
+           "on a CPU (the weights are read once for all K; the rows `a forward pass of K new tokens vs 1` give the "
+           "curve), so feeding a constrained answer's fixed words together always pays, and a guess pays when the "
+           "share of its tokens kept exceeds that extra cost. A batch of several rows already reads the weights "
+           "once for all of them, which is why guesses are made only for a row decoding alone.", ""]
     for name, data in reversed(found):
         out += [f"## {machine_line(data['machine'])}", "", f"`bench.py {data.get('command', '')}` -> `{name}`", "",
                 *table(data["rows"]), ""]
