@@ -3,8 +3,9 @@ commands, `generate --choices` and the server's `guided_choice`.
 
 Each grammar is the task's own answer template (tasks.py parses the same text back), spelled in
 the tokenizer's ids: BPE works word by word, so a template's words have the same ids alone as in a
-sentence. Relation extraction's entities are spans of the row's own source ids, so every entity
-it writes is a run of whole words of the document it read, after the task's lowercasing.
+sentence. Relation extraction's entities are spans of the row's own source words, each aligned to
+the document's text (grounding.py), so every entity it writes is a run of whole words of the
+document it read, with the offsets it was copied from (`entity_offsets`).
 """
 
 from __future__ import annotations
