@@ -38,11 +38,15 @@ def cache(tmp_path, monkeypatch):
 def test_list_shows_cached_models_and_local_folders(cli, cache, tmp_path):
     (tmp_path / "runs" / "qa-model").mkdir(parents=True)
     (tmp_path / "runs" / "qa-model" / "config.json").write_text(json.dumps({"task": "pubmedqa"}))
+    (tmp_path / "runs" / "RE-DDI-BioGPT").mkdir()  # the release's fairseq layout, which -m loads too
+    (tmp_path / "runs" / "RE-DDI-BioGPT" / "checkpoint_avg.pt").write_bytes(b"z" * 1_000_000)
+    (tmp_path / "runs" / "notes").mkdir()
     code, out, err = cli("list", "--dir", tmp_path / "runs", "--format", "jsonl")
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0, err
     assert [(r["id"], r["revision"], r["size"], r["task"]) for r in rows] == [
         ("lab/biogpt-ddi", "main", "3.0 MB", "ddi"), ("microsoft/biogpt", "main", "2.0 MB", None),
+        (str(tmp_path / "runs" / "RE-DDI-BioGPT"), "local", "1.0 MB", None),
         (str(tmp_path / "runs" / "qa-model"), "local", "0.0 MB", "pubmedqa")]
     code, out, _ = cli("list")
     assert code == 0 and out.splitlines()[1].split() == ["lab/biogpt-ddi", "main", "3.0", "MB", "ddi"]

@@ -19,15 +19,15 @@ import torch
 
 from .config import BioGptConfig
 from .errors import CheckpointError, ConfigError
+from .hub import FAIRSEQ_CHECKPOINTS
 
-CHECKPOINTS = ("checkpoint.pt", "checkpoint_avg.pt", "checkpoint_last.pt")  # what the release's scripts load
 # cfg.task.data of the release's training scripts (data/BC5CDR/relis-bin, ...) -> our task names
 DATA_TASKS = {"bc5cdr": "bc5cdr", "ddi": "ddi", "kd-dti": "kd-dti", "hoc": "hoc", "pubmedqa": "pubmedqa"}
 
 
 def find_checkpoint(folder: Path) -> Path | None:
     """The release's checkpoint file in `folder`, if any."""
-    return next((folder / name for name in CHECKPOINTS if (folder / name).is_file()), None)
+    return next((folder / name for name in FAIRSEQ_CHECKPOINTS if (folder / name).is_file()), None)
 
 
 class _Stub:

@@ -15,6 +15,7 @@ from .errors import CheckpointError
 DEFAULT_MODEL = "microsoft/biogpt"
 HUB_TIMEOUT_S = 5.0
 HUB_FILES = ("vocab.json", "merges.txt")  # the tokenizer in the Hub layout
+FAIRSEQ_CHECKPOINTS = ("checkpoint.pt", "checkpoint_avg.pt", "checkpoint_last.pt")  # what the release's scripts load
 
 
 def resolve(path_or_id: str | Path, revision: str | None = None,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .hub import FAIRSEQ_CHECKPOINTS
 
 
 def _task(folder: Path) -> str | None:
@@ -52,12 +53,16 @@ def cached_models() -> list[dict[str, Any]]:
     return rows
 
 
+def _model_folder(path: Path) -> bool:
+    """What `-m` loads: a folder with a config.json, or the release's fairseq checkpoint."""
+    return (path / "config.json").is_file() or any((path / name).is_file() for name in FAIRSEQ_CHECKPOINTS)
+
+
 def folder_models(root: Path) -> list[dict[str, Any]]:
-    """The checkpoint folders (with a config.json) in `root`, or `root` itself."""
+    """The checkpoint folders in `root` (Hub layout or the release's), or `root` itself."""
     if not root.is_dir():
         raise InputError(f"--dir {root}: no such folder")
-    folders = [root] if (root / "config.json").is_file() else sorted(p for p in root.iterdir()
-                                                                       if (p / "config.json").is_file())
+    folders = [root] if _model_folder(root) else sorted(p for p in root.iterdir() if p.is_dir() and _model_folder(p))
     rows = []
     for f in folders:
         size = sum(p.stat().st_size for p in f.rglob("*") if p.is_file())
