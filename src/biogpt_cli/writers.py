@@ -131,14 +131,15 @@ def _passages(fields: dict[str, Any]) -> list[dict[str, Any]]:
     return passages
 
 
-def _layout(fields: dict[str, Any], passages: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+def _layout(fields: dict[str, Any], passages: list[dict[str, Any]]) -> list[tuple[int | None, dict[str, Any]]]:
     """Where each title and abstract passage starts in the document's text (`document_text`: the
     titles joined by spaces, a space, the abstracts joined by spaces; a `text` record: its text),
-    the text a record's offsets count in."""
+    the text a record's offsets count in; then the other passages, which it does not hold (None)."""
     if "text" in fields and "abstract" not in fields and not fields.get("passages"):
         return [(0, passages[-1])]
     kind = [(p.get("infons") or {}).get("type", "").lower() for p in passages]
-    places, at = [], 0
+    places: list[tuple[int | None, dict[str, Any]]] = []
+    at = 0
     for group in (("title", "front"), ("abstract",)):
         texts = [(p, p.get("text") or "") for p, k in zip(passages, kind, strict=True) if k in group]
         for p, text in texts:
@@ -146,10 +147,10 @@ def _layout(fields: dict[str, Any], passages: list[dict[str, Any]]) -> list[tupl
             at += len(text) + 1
         if group[0] == "title":
             at = len(" ".join(t for _, t in texts)) + 1
-    return places
+    return places + [(None, p) for p, k in zip(passages, kind, strict=True) if k not in ("title", "front", "abstract")]
 
 
-def _node(name: str, spans: list[list[int]] | None, role: str, places: list[tuple[int, dict[str, Any]]],
+def _node(name: str, spans: list[list[int]] | None, role: str, places: list[tuple[int | None, dict[str, Any]]],
           annotations: list[dict[str, Any]]) -> dict | None:
     """The mention `name` is: the input's of the same text, else a new one at the first of its
     `spans` (a constrained answer's offsets), else where it first occurs; None."""
@@ -161,7 +162,8 @@ def _node(name: str, spans: list[list[int]] | None, role: str, places: list[tupl
     for start, p in places:
         text = p.get("text") or ""
         if spans:
-            found = next(((s - start, e - start) for s, e in spans[:1] if start <= s and e <= start + len(text)), None)
+            found = None if start is None else next(((s - start, e - start) for s, e in spans[:1]
+                                                     if start <= s and e <= start + len(text)), None)
         else:
             found = locate(name, text)
         if found is not None:
@@ -175,7 +177,7 @@ def _node(name: str, spans: list[list[int]] | None, role: str, places: list[tupl
     return None
 
 
-def _part_of_composite(name: str, places: list[tuple[int, dict[str, Any]]],
+def _part_of_composite(name: str, places: list[tuple[int | None, dict[str, Any]]],
                        annotations: list[dict[str, Any]]) -> dict | None:
     """A new mention for `name` when it is a part of an input's composite mention (`cystitis` of
     `hemorrhagic cystitis`): where the part stands inside it, with the part's identifier."""
@@ -206,7 +208,7 @@ def pubtator(doc: dict[str, Any]) -> str:
     and is left out, and a discontinuous one gets a line for each of its pieces. Line breaks in a
     text become spaces (the offsets stay)."""
     pmid, places = doc["id"], _layout({"passages": doc["passages"]}, doc["passages"])
-    start = {id(p): at for at, p in places}
+    start = {id(p): at for at, p in places if at is not None}
     kind = [(p.get("infons") or {}).get("type", "").lower() for p in doc["passages"]]
     title, abstract = (" ".join(p.get("text") or "" for p, k in zip(doc["passages"], kind, strict=True) if k in group)
                        for group in (("title", "front"), ("abstract",)))
