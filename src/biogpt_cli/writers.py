@@ -131,23 +131,32 @@ def _passages(fields: dict[str, Any]) -> list[dict[str, Any]]:
     return passages
 
 
+def _sections(passages: list[dict[str, Any]]) -> tuple[list[dict], list[dict], list[dict]]:
+    """The title passages (`title`, `front`), the abstract ones and the others, each in order."""
+    titles: list[dict] = []
+    abstracts: list[dict] = []
+    others: list[dict] = []
+    for p in passages:
+        kind = (p.get("infons") or {}).get("type", "").lower()
+        (titles if kind in ("title", "front") else abstracts if kind == "abstract" else others).append(p)
+    return titles, abstracts, others
+
+
 def _layout(fields: dict[str, Any], passages: list[dict[str, Any]]) -> list[tuple[int | None, dict[str, Any]]]:
     """Where each title and abstract passage starts in the document's text (`document_text`: the
     titles joined by spaces, a space, the abstracts joined by spaces; a `text` record: its text),
     the text a record's offsets count in; then the other passages, which it does not hold (None)."""
     if "text" in fields and "abstract" not in fields and not fields.get("passages"):
         return [(0, passages[-1])]
-    kind = [(p.get("infons") or {}).get("type", "").lower() for p in passages]
+    titles, abstracts, others = _sections(passages)
     places: list[tuple[int | None, dict[str, Any]]] = []
     at = 0
-    for group in (("title", "front"), ("abstract",)):
-        texts = [(p, p.get("text") or "") for p, k in zip(passages, kind, strict=True) if k in group]
-        for p, text in texts:
+    for group in (titles, abstracts):
+        for p in group:
             places.append((at, p))
-            at += len(text) + 1
-        if group[0] == "title":
-            at = len(" ".join(t for _, t in texts)) + 1
-    return places + [(None, p) for p, k in zip(passages, kind, strict=True) if k not in ("title", "front", "abstract")]
+            at += len(p.get("text") or "") + 1
+        at = max(at, 1)  # no title: the abstract still starts after the space
+    return places + [(None, p) for p in others]
 
 
 def _node(name: str, spans: list[list[int]] | None, role: str, places: list[tuple[int | None, dict[str, Any]]],
@@ -209,9 +218,7 @@ def pubtator(doc: dict[str, Any]) -> str:
     text become spaces (the offsets stay)."""
     pmid, places = doc["id"], _layout({"passages": doc["passages"]}, doc["passages"])
     start = {id(p): at for at, p in places if at is not None}
-    kind = [(p.get("infons") or {}).get("type", "").lower() for p in doc["passages"]]
-    title, abstract = (" ".join(p.get("text") or "" for p, k in zip(doc["passages"], kind, strict=True) if k in group)
-                       for group in (("title", "front"), ("abstract",)))
+    title, abstract = (" ".join(p.get("text") or "" for p in group) for group in _sections(doc["passages"])[:2])
     lines = [f"{pmid}|t|{_one_line(title)}", f"{pmid}|a|{_one_line(abstract)}"]
     names: dict[str, str] = {}
     for p in doc["passages"]:
