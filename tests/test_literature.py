@@ -453,3 +453,22 @@ def test_a_qa_item_in_pubtator_has_its_question_and_context():
     fields = {"question": "Do statins help?", "context": ["Statins lowered deaths.", "In 2 trials."]}
     lines = pubtator(bioc_document(fields, {"answer": "yes"}, "pubmedqa", "q1")).splitlines()
     assert lines == ["q1|t|Do statins help?", "q1|a|Statins lowered deaths. In 2 trials.", "q1\tanswer\tyes"]
+
+
+def test_written_title_is_the_records_title_whatever_the_passage_order():
+    """A BioC `front` passage before its `title`: the record's title (title, then front) and the
+    text PubTator writes are one text, so the offsets counted in one hold in the other."""
+    from biogpt_cli.writers import bioc_document, pubtator
+
+    bioc = {"id": "5", "passages": [
+        {"infons": {"type": "front"}, "offset": 0, "text": "Vol 3.", "annotations": []},
+        {"infons": {"type": "title"}, "offset": 7, "text": "Lithium tremor.", "annotations": []},
+        {"infons": {"type": "abstract"}, "offset": 23, "text": "Lithium caused tremor.", "annotations": [
+            {"id": "T1", "infons": {"type": "Disease", "identifier": "D014202"}, "text": "tremor",
+             "locations": [{"offset": 38, "length": 6}]}]}]}
+    fields = literature.bioc_document(bioc)
+    (back,) = literature.pubtator_documents(pubtator(bioc_document(fields, {}, "bc5cdr", "5")), "x.pubtator")
+    assert back["title"] == fields["title"] == "Lithium tremor. Vol 3."
+    (mention,) = back["annotations"]
+    start = mention["locations"][0]["offset"]
+    assert _document_text(back)[start:start + 6] == "tremor"

@@ -132,14 +132,13 @@ def _passages(fields: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _sections(passages: list[dict[str, Any]]) -> tuple[list[dict], list[dict], list[dict]]:
-    """The title passages (`title`, `front`), the abstract ones and the others, each in order."""
-    titles: list[dict] = []
-    abstracts: list[dict] = []
-    others: list[dict] = []
+    """The title passages (`title` ones, then `front` ones, as literature.bioc_document joins a
+    record's title), the abstract ones and the others, each in order."""
+    groups: dict[str, list[dict]] = {"title": [], "front": [], "abstract": [], "": []}
     for p in passages:
         kind = (p.get("infons") or {}).get("type", "").lower()
-        (titles if kind in ("title", "front") else abstracts if kind == "abstract" else others).append(p)
-    return titles, abstracts, others
+        groups[kind if kind in groups else ""].append(p)
+    return groups["title"] + groups["front"], groups["abstract"], groups[""]
 
 
 def _layout(fields: dict[str, Any], passages: list[dict[str, Any]]) -> list[tuple[int | None, dict[str, Any]]]:
