@@ -325,7 +325,7 @@ def constraint_figures(folder: Path, args: argparse.Namespace, rows: list[dict])
     import random
 
     from biogpt_cli import generation
-    from biogpt_cli.constraints import RowStates
+    from biogpt_cli.constraints import Held, allowed_mask
     from biogpt_cli.grammars import DDI_RELATIONS, source_words, task_grammar
     from biogpt_cli.tasks import TASKS, build_input
 
@@ -345,7 +345,7 @@ def constraint_figures(folder: Path, args: argparse.Namespace, rows: list[dict])
         return g
 
     times: list[float] = []
-    step = generation._Batch.step
+    step = generation.Frame.step
 
     def timed(self: object, *a: object) -> torch.Tensor:
         times.append(time.perf_counter())
@@ -359,7 +359,7 @@ def constraint_figures(folder: Path, args: argparse.Namespace, rows: list[dict])
                      if held else None)
         return statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
 
-    generation._Batch.step = timed
+    generation.Frame.step = timed
     generation.MAX_FORCED, forced = 0, generation.MAX_FORCED  # a step at a time: the mask's cost, not fewer steps
     free_step = 0.0
     try:
@@ -374,7 +374,7 @@ def constraint_figures(folder: Path, args: argparse.Namespace, rows: list[dict])
                             note="reference: the same decoding unconstrained"))
             free_step = free_step or free
     finally:
-        generation._Batch.step, generation.MAX_FORCED = step, forced
+        generation.Frame.step, generation.MAX_FORCED = step, forced
     long = {"title": "", "abstract": " ".join(lines[:40])}
     pieces = tok.encode_words(task.source(long))  # the input's own tokenization, which a plain run does too
     ids = build_input(task, tok, long, 1000, pieces)
@@ -385,14 +385,14 @@ def constraint_figures(folder: Path, args: argparse.Namespace, rows: list[dict])
     g, rng, costs = task_grammar(task, tok, source_words(task, tok, long, ids, pieces), DDI_RELATIONS, 374), \
         random.Random(0), []
     for _ in range(200):  # random answers: every step's allowed tokens, its mask, the advance
-        rows_ = RowStates([g])
+        held = Held(g)
         while True:
             start = time.perf_counter()
-            rows_.mask(ours.config.vocab_size, torch.device("cpu"))
+            allowed_mask([held], ours.config.vocab_size, torch.device("cpu"))
             cost = time.perf_counter() - start
-            t = rng.choice(g.allowed(rows_.states[0]))  # the model's choice, not timed
+            t = rng.choice(held.allowed())  # the model's choice, not timed
             start = time.perf_counter()
-            rows_.advance(0, t)
+            held.advance(t)
             costs.append(cost + time.perf_counter() - start)
             if t == 2:
                 break

@@ -660,8 +660,8 @@ def test_verbose_first_token_is_the_first_token_even_when_nobody_watches(cli, ti
     """Output to a pipe is decoded once at the end: the first token's time is still when it was chosen."""
     from biogpt_cli import generation
 
-    step = generation._Batch.step
-    monkeypatch.setattr(generation._Batch, "step", lambda self, *a: time.sleep(0.02) or step(self, *a))
+    step = generation.Frame.step
+    monkeypatch.setattr(generation.Frame, "step", lambda self, *a: time.sleep(0.02) or step(self, *a))
     code, _, err = cli("generate", "the cat", "-m", tiny[0], "-n", "30", "--min-new-tokens", "30", "-v")
     m = re.search(r"in ([\d.]+) s; first token after ([\d.]+) s", err)
     assert code == 0 and m and float(m[2]) < float(m[1]) / 3, err

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from biogpt_cli.constraints import Grammar, OneOf, RowStates, fixed
+from biogpt_cli.constraints import Grammar, Held, OneOf, allowed_mask, fixed
 from biogpt_cli.generation import GenerationOptions, generate, prompt_generator, stream_tokens
 from biogpt_cli.grammars import choices, entity_span, source_words, task_grammar
 from biogpt_cli.grounding import align
@@ -187,13 +187,13 @@ def test_forced_tokens_are_fed_in_one_pass_with_the_same_tokens(eos_ref, monkeyp
     prompts = PROMPTS * 2
     passes = {"step": 0, "extend": 0}
 
-    def run():
+    def run(speculate="auto"):
         for name in passes:
             passes[name] = 0
         seen, logits = {}, {}
         for i in range(2):  # the second time a stop token inside the head's run ends some rows there
             opts = GenerationOptions(max_new_tokens=24 - 3 * (i and 2), bad_words_ids=[[1]],
-                                     stop_token_ids=[42] if i else [])
+                                     stop_token_ids=[42] if i else [], speculate=speculate)
             for seq, tok, reason in stream_tokens(ours, iter(prompts), opts, slots=slots, constraint_of=lambda j: g,
                                                   observe=lambda q, t, x, i=i: logits.setdefault((i, q), []).append(
                                                       float(x[t]))):  # read at once: the scores are reused
@@ -201,13 +201,12 @@ def test_forced_tokens_are_fed_in_one_pass_with_the_same_tokens(eos_ref, monkeyp
         return seen, logits
 
     for name in passes:
-        real = getattr(generation._Batch, name)
-        monkeypatch.setattr(generation._Batch, name, lambda self, *a, real=real, name=name:
+        real = getattr(generation.Frame, name)
+        monkeypatch.setattr(generation.Frame, name, lambda self, *a, real=real, name=name:
                             passes.__setitem__(name, passes[name] + 1) or real(self, *a))
     fast, fast_logits = run()
     fast_passes = dict(passes)
-    monkeypatch.setattr(generation, "MAX_FORCED", 0)
-    slow, slow_logits = run()
+    slow, slow_logits = run("off")
     assert fast == slow and fast_passes["extend"] and not passes["extend"]
     assert sum(fast_passes.values()) < passes["step"] / 2, (fast_passes, passes)
     for key, values in slow_logits.items():
@@ -224,11 +223,11 @@ def test_a_row_allowed_only_eos_ends_even_under_min_new_tokens(eos_ref):
 
 def test_rows_states_follow_beams():
     g = Grammar("t", 2, items=(OneOf(((5, 6), (7,))),))
-    rows = RowStates([g, g])
-    rows.advance(0, 5)
-    rows.follow([0, 0], [6, 6])
-    assert all(2 in g.allowed(s) for s in rows.states)
-    mask = rows.mask(10, torch.device("cpu"))
+    rows = [Held(g), Held(g)]
+    rows[0].advance(5)
+    rows = [rows[p].after(t) for p, t in zip([0, 0], [6, 6], strict=True)]
+    assert all(2 in g.allowed(h.state) for h in rows)
+    mask = allowed_mask(rows, 10, torch.device("cpu"))
     assert mask.tolist() == [[i == 2 for i in range(10)]] * 2
 
 

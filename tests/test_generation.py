@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from biogpt_cli.errors import InputError
-from biogpt_cli.generation import GenerationOptions, _draw, generate, prompt_generator, stream_tokens
+from biogpt_cli.generation import DraftStats, GenerationOptions, _draw, generate, prompt_generator, stream_tokens
 from biogpt_cli.plans import generation_options
 from biogpt_cli.processors import bad_words, min_p, no_repeat_ngram, repetition_penalty, top_k, top_p
 from tests.conftest import make_reference
@@ -94,8 +94,8 @@ def test_several_samples_per_prompt_decode_slots_prompts_at_a_time(eos_ref, monk
 
     ours, opts = ours_from(eos_ref), GenerationOptions(max_new_tokens=6, do_sample=True, num_return_sequences=2)
     prompts = PROMPTS * 3
-    sizes, init = [], generation._Batch.__init__
-    monkeypatch.setattr(generation._Batch, "__init__",
+    sizes, init = [], generation.Frame.__init__
+    monkeypatch.setattr(generation.Frame, "__init__",
                         lambda self, m, p, *a: sizes.append(len(p)) or init(self, m, p, *a))
     got: dict[int, list[int]] = {}
     for seq, tok, reason in generation.stream_tokens(ours, iter(prompts), opts, lambda i: prompt_generator(1, i),
@@ -252,11 +252,11 @@ def test_continuous_batching_equals_each_prompt_alone(eos_ref, monkeypatch, opts
     ours = ours_from(eos_ref)
     prompts = [[2, *range(40 + n, 40 + 2 * n)] for n in (20, 1, 7, 3, 2, 5, 1, 2, 1, 14, 9, 4, 6, 1, 8, 3, 1, 2)]
     admitted, moves, widths = [], [], []
-    admit, reframe, step = generation._Batch.admit, generation._Batch._reframe, generation._Batch.step
-    monkeypatch.setattr(generation._Batch, "admit",
+    admit, reframe, step = generation.Frame.admit, generation.Frame._reframe, generation.Frame.step
+    monkeypatch.setattr(generation.Frame, "admit",
                         lambda self, r, p, *a: admitted.append(r) or admit(self, r, p, *a))
-    monkeypatch.setattr(generation._Batch, "_reframe", lambda self, start: moves.append(start) or reframe(self, start))
-    monkeypatch.setattr(generation._Batch, "step", lambda self, *a: widths.append(self.length) or step(self, *a))
+    monkeypatch.setattr(generation.Frame, "_reframe", lambda self, start: moves.append(start) or reframe(self, start))
+    monkeypatch.setattr(generation.Frame, "step", lambda self, *a: widths.append(self.length) or step(self, *a))
     streams = (lambda i: prompt_generator(3, i)) if opts.do_sample else None
     got: dict[int, list[int]] = {}
     for seq, tok, reason in generation.stream_tokens(ours, iter(prompts), opts, streams, slots=3):
@@ -322,7 +322,7 @@ def test_prompts_that_arrive_while_a_batch_runs_join_it(eos_ref, monkeypatch):
     prompts = [[2, *range(40 + n, 40 + 2 * n)] for n in (3, 7, 1, 12, 2, 5, 9)]
     settings = own_settings(len(prompts))
     added, steps, moved = [], [0], []
-    add_rows, step = generation._Batch.add_rows, generation._Batch.step
+    add_rows, step, extend = generation.Frame.add_rows, generation.Frame.step, generation.Frame.extend
 
     def adding(self, n):  # on the CPU the cache has room for every slot: a join copies no row
         added.append(steps[0])
@@ -330,9 +330,11 @@ def test_prompts_that_arrive_while_a_batch_runs_join_it(eos_ref, monkeypatch):
         rows = add_rows(self, n)
         moved.append(self.cache.k.data_ptr() != before)
         return rows
-    monkeypatch.setattr(generation._Batch, "add_rows", adding)
-    monkeypatch.setattr(generation._Batch, "step",
+    monkeypatch.setattr(generation.Frame, "add_rows", adding)
+    monkeypatch.setattr(generation.Frame, "step",
                         lambda self, *a: steps.__setitem__(0, steps[0] + 1) or step(self, *a))
+    monkeypatch.setattr(generation.Frame, "extend",  # a row alone may feed a draft with its token
+                        lambda self, *a: steps.__setitem__(0, steps[0] + 1) or extend(self, *a))
 
     def arriving():  # one prompt now and then, nothing in between
         for p in prompts:
@@ -410,10 +412,10 @@ def test_a_long_prompt_joining_rows_that_have_far_to_go_waits_for_room(eos_ref, 
     """Rows share one column frame: a prompt longer than it, with few new tokens, must not push
     the frame so far right that a live row's remaining tokens run past the model's positions. It
     waits until they fit; every prompt still gets its tokens alone."""
-    from biogpt_cli import generation, graphs
+    from biogpt_cli import frame, graphs
 
     if static:  # the frame of the token history is shared on a GPU too
-        monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+        monkeypatch.setattr(frame, "graphs_enabled", lambda device: True)
         monkeypatch.setattr(graphs, "graphs_enabled", lambda device: False)
     ours = ours_from(eos_ref)
     limit = ours.config.max_position_embeddings
@@ -447,27 +449,24 @@ def test_a_row_alone_guesses_from_its_own_text_with_the_same_tokens(tiny_ref, mo
     """A greedy row decoding alone feeds a guess from its own text (prompt lookup) with each token
     and keeps what it would have chosen: the same tokens, reasons and logits (for logprobs) as one
     token a pass, under every processor; a tiny random model repeats itself, so guesses are kept."""
-    from biogpt_cli import generation
 
     ours = ours_from(tiny_ref[0])
-    kept, real = [], generation.Guesses.taken
-    monkeypatch.setattr(generation.Guesses, "taken", lambda self, n: kept.append(n) or real(self, n))
+    stats = DraftStats()
 
-    def run() -> list:
+    def run(speculate: str = "auto") -> list:
         out = []
         for prompt in [*PROMPTS, [2, 40, 41, 42, 40, 41, 42, 40, 41]]:
             events, logits = [], []
-            for _, tok, reason in stream_tokens(ours, [prompt], opts,
+            for _, tok, reason in stream_tokens(ours, [prompt], replace(opts, speculate=speculate), stats=stats,
                                                 observe=lambda q, t, x, seen=logits: seen.append(float(x[t]))):
                 events.append((tok, reason))
             out.append((events, logits))
         return out
 
     guessed = run()
-    monkeypatch.setattr(generation, "MAX_GUESS", 0)
-    kept_before, kept[:] = list(kept), []
-    alone = run()
-    assert [e for e, _ in guessed] == [e for e, _ in alone] and not kept
+    drafted, kept = stats.drafted, stats.kept
+    alone = run("off")
+    assert [e for e, _ in guessed] == [e for e, _ in alone] and stats.drafted == drafted
     for (_, a), (_, b) in zip(guessed, alone, strict=True):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
-    assert kept_before and (any(kept_before) or opts.no_repeat_ngram_size)
+    assert drafted and (kept or opts.no_repeat_ngram_size)

@@ -39,9 +39,9 @@ def tiny(tiny_ref):
 def slow_steps(monkeypatch):
     """Each decoding step takes 20 ms more a token (a pass of several tokens, that many times):
     time for requests to overlap."""
-    step, extend = generation._Batch.step, generation._Batch.extend
-    monkeypatch.setattr(generation._Batch, "step", lambda self, *a: time.sleep(0.02) or step(self, *a))
-    monkeypatch.setattr(generation._Batch, "extend", lambda self, tokens: time.sleep(0.02 * tokens.shape[1])
+    step, extend = generation.Frame.step, generation.Frame.extend
+    monkeypatch.setattr(generation.Frame, "step", lambda self, *a: time.sleep(0.02) or step(self, *a))
+    monkeypatch.setattr(generation.Frame, "extend", lambda self, tokens: time.sleep(0.02 * tokens.shape[1])
                         or extend(self, tokens))
 
 
@@ -144,13 +144,13 @@ def test_a_request_that_fails_fails_alone(tiny, slow_steps, monkeypatch, caplog)
     is answered as if nothing happened, the next request too, and the log has one line for it."""
     lm, tok = tiny
     poison = tok.encode("zebra")[1:]
-    admit, start = generation._Batch.admit, generation._Batch.__init__
+    admit, start = generation.Frame.admit, generation.Frame.__init__
 
     def check(prompts):
         if any(list(p[1:]) == poison for p in prompts):
             raise RuntimeError("device-side assert triggered")
-    monkeypatch.setattr(generation._Batch, "admit", lambda self, r, p, *a: check(p) or admit(self, r, p, *a))
-    monkeypatch.setattr(generation._Batch, "__init__", lambda self, m, p, *a: check(p) or start(self, m, p, *a))
+    monkeypatch.setattr(generation.Frame, "admit", lambda self, r, p, *a: check(p) or admit(self, r, p, *a))
+    monkeypatch.setattr(generation.Frame, "__init__", lambda self, m, p, *a: check(p) or start(self, m, p, *a))
     caplog.set_level(logging.INFO, logger="biogpt.serve")
     base, stop = serving(create_app(lm, tok, "tiny"))
     try:

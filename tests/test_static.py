@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from biogpt_cli import GenerationOptions, generate, generation, graphs
+from biogpt_cli import GenerationOptions, frame, generate, generation, graphs
 from biogpt_cli.batch import Job, run
 from biogpt_cli.cli.common import _load
 from biogpt_cli.inputs import Prompt
@@ -65,9 +65,9 @@ def test_batches_take_the_static_path_with_the_same_tokens(tiny, monkeypatch, op
         return [done[i] for i in range(len(jobs))]
 
     expected = tokens()
-    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(frame, "graphs_enabled", lambda device: True)
     used = []
-    monkeypatch.setattr(generation, "static_rows", lambda *a: used.append(a) or graphs.static_rows(*a))
+    monkeypatch.setattr(frame, "static_rows", lambda *a: used.append(a) or graphs.static_rows(*a))
     assert tokens() == expected and used
 
 
@@ -98,7 +98,7 @@ def test_a_captured_step_checks_itself_and_falls_back_to_eager_once(tiny, monkey
     prompts = [tok.encode(p) for p in PROMPTS]
     opts = GenerationOptions(max_new_tokens=10)
     expected = generate(model, prompts, opts)
-    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(frame, "graphs_enabled", lambda device: True)
     monkeypatch.setattr(graphs, "graphs_enabled", lambda device: True)
     monkeypatch.setattr(graphs, "UNCAPTURED", [])
     if fault != "capture":
@@ -124,7 +124,7 @@ def test_a_captured_step_checks_itself_and_falls_back_to_eager_once(tiny, monkey
 
 
 def test_the_cli_warns_once_in_one_line(cli, tiny_ref, monkeypatch):
-    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(frame, "graphs_enabled", lambda device: True)
     monkeypatch.setattr(graphs, "graphs_enabled", lambda device: True)
     monkeypatch.setattr(graphs.StaticRows, "_capture", lambda self: setattr(self, "graph", Replay(self, "replay")))
     monkeypatch.setattr(graphs, "UNCAPTURED", [])
@@ -138,7 +138,7 @@ def test_the_cli_warns_once_in_one_line(cli, tiny_ref, monkeypatch):
 
 
 def test_verbose_says_when_the_step_was_not_captured(cli, tiny_ref, monkeypatch):
-    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(frame, "graphs_enabled", lambda device: True)
     monkeypatch.setattr(graphs, "graphs_enabled", lambda device: True)
     monkeypatch.setattr(graphs, "UNCAPTURED", [])
     code, out, err = cli("generate", "the cat", "-n", "4", "-m", tiny_ref[1], "-v")
@@ -198,9 +198,9 @@ def test_rows_that_join_a_running_batch_take_free_static_rows(tiny, monkeypatch)
                           lambda i: generation.prompt_generator(4, i), slots=4, per_prompt=lambda i: settings[i % 3])
 
     expected = tokens()
-    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(frame, "graphs_enabled", lambda device: True)
     used = []
-    monkeypatch.setattr(generation, "static_rows", lambda *a: used.append(a) or graphs.static_rows(*a))
+    monkeypatch.setattr(frame, "static_rows", lambda *a: used.append(a) or graphs.static_rows(*a))
     assert tokens() == expected and used
 
 
@@ -216,9 +216,9 @@ def test_a_prompt_longer_than_the_capacity_widens_it(tiny, monkeypatch):
         return new_tokens(model, iter(prompts), opts, slots=2)
 
     expected = tokens()
-    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(frame, "graphs_enabled", lambda device: True)
     widths = []
-    monkeypatch.setattr(generation, "resized", lambda m, d, r, n: widths.append(n) or graphs.resized(m, d, r, n))
+    monkeypatch.setattr(frame, "resized", lambda m, d, r, n: widths.append(n) or graphs.resized(m, d, r, n))
     assert tokens() == expected
     assert len(prompts[2]) + 8 > 16 and widths, "the long prompt did not widen the cache"
 
@@ -246,10 +246,10 @@ def test_a_batch_holds_the_rows_it_uses_and_gives_them_back(tiny, monkeypatch):
             yield None
     opts = GenerationOptions(max_new_tokens=10, min_new_tokens=10)
     expected = new_tokens(model, arriving(), opts, slots=64)
-    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(frame, "graphs_enabled", lambda device: True)
     vars(model).pop("_decoders", None)
     shapes = []
-    monkeypatch.setattr(generation, "resized", lambda m, d, r, n: shapes.append(r) or graphs.resized(m, d, r, n))
+    monkeypatch.setattr(frame, "resized", lambda m, d, r, n: shapes.append(r) or graphs.resized(m, d, r, n))
     try:
         assert new_tokens(model, arriving(), opts, slots=64) == expected
         [kept] = graphs.decoders(model).idle
@@ -269,13 +269,13 @@ def test_a_model_moved_between_calls_drops_its_decoders(tiny_ref, monkeypatch):
     model, tok = load_pretrained(tiny_ref[1], kernels=False)
     prompts = [tok.encode(p) for p in PROMPTS]
     opts = GenerationOptions(max_new_tokens=8)
-    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(frame, "graphs_enabled", lambda device: True)
     generate(model, prompts, opts)
     old = graphs.decoders(model).idle[0]
     model.to(torch.bfloat16)
     got = generate(model, prompts, opts)
     assert graphs.decoders(model).idle[0] is not old and graphs.decoders(model).idle[0].cache.k.dtype == torch.bfloat16
-    monkeypatch.setattr(generation, "graphs_enabled", lambda device: False)
+    monkeypatch.setattr(frame, "graphs_enabled", lambda device: False)
     assert got == generate(model, prompts, opts)
 
 
@@ -288,7 +288,7 @@ def test_two_threads_generating_with_one_model_do_not_share_a_decoder(tiny, monk
     opts = GenerationOptions(max_new_tokens=30, min_new_tokens=30)
     expected = [generate(model, w, opts) for w in work]
     interval = sys.getswitchinterval()
-    monkeypatch.setattr(generation, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(frame, "graphs_enabled", lambda device: True)
     vars(model).pop("_decoders", None)
     got: list = [None, None]
     start = threading.Barrier(2)

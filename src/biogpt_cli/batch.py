@@ -19,7 +19,8 @@ import torch
 
 from .constraints import Constraint
 from .errors import InputError
-from .generation import GenerationOptions, fit_prompt, prompt_generator
+from .frame import fit_prompt
+from .generation import GenerationOptions, prompt_generator
 from .streaming import TextEvent, stream_completions
 
 

@@ -345,67 +345,72 @@ _ALL = _Everything()
 
 
 # -- the rows of a batch -----------------------------------------------------------------------
-class RowStates:
-    """The constraint and state of each row of a batch, and the mask of what they allow now."""
+class Held:
+    """A row's constraint and where it stands in it (no constraint: a free row)."""
 
-    def __init__(self, constraints: Sequence[Constraint | None]) -> None:
-        self.constraints = list(constraints)
-        self.states = [c.start() if c is not None else None for c in self.constraints]
+    __slots__ = ("constraint", "state")
 
-    def __bool__(self) -> bool:
-        return any(c is not None for c in self.constraints)
+    def __init__(self, constraint: Constraint | None, state: Any = None) -> None:
+        self.constraint = constraint
+        self.state = state if state is not None or constraint is None else constraint.start()
 
-    def set(self, row: int, constraint: Constraint | None) -> None:
-        """Row `row` starts over with `constraint` (a prompt took its place, or it is new)."""
-        while row >= len(self.constraints):
-            self.constraints.append(None)
-            self.states.append(None)
-        self.constraints[row] = constraint
-        self.states[row] = constraint.start() if constraint is not None else None
+    def advance(self, token: int) -> None:
+        if self.constraint is not None:
+            self.state = self.constraint.advance(self.state, token)
 
-    def advance(self, row: int, token: int) -> None:
-        if self.constraints[row] is not None:
-            self.states[row] = self.constraints[row].advance(self.states[row], token)
+    def after(self, token: int) -> Held:
+        """A copy that took `token` (a beam continuing this one)."""
+        held = Held(self.constraint, self.state)
+        held.advance(token)
+        return held
 
-    def forced(self, row: int, most: int, eos: int) -> list[int]:
-        """The tokens (at most `most`, `</s>` never) that row `row`'s constraint allows alone next,
-        one after another: the grammar's fixed words, which need no choice."""
-        c, state, run = self.constraints[row], self.states[row], []
-        while c is not None and len(run) < most:
-            allowed = c.allowed(state)
+    def allowed(self) -> Sequence[int] | None:
+        return self.constraint.allowed(self.state) if self.constraint is not None else None
+
+    def taken(self, tokens: Sequence[int], eos: int) -> list[int]:
+        """The longest prefix of `tokens` (`</s>` never) that the constraint takes from here."""
+        held, kept = Held(self.constraint, self.state), []
+        for t in tokens:
+            allowed = held.allowed()
+            if t == eos or (allowed is not None and t not in allowed):
+                break
+            kept.append(t)
+            held.advance(t)
+        return kept
+
+    def forced(self, most: int, eos: int) -> list[int]:
+        """The tokens (at most `most`, `</s>` never) that the constraint allows alone next, one
+        after another: the grammar's fixed words, which need no choice."""
+        held, run = Held(self.constraint, self.state), []
+        while self.constraint is not None and len(run) < most:
+            allowed = held.allowed()
             if allowed is None or len(allowed) != 1 or allowed[0] == eos:
                 break
             run.append(allowed[0])
-            state = c.advance(state, allowed[0])
+            held.advance(allowed[0])
         return run
 
-    def follow(self, parents: Sequence[int], tokens: Sequence[int]) -> None:
-        """Beam search: row r continues row `parents[r]` with `tokens[r]`."""
-        before = self.states
-        self.constraints = [self.constraints[p] for p in parents]
-        self.states = [c.advance(before[p], t) if c is not None else None
-                       for c, p, t in zip(self.constraints, parents, tokens, strict=True)]
 
-    def mask(self, vocab: int, device: torch.device) -> torch.Tensor | None:
-        """[rows, vocab] bool, True where a row may take the token (None when no row is held),
-        made on the device from token indices: the step waits for nothing."""
-        if not self:
-            return None
-        rows, tokens, free = [], [], []
-        for r, (c, s) in enumerate(zip(self.constraints, self.states, strict=True)):
-            allowed = c.allowed(s) if c is not None else None
-            if allowed is None:
-                free.append(r)
-            else:
-                rows.extend([r] * len(allowed))
-                tokens.extend(allowed)
-        mask = torch.zeros(len(self.states), vocab, dtype=torch.bool, device=device)
-        if free:
-            mask[torch.tensor(free).to(device, non_blocking=True)] = True
-        if rows:
-            index = torch.tensor([rows, tokens]).to(device, non_blocking=True)
-            mask[index[0], index[1]] = True
-        return mask
+def allowed_mask(rows: Sequence[Held], vocab: int, device: torch.device) -> torch.Tensor | None:
+    """[rows, vocab] bool, True where a row may take the token (None when no row is held), made on
+    the device from token indices: the step waits for nothing."""
+    if all(h.constraint is None for h in rows):
+        return None
+    index, tokens, free = [], [], []
+    for r, held in enumerate(rows):
+        allowed = held.allowed()
+        if allowed is None:
+            free.append(r)
+        else:
+            index.extend([r] * len(allowed))
+            tokens.extend(allowed)
+    mask = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+    if free:
+        mask[torch.tensor(free).to(device, non_blocking=True)] = True
+    if index:
+        where = torch.tensor([index, tokens]).to(device, non_blocking=True)
+        mask[where[0], where[1]] = True
+    return mask
 
 
 def constrain(scores: torch.Tensor, allowed: torch.Tensor, eos: int) -> torch.Tensor:

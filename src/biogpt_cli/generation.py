@@ -18,9 +18,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .constraints import Constraint, RowStates, constrain
+from .constraints import Constraint, Held, allowed_mask, constrain
+from .drafts import MAX_DRAFT, SPECULATE, Lookup, drafts
 from .errors import InputError, PromptTooLong
-from .graphs import graphs_enabled, release, resized, static_rows
+from .frame import Frame
 from .model import BioGptForCausalLM
 from .processors import (
     Processor,
@@ -64,6 +65,9 @@ class GenerationOptions:
     logit_bias: dict[int, float] = field(default_factory=dict)
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop: bool = False
+    # speculative decoding (drafts.py): the tokens are the same whatever these say
+    speculate: str = "auto"
+    draft_tokens: int = 8
 
     @property
     def rows_per_prompt(self) -> int:
@@ -95,6 +99,8 @@ class GenerationOptions:
              "frequency_penalty and presence_penalty must be in [-2, 2]")
         need(all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias: biases must be in [-100, 100]")
         need(self.num_beams == 1 or not self.stop_token_ids, "stop_token_ids: not with beam search")
+        need(self.speculate in SPECULATE, f"speculate must be one of {', '.join(SPECULATE)}")
+        need(1 <= self.draft_tokens <= MAX_DRAFT, f"draft_tokens must be between 1 and {MAX_DRAFT}")
         if vocab_size is not None:
             need(all(0 <= i < vocab_size for i in self.logit_bias),
                  f"logit_bias: token ids must be in 0..{vocab_size - 1}")
@@ -151,205 +157,6 @@ def make_processors(opts: GenerationOptions, eos: int, prompt_width: int | torch
         if opts.min_p is not None:
             procs.append(min_p(opts.min_p, keep))
     return procs
-
-
-# -- the decoding loop -------------------------------------------------------------------------
-def fit_prompt(ids: list[int], max_new_tokens: int, max_positions: int, truncate: bool = False) -> list[int]:
-    """`ids` if they leave room for `max_new_tokens` in the position table; with `truncate`, the
-    leading `</s>` and the prompt's last tokens (the ones nearest to what comes next)."""
-    room = max_positions - max_new_tokens
-    if len(ids) <= room:
-        return ids
-    if not truncate or room < 2:
-        raise PromptTooLong(len(ids), max_new_tokens, max_positions)
-    return ids[:1] + ids[len(ids) - room + 1:]
-
-
-MAX_FORCED = 16  # a grammar's fixed words fed in one pass at most (a longer run takes several)
-MAX_GUESS = 8  # tokens of a row's own text guessed at once (Guesses)
-
-
-class _Batch:
-    """Left-padded prompts, their history buffer and the cached forward pass.
-
-    The history's columns are shared by all rows; a row's real tokens run from `first[row]` to
-    `length`, and its new ones from `starts[row]`. Under continuous batching a new prompt is
-    right-aligned at the current length, and the columns before every live row's first are
-    dropped (`_reframe`) so that attention reads only what some row still needs. On a GPU the keys
-    and values are not in that frame: each row has its own positions in a static cache (`rows`,
-    graphs.py), so only the token history moves.
-    """
-
-    def __init__(self, model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], max_new: int, repeats: int,
-                 columns: int = 0, room: int = 0):
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise InputError("every prompt needs at least one token")
-        cfg = model.config
-        self.model, self.width, self.vocab = model, max(map(len, prompts)), cfg.vocab_size
-        self.inputs_only = cfg.vocab_size - cfg.learned_prompt  # the first learned prompt token: never generated
-        fit_prompt([0] * self.width, max_new, cfg.max_position_embeddings)  # raises when it does not fit
-        device = next(model.parameters()).device
-        b, total = len(prompts), max(columns, self.width + max_new)  # the cache grows only as decoding needs
-        self.history = torch.full((b, total), self.vocab, dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            self.history[i, self.width - len(p):self.width] = torch.tensor(p)
-        padded = any(len(p) < self.width for p in prompts)
-        self.mask = (self.history != self.vocab).long() if padded else None
-        if self.mask is not None:
-            self.mask[:, self.width:] = 1
-        ids = self.history[:, :self.width].clamp(max=self.vocab - 1)  # pad slots: any id, masked out
-        # on a GPU: each row at its own position in a static cache, every step one captured graph;
-        # its rows are those in use (rounded up), and grow as prompts join (`add_rows`)
-        static = repeats == 1 and graphs_enabled(device)
-        self.rows = static_rows(model, b, self.width + max_new) if static else None
-        if self.rows is not None:
-            self.cache, self.logits = None, self._offered(self.rows.prefill(range(b), prompts))
-        else:
-            self.cache = model.new_cache(b, self.width + max_new, room)
-            with torch.no_grad():
-                out = model(ids, self._mask(self.width), past_key_values=self.cache, logits_to_keep=1)
-            self.logits = self._offered(out.logits[:, -1].float())
-        if repeats > 1:  # beams/samples of one prompt share its prefill
-            index = torch.arange(b, device=device).repeat_interleave(repeats)
-            self.history, self.logits = self.history[index], self.logits[index]
-            self.mask = self.mask[index] if self.mask is not None else None
-            self.cache.expand(repeats)
-        self.length = self.width
-        self.first = [self.width - len(p) for p in prompts for _ in range(repeats)]
-        self.starts = torch.full((len(self.first),), self.width, device=device)  # processors read it
-
-    def _mask(self, length: int) -> torch.Tensor | None:
-        return self.mask[:, :length] if self.mask is not None else None
-
-    def _offered(self, scores: torch.Tensor) -> torch.Tensor:
-        """Next-token scores without the model's learned prompt tokens: they are inputs only."""
-        if self.inputs_only < self.vocab:
-            scores[:, self.inputs_only:] = float("-inf")
-        return scores
-
-    def window(self, alive: Sequence[bool]) -> int:
-        """The first column a live row still reads (the current length when none is live)."""
-        return min((f for f, live in zip(self.first, alive, strict=True) if live), default=self.length)
-
-    def fits(self, prompts: Sequence[Sequence[int]], keep: int, max_new: int) -> bool:
-        """Whether `prompts` can take rows now together, keeping the columns from `keep` on: the
-        window the longest needs, plus `max_new` tokens, within the model's positions. The rows all
-        move on in one frame, so `max_new` counts the tokens every live row still has to go too: a
-        long prompt that widened the frame would otherwise push them past the last position."""
-        longest = max(map(len, prompts))  # a static cache widens for it (`admit`): each row starts at 0
-        return max(self.length - keep, longest) + max_new <= self.model.config.max_position_embeddings
-
-    def close(self) -> None:
-        """The batch is over: its static decoder goes back to the model's idle ones."""
-        if self.rows is not None:
-            release(self.model, self.rows)
-            self.rows = None
-
-    def add_rows(self, n: int) -> range:
-        """`n` new rows, empty and masked, for prompts that arrive while the batch runs (a static
-        decoder grows to the next bucket of rows when they are not there yet)."""
-        if self.cache is not None:
-            self.cache.add_rows(n)
-        elif len(self.first) + n > self.rows.rows:
-            self.rows = resized(self.model, self.rows, len(self.first) + n, self.rows.cache.capacity)
-        self.history = torch.cat([self.history, self.history.new_full((n, self.history.shape[1]), self.vocab)])
-        self.mask = torch.cat([torch.ones_like(self.history[:-n]) if self.mask is None else self.mask,
-                               torch.zeros_like(self.history[-n:])])
-        self.first += [self.length] * n
-        self.starts = torch.cat([self.starts, self.starts[:1].expand(n)])
-        return range(len(self.first) - n, len(self.first))
-
-    def admit(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], keep: int, max_new: int,
-              to_go: int = 0) -> torch.Tensor:
-        """Continuous batching: new prompts take the places of finished (or new) `rows`, each
-        right-aligned at the current length (its padding masked, so its positions start at 0 as
-        when alone). They are prefilled together, apart from the running rows, as a batch of them
-        alone would be. Returns their next-token logits.
-
-        The window is moved first when the longest prompt is longer than it, when the columns
-        before `keep` (which no live row reads) are at least half of it, or when the new tokens
-        would not fit, for them or for the tokens the live rows still have `to_go`."""
-        n = max(map(len, prompts))
-        start = min(keep, self.length - n)
-        too_long = self.length + max(max_new, to_go) > self.model.config.max_position_embeddings
-        if start < 0 or (start > 0 and (2 * start >= self.length or too_long)):
-            self._reframe(start)
-        end = self.length
-        if self.rows is not None and n + max_new > self.rows.cache.capacity:  # its rows start at 0
-            self.rows = resized(self.model, self.rows, self.rows.rows, n + max_new)
-        logits = self.rows.prefill(rows, prompts) if self.rows is not None else self._prefill(rows, prompts, end)
-        logits = self._offered(logits)
-        if self.mask is None:
-            self.mask = torch.ones_like(self.history)
-        for row, p in zip(rows, prompts, strict=True):
-            m = len(p)
-            self.history[row] = self.vocab
-            self.history[row, end - m:end] = torch.tensor(p, device=self.history.device)
-            self.mask[row] = 0
-            self.mask[row, end - m:] = 1
-            self.first[row], self.starts[row] = end - m, end
-        return logits
-
-    def _prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], end: int) -> torch.Tensor:
-        """The prompts' forward pass together (left-padded, masked), their keys and values copied
-        into `rows` so that each ends at column `end`; their next-token logits."""
-        n, device = max(map(len, prompts)), self.history.device
-        ids = torch.tensor([[p[0]] * (n - len(p)) + list(p) for p in prompts], device=device)  # padding: masked
-        mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=device)
-        own = self.model.new_cache(len(prompts), n)
-        with torch.no_grad():
-            logits = self.model(ids, mask if len(set(map(len, prompts))) > 1 else None, past_key_values=own,
-                                logits_to_keep=1).logits[:, -1].float()
-        for i, (row, p) in enumerate(zip(rows, prompts, strict=True)):
-            m = len(p)
-            self.cache.k[:, row, :, end - m:end] = own.k[:, i, :, n - m:]
-            self.cache.v[:, row, :, end - m:end] = own.v[:, i, :, n - m:]
-        return logits
-
-    def _reframe(self, start: int) -> None:
-        """Column `start` becomes column 0 (negative: that many padding columns open in front), in
-        the cache, the history, the mask and every row's bookkeeping."""
-        lo, n = max(start, 0), self.length - start
-        if self.cache is not None:  # a static cache has no shared columns: its rows start at 0
-            self.cache.reserve(max(-start, 0), self.model.config.max_position_embeddings)
-            self.cache.shift(start)
-        if self.mask is None:
-            self.mask = torch.ones_like(self.history)
-        for buf, front, back in ((self.history, self.vocab, self.vocab), (self.mask, 0, 1)):
-            buf[:, lo - start:n] = buf[:, lo:self.length].clone()
-            buf[:, :lo - start] = front
-            buf[:, n:] = back
-        self.length = n
-        self.first = [f - start for f in self.first]
-        self.starts -= start
-
-    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append `tokens` [rows, K] in one forward pass (eager rows only); the scores after each
-        of them [rows, K, vocab] in float32."""
-        k = tokens.shape[1]
-        self.history[:, self.length:self.length + k] = tokens
-        self.length += k
-        with torch.no_grad():
-            out = self.model(tokens, self._mask(self.length), past_key_values=self.cache, logits_to_keep=k)
-        scores = out.logits.float()
-        if self.inputs_only < self.vocab:
-            scores[:, :, self.inputs_only:] = float("-inf")
-        return scores
-
-    def truncate(self, length: int) -> None:
-        """Forget the columns from `length` on (a guess's tokens the row did not take)."""
-        self.length = self.cache.length = length
-
-    def step(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
-        """Append one token per row (`live`: the rows still decoding; None: all); return
-        next-token scores [rows, vocab] in float32."""
-        self.history[:, self.length] = tokens
-        self.length += 1
-        if self.rows is not None:
-            return self._offered(self.rows.step(tokens, torch.ones_like(tokens) if live is None else live.long()))
-        with torch.no_grad():
-            out = self.model(tokens[:, None], self._mask(self.length), past_key_values=self.cache, logits_to_keep=1)
-        return self._offered(out.logits[:, -1].float())
 
 
 StopCheck = Callable[[int, list[int]], bool]
@@ -414,12 +221,28 @@ class _Queue:
         return taken
 
 
+@dataclass
+class DraftStats:
+    """What speculation did over a run (`-v`): row passes (a forward pass feeding a live row), the
+    tokens they took, and of the drafted tokens fed with them, how many were kept."""
+
+    passes: int = 0
+    tokens: int = 0
+    drafted: int = 0
+    kept: int = 0
+
+    def line(self) -> str:
+        per = self.tokens / self.passes if self.passes else 0.0
+        rate = f"{self.kept / self.drafted:.0%} of {self.drafted} drafted kept" if self.drafted else "nothing drafted"
+        return f"{per:.2f} tokens per forward pass ({self.tokens} tokens, {self.passes} row passes); {rate}"
+
+
 def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | None], opts: GenerationOptions,
                   generator: Generators = None, should_stop: StopCheck | None = None,
                   slots: int | None = None, observe: Callable[[int, int, torch.Tensor], None] | None = None,
                   per_prompt: Callable[[int], GenerationOptions] | None = None,
                   constraint_of: Callable[[int], Constraint | None] | None = None,
-                  ) -> Iterator[tuple[int, int | None, str | None]]:
+                  stats: DraftStats | None = None) -> Iterator[tuple[int, int | None, str | None]]:
     """Greedy or sampled decoding. Yields `(sequence, token, finish_reason)` as tokens are chosen:
     a token with reason None is a new token; a final event per sequence carries the reason ("eos"
     with the </s> token, "length", or "stop" when `should_stop(sequence, new_ids)` said so).
@@ -436,12 +259,12 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
     greedy or sampled and how), so that rows of different settings share the batch and its steps;
     each keeps `opts`' k. `observe(sequence, token, logits)` hears each chosen token with its row's
     raw logits at that step (before any processor), to be read at once. `constraint_of(j)`: prompt
-    j's automaton (constraints.py), or None; each of its rows keeps its own state."""
+    j's automaton (constraints.py), or None; each of its rows keeps its own state. Rows speculate
+    as their options say (drafts.py): the tokens are the same; `stats` counts what it did."""
     opts.validate(model.config.vocab_size)
-    constraint_of = constraint_of or (lambda j: None)
     if opts.num_beams != 1:
         raise InputError("stream_tokens does greedy or sampled decoding; use beam_search for beams")
-    eos, k = model.config.eos_token_id, opts.num_return_sequences
+    k = opts.num_return_sequences
     own_opts = _checked(per_prompt, k, model.config.vocab_size) if per_prompt is not None else lambda j: opts
     if slots is None:
         prompts = list(prompts)
@@ -454,178 +277,154 @@ def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | No
         # source is live (more prompts may come while it runs)
         grows = k == 1 and len(first) < slots and queue.peek() is not _END
         refill = k == 1 and (len(first) == slots or grows)
-        columns = model.config.max_position_embeddings if refill else 0
-        row_opts = [own_opts(j) for j, _ in first for _ in range(k)]
-        batch = _Batch(model, [p for _, p in first], max(o.max_new_tokens for o in row_opts), k, columns,
-                       slots if grows else 0)
+        run = _Run(model, first, k, own_opts, stream_of, None if per_row else generator,
+                   constraint_of or (lambda j: None), should_stop, observe, stats or DraftStats(),
+                   model.config.max_position_embeddings if refill else 0, slots if grows else 0)
         try:
-            seq_of = [j * k + r for j, _ in first for r in range(k)]  # row -> sequence index
-            own = {j: stream_of(j) for j, _ in first} if per_row else {}  # a prompt's k rows share its stream
-            draw = [own[s // k] for s in seq_of] if per_row else generator
-            alive, new_ids, scores = [True] * len(seq_of), [[] for _ in seq_of], batch.logits
-            held = RowStates([constraint_of(j) for j, _ in first for _ in range(k)])
-            guesses = Guesses()
-            shown: list[bool] = []  # `alive` as the device last saw it: it changes when a row ends or joins
-            while True:
-                tokens = _choose(scores, batch.history[:, :batch.length], batch.starts, row_opts, draw, alive, eos,
-                                 held.mask(batch.vocab, scores.device))
-                for r, tok in enumerate(tokens.tolist()):
-                    if alive[r]:
-                        held.advance(r, tok)
-                        if observe is not None:
-                            observe(seq_of[r], tok, scores[r])
-                        alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos, row_opts[r].max_new_tokens,
-                                                       should_stop, row_opts[r].stop_token_ids)
-                free = [r for r, live in enumerate(alive) if refill and not live]
-                joining: list[tuple[int, int, Sequence[int]]] = []  # (row, prompt index, prompt)
-                keep = batch.window(alive)
-                to_go = max((o.max_new_tokens - len(ids) for o, ids, live in zip(row_opts, new_ids, alive, strict=True)
-                             if live), default=0)  # what the live rows still need of the frame
-                while free or (grows and len(alive) < slots):
-                    group = [q for _, _, q in joining]  # a prompt joins if it fits beside those taken before it
-                    most = max([to_go, *(row_opts[r].max_new_tokens for r, _, _ in joining)])
-                    taken = queue.take_if(lambda j, p, b=batch, w=keep, g=group, m=most:
-                                          b.fits([*g, p], w, max(m, own_opts(j).max_new_tokens)))
-                    if taken is None:
-                        break
-                    if not free:  # a new row, for a prompt that arrived while the batch runs
-                        free = list(batch.add_rows(1))
-                        scores, tokens = torch.cat([scores, scores[:1]]), torch.cat([tokens, tokens[:1]])
-                        alive.append(False)
-                        new_ids.append([])
-                        seq_of.append(-1)
-                        row_opts.append(row_opts[0])
-                        if per_row:
-                            draw.append(None)
-                    r = free.pop(0)
-                    j, prompt = taken
-                    row_opts[r], seq_of[r], new_ids[r] = own_opts(j), j, []
-                    held.set(r, constraint_of(j))
-                    if per_row:
-                        draw[r] = stream_of(j)
-                    joining.append((r, j, prompt))
-                if joining:  # the prompts taken now are prefilled together, then each chooses its first token
-                    rows = [r for r, _, _ in joining]
-                    scores[rows] = batch.admit(rows, [p for _, _, p in joining], keep,
-                                               max(row_opts[r].max_new_tokens for r in rows), to_go)
-                allowed = held.mask(batch.vocab, scores.device) if joining else None
-                for r, j, _ in joining:
-                    one = slice(r, r + 1)
-                    tok = int(_choose(scores[one], batch.history[one, :batch.length], batch.starts[one], row_opts[one],
-                                      draw[one] if per_row else draw, [True], eos,
-                                      allowed[one] if allowed is not None else None)[0])
-                    held.advance(r, tok)
-                    if observe is not None:
-                        observe(j, tok, scores[r])
-                    alive[r] = yield from _advance(j, tok, new_ids[r], eos, row_opts[r].max_new_tokens, should_stop,
-                                                   row_opts[r].stop_token_ids)
-                    tokens[r] = tok
-                if not any(alive):
-                    break
-                if alive != shown:
-                    shown, finished = list(alive), torch.tensor([not a for a in alive], device=tokens.device)
-                pad = model.config.pad_token_id  # finished rows are fed <pad>, as the reference feeds them
-                if joining or batch.rows is not None:  # the captured step feeds one token a row
-                    scores = batch.step(tokens.masked_fill(finished, pad), ~finished)
-                    continue
-                scores = yield from _fed(batch, tokens.masked_fill(finished, pad), finished, pad, held, alive,
-                                         new_ids, row_opts, seq_of, eos, observe, should_stop, draw, guesses)
-                if not any(alive):
-                    break
+            yield from run.decode(queue, slots if refill else 0, grows)
         finally:
-            batch.close()
+            run.frame.close()
 
 
-def _fed(batch: _Batch, tokens: torch.Tensor, finished: torch.Tensor, pad: int, held: RowStates, alive: list[bool],
-        new_ids: list[list[int]], row_opts: Sequence[GenerationOptions], seq_of: Sequence[int], eos: int,
-        observe: Callable[[int, int, torch.Tensor], None] | None, should_stop: StopCheck | None, draw: Any,
-        guesses: Guesses) -> Generator[tuple[int, int | None, str | None], None, torch.Tensor]:
-    """Feed this step's tokens (finished rows': <pad>) and return the next scores. Where every live
-    row's grammar forces its next tokens, they go in the same pass (`_forced`); where one greedy row
-    decodes alone, a guess from its own text goes with it and the longest prefix of it that the row
-    would have chosen is kept (`Guesses`). Either way the tokens are those of one token a pass."""
-    ahead = _forced(held, alive, new_ids, row_opts, eos)
-    guess = [] if ahead else guesses.guess(batch, held, alive, new_ids, row_opts, eos)
-    if not ahead and not guess:
-        return batch.step(tokens, ~finished)
-    start, extra = batch.length, torch.tensor(ahead or [guess], device=tokens.device)
-    scores_at = batch.extend(torch.cat([tokens[:, None], extra.masked_fill(finished[:, None], pad)], 1))
-    for j in range(extra.shape[1]):
-        if guess:  # the row's own choice after what it has taken: the draft's token, or the guess ends
-            mine = _choose(scores_at[:, j], batch.history[:, :start + 1 + j], batch.starts, row_opts, draw, alive,
-                           eos, held.mask(batch.vocab, scores_at.device))
-            if int(mine[0]) != guess[j]:
-                batch.truncate(start + 1 + j)
-                guesses.taken(j)
-                return scores_at[:, j]
-        for r, tok in enumerate(extra[:, j].tolist()):
-            if alive[r]:
-                held.advance(r, tok)
-                if observe is not None:
-                    observe(seq_of[r], tok, scores_at[r, j])
-                alive[r] = yield from _advance(seq_of[r], tok, new_ids[r], eos, row_opts[r].max_new_tokens,
-                                               should_stop, row_opts[r].stop_token_ids)
-        if not any(alive):
-            break
-    if guess:
-        guesses.taken(len(guess))
-    return scores_at[:, -1]
+@dataclass(eq=False)
+class _Row:
+    """A row of the batch and the sequence it decodes: all that a prompt taking the row over
+    replaces, in one place."""
+
+    seq: int  # its sequence (prompt j's are j * k .. j * k + k - 1)
+    opts: GenerationOptions
+    draw: torch.Generator | None  # its prompt's own random stream (None: the batch's)
+    held: Held  # its constraint, and where it stands in it
+    prompt: Sequence[int]
+    ids: list[int] = field(default_factory=list)  # its new tokens
+    alive: bool = True
+    lookup: Lookup = field(default_factory=Lookup)
 
 
-class Guesses:
-    """Prompt lookup for a greedy row decoding alone: the tokens that followed the first place its
-    text (prompt and output) ended as it ends now (its last 3, 2 or 1 tokens), at most `MAX_GUESS`,
-    cut where its grammar would not take them. A guess no token of which was kept makes the row
-    guess again only after 2, 4, 8, ... steps (at most 64): a pass of several tokens costs more
-    than one (docs/performance.md), and a row whose text does not repeat itself pays nothing for long."""
+class _Run:
+    """One batch's rows and their decoding: tokens chosen, taken (events yielded), fed."""
 
-    def __init__(self) -> None:
-        self.misses, self.wait = 0, 0
+    def __init__(self, model: BioGptForCausalLM, first: Sequence[tuple[int, Sequence[int]]], k: int,
+                 own_opts: Callable[[int], GenerationOptions], stream_of: Callable[[int], torch.Generator] | None,
+                 generator: torch.Generator | None, constraint_of: Callable[[int], Constraint | None],
+                 should_stop: StopCheck | None, observe: Callable[[int, int, torch.Tensor], None] | None,
+                 stats: DraftStats, columns: int, room: int) -> None:
+        self.eos, self.pad = model.config.eos_token_id, model.config.pad_token_id
+        self.own_opts, self.stream_of, self.generator = own_opts, stream_of, generator
+        self.constraint_of = constraint_of
+        self.should_stop, self.observe, self.stats = should_stop, observe, stats
+        own = {j: stream_of(j) for j, _ in first} if stream_of else {}  # a prompt's k rows share its stream
+        self.rows = [self._row(j, p, j * k + r, own.get(j)) for j, p in first for r in range(k)]
+        self.frame = Frame(model, [p for _, p in first], max(row.opts.max_new_tokens for row in self.rows), k,
+                           columns, room)
 
-    def guess(self, batch: _Batch, held: RowStates, alive: Sequence[bool], new_ids: Sequence[list[int]],
-              row_opts: Sequence[GenerationOptions], eos: int) -> list[int]:
-        o = row_opts[0]
-        room = min(MAX_GUESS, o.max_new_tokens - len(new_ids[0]) - 1)
-        if len(alive) != 1 or not alive[0] or o.do_sample or room < 1 or MAX_GUESS == 0:
-            return []
-        if self.wait:
-            self.wait -= 1
-            return []
-        text = batch.history[0, batch.first[0]:batch.length].tolist()
-        found = next((text[i + n:i + n + room] for n in (3, 2, 1) if len(text) > n
-                      for i in range(len(text) - n) if text[i:i + n] == text[-n:]), [])
-        c, state, kept = held.constraints[0], held.states[0], []
-        for t in found:
-            if t == eos or (c is not None and (allowed := c.allowed(state)) is not None and t not in allowed):
+    def _row(self, j: int, prompt: Sequence[int], seq: int, draw: torch.Generator | None) -> _Row:
+        return _Row(seq, self.own_opts(j), draw, Held(self.constraint_of(j)), prompt)
+
+    def decode(self, queue: _Queue, refill: int, grows: bool) -> Generator[tuple[int, int | None, str | None]]:
+        """Until no row is alive: the prompts waiting join (`refill`: up to that many rows), then
+        the tokens just taken are fed and the next ones taken."""
+        tokens = yield from self.take(self.frame.logits[:, None], self.choose(self.frame.logits))
+        shown: list[bool] = []  # what the device last saw alive: it changes when a row ends or joins
+        while True:
+            tokens, joined = yield from self.join(queue, tokens, refill, grows)
+            alive = [row.alive for row in self.rows]
+            if not any(alive):
+                return
+            if alive != shown:
+                shown, finished = alive, torch.tensor([not a for a in alive], device=tokens.device)
+            tokens = yield from self.feed(tokens.masked_fill(finished, self.pad), finished, joined)
+
+    def choose(self, scores: torch.Tensor, length: int | None = None, r: int | None = None) -> torch.Tensor:
+        """Each row's next token (`r`: that row's alone) from `scores` after the history's first
+        `length` columns, under its options and constraint."""
+        part = slice(None) if r is None else slice(r, r + 1)
+        rows, frame = self.rows[part], self.frame
+        draw = [row.draw for row in rows] if self.stream_of else self.generator
+        return _choose(scores, frame.history[part, :length or frame.length], frame.starts[part],
+                       [row.opts for row in rows], draw, [row.alive for row in rows], self.eos,
+                       allowed_mask([row.held for row in rows], frame.vocab, scores.device))
+
+    def take(self, scores: torch.Tensor, tokens: torch.Tensor, j: int = 0,
+             ) -> Generator[tuple[int, int | None, str | None], None, torch.Tensor]:
+        """Every live row takes its token (`scores[:, j]`: what it was chosen from); returns `tokens`."""
+        for r, tok in enumerate(tokens.tolist()):
+            if self.rows[r].alive:
+                yield from self._took(self.rows[r], tok, scores[r, j])
+        return tokens
+
+    def _took(self, row: _Row, token: int, scores: torch.Tensor) -> Generator[tuple[int, int | None, str | None]]:
+        """The row takes `token`: its constraint moves on, its events are yielded, it may end."""
+        row.held.advance(token)
+        if self.observe is not None:
+            self.observe(row.seq, token, scores)
+        row.alive = yield from _advance(row.seq, token, row.ids, self.eos, row.opts.max_new_tokens,
+                                        self.should_stop, row.opts.stop_token_ids)
+
+    def join(self, queue: _Queue, tokens: torch.Tensor, refill: int, grows: bool,
+             ) -> Generator[tuple[int, int | None, str | None], None, tuple[torch.Tensor, bool]]:
+        """Continuous batching: waiting prompts take finished rows (or new ones, up to `refill`),
+        are prefilled together and take their first token. Returns the tokens to feed next, and
+        whether any joined."""
+        rows, frame = self.rows, self.frame
+        free = [r for r, row in enumerate(rows) if refill and not row.alive]
+        keep = frame.window([row.alive for row in rows])
+        to_go = max((row.opts.max_new_tokens - len(row.ids) for row in rows if row.alive), default=0)
+        joining: list[int] = []
+        while free or (grows and len(rows) < refill):
+            most = max([to_go, *(rows[r].opts.max_new_tokens for r in joining)])
+            group = [rows[r].prompt for r in joining]  # a prompt joins if it fits beside those taken before it
+            taken = queue.take_if(lambda j, p, g=group, m=most: frame.fits([*g, p], keep,
+                                                                            max(m, self.own_opts(j).max_new_tokens)))
+            if taken is None:
                 break
-            kept.append(t)
-            state = c.advance(state, t) if c is not None else state
-        return kept
+            if not free:  # a new row, for a prompt that arrived while the batch runs
+                free = list(frame.add_rows(1))
+                tokens = torch.cat([tokens, tokens[:1]])
+                rows.append(rows[0])
+            r, (j, prompt) = free.pop(0), taken
+            rows[r] = self._row(j, prompt, j, self.stream_of(j) if self.stream_of else None)
+            joining.append(r)
+        if not joining:
+            return tokens, False
+        logits = frame.admit(joining, [rows[r].prompt for r in joining], keep,
+                             max(rows[r].opts.max_new_tokens for r in joining), to_go)
+        for i, r in enumerate(joining):
+            tokens[r] = token = int(self.choose(logits[i:i + 1], r=r)[0])
+            yield from self._took(rows[r], token, logits[i])
+        return tokens, True
 
-    def taken(self, n: int) -> None:
-        self.misses = 0 if n else self.misses + 1
-        self.wait = min(1 << self.misses, 64) if self.misses else 0
-
-
-def _forced(held: RowStates, alive: Sequence[bool], new_ids: Sequence[list[int]],
-            row_opts: Sequence[GenerationOptions], eos: int) -> list[list[int]]:
-    """The tokens every live row's grammar forces next (as many for each: the fewest), which greedy
-    decoding would choose whatever the logits say; [] when a row has none, samples, or could have
-    one banned (an n-gram ban, a bad word ending with it). Finished rows get `eos` as filler."""
-    most, runs = MAX_FORCED, {}
-    for r, live in enumerate(alive):
-        if not live:
-            continue
-        o = row_opts[r]
-        if o.do_sample or o.no_repeat_ngram_size:
-            return []
-        banned = {b[-1] for b in o.bad_words_ids}
-        run = held.forced(r, min(most, o.max_new_tokens - len(new_ids[r])), eos)
-        run = run[:next((i for i, t in enumerate(run) if t in banned), len(run))]
-        if not run:
-            return []
-        most, runs[r] = min(most, len(run)), run
-    return [runs[r][:most] if r in runs else [eos] * most for r in range(len(alive))]
+    def feed(self, tokens: torch.Tensor, finished: torch.Tensor, one: bool,
+             ) -> Generator[tuple[int, int | None, str | None], None, torch.Tensor]:
+        """Feed the tokens just taken (finished rows': <pad>), with the rows' drafts (drafts.py) in
+        the same pass unless `one`, and take the next: drafted tokens are kept up to the first a
+        row would not have chosen (its own choice then, and the rest forgotten), so the tokens are
+        those of one token a pass. Returns the tokens to feed next."""
+        frame, rows = self.frame, self.rows
+        ahead, certain = drafts(rows, self.eos) if not one and frame.rows is None else ([], False)
+        start, n = frame.length, len(ahead[0]) if ahead else 0
+        if n:
+            extra = torch.tensor(ahead, device=tokens.device).masked_fill(finished[:, None], self.pad)
+            scores = frame.extend(torch.cat([tokens[:, None], extra], 1))
+        else:
+            scores = frame.step(tokens, ~finished)[:, None]
+        live, stats = [row for row in rows if row.alive], self.stats
+        for j in range(n + 1):
+            before = [row.alive for row in rows]
+            mine = extra[:, j] if j < n and certain else self.choose(scores[:, j], start + 1 + j)
+            yield from self.take(scores, mine, j)
+            stats.tokens += sum(before)
+            missed = j < n and any(a and t != d[j] for a, t, d in zip(before, mine.tolist(), ahead, strict=True))
+            if j == n or missed or not any(row.alive for row in rows):
+                break
+        if j < n:
+            frame.truncate(start + 1 + j)
+        kept = j if missed or j == n else j + 1
+        stats.passes, stats.drafted, stats.kept = (stats.passes + len(live), stats.drafted + n * len(live),
+                                                   stats.kept + kept * len(live))
+        for row in live if n and not certain else ():
+            row.lookup.taken(kept)
+        return mine
 
 
 def _checked(per_prompt: Callable[[int], GenerationOptions], k: int,
@@ -707,8 +506,8 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
     eos, nb, max_new = model.config.eos_token_id, opts.num_beams, opts.max_new_tokens
     if generator is not None and not isinstance(generator, torch.Generator):
         generator = [generator(i) if callable(generator) else generator[i] for i in range(len(prompts))]
-    batch = _Batch(model, prompts, max_new, nb)
-    held = RowStates([constraint_of(i) if constraint_of else None for i in range(len(prompts)) for _ in range(nb)])
+    batch = Frame(model, prompts, max_new, nb)
+    held = [Held(constraint_of(i) if constraint_of else None) for i in range(len(prompts)) for _ in range(nb)]
     b, v, width, total = len(prompts), batch.vocab, batch.width, batch.width + max_new
     keep = 2 * nb
     dev = batch.history.device
@@ -733,7 +532,7 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
     while True:
         step = cur - width
         history = seqs.view(b * nb, total)[:, :cur] if reads else toks.new_zeros(1, 1).expand(b * nb, cur)
-        procs = make_processors(opts, eos, batch.width, held.mask(batch.vocab, dev))
+        procs = make_processors(opts, eos, batch.width, allowed_mask(held, batch.vocab, dev))
         logp = apply_all(procs, history, F.log_softmax(scores, -1))
         logp = (logp.view(b, nb, v) + run_scores[:, :, None]).view(b, nb * v)
         if opts.do_sample:
@@ -774,8 +573,9 @@ def beam_search(model: BioGptForCausalLM, prompts: Sequence[Sequence[int]], opts
         all_done = bool(finished.all()) and opts.early_stopping is True
         if not improvable.any() or all_done or bool(hits.all()):
             break
-        if held:
-            held.follow(parents.tolist(), toks[:, :, step].reshape(-1).tolist())
+        if any(h.constraint is not None for h in held):
+            taken = toks[:, :, step].reshape(-1).tolist()
+            held = [held[p].after(t) for p, t in zip(parents.tolist(), taken, strict=True)]
         slots = batch.cache.inherit(slots, parents.tolist(), start=width)
         where = torch.tensor(slots, device=dev)
         tokens = toks[:, :, step].reshape(-1)

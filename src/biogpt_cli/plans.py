@@ -16,7 +16,8 @@ from typing import Any
 
 from .batch import Job, run
 from .errors import InputError, PromptTooLong
-from .generation import GenerationOptions, fit_prompt
+from .frame import fit_prompt
+from .generation import GenerationOptions
 from .inputs import Prompt
 from .jsonl import dumps, lines
 from .output import LineFn, RecordFn, Renderer, base_record, generation_line, generation_record
