@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -20,7 +20,7 @@ import torch
 from .constraints import Constraint
 from .errors import InputError
 from .frame import fit_prompt
-from .generation import GenerationOptions, prompt_generator
+from .generation import DraftStats, GenerationOptions, prompt_generator
 from .streaming import TextEvent, stream_completions
 
 
@@ -54,12 +54,14 @@ class Stats:
     new_tokens: int = 0
     seconds: float = 0.0
     first_token: float | None = None  # seconds from the start of the first batch to its first text
+    drafts: DraftStats = field(default_factory=DraftStats)  # speculation (none under beam search)
 
     def summary(self) -> str:
         rate = self.new_tokens / self.seconds if self.seconds > 0 else 0.0
         first = f"first token after {self.first_token:.2f} s, " if self.first_token is not None else ""
+        spec = f"\n{self.drafts.line()}" if self.drafts.passes else ""
         return (f"{self.prompts} prompt{'s' * (self.prompts != 1)}, {self.prompt_tokens} prompt tokens, "
-                f"{self.new_tokens} new tokens in {self.seconds:.2f} s; {first}{rate:.1f} new tokens/s")
+                f"{self.new_tokens} new tokens in {self.seconds:.2f} s; {first}{rate:.1f} new tokens/s{spec}")
 
 
 def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -162,7 +164,8 @@ def run(model: Any, tokenizer: Any, jobs: Iterable[Job | None], opts: Generation
         for ev in stream_completions(model, tokenizer, feed(), opts, stop, stream if sampled else None,
                                      progress, slots=batch_size, confidence=confidence, live=live,
                                      per_prompt=own if opts.num_beams == 1 else None,
-                                     gone=gone, first_token=first_token, constraint_of=constraint):
+                                     gone=gone, first_token=first_token, constraint_of=constraint,
+                                     drafts=stats.drafts):
             if ev.done is not None:
                 stats.new_tokens += len(ev.done.ids) + (ev.done.finish_reason == "eos")
                 index = base + ev.done.prompt_index

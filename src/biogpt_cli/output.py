@@ -265,9 +265,13 @@ def check_manifest(output: Path, run: dict[str, Any]) -> None:
                          "settings, or pass --force to start over")
 
 
+NOT_IDENTITY = ("speculation", "speculate", "draft_tokens")  # the speed of a run, never its tokens
+
+
 def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> Iterator[str]:
-    """`key old -> new` for each value that differs, nested keys dotted (`options.max_new_tokens`)."""
-    for key in sorted(set(old) | set(new)):
+    """`key old -> new` for each value that differs, nested keys dotted (`options.max_new_tokens`);
+    settings that change only the speed (`NOT_IDENTITY`) may differ."""
+    for key in sorted((set(old) | set(new)) - set(NOT_IDENTITY)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             yield from differences(a, b, f"{prefix}{key}.")

@@ -61,7 +61,14 @@ def generation_options(s: dict[str, Any]) -> GenerationOptions:
         top_p=given("top_p", 1.0), min_p=s.get("min_p"), repetition_penalty=given("repetition_penalty", 1.0),
         no_repeat_ngram_size=given("no_repeat_ngram_size", 0), frequency_penalty=given("frequency_penalty", 0.0),
         presence_penalty=given("presence_penalty", 0.0), logit_bias=given("logit_bias", {}),
-        stop_token_ids=given("stop_token_ids", []), include_stop=bool(s.get("include_stop")))
+        stop_token_ids=given("stop_token_ids", []), include_stop=bool(s.get("include_stop")),
+        speculate=given("speculate", "auto"), draft_tokens=given("draft_tokens", 8))
+
+
+def speculation(opts: GenerationOptions) -> dict[str, Any]:
+    """The manifest's record of speculation: it changes the speed, never a token, so a resume may
+    change it (output.NOT_IDENTITY)."""
+    return {"speculate": opts.speculate, "draft_tokens": opts.draft_tokens}
 
 
 def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
@@ -103,8 +110,9 @@ def generate_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
 
     server_only = ("frequency_penalty", "presence_penalty", "logit_bias", "stop_token_ids", "include_stop")
     options = {k: v for k, v in vars(opts).items()
-               if k not in ("bad_words_ids", "logprobs") and (k not in server_only or v)}
-    identity = {"command": "generate", "options": options, "stop": s.get("stop") or [], "ban": s.get("ban") or [],
+               if k not in ("bad_words_ids", "logprobs", *speculation(opts)) and (k not in server_only or v)}
+    identity = {"command": "generate", "options": options, "speculation": speculation(opts),
+                "stop": s.get("stop") or [], "ban": s.get("ban") or [],
                 "truncate": s.get("truncate", False), **({"seed": s["seed"]} if opts.do_sample else {}),
                 **({"logprobs": s["logprobs"]} if s.get("logprobs") is not None else {}),
                 **({"constrained": "choices", "choices": s["choices"]} if constraint is not None else {})}
@@ -186,9 +194,12 @@ def task_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
             ungrounded[0] += mark_ungrounded(p.fields, value)
         return {**base_record(p, done), task.result: value, **({"constrained": task.name} if constrained else {})}
 
+    opts = GenerationOptions(max_new_tokens=new, bad_words_ids=[[lm.config.pad_token_id]],
+                             speculate=s.get("speculate") or "auto", draft_tokens=s.get("draft_tokens") or 8)
     identity = {"command": s["command"], "task": task.name, "source_limit": limit, "max_new_tokens": new,
+                "speculation": speculation(opts),
                 **({"constrained": task.name, "relations": list(relations)} if constrained else {})}
-    return Plan(GenerationOptions(max_new_tokens=new, bad_words_ids=[[lm.config.pad_token_id]]), job,
+    return Plan(opts, job,
                 record=record,
                 line=lambda p, done: render(task, result(done)),
                 summary=lambda p, done: f"{task.result}: {json.dumps(result(done), ensure_ascii=False)}",

@@ -113,6 +113,7 @@ class Engine:
             s = {**s, "min_new_tokens": s["max_new_tokens"]}
         if s.get("seed") is None:
             s = {**s, "seed": int.from_bytes(os.urandom(4), "little")}
+        s = {**s, "speculate": self.limits.speculate, "draft_tokens": self.limits.draft_tokens}
         plan = generate_plan(lm, self.tok, s, lambda m: None)
         jobs = [dataclasses.replace(plan.job(Prompt(i, p)), opts=plan.opts, stop=plan.stop, seed=plan.seed)
                 for i, p in enumerate(prompts)]

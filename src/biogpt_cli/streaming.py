@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .constraints import Constraint
-from .generation import GeneratedSequence, GenerationOptions, Generators, beam_search, stream_tokens
+from .generation import DraftStats, GeneratedSequence, GenerationOptions, Generators, beam_search, stream_tokens
 from .model import BioGptForCausalLM
 from .tokenizer import BioGptTokenizer
 
@@ -257,7 +257,8 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
                        per_prompt: Callable[[int], tuple[GenerationOptions, Sequence[str]]] | None = None,
                        gone: Callable[[int], bool] | None = None,
                        first_token: Callable[[], None] | None = None,
-                       constraint_of: Callable[[int], Constraint | None] | None = None) -> Iterator[TextEvent]:
+                       constraint_of: Callable[[int], Constraint | None] | None = None,
+                       drafts: DraftStats | None = None) -> Iterator[TextEvent]:
     """Generate for a batch of prompts, yielding text as it becomes final.
 
     Greedy and sampled sequences stream token by token and stop at a stop string. Beam search
@@ -269,7 +270,8 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
     `per_prompt(j)`: prompt j's own options and stop strings (see `stream_tokens`). `gone(j)`: prompt
     j's reader went away; its rows end at the next step (reason "stop"). `first_token()` is
     called when the first token is chosen (for `-v`: text that nobody watches comes only at the end).
-    `constraint_of(j)`: prompt j's automaton (constraints.py), or None.
+    `constraint_of(j)`: prompt j's automaton (constraints.py), or None. `drafts` counts what
+    speculation did (`stream_tokens`).
     """
     k = opts.num_return_sequences
     if opts.num_beams > 1:
@@ -336,7 +338,7 @@ def stream_completions(model: BioGptForCausalLM, tokenizer: BioGptTokenizer,
                                             slots=slots,
                                             observe=observe if confidence or per_prompt or opts.logprobs is not None
                                             else None, per_prompt=options if per_prompt else None,
-                                            constraint_of=constraint_of):
+                                            constraint_of=constraint_of, stats=drafts):
         s = streams.get(row) or streams.setdefault(row, text_stream(row))
         if first_token is not None:
             first_token()

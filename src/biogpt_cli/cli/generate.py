@@ -27,6 +27,7 @@ from .common import (
     DebugOpt,
     DecodeBatchOpt,
     DeviceOpt,
+    DraftTokensOpt,
     DTypeOpt,
     Engine,
     EngineOpt,
@@ -45,6 +46,7 @@ from .common import (
     ResumeOpt,
     RevisionOpt,
     SectionLabelsOpt,
+    SpeculateOpt,
     TextOpt,
     UsageError,
     VerboseOpt,
@@ -89,6 +91,8 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="Stop when the text contains this (repeatable).")] = None,
     ban: Annotated[list[str] | None, typer.Option(help="Never generate this word or phrase (repeatable).")] = None,
     choices: Annotated[str | None, typer.Option(help="The continuation is one of these texts: a,b,c.")] = None,
+    speculate: SpeculateOpt = "auto",
+    draft_tokens: DraftTokensOpt = 8,
     input: InputOpt = None,
     input_format: InputFormatOpt = "auto",
     text: TextOpt = None,
@@ -141,7 +145,8 @@ def generate(
                     num_return_sequences=num_return_sequences, sample=sample, temperature=temperature, top_k=top_k,
                     top_p=top_p, min_p=min_p, seed=seed, repetition_penalty=repetition_penalty,
                     no_repeat_ngram_size=no_repeat_ngram_size, stop=stop or [], ban=ban or [], truncate=truncate,
-                    logprobs=logprobs, choices=[c.strip() for c in choices.split(",")] if choices is not None else None)
+                    logprobs=logprobs, speculate=speculate, draft_tokens=draft_tokens,
+                    choices=[c.strip() for c in choices.split(",")] if choices is not None else None)
     if choices is not None and not all(settings["choices"]):
         raise UsageError("--choices needs non-empty texts separated by commas: --choices yes,no,maybe")
     if "" in (stop or []) or any(not b.strip() for b in ban or []):

@@ -15,10 +15,12 @@ from ..memory import batch_rows
 from .common import (
     DebugOpt,
     DeviceOpt,
+    DraftTokensOpt,
     DTypeOpt,
     ModelOpt,
     QuantizeOpt,
     RevisionOpt,
+    SpeculateOpt,
     UsageError,
     check_decode_memory,
     check_precision,
@@ -57,6 +59,8 @@ def serve(
                                                 "local Ray, or $RAY_ADDRESS).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No access log, nor notes of cancelled requests.")]
     = False,
+    speculate: SpeculateOpt = "auto",
+    draft_tokens: DraftTokensOpt = 8,
     dtype: DTypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = "none",
@@ -82,7 +86,8 @@ def serve(
         stderr.print(f"warning: listening on {host} without --api-key: anyone who can reach port {port} can use "
                      "this server")
     hosts = None if not _loopback(host) or "*" in (allow_host or ()) else (*LOOPBACK_HOSTS, *(allow_host or ()))
-    limits = Limits(body_bytes=max_body_bytes, rows=max_rows, waiting=max_waiting)
+    limits = Limits(body_bytes=max_body_bytes, rows=max_rows, waiting=max_waiting, speculate=speculate,
+                    draft_tokens=draft_tokens)
     names = served_model_name or [model]
     if replicas is not None:  # each replica loads the model and checks its batch fits, where it runs
         sock.close()  # Ray Serve's proxy takes the address: it was free a moment ago

@@ -27,6 +27,7 @@ from .common import (
     CpusOpt,
     DebugOpt,
     DeviceOpt,
+    DraftTokensOpt,
     DTypeOpt,
     Engine,
     EngineOpt,
@@ -41,6 +42,7 @@ from .common import (
     ResumeOpt,
     RevisionOpt,
     SectionLabelsOpt,
+    SpeculateOpt,
     TaskBatchOpt,
     TaskFormatOpt,
     TaskModelOpt,
@@ -100,6 +102,7 @@ class TaskRun:
     documents: tuple[str | None, bool] = (None, False)  # a literature input's --text and --section-labels
     constrained: bool = False
     relations: str | None = None  # a file or a,b,c
+    speculation: tuple[str, int] = ("auto", 8)  # --speculate, --draft-tokens
 
 
 def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextlib.AbstractContextManager) -> None:
@@ -114,7 +117,8 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
     torch_device = device_or_usage_error(run.device)
     check_precision(run.quantize, run.dtype, torch_device)
     settings = {"command": command_name, "task": task_name, "model": run.model, "max_new_tokens": run.max_new_tokens,
-                "constrained": run.constrained, "relations": _relations(run.relations, run.constrained)}
+                "constrained": run.constrained, "relations": _relations(run.relations, run.constrained),
+                "speculate": run.speculation[0], "draft_tokens": run.speculation[1]}
     if run.engine.engine == "ray":
         if run.fmt not in ("auto", "text", "jsonl"):
             raise UsageError(f"--format {run.fmt}: --engine ray writes JSONL records (convert them, or run locally)")
@@ -252,6 +256,7 @@ def qa(
     input_format: InputFormatOpt = "auto", output: OutputOpt = None, fmt: TaskFormatOpt = "auto",
     force: ForceOpt = False, resume: ResumeOpt = False, batch_size: TaskBatchOpt = None,
     max_new_tokens: MaxNewOpt = 0, constrained: ConstrainedOpt = False,
+    speculate: SpeculateOpt = "auto", draft_tokens: DraftTokensOpt = 8,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
     errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, quiet: QuietOpt = False, engine: EngineOpt = "local",
     address: AddressOpt = None, workers: WorkersOpt = 1, cpus_per_worker: CpusOpt = 1.0,
@@ -272,7 +277,8 @@ def qa(
                          'answer: --long-answer, or a "long_answer" field in JSONL records')
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
                   dtype, device, quantize, errors, verbose,
-                  Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet), constrained=constrained)
+                  Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet), constrained=constrained,
+                  speculation=(speculate, draft_tokens))
     if official:
         if fields:
             raise UsageError("give the input on the command line or with --input, not both")
@@ -292,6 +298,7 @@ def extract(
     output: OutputOpt = None, fmt: TaskFormatOpt = "auto",
     force: ForceOpt = False, resume: ResumeOpt = False, batch_size: TaskBatchOpt = None,
     max_new_tokens: MaxNewOpt = 0, constrained: ConstrainedOpt = False, relations: RelationsOpt = None,
+    speculate: SpeculateOpt = "auto", draft_tokens: DraftTokensOpt = 8,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
     errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, quiet: QuietOpt = False, engine: EngineOpt = "local",
     address: AddressOpt = None, workers: WorkersOpt = 1, cpus_per_worker: CpusOpt = 1.0,
@@ -308,7 +315,7 @@ def extract(
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
                   dtype, device, quantize, errors, verbose,
                   Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet),
-                  (text_part, section_labels), constrained, relations)
+                  (text_part, section_labels), constrained, relations, (speculate, draft_tokens))
     _run("extract", task, run, _items(text, None, input, input_format, errors, documents=run.documents))
 
 
@@ -321,6 +328,7 @@ def classify(
     output: OutputOpt = None, fmt: TaskFormatOpt = "auto",
     force: ForceOpt = False, resume: ResumeOpt = False, batch_size: TaskBatchOpt = None,
     max_new_tokens: MaxNewOpt = 0, constrained: ConstrainedOpt = False,
+    speculate: SpeculateOpt = "auto", draft_tokens: DraftTokensOpt = 8,
     dtype: DTypeOpt = "float32", device: DeviceOpt = "cpu", quantize: QuantizeOpt = "none",
     errors: ErrorsOpt = "strict", verbose: VerboseOpt = False, quiet: QuietOpt = False, engine: EngineOpt = "local",
     address: AddressOpt = None, workers: WorkersOpt = 1, cpus_per_worker: CpusOpt = 1.0,
@@ -333,7 +341,7 @@ def classify(
     run = TaskRun(model, revision, input, input_format, output, fmt, force, resume, batch_size, max_new_tokens,
                   dtype, device, quantize, errors, verbose,
                   Engine(engine, address, workers, cpus_per_worker, gpus_per_worker, quiet),
-                  (text_part, section_labels), constrained)
+                  (text_part, section_labels), constrained, speculation=(speculate, draft_tokens))
     _run("classify", None, run, _items(text, None, input, input_format, errors, documents=run.documents))
 
 
