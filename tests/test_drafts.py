@@ -112,6 +112,21 @@ def test_wrong_drafts_are_never_taken_shown_or_checked(tiny_ref, monkeypatch):
     assert stats.drafted > stats.kept > 0
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_a_quantized_copy_drafts_and_the_model_decides(tiny_ref, precision):
+    """Self-drafting: the same checkpoint quantized drafts greedily with its own cache (fed only
+    what is new each time); the model keeps what it would have chosen, greedy or sampled, alone or
+    after a constrained run of forced words."""
+    ours, stats = ours_from(tiny_ref[0]), DraftStats()
+    drafts.attach(ours, precision, ours_from(tiny_ref[0], quantize=precision))
+    for opts in (GenerationOptions(max_new_tokens=40, repetition_penalty=1.2),
+                 GenerationOptions(max_new_tokens=30, do_sample=True, temperature=0.3)):
+        for prompt in PROMPTS + MORE:
+            on = decode(ours, [prompt], replace(opts, speculate=precision, draft_tokens=4), stats, seed=6)
+            same(on, decode(ours, [prompt], replace(opts, speculate="off"), seed=6))
+    assert stats.drafted and stats.kept  # how often says nothing here: random weights, near-flat logits
+
+
 def test_off_drafts_nothing_and_auto_drafts_alone(tiny_ref):
     """`off` feeds one token a pass; `auto` drafts from the text only for a row decoding alone (a
     draft in a batch is kept only as far as every row agrees)."""
@@ -144,6 +159,10 @@ def test_the_flags_the_verbose_line_and_the_manifest(cli, tiny_ref, tmp_path):
     code, _, err = cli("generate", "-m", tiny_ref[1], "-i", src, "-o", out, "-n", "12", "--resume")
     assert code == 0 and "already done" in err, err
     assert [json.loads(line)["text"] for line in out.read_text(encoding="utf-8").splitlines()] == outs["off"]
+    code, out, err = cli("generate", "-m", tiny_ref[1], "aspirin aspirin", "-n", "12", "--speculate", "int8", "-v")
+    assert code == 0 and "tokens per forward pass" in err and "nothing drafted" not in err, err
+    code, off_out, _ = cli("generate", "-m", tiny_ref[1], "aspirin aspirin", "-n", "12", "--speculate", "off")
+    assert out == off_out
     for bad in (("--speculate", "int9"), ("--draft-tokens", "0"), ("--draft-tokens", "17")):
         code, _, err = cli("generate", "-m", tiny_ref[1], "x", *bad)
         assert code == 2 and bad[0] in err, err

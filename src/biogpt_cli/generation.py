@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .constraints import Constraint, Held, allowed_mask, constrain
-from .drafts import MAX_DRAFT, SPECULATE, Lookup, drafts
+from .drafts import MAX_DRAFT, SELF, SPECULATE, Drafter, Lookup, SelfDraft, draft_model, drafts
 from .errors import InputError, PromptTooLong
 from .frame import Frame
 from .model import BioGptForCausalLM
@@ -298,7 +298,7 @@ class _Row:
     prompt: Sequence[int]
     ids: list[int] = field(default_factory=list)  # its new tokens
     alive: bool = True
-    lookup: Lookup = field(default_factory=Lookup)
+    drafter: Drafter = field(default_factory=Lookup)  # its drafts from its text (drafts.py)
 
 
 class _Run:
@@ -309,7 +309,7 @@ class _Run:
                  generator: torch.Generator | None, constraint_of: Callable[[int], Constraint | None],
                  should_stop: StopCheck | None, observe: Callable[[int, int, torch.Tensor], None] | None,
                  stats: DraftStats, columns: int, room: int) -> None:
-        self.eos, self.pad = model.config.eos_token_id, model.config.pad_token_id
+        self.model, self.eos, self.pad = model, model.config.eos_token_id, model.config.pad_token_id
         self.own_opts, self.stream_of, self.generator = own_opts, stream_of, generator
         self.constraint_of = constraint_of
         self.should_stop, self.observe, self.stats = should_stop, observe, stats
@@ -319,7 +319,10 @@ class _Run:
                            columns, room)
 
     def _row(self, j: int, prompt: Sequence[int], seq: int, draw: torch.Generator | None) -> _Row:
-        return _Row(seq, self.own_opts(j), draw, Held(self.constraint_of(j)), prompt)
+        o = self.own_opts(j)
+        drafter = SelfDraft(draft_model(self.model, o.speculate), len(prompt) + o.max_new_tokens) \
+            if o.speculate in SELF else Lookup()
+        return _Row(seq, o, draw, Held(self.constraint_of(j)), prompt, drafter=drafter)
 
     def decode(self, queue: _Queue, refill: int, grows: bool) -> Generator[tuple[int, int | None, str | None]]:
         """Until no row is alive: the prompts waiting join (`refill`: up to that many rows), then
@@ -423,7 +426,7 @@ class _Run:
         stats.passes, stats.drafted, stats.kept = (stats.passes + len(live), stats.drafted + n * len(live),
                                                    stats.kept + kept * len(live))
         for row in live if n and not certain else ():
-            row.lookup.taken(kept)
+            row.drafter.taken(kept)
         return mine
 
 

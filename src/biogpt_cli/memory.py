@@ -75,6 +75,20 @@ def check_batch_fits(model: Any, rows: int, free: int | None = None) -> None:
                    what="serve --max-rows", dtype_bytes=p.element_size(), device=p.device, free=free)
 
 
+def check_draft_fits(config: BioGptConfig, precision: str, free: int | None = None) -> None:
+    """Refuse a quantized copy of the model for drafting (drafts.py) that would not fit beside it:
+    its linear weights at a byte (int8) or half a byte (int4) each, its embeddings in float32, and
+    one decoding row."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    linear = layers * (4 * h * h + 2 * h * config.intermediate_size) + h * config.vocab_size
+    embed = (config.vocab_size + config.max_position_embeddings) * h * 4
+    need = linear * (1.0 if precision == "int8" else 0.6) + embed + row_bytes(config, config.max_position_embeddings)
+    free = available_bytes("cpu") if free is None else free
+    if free is not None and need > HEADROOM * free:
+        raise InputError(f"--speculate {precision}: the model's {precision} copy for drafting needs about "
+                         f"{_gb(need)}, and {_gb(free)} is available: use --speculate auto or ngram")
+
+
 ACTIVATION_FLOATS = 20  # float32 values a layer keeps per token for the backward pass (a rough count)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .batch import Job
+from .drafts import SELF, draft_model
 from .errors import InputError, NothingToEmbed, PromptTooLong
 from .generation import GenerationOptions
 from .inputs import Prompt
@@ -94,6 +95,8 @@ class Engine:
     def __init__(self, lm: Any, tok: Any, limits: Limits = DEFAULT_LIMITS) -> None:
         self.lm, self.tok, self.limits = lm, tok, limits
         check_batch_fits(lm, limits.rows)
+        if limits.speculate in SELF:  # its quantized copy, loaded before the first request
+            draft_model(lm, limits.speculate)
         self.turns = Turns(limits.waiting, limits.rows, limits.fair_wait)
         self.metrics = Metrics(running=lambda: float(self.turns.running), waiting=lambda: self.turns.waiting,
                                capacity=limits.rows)

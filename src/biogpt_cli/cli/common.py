@@ -84,9 +84,10 @@ TaskBatchOpt = Annotated[int | None, typer.Option(
 DTypeOpt = Annotated[DType, typer.Option(help="Weight precision.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")]
 QuantizeOpt = Annotated[Quantize, typer.Option(help="CPU weights: int8 (dynamic) or int4 (group-wise).")]
-SpeculateOpt = Annotated[Literal["auto", "ngram", "off"], typer.Option(
+SpeculateOpt = Annotated[Literal["auto", "ngram", "int8", "int4", "off"], typer.Option(
     help="Several tokens a forward pass, the same tokens: auto (what the grammar forces; drafts from the text "
-         "for a prompt decoding alone), ngram (drafts from the text always), off.")]
+         "for a prompt decoding alone), ngram (drafts from the text always), int8 / int4 (drafts from the model "
+         "quantized, CPU), off.")]
 DraftTokensOpt = Annotated[int, typer.Option(min=1, max=16, help="Tokens drafted from the text at most a pass.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Load time, counts and speed on stderr.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar on a terminal.")]

@@ -190,7 +190,8 @@ def generate(
     with prompt_source(prompt, input, input_format, errors, which=text or "title", labels=section_labels) as prompts:
         check_rows(model, revision, decoding, prompt, batch_size, dtype, torch_device)
         one_row = prompt is not None and decoding.rows_per_prompt == 1
-        lm, tokenizer = load_model(model, revision, dtype, torch_device, quantize, verbose, rows=1 if one_row else None)
+        lm, tokenizer = load_model(model, revision, dtype, torch_device, quantize, verbose, rows=1 if one_row else None,
+                                   speculate=speculate)
         settings["seed"] = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
         if sample and verbose:
             stderr.print(f"seed {settings['seed']}")
@@ -242,11 +243,17 @@ def check_rows(model: str, revision: str | None, opts: Any, prompt: str | None, 
 
 
 def load_model(model: str, revision: str | None, dtype: str, device: Any, quantize: str, verbose: bool,
-               rows: int | None = None, heads: bool = False) -> Any:
+               rows: int | None = None, heads: bool = False, speculate: str = "auto") -> Any:
+    """The model and tokenizer (and, to draft with, its quantized copy: `--speculate int8|int4`)."""
+    from ..drafts import SELF, draft_model
+
     start = time.perf_counter()
     loaded = load(model, revision, dtype, device, quantize, rows, heads=heads)
+    if speculate in SELF:
+        draft_model(loaded[0], speculate)
     if verbose:
-        stderr.print(f"loaded {model} in {time.perf_counter() - start:.2f} s")
+        copy = f" (and its {speculate} copy to draft with)" if speculate in SELF else ""
+        stderr.print(f"loaded {model}{copy} in {time.perf_counter() - start:.2f} s")
     return loaded
 
 

@@ -132,6 +132,7 @@ def _run(command_name: str, task_name: str | None, run: TaskRun, items: contextl
     with items as records:
         check_rows(run.model, run.revision, GenerationOptions(), None, run.batch_size, run.dtype, torch_device)
         lm, tok = load_model(run.model, run.revision, run.dtype, torch_device, run.quantize, run.verbose,
+                             speculate=run.speculation[0],
                              heads=command_name == "classify")
         if tok.prompt_note:
             stderr.print(f"note: {tok.prompt_note}", markup=False, highlight=False)
