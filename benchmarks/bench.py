@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py [--quick] [--json] [--repeats N] [--new-tokens N] [--workdir DIR]
                                [--only decode|process|tokenize|engine|bulk|embed|quality|gpu|serve|finetune|
-                                       literature|constraints]
+                                       literature|constraints|speculate]
                                [--device cuda] [--compile]
 
 Builds random weights of the full microsoft/biogpt shape (saved once as safetensors with the real
@@ -17,6 +17,7 @@ a speed. Needs only the runtime dependencies and transformers (the reference), n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -403,12 +404,13 @@ def constraint_figures(folder: Path, args: argparse.Namespace, rows: list[dict])
 
 
 def speculate_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
-    """Constrained task answers whose fixed words (and guesses from the source) are fed in one
-    forward pass with the token before them (the "reference" column: the same engine feeding one
-    token a pass), one document at a time, tokens a second and the records identical; free text
-    with guesses against none; and what a forward pass of K new tokens
-    over a cached 600-token prompt costs against one token, on microsoft/biogpt's shape."""
-    from biogpt_cli import generation
+    """Speculation (`--speculate`) against `off` (the "reference" column: the same engine feeding
+    one token a pass), in one run on microsoft/biogpt's shape: constrained task answers one
+    document at a time; free text, greedy, one prompt, with each draft source; what a forward pass
+    of K new tokens costs against one; acceptance on a small trained model (random weights say
+    nothing of it); and the server under 16 concurrent clients."""
+    from dataclasses import replace
+
     from biogpt_cli.grammars import source_words, task_grammar
     from biogpt_cli.tasks import TASKS, build_input
 
@@ -426,85 +428,132 @@ def speculate_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) 
         words = [source_words(task, tok, d, ids) if task.result == "relations" else () for d, ids in zip(docs, inputs,
                                                                                                        strict=True)]
 
-        def answers(inputs: list = inputs, words: list = words, task: object = task) -> list:
+        def answers(setting: str = "auto", inputs: list = inputs, words: list = words, task: object = task) -> list:
             with torch.inference_mode():
-                return [generate(ours, [ids], opts, constraints=[task_grammar(task, tok, w, (), 48)])[0][0].ids
+                return [generate(ours, [ids], replace(opts, speculate=setting),
+                                 constraints=[task_grammar(task, tok, w, (), 48)])[0][0].ids
                         for ids, w in zip(inputs, words, strict=True)]
 
         fast = answers()
-        (generation.MAX_FORCED, forced), (generation.MAX_GUESS, most) = (0, generation.MAX_FORCED), \
-            (0, generation.MAX_GUESS)
-        try:
-            slow = answers()
-            assert slow == fast, "several tokens a pass changed an answer"
-            off = statistics.median(seconds(answers) for _ in range(args.repeats))
-        finally:
-            generation.MAX_FORCED, generation.MAX_GUESS = forced, most
+        assert answers("off") == fast, "speculation changed an answer"
+        off = statistics.median(seconds(lambda: answers("off")) for _ in range(args.repeats))
         on = statistics.median(seconds(answers) for _ in range(args.repeats))
         with torch.inference_mode():  # the prompts' prefill and first choice, which both pay alike
             first = statistics.median(seconds(lambda inputs=inputs: [generate(ours, [i], GenerationOptions(
                 max_new_tokens=1)) for i in inputs]) for _ in range(args.repeats))
         n = sum(len(a) + 1 for a in fast)
-        rows.append(row(f"{name}, batch 1: tokens/s, several tokens a pass", n / on, n / off, "tokens/s",
+        rows.append(row(f"{name}, batch 1: tokens/s, --speculate auto", n / on, n / off, "tokens/s",
                         higher=True, target=">= 2x", note=f"{n} tokens over {len(docs)} answers, identical; reference: "
-                        "one token a pass; prefill included"))
+                        "--speculate off; prefill included; random weights choose entities at random"))
         rows.append(row(f"{name}, batch 1: tokens/s after the prefill", (n - len(docs)) / (on - first),
                         (n - len(docs)) / (off - first), "tokens/s", higher=True, target=">= 2x",
                         note=f"the prompts' prefill and first token ({first:.2f} s) left out of both"))
-    guess_figures(ours, tok, lines, args, rows)
-    prompt = torch.tensor([[2, *tok.encode(" ".join(lines[:10]), add_special_tokens=False)[:599]]])
-    costs = {}
-    for k in (1, 2, 4, 8):
-        def forward(k: int = k) -> None:
-            cache = ours.new_cache(1, 600 + k)
-            with torch.inference_mode():
-                ours(prompt, past_key_values=cache, logits_to_keep=1)
-                start = time.perf_counter()
-                ours(prompt[:, -k:], past_key_values=cache, logits_to_keep=k)
-                costs[k] = min(costs.get(k, 1e9), time.perf_counter() - start)
-        for _ in range(args.repeats):
-            forward()
-    for k in (2, 4, 8):
-        rows.append(row(f"a forward pass of {k} new tokens vs 1, 600 cached", costs[k] * 1e3, costs[1] * 1e3, "ms",
-                        higher=False, note=f"{costs[k] / costs[1]:.2f}x the cost of one token for {k} tokens"))
+    free_text_figures(ours, tok, lines, args, rows)
+    verify_costs(ours, tok, lines, args, rows)
+    acceptance_figures(folder, lines, args, rows)
+    speculating_server(folder, args, rows)
 
 
-def guess_figures(ours: BioGptForCausalLM, tok: BioGptTokenizer, lines: list[str], args: argparse.Namespace,
-                  rows: list[dict]) -> None:
-    """Free text, greedy, one prompt at a time: guesses from the row's own text (prompt lookup)
-    against none, the same tokens; with the share of guessed tokens kept. Random weights repeat
-    themselves, so that share says nothing of a trained model's."""
-    from biogpt_cli import generation
+def free_text_figures(ours: BioGptForCausalLM, tok: BioGptTokenizer, lines: list[str], args: argparse.Namespace,
+                      rows: list[dict]) -> None:
+    """Free text, greedy, float32, one prompt at a time: each draft source against `off`, the same
+    tokens, with the share of drafted tokens kept. Random weights repeat themselves (lookup), and
+    their near-flat logits disagree with a quantized copy: acceptance is on the trained model."""
+    from dataclasses import replace
+
+    from biogpt_cli.drafts import DraftStats
+    from biogpt_cli.generation import stream_tokens
 
     prompts = [[2, *tok.encode(line, add_special_tokens=False)[:200]] for line in lines[20:24]]
-    opts, tried = GenerationOptions(max_new_tokens=64), []
-    real = generation.Guesses.taken
+    opts = GenerationOptions(max_new_tokens=64)
 
-    def counted(self: object, n: int) -> None:
-        tried.append(n)
-        real(self, n)
-
-    def texts() -> list:
+    def texts(setting: str, stats: object = None) -> list:
         with torch.inference_mode():
-            return [generate(ours, [p], opts)[0][0].ids for p in prompts]
+            return [[t for _, t, r in stream_tokens(ours, [p], replace(opts, speculate=setting), stats=stats)
+                     if r is None] for p in prompts]
 
-    generation.Guesses.taken = counted
-    try:
-        fast = texts()
-        kept = sum(tried)
-        on = statistics.median(seconds(texts) for _ in range(args.repeats))
-        generation.MAX_GUESS, most = 0, generation.MAX_GUESS
-        try:
-            assert texts() == fast, "guesses changed the tokens"
-            off = statistics.median(seconds(texts) for _ in range(args.repeats))
-        finally:
-            generation.MAX_GUESS = most
-    finally:
-        generation.Guesses.taken = real
-    n = sum(len(t) for t in fast)
-    rows.append(row("generate, greedy, one prompt: tokens/s guessing from its own text", n / on, n / off, "tokens/s",
-                    higher=True, note=f"{kept} of the tokens came from kept guesses ({len(tried)} guesses); "
-                    "random weights, which repeat themselves; reference: no guesses"))
+    base = texts("off")
+    off = statistics.median(seconds(lambda: texts("off")) for _ in range(args.repeats))
+    n = sum(map(len, base))
+    for setting in ("auto", "ngram", "int8", "int4"):
+        stats = DraftStats()
+        assert texts(setting, stats) == base, f"--speculate {setting} changed the tokens"
+        on = statistics.median(seconds(lambda s=setting: texts(s)) for _ in range(args.repeats))
+        rows.append(row(f"generate, greedy, one prompt: tokens/s, --speculate {setting}", n / on, n / off, "tokens/s",
+                        higher=True, note=f"{stats.line()}; random weights; reference: --speculate off"))
+
+
+def verify_costs(ours: BioGptForCausalLM, tok: BioGptTokenizer, lines: list[str], args: argparse.Namespace,
+                 rows: list[dict]) -> None:
+    """What one forward pass of K new tokens over a cached 600-token prompt costs against one
+    token (float32), and one token of the int8 and int4 copies that draft: with an acceptance a,
+    a pass keeps 1 + a + ... + a^K tokens on average, so the speed at any acceptance can be read off."""
+    from biogpt_cli.drafts import draft_model
+
+    prompt = torch.tensor([[2, *tok.encode(" ".join(lines[:10]), add_special_tokens=False)[:599]]])
+
+    def cost(model: torch.nn.Module, k: int) -> float:
+        best = 1e9
+        for _ in range(args.repeats):
+            cache = model.new_cache(1, 600 + k)
+            with torch.inference_mode():
+                model(prompt, past_key_values=cache, logits_to_keep=1)
+                start = time.perf_counter()
+                model(prompt[:, -k:], past_key_values=cache, logits_to_keep=k)
+                best = min(best, time.perf_counter() - start)
+        return best
+
+    one = cost(ours, 1)
+    for k in range(2, 9):
+        c = cost(ours, k)
+        rows.append(row(f"a forward pass of {k} new tokens vs 1, 600 cached", c * 1e3, one * 1e3, "ms",
+                        higher=False, note=f"{c / one:.2f}x the cost of one token for {k} tokens"))
+    for precision in ("int8", "int4"):
+        c = cost(draft_model(ours, precision), 1)
+        rows.append(row(f"a drafting step of the {precision} copy vs a float32 step", c * 1e3, one * 1e3, "ms",
+                        higher=False, note="one token, 600 cached; self-drafting K tokens costs K of these"))
+
+
+def acceptance_figures(folder: Path, lines: list[str], args: argparse.Namespace, rows: list[dict]) -> None:
+    """Acceptance where it means something: the small model `quality` trains on the corpus (the
+    same text as `--only quality`), greedy continuations of held-out lines, 48 tokens each, per
+    draft source: drafted tokens kept, and tokens a pass (its tokens/s is engine overhead)."""
+    from biogpt_cli.drafts import DraftStats
+    from biogpt_cli.generation import stream_tokens
+
+    trained = quality.train(folder, lines, args.workdir / "quality-model")
+    model, tok = BioGptForCausalLM.from_pretrained(trained), BioGptTokenizer.from_folder(trained)
+    prompts = [tok.encode(line)[:24] for line in lines[-40:]]
+    for setting in ("ngram", "int8", "int4"):
+        stats = DraftStats()
+        with torch.inference_mode():
+            for p in prompts:
+                list(stream_tokens(model, [p], GenerationOptions(max_new_tokens=48, speculate=setting), stats=stats))
+        rows.append(row(f"trained small model, --speculate {setting}: drafted tokens kept", stats.kept / stats.drafted,
+                        1.0, "share", higher=True, note=f"{stats.line()}; {len(prompts)} held-out prompts; reference: "
+                        "all kept"))
+
+
+def speculating_server(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """16 concurrent clients (greedy, 32 tokens, streamed) on `serve --speculate auto` against
+    `serve --speculate off`: under load, speculation must not make the server slower."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lines = (shared_dir() / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
+    rates = {}
+    for setting in ("off", "auto"):
+        with served(folder, args, ["--speculate", setting]) as (client, model):
+            def ask(i: int, client: object = client, model: str = model) -> int:
+                return client.completions.create(model=model, prompt=" ".join(lines[i].split()[:12]), max_tokens=32,
+                                                 temperature=0).usage.completion_tokens
+            def together(pool: ThreadPoolExecutor, ask: Callable[[int], int] = ask) -> float:
+                start = time.perf_counter()
+                return sum(pool.map(ask, range(16))) / (time.perf_counter() - start)
+            ask(0)  # warm
+            with ThreadPoolExecutor(16) as pool:
+                rates[setting] = statistics.median(together(pool) for _ in range(args.repeats))
+    rows.append(row("serve, 16 concurrent clients x 32 tokens: --speculate auto", rates["auto"], rates["off"],
+                    "tokens/s", higher=True, target="not slower", note="reference: serve --speculate off"))
 
 
 def tiny_model(args: argparse.Namespace) -> Path:
@@ -743,14 +792,11 @@ def gpu_dtype_figures(folder: Path, args: argparse.Namespace, rows: list[dict], 
                         note=f"reference warm-up {warm:.1f} s"))
 
 
-def serve_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
-    """`biogpt serve` under load: the command in its own process on a loopback port, the `openai`
-    client from 1, 4, 8 and 16 threads (fixed prompts, 32 new tokens, greedy, streamed), against
-    the same requests sent one at a time (the "reference" column). Aggregate new tokens/s; p50/p95
-    latency and time to first token in the note."""
+@contextlib.contextmanager
+def served(folder: Path, args: argparse.Namespace, options: list[str] = ()) -> Iterator[tuple[object, str]]:
+    """`biogpt serve` in its own process on a loopback port, and an `openai` client for it."""
     import socket
     import urllib.request
-    from concurrent.futures import ThreadPoolExecutor
 
     import openai
 
@@ -758,36 +804,48 @@ def serve_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> N
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "biogpt_cli", "serve", "-m", str(folder), "--port", str(port), "--device",
-               args.device, "--quiet"]
+               args.device, "--quiet", *options]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError("biogpt serve did not start") from None
-            time.sleep(0.5)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=600)
-    lines = (shared_dir() / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
-    model = str(folder)
-
-    def ask(i: int) -> tuple[float, float]:
-        """A streamed request's latency and time to its first text."""
-        start, first = time.perf_counter(), None
-        for chunk in client.completions.create(model=model, prompt=" ".join(lines[i].split()[:12]), max_tokens=32,
-                                               temperature=0, stream=True):
-            if first is None and chunk.choices and chunk.choices[0].text:
-                first = time.perf_counter() - start
-        return time.perf_counter() - start, first or 0.0
-
-    def p50_p95(values: list[float]) -> str:
-        values = sorted(values)
-        p95 = values[min(len(values) - 1, int(0.95 * len(values)))]
-        return f"p50 {values[len(values) // 2]:.1f} s, p95 {p95:.1f} s"
-
     try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("biogpt serve did not start") from None
+                time.sleep(0.5)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=600), \
+            str(folder)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def serve_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """`biogpt serve` under load: the command in its own process on a loopback port, the `openai`
+    client from 1, 4, 8 and 16 threads (fixed prompts, 32 new tokens, greedy, streamed), against
+    the same requests sent one at a time (the "reference" column). Aggregate new tokens/s; p50/p95
+    latency and time to first token in the note."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lines = (shared_dir() / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
+    with served(folder, args) as (client, model):
+        def ask(i: int) -> tuple[float, float]:
+            """A streamed request's latency and time to its first text."""
+            start, first = time.perf_counter(), None
+            for chunk in client.completions.create(model=model, prompt=" ".join(lines[i].split()[:12]),
+                                                   max_tokens=32, temperature=0, stream=True):
+                if first is None and chunk.choices and chunk.choices[0].text:
+                    first = time.perf_counter() - start
+            return time.perf_counter() - start, first or 0.0
+
+        def p50_p95(values: list[float]) -> str:
+            values = sorted(values)
+            p95 = values[min(len(values) - 1, int(0.95 * len(values)))]
+            return f"p50 {values[len(values) // 2]:.1f} s, p95 {p95:.1f} s"
+
         for n in (1, 4, 8, 16):
             alone = seconds(lambda n=n: [ask(i) for i in range(n)])
             with ThreadPoolExecutor(n) as pool:
@@ -800,9 +858,6 @@ def serve_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> N
                                  f"{p50_p95([a[1] for a in answers])}"))
         short_while_busy(client, model, lines, rows)
         beam_requests(client, model, lines, folder, rows)
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def beam_requests(client: object, model: str, lines: list[str], folder: Path, rows: list[dict]) -> None:

@@ -50,11 +50,16 @@ def performance_page(found: list[tuple[str, dict]]) -> str:
            "holds for the machine it names. \"better by\" is how many times faster (or smaller) ours is.", "",
            "Reproduce: `python benchmarks/bench.py --json` (add `--device cuda` on a GPU, `--only decode` for a "
            "part), then `python benchmarks/render.py`.", "",
-           "When several tokens a pass pay (`--only speculate`): a pass of K new tokens costs little more than one "
-           "on a CPU (the weights are read once for all K; the rows `a forward pass of K new tokens vs 1` give the "
-           "curve), so feeding a constrained answer's fixed words together always pays, and a guess pays when the "
-           "share of its tokens kept exceeds that extra cost. A batch of several rows already reads the weights "
-           "once for all of them, which is why guesses are made only for a row decoding alone.", ""]
+           "When speculation pays (`--only speculate`): a forward pass of K new tokens reads the weights once "
+           "for all K, so on a CPU it costs little more than one (the rows `a forward pass of K new tokens vs 1` "
+           "give the curve). A draft whose tokens are kept with probability a yields 1 + a + ... + a^K tokens a "
+           "pass, so it pays where that exceeds the pass's extra cost: always for a grammar's forced words "
+           "(a = 1), for prompt lookup where text repeats its source (extraction, QA on the context: the kept "
+           "share on the trained model is the row `trained small model, --speculate ngram`), and for a quantized "
+           "copy only where K of its steps (the rows `a drafting step of the int8 copy`) cost less than the "
+           "float32 steps its kept tokens save. A batch of several rows already reads the weights once for all "
+           "of them, so `auto` drafts from the text only for a row decoding alone; the server row with 16 "
+           "clients checks that this never makes it slower.", ""]
     for name, data in reversed(found):
         out += [f"## {machine_line(data['machine'])}", "", f"`bench.py {data.get('command', '')}` -> `{name}`", "",
                 *table(data["rows"]), ""]

@@ -11,7 +11,8 @@ import torch
 
 from biogpt_cli import drafts, output
 from biogpt_cli.constraints import Grammar, OneOf, fixed
-from biogpt_cli.generation import DraftStats, GenerationOptions, prompt_generator, stream_tokens
+from biogpt_cli.drafts import DraftStats
+from biogpt_cli.generation import GenerationOptions, prompt_generator, stream_tokens
 from tests.test_generation import PROMPTS
 from tests.test_model import ours_from
 

@@ -8,8 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from biogpt_cli.drafts import DraftStats
 from biogpt_cli.errors import InputError
-from biogpt_cli.generation import DraftStats, GenerationOptions, _draw, generate, prompt_generator, stream_tokens
+from biogpt_cli.generation import GenerationOptions, _draw, generate, prompt_generator, stream_tokens
 from biogpt_cli.plans import generation_options
 from biogpt_cli.processors import bad_words, min_p, no_repeat_ngram, repetition_penalty, top_k, top_p
 from tests.conftest import make_reference

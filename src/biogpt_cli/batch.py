@@ -18,9 +18,10 @@ from typing import Any, Protocol
 import torch
 
 from .constraints import Constraint
+from .drafts import DraftStats
 from .errors import InputError
 from .frame import fit_prompt
-from .generation import DraftStats, GenerationOptions, prompt_generator
+from .generation import GenerationOptions, prompt_generator
 from .streaming import TextEvent, stream_completions
 
 

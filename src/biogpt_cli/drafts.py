@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -30,6 +31,22 @@ SPECULATE = ("auto", "off", "ngram", "int8", "int4")
 SELF = ("int8", "int4")
 MAX_FORCED = 16  # forced words fed in one pass at most (a longer run takes several)
 MAX_DRAFT = 16  # --draft-tokens at most
+
+
+@dataclass
+class DraftStats:
+    """What speculation did over a run (`-v`): row passes (a forward pass feeding a live row), the
+    tokens they took, and of the drafted tokens fed with them, how many were kept."""
+
+    passes: int = 0
+    tokens: int = 0
+    drafted: int = 0
+    kept: int = 0
+
+    def line(self) -> str:
+        per = self.tokens / self.passes if self.passes else 0.0
+        rate = f"{self.kept / self.drafted:.0%} of {self.drafted} drafted kept" if self.drafted else "nothing drafted"
+        return f"{per:.2f} tokens per forward pass ({self.tokens} tokens, {self.passes} row passes); {rate}"
 
 
 class Row(Protocol):

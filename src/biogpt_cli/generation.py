@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .constraints import Constraint, Held, allowed_mask, constrain
-from .drafts import MAX_DRAFT, SELF, SPECULATE, Drafter, Lookup, SelfDraft, draft_model, drafts
+from .drafts import MAX_DRAFT, SELF, SPECULATE, Drafter, DraftStats, Lookup, SelfDraft, draft_model, drafts
 from .errors import InputError, PromptTooLong
 from .frame import Frame
 from .model import BioGptForCausalLM
@@ -219,22 +219,6 @@ class _Queue:
         while len(taken) < n and (item := self.take_if(lambda j, p: True)) is not None:
             taken.append(item)
         return taken
-
-
-@dataclass
-class DraftStats:
-    """What speculation did over a run (`-v`): row passes (a forward pass feeding a live row), the
-    tokens they took, and of the drafted tokens fed with them, how many were kept."""
-
-    passes: int = 0
-    tokens: int = 0
-    drafted: int = 0
-    kept: int = 0
-
-    def line(self) -> str:
-        per = self.tokens / self.passes if self.passes else 0.0
-        rate = f"{self.kept / self.drafted:.0%} of {self.drafted} drafted kept" if self.drafted else "nothing drafted"
-        return f"{per:.2f} tokens per forward pass ({self.tokens} tokens, {self.passes} row passes); {rate}"
 
 
 def stream_tokens(model: BioGptForCausalLM, prompts: Iterable[Sequence[int] | None], opts: GenerationOptions,

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .constraints import Constraint
-from .generation import DraftStats, GeneratedSequence, GenerationOptions, Generators, beam_search, stream_tokens
+from .drafts import DraftStats
+from .generation import GeneratedSequence, GenerationOptions, Generators, beam_search, stream_tokens
 from .model import BioGptForCausalLM
 from .tokenizer import BioGptTokenizer
 
