@@ -71,6 +71,24 @@ class CompletionRequest(BaseModel):
         return max(self.n, self.best_of or 0)
 
 
+TASK_FORMATS = ("json", "pubtator", "bioc-xml", "bioc-json")
+
+
+class TaskRequest(BaseModel):
+    """/v1/qa, /v1/extract, /v1/classify as JSON: documents as the task commands read JSONL records
+    (`{"id", "title", "abstract"}`, `{"question", "context"}`, `{"text"}`, or a BioC JSON document
+    with its passages), and what the commands' options say."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    documents: list[dict[str, Any]] | None = None  # None: a literature file is the body
+    constrained: bool = False
+    task: str | None = None  # extract: bc5cdr, ddi or kd-dti, when the checkpoint does not say
+    relations: list[str] | None = None  # with constrained: the relation words
+    max_tokens: int = Field(0, ge=0)  # 0: until </s> or the positions left, as -n 0
+    format: Literal["json", "pubtator", "bioc-xml", "bioc-json"] = "json"
+
+
 class EmbeddingRequest(BaseModel):
     """OpenAI's /v1/embeddings. Token arrays are typed here only to be refused with a hint: clients
     send them as tiktoken's ids (LangChain's OpenAIEmbeddings does by default), not BioGPT's."""

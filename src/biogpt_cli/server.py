@@ -65,12 +65,16 @@ def refusal(body: CompletionRequest, limits: Limits) -> JSONResponse | None:
 
 
 def create_app(lm: Any, tok: Any, names: str | Sequence[str], api_key: str | None = None, origins: Sequence[str] = (),
-               hosts: Sequence[str] | None = None, limits: Limits = DEFAULT_LIMITS, fleet: Any = None) -> FastAPI:
+               hosts: Sequence[str] | None = None, limits: Limits = DEFAULT_LIMITS, fleet: Any = None,
+               task: str | None = None) -> FastAPI:
     """The app, serving the model under `names` (the first is the one its answers give); `origins`:
     web pages (scheme://host:port, or *) whose scripts may call it (CORS); `hosts`: the Host
     header names it answers (None: any), a guard against DNS rebinding for a server on a
     loopback address; `fleet`: the replicas this app is one of (fleet.py), whose metrics and
-    health /metrics and /health give."""
+    health /metrics and /health give; `task`: the task the task routes run (task_api.py) on a
+    checkpoint whose config does not name its own."""
+    from .task_api import add_task_routes  # it answers with this module's helpers
+
     names = [names] if isinstance(names, str) else list(names)
     app = FastAPI(title="biogpt-cli", docs_url=None, redoc_url=None)
     engine = app.state.engine = Engine(lm, tok, limits)
@@ -154,6 +158,8 @@ def create_app(lm: Any, tok: Any, names: str | Sequence[str], api_key: str | Non
             request.state.streamed = True
             return EventSourceResponse(stream(engine, work, meta, request, usage), ping=15)
         return await complete(engine, work, body, meta, request)
+
+    add_task_routes(app, engine, name, task)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> Any:
@@ -399,7 +405,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(lm: Any, tok: Any, names: Sequence[str], sock: socket.socket, api_key: str | None,
           origins: Sequence[str] = (), hosts: Sequence[str] | None = None, limits: Limits = DEFAULT_LIMITS,
-          quiet: bool = False) -> None:
+          quiet: bool = False, task: str | None = None) -> None:
     import uvicorn
 
     if not quiet:  # one line per cancelled or dropped request
@@ -407,6 +413,6 @@ def serve(lm: Any, tok: Any, names: Sequence[str], sock: socket.socket, api_key:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    app = create_app(lm, tok, names, api_key, origins, hosts, limits)
+    app = create_app(lm, tok, names, api_key, origins, hosts, limits, task=task)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 

@@ -29,7 +29,7 @@ from .inputs import Prompt
 from .limits import DEFAULT_LIMITS, Limits
 from .memory import check_batch_fits, check_rows_fit
 from .metrics import Metrics
-from .plans import Plan, generate_plan, logprob_entries
+from .plans import Plan, generate_plan, logprob_entries, task_plan
 from .scoring import embed
 from .streaming import TextEvent, TextStream
 from .turns import Member, Turns
@@ -127,6 +127,24 @@ class Engine:
         k = plan.opts.num_return_sequences
         copies = 1 if plan.opts.do_sample or plan.opts.num_beams > 1 else n
         return Work(plan, jobs, k, copies, n)
+
+    def prepare_task(self, command: str, prompts: list[Prompt], s: dict[str, Any]) -> Work:
+        """A task request made ready as `biogpt qa|extract|classify` reads its records (plans.py):
+        its jobs join the greedy rows of the running batch. BioGptError naming the document."""
+        s = {**s, "command": command, "speculate": self.limits.speculate, "draft_tokens": self.limits.draft_tokens}
+        plan = task_plan(self.lm, self.tok, s, lambda m: None)
+        jobs = []
+        for p in prompts:
+            if plan.blank(p):
+                raise InputError(f"{p.where}nothing to read")
+            try:
+                jobs.append(dataclasses.replace(plan.job(p), opts=plan.opts, stop=(), seed=0))
+            except InputError as e:
+                raise InputError(f"{p.where}{e}") from None
+        p = next(self.lm.parameters())
+        check_rows_fit(self.lm.config, len(jobs), max(len(j.ids) for j in jobs) + plan.opts.max_new_tokens,
+                       what="documents", dtype_bytes=p.element_size(), device=p.device)
+        return Work(plan, jobs, 1, 1, 1)
 
     async def generate(self, work: Work, sink: Callable[[TextEvent], None], cancelled: threading.Event,
                        arrived: float) -> None:

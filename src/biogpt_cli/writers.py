@@ -73,6 +73,10 @@ class DocumentWriter:
     def tail(self) -> str:
         return {"bioc-json": "]}\n", "bioc-xml": "</collection>\n"}.get(self.fmt, "")
 
+    def whole(self, items: list[tuple[Any, Any]]) -> str:
+        """The file for `items` (prompt, done) as the task commands write it: a block a line."""
+        return self.head() + "".join(self.block(p, d) + "\n" for p, d in items) + self.tail()
+
     def block(self, prompt: Any, done: Any) -> str:
         doc = bioc_document(dict(prompt.fields), self.record(prompt, done), self.task, str(prompt.id))
         if self.fmt == "pubtator":

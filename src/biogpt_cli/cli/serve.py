@@ -4,7 +4,7 @@ extra)."""
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -59,6 +59,9 @@ def serve(
                                                 "local Ray, or $RAY_ADDRESS).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No access log, nor notes of cancelled requests.")]
     = False,
+    task: Annotated[Literal["bc5cdr", "ddi", "kd-dti", "pubmedqa", "hoc"] | None, typer.Option(
+        help="The task /v1/qa, /v1/extract and /v1/classify run, for a task checkpoint whose config does not name "
+             "it (bc5cdr, ddi, kd-dti, pubmedqa, hoc).")] = None,
     speculate: SpeculateOpt = "auto",
     draft_tokens: DraftTokensOpt = 8,
     dtype: DTypeOpt = "float32",
@@ -68,7 +71,8 @@ def serve(
 ) -> None:
     """An OpenAI-compatible HTTP server.
 
-    Serve /v1/completions, /v1/embeddings, /v1/models and /health, OpenAI-style, for any OpenAI client.
+    Serve /v1/completions, /v1/embeddings, /v1/models and /health, OpenAI-style, for any OpenAI client;
+    on a task checkpoint also /v1/qa, /v1/extract and /v1/classify (docs/serving.md).
     As OpenAI's API does, a request samples at temperature 1 unless it says otherwise (`biogpt
     generate` is greedy): send temperature 0 for generate's text. A request's "model" must name
     the served model (-m, or a --served-model-name), or be left out."""
@@ -94,14 +98,14 @@ def serve(
         weights = {"path_or_id": model, "revision": revision, "dtype": dtype, "quantize": quantize,
                    "device": "cuda" if gpus_per_replica else device}
         spec = {"load": weights, "names": names, "api_key": api_key, "origins": list(allow_origin or ()),
-                "hosts": hosts, "limits": limits, "threads": max(1, int(cpus_per_replica))}
+                "hosts": hosts, "limits": limits, "threads": max(1, int(cpus_per_replica)), "task": task}
         return _serve_replicas(spec, replicas, cpus_per_replica, gpus_per_replica, host, port, address)
     # the batch that requests share may hold --max-rows rows, each at the model's full length
     check_decode_memory(model, revision, batch_rows(max_rows, torch_device), 1 << 30, "serve --max-rows", dtype,
                         torch_device)
     lm, tok = load(model, revision, dtype, torch_device, quantize)
     stderr.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
-    run_server(lm, tok, names, sock, api_key, allow_origin or (), hosts, limits, quiet)
+    run_server(lm, tok, names, sock, api_key, allow_origin or (), hosts, limits, quiet, task)
 
 
 def _serve_replicas(spec: dict, replicas: int, cpus: float, gpus: float, host: str, port: int,
