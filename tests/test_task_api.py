@@ -107,3 +107,10 @@ def test_bad_task_requests_are_4xx_naming_what(task_server):
     assert reply.status_code == 401  # the key, as for completions
     ok = post(base, "qa", {"documents": [{"question": "is it bad", "context": "it is bad"}]})
     assert ok.status_code == 200 and ok.json()["data"][0]["answer"] == "yes"  # and it goes on serving
+
+
+def test_a_language_model_says_it_is_not_a_task_checkpoint(server):
+    """The routes are there on any model; on one that is not a task checkpoint a 400 says what to serve."""
+    reply = httpx.post(f"{server[0]}/v1/qa", json={"documents": [{"question": "q", "context": "c"}]},
+                       headers=AUTH, timeout=60)
+    assert reply.status_code == 400 and "not a fine-tuned" in reply.json()["error"]["message"], reply.text
