@@ -1,5 +1,5 @@
 """`biogpt serve`: a local OpenAI-compatible completions and embeddings server (server.py; the `serve`
-extra)."""
+extra); `biogpt mcp`: the model as tools for assistants (assistants.py; the `mcp` extra)."""
 
 from __future__ import annotations
 
@@ -30,21 +30,27 @@ from .common import (
     stderr,
 )
 
+HostOpt = Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")]
+PortOpt = Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")]
+ApiKeyOpt = Annotated[str | None, typer.Option(envvar="BIOGPT_API_KEY", help="Require Bearer KEY on requests.")]
+AllowHostOpt = Annotated[list[str] | None, typer.Option(
+    help="On a loopback address, a Host name besides localhost to answer (repeatable; * for any: behind a reverse "
+         "proxy).")]
+TaskOpt = Annotated[Literal["bc5cdr", "ddi", "kd-dti", "pubmedqa", "hoc"] | None, typer.Option(
+    help="The task a task checkpoint answers when its config does not name it.")]
+
 
 @command
 def serve(
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
-    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
-    api_key: Annotated[str | None, typer.Option(envvar="BIOGPT_API_KEY", help="Require Bearer KEY on requests.")]
-    = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    api_key: ApiKeyOpt = None,
     allow_origin: Annotated[list[str] | None, typer.Option(
         help="A web page's origin (http://host:port, or *) whose scripts may call this server (repeatable).")]
     = None,
-    allow_host: Annotated[list[str] | None, typer.Option(
-        help="On a loopback address, a Host name besides localhost to answer (repeatable; * for any: behind a "
-             "reverse proxy).")] = None,
+    allow_host: AllowHostOpt = None,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body.")] = Limits.body_bytes,
     max_rows: Annotated[int, typer.Option(min=1, help="Prompts x n of one request, at most.")] = Limits.rows,
     max_waiting: Annotated[int, typer.Option(min=0, help="Requests waiting for the model; more get a 429.")]
@@ -59,9 +65,7 @@ def serve(
                                                 "local Ray, or $RAY_ADDRESS).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No access log, nor notes of cancelled requests.")]
     = False,
-    task: Annotated[Literal["bc5cdr", "ddi", "kd-dti", "pubmedqa", "hoc"] | None, typer.Option(
-        help="The task /v1/qa, /v1/extract and /v1/classify run, for a task checkpoint whose config does not name "
-             "it (bc5cdr, ddi, kd-dti, pubmedqa, hoc).")] = None,
+    task: TaskOpt = None,
     speculate: SpeculateOpt = "auto",
     draft_tokens: DraftTokensOpt = 8,
     dtype: DTypeOpt = "float32",
@@ -77,7 +81,7 @@ def serve(
     generate` is greedy): send temperature 0 for generate's text. A request's "model" must name
     the served model (-m, or a --served-model-name), or be left out."""
     try:
-        from ..server import LOOPBACK_HOSTS, listen
+        from ..server import listen
         from ..server import serve as run_server
     except ImportError:
         raise missing_extra("biogpt serve", "serve") from None
@@ -86,10 +90,7 @@ def serve(
     if replicas is None and (address or gpus_per_replica or cpus_per_replica != 1.0):
         raise UsageError("--address, --cpus-per-replica and --gpus-per-replica go with --replicas N")
     sock = listen(host, port)
-    if not api_key and not _loopback(host):
-        stderr.print(f"warning: listening on {host} without --api-key: anyone who can reach port {port} can use "
-                     "this server")
-    hosts = None if not _loopback(host) or "*" in (allow_host or ()) else (*LOOPBACK_HOSTS, *(allow_host or ()))
+    hosts = _hosts(host, port, api_key, allow_host)
     limits = Limits(body_bytes=max_body_bytes, rows=max_rows, waiting=max_waiting, speculate=speculate,
                     draft_tokens=draft_tokens)
     names = served_model_name or [model]
@@ -124,6 +125,64 @@ def _serve_replicas(spec: dict, replicas: int, cpus: float, gpus: float, host: s
             time.sleep(1)
     finally:
         stop()
+
+
+@command
+def mcp(
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    task: TaskOpt = None,
+    http: Annotated[bool, typer.Option("--http", help="Streamable HTTP at /mcp instead of stdio.")] = False,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    api_key: ApiKeyOpt = None,
+    allow_host: AllowHostOpt = None,
+    speculate: SpeculateOpt = "auto",
+    draft_tokens: DraftTokensOpt = 8,
+    dtype: DTypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = "none",
+    debug: DebugOpt = False,
+) -> None:
+    """Tools for assistants, over the Model Context Protocol.
+
+    generate and score; on a task checkpoint answer_question, extract_relations (with offsets) or
+    classify_document. Over stdio (an assistant starts it), or with --http at /mcp behind the same
+    key and Host checks as serve (docs/serving.md)."""
+    try:
+        from ..assistants import build, http_app
+    except ImportError:
+        raise missing_extra("biogpt mcp", "mcp") from None
+    torch_device = device_or_usage_error(device)
+    check_precision(quantize, dtype, torch_device)
+    if not http and (allow_host or host != "127.0.0.1" or port != 8000):
+        raise UsageError("--host, --port and --allow-host go with --http (stdio has no network)")
+    sock, hosts = None, None
+    if http:
+        from ..server import listen
+
+        sock, hosts = listen(host, port), _hosts(host, port, api_key, allow_host)
+    lm, tok = load(model, revision, dtype, torch_device, quantize)
+    limits = Limits(speculate=speculate, draft_tokens=draft_tokens)
+    server, engine = build(lm, tok, model, task, limits)
+    if sock is None:
+        server.run("stdio")
+        return
+    import uvicorn
+
+    stderr.print(f"MCP tools for {model} on http://{host}:{port}/mcp (Ctrl-C stops)")
+    uvicorn.Server(uvicorn.Config(http_app(server, engine, api_key, hosts, limits), log_level="warning")).run(
+        sockets=[sock])
+
+
+def _hosts(host: str, port: int, api_key: str | None, allow_host: list[str] | None) -> tuple[str, ...] | None:
+    """The Host names a server on `host` answers (None: any), with a warning for an open one without a key."""
+    from ..server import LOOPBACK_HOSTS
+
+    if not api_key and not _loopback(host):
+        stderr.print(f"warning: listening on {host} without --api-key: anyone who can reach port {port} can use "
+                     "this server")
+    return None if not _loopback(host) or "*" in (allow_host or ()) else (*LOOPBACK_HOSTS, *(allow_host or ()))
 
 
 def _loopback(host: str) -> bool:
