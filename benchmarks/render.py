@@ -55,9 +55,9 @@ def performance_page(found: list[tuple[str, dict]]) -> str:
            "give the curve). A draft whose tokens are kept with probability a yields 1 + a + ... + a^K tokens a "
            "pass, so it pays where that exceeds the pass's extra cost: always for a grammar's forced words "
            "(a = 1), for prompt lookup where text repeats its source (extraction, QA on the context: the kept "
-           "share on the trained model is the row `trained small model, --speculate ngram`), and for a quantized "
-           "copy only where K of its steps (the rows `a drafting step of the int8 copy`) cost less than the "
-           "float32 steps its kept tokens save. A batch of several rows already reads the weights once for all "
+           "share on a small trained model is in the rows `trained small model, ...`), and for a quantized copy "
+           "only where K of its steps (the rows `a drafting step of the int8 copy`) cost less than the float32 "
+           "steps its kept tokens save. A batch of several rows already reads the weights once for all "
            "of them, so `auto` drafts from the text only for a row decoding alone; the server row with 16 "
            "clients checks that this never makes it slower.", ""]
     for name, data in reversed(found):
