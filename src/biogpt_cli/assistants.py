@@ -23,13 +23,13 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import ValidationError
 from typing_extensions import NotRequired, TypedDict  # pydantic's schemas need it before Python 3.12
 
-from .errors import BioGptError, InputError
+from .errors import BioGptError
 from .inputs import Prompt
 from .limits import DEFAULT_LIMITS, Limits
 from .protocol import CompletionRequest, settings
 from .scoring import sequence_nll
 from .serving import Engine, Work
-from .tasks import TASKS, task_for
+from .tasks import TASKS, answered
 
 INSTRUCTIONS = ("BioGPT, a language model trained on PubMed abstracts, running locally. It continues "
                 "biomedical text and scores it; a fine-tuned checkpoint also answers the paper's tasks, its "
@@ -102,19 +102,10 @@ def build(lm: Any, tok: Any, name: str, task: str | None = None,
         finite = not math.isnan(nll)
         return {"tokens": n, "mean_nll": nll if finite else None, "perplexity": math.exp(nll) if finite else None}
 
-    for command, tool in (("qa", _answer_question), ("extract", _extract_relations), ("classify", _classify)):
-        if _answers(command, task, lm.config, name):
-            server.tool()(tool(engine, name, task))
+    tools = {"qa": _answer_question, "extract": _extract_relations, "classify": _classify}
+    for t in answered(lm.config, task, name):
+        server.tool()(tools[t.command](engine, name, task))
     return server, engine
-
-
-def _answers(command: str, task: str | None, config: Any, name: str) -> bool:
-    mine = task if task is not None and TASKS[task].command == command else None
-    try:
-        task_for(command, mine, config, name)
-    except InputError:
-        return False
-    return True
 
 
 def _answer_question(engine: Engine, name: str, task: str | None) -> Any:

@@ -134,7 +134,7 @@ class Replica:
         s, hub = self.spec, ray.get_actor(HUB, namespace=NAMESPACE)
         fleet = Fleet(hub, self.id, lambda: app.state.engine.metrics.text())  # the app's, once it is made
         app = create_app(self.lm, self.tok, s["names"], s["api_key"], s["origins"], s["hosts"], s["limits"], fleet,
-                         s.get("task"))
+                         s.get("task"), s.get("webui", True))
 
         def post() -> None:
             while True:

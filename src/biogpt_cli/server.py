@@ -24,12 +24,14 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
@@ -49,6 +51,7 @@ from .protocol import (
 )
 from .serving import Cancelled, Engine, Work
 from .streaming import TextEvent
+from .tasks import answered
 
 log = logging.getLogger("biogpt.serve")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -66,13 +69,13 @@ def refusal(body: CompletionRequest, limits: Limits) -> JSONResponse | None:
 
 def create_app(lm: Any, tok: Any, names: str | Sequence[str], api_key: str | None = None, origins: Sequence[str] = (),
                hosts: Sequence[str] | None = None, limits: Limits = DEFAULT_LIMITS, fleet: Any = None,
-               task: str | None = None) -> FastAPI:
+               task: str | None = None, webui: bool = True) -> FastAPI:
     """The app, serving the model under `names` (the first is the one its answers give); `origins`:
     web pages (scheme://host:port, or *) whose scripts may call it (CORS); `hosts`: the Host
     header names it answers (None: any), a guard against DNS rebinding for a server on a
     loopback address; `fleet`: the replicas this app is one of (fleet.py), whose metrics and
     health /metrics and /health give; `task`: the task the task routes run (task_api.py) on a
-    checkpoint whose config does not name its own."""
+    checkpoint whose config does not name its own; `webui`: the page at / (webui/)."""
     from .task_api import add_task_routes  # it answers with this module's helpers
 
     names = [names] if isinstance(names, str) else list(names)
@@ -83,8 +86,10 @@ def create_app(lm: Any, tok: Any, names: str | Sequence[str], api_key: str | Non
         app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     honoured = {"openai": list(OPENAI_FIELDS), "vllm": list(VLLM_FIELDS)}
+    tasks = [{"command": t.command, "task": t.name} for t in answered(lm.config, task, names[0])]
     served = [{"id": n, "object": "model", "created": 0, "owned_by": "biogpt-cli", "root": names[0],
-               "max_model_len": lm.config.max_position_embeddings, "completion_fields": honoured} for n in names]
+               "max_model_len": lm.config.max_position_embeddings, "completion_fields": honoured, "tasks": tasks}
+              for n in names]
     name = names[0]
 
     def not_served(model: str | None) -> JSONResponse | None:
@@ -160,6 +165,10 @@ def create_app(lm: Any, tok: Any, names: str | Sequence[str], api_key: str | Non
         return await complete(engine, work, body, meta, request)
 
     add_task_routes(app, engine, name, task)
+    if webui:
+        page = Path(__file__).parent / "webui"
+        app.get("/", include_in_schema=False)(lambda: FileResponse(page / "index.html"))
+        app.mount("/webui", StaticFiles(directory=page), name="webui")
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> Any:
@@ -212,7 +221,7 @@ def guard(app: FastAPI, engine: Engine, api_key: str | None, hosts: Sequence[str
             return error(403, f"Host {host!r} is not this server's name (a guard against DNS rebinding; serve "
                          "--allow-host NAME admits it)", "permission_error")
         given = request.headers.get("authorization", "").encode()
-        if api_key and request.url.path != "/health" and not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
+        if api_key and not public(request) and not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
             return error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
         if request.method == "POST":
             size = request.headers.get("content-length")
@@ -240,6 +249,12 @@ def guard(app: FastAPI, engine: Engine, api_key: str | None, hosts: Sequence[str
         log.info("%s %s %d%s %.2f s", request.method, request.url.path, response.status_code,
                  f" {tokens} tokens" if tokens is not None else "", time.perf_counter() - start)
         return response
+
+
+def public(request: Request) -> bool:
+    """What anyone may read without the key: /health, and the page (which asks for the key)."""
+    path = request.url.path
+    return path == "/health" or (request.method == "GET" and (path == "/" or path.startswith("/webui/")))
 
 
 def embedding_refusal(body: EmbeddingRequest, width: int) -> JSONResponse | None:
@@ -405,7 +420,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(lm: Any, tok: Any, names: Sequence[str], sock: socket.socket, api_key: str | None,
           origins: Sequence[str] = (), hosts: Sequence[str] | None = None, limits: Limits = DEFAULT_LIMITS,
-          quiet: bool = False, task: str | None = None) -> None:
+          quiet: bool = False, task: str | None = None, webui: bool = True) -> None:
     import uvicorn
 
     if not quiet:  # one line per cancelled or dropped request
@@ -413,6 +428,6 @@ def serve(lm: Any, tok: Any, names: Sequence[str], sock: socket.socket, api_key:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    app = create_app(lm, tok, names, api_key, origins, hosts, limits, task=task)
+    app = create_app(lm, tok, names, api_key, origins, hosts, limits, task=task, webui=webui)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 

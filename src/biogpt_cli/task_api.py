@@ -65,7 +65,7 @@ def _route(command: str, engine: Engine, name: str, default: str | None) -> Any:
             return error(400, _named(str(e)), param="documents")
         if engine.turns.full():
             return busy(engine)
-        return await _answered(command, engine, work, body, request, arrived)
+        return await _answered(command, engine, work, body, request, arrived, name)
     answer.__name__ = command
     return answer
 
@@ -113,7 +113,7 @@ def _named(message: str) -> str:
 
 
 async def _answered(command: str, engine: Engine, work: Work, body: TaskRequest, request: Request,
-                    arrived: float) -> Any:
+                    arrived: float, name: str) -> Any:
     """Decode the request's rows with the others', then its records, in the documents' order."""
     done: dict[int, Any] = {}
     cancelled = threading.Event()
@@ -136,7 +136,7 @@ async def _answered(command: str, engine: Engine, work: Work, body: TaskRequest,
         return Response(text, media_type=MEDIA[body.format])
     records = await asyncio.to_thread(lambda: [work.plan.record(p, d) for p, d in items])
     prompt = sum(len(j.ids) for j in work.jobs)
-    return JSONResponse({"object": "list", "model": body.model or work.plan.identity.get("model"),
+    return JSONResponse({"object": "list", "model": name,
                          "task": work.plan.identity["task"], "data": records,
                          "usage": {"prompt_tokens": prompt, "completion_tokens": tokens,
                                    "total_tokens": prompt + tokens}})

@@ -9,6 +9,7 @@ resume) is the same engine `generate` uses.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -177,6 +178,18 @@ def task_for(command: str, requested: str | None, config: BioGptConfig, source: 
     if TASKS[name].command != command:
         raise InputError(f"{source} is fine-tuned for {name}: run it with `biogpt {TASKS[name].command}`")
     return TASKS[name]
+
+
+def answered(config: BioGptConfig, default: str | None, source: str) -> list[Task]:
+    """The tasks a checkpoint answers, one per command (`default`: its task when its config does
+    not name it), the default's first: none for a language model."""
+    tasks = []
+    for command in sorted({t.command for t in TASKS.values()}, key=lambda c: default is None or
+                          TASKS[default].command != c):
+        mine = default if default is not None and TASKS[default].command == command else None
+        with contextlib.suppress(InputError):
+            tasks.append(task_for(command, mine, config, source))
+    return tasks
 
 
 def source_limit(task: Task, config: BioGptConfig) -> int:

@@ -66,6 +66,7 @@ def serve(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No access log, nor notes of cancelled requests.")]
     = False,
     task: TaskOpt = None,
+    webui: Annotated[bool, typer.Option(help="The page at / (a playground; a task checkpoint's task).")] = True,
     speculate: SpeculateOpt = "auto",
     draft_tokens: DraftTokensOpt = 8,
     dtype: DTypeOpt = "float32",
@@ -99,14 +100,15 @@ def serve(
         weights = {"path_or_id": model, "revision": revision, "dtype": dtype, "quantize": quantize,
                    "device": "cuda" if gpus_per_replica else device}
         spec = {"load": weights, "names": names, "api_key": api_key, "origins": list(allow_origin or ()),
-                "hosts": hosts, "limits": limits, "threads": max(1, int(cpus_per_replica)), "task": task}
+                "hosts": hosts, "limits": limits, "threads": max(1, int(cpus_per_replica)), "task": task,
+                "webui": webui}
         return _serve_replicas(spec, replicas, cpus_per_replica, gpus_per_replica, host, port, address)
     # the batch that requests share may hold --max-rows rows, each at the model's full length
     check_decode_memory(model, revision, batch_rows(max_rows, torch_device), 1 << 30, "serve --max-rows", dtype,
                         torch_device)
     lm, tok = load(model, revision, dtype, torch_device, quantize)
     stderr.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
-    run_server(lm, tok, names, sock, api_key, allow_origin or (), hosts, limits, quiet, task)
+    run_server(lm, tok, names, sock, api_key, allow_origin or (), hosts, limits, quiet, task, webui)
 
 
 def _serve_replicas(spec: dict, replicas: int, cpus: float, gpus: float, host: str, port: int,
