@@ -61,6 +61,8 @@ class Row(Protocol):
 
 
 class Drafter(Protocol):
+    """A row's source of drafts: `taken(n)` hears how many of its last draft were kept."""
+
     def draft(self, text: Sequence[int], most: int, patient: bool) -> list[int]: ...
     def taken(self, n: int) -> None: ...
 
@@ -100,7 +102,7 @@ def drafts(rows: Sequence[Row], eos: int) -> tuple[list[list[int]], bool]:
     if not all(runs):
         if len(live) > 1 and not all(row.opts.speculate == "ngram" for row in live):
             return [], False  # under `auto` lookup only for a row decoding alone
-        runs = [run or _looked_up(row, eos) for row, run in zip(live, runs, strict=True)]
+        runs = [run or _drafted(row, eos) for row, run in zip(live, runs, strict=True)]
     most = min(map(len, runs))
     if not most:
         return [], False
@@ -119,7 +121,9 @@ def _forced(row: Row, eos: int) -> list[int]:
     return run[:next((i for i, t in enumerate(run) if t in banned), len(run))]
 
 
-def _looked_up(row: Row, eos: int) -> list[int]:
+def _drafted(row: Row, eos: int) -> list[int]:
+    """The row's draft from its text (lookup or its quantized copy), cut where its grammar stops
+    taking it."""
     o = row.opts
     most = min(o.draft_tokens, o.max_new_tokens - len(row.ids) - 1)
     found = row.drafter.draft([*row.prompt, *row.ids], most, o.speculate != "auto")
