@@ -114,3 +114,22 @@ def test_a_language_model_says_it_is_not_a_task_checkpoint(server):
     reply = httpx.post(f"{server[0]}/v1/qa", json={"documents": [{"question": "q", "context": "c"}]},
                        headers=AUTH, timeout=60)
     assert reply.status_code == 400 and "not a fine-tuned" in reply.json()["error"]["message"], reply.text
+
+
+def test_the_page_is_served_without_the_key_and_can_be_turned_off(task_server, trained):  # noqa: F811
+    """/ and its assets need no key (the page asks for it); the API behind them does; --no-webui
+    leaves / a 404. /v1/models says which tasks the checkpoint answers, serve --task's first."""
+    base, _ = task_server
+    page = httpx.get(base + "/", timeout=30)
+    assert page.status_code == 200 and "webui/app.js" in page.text
+    assert httpx.get(base + "/webui/app.js", timeout=30).status_code == 200
+    assert httpx.get(base + "/v1/models", timeout=30).status_code == 401
+    tasks = httpx.get(base + "/v1/models", headers=AUTH, timeout=30).json()["data"][0]["tasks"]
+    assert tasks[0] == {"command": "extract", "task": "bc5cdr"} and {t["command"] for t in tasks} == {
+        "extract", "qa", "classify"}
+    lm, tok = load_pretrained(trained)
+    bare, stop = serving(create_app(lm, tok, ["trained"], api_key=KEY, webui=False))
+    try:
+        assert httpx.get(bare + "/", headers=AUTH, timeout=30).status_code == 404
+    finally:
+        stop()
