@@ -53,9 +53,13 @@ def run(folder, prompts, out, worker=Worker, workers=1, cpus=1.0):
 
 
 def test_records_equal_the_local_run(cli, local_ray, tiny_ref, prompts, tmp_path):
+    """Whatever the workers' speculation (the folder records it), the local run's tokens."""
     folder = tiny_ref[1]
-    code, _, err = cli("generate", "--engine", "ray", "-m", folder, "-n", "6", "-i", prompts, "-o", tmp_path / "out")
+    code, _, err = cli("generate", "--engine", "ray", "-m", folder, "-n", "6", "-i", prompts, "-o", tmp_path / "out",
+                       "--speculate", "ngram", "--draft-tokens", "3")
     assert code == 0, err
+    settings = json.loads((tmp_path / "out.manifest.json").read_text())["run"]["settings"]
+    assert (settings["speculate"], settings["draft_tokens"]) == ("ngram", 3)
     got = {r["id"]: r for r in records(tmp_path / "out")}
     assert len(got) == N and len(records(tmp_path / "out")) == N
     code, local, _ = cli("generate", "-m", folder, "-n", "6", "-i", prompts, "--format", "jsonl")
