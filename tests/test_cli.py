@@ -343,12 +343,16 @@ def test_a_whole_file_output_appears_only_when_complete(cli, tiny, tmp_path, com
     assert code == 1 and "line" in one_error_line(err) and "20" in err and sorted(tmp_path.iterdir()) == [bad, good]
     code, _, err = cli(*run, good)
     records = [json.loads(x) for x in out.read_text().splitlines()]
-    assert code == 0 and [r["line"] for r in records] == [1, 2] and sorted(tmp_path.iterdir()) == [bad, good, out]
+    manifest = out.with_name(out.name + ".manifest.json")  # once the file is whole, what wrote it
+    assert code == 0 and [r["line"] for r in records] == [1, 2] and sorted(tmp_path.iterdir()) == [bad, good, out,
+                                                                                                   manifest]
     code, _, err = cli(*run, good)  # there already: the hint offers no --resume, which these commands lack
     assert code == 1 and one_error_line(err).endswith(": already exists; pass --force to overwrite it")
+    before = manifest.read_text()
     code, _, err = cli(*run, bad, "--force")
     assert code == 1 and [json.loads(x) for x in out.read_text().splitlines()] == records
-    assert sorted(tmp_path.iterdir()) == [bad, good, out]
+    assert manifest.read_text() == before
+    assert sorted(tmp_path.iterdir()) == [bad, good, out, manifest]
 
 
 @pytest.mark.parametrize("command, good, bad", [("tokenize", b"the cat\nof the\n", b"the cat\n" * 19 + b"\xff\n"),

@@ -143,3 +143,24 @@ def test_a_full_disk_under_a_checkpoint_or_a_matrix_is_one_line_naming_it(cli, t
     code, _, err = cli("embed", "-i", tmp_path / "in.txt", "-o", small_disk / "e.safetensors", "-m", tiny_ref[1])
     assert code == 1 and one_error_line(err).startswith(f"error: {small_disk / 'e.safetensors'}: disk full"), err
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+@pytest.mark.parametrize("args, name, records", [
+    (["embed", "-i", "{src}"], "out.safetensors", 2),
+    (["embed", "-i", "{src}", "--format", "jsonl"], "out.jsonl", 2),
+    (["score", "{src}", "--format", "jsonl"], "out.jsonl", 2),
+])
+def test_embed_and_score_outputs_have_their_manifest(cli, tiny_ref, tmp_path, args, name, records):
+    """Every output of a model is named with the run that wrote it: model by content, input sha256,
+    settings, how it ended and how many records."""
+    import hashlib
+
+    src = tmp_path / "in.txt"
+    src.write_text("aspirin and ulcer\n\nthe cat\n", encoding="utf-8")
+    out = tmp_path / name
+    code, _, err = cli(*[a.format(src=src) for a in args], "-m", tiny_ref[1], "-o", out)
+    assert code == 0, err
+    manifest = status(out)
+    assert (manifest["status"], manifest["records"]) == ("complete", records)
+    assert manifest["run"]["command"] == args[0] and manifest["run"]["model_files"]
+    assert manifest["run"]["input_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()

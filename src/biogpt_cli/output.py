@@ -104,27 +104,35 @@ class LineWriter:
 
 
 @contextlib.contextmanager
-def whole_file(path: str | None) -> Iterator[Path | None]:
-    """For a command that cannot resume (`score`, `embed`): a temporary file beside `path` that
-    takes its name only when the block ends without an error, so a failed or interrupted run
-    leaves no half-written file under that name, and the file `--force` was to replace intact.
+def whole_file(path: str | None, run: dict[str, Any] | None = None,
+               records: Callable[[], int] = lambda: 0) -> Iterator[Path | None]:
+    """For a command that cannot resume (`score`, `embed`, `tokenize`): a temporary file beside
+    `path` that takes its name only when the block ends without an error, so a failed or
+    interrupted run leaves no half-written file under that name, and the file `--force` was to
+    replace intact; with `run`, its manifest beside it once it is in place (a file that was
+    never written has none: a failed run leaves the old file and its manifest as they were).
     None (stdout) without a path."""
     if path is None or path == "-":
         yield None
         return
     with replacing(path) as tmp:
         yield tmp
+    if run is not None:
+        manifest_path(Path(path)).unlink(missing_ok=True)
+        write_manifest(Path(path), run, status="complete", records=records(),
+                       updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
 @contextlib.contextmanager
-def whole_output(path: str | None) -> Iterator[LineWriter]:
+def whole_output(path: str | None, run: dict[str, Any] | None = None) -> Iterator[LineWriter]:
     """A writer to `path` through `whole_file` (stdout without one), closed when the block ends."""
-    with whole_file(path) as target:
-        writer = LineWriter.create(target, name=path)
+    writer: list[LineWriter] = []
+    with whole_file(path, run, lambda: writer[0].records if writer else 0) as target:
+        writer.append(LineWriter.create(target, name=path))
         try:
-            yield writer
+            yield writer[0]
         finally:
-            writer.close()
+            writer[0].close()
 
 
 def record_key(record: dict) -> Key:

@@ -88,7 +88,7 @@ def embed(
     from ..model import BioGptModel
     from ..output import LineWriter, check_output, whole_file
     from ..plans import TEXT_FIELDS, embed_records, embed_vectors
-    from .generate import prompt_source
+    from .generate import input_identity, model_identity, prompt_source
 
     torch_device = device_or_usage_error(device)
     check_precision(quantize, dtype, torch_device)
@@ -114,30 +114,35 @@ def embed(
             raise UsageError("no text: give PROMPT, --input FILE, or pipe texts on stdin")
         input = "-"
     source = prompt_source(prompt, input, input_format, errors, TEXT_FIELDS["embed"], text, section_labels)
-    with source as items, whole_file(output) as target:
+    with source as items:
         lm, tok = load(model, revision, dtype, torch_device, quantize, cls=BioGptModel, kernels=True)
-        writer = None if matrix else LineWriter.create(target, name=output)
-        rows, keys, skipped, done = [], [], 0, 0
-        try:
-            with line_progress(input, output, quiet) as update:
-                for group in batches(items, batch_size * LENGTH_WINDOW):
-                    kept = [p for p in group if p.text.strip()]
-                    skipped, done = skipped + len(group) - len(kept), done + len(group)
-                    if matrix and kept:
-                        rows.append(embed_vectors(lm, tok, kept, batch_size, settings, stderr.print))
-                        keys.extend(p.origin for p in kept)
-                    elif kept:
-                        for r in embed_records(lm, tok, kept, batch_size, settings, stderr.print):
-                            writer.write(dumps(r) if fmt == "jsonl" else " ".join(map(str, r["embedding"])) + "\n")
-                    update(done)
-        finally:
-            if writer is not None:
-                writer.close()
-        if matrix:
-            from ..files import output_errors, write_safetensors
+        run = {"command": "embed", **settings, "format": fmt, **model_identity(lm, model, revision, dtype, quantize),
+               **input_identity(prompt, input, output)}
+        written = [0]  # records (lines, or rows of the matrix), for the manifest
+        with whole_file(output, run, lambda: written[0]) as target:
+            writer = None if matrix else LineWriter.create(target, name=output)
+            rows, keys, skipped, done = [], [], 0, 0
+            try:
+                with line_progress(input, output, quiet) as update:
+                    for group in batches(items, batch_size * LENGTH_WINDOW):
+                        kept = [p for p in group if p.text.strip()]
+                        skipped, done = skipped + len(group) - len(kept), done + len(group)
+                        written[0] += len(kept)
+                        if matrix and kept:
+                            rows.append(embed_vectors(lm, tok, kept, batch_size, settings, stderr.print))
+                            keys.extend(p.origin for p in kept)
+                        elif kept:
+                            for r in embed_records(lm, tok, kept, batch_size, settings, stderr.print):
+                                writer.write(dumps(r) if fmt == "jsonl" else " ".join(map(str, r["embedding"])) + "\n")
+                        update(done)
+            finally:
+                if writer is not None:
+                    writer.close()
+            if matrix:
+                from ..files import output_errors, write_safetensors
 
-            with output_errors(output):
-                matrix_of = torch.cat(rows) if rows else torch.empty(0, lm.config.hidden_size)
-                write_safetensors({"embeddings": matrix_of}, target, metadata={
-                    "keys": json.dumps(keys), **{k: str(v).lower() for k, v in settings.items()}})
+                with output_errors(output):
+                    matrix_of = torch.cat(rows) if rows else torch.empty(0, lm.config.hidden_size)
+                    write_safetensors({"embeddings": matrix_of}, target, metadata={
+                        "keys": json.dumps(keys), **{k: str(v).lower() for k, v in settings.items()}})
         note_skipped(skipped)

@@ -87,6 +87,7 @@ def score(
     from ..output import check_output, whole_output
     from ..plans import TEXT_FIELDS
     from ..scoring import choice_probabilities
+    from .generate import input_identity, model_identity
 
     file = file_or_input(file, input)
     options = [c.strip() for c in choices.split(",")] if choices is not None else None
@@ -113,21 +114,24 @@ def score(
                           documents=(text, section_labels))
     check_output(output, force=force, source=file)
     file = file or "-"
-    with open_input(file) as f, whole_output(output) as writer:
+    with open_input(file) as f:
         items = read_records(f, input_name(file), input_format, errors, TEXT_FIELDS["score"], text or "all",
                              section_labels, lambda message: stderr.print(f"note: {message}", markup=False))
         lm, tok = load(model, revision, dtype, torch_device)
-        if options is not None:
-            probs = choice_probabilities(lm, tok.encode(prompt),
-                                         [tok.encode(c, add_special_tokens=False) for c in options])
-            for choice, p in zip(options, probs, strict=True):
-                writer.write(dumps({"choice": choice, "probability": p}) if fmt == "jsonl"
-                             else f"{choice}\t{p:.6f}\n")
-        elif show:
-            _show(lm, tok, items, writer, truncate)
-        else:
-            with line_progress(file, output, quiet) as update:
-                _score(lm, tok, items, fmt, writer, batch_size, truncate, update)
+        run = {"command": "score", "truncate": truncate, **({"prompt": prompt, "choices": options} if options else {}),
+               **model_identity(lm, model, revision, dtype, "none"), **input_identity(None, file, output)}
+        with whole_output(output, run) as writer:
+            if options is not None:
+                probs = choice_probabilities(lm, tok.encode(prompt),
+                                             [tok.encode(c, add_special_tokens=False) for c in options])
+                for choice, p in zip(options, probs, strict=True):
+                    writer.write(dumps({"choice": choice, "probability": p}) if fmt == "jsonl"
+                                 else f"{choice}\t{p:.6f}\n")
+            elif show:
+                _show(lm, tok, items, writer, truncate)
+            else:
+                with line_progress(file, output, quiet) as update:
+                    _score(lm, tok, items, fmt, writer, batch_size, truncate, update)
 
 
 def _score(lm: Any, tok: Any, items: Iterator[Prompt], fmt: str, writer: LineWriter, batch_size: int,
