@@ -264,3 +264,20 @@ def _refuses(folder: str) -> bool:
         return True
     os.unlink(os.path.join(folder, ".probe"))
     return False
+
+
+def test_help_starts_without_the_tokenizer_or_torch():
+    """`biogpt --help` reads neither the Moses tables nor torch: what a command needs is imported
+    when it runs. The finetune command's task names are datasets.TASK_NAMES, spelled out."""
+    import subprocess
+    import sys
+    import typing
+
+    from biogpt_cli.cli import finetune
+    from biogpt_cli.datasets import TASK_NAMES
+
+    loaded = subprocess.run([sys.executable, "-c", "import sys, biogpt_cli.cli; "
+                             "print(' '.join(m for m in ('sacremoses', 'torch') if m in sys.modules))"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == []
+    assert typing.get_args(finetune.TaskName) == TASK_NAMES
