@@ -183,6 +183,9 @@ def test_prompt_method_trains_only_the_prompt_rows(base, tmp_path):
     # an epoch's snapshot keeps what changed: the prompt's rows, not the whole embedding
     kept = read_safetensors(ft.snapshots(tmp_path / "out")[-1])
     assert list(kept) == ["biogpt.embed_tokens.weight"] and kept["biogpt.embed_tokens.weight"].shape[0] == 9
+    # and Adam's moments are the prompt's rows' alone (9 x 64), not the whole vocabulary's
+    moments = ft.read_state(tmp_path / "out" / ft.STATE / "state.pt")["optimizer"]["state"]
+    assert [tuple(m["exp_avg"].shape) for m in moments.values()] == [(9, 64)]
 
 
 def test_lora_is_merged_and_transformers_loads_the_checkpoint(base, tmp_path):

@@ -51,17 +51,34 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0) ->
 
 
 def train_rows_from(embedding: nn.Parameter, first: int) -> None:
-    """Train only rows `first`.. of an embedding (the learned prompt): the others get no gradient,
-    and with no weight decay (the optimizer's business) Adam leaves them exactly as they are."""
+    """Train only rows `first`.. of an embedding (the learned prompt): the optimizer steps them as
+    a tensor of their own (`TrainedRows`), so the others never move."""
     embedding.requires_grad_(True)
     embedding.trained_from = first  # what an epoch's snapshot keeps of it (finetune.trained_tensors)
 
-    def keep_new_rows(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        grad[:first] = 0
-        return grad
 
-    embedding.register_hook(keep_new_rows)
+class TrainedRows:
+    """The trained rows of an embedding (`train_rows_from`) as a parameter of their own, which the
+    optimizer steps: its moments are the rows' alone, not the whole vocabulary's."""
+
+    def __init__(self, embedding: nn.Parameter) -> None:
+        self.embedding, self.first = embedding, embedding.trained_from
+        self.rows = nn.Parameter(embedding.detach()[self.first:].clone())
+
+    def gather(self) -> None:
+        """Before a step: the rows' gradient is theirs of the embedding's (the rest is dropped)."""
+        grad, self.embedding.grad = self.embedding.grad, None
+        self.rows.grad = None if grad is None else grad[self.first:].clone()
+
+    def scatter(self) -> None:
+        """After a step: the embedding takes the stepped rows."""
+        with torch.no_grad():
+            self.embedding[self.first:] = self.rows
+
+    def pull(self) -> None:
+        """The rows as the embedding has them (after a restore)."""
+        with torch.no_grad():
+            self.rows.copy_(self.embedding[self.first:])
 
 
 def merged_weights(model: nn.Module, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

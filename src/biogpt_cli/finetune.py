@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import add_lora, merged_weights, plain_state, train_rows_from
+from .adapters import TrainedRows, add_lora, merged_weights, plain_state, train_rows_from
 from .datasets import Example, task_of
 from .errors import InputError
 from .files import output_errors, save_torch, write_safetensors, write_text
@@ -213,6 +213,9 @@ class Trainer:
 
     def __init__(self, model: nn.Module, r: Recipe, groups: list[dict[str, Any]], device: torch.device) -> None:
         self.model, self.r, self.device = model, r, device
+        self.rows = [TrainedRows(p) for g in groups for p in g["params"] if hasattr(p, "trained_from")]
+        stepped = {id(t.embedding): t.rows for t in self.rows}  # an embedding's trained rows stand in for it
+        groups = [{**g, "params": [stepped.get(id(p), p) for p in g["params"]]} for g in groups]
         self.opt = torch.optim.AdamW(groups, lr=r.warmup_init_lr, betas=r.betas, eps=1e-8)
         self.updates = 0
 
@@ -229,7 +232,11 @@ class Trainer:
             loss = causal_lm_loss(logits, labels, "sum")
             (loss / tokens).backward()
             total += loss.item()
+        for t in self.rows:
+            t.gather()
         self.opt.step()
+        for t in self.rows:
+            t.scatter()
         self.opt.zero_grad(set_to_none=True)
         self.updates += 1
         return total / tokens, tokens
@@ -262,6 +269,8 @@ class Trainer:
             for name, p in self.model.named_parameters():
                 if name in saved:
                     p.copy_(with_trained(p, saved[name]))
+        for t in self.rows:
+            t.pull()
         self.opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") and self.device.type == "cuda":

@@ -101,7 +101,8 @@ def finetune(
     if resume:
         ft.check_same_run(output, identity)
     run = ft.prepare(task, model, examples, output, recipe, torch_device, identity)
-    trained = sum(p.numel() for g in run.groups for p in g["params"])  # what the optimizer holds moments of
+    # what the optimizer holds moments of: an embedding's trained rows only
+    trained = sum(p[getattr(p, "trained_from", 0):].numel() for g in run.groups for p in g["params"])
     try:
         check_training_fits(run.model.config, trained, batch_tokens, torch_device)
     except InputError as e:  # a value that cannot fit is a usage error, found before any training
