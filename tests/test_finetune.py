@@ -5,6 +5,7 @@ releases' files."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -305,16 +306,24 @@ def test_output_folder_and_memory_are_checked_first(cli, base, tmp_path):
     assert code == 1 and "run.json: unreadable" in one_error_line(err) and "--force starts it over" in err
 
 
-def test_a_small_dataset_is_told_how_to_learn_and_each_epoch_is_reported(cli, base, tmp_path):
-    """40 examples are less than one update of the recipe's 32,768 tokens: a note names the flags
-    that make several updates an epoch; every epoch prints its line, and a resume its epoch."""
+def test_a_small_dataset_gets_updates_its_size_and_each_epoch_is_reported(cli, base, tmp_path):
+    """A few examples are less than one update of the recipe's 32,768 tokens: by default the
+    updates are sized to the data (several an epoch, a short warm-up: the loss goes down), said in
+    one line; the recipe's size, given, makes one small step an epoch, and a note names the
+    flags. Every epoch prints its line, and a resume its epoch."""
     train = pubmedqa_json(tmp_path / "train.json")
-    args = ("finetune", train, "--task", "pubmedqa", "-m", base, "-o", tmp_path / "out", "--batch-tokens", "256")
-    code, _, err = cli(*args, "--epochs", "2")
+    args = ("finetune", train, "--task", "pubmedqa", "-m", base, "--batch-tokens", "16", "--lr", "1e-3")
+    code, _, err = cli(*args, "-o", tmp_path / "fit", "--epochs", "2")
+    assert code == 0 and re.search(r"less than one update of 32,768: updates of 32 tokens instead \(about \d+ an "
+                                   r"epoch\)", err), err
+    assert "and a warm-up of 10; --tokens-per-update 32768 keeps the recipe's" in err
+    losses = [float(x) for x in re.findall(r"epoch \d+: \d+/\d+ updates, loss ([\d.]+)", err)]
+    assert re.search(r"epoch 2: (\d+)/\1 updates", err) and losses[1] < losses[0], err
+    code, _, err = cli(*args, "-o", tmp_path / "fit", "--epochs", "3", "--resume")
+    assert code == 0 and "at epoch 3 (epochs 1-2 done)" in err, err
+    code, _, err = cli(*args, "-o", tmp_path / "recipe", "--epochs", "2", "--tokens-per-update", "32768")
     assert code == 0 and "less than one update of 32,768: each epoch makes a single small step" in err, err
-    assert "set --tokens-per-update 256 --warmup 10" in err and "epoch 2: 2/2 updates" in err
-    code, _, err = cli(*args, "--epochs", "3", "--resume")
-    assert code == 0 and "at epoch 3 (epochs 1-2 done)" in err and "epoch 3: 3/3 updates" in err, err
+    assert "set --tokens-per-update 32 --warmup 10" in err and "epoch 2: 2/2 updates" in err
 
 
 def test_the_best_dev_epoch_is_kept_and_training_stops_when_it_stalls(cli, base, tmp_path):

@@ -48,7 +48,9 @@ def finetune(
     warmup: Annotated[int | None, typer.Option(min=0, help="Warm-up updates [the task's].")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Epochs [the task's].")] = None,
     updates: Annotated[int | None, typer.Option(min=1, help="Updates, instead of epochs (HoC: 20000).")] = None,
-    tokens_per_update: Annotated[int, typer.Option(min=1, help="Tokens per optimizer update.")] = 32768,
+    tokens_per_update: Annotated[int | None, typer.Option(
+        min=1, show_default=False, help="Tokens per optimizer update [32768; data smaller than that: about an "
+                                        "eighth of an epoch, with a 10-update warm-up].")] = None,
     batch_tokens: Annotated[int, typer.Option(min=16, help="Padded tokens per forward pass (memory); an update "
                                                           "accumulates TOKENS_PER_UPDATE / BATCH_TOKENS.")] = 1024,
     prompt_tokens: Annotated[int | None, typer.Option(min=1, max=64, help="Learned prompt tokens [9; HoC 1].")] = None,
@@ -92,15 +94,17 @@ def finetune(
              "source_limit": source_limit, "average": average}
     recipe = dataclasses.replace(ft.RECIPES[task], **{k: v for k, v in given.items() if v is not None},
                                  **({"epochs": None} if updates else {"updates": None} if epochs else {}),
-                                 tokens_per_update=tokens_per_update, batch_tokens=batch_tokens, seed=seed,
+                                 tokens_per_update=tokens_per_update or ft.Recipe.tokens_per_update,
+                                 batch_tokens=batch_tokens, seed=seed,
                                  method=method, rank=rank, keep=keep, patience=patience,
                                  recompute=method != "full" if recompute is None else recompute)
     identity = {"base_model": model, "base_sha256": model_identity(_folder(model))["sha256"], "task": task,
-                "train": {"file": train.name, "sha256": file_sha256(train.resolve()), "examples": len(examples)},
-                "recipe": dataclasses.asdict(recipe)}
+                "train": {"file": train.name, "sha256": file_sha256(train.resolve()), "examples": len(examples)}}
+    run = ft.prepare(task, model, examples, output, recipe, torch_device, identity)
+    fitted = _fit_small_data(run, warmup is None) if tokens_per_update is None else None
+    identity["recipe"] = dataclasses.asdict(run.recipe)  # the run's own: resumed only by the same
     if resume:
         ft.check_same_run(output, identity)
-    run = ft.prepare(task, model, examples, output, recipe, torch_device, identity)
     # what the optimizer holds moments of: an embedding's trained rows only
     trained = sum(p[getattr(p, "trained_from", 0):].numel() for g in run.groups for p in g["params"])
     try:
@@ -115,7 +119,9 @@ def finetune(
     stderr.print(f"fine-tuning {model} on {counted(len(examples), 'example')} ({recipe.method}: "
                  f"{changing:,} parameters train), {counted(run.total_updates(), 'update')} to {output}",
                  markup=False, highlight=False)
-    _note_small_data(run, tokens_per_update)
+    if fitted:
+        stderr.print(fitted, markup=False, highlight=False)
+    _note_small_data(run)
     try:
         _train(run, resume, quiet)
     except KeyboardInterrupt:
@@ -125,10 +131,28 @@ def finetune(
         raise
 
 
-def _note_small_data(run: Any, tokens_per_update: int) -> None:
-    """Say so when an epoch is less than one update: the recipe's updates are sized for the
-    release's thousands of examples, and a lab's few dozen would make one small step an epoch."""
-    tokens = sum(len(s) - 1 for s in run.train)
+def _fit_small_data(run: Any, warmup: bool) -> str | None:
+    """The release's updates are sized for its thousands of examples: a lab's few dozen would make
+    one small step an epoch, and learn nothing. Data smaller than an update gets updates of about
+    an eighth of an epoch (and, unless --warmup was given, a 10-update warm-up) where that makes
+    several an epoch; the line that says so, or None."""
+    tokens, r = sum(len(s) - 1 for s in run.train), run.recipe
+    if tokens >= r.tokens_per_update:
+        return None
+    fit = max(r.batch_tokens, 1 << max(tokens // 8, 1).bit_length() - 1)
+    run.recipe = dataclasses.replace(r, tokens_per_update=fit, warmup=min(r.warmup, 10) if warmup else r.warmup)
+    if run.updates_per_epoch() < 2:  # one forward pass holds the epoch: only a smaller --batch-tokens helps
+        run.recipe = r
+        return None
+    return (f"note: an epoch of these examples is {tokens:,} target tokens, less than one update of "
+            f"{r.tokens_per_update:,}: updates of {fit:,} tokens instead (about {run.updates_per_epoch()} an "
+            f"epoch){' and a warm-up of 10' if warmup and r.warmup > 10 else ''}; --tokens-per-update "
+            f"{r.tokens_per_update} keeps the recipe's")
+
+
+def _note_small_data(run: Any) -> None:
+    """Say so when an epoch is still less than one update (--tokens-per-update given)."""
+    tokens, tokens_per_update = sum(len(s) - 1 for s in run.train), run.recipe.tokens_per_update
     if tokens >= tokens_per_update:
         return
     fit = max(run.recipe.batch_tokens, 1 << max(tokens // 8, 1).bit_length() - 1)
