@@ -103,6 +103,8 @@ def test_bad_task_requests_are_4xx_naming_what(task_server):
     reply = httpx.post(f"{base}/v1/extract", content=b"<PubmedArticleSet><oops", headers={**AUTH,
                        "Content-Type": "application/xml"}, timeout=60)
     assert reply.status_code == 400 and "request body" in reply.json()["error"]["message"], reply.text
+    reply = httpx.post(f"{base}/v1/extract", content=b"\n", headers={**AUTH, "Content-Type": "text/plain"}, timeout=60)
+    assert reply.status_code == 400 and reply.json()["error"]["message"].startswith("request body: "), reply.text
     reply = httpx.post(f"{base}/v1/qa", json={"documents": [{"question": "q", "context": "c"}]}, timeout=60)
     assert reply.status_code == 401  # the key, as for completions
     ok = post(base, "qa", {"documents": [{"question": "is it bad", "context": "it is bad"}]})

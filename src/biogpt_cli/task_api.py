@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from .errors import BioGptError, PromptTooLong
+from .errors import BioGptError, InputError, PromptTooLong
 from .inputs import Prompt, read_records
 from .protocol import TaskRequest
 from .server import busy, error, watch
@@ -52,7 +52,7 @@ def _route(command: str, engine: Engine, name: str, default: str | None) -> Any:
             return error(400, str(e))
         if body.model not in (None, name):
             return error(404, f"model {body.model!r} is not served here (this server serves {name!r})",
-                                 param="model")
+                         param="model")
         mine = default if default is not None and TASKS[default].command == command else None
         s = {"task": body.task or mine, "model": name, "max_new_tokens": body.max_tokens,
              "constrained": body.constrained, "relations": body.relations}
@@ -62,7 +62,7 @@ def _route(command: str, engine: Engine, name: str, default: str | None) -> Any:
         except PromptTooLong as e:
             return error(400, e.hinted("shorten it or lower max_tokens"), param="documents")
         except BioGptError as e:
-            return error(400, _named(str(e)), param="documents")
+            return error(400, _named(str(e), raw is None), param="documents")
         if engine.turns.full():
             return busy(engine)
         return await _answered(command, engine, work, body, request, arrived, name)
@@ -103,13 +103,16 @@ def _documents(body: TaskRequest, raw: bytes | None) -> list[Prompt]:
     prompts = list(read_records(io.BytesIO(raw), "documents.json" if raw.lstrip()[:1] == b"{" else "request body",
                                 "auto", text_field=None))
     if not prompts:
-        raise ValueError("no documents in the request body")
+        raise InputError("request body: no documents in it")
     return prompts
 
 
-def _named(message: str) -> str:
-    """A record's error in the request's terms: JSON document i is `documents[i]`, not `line i+1`."""
-    return re.sub(r"^(documents: )?line (\d+): ", lambda m: f"documents[{int(m[2]) - 1}]: ", message)
+def _named(message: str, documents: bool) -> str:
+    """A record's error in the request's terms: JSON document i is `documents[i]`, not `line i+1`;
+    a file's records are the request body's."""
+    if documents:
+        return re.sub(r"^(documents: )?line (\d+): ", lambda m: f"documents[{int(m[2]) - 1}]: ", message)
+    return message if message.startswith("request body") else f"request body: {message}"
 
 
 async def _answered(command: str, engine: Engine, work: Work, body: TaskRequest, request: Request,
