@@ -355,14 +355,13 @@ def constraint_figures(folder: Path, args: argparse.Namespace, rows: list[dict])
 
     def per_step(fields: list[dict], prompts: list[list[int]], held: bool) -> float:
         times.clear()
-        opts = GenerationOptions(max_new_tokens=24, min_new_tokens=0 if held else 24)
+        opts = GenerationOptions(max_new_tokens=24, min_new_tokens=0 if held else 24, speculate="off")  # a step a pass
         with torch.inference_mode():
             generate(ours, prompts, opts, constraints=[grammar(f, p) for f, p in zip(fields, prompts, strict=True)]
                      if held else None)
         return statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
 
     generation.Frame.step = timed
-    generation.MAX_FORCED, forced = 0, generation.MAX_FORCED  # a step at a time: the mask's cost, not fewer steps
     free_step = 0.0
     try:
         for batch, size in ((1, 640), (16, 160)):
@@ -376,7 +375,7 @@ def constraint_figures(folder: Path, args: argparse.Namespace, rows: list[dict])
                             note="reference: the same decoding unconstrained"))
             free_step = free_step or free
     finally:
-        generation.Frame.step, generation.MAX_FORCED = step, forced
+        generation.Frame.step = step
     long = {"title": "", "abstract": " ".join(lines[:40])}
     pieces = tok.encode_words(task.source(long))  # the input's own tokenization, which a plain run does too
     ids = build_input(task, tok, long, 1000, pieces)
