@@ -380,3 +380,51 @@ def test_serve_replicas_answer_as_one_server_and_replace_a_killed_one(local_ray,
         assert ask("of the").status_code == 200
     finally:
         stop()
+
+
+def test_sigterm_stops_the_replicas_and_the_ray_they_started(tiny_ref, tmp_path):
+    """`serve --replicas` under SIGTERM (what systemd, Docker and Kubernetes send) stops as Ctrl-C
+    does: the fleet, then the Ray it started, agents and all (Ray's own handler would end the
+    process at once and leave them running under init); exit 143."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[ray,serve]')")
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, as a user's first run
+    server = subprocess.Popen([sys.executable, "-m", "biogpt_cli", "serve", "--replicas", "1", "-m", str(tiny_ref[1]),
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                              cwd=tmp_path)
+    deadline, seen = time.time() + 300, b""
+    while b"serving" not in seen:
+        assert server.poll() is None and time.time() < deadline, seen.decode(errors="replace")
+        seen += server.stderr.readline()
+    family = descendants(server.pid)
+    assert family, "no Ray processes under the server"
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(120) == 143
+    deadline = time.time() + 30
+    while (left := [p for p in family if Path(f"/proc/{p}").exists()]) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left if Path(f"/proc/{p}").exists()]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (Linux's /proc)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
