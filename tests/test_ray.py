@@ -411,7 +411,42 @@ def test_sigterm_stops_the_replicas_and_the_ray_they_started(tiny_ref, tmp_path)
     deadline = time.time() + 30
     while (left := [p for p in family if Path(f"/proc/{p}").exists()]) and time.time() < deadline:
         time.sleep(0.5)
-    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left if Path(f"/proc/{p}").exists()]
+    assert not left, [cmdline(p) for p in left]
+
+
+def test_sigterm_ends_an_engine_ray_run_and_the_ray_it_started(tiny_ref, tmp_path):
+    """`--engine ray` under SIGTERM, as under Ctrl-C: the run ends (exit 143), its folder resumable,
+    and the Ray it started goes with it, agents and all."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"the dog {i}"}) + "\n" for i in range(400)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.Popen([sys.executable, "-m", "biogpt_cli", "generate", "--engine", "ray", "-m", str(tiny_ref[1]),
+                            "-n", "200", "-i", str(src), "-o", str(tmp_path / "out"), "-q"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    deadline = time.time() + 300
+    while not any(b"raylet" in cmdline(p) for p in descendants(run.pid)):  # its Ray is up
+        assert run.poll() is None and time.time() < deadline, run.stderr.read().decode(errors="replace")
+        time.sleep(0.5)
+    time.sleep(3)
+    family = descendants(run.pid)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(120) == 143, run.stderr.read().decode(errors="replace")
+    deadline = time.time() + 30
+    while (left := [p for p in family if Path(f"/proc/{p}").exists()]) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, [cmdline(p) for p in left]
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()[:100]
+    except OSError:
+        return b""
 
 
 def descendants(pid: int) -> set[int]:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -352,6 +353,16 @@ def failure(e: BaseException) -> BioGptError:
                        "command to finish the remaining ids")
 
 
+def init_ray(ray: Any, **options: Any) -> None:
+    """`ray.init`, keeping this process's SIGTERM handler: Ray's would end the process at once
+    (SIGABRT), before it could stop what it started, and leave Ray's agents running under init."""
+    ours = signal.getsignal(signal.SIGTERM)
+    try:
+        ray.init(**options)
+    finally:
+        signal.signal(signal.SIGTERM, ours)
+
+
 def _connect(ray: Any, address: str | None, workers: int, cpus_per_worker: float) -> bool:
     """Join the cluster at `address` (or start a local one), and refuse a layout it cannot hold.
     Whether this started Ray (the caller then shuts it down)."""
@@ -363,7 +374,7 @@ def _connect(ray: Any, address: str | None, workers: int, cpus_per_worker: float
         try:
             with open(Path(tempfile.gettempdir()) / "biogpt-ray-init.log", "ab") as log:
                 os.dup2(log.fileno(), 2)
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                init_ray(ray, address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                          **({} if address else {"num_cpus": os.cpu_count()}))
         finally:
             os.dup2(saved, 2)

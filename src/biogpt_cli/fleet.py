@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from .cluster import init_ray
 from .errors import BioGptError, missing_extra
 
 HUB, NAMESPACE, APP = "biogpt-serve-hub", "biogpt-serve", "biogpt"
@@ -153,7 +154,7 @@ def start(spec: dict[str, Any], replicas: int, cpus: float, gpus: float, host: s
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its start-up notices: stderr is ours
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, namespace=NAMESPACE,
+        init_ray(ray, address=address or os.environ.get("RAY_ADDRESS") or None, namespace=NAMESPACE,
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
     hub = ray.remote(num_cpus=0)(Hub).options(name=HUB, namespace=NAMESPACE, get_if_exists=True).remote()
     try:

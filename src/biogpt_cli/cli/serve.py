@@ -115,15 +115,12 @@ def _serve_replicas(spec: dict, replicas: int, cpus: float, gpus: float, host: s
                     address: str | None) -> None:
     """The deployment on Ray Serve (fleet.py), until Ctrl-C or SIGTERM: either stops the fleet, and a
     Ray this command started with it (its agents included)."""
-    import signal
     import time
 
     from .. import fleet
 
     fleet.ray_serve()  # the extra is there, or one line saying how to add it
-    ours = signal.getsignal(signal.SIGTERM)
     stop = fleet.start(spec, replicas, cpus, gpus, host, port, address)
-    signal.signal(signal.SIGTERM, ours)  # Ray's would end the process at once, leaving its agents behind
     try:
         stderr.print(f"serving {spec['load']['path_or_id']} on http://{host}:{port}/v1 from {replicas} Ray Serve "
                      "replicas (Ctrl-C stops)")
