@@ -428,18 +428,19 @@ def test_sigterm_ends_an_engine_ray_run_and_the_ray_it_started(tiny_ref, tmp_pat
     run = subprocess.Popen([sys.executable, "-m", "biogpt_cli", "generate", "--engine", "ray", "-m", str(tiny_ref[1]),
                             "-n", "200", "-i", str(src), "-o", str(tmp_path / "out"), "-q"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
-    deadline = time.time() + 300
-    while not any(b"raylet" in cmdline(p) for p in descendants(run.pid)):  # its Ray is up
+    deadline, manifest = time.time() + 300, tmp_path / "out.manifest.json"
+    while not manifest.exists():  # its Ray is up (a manifest is written once connected) and the run under way
         assert run.poll() is None and time.time() < deadline, run.stderr.read().decode(errors="replace")
         time.sleep(0.5)
-    time.sleep(3)
     family = descendants(run.pid)
+    assert any(b"raylet" in cmdline(p) for p in family)
     run.send_signal(signal.SIGTERM)
     assert run.wait(120) == 143, run.stderr.read().decode(errors="replace")
     deadline = time.time() + 30
     while (left := [p for p in family if Path(f"/proc/{p}").exists()]) and time.time() < deadline:
         time.sleep(0.5)
     assert not left, [cmdline(p) for p in left]
+    assert json.loads(manifest.read_text())["status"] == "interrupted"  # and the folder resumable
 
 
 def cmdline(pid: int) -> bytes:
