@@ -167,3 +167,31 @@ def test_the_flags_the_verbose_line_and_the_manifest(cli, tiny_ref, tmp_path):
     for bad in (("--speculate", "int9"), ("--draft-tokens", "0"), ("--draft-tokens", "17")):
         code, _, err = cli("generate", "-m", tiny_ref[1], "x", *bad)
         assert code == 2 and bad[0] in err, err
+
+
+def test_a_sampled_draft_is_kept_with_the_models_probability(tiny_ref, monkeypatch):
+    """The sampling rule, statistically: a drafted token (here the model's own likeliest) is kept as
+    often as the model, after its processors, gives it probability, over many seeded rows: the
+    count within 4 standard deviations of the sum of those probabilities."""
+    ours, prompt, temperature = ours_from(tiny_ref[0]), [2, 40, 41, 42], 0.08  # a random model's logits are flat
+    proposed: list[int] = []
+
+    def likeliest(self, text, most, patient):
+        with torch.no_grad():
+            proposed.append(int(ours(torch.tensor([list(text)])).logits[0, -1].argmax()))
+        return proposed[-1:][:most]
+    monkeypatch.setattr(drafts.Lookup, "draft", likeliest)
+    opts = GenerationOptions(max_new_tokens=3, do_sample=True, temperature=temperature, top_k=0, speculate="ngram")
+    kept, expected, variance = 0, 0.0, 0.0
+    for seed in range(300):
+        proposed.clear()
+        new = [t for _, t, r in stream_tokens(ours, [prompt], opts, lambda j, s=seed: prompt_generator(s, j))
+               if r is None]
+        if len(new) < 2 or not proposed:
+            continue
+        with torch.no_grad():
+            probs = torch.softmax(ours(torch.tensor([prompt + new[:1]])).logits[0, -1] / temperature, -1)
+        p = probs[proposed[0]].item()
+        kept, expected, variance = kept + (new[1] == proposed[0]), expected + p, variance + p * (1 - p)
+    assert expected > 30 and variance > 10, (expected, variance)
+    assert abs(kept - expected) < 4 * variance ** 0.5, (kept, expected, variance)
