@@ -10,7 +10,9 @@ vocabulary from ../shared), then times the same work both ways and prints ratios
 on a shared machine are noise, ratios measured in one run are the figures. Every figure is the
 median of `--repeats` runs, printed with the machine it ran on (CPU, ISA level, threads, torch,
 measured read bandwidth); decode figures also as a share of their bandwidth bound (bytes read per
-token / the bandwidth, measured again around each timed run). Not a test: nothing here asserts
+token / the bandwidth, measured again around each timed run); decoding speed is one token a pass
+(`speculate="off"`, as the reference decodes: random weights repeat themselves, which would make
+drafts look free), and `--only speculate` measures speculation against it. Not a test: nothing here asserts
 a speed. Needs only the runtime dependencies and transformers (the reference), not the test tools.
 """
 
@@ -133,7 +135,7 @@ def decode_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> 
             generate(model, [prompt], GenerationOptions(max_new_tokens=2))
         ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2)
     for name, (mine, theirs, model) in cases.items():
-        opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n, **mine)
+        opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n, speculate="off", **mine)
         gen = torch.Generator(args.device).manual_seed(0)
         with torch.inference_mode():
             t_ours, t_ref, bound = bounded_compare(
@@ -166,7 +168,7 @@ def variants(folder: Path, fp32: BioGptForCausalLM, prompt: list[int], args: arg
     float32 on the same weights: top-1 agreement and max |logit error| over a teacher-forced
     sequence (the float32 greedy one)."""
     n = args.new_tokens
-    opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n)
+    opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n, speculate="off")
     with torch.inference_mode():
         seq = prompt + generate(fp32, [prompt], GenerationOptions(max_new_tokens=args.agreement_tokens,
                                                                   min_new_tokens=args.agreement_tokens))[0][0].ids
@@ -696,7 +698,7 @@ def bulk_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> No
     n = 16 if args.quick else 64
     ref = reference_model(folder, args.device)
     ours = BioGptForCausalLM.from_pretrained(folder, device=args.device)
-    opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n)
+    opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n, speculate="off")
     sink = type("Sink", (), {"begin": lambda self, p: None, "add": lambda self, p: None,
                              "event": lambda self, ev: None})()
     jobs = [Job(("line", i + 1), p) for i, p in enumerate(prompts)]
@@ -762,7 +764,7 @@ def gpu_dtype_figures(folder: Path, args: argparse.Namespace, rows: list[dict], 
     prompt, n = BioGptTokenizer.from_folder(folder).encode(PROMPT), args.new_tokens
     ids = torch.tensor([prompt], device=args.device)
     greedy = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
-    opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n)
+    opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n, speculate="off")
     paths = {"eager": {}} if dtype == "float16" else {"eager": {}, "static cache": {"cache_implementation": "static"}}
     for path, extra in paths.items():
         try:
@@ -780,7 +782,7 @@ def gpu_dtype_figures(folder: Path, args: argparse.Namespace, rows: list[dict], 
         return
     width = max(map(len, bulk))
     padded = torch.tensor([[1] * (width - len(p)) + p for p in bulk], device=args.device)
-    o64 = GenerationOptions(max_new_tokens=64, min_new_tokens=64)
+    o64 = GenerationOptions(max_new_tokens=64, min_new_tokens=64, speculate="off")
     for path, extra in paths.items():
         theirs = {"attention_mask": (padded != 1).long(), "max_new_tokens": 64, "min_new_tokens": 64,
                   "do_sample": False, "pad_token_id": 1, **extra}
@@ -1028,7 +1030,7 @@ def compile_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) ->
     eager = BioGptForCausalLM.from_pretrained(folder)
     plain = BioGptForCausalLM.from_pretrained(folder, kernels=False)
     compiled = torch.compile(plain, dynamic=True)
-    opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n)
+    opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n, speculate="off")
     with torch.inference_mode():
         first = seconds(lambda: generate(compiled, [prompt], opts))
         t_compiled, t_eager = compare(lambda: generate(compiled, [prompt], opts),

@@ -41,7 +41,7 @@ def main() -> None:
     folder = args.workdir / "biogpt-random"
     build_checkpoint(folder)
     prompt = BioGptTokenizer.from_folder(folder).encode(PROMPT)
-    opts = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+    opts = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens, speculate="off")  # a step a token
     activities = [torch.profiler.ProfilerActivity.CPU]
     if args.device.startswith("cuda"):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
