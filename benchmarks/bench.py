@@ -45,7 +45,7 @@ from biogpt_cli import BioGptForCausalLM, BioGptTokenizer, GenerationOptions, ge
 from biogpt_cli.inputs import parallel_map  # noqa: E402
 from biogpt_cli.linear import PackedLinear, is_kernel  # noqa: E402
 from biogpt_cli.scoring import sequence_nll  # noqa: E402
-from tests.fixtures import shared_dir, write_hub_vocab_from_fairseq  # noqa: E402
+from tests.fixtures import descendants, shared_dir, write_hub_vocab_from_fairseq  # noqa: E402
 
 PROMPT = "COVID-19 is a disease caused by a coronavirus that was first identified in"
 
@@ -958,22 +958,8 @@ def embed_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> N
 
 def _tree_pss(root: int) -> int:
     """Proportional set size (bytes) of a process and all its descendants (Ray's daemons included)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    tree, grew = {root}, True
-    while grew:
-        grew = False
-        for pid, ppid in parents.items():
-            if ppid in tree and pid not in tree:
-                tree.add(pid)
-                grew = True
     total = 0
-    for pid in tree:
+    for pid in {root} | descendants(root):
         try:
             total += next(int(line.split()[1]) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
                           if line.startswith("Pss:")) * 1024

@@ -16,6 +16,7 @@ from biogpt_cli import cluster  # noqa: E402
 from biogpt_cli.cluster import Worker  # noqa: E402
 from biogpt_cli.errors import BioGptError  # noqa: E402
 from tests.conftest import one_error_line  # noqa: E402
+from tests.fixtures import descendants  # noqa: E402
 
 N = 100
 
@@ -448,19 +449,3 @@ def cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()[:100]
     except OSError:
         return b""
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below `pid` (Linux's /proc)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
