@@ -29,7 +29,7 @@ from .limits import DEFAULT_LIMITS, Limits
 from .protocol import CompletionRequest, settings
 from .scoring import sequence_nll
 from .serving import Engine, Work
-from .tasks import TASKS, answered
+from .tasks import answered, own_task
 
 INSTRUCTIONS = ("BioGPT, a language model trained on PubMed abstracts, running locally. It continues "
                 "biomedical text and scores it; a fine-tuned checkpoint also answers the paper's tasks, its "
@@ -139,8 +139,8 @@ def _classify(engine: Engine, name: str, task: str | None) -> Any:
 async def _task(engine: Engine, command: str, fields: dict[str, Any], constrained: bool, name: str,
                 task: str | None) -> dict[str, Any]:
     """One document through the task command's plan: its record."""
-    mine = task if task is not None and TASKS[task].command == command else None
-    s = {"task": mine, "model": name, "max_new_tokens": 0, "constrained": constrained, "relations": None}
+    s = {"task": own_task(command, task), "model": name, "max_new_tokens": 0, "constrained": constrained,
+         "relations": None}
     prompt = Prompt(0, "", None, fields)
     work = await _ready(engine.prepare_task, command, [prompt], s)
     done = (await _decoded(engine, work))[0]
@@ -165,13 +165,10 @@ async def _ready(prepare: Any, *args: Any) -> Work:
 
 async def _decoded(engine: Engine, work: Work) -> list[Any]:
     """Each prompt's finished completion, its rows decoded in the engine's shared batch."""
-    done: dict[int, Any] = {}
     try:
-        await engine.generate(work, lambda ev: ev.done and done.__setitem__(ev.done.prompt_index, ev.done),
-                              threading.Event(), time.perf_counter())
+        return await engine.finished(work, threading.Event(), time.perf_counter())
     except BioGptError as e:
         raise ToolError(str(e)) from None
-    return [done[i] for i in range(len(work.jobs))]
 
 
 def http_app(server: MCPServer, engine: Engine, api_key: str | None, hosts: Sequence[str] | None,

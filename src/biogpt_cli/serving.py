@@ -116,8 +116,7 @@ class Engine:
             s = {**s, "min_new_tokens": s["max_new_tokens"]}
         if s.get("seed") is None:
             s = {**s, "seed": int.from_bytes(os.urandom(4), "little")}
-        s = {**s, "speculate": self.limits.speculate, "draft_tokens": self.limits.draft_tokens}
-        plan = generate_plan(lm, self.tok, s, lambda m: None)
+        plan = generate_plan(lm, self.tok, {**s, **self.speculation}, lambda m: None)
         jobs = [dataclasses.replace(plan.job(Prompt(i, p)), opts=plan.opts, stop=plan.stop, seed=plan.seed)
                 for i, p in enumerate(prompts)]
         plan.opts.validate(lm.config.vocab_size)
@@ -131,8 +130,7 @@ class Engine:
     def prepare_task(self, command: str, prompts: list[Prompt], s: dict[str, Any]) -> Work:
         """A task request made ready as `biogpt qa|extract|classify` reads its records (plans.py):
         its jobs join the greedy rows of the running batch. BioGptError naming the document."""
-        s = {**s, "command": command, "speculate": self.limits.speculate, "draft_tokens": self.limits.draft_tokens}
-        plan = task_plan(self.lm, self.tok, s, lambda m: None)
+        plan = task_plan(self.lm, self.tok, {**s, "command": command, **self.speculation}, lambda m: None)
         jobs = []
         for p in prompts:
             if plan.blank(p):
@@ -145,6 +143,19 @@ class Engine:
         check_rows_fit(self.lm.config, len(jobs), max(len(j.ids) for j in jobs) + plan.opts.max_new_tokens,
                        what="documents", dtype_bytes=p.element_size(), device=p.device)
         return Work(plan, jobs, 1, 1, 1)
+
+    @property
+    def speculation(self) -> dict[str, Any]:
+        """How every request's rows speculate (`serve --speculate`, `--draft-tokens`)."""
+        return {"speculate": self.limits.speculate, "draft_tokens": self.limits.draft_tokens}
+
+    async def finished(self, work: Work, cancelled: threading.Event, arrived: float) -> list[Any]:
+        """`generate` for a request of one row a prompt (the tasks): each prompt's finished
+        completion, in the prompts' order."""
+        done: dict[int, Any] = {}
+        await self.generate(work, lambda ev: ev.done and done.__setitem__(ev.done.prompt_index, ev.done),
+                            cancelled, arrived)
+        return [done[i] for i in range(len(work.jobs))]
 
     async def generate(self, work: Work, sink: Callable[[TextEvent], None], cancelled: threading.Event,
                        arrived: float) -> None:

@@ -24,9 +24,9 @@ from pydantic import ValidationError
 from .errors import BioGptError, InputError, PromptTooLong
 from .inputs import Prompt, read_records
 from .protocol import TaskRequest
-from .server import busy, error, watch
+from .server import busy, error, usage_of, watch
 from .serving import Cancelled, Engine, Work
-from .tasks import TASKS
+from .tasks import own_task
 from .writers import DocumentWriter
 
 COMMANDS = ("qa", "extract", "classify")
@@ -53,8 +53,7 @@ def _route(command: str, engine: Engine, name: str, default: str | None) -> Any:
         if body.model not in (None, name):
             return error(404, f"model {body.model!r} is not served here (this server serves {name!r})",
                          param="model")
-        mine = default if default is not None and TASKS[default].command == command else None
-        s = {"task": body.task or mine, "model": name, "max_new_tokens": body.max_tokens,
+        s = {"task": body.task or own_task(command, default), "model": name, "max_new_tokens": body.max_tokens,
              "constrained": body.constrained, "relations": body.relations}
         try:
             prompts = await asyncio.to_thread(_documents, body, raw)
@@ -118,28 +117,23 @@ def _named(message: str, documents: bool) -> str:
 async def _answered(command: str, engine: Engine, work: Work, body: TaskRequest, request: Request,
                     arrived: float, name: str) -> Any:
     """Decode the request's rows with the others', then its records, in the documents' order."""
-    done: dict[int, Any] = {}
     cancelled = threading.Event()
     watcher = asyncio.ensure_future(watch(request, cancelled, f"{command} request"))
     try:
-        await engine.generate(work, lambda ev: ev.done and done.__setitem__(ev.done.prompt_index, ev.done),
-                              cancelled, arrived)
+        done = await engine.finished(work, cancelled, arrived)
     except Cancelled:
         return error(499, "the client went away")
     except BioGptError as e:
         return error(400, str(e), param="documents")
     finally:
         watcher.cancel()
-    items = [(job.item, done[i]) for i, job in enumerate(work.jobs)]
-    tokens = sum(len(d.ids) for _, d in items)
-    request.state.tokens = tokens
+    items = [(job.item, d) for job, d in zip(work.jobs, done, strict=True)]
+    usage = usage_of(work.jobs, sum(len(d.ids) for d in done))
+    request.state.tokens = usage["total_tokens"]
     if body.format != "json":
         writer = DocumentWriter(body.format, work.plan.identity["task"], work.plan.record)
         text = await asyncio.to_thread(writer.whole, items)
         return Response(text, media_type=MEDIA[body.format])
     records = await asyncio.to_thread(lambda: [work.plan.record(p, d) for p, d in items])
-    prompt = sum(len(j.ids) for j in work.jobs)
-    return JSONResponse({"object": "list", "model": name,
-                         "task": work.plan.identity["task"], "data": records,
-                         "usage": {"prompt_tokens": prompt, "completion_tokens": tokens,
-                                   "total_tokens": prompt + tokens}})
+    return JSONResponse({"object": "list", "model": name, "task": work.plan.identity["task"], "data": records,
+                         "usage": usage})

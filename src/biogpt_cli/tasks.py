@@ -180,15 +180,19 @@ def task_for(command: str, requested: str | None, config: BioGptConfig, source: 
     return TASKS[name]
 
 
+def own_task(command: str, default: str | None) -> str | None:
+    """`default` (`serve --task`, `mcp --task`) where it is a task of `command`, else None: the
+    other commands' tasks are their checkpoint's own."""
+    return default if default is not None and TASKS[default].command == command else None
+
+
 def answered(config: BioGptConfig, default: str | None, source: str) -> list[Task]:
     """The tasks a checkpoint answers, one per command (`default`: its task when its config does
     not name it), the default's first: none for a language model."""
     tasks = []
-    for command in sorted({t.command for t in TASKS.values()}, key=lambda c: default is None or
-                          TASKS[default].command != c):
-        mine = default if default is not None and TASKS[default].command == command else None
+    for command in sorted({t.command for t in TASKS.values()}, key=lambda c: own_task(c, default) is None):
         with contextlib.suppress(InputError):
-            tasks.append(task_for(command, mine, config, source))
+            tasks.append(task_for(command, own_task(command, default), config, source))
     return tasks
 
 
