@@ -126,13 +126,12 @@ def whole_file(path: str | None, run: dict[str, Any] | None = None,
 @contextlib.contextmanager
 def whole_output(path: str | None, run: dict[str, Any] | None = None) -> Iterator[LineWriter]:
     """A writer to `path` through `whole_file` (stdout without one), closed when the block ends."""
-    writer: list[LineWriter] = []
-    with whole_file(path, run, lambda: writer[0].records if writer else 0) as target:
-        writer.append(LineWriter.create(target, name=path))
+    with whole_file(path, run, lambda: writer.records) as target:  # counted once the file is whole
+        writer = LineWriter.create(target, name=path)
         try:
-            yield writer[0]
+            yield writer
         finally:
-            writer[0].close()
+            writer.close()
 
 
 def record_key(record: dict) -> Key:
