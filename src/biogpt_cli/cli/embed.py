@@ -118,8 +118,7 @@ def embed(
         lm, tok = load(model, revision, dtype, torch_device, quantize, cls=BioGptModel, kernels=True)
         run = {"command": "embed", **settings, "format": fmt, **model_identity(lm, model, revision, dtype, quantize),
                **input_identity(prompt, input, output)}
-        written = [0]  # records (lines, or rows of the matrix), for the manifest
-        with whole_file(output, run, lambda: written[0]) as target:
+        with whole_file(output, run, lambda: done - skipped) as target:  # records: lines, or rows of the matrix
             writer = None if matrix else LineWriter.create(target, name=output)
             rows, keys, skipped, done = [], [], 0, 0
             try:
@@ -127,7 +126,6 @@ def embed(
                     for group in batches(items, batch_size * LENGTH_WINDOW):
                         kept = [p for p in group if p.text.strip()]
                         skipped, done = skipped + len(group) - len(kept), done + len(group)
-                        written[0] += len(kept)
                         if matrix and kept:
                             rows.append(embed_vectors(lm, tok, kept, batch_size, settings, stderr.print))
                             keys.extend(p.origin for p in kept)
