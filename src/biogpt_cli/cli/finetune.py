@@ -136,32 +136,40 @@ def _fit_small_data(run: Any, warmup: bool) -> str | None:
     one small step an epoch, and learn nothing. Data smaller than an update gets updates of about
     an eighth of an epoch (and, unless --warmup was given, a 10-update warm-up) where that makes
     several an epoch; the line that says so, or None."""
-    tokens, r = sum(len(s) - 1 for s in run.train), run.recipe
-    if tokens >= r.tokens_per_update:
+    small, r = _small_epoch(run), run.recipe
+    if small is None:
         return None
-    fit = max(r.batch_tokens, 1 << max(tokens // 8, 1).bit_length() - 1)
+    said, fit = small
     run.recipe = dataclasses.replace(r, tokens_per_update=fit, warmup=min(r.warmup, 10) if warmup else r.warmup)
     if run.updates_per_epoch() < 2:  # one forward pass holds the epoch: only a smaller --batch-tokens helps
         run.recipe = r
         return None
-    return (f"note: an epoch of these examples is {tokens:,} target tokens, less than one update of "
-            f"{r.tokens_per_update:,}: updates of {fit:,} tokens instead (about {run.updates_per_epoch()} an "
-            f"epoch){' and a warm-up of 10' if warmup and r.warmup > 10 else ''}; --tokens-per-update "
+    return (f"{said}updates of {fit:,} tokens instead (about {run.updates_per_epoch()} an epoch)"
+            f"{' and a warm-up of 10' if warmup and r.warmup > 10 else ''}; --tokens-per-update "
             f"{r.tokens_per_update} keeps the recipe's")
 
 
 def _note_small_data(run: Any) -> None:
     """Say so when an epoch is still less than one update (--tokens-per-update given)."""
-    tokens, tokens_per_update = sum(len(s) - 1 for s in run.train), run.recipe.tokens_per_update
-    if tokens >= tokens_per_update:
+    small = _small_epoch(run)
+    if small is None:
         return
-    fit = max(run.recipe.batch_tokens, 1 << max(tokens // 8, 1).bit_length() - 1)
+    said, fit = small
     warmup = run.recipe.warmup
     outlasts = (f", and the warm-up of {warmup} updates outlasts all {run.total_updates()}"
                 if warmup >= run.total_updates() else "")
-    stderr.print(f"note: an epoch of these examples is {tokens:,} target tokens, less than one update of "
-                 f"{tokens_per_update:,}: each epoch makes a single small step{outlasts}. For data this small set "
+    stderr.print(f"{said}each epoch makes a single small step{outlasts}. For data this small set "
                  f"--tokens-per-update {fit} --warmup 10 (about 8 updates an epoch)", markup=False, highlight=False)
+
+
+def _small_epoch(run: Any) -> tuple[str, int] | None:
+    """When an epoch is less than one update: the note's opening, and the update size that makes
+    about eight an epoch (one --batch-tokens pass at least)."""
+    tokens, r = sum(len(s) - 1 for s in run.train), run.recipe
+    if tokens >= r.tokens_per_update:
+        return None
+    return (f"note: an epoch of these examples is {tokens:,} target tokens, less than one update of "
+            f"{r.tokens_per_update:,}: ", max(r.batch_tokens, 1 << max(tokens // 8, 1).bit_length() - 1))
 
 
 def _train(run: Any, resume: bool, quiet: bool) -> None:
