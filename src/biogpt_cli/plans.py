@@ -195,7 +195,7 @@ def task_plan(lm: Any, tok: Any, s: dict[str, Any], warn: Warn) -> Plan:
         return {**base_record(p, done), task.result: value, **({"constrained": task.name} if constrained else {})}
 
     opts = GenerationOptions(max_new_tokens=new, bad_words_ids=[[lm.config.pad_token_id]],
-                             speculate=s.get("speculate") or "auto", draft_tokens=s.get("draft_tokens") or 8)
+                             **{k: s[k] for k in ("speculate", "draft_tokens") if s.get(k) is not None})
     identity = {"command": s["command"], "task": task.name, "source_limit": limit, "max_new_tokens": new,
                 "speculation": speculation(opts),
                 **({"constrained": task.name, "relations": list(relations)} if constrained else {})}
