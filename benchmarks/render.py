@@ -59,7 +59,7 @@ def performance_page(found: list[tuple[str, dict]]) -> str:
            "only where K of its steps (the rows `a drafting step of the int8 copy`) cost less than the float32 "
            "steps its kept tokens save. A batch of several rows already reads the weights once for all "
            "of them, so `auto` drafts from the text only for a row decoding alone; the server row with 16 "
-           "clients checks that this never makes it slower.", ""]
+           "clients measures `auto` against `off` under that load.", ""]
     for name, data in reversed(found):
         out += [f"## {machine_line(data['machine'])}", "", f"`bench.py {data.get('command', '')}` -> `{name}`", "",
                 *table(data["rows"]), ""]
