@@ -16,6 +16,7 @@ from biogpt_cli import (
     BioGptModel,
     ConfigError,
     KVCache,
+    native,
 )
 from biogpt_cli.loading import from_state_dict
 
@@ -311,22 +312,31 @@ def test_bfloat16_falls_back_without_avx512():
     assert out.returncode == 0 and out.stdout.split() == ["False", "False"], out.stderr
 
 
-def test_int4_kernel_is_used_and_stays_close(tmp_path):
-    """int4 needs inputs in groups of 128: a model with 128 hidden units (the tiny one falls back to int8)."""
-    from biogpt_cli.linear import Int4Linear
+@pytest.mark.parametrize("kernel", ["int4", "int4-native"])
+def test_int4_kernel_is_used_and_stays_close(tmp_path, monkeypatch, kernel):
+    """int4 needs inputs in groups of 128: a model with 128 hidden units (the tiny one falls back to
+    int8). The prompt runs whole (torch's GEMM for ours) and a token at a time (our kernel's rows)."""
+    from biogpt_cli.linear import Int4Linear, Int8Linear, NativeInt4Linear, NativeInt8Linear
     from tests.conftest import make_reference
 
+    if kernel.endswith("native") and native.library() is None:
+        pytest.skip(f"our kernels: {native.unavailable()}")
+    monkeypatch.setenv("BIOGPT_KERNEL", kernel)
     ref = make_reference(tmp_path, seed=2, hidden_size=128, intermediate_size=256)
     ours = BioGptForCausalLM.from_pretrained(tmp_path, quantize="int4")
-    kinds = {type(m).__name__ for m in ours.biogpt.modules()}
-    assert "Int4Linear" in kinds and not any(isinstance(m, torch.nn.Linear) for m in ours.biogpt.layers.modules())
-    assert not isinstance(ours.output_projection, Int4Linear)  # the logits stay int8
+    int4 = NativeInt4Linear if kernel.endswith("native") else Int4Linear
+    assert all(isinstance(m, int4) for m in ours.biogpt.layers.modules() if hasattr(m, "in_features"))
+    assert isinstance(ours.output_projection, Int8Linear | NativeInt8Linear)  # the logits stay int8
     ids = torch.tensor([[2, *range(10, 40)]])
     with torch.no_grad():
         expected = ref(ids).logits
-    got = ours(ids).logits
-    assert (got - expected).abs().max() < 0.25 * expected.std()
-    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.8
+        whole = ours(ids).logits
+        cache = ours.new_cache(1, ids.shape[1])
+        steps = torch.cat([ours(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits
+                           for i in range(ids.shape[1])], 1)
+    for got in (whole, steps):
+        assert (got - expected).abs().max() < 0.25 * expected.std()
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.8
 
 
 def test_kernel_choice_is_measured_once_and_survives_a_bad_cache(tmp_path, monkeypatch):

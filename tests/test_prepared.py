@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from biogpt_cli import BioGptForCausalLM
-from biogpt_cli.linear import Int4Linear, Int8Linear
+from biogpt_cli import BioGptForCausalLM, native
+from biogpt_cli.linear import Int4Linear, Int8Linear, NativeInt4Linear, NativeInt8Linear
 from tests.conftest import make_reference
 
 
@@ -48,12 +48,27 @@ def logits(model: BioGptForCausalLM) -> torch.Tensor:
 def refuse_to_quantize(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("quantized again although the prepared weights are cached")
-    monkeypatch.setattr(Int8Linear, "quantize", refuse)
+    for cls in (Int8Linear, NativeInt8Linear, NativeInt4Linear):
+        monkeypatch.setattr(cls, "quantize", refuse)
     monkeypatch.setattr(Int4Linear, "__init__", refuse)
 
 
+KERNELS = ["torch", "native"]
+
+
+def use(monkeypatch, method: str, kernel: str) -> str:
+    """Load `method` with torch's kernel or ours (skipped where ours cannot be built)."""
+    if kernel == "native" and native.library() is None:
+        pytest.skip(f"our kernels: {native.unavailable()}")
+    name = method if kernel == "torch" else f"{method}-native"
+    monkeypatch.setenv("BIOGPT_KERNEL", name)
+    return name
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_quantized_weights_are_prepared_once(checkpoint, tmp_path, monkeypatch, method):
+def test_quantized_weights_are_prepared_once(checkpoint, tmp_path, monkeypatch, method, kernel):
+    use(monkeypatch, method, kernel)
     first = BioGptForCausalLM.from_pretrained(checkpoint, quantize=method)
     files = list((tmp_path / "cache" / "prepared").glob("*.safetensors"))
     assert len(files) == 1
@@ -79,15 +94,18 @@ def test_a_bad_or_stale_prepared_file_is_prepared_again(checkpoint, tmp_path, mo
     assert len(list(prepared.parent.iterdir())) == 2
 
 
-def test_another_models_prepared_file_is_refused(checkpoint, tmp_path):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_another_models_prepared_file_is_refused(checkpoint, tmp_path, monkeypatch, kernel):
     """A file whose layers do not fit this model (copied over, or a hash collision) is prepared again."""
-    from biogpt_cli.prepared import prepared_path
+    from biogpt_cli.prepared import for_kernel, prepared_path
+
+    name = use(monkeypatch, "int8", kernel)
 
     expected = logits(BioGptForCausalLM.from_pretrained(checkpoint, quantize="int8"))
     other = tmp_path / "other"
     other.mkdir()
     make_reference(other, seed=5, hidden_size=64, intermediate_size=128)
     BioGptForCausalLM.from_pretrained(other, quantize="int8")
-    mine = prepared_path(checkpoint, BioGptForCausalLM, "int8")
-    mine.write_bytes(prepared_path(other, BioGptForCausalLM, "int8").read_bytes())
+    mine = for_kernel(prepared_path(checkpoint, BioGptForCausalLM, "int8"), name)
+    mine.write_bytes(for_kernel(prepared_path(other, BioGptForCausalLM, "int8"), name).read_bytes())
     assert torch.equal(logits(BioGptForCausalLM.from_pretrained(checkpoint, quantize="int8")), expected)

@@ -17,10 +17,13 @@ and which kernel is best depends on the CPU:
   call, the output projection included (a quarter of the bytes read per token).
 * int4 is group-wise (128 columns) asymmetric int4 weights with bfloat16 activations, torch's CPU
   int4 kernel; the output projection is int8 (the logits decide the next token).
+* `native`, `int8-native`, `int4-native`: our own kernels (`native/`), compiled for this CPU at
+  first use, where a compiler is at hand: the same weights streamed in blocks, activations
+  quantized to int8 per call for int8 and int4.
 
-For float32 and the half precisions, the first load on a machine times the candidates on the
-model's own weights (`choose_kernel`) and keeps the winner, cached per CPU, torch version, dtype and
-shape; later starts read the cache.
+For every precision the first load on a machine times the candidates on the model's own weights
+(`choose_kernel`) and keeps the winner, cached per CPU, torch version, dtype and shape; later
+starts read the cache.
 
 Packing copies a weight, so the mapped original's pages are handed back to the OS at once
 (`release`) and peak memory stays near one copy of the weights.
@@ -44,6 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .files import write_text
+from .native import library
+from .native.layers import G4, NativeInt4Linear, NativeInt8Linear, NativeLinear, fits
 
 QUANTIZE = ("none", "int8", "int4")
 INT4_GROUP = 128
@@ -212,26 +217,36 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32 or (dtype in HALF and _half_packing(dtype))
 
 
-def candidates(dtype: torch.dtype, device: torch.device, rows: int | None = None) -> list[str]:
+def candidates(dtype: torch.dtype, device: torch.device, rows: int | None = None, quantize: str = "none") -> list[str]:
     """The kernels worth timing for weights of this dtype on this device (`rows=1`: for a caller
-    that decodes one row at a time, the one-row packed layout too)."""
+    that decodes one row at a time, the one-row packed layout too), or for `quantize`'s weights."""
     if device.type != "cpu":
         return ["plain"]
+    native = library() is not None
+    if quantize != "none":
+        return [quantize, *([f"{quantize}-native"] if native else [])]
     packed = ["packed", "packed-1" if rows == 1 else "packed-16"] if can_pack(dtype, device) else []
     if dtype not in HALF:
-        return ["plain", *packed]
+        return ["plain", *packed, *(["native"] if native and dtype == torch.float32 else [])]
     wide = ["float32", *(["float32-packed"] if can_pack(torch.float32, device) else [])]
     return ["plain", *([] if rows == 1 else ["plain-direct"]), *packed, *wide]
 
 
 def is_kernel(module: nn.Module) -> bool:
     """One of the inference-only layers `optimize` swaps in."""
-    return isinstance(module, PackedLinear | HalfLinear | Float32Linear | Int4Linear | Int8Linear)
+    return isinstance(module, PackedLinear | HalfLinear | Float32Linear | Int4Linear | Int8Linear | NativeLinear
+                      | NativeInt8Linear | NativeInt4Linear)
 
 
-def as_kernel(linear: nn.Linear, kernel: str) -> nn.Module:
+def as_kernel(linear: nn.Linear, kernel: str, head: bool = False) -> nn.Module:
     """`linear` run by `kernel`, one of `candidates` (float32-packed: upcast once, then packed;
-    plain-direct: a few rows in the half precision too; packed-N: the layout for N rows)."""
+    plain-direct: a few rows in the half precision too; packed-N: the layout for N rows). A layer
+    that int4 or our kernels cannot take, and an int4 model's output projection (`head`: the logits
+    decide the next token), is int8."""
+    if kernel.startswith(("int8", "int4")):
+        return _quantized(linear, kernel, head)
+    if kernel == "native":
+        return NativeLinear(linear) if fits(linear) and linear.weight.dtype == torch.float32 else linear
     half = linear.weight.dtype in HALF and linear.weight.device.type == "cpu"
     if kernel.startswith("packed"):
         rows = kernel.partition("-")[2]
@@ -241,28 +256,37 @@ def as_kernel(linear: nn.Linear, kernel: str) -> nn.Module:
     return HalfLinear(linear, DIRECT_ROWS if kernel == "plain-direct" else 1) if half else linear
 
 
+def _quantized(linear: nn.Linear, kernel: str, head: bool) -> nn.Module:
+    native = kernel.endswith("-native")
+    if kernel.startswith("int4") and not head:
+        if native and fits(linear, G4):
+            return NativeInt4Linear.quantize(linear)
+        if not native and can_int4(linear):
+            return Int4Linear(linear)
+    return NativeInt8Linear.quantize(linear) if native and fits(linear) else Int8Linear.quantize(linear)
+
+
 def optimize(model: nn.Module, quantize: str = "none", release: Callable[[torch.Tensor], None] = lambda t: None,
              recurse: bool = True, kernel: str = "plain") -> nn.Module:
     """Swap every `nn.Linear` of an inference model (only its direct children without `recurse`)
-    for `kernel` (see `choose_kernel`), or for int8/int4 under `quantize`.
+    for `kernel` (see `choose_kernel`), or for int8/int4 under `quantize` (`kernel` then one of
+    its candidates, else torch's own).
 
     `release(weight)` is called for each original weight once it is no longer needed.
     """
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}")
+    if quantize != "none" and not kernel.startswith(quantize):
+        kernel = quantize
     for parent in list(model.modules()) if recurse else [model]:
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
-            if quantize == "int4" and name != "output_projection" and can_int4(child):
-                fast = Int4Linear(child)
-            elif quantize != "none" and child.weight.device.type == "cpu":
-                fast = Int8Linear.quantize(child)
-            else:
-                fast = as_kernel(child, kernel)
+            cpu = child.weight.device.type == "cpu"
+            fast = as_kernel(child, kernel if cpu else "plain", head=name == "output_projection")
             if fast is not child:
                 setattr(parent, name, fast)
-            if not isinstance(fast, nn.Linear | HalfLinear):
+            if not isinstance(fast, nn.Linear | HalfLinear | NativeLinear):
                 release(child.weight)
     return model
 
@@ -324,22 +348,24 @@ MARGIN = 0.95  # a kernel replaces the one before it in `candidates` only when 5
 SAMPLE_BYTES = 384 << 20  # far beyond any last-level cache, a third of microsoft/biogpt in float32
 
 
-def choose_kernel(linears: list[nn.Linear], rows: int | None = None) -> str:
-    """The fastest of `candidates` for these layers on this CPU, timed once per CPU, torch version,
-    threads, dtype, shape and candidates, then cached. The rows the caller decodes decide: one row
-    for `rows=1` (a single prompt, greedy or sampled), else 5 (beams, batches; a prompt's many rows
-    run the same kernels). Both timings are recorded: one CPU's winner at one row can lose at five.
-    A kernel replaces plain `F.linear`, the reference's own, only when clearly
-    faster. The timing runs on the first layers, up to `SAMPLE_BYTES` of float32.
-    `BIOGPT_KERNEL=plain|packed|packed-1|packed-16|float32|float32-packed|plain-direct` overrides
-    where that kernel applies (benchmarks, tests)."""
+def choose_kernel(linears: list[nn.Linear], rows: int | None = None, quantize: str = "none") -> str:
+    """The fastest of `candidates` for these layers (`quantize`d) on this CPU, timed once per CPU,
+    torch version, threads, dtype, shape and candidates, then cached. The rows the caller decodes
+    decide: one row for `rows=1` (a single prompt, greedy or sampled), else 5 (beams, batches; a
+    prompt's many rows run the same kernels). Both timings are recorded: one CPU's winner at one
+    row can lose at five. A kernel replaces plain `F.linear`, the reference's own (or torch's
+    quantized kernel), only when clearly faster. The timing runs on the first layers, up to
+    `SAMPLE_BYTES` of float32. `BIOGPT_KERNEL=` one of the candidates (plain, packed, packed-1,
+    packed-16, float32, float32-packed, plain-direct, native, int8, int8-native, int4, int4-native)
+    overrides where that kernel applies (benchmarks, tests)."""
     dtype, device = linears[0].weight.dtype, linears[0].weight.device
-    names = candidates(dtype, device, rows)
+    names = candidates(dtype, device, rows, quantize)
     forced = os.environ.get("BIOGPT_KERNEL", "").strip().lower()
     if forced in names or len(names) == 1:
         return forced if forced in names else names[0]
     shapes = sorted({tuple(m.weight.shape) for m in linears})
-    key = f"{cpu_id()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {dtype} | {shapes}"
+    precision = dtype if quantize == "none" else quantize
+    key = f"{cpu_id()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {precision} | {shapes}"
     decide = 0 if rows == 1 else 1  # which of the timings, at 1 and 5 rows, decides
     key += f" | {names} | decided at {(1, 5)[decide]} rows"  # new candidates, a new rule: timed again
     path = cache_dir() / "kernels.json"
@@ -358,7 +384,7 @@ def choose_kernel(linears: list[nn.Linear], rows: int | None = None) -> str:
     seconds = {}
     for name in names:
         layers = [as_kernel(m, name) for m in sample]
-        seconds[name] = [_time(layers, rows, dtype) for rows in (1, 5)]
+        seconds[name] = [_time(layers, rows, dtype if quantize == "none" else torch.float32) for rows in (1, 5)]
         del layers
     kernel = names[0]  # plain unless another is clearly faster: a tie in the noise goes to the reference's kernel
     for name in names[1:]:

@@ -36,7 +36,7 @@ from .hub import HUB_FILES, resolve
 from .identity import cache_limit, file_sha256, prune
 from .linear import cache_dir, choose_kernel, is_kernel, optimize
 from .model import BioGptDecoderLayer
-from .prepared import load_prepared, prepared_path, save_prepared
+from .prepared import for_kernel, load_prepared, prepared_path, save_prepared
 from .tokenizer import BioGptTokenizer
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -254,18 +254,22 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
             module_name, _, attr = name.rpartition(".")
             fresh = torch.zeros(param.shape) if attr == "bias" else torch.randn(param.shape) * 0.02
             setattr(model.get_submodule(module_name), attr, nn.Parameter(fresh))
+    # The fastest kernel on this CPU (measured once, then cached: see linear.py); a quantized model's
+    # choice names its prepared file, so it is made first (unquantized: after the dtype conversion).
+    # oneDNN-packed q/k/v are as fast unfused (measured), and the concatenation would leave ~110 MB
+    # of freed heap that glibc keeps: fuse only for the other inference kernels. A plain model (no
+    # kernels) keeps the reference's module names, for training and state dicts.
+    def linears() -> list[nn.Linear]:
+        return [m for layer in model.modules() if isinstance(layer, BioGptDecoderLayer)
+                for m in layer.modules() if isinstance(m, nn.Linear)]
     quantized = kernels and quantize != "none" and torch.device(device).type == "cpu"
+    kernel = choose_kernel(linears(), rows, quantize) if quantized and linears() else quantize
+    prepared = prepared and for_kernel(prepared, kernel)
     cached = quantized and prepared is not None and load_prepared(model, prepared, read_safetensors, release)
     _convert(model, parse_dtype(dtype), torch.device(device))
     model.eval()
-
-    # The fastest kernel on this CPU (measured once, then cached: see linear.py). oneDNN-packed q/k/v
-    # are as fast unfused (measured), and the concatenation would leave ~110 MB of freed heap that
-    # glibc keeps: fuse only for the other inference kernels (F.linear, int8, int4). A plain model
-    # (no kernels) keeps the reference's module names, for training and state dicts.
-    linears = [m for layer in model.modules() if isinstance(layer, BioGptDecoderLayer)
-               for m in layer.modules() if isinstance(m, nn.Linear)]
-    kernel = choose_kernel(linears, rows) if kernels and quantize == "none" and linears else "plain"
+    if not quantized:
+        kernel = choose_kernel(linears(), rows) if kernels and quantize == "none" and linears() else "plain"
     fuse = fuse and kernels and not kernel.startswith("packed")
 
     def prepare(layer: nn.Module) -> None:  # a layer at a time, so few are ever held twice
@@ -289,7 +293,7 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
     _release_after_lookups(model)
     model.inference_kernels = fuse or any(is_kernel(m) for m in model.modules())
     model.requires_grad_(not model.inference_kernels)
-    model.source = source
+    model.source, model.kernel = source, kernel if kernels else "plain"
     return model
 
 

@@ -150,6 +150,7 @@ class BioGptPreTrainedModel(nn.Module):
 
     config: BioGptConfig
     inference_kernels = False  # set by loading when linear.py's kernels replaced nn.Linear
+    kernel = "plain"  # which of them (linear.choose_kernel's name), set by loading
     default_kernels = False  # task heads and BioGptModel load as plain modules, ready to fine-tune
     base_prefix = "biogpt."
     optional_keys: tuple[str, ...] = ()  # task heads a base checkpoint lacks: freshly initialised

@@ -22,20 +22,27 @@ from .errors import CheckpointError
 from .files import write_safetensors
 from .identity import cache_limit, model_identity, prune
 from .linear import Int4Linear, Int8Linear, cache_dir, cpu_id
+from .native.layers import NativeInt4Linear, NativeInt8Linear
 
 FORMAT = 1  # bump when a kernel's tensors change meaning: old files are then never read
-KINDS: dict[str, type[Int4Linear | Int8Linear]] = {"int4": Int4Linear, "int8": Int8Linear}
+KINDS: dict[str, type[nn.Module]] = {"int4": Int4Linear, "int8": Int8Linear, "int4n": NativeInt4Linear,
+                                     "int8n": NativeInt8Linear}
 
 
 def prepared_path(folder: Path, cls: type[nn.Module], quantize: str) -> Path | None:
     """The cache file for these weights: the model's content (identity.py: other weights, even of the
     same sizes and mtime, get another file), the class (task heads), the method, the CPU and torch
-    version. None unquantized."""
+    version (the loader adds the kernel to its name). None unquantized."""
     if quantize == "none":
         return None
     content = model_identity(folder)["sha256"]
     key = f"{FORMAT}|{content}|{cls.__name__}|{quantize}|{cpu_id()}|torch {torch.__version__}"
     return cache_dir() / "prepared" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+
+def for_kernel(path: Path, kernel: str) -> Path:
+    """The cache file of `prepared_path` for the layers of one kernel (its tensors are its own)."""
+    return path.with_stem(f"{path.stem}-{kernel}")
 
 
 def load_prepared(model: nn.Module, path: Path, read: Callable[[Path], dict[str, torch.Tensor]],

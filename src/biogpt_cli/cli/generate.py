@@ -252,8 +252,12 @@ def load_model(model: str, revision: str | None, dtype: str, device: Any, quanti
     if speculate in SELF:
         draft_model(loaded[0], speculate)
     if verbose:
+        from ..native import describe
+
         copy = f" (and its {speculate} copy to draft with)" if speculate in SELF else ""
         stderr.print(f"loaded {model}{copy} in {time.perf_counter() - start:.2f} s")
+        if str(device).startswith("cpu"):
+            stderr.print(f"linear layers: {loaded[0].kernel}; {describe()}")
     return loaded
 
 

@@ -1,0 +1,152 @@
+"""Our CPU kernels (native/): numbers against torch's, every ISA path this machine can run, the
+build cached, one OpenMP runtime, and torch's kernels where ours cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from biogpt_cli import native
+from biogpt_cli.native import layers
+from biogpt_cli.native.layers import NativeInt4Linear, NativeInt8Linear, NativeLinear
+
+pytestmark = pytest.mark.skipif(native.library() is None and not os.environ.get("BIOGPT_CI"),
+                                reason=f"our kernels: {native.unavailable()}")
+SHAPES = [(64, 128), (256, 256), (8, 512)]  # (out, in): int4 needs inputs in groups of 128
+ROWS = [1, 3, native.MAX_ROWS]
+
+
+def _isa_flags() -> set[str]:
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
+def _arches() -> list[str]:
+    """The ISA paths of gemv.c this CPU can run: its own, AVX2 and plain C (x86-64)."""
+    arches = ["native"]
+    if native.compiler() and os.uname().machine == "x86_64":
+        arches += ["x86-64", *(["haswell"] if {"avx2", "fma"} <= _isa_flags() else [])]
+    return arches
+
+
+@pytest.fixture(params=_arches())
+def built(request, tmp_path, monkeypatch):
+    """Layers running the library built for one ISA path."""
+    if request.param != "native":
+        lib = native.build(native.compiler(), tmp_path / f"gemv-{request.param}.so", request.param)
+        monkeypatch.setattr(layers, "library", lambda: lib)
+    return request.param
+
+
+def activations(x: torch.Tensor) -> torch.Tensor:
+    """What the int8 and int4 kernels multiply: each row rounded to int8 steps of max|x| / 127."""
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
+    return (x / scale).round() * scale
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float32_equals_f_linear(built, shape, rows):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(shape[1], shape[0], bias=rows != 3)
+    x = torch.randn(rows, shape[1])
+    assert relative(NativeLinear(linear)(x), F.linear(x, linear.weight, linear.bias)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", [NativeInt8Linear, NativeInt4Linear])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantized_equals_their_dequantized_weights(built, kind, shape, rows):
+    """Exact but for float rounding against the dequantized weights times the rounded activations;
+    within the activations' rounding against the float activations."""
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(shape[1], shape[0])
+    layer = kind.quantize(linear)
+    x = torch.randn(rows, shape[1]) * 3
+    got = layer(x)
+    assert relative(got, F.linear(activations(x).double(), layer.dense().double(), linear.bias.double())) < 1e-5
+    assert relative(got, F.linear(x, layer.dense(), linear.bias)) < 0.05
+    assert relative(layer.dense(), linear.weight) < (0.01 if kind is NativeInt8Linear else 0.1)
+
+
+def test_int8_weights_and_the_rows_beyond_the_kernel():
+    """Weights stay within +-127 (AVX2's sign trick needs it); a prompt's many rows go to torch's
+    GEMM on the same weights; a zero row gives the bias."""
+    linear = torch.nn.Linear(128, 16)
+    layer = NativeInt8Linear.quantize(linear)
+    assert layer.unpacked().abs().max() <= 127
+    many = torch.randn(2, native.MAX_ROWS, 128)
+    assert relative(layer(many), F.linear(many, layer.dense(), linear.bias)) < 1e-6
+    assert torch.allclose(layer(torch.zeros(1, 128)), linear.bias.detach()[None])
+
+
+def test_one_openmp_runtime_and_any_thread_count():
+    """The library uses the OpenMP runtime torch loaded (two runtimes would fight over 2 cores)."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("no /proc here")
+    gomp = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+    assert len(gomp) <= 1, gomp
+    linear, x = torch.nn.Linear(256, 64), torch.randn(2, 256)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = NativeLinear(linear)(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert relative(one, F.linear(x, linear.weight, linear.bias)) < 1e-5
+
+
+def _describe(env: dict[str, str]) -> str:
+    code = "from biogpt_cli import native; print(native.describe())"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip()
+
+
+def test_the_build_is_cached_and_its_absence_falls_back(tmp_path):
+    cache = {"BIOGPT_CACHE": str(tmp_path)}
+    assert "compiled for this CPU in" in _describe(cache)
+    assert _describe(cache) == "our CPU kernels loaded from the cache"
+    assert len(list((tmp_path / "native").glob("gemv-*.so"))) == 1
+    off = _describe({**cache, "BIOGPT_NATIVE": "0"})
+    assert off == "our CPU kernels are unavailable (BIOGPT_NATIVE=0): torch's kernels run"
+    broken = _describe({"BIOGPT_CACHE": str(tmp_path / "other"), "CC": str(tmp_path / "no-such-cc")})
+    assert broken.startswith("our CPU kernels are unavailable (could not build gemv.c") and "torch's" in broken
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_a_model_without_our_kernels_decodes_the_same(tmp_path, quantize):
+    """`generate -v` names the kernels; with ours unavailable, torch's run, with one line to say so,
+    and float32 greedy text is unchanged (int8's activations are rounded differently: it runs)."""
+    from tests.conftest import make_reference
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    make_reference(folder, seed=1, hidden_size=64, intermediate_size=128)
+
+    def generate(env: dict[str, str]) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "biogpt_cli", "generate", "the cell", "-m", str(folder),
+                   "--max-new-tokens", "12", "--quantize", quantize, "-v"]
+        return subprocess.run(command, capture_output=True, text=True,
+                              env={**os.environ, "BIOGPT_CACHE": str(tmp_path), **env})
+
+    ours = generate({"BIOGPT_KERNEL": "native" if quantize == "none" else "int8-native"})
+    theirs = generate({"BIOGPT_NATIVE": "0"})
+    assert ours.returncode == theirs.returncode == 0, ours.stderr + theirs.stderr
+    assert "linear layers: " + ("native" if quantize == "none" else "int8-native") in ours.stderr
+    assert "our CPU kernels are unavailable (BIOGPT_NATIVE=0): torch's kernels run" in theirs.stderr
+    if quantize == "none":
+        assert ours.stdout == theirs.stdout
