@@ -150,3 +150,26 @@ def test_a_model_without_our_kernels_decodes_the_same(tmp_path, quantize):
     assert "our CPU kernels are unavailable (BIOGPT_NATIVE=0): torch's kernels run" in theirs.stderr
     if quantize == "none":
         assert ours.stdout == theirs.stdout
+
+
+def test_a_model_on_our_kernels_equals_the_plain_model(tmp_path, monkeypatch):
+    """GELU left to fc1's kernel; the logits of a prompt (torch's GEMM) and of a token at a time
+    (our kernels) equal the plain model's."""
+    from biogpt_cli import BioGptForCausalLM
+    from tests.conftest import make_reference
+
+    make_reference(tmp_path, seed=6, hidden_size=64, intermediate_size=128, vocab_size=200)
+    plain = BioGptForCausalLM.from_pretrained(tmp_path, kernels=False)
+    monkeypatch.setenv("BIOGPT_KERNEL", "native")
+    ours = BioGptForCausalLM.from_pretrained(tmp_path, rows=1)
+    layer = ours.biogpt.layers[0]
+    assert ours.kernel == "native" and isinstance(layer.fc1, NativeLinear) and layer.fc1.gelu
+    assert isinstance(ours.output_projection, NativeLinear)
+    ids = torch.tensor([[2, *range(10, 40)]])
+    with torch.no_grad():
+        expected = plain(ids).logits
+        cache = ours.new_cache(1, ids.shape[1])
+        steps = torch.cat([ours(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits
+                           for i in range(ids.shape[1])], 1)
+        assert torch.allclose(ours(ids).logits, expected, atol=1e-5)
+    assert torch.allclose(steps, expected, atol=1e-5)

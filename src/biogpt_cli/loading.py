@@ -280,6 +280,8 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
                 release(w)
         if kernels:
             optimize(layer, quantize, release, recurse=layer is not model, kernel=kernel)
+            if isinstance(layer, BioGptDecoderLayer):
+                layer.fuse_activation()
 
     # the model's own linear children (the output projection, a task head) first: the largest
     units = [model, *(m for m in model.modules() if isinstance(m, BioGptDecoderLayer))]

@@ -116,6 +116,12 @@ class BioGptDecoderLayer(nn.Module):
         self.act = _ACT[config.hidden_act]
         self.dropout, self.activation_dropout = config.hidden_dropout_prob, config.activation_dropout
 
+    def fuse_activation(self) -> None:
+        """Leave GELU to `fc1` where its kernel applies it as it writes (`gelu`: our CPU kernels),
+        saving a pass over the widest activation."""
+        if self.act is F.gelu and hasattr(self.fc1, "gelu"):
+            self.fc1.gelu, self.act = True, _kept_activation
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
                 layer: int, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
         drop = _dropout if self.training else _kept  # outside training, no dropout op at all
@@ -129,6 +135,10 @@ def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def _kept(x: torch.Tensor, p: float) -> torch.Tensor:
+    return x
+
+
+def _kept_activation(x: torch.Tensor) -> torch.Tensor:
     return x
 
 

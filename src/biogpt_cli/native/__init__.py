@@ -65,9 +65,9 @@ def load(path: Path) -> ctypes.CDLL:
     """A built library with its functions' argument types declared (ctypes then converts fast)."""
     lib = ctypes.CDLL(str(path))
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.f32_gemv.argtypes = [p, p, p, p, i, i, i, i]
-    lib.q8_gemv.argtypes = [p, p, p, p, p, p, i, i, i, i]
-    lib.q4_gemv.argtypes = [p, p, p, p, p, p, i, i, i, i]
+    lib.f32_gemv.argtypes = [p, p, p, p, i, i, i, i, i]
+    lib.q8_gemv.argtypes = [p, p, p, p, p, p, i, i, i, i, i]
+    lib.q4_gemv.argtypes = [p, p, p, p, p, p, i, i, i, i, i]
     for f in (lib.f32_gemv, lib.q8_gemv, lib.q4_gemv):
         f.restype = None
     return lib

@@ -17,6 +17,9 @@
 #define AHEAD 1024   /* bytes prefetched ahead of the stream */
 #define MAX_M 64     /* activation rows per call */
 
+/* The output, with the activation a layer may leave to us (1: GELU, erf form, as torch's). */
+static inline float out(float v, int act) { return act ? 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)) : v; }
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define VNNI 1
@@ -37,14 +40,14 @@ static void f32_block(const float *w, const float *x, int K, float *out) {
     out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;
 }
 
-void f32_gemv(const float *W, const float *b, const float *x, float *y, int M, int N, int K, int threads) {
+void f32_gemv(const float *W, const float *b, const float *x, float *y, int M, int N, int K, int act, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int i = 0; i < N / R; i++) {
         int n = i * R;
         for (int m = 0; m < M; m++) {
             float *o = y + (long)m * N + n;
             f32_block(W + (long)n * K, x + (long)m * K, K, o);
-            if (b) for (int r = 0; r < R; r++) o[r] += b[n + r];
+            for (int r = 0; r < R; r++) o[r] = out(o[r] + (b ? b[n + r] : 0.0f), act);
         }
     }
 }
@@ -99,7 +102,7 @@ static void q8_block(const int8_t *w, const int32_t *wsum, const int8_t *x, int 
 }
 
 void q8_gemv(const int8_t *W, const int32_t *wsum, const float *scale, const float *b, const float *x, float *y,
-             int M, int N, int K, int threads) {
+             int M, int N, int K, int act, int threads) {
     int8_t *xq = malloc((size_t)M * K);
     float sx[MAX_M];
     for (int m = 0; m < M; m++) sx[m] = quantize_row(x + (long)m * K, K, xq + (long)m * K);
@@ -110,7 +113,7 @@ void q8_gemv(const int8_t *W, const int32_t *wsum, const float *scale, const flo
             int32_t acc[R];
             float *o = y + (long)m * N + n;
             q8_block(W + (long)n * K, wsum + n, xq + (long)m * K, K, acc);
-            for (int r = 0; r < R; r++) o[r] = (float)acc[r] * sx[m] * scale[n + r] + (b ? b[n + r] : 0.0f);
+            for (int r = 0; r < R; r++) o[r] = out((float)acc[r] * sx[m] * scale[n + r] + (b ? b[n + r] : 0.0f), act);
         }
     }
     free(xq);
@@ -176,7 +179,7 @@ static void q4_block(const uint8_t *w, const float *sc, const float *mn, const i
 }
 
 void q4_gemv(const uint8_t *W, const float *sc, const float *mn, const float *b, const float *x, float *y,
-             int M, int N, int K, int threads) {
+             int M, int N, int K, int act, int threads) {
     int groups = K / G4;
     int8_t *xq = malloc((size_t)M * K);
     int32_t *xsum = malloc(sizeof(int32_t) * (size_t)M * groups);
@@ -197,7 +200,7 @@ void q4_gemv(const uint8_t *W, const float *sc, const float *mn, const float *b,
             float acc[R], *o = y + (long)m * N + n;
             q4_block(W + (long)n * K / 2, sc + (long)n * groups, mn + (long)n * groups, xq + (long)m * K,
                      xsum + m * groups, K, acc);
-            for (int r = 0; r < R; r++) o[r] = acc[r] * sx[m] + (b ? b[n + r] : 0.0f);
+            for (int r = 0; r < R; r++) o[r] = out(acc[r] * sx[m] + (b ? b[n + r] : 0.0f), act);
         }
     }
     free(xq);

@@ -27,15 +27,19 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class _Native(nn.Module):
-    """The shared call: rows flattened, float32, contiguous; `kernel(x, y, rows)` fills `y`."""
+    """The shared call: rows flattened, float32, contiguous; `kernel(x, y, rows)` fills `y`. With
+    `gelu` set (`BioGptDecoderLayer.fuse_activation`), the layer applies GELU as it writes: one
+    pass over the output instead of a separate op."""
 
     in_features: int
     out_features: int
+    gelu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows > MAX_ROWS or x.dtype != torch.float32 or x.requires_grad:
-            return F.linear(x, self.dense().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            y = F.linear(x, self.dense().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return F.gelu(y) if self.gelu else y
         flat = x.reshape(rows, self.in_features).contiguous()
         y = torch.empty(rows, self.out_features, dtype=x.dtype)
         self.kernel(flat, y, rows)
@@ -62,7 +66,7 @@ class NativeLinear(_Native):
 
     def kernel(self, x: torch.Tensor, y: torch.Tensor, rows: int) -> None:
         library().f32_gemv(self.weight.data_ptr(), _ptr(self.bias), x.data_ptr(), y.data_ptr(), rows,
-                           self.out_features, self.in_features, torch.get_num_threads())
+                           self.out_features, self.in_features, self.gelu, torch.get_num_threads())
 
 
 class NativeInt8Linear(_Native):
@@ -93,7 +97,7 @@ class NativeInt8Linear(_Native):
     def kernel(self, x: torch.Tensor, y: torch.Tensor, rows: int) -> None:
         library().q8_gemv(self.packed.data_ptr(), self.sums.data_ptr(), self.scales.data_ptr(), _ptr(self.bias),
                           x.data_ptr(), y.data_ptr(), rows, self.out_features, self.in_features,
-                          torch.get_num_threads())
+                          self.gelu, torch.get_num_threads())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What rebuilds this layer (`from_tensors`): saved in the prepared-weights cache."""
@@ -139,7 +143,7 @@ class NativeInt4Linear(_Native):
     def kernel(self, x: torch.Tensor, y: torch.Tensor, rows: int) -> None:
         library().q4_gemv(self.packed.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(), _ptr(self.bias),
                           x.data_ptr(), y.data_ptr(), rows, self.out_features, self.in_features,
-                          torch.get_num_threads())
+                          self.gelu, torch.get_num_threads())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What rebuilds this layer (`from_tensors`): saved in the prepared-weights cache."""
