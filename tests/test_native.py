@@ -173,3 +173,30 @@ def test_a_model_on_our_kernels_equals_the_plain_model(tmp_path, monkeypatch):
                            for i in range(ids.shape[1])], 1)
         assert torch.allclose(ours(ids).logits, expected, atol=1e-5)
     assert torch.allclose(steps, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["one token", "drafts, causal mask", "padded batch", "no mask, whole prompt"])
+def test_attention_equals_sdpa(built, case, monkeypatch):
+    """Decoding's attention (a few new tokens over a cache buffer's strided view) equals torch's SDPA."""
+    from biogpt_cli.native.attention import attention
+
+    torch.manual_seed(7)
+    b, heads, t, keys, d = {"one token": (1, 4, 1, 37, 64), "drafts, causal mask": (1, 4, 5, 40, 64),
+                            "padded batch": (3, 2, 2, 20, 32), "no mask, whole prompt": (1, 2, 9, 9, 16)}[case]
+    cache = torch.randn(2, b, heads, 64, d)  # [k/v, batch, heads, capacity, head_dim], as KVCache holds them
+    k, v = cache[0, :, :, :keys], cache[1, :, :, :keys]
+    q = torch.randn(b, t, 3, heads, d).permute(2, 0, 3, 1, 4)[0]  # a fused q/k/v projection's view
+    mask, causal = None, case == "no mask, whole prompt"
+    if case != "one token" and not causal:
+        query, key = torch.arange(keys - t, keys)[:, None], torch.arange(keys)[None, :]
+        mask = (key <= query).expand(b, t, keys).clone()
+        mask[1:, :, :3] = False  # left padding of the other rows
+        mask = (mask | (key == query))[:, None]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch's SDPA ran: our kernel was skipped")
+    monkeypatch.setattr(F, "scaled_dot_product_attention", refuse)
+    got = attention(q, k, v, attn_mask=mask, is_causal=causal)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert got.transpose(1, 2).is_contiguous()  # what the output projection reads, without a copy

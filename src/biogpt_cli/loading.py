@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import fairseq
+from . import fairseq, native
 from .config import BioGptConfig
 from .errors import BioGptError, CheckpointError, VocabularyError
 from .files import output_errors, write_safetensors
@@ -36,6 +36,7 @@ from .hub import HUB_FILES, resolve
 from .identity import cache_limit, file_sha256, prune
 from .linear import cache_dir, choose_kernel, is_kernel, optimize
 from .model import BioGptDecoderLayer
+from .native.attention import attention
 from .prepared import for_kernel, load_prepared, prepared_path, save_prepared
 from .tokenizer import BioGptTokenizer
 
@@ -282,6 +283,8 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
             optimize(layer, quantize, release, recurse=layer is not model, kernel=kernel)
             if isinstance(layer, BioGptDecoderLayer):
                 layer.fuse_activation()
+                if native.library() is not None and torch.device(device).type == "cpu":
+                    layer.self_attn.sdpa = attention
 
     # the model's own linear children (the output projection, a task head) first: the largest
     units = [model, *(m for m in model.modules() if isinstance(m, BioGptDecoderLayer))]

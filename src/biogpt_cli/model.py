@@ -57,6 +57,9 @@ class BioGptOutput:
 
 
 class BioGptAttention(nn.Module):
+    # torch's SDPA; loading may put our CPU kernel's (native/attention.py, the same arguments) here
+    sdpa = staticmethod(F.scaled_dot_product_attention)
+
     def __init__(self, config: BioGptConfig) -> None:
         super().__init__()
         h = config.hidden_size
@@ -93,7 +96,7 @@ class BioGptAttention(nn.Module):
         causal = mask is None and t > 1
         if weights is None:
             p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
+            y = self.sdpa(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
         else:
             if causal:
                 mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)

@@ -206,3 +206,39 @@ void q4_gemv(const uint8_t *W, const float *sc, const float *mn, const float *b,
     free(xq);
     free(xsum);
 }
+
+/* ---- attention for a few new tokens: softmax(q k^T * scale) v per (row, head, token), over the
+   keys `mask` allows ([B, t, T] bytes), or without one the causal rule (the last t keys are the new
+   tokens). q is [B, H, t, hd] and k, v are [B, H, T, hd] by their strides; out is [B, t, H, hd].
+   A decoding step's work is a few microseconds: threads only where there is far more. ---- */
+void attend(const float *q, long qb, long qh, long qt, const float *k, const float *v, long kb, long kh, long kt,
+            const uint8_t *mask, float *o, int B, int H, int t, int T, int hd, float scale, int threads) {
+    long work = (long)B * H * t * T * hd;
+#pragma omp parallel for schedule(static) num_threads(threads) if (work > (1L << 21))
+    for (int j = 0; j < B * H * t; j++) {
+        int b = j / (H * t), h = (j / t) % H, i = j % t;
+        const float *qq = q + b * qb + h * qh + i * qt, *kk = k + b * kb + h * kh, *vv = v + b * kb + h * kh;
+        const uint8_t *m = mask ? mask + ((long)b * t + i) * T : 0;
+        int keys = mask ? T : T - t + i + 1;
+        float *s = malloc(sizeof(float) * (size_t)keys), top = -INFINITY, sum = 0;
+        for (int key = 0; key < keys; key++) {
+            float d = 0;
+            if (m && !m[key]) { s[key] = -INFINITY; continue; }
+#pragma omp simd reduction(+:d)
+            for (int c = 0; c < hd; c++) d += qq[c] * kk[key * kt + c];
+            s[key] = d * scale;
+            top = fmaxf(top, s[key]);
+        }
+        float *out = o + (((long)b * t + i) * H + h) * hd;
+        for (int c = 0; c < hd; c++) out[c] = 0;
+        for (int key = 0; key < keys; key++) {
+            if (s[key] == -INFINITY) continue;
+            float e = expf(s[key] - top);
+            sum += e;
+#pragma omp simd
+            for (int c = 0; c < hd; c++) out[c] += e * vv[key * kt + c];
+        }
+        for (int c = 0; c < hd; c++) out[c] /= sum;
+        free(s);
+    }
+}

@@ -1,0 +1,35 @@
+"""Attention for decoding's few new tokens on our kernel (`attend` in gemv.c).
+
+A decoding step attends one query (or a draft's few) per head over the cache: microseconds of
+work, which torch's SDPA spends mostly setting up and splitting across threads. Anything else (a
+prompt, training, other dtypes or devices) goes to torch's SDPA, whose arguments this takes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import MAX_ROWS, library
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` for q [b, heads, t, head_dim] and k, v [b, heads, T, head_dim]."""
+    b, h, t, d = q.shape
+    keys = k.shape[2]
+    lib = library()
+    if (lib is None or t > MAX_ROWS or dropout_p or q.requires_grad or q.device.type != "cpu"
+            or q.dtype != torch.float32 or k.dtype != q.dtype or v.dtype != q.dtype
+            or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride() != k.stride()
+            or (is_causal and keys != t) or (attn_mask is None and t > 1 and not is_causal)
+            or (attn_mask is not None and (attn_mask.dtype != torch.bool or attn_mask.shape[1] != 1))):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+    mask = None if attn_mask is None else attn_mask.expand(b, 1, t, keys).reshape(b, t, keys).contiguous()
+    out = torch.empty(b, t, h, d)
+    lib.attend(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(), k.stride(0),
+               k.stride(1), k.stride(2), None if mask is None else mask.data_ptr(), out.data_ptr(), b, h, t, keys, d,
+               1 / math.sqrt(d), torch.get_num_threads())
+    return out.transpose(1, 2)
