@@ -1,8 +1,8 @@
 """biogpt-cli against the reference (`transformers`), side by side in one run, on this machine.
 
     python benchmarks/bench.py [--quick] [--json] [--repeats N] [--new-tokens N] [--workdir DIR]
-                               [--only decode|process|tokenize|engine|bulk|embed|quality|gpu|serve|finetune|
-                                       literature|constraints|speculate]
+                               [--only decode|kernels|process|tokenize|engine|bulk|embed|quality|gpu|serve|
+                                       finetune|literature|constraints|speculate]
                                [--device cuda] [--compile]
 
 Builds random weights of the full microsoft/biogpt shape (saved once as safetensors with the real
@@ -159,6 +159,99 @@ def decode_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> 
         ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n)
 
     variants(folder, ours, prompt, args, rows, reference_greedy)
+
+
+def kernel_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """Our CPU kernels (native/) against torch's best on this CPU, per precision, in one run:
+    greedy decode on ours with its share of the bandwidth bound; then what the product loads (the
+    kernel `choose_kernel` measured fastest, ours or torch's) for 5 beams and for a 256-token
+    prompt; and a process's start with the library cached, the first build timed."""
+    from unittest import mock
+
+    from biogpt_cli import linear, native
+
+    if native.library() is None:
+        sys.exit(f"error: our kernels are unavailable here: {native.unavailable()}")
+    prompt = BioGptTokenizer.from_folder(folder).encode(PROMPT)
+    long = [2, *torch.randint(4, 42384, (255,), generator=torch.Generator().manual_seed(0)).tolist()]
+    n = args.new_tokens
+    for precision in ("float32", "int8", "int4"):
+        quantize = "none" if precision == "float32" else precision
+        ours = "native" if quantize == "none" else f"{quantize}-native"
+        for label, rows_decoded, beams in (("greedy decode", 1, 1), ("beam search, 5 beams", None, 5)):
+            theirs = load_with(folder, _torch_kernel(folder, quantize, rows_decoded, linear, mock), quantize,
+                               rows_decoded, torch_attention=True)
+            mine = load_with(folder, ours if beams == 1 else None, quantize, rows_decoded, torch_attention=False)
+            opts = GenerationOptions(max_new_tokens=n, min_new_tokens=n, speculate="off", num_beams=beams)
+            with torch.inference_mode():
+                for model in (mine, theirs):
+                    generate(model, [prompt], GenerationOptions(max_new_tokens=2))
+                t, t_ref, bound = bounded_compare(lambda m=mine, o=opts: generate(m, [prompt], o),
+                                                  lambda m=theirs, o=opts: generate(m, [prompt], o),
+                                                  args.repeats, mine, "cpu", n)
+                what = "ours" if beams == 1 else "the product's choice"
+                rows.append(row(f"{label}, {precision}: {what} vs torch's kernels", n / t, n / t_ref, "tokens/s",
+                                higher=True, target=KERNEL_TARGETS.get((label, precision), "not slower"),
+                                note=f"{mine.kernel} vs {theirs.kernel}; {bound}"))
+                if beams == 1:  # a long prompt on the kernel a one-row caller loads (generate PROMPT)
+                    chosen = load_with(folder, None, quantize, 1, torch_attention=False)
+                    t, t_ref = compare(lambda m=chosen: generate(m, [long], GenerationOptions(max_new_tokens=1)),
+                                       lambda m=theirs: generate(m, [long], GenerationOptions(max_new_tokens=1)),
+                                       args.repeats)
+                    rows.append(row(f"prefill, 256-token prompt, {precision}: the product's choice vs torch's", t,
+                                    t_ref, "s", higher=False, target="not slower",
+                                    note=f"{chosen.kernel} vs {theirs.kernel}"))
+                    del chosen
+            del mine, theirs
+    start_figures(folder, args, rows)
+
+
+KERNEL_TARGETS = {("greedy decode", "float32"): ">= 80% of bound", ("greedy decode", "int8"): ">= 75% of bound",
+                  ("greedy decode", "int4"): ">= 65% of bound, >= int8"}
+
+
+def _torch_kernel(folder: Path, quantize: str, rows_decoded: int | None, linear: object, mock: object) -> str:
+    """The kernel torch's candidates alone would give (choose_kernel with ours left out)."""
+    model = BioGptForCausalLM.from_pretrained(folder, kernels=False)
+    layers = [m for m in model.biogpt.layers.modules() if isinstance(m, torch.nn.Linear)]
+    with mock.patch.object(linear, "library", lambda: None):
+        return linear.choose_kernel(layers, rows_decoded, quantize)
+
+
+def load_with(folder: Path, kernel: str | None, quantize: str, rows_decoded: int | None,
+              torch_attention: bool) -> BioGptForCausalLM:
+    """The model on `kernel` (forced; None: the measured choice), with torch's own attention for
+    torch's kernels (as before ours)."""
+    os.environ["BIOGPT_KERNEL"] = kernel or ""
+    try:
+        model = BioGptForCausalLM.from_pretrained(folder, rows=rows_decoded, quantize=quantize)
+    finally:
+        del os.environ["BIOGPT_KERNEL"]
+    if torch_attention:
+        for layer in model.biogpt.layers:
+            vars(layer.self_attn).pop("sdpa", None)
+    return model
+
+
+def start_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """`generate -n 1` as a whole process, our kernels cached vs BIOGPT_NATIVE=0, and the build
+    that a machine's first start pays (compiled into an empty cache)."""
+    command = [sys.executable, "-m", "biogpt_cli", "generate", PROMPT, "-m", str(folder), "-n", "1", "-v"]
+    times: dict[str, list[float]] = {"ours": [], "torch": []}
+    for _ in range(args.repeats):
+        for name, env in (("ours", {}), ("torch", {"BIOGPT_NATIVE": "0"})):
+            start = time.perf_counter()
+            run = subprocess.run(command, capture_output=True, env={**os.environ, **env})
+            times[name].append(time.perf_counter() - start)
+            if run.returncode:
+                sys.exit(f"error: generate failed: {run.stderr.decode()[-800:]}")
+    with tempfile.TemporaryDirectory() as empty:
+        code = "from biogpt_cli import native; print(native.describe())"
+        built = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               env={**os.environ, "BIOGPT_CACHE": empty}).stdout.strip()
+    rows.append(row("whole `generate` process to the first token: our kernels (cached) vs torch's",
+                    statistics.median(times["ours"]), statistics.median(times["torch"]), "s", higher=False,
+                    target="not slower", note=f"a machine's first start: {built}"))
 
 
 def variants(folder: Path, fp32: BioGptForCausalLM, prompt: list[int], args: argparse.Namespace, rows: list[dict],
@@ -1001,7 +1094,8 @@ def quality_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) ->
     lines = (shared_dir() / "corpus" / "pubmed_abstracts_dev.txt").read_text(encoding="utf-8").splitlines()
     trained = quality.train(folder, lines, args.workdir / "quality-model")
     for r in quality.measure(trained, lines):
-        goal = {"--quantize int8": "<= +1%", "--quantize int4": "<= +5%"}.get(r["precision"], "")
+        goal = next((g for p, g in (("--quantize int8", "<= +1%"), ("--quantize int4", "<= +5%"))
+                     if r["precision"].startswith(p)), "")
         rows.append(row(f"{r['precision']}: held-out perplexity (trained model)", r["perplexity"],
                         r["perplexity"] / (1 + r["vs_float32"]), "ppl", higher=False, target=goal,
                         note=f"{r['vs_float32']:+.2%} vs float32, top-1 agreement {r['top1_agreement']:.1%}; "
@@ -1059,8 +1153,9 @@ def main() -> None:
     parser.add_argument("--agreement-tokens", type=int, default=200)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "biogpt-bench",
                         help="where the random full-size checkpoint is kept between runs")
-    parser.add_argument("--only", choices=["decode", "process", "tokenize", "engine", "bulk", "embed", "quality", "ray",
-                                           "gpu", "serve", "finetune", "literature", "constraints", "speculate"],
+    parser.add_argument("--only", choices=["decode", "kernels", "process", "tokenize", "engine", "bulk", "embed",
+                                           "quality", "ray", "gpu", "serve", "finetune", "literature", "constraints",
+                                           "speculate"],
                         action="append",
                         help="run only these parts (ray, serve, finetune, literature, constraints, speculate: "
                              "only when named)")
@@ -1077,7 +1172,7 @@ def main() -> None:
     rows: list[dict] = []
     # whole processes first, while this process is still small; then the in-process figures
     parts = (("process", process_figures), ("tokenize", tokenizer_figures), ("engine", engine_figures),
-             ("decode", decode_figures),
+             ("decode", decode_figures), ("kernels", kernel_figures),
              ("bulk", bulk_figures), ("embed", embed_figures), ("quality", quality_figures), ("ray", ray_figures),
              ("gpu", gpu_figures), ("serve", serve_figures), ("finetune", finetune_figures),
              ("literature", literature_figures), ("constraints", constraint_figures), ("speculate", speculate_figures))

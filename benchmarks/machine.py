@@ -65,12 +65,14 @@ def weight_bytes(model: nn.Module) -> int:
         n = m.in_features * m.out_features
         if name == "Int4Linear":
             total += n // 2 + m.scales_zeros.numel() * 2
+        elif name == "NativeInt4Linear":
+            total += n // 2 + (m.scales.numel() + m.mins.numel()) * 4
         elif name == "PackedLinear":
             total += n * m.packed.element_size()
         elif name == "Float32Linear":
             total += 0  # its inner layer (PackedLinear or nn.Linear) is counted
         elif hasattr(m, "weight"):  # nn.Linear, HalfLinear
             total += n * m.weight.element_size()
-        else:  # Int8Linear
+        else:  # Int8Linear, NativeInt8Linear
             total += n
     return total

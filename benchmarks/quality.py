@@ -3,15 +3,18 @@
 Random weights give near-uniform logits, so agreement on them says little. This trains (once,
 cached in the work folder, a few minutes on 2 cores) a small BioGPT-shaped model on the PubMed dev
 corpus with the real vocabulary, then compares every precision with float32 on held-out lines:
-perplexity relative to float32, and top-1 agreement of the next-token predictions. It also counts
-the prompts whose greedy tokens differ when they share a batch: int8 activations are quantized
-over all rows of a call, so a batch is not the same computation as each prompt alone.
+perplexity relative to float32, and top-1 agreement of the next-token predictions, computed as
+decoding computes them (a few tokens a pass through the cache: the rows our kernels multiply, not
+a prompt's GEMM), for torch's quantized kernels and ours. It also counts the prompts whose greedy
+tokens differ when they share a batch: fbgemm's int8 activations are quantized over all rows of a
+call, so a batch is not the same computation as each prompt alone (ours are quantized per row).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 
 from biogpt_cli import BioGptConfig, BioGptForCausalLM, BioGptTokenizer, GenerationOptions, generate
-from biogpt_cli.scoring import token_logprobs
+from biogpt_cli.native import MAX_ROWS, library
 
 SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
              max_position_embeddings=256)
@@ -69,16 +72,21 @@ def measure(folder: Path, lines: list[str]) -> list[dict]:
     tok = BioGptTokenizer.from_folder(folder)
     held = [tok.encode(line)[:SHAPE["max_position_embeddings"]] for line in lines[-HELD_OUT:]]
     results, base = [], None
-    for label, kwargs in (("float32", {}), ("--quantize int8", {"quantize": "int8"}),
-                          ("--quantize int4", {"quantize": "int4"}), ("--dtype bfloat16", {"dtype": "bfloat16"}),
-                          ("--dtype float16", {"dtype": "float16"})):
+    cases = [("float32", {}, None), ("--quantize int8", {"quantize": "int8"}, "int8"),
+             ("--quantize int4", {"quantize": "int4"}, "int4")]
+    if library() is not None:
+        cases += [("--quantize int8, our kernel", {"quantize": "int8"}, "int8-native"),
+                  ("--quantize int4, our kernel", {"quantize": "int4"}, "int4-native")]
+    cases += [("--dtype bfloat16", {"dtype": "bfloat16"}, None), ("--dtype float16", {"dtype": "float16"}, None)]
+    for label, kwargs, kernel in cases:
+        os.environ["BIOGPT_KERNEL"] = kernel or ""
         model = BioGptForCausalLM.from_pretrained(folder, **kwargs)
         logprobs, top1 = [], []
         with torch.inference_mode():
             for seq in held:
-                logprobs.append(token_logprobs(model, [seq])[0])
-                hidden = model.biogpt(torch.tensor([seq])).last_hidden_state[0, :-1]
-                top1.append(model.output_projection(hidden).float().argmax(-1))
+                logits = decoded_logits(model, seq)
+                logprobs.append(logits.log_softmax(-1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0])
+                top1.append(logits.argmax(-1))
         nll = -torch.cat(logprobs).mean().item()
         if base is None:
             base = (nll, top1)
@@ -86,6 +94,17 @@ def measure(folder: Path, lines: list[str]) -> list[dict]:
         prompts, opts = [seq[:PROMPT] for seq in held[:BATCHED]], GenerationOptions(max_new_tokens=20)
         together = generate(model, prompts, opts)
         differ = sum(generate(model, [p], opts)[0][0].ids != t[0].ids for p, t in zip(prompts, together, strict=True))
+        os.environ.pop("BIOGPT_KERNEL")
         results.append({"precision": label, "perplexity": math.exp(nll), "vs_float32": math.exp(nll - base[0]) - 1,
                         "top1_agreement": agree, "batched_differs": differ, "batched": len(prompts)})
     return results
+
+
+def decoded_logits(model: BioGptForCausalLM, seq: list[int]) -> torch.Tensor:
+    """Each position's next-token logits ([len - 1, vocab], float32), fed as decoding feeds the
+    model: at most MAX_ROWS tokens a pass, through the cache."""
+    cache, out = model.new_cache(1, len(seq)), []
+    for start in range(0, len(seq) - 1, MAX_ROWS):
+        chunk = torch.tensor([seq[start:min(start + MAX_ROWS, len(seq) - 1)]])
+        out.append(model(chunk, past_key_values=cache, use_cache=True).logits[0].float())
+    return torch.cat(out)

@@ -81,15 +81,22 @@ def test_quantized_equals_their_dequantized_weights(built, kind, shape, rows):
     assert relative(layer.dense(), linear.weight) < (0.01 if kind is NativeInt8Linear else 0.1)
 
 
-def test_int8_weights_and_the_rows_beyond_the_kernel():
-    """Weights stay within +-127 (AVX2's sign trick needs it); a prompt's many rows go to torch's
-    GEMM on the same weights; a zero row gives the bias."""
-    linear = torch.nn.Linear(128, 16)
-    layer = NativeInt8Linear.quantize(linear)
-    assert layer.unpacked().abs().max() <= 127
-    many = torch.randn(2, native.MAX_ROWS, 128)
-    assert relative(layer(many), F.linear(many, layer.dense(), linear.bias)) < 1e-6
-    assert torch.allclose(layer(torch.zeros(1, 128)), linear.bias.detach()[None])
+@pytest.mark.parametrize("kind", [NativeInt8Linear, NativeInt4Linear])
+def test_a_prompts_rows_give_what_decoding_gives(kind):
+    """Beyond the kernel's rows (int8: torch's int8 GEMM; int4: still ours) each row's output is
+    what that row alone gives: a prompt and decoding compute the same numbers. Weights stay within
+    +-127 (AVX2's sign trick needs it); a zero row gives the bias."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 16)
+    layer = kind.quantize(linear)
+    many = torch.randn(2, native.MAX_ROWS, 256)
+    alone = torch.cat([layer(row[None]) for row in many.reshape(-1, 256)]).view(2, native.MAX_ROWS, 16)
+    assert relative(layer(many), alone) < 1e-5
+    assert relative(layer(many), F.linear(activations(many).double(), layer.dense().double(),
+                                          linear.bias.double())) < 1e-5
+    assert torch.allclose(layer(torch.zeros(1, 256)), linear.bias.detach()[None], atol=1e-6)
+    if kind is NativeInt8Linear:
+        assert layer.unpacked().abs().max() <= 127
 
 
 def test_one_openmp_runtime_and_any_thread_count():

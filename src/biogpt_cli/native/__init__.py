@@ -29,7 +29,7 @@ _state: dict[str, object] = {}
 def _flags(arch: str = "native") -> list[str]:
     """`arch`: the CPU to compile for (tests build older ISAs' paths too)."""
     flag = "-mcpu" if platform.machine().lower() in ("aarch64", "arm64") else "-march"
-    return ["-O3", f"{flag}={arch}", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+    return ["-O3", f"{flag}={arch}", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 
 
 def compiler() -> str | None:

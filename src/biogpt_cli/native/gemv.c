@@ -15,7 +15,6 @@
 #define C8 64        /* int8: columns per chunk of a block */
 #define G4 128       /* int4: columns per group (one scale and one minimum each) */
 #define AHEAD 1024   /* bytes prefetched ahead of the stream */
-#define MAX_M 64     /* activation rows per call */
 
 /* The output, with the activation a layer may leave to us (1: GELU, erf form, as torch's). */
 static inline float out(float v, int act) { return act ? 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)) : v; }
@@ -55,126 +54,207 @@ void f32_gemv(const float *W, const float *b, const float *x, float *y, int M, i
 /* ---- activations: int8, one scale a row (max |x| -> 127) ---- */
 static float quantize_row(const float *x, int K, int8_t *q) {
     float top = 0;
+#pragma omp simd reduction(max:top)
     for (int k = 0; k < K; k++) top = fmaxf(top, fabsf(x[k]));
     float scale = top > 0 ? top / 127.0f : 1.0f, inv = 1.0f / scale;
-    for (int k = 0; k < K; k++) q[k] = (int8_t)lrintf(x[k] * inv);
+#pragma omp simd
+    for (int k = 0; k < K; k++) q[k] = (int8_t)(int)nearbyintf(x[k] * inv);  /* half to even, as torch.round */
     return scale;
 }
 
-/* ---- int8: per-row scales; a block is, for each C8 columns, its R rows' C8 bytes in turn ---- */
-static void q8_block(const int8_t *w, const int32_t *wsum, const int8_t *x, int K, int32_t *out) {
-#if VNNI /* dpbusd multiplies unsigned by signed: x + 128 as unsigned, then 128 * sum(w) taken back */
-    __m512i a[R], flip = _mm512_set1_epi8((char)0x80);
-    for (int r = 0; r < R; r++) a[r] = _mm512_setzero_si512();
+/* Every row of x [M, K] quantized (in threads when there are many), their scales in sx. */
+static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if ((long)M * K > (1L << 16))
+    for (int m = 0; m < M; m++) sx[m] = quantize_row(x + (long)m * K, K, xq + (long)m * K);
+}
+
+#if VNNI
+#define MB 4         /* activation rows that share each weight load */
+#elif AVX2
+#define MB 2
+#else
+#define MB 1
+#endif
+#define INLINE static inline __attribute__((always_inline))
+
+#if VNNI
+/* The lane sums of R = 4 vectors at once (out[r] = sum of a[r]'s lanes): a transposing tree,
+   a third of the work of four separate reductions. */
+INLINE void sum4_epi32(const __m512i *a, int32_t *out) {
+    __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[0], a[1]), _mm512_unpackhi_epi32(a[0], a[1]));
+    __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2], a[3]), _mm512_unpackhi_epi32(a[2], a[3]));
+    __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+    _mm_storeu_si128((__m128i *)out, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+}
+
+INLINE void sum4_ps(const __m512 *a, float *out) {
+    __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+    __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+    __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+#endif
+
+/* ---- int8: per-row scales; a block is, for each C8 columns, its R rows' C8 bytes in turn.
+   out[m * R + r]: the integer dot products of mb activation rows (x, xs apart) with the block. ---- */
+INLINE void q8_rows(const int8_t *w, const int8_t *x, long xs, int K, int mb, int32_t *out) {
+#if VNNI /* dpbusd multiplies unsigned by signed: x + 128 as unsigned (the caller takes 128 * sum(w) back) */
+    __m512i a[MB][R], flip = _mm512_set1_epi8((char)0x80);
+    for (int m = 0; m < mb; m++)
+        for (int r = 0; r < R; r++) a[m][r] = _mm512_setzero_si512();
     for (int k = 0; k < K; k += C8, w += R * C8) {
         for (int p = 0; p < R * C8; p += 64) __builtin_prefetch(w + AHEAD + p);
-        __m512i v = _mm512_xor_si512(_mm512_loadu_si512(x + k), flip);
-        for (int r = 0; r < R; r++) a[r] = _mm512_dpbusd_epi32(a[r], v, _mm512_loadu_si512(w + r * C8));
+        __m512i wv[R];
+        for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_si512(w + r * C8);
+        for (int m = 0; m < mb; m++) {
+            __m512i v = _mm512_xor_si512(_mm512_loadu_si512(x + m * xs + k), flip);
+            for (int r = 0; r < R; r++) a[m][r] = _mm512_dpbusd_epi32(a[m][r], v, wv[r]);
+        }
     }
-    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_epi32(a[r]) - 128 * wsum[r];
+    for (int m = 0; m < mb; m++) sum4_epi32(a[m], out + m * R);
 #elif AVX2 /* maddubs(|w|, x * sign(w)): |w| <= 127 keeps the pair sums from saturating */
-    __m256i a[R], ones = _mm256_set1_epi16(1);
-    for (int r = 0; r < R; r++) a[r] = _mm256_setzero_si256();
+    __m256i a[MB][R], ones = _mm256_set1_epi16(1);
+    for (int m = 0; m < mb; m++)
+        for (int r = 0; r < R; r++) a[m][r] = _mm256_setzero_si256();
     for (int k = 0; k < K; k += C8, w += R * C8) {
         for (int p = 0; p < R * C8; p += 64) __builtin_prefetch(w + AHEAD + p);
         for (int s = 0; s < C8; s += 32) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(x + k + s));
+            __m256i wv[R], wa[R];
             for (int r = 0; r < R; r++) {
-                __m256i u = _mm256_loadu_si256((const __m256i *)(w + r * C8 + s));
-                __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(u, u), _mm256_sign_epi8(v, u));
-                a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(p, ones));
+                wv[r] = _mm256_loadu_si256((const __m256i *)(w + r * C8 + s));
+                wa[r] = _mm256_sign_epi8(wv[r], wv[r]);
+            }
+            for (int m = 0; m < mb; m++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(x + m * xs + k + s));
+                for (int r = 0; r < R; r++)
+                    a[m][r] = _mm256_add_epi32(a[m][r], _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(v, wv[r])), ones));
             }
         }
     }
-    for (int r = 0; r < R; r++) {
-        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a[r]), _mm256_extracti128_si256(a[r], 1));
-        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-        out[r] = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
-    }
-    (void)wsum;
+    for (int m = 0; m < mb; m++)
+        for (int r = 0; r < R; r++) {
+            __m128i t = _mm_add_epi32(_mm256_castsi256_si128(a[m][r]), _mm256_extracti128_si256(a[m][r], 1));
+            t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+            out[m * R + r] = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
+        }
 #else
-    (void)wsum;
-    for (int r = 0; r < R; r++) out[r] = 0;
+    for (int m = 0; m < mb; m++)
+        for (int r = 0; r < R; r++) out[m * R + r] = 0;
     for (int k = 0; k < K; k += C8, w += R * C8)
-        for (int r = 0; r < R; r++)
-            for (int s = 0; s < C8; s++) out[r] += w[r * C8 + s] * x[k + s];
+        for (int m = 0; m < mb; m++)
+            for (int r = 0; r < R; r++)
+                for (int s = 0; s < C8; s++) out[m * R + r] += w[r * C8 + s] * x[m * xs + k + s];
 #endif
 }
+
+#if VNNI
+#define OFFSET 128
+#else
+#define OFFSET 0
+#endif
 
 void q8_gemv(const int8_t *W, const int32_t *wsum, const float *scale, const float *b, const float *x, float *y,
              int M, int N, int K, int act, int threads) {
     int8_t *xq = malloc((size_t)M * K);
-    float sx[MAX_M];
-    for (int m = 0; m < M; m++) sx[m] = quantize_row(x + (long)m * K, K, xq + (long)m * K);
+    float *sx = malloc(sizeof(float) * (size_t)M);
+    quantize_rows(x, M, K, xq, sx, threads);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int i = 0; i < N / R; i++) {
         int n = i * R;
-        for (int m = 0; m < M; m++) {
-            int32_t acc[R];
-            float *o = y + (long)m * N + n;
-            q8_block(W + (long)n * K, wsum + n, xq + (long)m * K, K, acc);
-            for (int r = 0; r < R; r++) o[r] = out((float)acc[r] * sx[m] * scale[n + r] + (b ? b[n + r] : 0.0f), act);
+        const int8_t *w = W + (long)n * K;
+        int32_t acc[MB * R];
+        for (int m = 0; m < M; m += MB) {
+            int mb = M - m < MB ? M - m : MB;
+            if (mb == MB) q8_rows(w, xq + (long)m * K, K, K, MB, acc);
+            else for (int j = 0; j < mb; j++) q8_rows(w, xq + (long)(m + j) * K, K, K, 1, acc + j * R);
+            for (int j = 0; j < mb; j++) {
+                float *o = y + (long)(m + j) * N + n;
+                for (int r = 0; r < R; r++)
+                    o[r] = out((float)(acc[j * R + r] - OFFSET * wsum[n + r]) * sx[m + j] * scale[n + r]
+                               + (b ? b[n + r] : 0.0f), act);
+            }
         }
     }
     free(xq);
+    free(sx);
 }
 
 /* ---- int4: w = q * scale + min per group of G4 columns, q in 0..15. A block is, for each group,
-   its R rows' G4 / 2 bytes in turn; byte j holds column j (low nibble) and column j + G4 / 2. ---- */
-static void q4_block(const uint8_t *w, const float *sc, const float *mn, const int8_t *x, const int32_t *xsum,
-                     int K, float *out) {
+   its R rows' G4 / 2 bytes in turn; byte j holds column j (low nibble) and column j + G4 / 2.
+   out[m * R + r]: sum over groups of scale * (q . x) for mb activation rows (the minimum's share,
+   min * sum of the group's x, is the caller's). ---- */
+INLINE void q4_rows(const uint8_t *w, const float *sc, const int8_t *x, long xs, int K, int mb, float *out) {
     int groups = K / G4;
-    for (int r = 0; r < R; r++) out[r] = 0;
-    for (int g = 0; g < groups; g++)  /* the minimum's share: min * sum of the group's x */
-        for (int r = 0; r < R; r++) out[r] += mn[g * R + r] * (float)xsum[g];
 #if VNNI
-    __m512 f[R];
+    __m512 f[MB][R];
     const __m512i low = _mm512_set1_epi8(0x0F);
-    for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
+    for (int m = 0; m < mb; m++)
+        for (int r = 0; r < R; r++) f[m][r] = _mm512_setzero_ps();
     for (int g = 0; g < groups; g++, w += R * G4 / 2) {
         for (int p = 0; p < R * G4 / 2; p += 64) __builtin_prefetch(w + AHEAD + p);
-        __m512i xl = _mm512_loadu_si512(x + g * G4), xh = _mm512_loadu_si512(x + g * G4 + 64);
+        __m512i lo[R], hi[R];
         for (int r = 0; r < R; r++) {
             __m512i v = _mm512_loadu_si512(w + r * 64);
-            __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low), xl);
-            a = _mm512_dpbusd_epi32(a, _mm512_and_si512(_mm512_srli_epi16(v, 4), low), xh);
-            f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(sc[g * R + r]), f[r]);
+            lo[r] = _mm512_and_si512(v, low);
+            hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        }
+        for (int m = 0; m < mb; m++) {
+            const int8_t *xg = x + m * xs + g * G4;
+            __m512i xl = _mm512_loadu_si512(xg), xh = _mm512_loadu_si512(xg + 64);
+            for (int r = 0; r < R; r++) {
+                __m512i a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xl), hi[r], xh);
+                f[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(sc[g * R + r]), f[m][r]);
+            }
         }
     }
-    for (int r = 0; r < R; r++) out[r] += _mm512_reduce_add_ps(f[r]);
+    for (int m = 0; m < mb; m++) sum4_ps(f[m], out + m * R);
 #elif AVX2
-    __m256 f[R];
+    __m256 f[MB][R];
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    for (int r = 0; r < R; r++) f[r] = _mm256_setzero_ps();
+    for (int m = 0; m < mb; m++)
+        for (int r = 0; r < R; r++) f[m][r] = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++, w += R * G4 / 2) {
         for (int p = 0; p < R * G4 / 2; p += 64) __builtin_prefetch(w + AHEAD + p);
-        const int8_t *xg = x + g * G4;
-        __m256i xl0 = _mm256_loadu_si256((const __m256i *)xg), xl1 = _mm256_loadu_si256((const __m256i *)(xg + 32));
-        __m256i xh0 = _mm256_loadu_si256((const __m256i *)(xg + 64)), xh1 = _mm256_loadu_si256((const __m256i *)(xg + 96));
         for (int r = 0; r < R; r++) {  /* q <= 15: maddubs's pair sums cannot saturate */
             __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + r * 64));
             __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + r * 64 + 32));
-            __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v0, low), xl0),
-                                          _mm256_maddubs_epi16(_mm256_and_si256(v1, low), xl1));
-            __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low), xh0),
-                                          _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low), xh1));
-            __m256i a = _mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones);
-            f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(sc[g * R + r]), f[r]);
+            __m256i l0 = _mm256_and_si256(v0, low), l1 = _mm256_and_si256(v1, low);
+            __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+            __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+            __m256 scale = _mm256_set1_ps(sc[g * R + r]);
+            for (int m = 0; m < mb; m++) {
+                const int8_t *xg = x + m * xs + g * G4;
+                __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(l0, _mm256_loadu_si256((const __m256i *)xg)),
+                                              _mm256_maddubs_epi16(l1, _mm256_loadu_si256((const __m256i *)(xg + 32))));
+                __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(h0, _mm256_loadu_si256((const __m256i *)(xg + 64))),
+                                              _mm256_maddubs_epi16(h1, _mm256_loadu_si256((const __m256i *)(xg + 96))));
+                __m256i a = _mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones);
+                f[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), scale, f[m][r]);
+            }
         }
     }
-    for (int r = 0; r < R; r++) {
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(f[r]), _mm256_extractf128_ps(f[r], 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        out[r] += _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-    }
-#else
-    for (int g = 0; g < groups; g++, w += R * G4 / 2)
+    for (int m = 0; m < mb; m++)
         for (int r = 0; r < R; r++) {
-            int32_t a = 0;
-            for (int j = 0; j < G4 / 2; j++)
-                a += (w[r * G4 / 2 + j] & 15) * x[g * G4 + j] + (w[r * G4 / 2 + j] >> 4) * x[g * G4 + G4 / 2 + j];
-            out[r] += (float)a * sc[g * R + r];
+            __m128 t = _mm_add_ps(_mm256_castps256_ps128(f[m][r]), _mm256_extractf128_ps(f[m][r], 1));
+            t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+            out[m * R + r] = _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
         }
+#else
+    for (int m = 0; m < mb; m++)
+        for (int r = 0; r < R; r++) out[m * R + r] = 0;
+    for (int g = 0; g < groups; g++, w += R * G4 / 2)
+        for (int m = 0; m < mb; m++)
+            for (int r = 0; r < R; r++) {
+                int32_t a = 0;
+                const int8_t *xg = x + m * xs + g * G4;
+                for (int j = 0; j < G4 / 2; j++)
+                    a += (w[r * G4 / 2 + j] & 15) * xg[j] + (w[r * G4 / 2 + j] >> 4) * xg[G4 / 2 + j];
+                out[m * R + r] += (float)a * sc[g * R + r];
+            }
 #endif
 }
 
@@ -183,28 +263,37 @@ void q4_gemv(const uint8_t *W, const float *sc, const float *mn, const float *b,
     int groups = K / G4;
     int8_t *xq = malloc((size_t)M * K);
     int32_t *xsum = malloc(sizeof(int32_t) * (size_t)M * groups);
-    float sx[MAX_M];
-    for (int m = 0; m < M; m++) {
-        int8_t *q = xq + (long)m * K;
-        sx[m] = quantize_row(x + (long)m * K, K, q);
-        for (int g = 0; g < groups; g++) {
-            int32_t s = 0;
-            for (int j = 0; j < G4; j++) s += q[g * G4 + j];
-            xsum[m * groups + g] = s;
-        }
+    float *sx = malloc(sizeof(float) * (size_t)M);
+    quantize_rows(x, M, K, xq, sx, threads);
+    for (long g = 0; g < (long)M * groups; g++) {  /* each group's sum of x, for the minimum's share */
+        int32_t s = 0;
+        for (int j = 0; j < G4; j++) s += xq[g * G4 + j];
+        xsum[g] = s;
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int i = 0; i < N / R; i++) {
         int n = i * R;
-        for (int m = 0; m < M; m++) {
-            float acc[R], *o = y + (long)m * N + n;
-            q4_block(W + (long)n * K / 2, sc + (long)n * groups, mn + (long)n * groups, xq + (long)m * K,
-                     xsum + m * groups, K, acc);
-            for (int r = 0; r < R; r++) o[r] = out(acc[r] * sx[m] + (b ? b[n + r] : 0.0f), act);
+        const uint8_t *w = W + (long)n * K / 2;
+        const float *s = sc + (long)n * groups, *mins = mn + (long)n * groups;
+        float acc[MB * R];
+        for (int m = 0; m < M; m += MB) {
+            int mb = M - m < MB ? M - m : MB;
+            if (mb == MB) q4_rows(w, s, xq + (long)m * K, K, K, MB, acc);
+            else for (int j = 0; j < mb; j++) q4_rows(w, s, xq + (long)(m + j) * K, K, K, 1, acc + j * R);
+            for (int j = 0; j < mb; j++) {
+                const int32_t *xs = xsum + (long)(m + j) * groups;
+                float *o = y + (long)(m + j) * N + n;
+                for (int r = 0; r < R; r++) {
+                    float v = acc[j * R + r];
+                    for (int g = 0; g < groups; g++) v += mins[g * R + r] * (float)xs[g];
+                    o[r] = out(v * sx[m + j] + (b ? b[n + r] : 0.0f), act);
+                }
+            }
         }
     }
     free(xq);
     free(xsum);
+    free(sx);
 }
 
 /* ---- attention for a few new tokens: softmax(q k^T * scale) v per (row, head, token), over the

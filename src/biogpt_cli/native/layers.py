@@ -1,8 +1,9 @@
-"""Linear layers on our kernels (`gemv.c`): a few rows through them, more through torch's GEMM.
+"""Linear layers on our kernels (`gemv.c`), and torch's GEMM where a prompt's many rows make it win.
 
 Decoding multiplies one row (or the few of beams, drafts and small batches) by every weight; a
-prompt multiplies hundreds, where a blocked GEMM wins: those calls go to `F.linear`, on the
-float32 layer's own weight, or on the quantized weights expanded for the call.
+prompt multiplies hundreds, where a blocked GEMM wins: float32 goes to `F.linear` on the layer's
+own weight, int8 to torch's int8 GEMM on the same integers (activations rounded per row, as ours
+are), and int4, which torch has no GEMM for on these weights, stays on our kernel.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _as(bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    return None if bias is None else bias.to(x.dtype)
+
+
 class _Native(nn.Module):
     """The shared call: rows flattened, float32, contiguous; `kernel(x, y, rows)` fills `y`. With
     `gelu` set (`BioGptDecoderLayer.fuse_activation`), the layer applies GELU as it writes: one
@@ -34,16 +39,25 @@ class _Native(nn.Module):
     in_features: int
     out_features: int
     gelu = False
+    max_rows = MAX_ROWS  # more rows a call: `many`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows > MAX_ROWS or x.dtype != torch.float32 or x.requires_grad:
-            y = F.linear(x, self.dense().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-            return F.gelu(y) if self.gelu else y
+        if x.dtype != torch.float32 or x.requires_grad:
+            return self.activate(F.linear(x, self.dense().to(x.dtype), _as(self.bias, x)))
         flat = x.reshape(rows, self.in_features).contiguous()
+        if rows > self.max_rows:
+            return self.many(flat).view(*x.shape[:-1], self.out_features)
         y = torch.empty(rows, self.out_features, dtype=x.dtype)
         self.kernel(flat, y, rows)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def activate(self, y: torch.Tensor) -> torch.Tensor:
+        return F.gelu(y) if self.gelu else y
+
+    def many(self, x: torch.Tensor) -> torch.Tensor:
+        """A prompt's rows [rows, in]: torch's GEMM."""
+        return self.activate(F.linear(x, self.dense(), self.bias))
 
     def dense(self) -> torch.Tensor:
         raise NotImplementedError
@@ -94,6 +108,14 @@ class NativeInt8Linear(_Native):
     def dense(self) -> torch.Tensor:
         return self.unpacked().float() * self.scales[:, None]
 
+    def many(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's int8 GEMM on the same integers, the activations rounded per row as ours are."""
+        if not hasattr(torch, "_int_mm") or self.out_features % 8:
+            return super().many(x)
+        scale = x.abs().amax(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        y = torch._int_mm((x / scale).round().to(torch.int8), self.unpacked().t()) * (scale * self.scales)
+        return self.activate(y if self.bias is None else y + self.bias)
+
     def kernel(self, x: torch.Tensor, y: torch.Tensor, rows: int) -> None:
         library().q8_gemv(self.packed.data_ptr(), self.sums.data_ptr(), self.scales.data_ptr(), _ptr(self.bias),
                           x.data_ptr(), y.data_ptr(), rows, self.out_features, self.in_features,
@@ -110,7 +132,10 @@ class NativeInt8Linear(_Native):
 
 class NativeInt4Linear(_Native):
     """Asymmetric int4 weights, w = q * scale + min per group of 128 columns (q in 0..15), in blocks
-    of 4 rows; a group's byte j holds column j (low nibble) and column j + 64."""
+    of 4 rows; a group's byte j holds column j (low nibble) and column j + 64. Every call runs our
+    kernel, a prompt's rows included (torch's int4 GEMM is no faster on them)."""
+
+    max_rows = 1 << 62
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                  bias: torch.Tensor | None) -> None:
