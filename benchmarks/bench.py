@@ -195,6 +195,8 @@ def kernel_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> 
                                 note=f"{mine.kernel} vs {theirs.kernel}; {bound}"))
                 if beams == 1:  # a long prompt on the kernel a one-row caller loads (generate PROMPT)
                     chosen = load_with(folder, None, quantize, 1, torch_attention=False)
+                    for model in (chosen, theirs):  # the prompt's shapes set up once
+                        generate(model, [long], GenerationOptions(max_new_tokens=1))
                     t, t_ref = compare(lambda m=chosen: generate(m, [long], GenerationOptions(max_new_tokens=1)),
                                        lambda m=theirs: generate(m, [long], GenerationOptions(max_new_tokens=1)),
                                        args.repeats)
