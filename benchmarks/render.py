@@ -59,7 +59,21 @@ def performance_page(found: list[tuple[str, dict]]) -> str:
            "only where K of its steps (the rows `a drafting step of the int8 copy`) cost less than the float32 "
            "steps its kept tokens save. A batch of several rows already reads the weights once for all "
            "of them, so `auto` drafts from the text only for a row decoding alone; the server row with 16 "
-           "clients measures `auto` against `off` under that load.", ""]
+           "clients measures `auto` against `off` under that load.", "",
+           "Our CPU kernels (`--only kernels`; docs/development.md says how they work) are one C file with "
+           "intrinsics (AVX-512 VNNI, AVX2, plain loops elsewhere), compiled at first use by the machine's own "
+           "`cc -O3 -march=native` in under a second (the row `whole generate process ...` notes the first "
+           "build), sharing torch's OpenMP runtime and called through ctypes. The other routes: numba cannot "
+           "emit the int8 dot-product instructions (`dpbusd`, `maddubs`) that make int8 and int4 cheap, and "
+           "would be another large dependency; `torch.utils.cpp_extension` compiles against torch's large "
+           "headers, far slower at first use, and ties the library to torch's ABI; ONNX Runtime's "
+           "`MatMulNBits` covers int4/int8 only and brings a runtime with its own thread pool beside torch's. "
+           "A machine without a compiler keeps torch's kernels. Each kernel competes with torch's on the "
+           "model's own weights at the first load (`choose_kernel`), so a figure where torch's kernel is "
+           "faster on a CPU is what that CPU's users keep: the rows `... the product's choice vs torch's` "
+           "measure what a user gets; the rows `... ours vs torch's kernels` force ours. On a virtual machine "
+           "the read bandwidth moves from second to second, so each share of the bandwidth bound is taken "
+           "against the bandwidth measured around that run.", ""]
     for name, data in reversed(found):
         out += [f"## {machine_line(data['machine'])}", "", f"`bench.py {data.get('command', '')}` -> `{name}`", "",
                 *table(data["rows"]), ""]

@@ -207,3 +207,33 @@ def test_attention_equals_sdpa(built, case, monkeypatch):
     got = attention(q, k, v, attn_mask=mask, is_causal=causal)
     assert torch.allclose(got, expected, atol=1e-5)
     assert got.transpose(1, 2).is_contiguous()  # what the output projection reads, without a copy
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_speculation_on_our_kernels_keeps_every_token(tmp_path, monkeypatch, precision):
+    """A verifier on our kernels (a pass of several drafted rows: each row's numbers are its own)
+    and a quantized copy on ours drafting: the same events as one token a pass."""
+    from dataclasses import replace
+
+    from biogpt_cli import drafts
+    from biogpt_cli.drafts import DraftStats
+    from biogpt_cli.generation import GenerationOptions
+    from tests.conftest import make_reference
+    from tests.test_drafts import MORE, decode, same
+    from tests.test_generation import PROMPTS
+    from tests.test_model import ours_from
+
+    ref = make_reference(tmp_path, seed=8, hidden_size=128, intermediate_size=256, vocab_size=200)
+    monkeypatch.setenv("BIOGPT_KERNEL", "native")
+    ours = ours_from(ref, rows=1)
+    monkeypatch.setenv("BIOGPT_KERNEL", f"{precision}-native")
+    copy = ours_from(ref, quantize=precision, rows=1)
+    assert ours.kernel == "native" and copy.kernel == f"{precision}-native"
+    drafts.attach(ours, precision, copy)
+    stats = DraftStats()
+    opts = GenerationOptions(max_new_tokens=30, repetition_penalty=1.2)
+    for prompt in PROMPTS + MORE:
+        for setting in (precision, "ngram"):
+            on = decode(ours, [prompt], replace(opts, speculate=setting, draft_tokens=4), stats)
+            same(on, decode(ours, [prompt], replace(opts, speculate="off")))
+    assert stats.drafted and stats.kept

@@ -55,7 +55,10 @@ void f32_gemv(const float *W, const float *b, const float *x, float *y, int M, i
 static float quantize_row(const float *x, int K, int8_t *q) {
     float top = 0;
 #pragma omp simd reduction(max:top)
-    for (int k = 0; k < K; k++) top = fmaxf(top, fabsf(x[k]));
+    for (int k = 0; k < K; k++) {  /* not fmaxf: its NaN rule keeps it a call per element */
+        float a = fabsf(x[k]);
+        top = a > top ? a : top;
+    }
     float scale = top > 0 ? top / 127.0f : 1.0f, inv = 1.0f / scale;
 #pragma omp simd
     for (int k = 0; k < K; k++) q[k] = (int8_t)(int)nearbyintf(x[k] * inv);  /* half to even, as torch.round */

@@ -42,15 +42,14 @@ class _Native(nn.Module):
     max_rows = MAX_ROWS  # more rows a call: `many`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
         if x.dtype != torch.float32 or x.requires_grad:
             return self.activate(F.linear(x, self.dense().to(x.dtype), _as(self.bias, x)))
-        flat = x.reshape(rows, self.in_features).contiguous()
+        rows, x = x.numel() // self.in_features, x.contiguous()
         if rows > self.max_rows:
-            return self.many(flat).view(*x.shape[:-1], self.out_features)
-        y = torch.empty(rows, self.out_features, dtype=x.dtype)
-        self.kernel(flat, y, rows)
-        return y.view(*x.shape[:-1], self.out_features)
+            return self.many(x.view(rows, self.in_features)).view(*x.shape[:-1], self.out_features)
+        y = torch.empty((*x.shape[:-1], self.out_features))
+        self.kernel(x, y, rows)
+        return y
 
     def activate(self, y: torch.Tensor) -> torch.Tensor:
         return F.gelu(y) if self.gelu else y
