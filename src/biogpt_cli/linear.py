@@ -286,7 +286,7 @@ def optimize(model: nn.Module, quantize: str = "none", release: Callable[[torch.
             fast = as_kernel(child, kernel if cpu else "plain", head=name == "output_projection")
             if fast is not child:
                 setattr(parent, name, fast)
-            if not isinstance(fast, nn.Linear | HalfLinear | NativeLinear):
+            if not isinstance(fast, nn.Linear | HalfLinear):
                 release(child.weight)
     return model
 

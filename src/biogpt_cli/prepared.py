@@ -60,10 +60,10 @@ def load_prepared(model: nn.Module, path: Path, read: Callable[[Path], dict[str,
             groups.setdefault(f"{module}.{kind}", {})[name] = t
 
         def build(item: tuple[str, dict[str, torch.Tensor]]) -> nn.Module:
-            layer = KINDS[item[0].rpartition(".")[2]].from_tensors(item[1])
-            if isinstance(layer, Int8Linear):  # packed into fbgemm's own copy: the file's pages can go
-                for t in item[1].values():
-                    release(t)
+            # copied out of the mapping (weights read through it stream slower), whose pages then go
+            layer = KINDS[item[0].rpartition(".")[2]].from_tensors({k: t.clone() for k, t in item[1].items()})
+            for t in item[1].values():
+                release(t)
             return layer
 
         with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:  # int8 packing is single-threaded C++

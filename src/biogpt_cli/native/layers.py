@@ -66,12 +66,13 @@ class _Native(nn.Module):
 
 
 class NativeLinear(_Native):
-    """float32: the layer's own weight, row-major, shared with `F.linear` for prompts."""
+    """float32: the weight row-major, shared with `F.linear` for prompts; copied out of the
+    checkpoint's mapping, which streams far slower than memory of our own (docs/development.md)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight.detach().contiguous()
+        self.weight = linear.weight.detach().clone(memory_format=torch.contiguous_format)
         self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
 
     def dense(self) -> torch.Tensor:
