@@ -113,8 +113,8 @@ class NativeInt8Linear(_Native):
         if not hasattr(torch, "_int_mm") or self.out_features % 8:
             return super().many(x)
         scale = x.abs().amax(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        y = torch._int_mm((x / scale).round().to(torch.int8), self.unpacked().t()) * (scale * self.scales)
-        return self.activate(y if self.bias is None else y + self.bias)
+        y = torch._int_mm((x / scale).round().to(torch.int8), self.unpacked().t()).float().mul_(scale * self.scales)
+        return self.activate(y if self.bias is None else y.add_(self.bias))
 
     def kernel(self, x: torch.Tensor, y: torch.Tensor, rows: int) -> None:
         library().q8_gemv(self.packed.data_ptr(), self.sums.data_ptr(), self.scales.data_ptr(), _ptr(self.bias),
