@@ -48,6 +48,7 @@ from torch import nn
 
 from .files import write_text
 from .native import library
+from .native import version as native_version
 from .native.layers import G4, NativeInt4Linear, NativeInt8Linear, NativeLinear, fits
 
 QUANTIZE = ("none", "int8", "int4")
@@ -368,6 +369,8 @@ def choose_kernel(linears: list[nn.Linear], rows: int | None = None, quantize: s
     key = f"{cpu_id()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {precision} | {shapes}"
     decide = 0 if rows == 1 else 1  # which of the timings, at 1 and 5 rows, decides
     key += f" | {names} | decided at {(1, 5)[decide]} rows"  # new candidates, a new rule: timed again
+    if any(name.endswith("native") for name in names):
+        key += f" | our kernels {native_version()}"  # and new kernels of ours
     path = cache_dir() / "kernels.json"
     entry = _read_cache(path).get(key)
     if isinstance(entry, dict) and entry.get("kernel") in names:

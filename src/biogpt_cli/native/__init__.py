@@ -32,6 +32,12 @@ def _flags(arch: str = "native") -> list[str]:
     return ["-O3", f"{flag}={arch}", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 
 
+@functools.cache
+def version() -> str:
+    """The kernels' identity (their source's digest): a timing of them holds for this version only."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+
+
 def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 

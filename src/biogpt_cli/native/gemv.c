@@ -27,26 +27,69 @@ static inline float out(float v, int act) { return act ? 0.5f * v * (1.0f + erff
 #define AVX2 1
 #endif
 
-/* ---- float32: W row-major [N, K], the layer's own weight ---- */
-static void f32_block(const float *w, const float *x, int K, float *out) {
-    const float *w0 = w, *w1 = w + K, *w2 = w + 2 * (long)K, *w3 = w + 3 * (long)K;
-    float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+:a0, a1, a2, a3)
-    for (int k = 0; k < K; k++) {
-        float v = x[k];
-        a0 += w0[k] * v; a1 += w1[k] * v; a2 += w2[k] * v; a3 += w3[k] * v;
+/* ---- float32: W row-major [N, K], the layer's own weight. out[m * R + r] for mb activation
+   rows (x, K apart): each weight load serves the mb rows. ---- */
+#if defined(__AVX512F__)
+#define FW 16
+#define FMB 4
+typedef __m512 fvec;
+#define F_ZERO _mm512_setzero_ps
+#define F_LOAD _mm512_loadu_ps
+#define F_FMA _mm512_fmadd_ps
+#define F_SUM _mm512_reduce_add_ps
+#elif defined(__AVX2__) && defined(__FMA__)
+#define FW 8
+#define FMB 2
+typedef __m256 fvec;
+#define F_ZERO _mm256_setzero_ps
+#define F_LOAD _mm256_loadu_ps
+#define F_FMA _mm256_fmadd_ps
+static inline float F_SUM(__m256 v) {
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+#else
+#define FMB 1
+#endif
+
+static inline __attribute__((always_inline)) void f32_rows(const float *w, const float *x, int K, int mb,
+                                                          float *out) {
+    int k = 0;
+    for (int j = 0; j < mb * R; j++) out[j] = 0;
+#ifdef FW
+    fvec a[FMB][R];
+    for (int m = 0; m < mb; m++)
+        for (int r = 0; r < R; r++) a[m][r] = F_ZERO();
+    for (; k + FW <= K; k += FW) {
+        fvec wv[R];
+        for (int r = 0; r < R; r++) wv[r] = F_LOAD(w + (long)r * K + k);
+        for (int m = 0; m < mb; m++) {
+            fvec v = F_LOAD(x + (long)m * K + k);
+            for (int r = 0; r < R; r++) a[m][r] = F_FMA(wv[r], v, a[m][r]);
+        }
     }
-    out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;
+    for (int m = 0; m < mb; m++)
+        for (int r = 0; r < R; r++) out[m * R + r] = F_SUM(a[m][r]);
+#endif
+    for (; k < K; k++)
+        for (int m = 0; m < mb; m++)
+            for (int r = 0; r < R; r++) out[m * R + r] += w[(long)r * K + k] * x[(long)m * K + k];
 }
 
 void f32_gemv(const float *W, const float *b, const float *x, float *y, int M, int N, int K, int act, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int i = 0; i < N / R; i++) {
         int n = i * R;
-        for (int m = 0; m < M; m++) {
-            float *o = y + (long)m * N + n;
-            f32_block(W + (long)n * K, x + (long)m * K, K, o);
-            for (int r = 0; r < R; r++) o[r] = out(o[r] + (b ? b[n + r] : 0.0f), act);
+        float acc[FMB * R];
+        for (int m = 0; m < M; m += FMB) {
+            int mb = M - m < FMB ? M - m : FMB;
+            if (mb == FMB) f32_rows(W + (long)n * K, x + (long)m * K, K, FMB, acc);
+            else for (int j = 0; j < mb; j++) f32_rows(W + (long)n * K, x + (long)(m + j) * K, K, 1, acc + j * R);
+            for (int j = 0; j < mb; j++) {
+                float *o = y + (long)(m + j) * N + n;
+                for (int r = 0; r < R; r++) o[r] = out(acc[j * R + r] + (b ? b[n + r] : 0.0f), act);
+            }
         }
     }
 }
