@@ -123,7 +123,7 @@ static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, i
 #endif
 #define INLINE static inline __attribute__((always_inline))
 
-#if VNNI
+#if defined(__AVX512F__)
 /* The lane sums of R = 4 vectors at once (out[r] = sum of a[r]'s lanes): a transposing tree,
    a third of the work of four separate reductions. */
 INLINE void sum4_epi32(const __m512i *a, int32_t *out) {
@@ -345,35 +345,79 @@ void q4_gemv(const uint8_t *W, const float *sc, const float *mn, const float *b,
 /* ---- attention for a few new tokens: softmax(q k^T * scale) v per (row, head, token), over the
    keys `mask` allows ([B, t, T] bytes), or without one the causal rule (the last t keys are the new
    tokens). q is [B, H, t, hd] and k, v are [B, H, T, hd] by their strides; out is [B, t, H, hd].
-   A decoding step's work is a few microseconds: threads only where there is far more. ---- */
+   A decoding step's work is a few microseconds: threads only where there is more. ---- */
+
+/* e^x for x <= 0 (shifted scores), in plain arithmetic the compiler vectorizes (Cephes' expf:
+   2^n times a polynomial in the remainder; within 2 float ulps). */
+static inline float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = nearbyintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } two = { .i = ((int32_t)n + 127) << 23 };
+    return p * two.f;
+}
+
+/* s[key] = q . k[key] * scale for every key, kt apart */
+static void scores(const float *q, const float *k, long kt, int keys, int hd, float scale, float *s) {
+    int key = 0;
+#if defined(__AVX512F__)
+    if (hd % 16 == 0 && hd <= 128) {
+        __m512 qv[8];
+        for (int c = 0; c < hd / 16; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
+        for (; key + R <= keys; key += R) {
+            __m512 a[R];
+            for (int r = 0; r < R; r++) {
+                a[r] = _mm512_setzero_ps();
+                for (int c = 0; c < hd / 16; c++)
+                    a[r] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + (key + r) * kt + 16 * c), a[r]);
+            }
+            sum4_ps(a, s + key);
+            for (int r = 0; r < R; r++) s[key + r] *= scale;
+        }
+    }
+#endif
+    for (; key < keys; key++) {
+        float d = 0;
+#pragma omp simd reduction(+:d)
+        for (int c = 0; c < hd; c++) d += q[c] * k[key * kt + c];
+        s[key] = d * scale;
+    }
+}
+
 void attend(const float *q, long qb, long qh, long qt, const float *k, const float *v, long kb, long kh, long kt,
             const uint8_t *mask, float *o, int B, int H, int t, int T, int hd, float scale, int threads) {
     long work = (long)B * H * t * T * hd;
-#pragma omp parallel for schedule(static) num_threads(threads) if (work > (1L << 21))
+#pragma omp parallel for schedule(static) num_threads(threads) if (work > (1L << 18))
     for (int j = 0; j < B * H * t; j++) {
         int b = j / (H * t), h = (j / t) % H, i = j % t;
         const float *qq = q + b * qb + h * qh + i * qt, *kk = k + b * kb + h * kh, *vv = v + b * kb + h * kh;
         const uint8_t *m = mask ? mask + ((long)b * t + i) * T : 0;
         int keys = mask ? T : T - t + i + 1;
         float *s = malloc(sizeof(float) * (size_t)keys), top = -INFINITY, sum = 0;
+        scores(qq, kk, kt, keys, hd, scale, s);
+        if (m)
+            for (int key = 0; key < keys; key++) s[key] = m[key] ? s[key] : -INFINITY;
+#pragma omp simd reduction(max:top)
+        for (int key = 0; key < keys; key++) top = s[key] > top ? s[key] : top;
+#pragma omp simd reduction(+:sum)
         for (int key = 0; key < keys; key++) {
-            float d = 0;
-            if (m && !m[key]) { s[key] = -INFINITY; continue; }
-#pragma omp simd reduction(+:d)
-            for (int c = 0; c < hd; c++) d += qq[c] * kk[key * kt + c];
-            s[key] = d * scale;
-            top = fmaxf(top, s[key]);
+            s[key] = s[key] == -INFINITY ? 0.0f : exp_neg(s[key] - top);
+            sum += s[key];
         }
         float *out = o + (((long)b * t + i) * H + h) * hd;
         for (int c = 0; c < hd; c++) out[c] = 0;
         for (int key = 0; key < keys; key++) {
-            if (s[key] == -INFINITY) continue;
-            float e = expf(s[key] - top);
-            sum += e;
+            float e = s[key] / sum;
 #pragma omp simd
             for (int c = 0; c < hd; c++) out[c] += e * vv[key * kt + c];
         }
-        for (int c = 0; c < hd; c++) out[c] /= sum;
         free(s);
     }
 }
