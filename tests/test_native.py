@@ -185,7 +185,7 @@ def test_a_model_on_our_kernels_equals_the_plain_model(tmp_path, monkeypatch):
 @pytest.mark.parametrize("case", ["one token", "drafts, causal mask", "padded batch", "no mask, whole prompt"])
 def test_attention_equals_sdpa(built, case, monkeypatch):
     """Decoding's attention (a few new tokens over a cache buffer's strided view) equals torch's SDPA."""
-    from biogpt_cli.native.attention import attention
+    from biogpt_cli.native.ops import attention
 
     torch.manual_seed(7)
     b, heads, t, keys, d = {"one token": (1, 4, 1, 37, 64), "drafts, causal mask": (1, 4, 5, 40, 64),
@@ -237,3 +237,12 @@ def test_speculation_on_our_kernels_keeps_every_token(tmp_path, monkeypatch, pre
             on = decode(ours, [prompt], replace(opts, speculate=setting, draft_tokens=4), stats)
             same(on, decode(ours, [prompt], replace(opts, speculate="off")))
     assert stats.drafted and stats.kept
+
+
+def test_gelu_equals_torchs(built, monkeypatch):
+    from biogpt_cli.native.ops import gelu
+
+    x = torch.linspace(-12, 12, 4099).view(1, 1, -1) * torch.rand(4099)
+    expected = F.gelu(x)
+    monkeypatch.setattr(F, "gelu", lambda *a: pytest.fail("torch's GELU ran"))
+    assert torch.allclose(gelu(x), expected, atol=2e-6)

@@ -36,7 +36,7 @@ from .hub import HUB_FILES, resolve
 from .identity import cache_limit, file_sha256, prune
 from .linear import cache_dir, choose_kernel, is_kernel, optimize
 from .model import BioGptDecoderLayer
-from .native.attention import attention
+from .native import ops
 from .prepared import for_kernel, load_prepared, prepared_path, save_prepared
 from .tokenizer import BioGptTokenizer
 
@@ -284,7 +284,7 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
             if isinstance(layer, BioGptDecoderLayer):
                 layer.fuse_activation()
                 if native.library() is not None and torch.device(device).type == "cpu":
-                    layer.self_attn.sdpa = attention
+                    layer.use_ops(ops.attention, ops.gelu)
 
     # the model's own linear children (the output projection, a task head) first: the largest
     units = [model, *(m for m in model.modules() if isinstance(m, BioGptDecoderLayer))]

@@ -57,7 +57,7 @@ class BioGptOutput:
 
 
 class BioGptAttention(nn.Module):
-    # torch's SDPA; loading may put our CPU kernel's (native/attention.py, the same arguments) here
+    # torch's SDPA; loading may put our CPU kernel's (native/ops.py, the same arguments) here
     sdpa = staticmethod(F.scaled_dot_product_attention)
 
     def __init__(self, config: BioGptConfig) -> None:
@@ -124,6 +124,12 @@ class BioGptDecoderLayer(nn.Module):
         saving a pass over the widest activation."""
         if self.act is F.gelu and hasattr(self.fc1, "gelu"):
             self.fc1.gelu, self.act = True, _kept_activation
+
+    def use_ops(self, sdpa: Any, gelu: Any) -> None:
+        """Run attention and GELU on other implementations of the same functions (native/ops.py)."""
+        self.self_attn.sdpa = sdpa
+        if self.act is F.gelu:
+            self.act = gelu
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
                 layer: int, weights: list[torch.Tensor] | None = None) -> torch.Tensor:

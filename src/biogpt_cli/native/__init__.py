@@ -76,7 +76,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.q4_gemv.argtypes = [p, p, p, p, p, p, i, i, i, i, i]
     lib.attend.argtypes = [p, ctypes.c_long, ctypes.c_long, ctypes.c_long, p, p, ctypes.c_long, ctypes.c_long,
                            ctypes.c_long, p, p, i, i, i, i, i, ctypes.c_float, i]
-    for f in (lib.f32_gemv, lib.q8_gemv, lib.q4_gemv, lib.attend):
+    lib.gelu.argtypes = [p, p, ctypes.c_long, i]
+    for f in (lib.f32_gemv, lib.q8_gemv, lib.q4_gemv, lib.attend, lib.gelu):
         f.restype = None
     return lib
 

@@ -16,8 +16,36 @@
 #define G4 128       /* int4: columns per group (one scale and one minimum each) */
 #define AHEAD 1024   /* bytes prefetched ahead of the stream */
 
-/* The output, with the activation a layer may leave to us (1: GELU, erf form, as torch's). */
-static inline float out(float v, int act) { return act ? 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)) : v; }
+/* e^x for x <= 0 (shifted scores), in plain arithmetic the compiler vectorizes (Cephes' expf:
+   2^n times a polynomial in the remainder; within 2 float ulps). */
+static inline float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = nearbyintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } two = { .i = ((int32_t)n + 127) << 23 };
+    return p * two.f;
+}
+
+/* GELU in its erf form, as torch's; erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), in plain
+   arithmetic the compiler vectorizes (libm's erff is a call a value). */
+static inline float gelu1(float v) {
+    float z = fabsf(v) * 0.70710678118654752f, t = 1.0f / (1.0f + 0.3275911f * z);
+    float p = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+    float e = 1.0f - p * exp_neg(-z * z);
+    return 0.5f * v * (1.0f + (v < 0 ? -e : e));
+}
+
+void gelu(const float *x, float *y, long n, int threads) {
+#pragma omp parallel for simd schedule(static) num_threads(threads) if (n > (1L << 16))
+    for (long i = 0; i < n; i++) y[i] = gelu1(x[i]);
+}
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -88,10 +116,11 @@ void f32_gemv(const float *W, const float *b, const float *x, float *y, int M, i
             else for (int j = 0; j < mb; j++) f32_rows(W + (long)n * K, x + (long)(m + j) * K, K, 1, acc + j * R);
             for (int j = 0; j < mb; j++) {
                 float *o = y + (long)(m + j) * N + n;
-                for (int r = 0; r < R; r++) o[r] = out(acc[j * R + r] + (b ? b[n + r] : 0.0f), act);
+                for (int r = 0; r < R; r++) o[r] = acc[j * R + r] + (b ? b[n + r] : 0.0f);
             }
         }
     }
+    if (act) gelu(y, y, (long)M * N, threads);
 }
 
 /* ---- activations: int8, one scale a row (max |x| -> 127) ---- */
@@ -220,11 +249,12 @@ void q8_gemv(const int8_t *W, const int32_t *wsum, const float *scale, const flo
             for (int j = 0; j < mb; j++) {
                 float *o = y + (long)(m + j) * N + n;
                 for (int r = 0; r < R; r++)
-                    o[r] = out((float)(acc[j * R + r] - OFFSET * wsum[n + r]) * sx[m + j] * scale[n + r]
-                               + (b ? b[n + r] : 0.0f), act);
+                    o[r] = (float)(acc[j * R + r] - OFFSET * wsum[n + r]) * sx[m + j] * scale[n + r]
+                           + (b ? b[n + r] : 0.0f);
             }
         }
     }
+    if (act) gelu(y, y, (long)M * N, threads);
     free(xq);
     free(sx);
 }
@@ -332,11 +362,12 @@ void q4_gemv(const uint8_t *W, const float *sc, const float *mn, const float *b,
                 for (int r = 0; r < R; r++) {
                     float v = acc[j * R + r];
                     for (int g = 0; g < groups; g++) v += mins[g * R + r] * (float)xs[g];
-                    o[r] = out(v * sx[m + j] + (b ? b[n + r] : 0.0f), act);
+                    o[r] = v * sx[m + j] + (b ? b[n + r] : 0.0f);
                 }
             }
         }
     }
+    if (act) gelu(y, y, (long)M * N, threads);
     free(xq);
     free(xsum);
     free(sx);
@@ -346,23 +377,6 @@ void q4_gemv(const uint8_t *W, const float *sc, const float *mn, const float *b,
    keys `mask` allows ([B, t, T] bytes), or without one the causal rule (the last t keys are the new
    tokens). q is [B, H, t, hd] and k, v are [B, H, T, hd] by their strides; out is [B, t, H, hd].
    A decoding step's work is a few microseconds: threads only where there is more. ---- */
-
-/* e^x for x <= 0 (shifted scores), in plain arithmetic the compiler vectorizes (Cephes' expf:
-   2^n times a polynomial in the remainder; within 2 float ulps). */
-static inline float exp_neg(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = nearbyintf(x * 1.44269504088896341f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } two = { .i = ((int32_t)n + 127) << 23 };
-    return p * two.f;
-}
 
 /* s[key] = q . k[key] * scale for every key, kt apart */
 static void scores(const float *q, const float *k, long kt, int keys, int hd, float scale, float *s) {

@@ -1,8 +1,9 @@
-"""Attention for decoding's few new tokens on our kernel (`attend` in gemv.c).
+"""Decoding's small ops on our kernels (gemv.c): attention over the cache and GELU.
 
-A decoding step attends one query (or a draft's few) per head over the cache: microseconds of
-work, which torch's SDPA spends mostly setting up and splitting across threads. Anything else (a
-prompt, training, other dtypes or devices) goes to torch's SDPA, whose arguments this takes.
+A decoding step attends one query (or a draft's few) per head over the cache and applies GELU to
+one row of 4096: microseconds of work, which torch's ops spend mostly setting up and splitting
+across threads. Anything else (a prompt's attention, training, other dtypes or devices) goes to
+torch's own op, whose arguments these take.
 """
 
 from __future__ import annotations
@@ -33,3 +34,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
                k.stride(1), k.stride(2), None if mask is None else mask.data_ptr(), out.data_ptr(), b, h, t, keys, d,
                1 / math.sqrt(d), torch.get_num_threads())
     return out.transpose(1, 2)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """`F.gelu` (its erf form, to within 1.5e-7 of erf) for float32 on the CPU."""
+    lib = library()
+    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad:
+        return F.gelu(x)
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    lib.gelu(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
+    return y
