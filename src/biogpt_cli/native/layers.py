@@ -1,12 +1,15 @@
 """Linear layers on our kernels (`gemv.c`), and torch's GEMM where a prompt's many rows make it win.
 
 Decoding multiplies one row (or the few of beams, drafts and small batches) by every weight; a
-prompt multiplies hundreds, where a blocked GEMM wins: float32 goes to `F.linear` on the layer's
-own weight, int8 to torch's int8 GEMM on the same integers (activations rounded per row, as ours
-are), and int4, which torch has no GEMM for on these weights, stays on our kernel.
+prompt multiplies hundreds, where a blocked GEMM wins: float32 goes to oneDNN's GEMM on the layer's
+own weight (which takes it unpacked, as fast as packed; MKL's `F.linear` where torch lacks it),
+int8 to torch's int8 GEMM on the same integers (activations rounded per row, as ours are), and
+int4, which torch has no GEMM for on these weights, stays on our kernel.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,14 @@ def fits(linear: nn.Linear, group: int = C8) -> bool:
     """Whether our kernels take this layer: on the CPU, rows in blocks of 4, columns in whole chunks."""
     return (library() is not None and linear.weight.device.type == "cpu"
             and linear.out_features % R == 0 and linear.in_features % group == 0)
+
+
+@functools.cache
+def _onednn() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -77,6 +88,11 @@ class NativeLinear(_Native):
 
     def dense(self) -> torch.Tensor:
         return self.weight
+
+    def many(self, x: torch.Tensor) -> torch.Tensor:
+        if not _onednn():
+            return super().many(x)
+        return self.activate(torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], ""))
 
     def kernel(self, x: torch.Tensor, y: torch.Tensor, rows: int) -> None:
         library().f32_gemv(self.weight.data_ptr(), _ptr(self.bias), x.data_ptr(), y.data_ptr(), rows,
