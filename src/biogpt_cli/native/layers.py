@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import MAX_ROWS, library
+from .ops import gelu
 
 R, C8, G4 = 4, 64, 128  # as gemv.c: rows a block, int8 columns a chunk, int4 columns a group
 
@@ -63,7 +64,7 @@ class _Native(nn.Module):
         return y
 
     def activate(self, y: torch.Tensor) -> torch.Tensor:
-        return F.gelu(y) if self.gelu else y
+        return gelu(y) if self.gelu else y
 
     def many(self, x: torch.Tensor) -> torch.Tensor:
         """A prompt's rows [rows, in]: torch's GEMM."""
@@ -77,7 +78,7 @@ class _Native(nn.Module):
 
 
 class NativeLinear(_Native):
-    """float32: the weight row-major, shared with `F.linear` for prompts; copied out of the
+    """float32: the weight row-major, shared with oneDNN's GEMM for prompts; copied out of the
     checkpoint's mapping, which streams far slower than memory of our own (docs/development.md)."""
 
     def __init__(self, linear: nn.Linear) -> None:
