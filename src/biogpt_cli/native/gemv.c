@@ -1,4 +1,5 @@
-/* Decode GEMVs for biogpt-cli: y[m] = W x[m] + b for a few rows m, float32, int8 and int4 weights.
+/* Decode kernels for biogpt-cli: the GEMVs y[m] = W x[m] + b for a few rows m (float32, int8 and
+   int4 weights), and the small ops around them (attention over the cache for a few new tokens, GELU).
 
    Decoding reads every weight once per step, so these kernels are written to stream: each thread
    walks its blocks of R rows front to back, one activation load serves the R rows, and int8/int4
