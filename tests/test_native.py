@@ -246,3 +246,20 @@ def test_gelu_equals_torchs(built, monkeypatch):
     expected = F.gelu(x)
     monkeypatch.setattr(F, "gelu", lambda *a: pytest.fail("torch's GELU ran"))
     assert torch.allclose(gelu(x), expected, atol=2e-6)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_attention_does_not_depend_on_the_batchs_padding(built, head_dim):
+    """A row padded on the left inside a batch gets exactly the numbers it gets alone (a batch's
+    records equal each prompt's, whatever Ray or the server puts beside it)."""
+    from biogpt_cli.native.ops import attention
+
+    torch.manual_seed(head_dim)
+    for t in (1, 5, 9):
+        q, k, v = (torch.randn(1, 4, t, head_dim) for _ in range(3))
+        alone = attention(q, k, v, is_causal=t > 1)
+        for pad in (1, 3, 5):
+            qp, kp, vp = (torch.cat([torch.randn(1, 4, pad, head_dim), x], 2) for x in (q, k, v))
+            query, key = torch.arange(t + pad)[:, None], torch.arange(t + pad)[None, :]
+            mask = ((key <= query) & (key >= pad)) | (key == query)
+            assert torch.equal(attention(qp, kp, vp, attn_mask=mask[None, None])[:, :, pad:], alone), (t, pad)

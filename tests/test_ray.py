@@ -98,8 +98,8 @@ def test_texts_read_whole_give_the_local_records(cli, local_ray, tiny_ref, tmp_p
     local = {r.pop("id"): r for r in map(json.loads, out.splitlines())}
     for i in range(20):
         assert got[i].keys() == local[i].keys()  # "line" included
-        for key, value in local[i].items():
-            assert got[i][key] == pytest.approx(value, abs=1e-5), (i, key)
+        for key, value in local[i].items():  # to float32 rounding: other batches may run another GEMM
+            assert got[i][key] == pytest.approx(value, rel=1e-6, abs=1e-5), (i, key)
     assert "nothing to embed" in got[20]["error"] if command == "embed" else got[20]["nll"] is None
 
 

@@ -379,26 +379,29 @@ void q4_gemv(const uint8_t *W, const float *sc, const float *mn, const float *b,
    tokens). q is [B, H, t, hd] and k, v are [B, H, T, hd] by their strides; out is [B, t, H, hd].
    A decoding step's work is a few microseconds: threads only where there is more. ---- */
 
-/* s[key] = q . k[key] * scale for every key, kt apart */
+/* s[key] = q . k[key] * scale for every key, kt apart. Every key's score comes from the same
+   instructions whatever the number of keys (a last short group re-reads its last key), so a row's
+   numbers do not depend on the padding its batch adds. */
 static void scores(const float *q, const float *k, long kt, int keys, int hd, float scale, float *s) {
-    int key = 0;
 #if defined(__AVX512F__)
     if (hd % 16 == 0 && hd <= 128) {
         __m512 qv[8];
         for (int c = 0; c < hd / 16; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
-        for (; key + R <= keys; key += R) {
+        for (int key = 0; key < keys; key += R) {
             __m512 a[R];
+            float out4[R];
             for (int r = 0; r < R; r++) {
+                const float *kr = k + (long)(key + r < keys ? key + r : keys - 1) * kt;
                 a[r] = _mm512_setzero_ps();
-                for (int c = 0; c < hd / 16; c++)
-                    a[r] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + (key + r) * kt + 16 * c), a[r]);
+                for (int c = 0; c < hd / 16; c++) a[r] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr + 16 * c), a[r]);
             }
-            sum4_ps(a, s + key);
-            for (int r = 0; r < R; r++) s[key + r] *= scale;
+            sum4_ps(a, out4);
+            for (int r = 0; r < R && key + r < keys; r++) s[key + r] = out4[r] * scale;
         }
+        return;
     }
 #endif
-    for (; key < keys; key++) {
+    for (int key = 0; key < keys; key++) {
         float d = 0;
 #pragma omp simd reduction(+:d)
         for (int c = 0; c < hd; c++) d += q[c] * k[key * kt + c];
@@ -421,11 +424,9 @@ void attend(const float *q, long qb, long qh, long qt, const float *k, const flo
             for (int key = 0; key < keys; key++) s[key] = m[key] ? s[key] : -INFINITY;
 #pragma omp simd reduction(max:top)
         for (int key = 0; key < keys; key++) top = s[key] > top ? s[key] : top;
-#pragma omp simd reduction(+:sum)
-        for (int key = 0; key < keys; key++) {
-            s[key] = s[key] == -INFINITY ? 0.0f : exp_neg(s[key] - top);
-            sum += s[key];
-        }
+#pragma omp simd
+        for (int key = 0; key < keys; key++) s[key] = s[key] == -INFINITY ? 0.0f : exp_neg(s[key] - top);
+        for (int key = 0; key < keys; key++) sum += s[key];  /* in order: padding's zeros change nothing */
         float *out = o + (((long)b * t + i) * H + h) * hd;
         for (int c = 0; c < hd; c++) out[c] = 0;
         for (int key = 0; key < keys; key++) {
