@@ -127,6 +127,7 @@ def test_the_build_is_cached_and_its_absence_falls_back(tmp_path):
     cache = {"BIOGPT_CACHE": str(tmp_path)}
     assert "compiled for this CPU in" in _describe(cache)
     assert _describe(cache) == "our CPU kernels loaded from the cache"
+    assert _describe({**cache, "CC": str(tmp_path / "no-such-cc")}) == "our CPU kernels loaded from the cache"
     assert len(list((tmp_path / "native").glob("gemv-*.so"))) == 1
     off = _describe({**cache, "BIOGPT_NATIVE": "0"})
     assert off == "our CPU kernels are unavailable (BIOGPT_NATIVE=0): torch's kernels run"

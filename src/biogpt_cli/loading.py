@@ -260,17 +260,16 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
     # oneDNN-packed q/k/v are as fast unfused (measured), and the concatenation would leave ~110 MB
     # of freed heap that glibc keeps: fuse only for the other inference kernels. A plain model (no
     # kernels) keeps the reference's module names, for training and state dicts.
-    def linears() -> list[nn.Linear]:
-        return [m for layer in model.modules() if isinstance(layer, BioGptDecoderLayer)
-                for m in layer.modules() if isinstance(m, nn.Linear)]
+    linears = [m for layer in model.modules() if isinstance(layer, BioGptDecoderLayer)
+               for m in layer.modules() if isinstance(m, nn.Linear)]  # the modules: _convert swaps their weights
     quantized = kernels and quantize != "none" and torch.device(device).type == "cpu"
-    kernel = choose_kernel(linears(), rows, quantize) if quantized and linears() else quantize
+    kernel = choose_kernel(linears, rows, quantize) if quantized and linears else "plain"
     prepared = prepared and for_kernel(prepared, kernel)
     cached = quantized and prepared is not None and load_prepared(model, prepared, read_safetensors, release)
     _convert(model, parse_dtype(dtype), torch.device(device))
     model.eval()
-    if not quantized:
-        kernel = choose_kernel(linears(), rows) if kernels and quantize == "none" and linears() else "plain"
+    if kernels and quantize == "none" and linears:
+        kernel = choose_kernel(linears, rows)
     fuse = fuse and kernels and not kernel.startswith("packed")
 
     def prepare(layer: nn.Module) -> None:  # a layer at a time, so few are ever held twice

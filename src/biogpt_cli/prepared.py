@@ -60,9 +60,11 @@ def load_prepared(model: nn.Module, path: Path, read: Callable[[Path], dict[str,
             groups.setdefault(f"{module}.{kind}", {})[name] = t
 
         def build(item: tuple[str, dict[str, torch.Tensor]]) -> nn.Module:
-            # copied out of the mapping (weights read through it stream slower), whose pages then go
-            layer = KINDS[item[0].rpartition(".")[2]].from_tensors({k: t.clone() for k, t in item[1].items()})
-            for t in item[1].values():
+            # fbgemm packs a copy of its own; the others keep their tensors, copied out of the mapping
+            # (weights read through it stream slower). Either way the file's pages can then go.
+            kind, mapped = KINDS[item[0].rpartition(".")[2]], item[1]
+            layer = kind.from_tensors(mapped if kind is Int8Linear else {k: t.clone() for k, t in mapped.items()})
+            for t in mapped.values():
                 release(t)
             return layer
 

@@ -1,8 +1,8 @@
 """Our own decode kernels (`gemv.c`), built with the machine's C compiler at first use.
 
 `pip install` compiles nothing: the first load that wants these kernels compiles `gemv.c` for this
-CPU (`-march=native`) into the user cache, keyed by the source, the compiler and the CPU, and later
-starts load the cached library. With no compiler, a failed build or `BIOGPT_NATIVE=0`, `library()`
+CPU (`-march=native`) into the user cache, keyed by the source and the CPU, and later starts load
+the cached library (no compiler needed then). With no compiler, a failed build or `BIOGPT_NATIVE=0`, `library()`
 is None, `unavailable()` says why, and torch's kernels run instead. OpenMP comes from the runtime
 torch already loaded (the same `libgomp.so.1`), so the two share one pool of threads.
 """
@@ -42,12 +42,12 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _target(cc: str) -> Path:
-    """The cached library for this source, compiler (its version) and CPU."""
+def _target() -> Path:
+    """The cached library for this source, CPU and flags (a library built once stays valid whatever
+    later happens to the compiler, so a start runs none)."""
     from ..linear import cache_dir, cpu_id
 
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = "|".join([SOURCE.read_text(), version, cpu_id(), " ".join(_flags())])
+    key = "|".join([version(), cpu_id(), " ".join(_flags())])
     return cache_dir() / "native" / f"gemv-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
@@ -90,13 +90,15 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("BIOGPT_NATIVE", "").strip() == "0":
         _state["why"] = "BIOGPT_NATIVE=0"
         return None
-    cc = compiler()
-    if cc is None:
-        _state["why"] = "no C compiler found (set CC)"
-        return None
     try:
-        target = _target(cc)
-        return load(target) if target.is_file() else build(cc, target)
+        target = _target()
+        if target.is_file():
+            return load(target)
+        cc = compiler()
+        if cc is None:
+            _state["why"] = "no C compiler found (set CC)"
+            return None
+        return build(cc, target)
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         _state["why"] = f"could not build {SOURCE.name}: {e}"
         return None
