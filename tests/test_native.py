@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from biogpt_cli import native
-from biogpt_cli.native import layers
+from biogpt_cli.native import layers, ops, stack
 from biogpt_cli.native.layers import NativeInt4Linear, NativeInt8Linear, NativeLinear
 
 pytestmark = pytest.mark.skipif(native.library() is None and not os.environ.get("BIOGPT_CI"),
@@ -43,6 +43,8 @@ def built(request, tmp_path, monkeypatch):
     if request.param != "native":
         lib = native.build(native.compiler(), tmp_path / f"gemv-{request.param}.so", request.param)
         monkeypatch.setattr(layers, "library", lambda: lib)
+        monkeypatch.setattr(stack, "library", lambda: lib)
+        monkeypatch.setattr(ops, "library", lambda: lib)
     return request.param
 
 
@@ -264,3 +266,43 @@ def test_attention_does_not_depend_on_the_batchs_padding(built, head_dim):
             query, key = torch.arange(t + pad)[:, None], torch.arange(t + pad)[None, :]
             mask = ((key <= query) & (key >= pad)) | (key == query)
             assert torch.equal(attention(qp, kp, vp, attn_mask=mask[None, None])[:, :, pad:], alone), (t, pad)
+
+
+@pytest.mark.parametrize("kernel", ["native", "int8-native", "int4-native"])
+def test_the_layers_in_one_call_equal_layer_by_layer(built, kernel, tmp_path, monkeypatch):
+    """The decoder in one call (native/stack.py) gives exactly the logits and cache of its layers
+    one by one: a left-padded batch's tokens after its prompt, then a draft's four tokens a row."""
+    from tests.conftest import make_reference
+    from tests.test_model import ours_from, padded_batch
+
+    ref = make_reference(tmp_path, seed=9, hidden_size=128, intermediate_size=256, vocab_size=200)
+    monkeypatch.setenv("BIOGPT_KERNEL", kernel)
+    model = ours_from(ref, quantize=kernel.removesuffix("-native").replace("native", "none"), rows=1)
+    fused = model.biogpt.stack
+    assert model.kernel == kernel and fused is not None
+    ids, mask = padded_batch([[2, 5, 6, 7, 8, 9], [2, 11, 12], [2, 13, 14, 15, 16]], "left")
+    steps = [torch.tensor([[20], [21], [22]]), torch.tensor([[23], [24], [25]]), torch.arange(30, 42).view(3, 4)]
+    calls = []
+
+    class Counted:
+        def takes(self, *args):
+            return fused.takes(*args)
+
+        def __call__(self, *args):
+            calls.append(args[0].shape)
+            return fused(*args)
+
+    def run(runner):
+        model.biogpt.stack, seen = runner, mask
+        cache = model.new_cache(3, 20)
+        logits = [model(ids, attention_mask=seen, past_key_values=cache, use_cache=True).logits]
+        for step in steps:
+            seen = torch.cat([seen, torch.ones_like(step)], 1)
+            logits.append(model(step, attention_mask=seen, past_key_values=cache, use_cache=True).logits)
+        return torch.cat(logits, 1), cache.k[:, :3, :, :cache.length], cache.v[:, :3, :, :cache.length]
+
+    with torch.inference_mode():
+        one, layered = run(Counted()), run(None)
+    assert calls == [(3, 1, 128), (3, 1, 128), (3, 4, 128)]  # the prompt's 18 rows go layer by layer
+    for a, b in zip(one, layered, strict=True):
+        assert torch.equal(a, b)

@@ -35,8 +35,9 @@ from .files import output_errors, write_safetensors
 from .hub import HUB_FILES, resolve
 from .identity import cache_limit, file_sha256, prune
 from .linear import cache_dir, choose_kernel, is_kernel, optimize
-from .model import BioGptDecoderLayer
+from .model import LAYER_NORM_EPS, BioGptDecoderLayer, BioGptModel
 from .native import ops
+from .native.stack import Stack
 from .prepared import for_kernel, load_prepared, prepared_path, save_prepared
 from .tokenizer import BioGptTokenizer
 
@@ -283,12 +284,15 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
             if isinstance(layer, BioGptDecoderLayer):
                 layer.fuse_activation()
                 if native.library() is not None and torch.device(device).type == "cpu":
-                    layer.use_ops(ops.attention, ops.gelu)
+                    layer.use_ops(ops.attention, ops.gelu, ops.layer_norm)
 
     # the model's own linear children (the output projection, a task head) first: the largest
     units = [model, *(m for m in model.modules() if isinstance(m, BioGptDecoderLayer))]
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:  # packing is single-threaded C++
         list(pool.map(prepare, units))
+    for m in model.modules() if kernels and native.library() is not None else ():
+        if isinstance(m, BioGptModel):
+            m.stack = Stack.build(m.layers, m.config.num_attention_heads, LAYER_NORM_EPS)
     if quantized and prepared is not None and not cached:
         save_prepared(model, prepared)
     _trim_heap()

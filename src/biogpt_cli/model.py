@@ -107,15 +107,24 @@ class BioGptAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(b, t, h))
 
 
+class LayerNorm(nn.LayerNorm):
+    """torch's, its function swappable: loading may put our CPU kernel's here (native/ops.py)."""
+
+    norm = staticmethod(F.layer_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 class BioGptDecoderLayer(nn.Module):
     def __init__(self, config: BioGptConfig) -> None:
         super().__init__()
         h = config.hidden_size
         self.self_attn = BioGptAttention(config)
-        self.self_attn_layer_norm = nn.LayerNorm(h, eps=LAYER_NORM_EPS)
+        self.self_attn_layer_norm = LayerNorm(h, eps=LAYER_NORM_EPS)
         self.fc1 = nn.Linear(h, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, h)
-        self.final_layer_norm = nn.LayerNorm(h, eps=LAYER_NORM_EPS)
+        self.final_layer_norm = LayerNorm(h, eps=LAYER_NORM_EPS)
         self.act = _ACT[config.hidden_act]
         self.dropout, self.activation_dropout = config.hidden_dropout_prob, config.activation_dropout
 
@@ -125,11 +134,13 @@ class BioGptDecoderLayer(nn.Module):
         if self.act is F.gelu and hasattr(self.fc1, "gelu"):
             self.fc1.gelu, self.act = True, _kept_activation
 
-    def use_ops(self, sdpa: Any, gelu: Any) -> None:
-        """Run attention and GELU on other implementations of the same functions (native/ops.py)."""
+    def use_ops(self, sdpa: Any, gelu: Any, layer_norm: Any) -> None:
+        """Run attention, GELU and the layer norms on other implementations of the same functions
+        (native/ops.py)."""
         self.self_attn.sdpa = sdpa
         if self.act is F.gelu:
             self.act = gelu
+        self.self_attn_layer_norm.norm = self.final_layer_norm.norm = layer_norm
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
                 layer: int, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -224,6 +235,7 @@ class BioGptPreTrainedModel(nn.Module):
 class BioGptModel(BioGptPreTrainedModel):
     base_prefix = ""
     gradient_checkpointing = False  # training: trade a second forward pass per layer for activation memory
+    stack: Any = None  # loading may set our kernels' runner of all layers in one call (native/stack.py)
     # the decoder of any checkpoint: a language model's, or a task head's (its hidden states, for embed)
     ignored_keys = ("output_projection.weight", "score.weight", "classifier.weight", "classifier.bias")
 
@@ -266,13 +278,17 @@ class BioGptModel(BioGptPreTrainedModel):
         x = F.dropout(x, self.config.hidden_dropout_prob, self.training)
         states, weights = [], [] if output_attentions else None
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for i, layer in enumerate(self.layers):
-            if output_hidden_states:
-                states.append(x)
-            if recompute:  # keep only each layer's input; its insides are recomputed in the backward pass
-                x = checkpoint(layer, x, mask, cache, i, weights, use_reentrant=False)
-            else:
-                x = layer(x, mask, cache, i, weights)
+        if self.stack is not None and not (output_hidden_states or output_attentions or self.training) \
+                and self.stack.takes(x, mask, cache):
+            x = self.stack(x, mask, cache)  # every layer in one call of our kernels
+        else:
+            for i, layer in enumerate(self.layers):
+                if output_hidden_states:
+                    states.append(x)
+                if recompute:  # keep only each layer's input; its insides are recomputed in the backward pass
+                    x = checkpoint(layer, x, mask, cache, i, weights, use_reentrant=False)
+                else:
+                    x = layer(x, mask, cache, i, weights)
         if cache is not None:
             cache.advance(t)
         x = self.layer_norm(x)

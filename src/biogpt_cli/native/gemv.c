@@ -48,6 +48,32 @@ void gelu(const float *x, float *y, long n, int threads) {
     for (long i = 0; i < n; i++) y[i] = gelu1(x[i]);
 }
 
+/* A linear layer as the kernels see it: kind F32 (w: the weight [N, K] row-major), Q8 (w: int8
+   blocks, a: each row's sum, c: each row's scale) or Q4 (w: int4 blocks, a: scales, c: minimums). */
+enum { F32, Q8, Q4 };
+typedef struct { int kind, N, K; const void *w, *a, *c; const float *bias; } linear_t;
+
+/* What a call's activations become before an integer multiply: int8 rows, their scales, and for
+   int4 each group's sum (the minimums' share). */
+typedef struct { int8_t *q; float *s; int32_t *gsum; } acts_t;
+
+/* How a kernel writes y: as is, through GELU, or added to what y holds (a residual). */
+enum { PLAIN, GELU, ADD };
+
+#define INLINE static inline __attribute__((always_inline))
+/* A function both paths call (a layer at a time, the decoder in one call) runs the same machine
+   code in both: no inlining or specialized copies that could round or contract differently. */
+#if defined(__clang__)
+#define SHARED static __attribute__((noinline))
+#else
+#define SHARED static __attribute__((noipa))
+#endif
+
+INLINE void put(float *o, float v, const float *b, int n, int mode) {
+    v += b ? b[n] : 0.0f;
+    *o = mode == GELU ? gelu1(v) : mode == ADD ? *o + v : v;
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define VNNI 1
@@ -106,8 +132,12 @@ static inline __attribute__((always_inline)) void f32_rows(const float *w, const
             for (int r = 0; r < R; r++) out[m * R + r] += w[(long)r * K + k] * x[(long)m * K + k];
 }
 
-void f32_gemv(const float *W, const float *b, const float *x, float *y, int M, int N, int K, int act, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
+/* One thread's share of y = W x + b (an orphaned `omp for`: the threads of the enclosing parallel
+   region split the blocks, and wait for each other at its end). */
+static void f32_part(const linear_t *L, const float *x, float *y, int M, int mode) {
+    const float *W = L->w;
+    int N = L->N, K = L->K;
+#pragma omp for schedule(static)
     for (int i = 0; i < N / R; i++) {
         int n = i * R;
         float acc[FMB * R];
@@ -115,13 +145,10 @@ void f32_gemv(const float *W, const float *b, const float *x, float *y, int M, i
             int mb = M - m < FMB ? M - m : FMB;
             if (mb == FMB) f32_rows(W + (long)n * K, x + (long)m * K, K, FMB, acc);
             else for (int j = 0; j < mb; j++) f32_rows(W + (long)n * K, x + (long)(m + j) * K, K, 1, acc + j * R);
-            for (int j = 0; j < mb; j++) {
-                float *o = y + (long)(m + j) * N + n;
-                for (int r = 0; r < R; r++) o[r] = acc[j * R + r] + (b ? b[n + r] : 0.0f);
-            }
+            for (int j = 0; j < mb; j++)
+                for (int r = 0; r < R; r++) put(y + (long)(m + j) * N + n + r, acc[j * R + r], L->bias, n + r, mode);
         }
     }
-    if (act) gelu(y, y, (long)M * N, threads);
 }
 
 /* ---- activations: int8, one scale a row (max |x| -> 127) ---- */
@@ -151,7 +178,6 @@ static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, i
 #else
 #define MB 1
 #endif
-#define INLINE static inline __attribute__((always_inline))
 
 #if defined(__AVX512F__)
 /* The lane sums of R = 4 vectors at once (out[r] = sum of a[r]'s lanes): a transposing tree,
@@ -233,31 +259,26 @@ INLINE void q8_rows(const int8_t *w, const int8_t *x, long xs, int K, int mb, in
 #define OFFSET 0
 #endif
 
-void q8_gemv(const int8_t *W, const int32_t *wsum, const float *scale, const float *b, const float *x, float *y,
-             int M, int N, int K, int act, int threads) {
-    int8_t *xq = malloc((size_t)M * K);
-    float *sx = malloc(sizeof(float) * (size_t)M);
-    quantize_rows(x, M, K, xq, sx, threads);
-#pragma omp parallel for schedule(static) num_threads(threads)
+static void q8_part(const linear_t *L, const acts_t *x, float *y, int M, int mode) {
+    const int32_t *wsum = L->a;
+    const float *scale = L->c;
+    int N = L->N, K = L->K;
+#pragma omp for schedule(static)
     for (int i = 0; i < N / R; i++) {
         int n = i * R;
-        const int8_t *w = W + (long)n * K;
+        const int8_t *w = (const int8_t *)L->w + (long)n * K;
         int32_t acc[MB * R];
         for (int m = 0; m < M; m += MB) {
             int mb = M - m < MB ? M - m : MB;
-            if (mb == MB) q8_rows(w, xq + (long)m * K, K, K, MB, acc);
-            else for (int j = 0; j < mb; j++) q8_rows(w, xq + (long)(m + j) * K, K, K, 1, acc + j * R);
-            for (int j = 0; j < mb; j++) {
-                float *o = y + (long)(m + j) * N + n;
+            if (mb == MB) q8_rows(w, x->q + (long)m * K, K, K, MB, acc);
+            else for (int j = 0; j < mb; j++) q8_rows(w, x->q + (long)(m + j) * K, K, K, 1, acc + j * R);
+            for (int j = 0; j < mb; j++)
                 for (int r = 0; r < R; r++)
-                    o[r] = (float)(acc[j * R + r] - OFFSET * wsum[n + r]) * sx[m + j] * scale[n + r]
-                           + (b ? b[n + r] : 0.0f);
-            }
+                    put(y + (long)(m + j) * N + n + r,
+                        (float)(acc[j * R + r] - OFFSET * wsum[n + r]) * x->s[m + j] * scale[n + r], L->bias, n + r,
+                        mode);
         }
     }
-    if (act) gelu(y, y, (long)M * N, threads);
-    free(xq);
-    free(sx);
 }
 
 /* ---- int4: w = q * scale + min per group of G4 columns, q in 0..15. A block is, for each group,
@@ -335,43 +356,83 @@ INLINE void q4_rows(const uint8_t *w, const float *sc, const int8_t *x, long xs,
 #endif
 }
 
-void q4_gemv(const uint8_t *W, const float *sc, const float *mn, const float *b, const float *x, float *y,
-             int M, int N, int K, int act, int threads) {
-    int groups = K / G4;
-    int8_t *xq = malloc((size_t)M * K);
-    int32_t *xsum = malloc(sizeof(int32_t) * (size_t)M * groups);
-    float *sx = malloc(sizeof(float) * (size_t)M);
-    quantize_rows(x, M, K, xq, sx, threads);
-    for (long g = 0; g < (long)M * groups; g++) {  /* each group's sum of x, for the minimum's share */
-        int32_t s = 0;
-        for (int j = 0; j < G4; j++) s += xq[g * G4 + j];
-        xsum[g] = s;
-    }
-#pragma omp parallel for schedule(static) num_threads(threads)
+static void q4_part(const linear_t *L, const acts_t *x, float *y, int M, int mode) {
+    int N = L->N, K = L->K, groups = K / G4;
+#pragma omp for schedule(static)
     for (int i = 0; i < N / R; i++) {
         int n = i * R;
-        const uint8_t *w = W + (long)n * K / 2;
-        const float *s = sc + (long)n * groups, *mins = mn + (long)n * groups;
+        const uint8_t *w = (const uint8_t *)L->w + (long)n * K / 2;
+        const float *s = (const float *)L->a + (long)n * groups, *mins = (const float *)L->c + (long)n * groups;
         float acc[MB * R];
         for (int m = 0; m < M; m += MB) {
             int mb = M - m < MB ? M - m : MB;
-            if (mb == MB) q4_rows(w, s, xq + (long)m * K, K, K, MB, acc);
-            else for (int j = 0; j < mb; j++) q4_rows(w, s, xq + (long)(m + j) * K, K, K, 1, acc + j * R);
+            if (mb == MB) q4_rows(w, s, x->q + (long)m * K, K, K, MB, acc);
+            else for (int j = 0; j < mb; j++) q4_rows(w, s, x->q + (long)(m + j) * K, K, K, 1, acc + j * R);
             for (int j = 0; j < mb; j++) {
-                const int32_t *xs = xsum + (long)(m + j) * groups;
-                float *o = y + (long)(m + j) * N + n;
+                const int32_t *xs = x->gsum + (long)(m + j) * groups;
                 for (int r = 0; r < R; r++) {
                     float v = acc[j * R + r];
                     for (int g = 0; g < groups; g++) v += mins[g * R + r] * (float)xs[g];
-                    o[r] = v * sx[m + j] + (b ? b[n + r] : 0.0f);
+                    put(y + (long)(m + j) * N + n + r, v * x->s[m + j], L->bias, n + r, mode);
                 }
             }
         }
     }
-    if (act) gelu(y, y, (long)M * N, threads);
-    free(xq);
-    free(xsum);
-    free(sx);
+}
+
+/* ---- a layer's call: its activations prepared once (one thread), then its blocks split ---- */
+static acts_t acts_alloc(int M, int K) {
+    acts_t a = { malloc((size_t)M * K), malloc(sizeof(float) * (size_t)M),
+                 malloc(sizeof(int32_t) * (size_t)M * (K / G4 + 1)) };
+    return a;
+}
+
+static void acts_free(acts_t *a) {
+    free(a->q);
+    free(a->s);
+    free(a->gsum);
+}
+
+SHARED void prep(const linear_t *L, const float *x, int M, acts_t *a, int threads) {
+    if (L->kind == F32) return;
+    quantize_rows(x, M, L->K, a->q, a->s, threads);
+    if (L->kind == Q4)
+        for (long g = 0; g < (long)M * (L->K / G4); g++) {
+            int32_t s = 0;
+            for (int j = 0; j < G4; j++) s += a->q[g * G4 + j];
+            a->gsum[g] = s;
+        }
+}
+
+SHARED void part(const linear_t *L, const float *x, const acts_t *a, float *y, int M, int mode) {
+    if (L->kind == F32) f32_part(L, x, y, M, mode);
+    else if (L->kind == Q8) q8_part(L, a, y, M, mode);
+    else q4_part(L, a, y, M, mode);
+}
+
+static void run(const linear_t *L, const float *x, float *y, int M, int act, int threads) {
+    acts_t a = acts_alloc(M, L->K);
+    prep(L, x, M, &a, threads);
+#pragma omp parallel num_threads(threads)
+    part(L, x, &a, y, M, act ? GELU : PLAIN);
+    acts_free(&a);
+}
+
+void f32_gemv(const float *W, const float *b, const float *x, float *y, int M, int N, int K, int act, int threads) {
+    linear_t L = { F32, N, K, W, 0, 0, b };
+    run(&L, x, y, M, act, threads);
+}
+
+void q8_gemv(const int8_t *W, const int32_t *wsum, const float *scale, const float *b, const float *x, float *y,
+             int M, int N, int K, int act, int threads) {
+    linear_t L = { Q8, N, K, W, wsum, scale, b };
+    run(&L, x, y, M, act, threads);
+}
+
+void q4_gemv(const uint8_t *W, const float *sc, const float *mn, const float *b, const float *x, float *y,
+             int M, int N, int K, int act, int threads) {
+    linear_t L = { Q4, N, K, W, sc, mn, b };
+    run(&L, x, y, M, act, threads);
 }
 
 /* ---- attention for a few new tokens: softmax(q k^T * scale) v per (row, head, token), over the
@@ -409,31 +470,114 @@ static void scores(const float *q, const float *k, long kt, int keys, int hd, fl
     }
 }
 
+/* Query j's attention (j counts rows, then heads, then new tokens). */
+SHARED void attend_one(int j, const float *q, long qb, long qh, long qt, const float *k, const float *v, long kb,
+                       long kh, long kt, const uint8_t *mask, float *o, int H, int t, int T, int hd, float scale) {
+    int b = j / (H * t), h = (j / t) % H, i = j % t;
+    const float *qq = q + b * qb + h * qh + i * qt, *kk = k + b * kb + h * kh, *vv = v + b * kb + h * kh;
+    const uint8_t *m = mask ? mask + ((long)b * t + i) * T : 0;
+    int keys = mask ? T : T - t + i + 1;
+    float *s = malloc(sizeof(float) * (size_t)keys), top = -INFINITY, sum = 0;
+    scores(qq, kk, kt, keys, hd, scale, s);
+    if (m)
+        for (int key = 0; key < keys; key++) s[key] = m[key] ? s[key] : -INFINITY;
+#pragma omp simd reduction(max:top)
+    for (int key = 0; key < keys; key++) top = s[key] > top ? s[key] : top;
+#pragma omp simd
+    for (int key = 0; key < keys; key++) s[key] = s[key] == -INFINITY ? 0.0f : exp_neg(s[key] - top);
+    for (int key = 0; key < keys; key++) sum += s[key];  /* in order: padding's zeros change nothing */
+    float *out = o + (((long)b * t + i) * H + h) * hd;
+    for (int c = 0; c < hd; c++) out[c] = 0;
+    for (int key = 0; key < keys; key++) {
+        float e = s[key] / sum;
+#pragma omp simd
+        for (int c = 0; c < hd; c++) out[c] += e * vv[key * kt + c];
+    }
+    free(s);
+}
+
 void attend(const float *q, long qb, long qh, long qt, const float *k, const float *v, long kb, long kh, long kt,
             const uint8_t *mask, float *o, int B, int H, int t, int T, int hd, float scale, int threads) {
     long work = (long)B * H * t * T * hd;
 #pragma omp parallel for schedule(static) num_threads(threads) if (work > (1L << 18))
-    for (int j = 0; j < B * H * t; j++) {
-        int b = j / (H * t), h = (j / t) % H, i = j % t;
-        const float *qq = q + b * qb + h * qh + i * qt, *kk = k + b * kb + h * kh, *vv = v + b * kb + h * kh;
-        const uint8_t *m = mask ? mask + ((long)b * t + i) * T : 0;
-        int keys = mask ? T : T - t + i + 1;
-        float *s = malloc(sizeof(float) * (size_t)keys), top = -INFINITY, sum = 0;
-        scores(qq, kk, kt, keys, hd, scale, s);
-        if (m)
-            for (int key = 0; key < keys; key++) s[key] = m[key] ? s[key] : -INFINITY;
-#pragma omp simd reduction(max:top)
-        for (int key = 0; key < keys; key++) top = s[key] > top ? s[key] : top;
+    for (int j = 0; j < B * H * t; j++) attend_one(j, q, qb, qh, qt, k, v, kb, kh, kt, mask, o, H, t, T, hd, scale);
+}
+
+/* ---- the decoder's layers for a few new tokens, in one call: one parallel region, the threads
+   meeting between the steps of a layer instead of a Python call, a thread start and a torch op
+   for each. Each layer: x += out(attention(LN1(x))), x += fc2(GELU(fc1(LN2(x)))), its new keys
+   and values written into the cache at `past` (k, v: [layers, rows, heads, capacity, head_dim]
+   by their strides). The same kernels as the layer-by-layer path, so a row's numbers do not
+   depend on the path. ---- */
+typedef struct { const float *ln1w, *ln1b, *ln2w, *ln2b; linear_t qkv, out, fc1, fc2; } layer_t;
+
+SHARED void norm_rows(const float *x, const float *w, const float *b, float *y, int M, int D, float eps) {
+    for (int m = 0; m < M; m++) {
+        const float *xr = x + (long)m * D;
+        float *yr = y + (long)m * D, mean = 0, var = 0;
+#pragma omp simd reduction(+:mean)
+        for (int k = 0; k < D; k++) mean += xr[k];
+        mean /= D;
+#pragma omp simd reduction(+:var)
+        for (int k = 0; k < D; k++) var += (xr[k] - mean) * (xr[k] - mean);
+        float rstd = 1.0f / sqrtf(var / D + eps);
 #pragma omp simd
-        for (int key = 0; key < keys; key++) s[key] = s[key] == -INFINITY ? 0.0f : exp_neg(s[key] - top);
-        for (int key = 0; key < keys; key++) sum += s[key];  /* in order: padding's zeros change nothing */
-        float *out = o + (((long)b * t + i) * H + h) * hd;
-        for (int c = 0; c < hd; c++) out[c] = 0;
-        for (int key = 0; key < keys; key++) {
-            float e = s[key] / sum;
-#pragma omp simd
-            for (int c = 0; c < hd; c++) out[c] += e * vv[key * kt + c];
-        }
-        free(s);
+        for (int k = 0; k < D; k++) yr[k] = (xr[k] - mean) * rstd * w[k] + b[k];
     }
+}
+
+/* The layer norm of M rows of D (the layer-by-layer path's, so both paths round alike). */
+void layer_norm(const float *x, const float *w, const float *b, float *y, int M, int D, float eps, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if ((long)M * D > (1L << 18))
+    for (int m = 0; m < M; m++) norm_rows(x + (long)m * D, w, b, y + (long)m * D, 1, D, eps);
+}
+
+/* The new tokens' keys and values (qkv rows: [q | k | v], heads of hd each) into the cache. */
+static void store_kv(const float *qkv, float *k, float *v, long kb, long kh, long kt, int B, int t, int H, int hd,
+                     int past) {
+    int D = H * hd;
+    for (int m = 0; m < B * t; m++)
+        for (int h = 0; h < H; h++) {
+            long at = (m / t) * kb + h * kh + (long)(past + m % t) * kt;
+            for (int c = 0; c < hd; c++) {
+                k[at + c] = qkv[(long)m * 3 * D + D + h * hd + c];
+                v[at + c] = qkv[(long)m * 3 * D + 2 * D + h * hd + c];
+            }
+        }
+}
+
+void decode_layers(const layer_t *layers, int L, float *x, int B, int t, float *kc, float *vc, long kl, long kb,
+                   long kh, long kt, int past, const uint8_t *mask, int H, int hd, float eps, int threads) {
+    int M = B * t, D = H * hd, F = layers[0].fc1.N, T = past + t;
+    float *h = malloc(sizeof(float) * (size_t)M * D), *qkv = malloc(sizeof(float) * (size_t)M * 3 * D);
+    float *att = malloc(sizeof(float) * (size_t)M * D), *f = malloc(sizeof(float) * (size_t)M * F);
+    acts_t a = acts_alloc(M, F > D ? F : D);
+    float scale = 1.0f / sqrtf((float)hd);
+#pragma omp parallel num_threads(threads)
+    for (int l = 0; l < L; l++) {
+        const layer_t *y = layers + l;
+        float *k = kc + l * kl, *v = vc + l * kl;
+#pragma omp single
+        { norm_rows(x, y->ln1w, y->ln1b, h, M, D, eps); prep(&y->qkv, h, M, &a, 1); }
+        part(&y->qkv, h, &a, qkv, M, PLAIN);
+#pragma omp single
+        store_kv(qkv, k, v, kb, kh, kt, B, t, H, hd, past);
+#pragma omp for schedule(static)
+        for (int j = 0; j < M * H; j++)
+            attend_one(j, qkv, (long)t * 3 * D, hd, 3 * D, k, v, kb, kh, kt, mask, att, H, t, T, hd, scale);
+#pragma omp single
+        prep(&y->out, att, M, &a, 1);
+        part(&y->out, att, &a, x, M, ADD);
+#pragma omp single
+        { norm_rows(x, y->ln2w, y->ln2b, h, M, D, eps); prep(&y->fc1, h, M, &a, 1); }
+        part(&y->fc1, h, &a, f, M, GELU);
+#pragma omp single
+        prep(&y->fc2, f, M, &a, 1);
+        part(&y->fc2, f, &a, x, M, ADD);
+    }
+    free(h);
+    free(qkv);
+    free(att);
+    free(f);
+    acts_free(&a);
 }

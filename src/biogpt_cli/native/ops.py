@@ -1,9 +1,10 @@
-"""Decoding's small ops on our kernels (gemv.c): attention over the cache and GELU.
+"""Decoding's small ops on our kernels (gemv.c): attention over the cache, GELU and layer norm.
 
 A decoding step attends one query (or a draft's few) per head over the cache and applies GELU to
 one row of 4096: microseconds of work, which torch's ops spend mostly setting up and splitting
 across threads. Anything else (a prompt's attention, training, other dtypes or devices) goes to
-torch's own op, whose arguments these take.
+torch's own op, whose arguments these take. The layer norm is ours so that a layer's numbers are
+those of the decoder in one call (stack.py), whichever path a pass takes.
 """
 
 from __future__ import annotations
@@ -44,4 +45,20 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     y = torch.empty_like(x)
     lib.gelu(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
+    return y
+
+
+def layer_norm(x: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """`F.layer_norm` over the last dimension, with weight and bias, for float32 on the CPU."""
+    lib = library()
+    if (lib is None or weight is None or bias is None or len(normalized_shape) != 1 or x.dtype != torch.float32
+            or x.device.type != "cpu" or x.requires_grad or weight.requires_grad or weight.dtype != x.dtype
+            or bias.dtype != x.dtype):
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+    y = torch.empty_like(x)
+    d = x.shape[-1]
+    lib.layer_norm(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), x.numel() // d, d, eps,
+                   torch.get_num_threads())
     return y
