@@ -19,7 +19,7 @@ from biogpt_cli.native.layers import NativeInt4Linear, NativeInt8Linear, NativeL
 pytestmark = pytest.mark.skipif(native.library() is None and not os.environ.get("BIOGPT_CI"),
                                 reason=f"our kernels: {native.unavailable()}")
 SHAPES = [(64, 128), (256, 256), (8, 512)]  # (out, in): int4 needs inputs in groups of 128
-ROWS = [1, 3, native.MAX_ROWS]
+ROWS = [1, 2, 3, 5, native.MAX_ROWS]  # 16 = 6 + 6 + 4: every row count a pass takes (1 to 6)
 
 
 def _isa_flags() -> set[str]:
@@ -306,3 +306,19 @@ def test_the_layers_in_one_call_equal_layer_by_layer(built, kernel, tmp_path, mo
     assert calls == [(3, 1, 128), (3, 1, 128), (3, 4, 128)]  # the prompt's 18 rows go layer by layer
     for a, b in zip(one, layered, strict=True):
         assert torch.equal(a, b)
+
+
+def test_choose_kernel_times_ours_as_decoding_runs_them(monkeypatch):
+    """Ours are timed in one call, as the decoder runs them; a list with any other layer, as modules."""
+    from torch import nn
+
+    from biogpt_cli import linear
+    from biogpt_cli.native.stack import run_linears
+
+    torch.manual_seed(3)
+    ours = [NativeInt8Linear.quantize(nn.Linear(256, 128)), NativeInt4Linear.quantize(nn.Linear(128, 256))]
+    assert run_linears(ours, 5) is not None and run_linears([*ours, nn.Linear(8, 8)], 5) is None
+    called = []
+    monkeypatch.setattr(linear, "run_linears", lambda layers, rows: lambda: called.append(rows))
+    monkeypatch.setattr(NativeInt8Linear, "forward", lambda *a: pytest.fail("timed layer by layer"))
+    assert linear._time(ours, 5, torch.float32) >= 0 and called == [5] * 4

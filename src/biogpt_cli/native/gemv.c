@@ -61,6 +61,18 @@ typedef struct { int8_t *q; float *s; int32_t *gsum; } acts_t;
 enum { PLAIN, GELU, ADD };
 
 #define INLINE static inline __attribute__((always_inline))
+/* Loops over a block's rows and activation rows, unrolled whole so that their accumulators stay in
+   registers (left to itself the compiler keeps the 4 x 4 array in memory) */
+#define UNROLL _Pragma("GCC unroll 16")
+/* CALL(k) for k = mb (1 to 6, at most max): each k its own unrolled copy, so that a few activation
+   rows take one pass over the weights */
+#define BY_ROWS(mb, max, CALL) switch (mb) {                                                        \
+    case 1: CALL(1); break;                                                                       \
+    case 2: CALL((max) >= 2 ? 2 : 1); break;                                                      \
+    case 3: CALL((max) >= 3 ? 3 : 1); break;                                                      \
+    case 4: CALL((max) >= 4 ? 4 : 1); break;                                                      \
+    case 5: CALL((max) >= 5 ? 5 : 1); break;                                                      \
+    default: CALL((max) >= 6 ? 6 : 1); }
 /* A function both paths call (a layer at a time, the decoder in one call) runs the same machine
    code in both: no inlining or specialized copies that could round or contract differently. */
 #if defined(__clang__)
@@ -86,7 +98,7 @@ INLINE void put(float *o, float v, const float *b, int n, int mode) {
    rows (x, K apart): each weight load serves the mb rows. ---- */
 #if defined(__AVX512F__)
 #define FW 16
-#define FMB 4
+#define FMB 6          /* activation rows that share each weight load: 24 accumulators of 32 registers */
 typedef __m512 fvec;
 #define F_ZERO _mm512_setzero_ps
 #define F_LOAD _mm512_loadu_ps
@@ -114,21 +126,33 @@ static inline __attribute__((always_inline)) void f32_rows(const float *w, const
     for (int j = 0; j < mb * R; j++) out[j] = 0;
 #ifdef FW
     fvec a[FMB][R];
+    UNROLL
     for (int m = 0; m < mb; m++)
+        UNROLL
         for (int r = 0; r < R; r++) a[m][r] = F_ZERO();
     for (; k + FW <= K; k += FW) {
         fvec wv[R];
-        for (int r = 0; r < R; r++) wv[r] = F_LOAD(w + (long)r * K + k);
+        UNROLL
+        for (int r = 0; r < R; r++) {
+            if (k % 16 == 0) __builtin_prefetch(w + (long)r * K + k + AHEAD / 4);
+            wv[r] = F_LOAD(w + (long)r * K + k);
+        }
+        UNROLL
         for (int m = 0; m < mb; m++) {
             fvec v = F_LOAD(x + (long)m * K + k);
+            UNROLL
             for (int r = 0; r < R; r++) a[m][r] = F_FMA(wv[r], v, a[m][r]);
         }
     }
+    UNROLL
     for (int m = 0; m < mb; m++)
+        UNROLL
         for (int r = 0; r < R; r++) out[m * R + r] = F_SUM(a[m][r]);
 #endif
     for (; k < K; k++)
+        UNROLL
         for (int m = 0; m < mb; m++)
+            UNROLL
             for (int r = 0; r < R; r++) out[m * R + r] += w[(long)r * K + k] * x[(long)m * K + k];
 }
 
@@ -143,9 +167,10 @@ static void f32_part(const linear_t *L, const float *x, float *y, int M, int mod
         float acc[FMB * R];
         for (int m = 0; m < M; m += FMB) {
             int mb = M - m < FMB ? M - m : FMB;
-            if (mb == FMB) f32_rows(W + (long)n * K, x + (long)m * K, K, FMB, acc);
-            else for (int j = 0; j < mb; j++) f32_rows(W + (long)n * K, x + (long)(m + j) * K, K, 1, acc + j * R);
+#define F32_ROWS(k) f32_rows(W + (long)n * K, x + (long)m * K, K, k, acc)
+            BY_ROWS(mb, FMB, F32_ROWS)
             for (int j = 0; j < mb; j++)
+                UNROLL
                 for (int r = 0; r < R; r++) put(y + (long)(m + j) * N + n + r, acc[j * R + r], L->bias, n + r, mode);
         }
     }
@@ -172,11 +197,14 @@ static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, i
 }
 
 #if VNNI
-#define MB 4         /* activation rows that share each weight load */
+#define MB 6         /* activation rows that share each weight load (int8) */
+#define Q4MB 6       /* and int4 */
 #elif AVX2
 #define MB 2
+#define Q4MB 2
 #else
 #define MB 1
+#define Q4MB 1
 #endif
 
 #if defined(__AVX512F__)
@@ -205,49 +233,66 @@ INLINE void sum4_ps(const __m512 *a, float *out) {
 INLINE void q8_rows(const int8_t *w, const int8_t *x, long xs, int K, int mb, int32_t *out) {
 #if VNNI /* dpbusd multiplies unsigned by signed: x + 128 as unsigned (the caller takes 128 * sum(w) back) */
     __m512i a[MB][R], flip = _mm512_set1_epi8((char)0x80);
+    UNROLL
     for (int m = 0; m < mb; m++)
+        UNROLL
         for (int r = 0; r < R; r++) a[m][r] = _mm512_setzero_si512();
     for (int k = 0; k < K; k += C8, w += R * C8) {
         for (int p = 0; p < R * C8; p += 64) __builtin_prefetch(w + AHEAD + p);
         __m512i wv[R];
+        UNROLL
         for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_si512(w + r * C8);
+        UNROLL
         for (int m = 0; m < mb; m++) {
             __m512i v = _mm512_xor_si512(_mm512_loadu_si512(x + m * xs + k), flip);
+            UNROLL
             for (int r = 0; r < R; r++) a[m][r] = _mm512_dpbusd_epi32(a[m][r], v, wv[r]);
         }
     }
+    UNROLL
     for (int m = 0; m < mb; m++) sum4_epi32(a[m], out + m * R);
 #elif AVX2 /* maddubs(|w|, x * sign(w)): |w| <= 127 keeps the pair sums from saturating */
     __m256i a[MB][R], ones = _mm256_set1_epi16(1);
+    UNROLL
     for (int m = 0; m < mb; m++)
+        UNROLL
         for (int r = 0; r < R; r++) a[m][r] = _mm256_setzero_si256();
     for (int k = 0; k < K; k += C8, w += R * C8) {
         for (int p = 0; p < R * C8; p += 64) __builtin_prefetch(w + AHEAD + p);
         for (int s = 0; s < C8; s += 32) {
             __m256i wv[R], wa[R];
+            UNROLL
             for (int r = 0; r < R; r++) {
                 wv[r] = _mm256_loadu_si256((const __m256i *)(w + r * C8 + s));
                 wa[r] = _mm256_sign_epi8(wv[r], wv[r]);
             }
+            UNROLL
             for (int m = 0; m < mb; m++) {
                 __m256i v = _mm256_loadu_si256((const __m256i *)(x + m * xs + k + s));
+                UNROLL
                 for (int r = 0; r < R; r++)
                     a[m][r] = _mm256_add_epi32(a[m][r], _mm256_madd_epi16(
                         _mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(v, wv[r])), ones));
             }
         }
     }
+    UNROLL
     for (int m = 0; m < mb; m++)
+        UNROLL
         for (int r = 0; r < R; r++) {
             __m128i t = _mm_add_epi32(_mm256_castsi256_si128(a[m][r]), _mm256_extracti128_si256(a[m][r], 1));
             t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
             out[m * R + r] = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
         }
 #else
+    UNROLL
     for (int m = 0; m < mb; m++)
+        UNROLL
         for (int r = 0; r < R; r++) out[m * R + r] = 0;
     for (int k = 0; k < K; k += C8, w += R * C8)
+        UNROLL
         for (int m = 0; m < mb; m++)
+            UNROLL
             for (int r = 0; r < R; r++)
                 for (int s = 0; s < C8; s++) out[m * R + r] += w[r * C8 + s] * x[m * xs + k + s];
 #endif
@@ -270,9 +315,10 @@ static void q8_part(const linear_t *L, const acts_t *x, float *y, int M, int mod
         int32_t acc[MB * R];
         for (int m = 0; m < M; m += MB) {
             int mb = M - m < MB ? M - m : MB;
-            if (mb == MB) q8_rows(w, x->q + (long)m * K, K, K, MB, acc);
-            else for (int j = 0; j < mb; j++) q8_rows(w, x->q + (long)(m + j) * K, K, K, 1, acc + j * R);
+#define Q8_ROWS(k) q8_rows(w, x->q + (long)m * K, K, K, k, acc)
+            BY_ROWS(mb, MB, Q8_ROWS)
             for (int j = 0; j < mb; j++)
+                UNROLL
                 for (int r = 0; r < R; r++)
                     put(y + (long)(m + j) * N + n + r,
                         (float)(acc[j * R + r] - OFFSET * wsum[n + r]) * x->s[m + j] * scale[n + r], L->bias, n + r,
@@ -288,35 +334,41 @@ static void q8_part(const linear_t *L, const acts_t *x, float *y, int M, int mod
 INLINE void q4_rows(const uint8_t *w, const float *sc, const int8_t *x, long xs, int K, int mb, float *out) {
     int groups = K / G4;
 #if VNNI
-    __m512 f[MB][R];
+    __m512 f[Q4MB][R];
     const __m512i low = _mm512_set1_epi8(0x0F);
+    UNROLL
     for (int m = 0; m < mb; m++)
+        UNROLL
         for (int r = 0; r < R; r++) f[m][r] = _mm512_setzero_ps();
     for (int g = 0; g < groups; g++, w += R * G4 / 2) {
         for (int p = 0; p < R * G4 / 2; p += 64) __builtin_prefetch(w + AHEAD + p);
-        __m512i lo[R], hi[R];
-        for (int r = 0; r < R; r++) {
-            __m512i v = _mm512_loadu_si512(w + r * 64);
-            lo[r] = _mm512_and_si512(v, low);
-            hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-        }
-        for (int m = 0; m < mb; m++) {
-            const int8_t *xg = x + m * xs + g * G4;
-            __m512i xl = _mm512_loadu_si512(xg), xh = _mm512_loadu_si512(xg + 64);
-            for (int r = 0; r < R; r++) {
-                __m512i a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xl), hi[r], xh);
-                f[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(sc[g * R + r]), f[m][r]);
+        UNROLL
+        for (int r = 0; r < R; r++) {  /* a row's nibbles at a time: registers for 6 rows of x */
+            __m512i v = _mm512_loadu_si512(w + r * 64), lo = _mm512_and_si512(v, low);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            __m512 scale = _mm512_set1_ps(sc[g * R + r]);
+            UNROLL
+            for (int m = 0; m < mb; m++) {
+                const int8_t *xg = x + m * xs + g * G4;
+                __m512i a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
+                                                                    _mm512_loadu_si512(xg)),
+                                                hi, _mm512_loadu_si512(xg + 64));
+                f[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), scale, f[m][r]);
             }
         }
     }
+    UNROLL
     for (int m = 0; m < mb; m++) sum4_ps(f[m], out + m * R);
 #elif AVX2
-    __m256 f[MB][R];
+    __m256 f[Q4MB][R];
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    UNROLL
     for (int m = 0; m < mb; m++)
+        UNROLL
         for (int r = 0; r < R; r++) f[m][r] = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++, w += R * G4 / 2) {
         for (int p = 0; p < R * G4 / 2; p += 64) __builtin_prefetch(w + AHEAD + p);
+        UNROLL
         for (int r = 0; r < R; r++) {  /* q <= 15: maddubs's pair sums cannot saturate */
             __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + r * 64));
             __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + r * 64 + 32));
@@ -324,6 +376,7 @@ INLINE void q4_rows(const uint8_t *w, const float *sc, const int8_t *x, long xs,
             __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
             __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
             __m256 scale = _mm256_set1_ps(sc[g * R + r]);
+            UNROLL
             for (int m = 0; m < mb; m++) {
                 const int8_t *xg = x + m * xs + g * G4;
                 __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(l0, _mm256_loadu_si256((const __m256i *)xg)),
@@ -335,17 +388,23 @@ INLINE void q4_rows(const uint8_t *w, const float *sc, const int8_t *x, long xs,
             }
         }
     }
+    UNROLL
     for (int m = 0; m < mb; m++)
+        UNROLL
         for (int r = 0; r < R; r++) {
             __m128 t = _mm_add_ps(_mm256_castps256_ps128(f[m][r]), _mm256_extractf128_ps(f[m][r], 1));
             t = _mm_add_ps(t, _mm_movehl_ps(t, t));
             out[m * R + r] = _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
         }
 #else
+    UNROLL
     for (int m = 0; m < mb; m++)
+        UNROLL
         for (int r = 0; r < R; r++) out[m * R + r] = 0;
     for (int g = 0; g < groups; g++, w += R * G4 / 2)
+        UNROLL
         for (int m = 0; m < mb; m++)
+            UNROLL
             for (int r = 0; r < R; r++) {
                 int32_t a = 0;
                 const int8_t *xg = x + m * xs + g * G4;
@@ -363,11 +422,11 @@ static void q4_part(const linear_t *L, const acts_t *x, float *y, int M, int mod
         int n = i * R;
         const uint8_t *w = (const uint8_t *)L->w + (long)n * K / 2;
         const float *s = (const float *)L->a + (long)n * groups, *mins = (const float *)L->c + (long)n * groups;
-        float acc[MB * R];
-        for (int m = 0; m < M; m += MB) {
-            int mb = M - m < MB ? M - m : MB;
-            if (mb == MB) q4_rows(w, s, x->q + (long)m * K, K, K, MB, acc);
-            else for (int j = 0; j < mb; j++) q4_rows(w, s, x->q + (long)(m + j) * K, K, K, 1, acc + j * R);
+        float acc[Q4MB * R];
+        for (int m = 0; m < M; m += Q4MB) {
+            int mb = M - m < Q4MB ? M - m : Q4MB;
+#define Q4_ROWS(k) q4_rows(w, s, x->q + (long)m * K, K, K, k, acc)
+            BY_ROWS(mb, Q4MB, Q4_ROWS)
             for (int j = 0; j < mb; j++) {
                 const int32_t *xs = x->gsum + (long)(m + j) * groups;
                 for (int r = 0; r < R; r++) {
@@ -433,6 +492,21 @@ void q4_gemv(const uint8_t *W, const float *sc, const float *mn, const float *b,
              int M, int N, int K, int act, int threads) {
     linear_t L = { Q4, N, K, W, sc, mn, b };
     run(&L, x, y, M, act, threads);
+}
+
+/* The layers `ls` in turn over the same rows x, in one parallel region as decode_layers runs them
+   (what choose_kernel times: ours as decoding runs them). x holds M rows of the widest input. */
+void run_linears(const linear_t *ls, int n, const float *x, float *y, int M, int threads) {
+    int K = 0;
+    for (int i = 0; i < n; i++) K = ls[i].K > K ? ls[i].K : K;
+    acts_t a = acts_alloc(M, K);
+#pragma omp parallel num_threads(threads)
+    for (int i = 0; i < n; i++) {
+#pragma omp single
+        prep(ls + i, x, M, &a, 1);
+        part(ls + i, x, &a, y, M, PLAIN);
+    }
+    acts_free(&a);
 }
 
 /* ---- attention for a few new tokens: softmax(q k^T * scale) v per (row, head, token), over the

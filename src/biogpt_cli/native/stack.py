@@ -10,6 +10,7 @@ attention, GELU and layer norm), so a row's numbers do not depend on which path 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from . import MAX_ROWS, library
 from .layers import NativeInt4Linear, NativeInt8Linear, NativeLinear
 
 _p = ctypes.c_void_p
+KINDS = (NativeLinear, NativeInt8Linear, NativeInt4Linear)
 
 
 class _Linear(ctypes.Structure):
@@ -40,6 +42,21 @@ def _linear(m: nn.Module) -> _Linear:
     return _Linear(2, m.out_features, m.in_features, m.packed.data_ptr(), m.scales.data_ptr(), m.mins.data_ptr(), bias)
 
 
+def run_linears(layers: list[nn.Module], rows: int) -> Callable[[], None] | None:
+    """A pass of `rows` rows through `layers` as the decoder in one call runs them (how
+    `choose_kernel` times ours: in one parallel region, no Python between layers); None unless
+    every layer is ours."""
+    if library() is None or not layers or not all(isinstance(m, KINDS) for m in layers):
+        return None
+    table = (_Linear * len(layers))(*map(_linear, layers))
+    x = torch.randn(rows, max(m.in_features for m in layers))
+    y = torch.empty(rows, max(m.out_features for m in layers))
+
+    def run() -> None:  # `layers` held: the table points into their tensors
+        library().run_linears(table, len(layers), x.data_ptr(), y.data_ptr(), rows, torch.get_num_threads())
+    return run
+
+
 def _norm(n: nn.Module) -> tuple[int, int] | None:
     ok = (isinstance(n, nn.LayerNorm) and n.elementwise_affine and n.bias is not None
           and n.weight.dtype == torch.float32 and n.weight.is_contiguous() and n.bias.is_contiguous())
@@ -59,13 +76,11 @@ class Stack:
     @classmethod
     def build(cls, layers: nn.ModuleList, heads: int, eps: float) -> Stack | None:
         """A Stack where every layer runs on our kernels with GELU in fc1 (`fuse_activation`), else None."""
-        kinds = (NativeLinear, NativeInt8Linear, NativeInt4Linear)
-
         def fits(layer: nn.Module) -> bool:
             a = layer.self_attn
-            return (a.qkv_proj is not None and all(isinstance(m, kinds) for m in (a.qkv_proj, a.out_proj, layer.fc1,
-                                                                                  layer.fc2))
-                    and layer.fc1.gelu and not layer.fc2.gelu and not a.qkv_proj.gelu and not a.out_proj.gelu
+            linears = (a.qkv_proj, a.out_proj, layer.fc1, layer.fc2)
+            return (all(isinstance(m, KINDS) for m in linears)
+                    and [m.gelu for m in linears] == [False, False, True, False]  # GELU in fc1's kernel
                     and _norm(layer.self_attn_layer_norm) is not None and _norm(layer.final_layer_norm) is not None)
         return cls(layers, heads, eps) if library() is not None and len(layers) and all(map(fits, layers)) else None
 
