@@ -251,6 +251,16 @@ def test_gelu_equals_torchs(built, monkeypatch):
     assert torch.allclose(gelu(x), expected, atol=2e-6)
 
 
+def test_layer_norm_equals_torchs(built, monkeypatch):
+    from biogpt_cli.native.ops import layer_norm
+
+    torch.manual_seed(4)
+    x, w, b = torch.randn(3, 5, 1024) * 4 + 1, torch.randn(1024), torch.randn(1024)
+    expected = F.layer_norm(x, (1024,), w, b, 1e-5)
+    monkeypatch.setattr(F, "layer_norm", lambda *a: pytest.fail("torch's layer norm ran"))
+    assert torch.allclose(layer_norm(x, (1024,), w, b, 1e-5), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("head_dim", [32, 64])
 def test_attention_does_not_depend_on_the_batchs_padding(built, head_dim):
     """A row padded on the left inside a batch gets exactly the numbers it gets alone (a batch's

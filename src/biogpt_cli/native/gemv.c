@@ -1,5 +1,6 @@
 /* Decode kernels for biogpt-cli: the GEMVs y[m] = W x[m] + b for a few rows m (float32, int8 and
-   int4 weights), and the small ops around them (attention over the cache for a few new tokens, GELU).
+   int4 weights), the small ops around them (attention over the cache for a few new tokens, GELU,
+   layer norm), and the decoder's layers in one call (decode_layers) built from them.
 
    Decoding reads every weight once per step, so these kernels are written to stream: each thread
    walks its blocks of R rows front to back, one activation load serves the R rows, and int8/int4
@@ -602,7 +603,7 @@ SHARED void norm_rows(const float *x, const float *w, const float *b, float *y, 
 
 /* The layer norm of M rows of D (the layer-by-layer path's, so both paths round alike). */
 void layer_norm(const float *x, const float *w, const float *b, float *y, int M, int D, float eps, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if ((long)M * D > (1L << 18))
+#pragma omp parallel for schedule(static) num_threads(threads) if ((long)M * D > (1L << 16))
     for (int m = 0; m < M; m++) norm_rows(x + (long)m * D, w, b, y + (long)m * D, 1, D, eps);
 }
 

@@ -52,7 +52,8 @@ def layer_norm(x: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch
                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """`F.layer_norm` over the last dimension, with weight and bias, for float32 on the CPU."""
     lib = library()
-    if (lib is None or weight is None or bias is None or len(normalized_shape) != 1 or x.dtype != torch.float32
+    if (lib is None or weight is None or bias is None or tuple(normalized_shape) != x.shape[-1:]
+            or x.dtype != torch.float32
             or x.device.type != "cpu" or x.requires_grad or weight.requires_grad or weight.dtype != x.dtype
             or bias.dtype != x.dtype):
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
