@@ -135,7 +135,7 @@ static inline __attribute__((always_inline)) void f32_rows(const float *w, const
         fvec wv[R];
         UNROLL
         for (int r = 0; r < R; r++) {
-            if (k % 16 == 0) __builtin_prefetch(w + (long)r * K + k + AHEAD / 4);
+            if (k % 16 == 0) __builtin_prefetch(w + (long)r * K + k + AHEAD / 4);  /* a line at a time */
             wv[r] = F_LOAD(w + (long)r * K + k);
         }
         UNROLL
