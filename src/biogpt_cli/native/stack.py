@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..cache import KVCache
 from . import MAX_ROWS, library
 from .layers import NativeInt4Linear, NativeInt8Linear, NativeLinear
 
@@ -84,16 +85,15 @@ class Stack:
                     and _norm(layer.self_attn_layer_norm) is not None and _norm(layer.final_layer_norm) is not None)
         return cls(layers, heads, eps) if library() is not None and len(layers) and all(map(fits, layers)) else None
 
-    def takes(self, x: torch.Tensor, mask: torch.Tensor | None, cache: object) -> bool:
+    def takes(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> bool:
         """Whether this pass is one for us: a few float32 rows without gradients, a plain KV cache."""
-        k = getattr(cache, "k", None)
-        return (isinstance(k, torch.Tensor) and not getattr(cache, "static", False) and x.shape[0] == cache.rows
-                and x.shape[0] * x.shape[1] <= MAX_ROWS and x.dtype == k.dtype == torch.float32
-                and x.device.type == "cpu" and not x.requires_grad and not torch.is_grad_enabled()
+        k = cache.k if isinstance(cache, KVCache) else None
+        return (k is not None and x.shape[0] == cache.rows and x.shape[0] * x.shape[1] <= MAX_ROWS
+                and x.dtype == k.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
                 and k.stride(-1) == 1 and k.stride() == cache.v.stride()
                 and (mask is None or (mask.dtype == torch.bool and mask.shape[1] == 1)))
 
-    def __call__(self, x: torch.Tensor, mask: torch.Tensor | None, cache: object) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Every layer over x [batch, new, hidden]; the new keys and values written at `cache.length`."""
         b, t, h = x.shape
         x = x.contiguous().clone()
