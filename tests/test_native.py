@@ -293,7 +293,8 @@ def test_attention_does_not_depend_on_the_batchs_padding(built, head_dim):
 @pytest.mark.parametrize("kernel", ["native", "int8-native", "int4-native"])
 def test_the_layers_in_one_call_equal_layer_by_layer(built, kernel, tmp_path, monkeypatch):
     """The decoder in one call (native/stack.py) gives exactly the logits and cache of its layers
-    one by one: a left-padded batch's tokens after its prompt, then a draft's four tokens a row."""
+    one by one: a left-padded batch's tokens after its prompt, then a draft's four tokens a row;
+    a short prompt alone (causal, no mask)."""
     from tests.conftest import make_reference
     from tests.test_model import ours_from, padded_batch
 
@@ -316,16 +317,17 @@ def test_the_layers_in_one_call_equal_layer_by_layer(built, kernel, tmp_path, mo
 
     def run(runner):
         model.biogpt.stack, seen = runner, mask
-        cache = model.new_cache(3, 20)
+        cache, alone = model.new_cache(3, 20), model.new_cache(1, 6)
         logits = [model(ids, attention_mask=seen, past_key_values=cache, use_cache=True).logits]
         for step in steps:
             seen = torch.cat([seen, torch.ones_like(step)], 1)
             logits.append(model(step, attention_mask=seen, past_key_values=cache, use_cache=True).logits)
-        return torch.cat(logits, 1), cache.k[:, :3, :, :cache.length], cache.v[:, :3, :, :cache.length]
+        short = model(ids[:1], past_key_values=alone, use_cache=True).logits
+        return torch.cat(logits, 1), cache.k[:, :3, :, :cache.length], cache.v[:, :3, :, :cache.length], short
 
     with torch.inference_mode():
         one, layered = run(Counted()), run(None)
-    assert calls == [(3, 1, 128), (3, 1, 128), (3, 4, 128)]  # the prompt's 18 rows go layer by layer
+    assert calls == [(3, 1, 128), (3, 1, 128), (3, 4, 128), (1, 6, 128)]  # the batch's 18 rows: layer by layer
     for a, b in zip(one, layered, strict=True):
         assert torch.equal(a, b)
 

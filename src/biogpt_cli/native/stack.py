@@ -3,8 +3,8 @@
 Layer by layer, a decoding step of a few rows is some fifteen torch ops and four kernel calls a
 layer, each a Python call and a start of the threads, for microseconds of work each: with int8 and
 int4 weights that costs about as much as reading the weights. Here the threads start once a step
-and meet between a layer's parts. It runs what the layer-by-layer path runs on our kernels (the same GEMVs,
-attention, GELU and layer norm), so a row's numbers do not depend on which path ran.
+and meet between a layer's parts. It runs what the layer-by-layer path runs on our kernels (the
+same GEMVs, attention, GELU and layer norm), so a row's numbers do not depend on which path ran.
 """
 
 from __future__ import annotations
