@@ -77,11 +77,13 @@ def load(path: Path) -> ctypes.CDLL:
     lib.attend.argtypes = [p, ctypes.c_long, ctypes.c_long, ctypes.c_long, p, p, ctypes.c_long, ctypes.c_long,
                            ctypes.c_long, p, p, i, i, i, i, i, ctypes.c_float, i]
     lib.gelu.argtypes = [p, p, ctypes.c_long, i]
+    lib.quantize_rows.argtypes = [p, i, i, p, p, i]
+    lib.q8_finish.argtypes = [p, p, p, p, p, i, i, i, i]
     lib.run_linears.argtypes = [p, i, p, p, i, i]
     lib.layer_norm.argtypes = [p, p, p, p, i, i, ctypes.c_float, i]
     lib.decode_layers.argtypes = [p, i, p, i, i, p, p, *[ctypes.c_long] * 4, i, p, i, i, ctypes.c_float, i]
     for f in (lib.f32_gemv, lib.q8_gemv, lib.q4_gemv, lib.attend, lib.gelu, lib.layer_norm, lib.decode_layers,
-              lib.run_linears):
+              lib.run_linears, lib.quantize_rows, lib.q8_finish):
         f.restype = None
     return lib
 

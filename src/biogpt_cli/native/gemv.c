@@ -191,8 +191,9 @@ static float quantize_row(const float *x, int K, int8_t *q) {
     return scale;
 }
 
-/* Every row of x [M, K] quantized (in threads when there are many), their scales in sx. */
-static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, int threads) {
+/* Every row of x [M, K] quantized (in threads when there are many), their scales in sx: ours, and
+   the activations of a prompt's int8 GEMM (torch's), rounded alike. */
+void quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if ((long)M * K > (1L << 16))
     for (int m = 0; m < M; m++) sx[m] = quantize_row(x + (long)m * K, K, xq + (long)m * K);
 }
@@ -326,6 +327,16 @@ static void q8_part(const linear_t *L, const acts_t *x, float *y, int M, int mod
                         mode);
         }
     }
+}
+
+/* y = acc * sx[m] * scale[n] + b, through GELU with act: what q8_part writes, from the exact int32
+   products of a prompt's int8 GEMM (torch's), in one pass. */
+void q8_finish(const int32_t *acc, const float *sx, const float *scale, const float *b, float *y, int M, int N,
+               int act, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if ((long)M * N > (1L << 16))
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++)
+            put(y + (long)m * N + n, (float)acc[(long)m * N + n] * sx[m] * scale[n], b, n, act ? GELU : PLAIN);
 }
 
 /* ---- int4: w = q * scale + min per group of G4 columns, q in 0..15. A block is, for each group,

@@ -126,12 +126,18 @@ class NativeInt8Linear(_Native):
         return self.unpacked().float() * self.scales[:, None]
 
     def many(self, x: torch.Tensor) -> torch.Tensor:
-        """torch's int8 GEMM on the same integers, the activations rounded per row as ours are."""
+        """torch's int8 GEMM on the same integers, the activations rounded and the products scaled
+        (bias, GELU) by our kernels, as a row alone is."""
         if not hasattr(torch, "_int_mm") or self.out_features % 8:
             return super().many(x)
-        scale = x.abs().amax(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        y = torch._int_mm((x / scale).round().to(torch.int8), self.unpacked().t()).float().mul_(scale * self.scales)
-        return self.activate(y if self.bias is None else y.add_(self.bias))
+        rows, threads = x.shape[0], torch.get_num_threads()
+        xq, sx = torch.empty(rows, self.in_features, dtype=torch.int8), torch.empty(rows)
+        library().quantize_rows(x.data_ptr(), rows, self.in_features, xq.data_ptr(), sx.data_ptr(), threads)
+        acc = torch._int_mm(xq, self.unpacked().t())
+        y = torch.empty(rows, self.out_features)
+        library().q8_finish(acc.data_ptr(), sx.data_ptr(), self.scales.data_ptr(), _ptr(self.bias), y.data_ptr(),
+                            rows, self.out_features, self.gelu, threads)
+        return y
 
     def kernel(self, x: torch.Tensor, y: torch.Tensor, rows: int) -> None:
         library().q8_gemv(self.packed.data_ptr(), self.sums.data_ptr(), self.scales.data_ptr(), _ptr(self.bias),
