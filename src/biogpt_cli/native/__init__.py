@@ -2,9 +2,10 @@
 
 `pip install` compiles nothing: the first load that wants these kernels compiles `gemv.c` for this
 CPU (`-march=native`) into the user cache, keyed by the source and the CPU, and later starts load
-the cached library (no compiler needed then). With no compiler, a failed build or `BIOGPT_NATIVE=0`, `library()`
-is None, `unavailable()` says why, and torch's kernels run instead. OpenMP comes from the runtime
-torch already loaded (the same `libgomp.so.1`), so the two share one pool of threads.
+the cached library (no compiler needed then). With no compiler, a failed build or
+`BIOGPT_NATIVE=0`, `library()` is None, `unavailable()` says why, and torch's kernels run instead.
+OpenMP comes from the runtime torch already loaded (the same `libgomp.so.1`), so the two share one
+pool of threads.
 """
 
 from __future__ import annotations

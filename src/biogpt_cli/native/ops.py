@@ -17,6 +17,11 @@ import torch.nn.functional as F
 from . import MAX_ROWS, library
 
 
+def query_mask(attn_mask: torch.Tensor | None, b: int, t: int, keys: int) -> torch.Tensor | None:
+    """An SDPA boolean mask [b or 1, 1, t or 1, keys] as the bytes our attention reads: [b, t, keys]."""
+    return None if attn_mask is None else attn_mask.expand(b, 1, t, keys).reshape(b, t, keys).contiguous()
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
               is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
     """`F.scaled_dot_product_attention` for q [b, heads, t, head_dim] and k, v [b, heads, T, head_dim]."""
@@ -29,7 +34,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
             or (is_causal and keys != t) or (attn_mask is None and t > 1 and not is_causal)
             or (attn_mask is not None and (attn_mask.dtype != torch.bool or attn_mask.shape[1] != 1))):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
-    mask = None if attn_mask is None else attn_mask.expand(b, 1, t, keys).reshape(b, t, keys).contiguous()
+    mask = query_mask(attn_mask, b, t, keys)
     out = torch.empty(b, t, h, d)
     lib.attend(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(), k.stride(0),
                k.stride(1), k.stride(2), None if mask is None else mask.data_ptr(), out.data_ptr(), b, h, t, keys, d,

@@ -18,6 +18,7 @@ from torch import nn
 from ..cache import KVCache
 from . import MAX_ROWS, library
 from .layers import NativeInt4Linear, NativeInt8Linear, NativeLinear
+from .ops import query_mask
 
 _p = ctypes.c_void_p
 KINDS = (NativeLinear, NativeInt8Linear, NativeInt4Linear)
@@ -96,10 +97,8 @@ class Stack:
     def __call__(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Every layer over x [batch, new, hidden]; the new keys and values written at `cache.length`."""
         b, t, h = x.shape
-        x = x.contiguous().clone()
-        past = cache.length
-        if mask is not None:
-            mask = mask.expand(b, 1, t, past + t).reshape(b, t, past + t).contiguous()
+        x, past = x.clone(memory_format=torch.contiguous_format), cache.length
+        mask = query_mask(mask, b, t, past + t)
         k = cache.k
         library().decode_layers(self.table, len(self.layers), x.data_ptr(), b, t, k.data_ptr(), cache.v.data_ptr(),
                                 *k.stride()[:4], past, None if mask is None else mask.data_ptr(), self.heads,
