@@ -16,7 +16,7 @@
 #define R 4          /* weight rows per block */
 #define C8 64        /* int8: columns per chunk of a block */
 #define G4 128       /* int4: columns per group (one scale and one minimum each) */
-#define AHEAD 1024   /* bytes prefetched ahead of the stream */
+#define AHEAD 4096   /* bytes prefetched ahead of the stream (docs/performance.md: 1 KB ahead streamed slower) */
 
 /* e^x for x <= 0 (shifted scores), in plain arithmetic the compiler vectorizes (Cephes' expf:
    2^n times a polynomial in the remainder; within 2 float ulps). */
