@@ -16,7 +16,8 @@
 #define R 4          /* weight rows per block */
 #define C8 64        /* int8: columns per chunk of a block */
 #define G4 128       /* int4: columns per group (one scale and one minimum each) */
-#define AHEAD 4096   /* bytes prefetched ahead of the stream (docs/performance.md: 1 KB ahead streamed slower) */
+#define AHEAD 4096   /* bytes prefetched ahead of the stream (1 KB streamed slower: docs/development.md) */
+#define KEYS_AHEAD 16 /* attention: keys (and values) prefetched ahead, 4 KB of a 64-wide head */
 
 /* e^x for x <= 0 (shifted scores), in plain arithmetic the compiler vectorizes (Cephes' expf:
    2^n times a polynomial in the remainder; within 2 float ulps). */
@@ -526,6 +527,12 @@ void run_linears(const linear_t *ls, int n, const float *x, float *y, int M, int
    tokens). q is [B, H, t, hd] and k, v are [B, H, T, hd] by their strides; out is [B, t, H, hd].
    A decoding step's work is a few microseconds: threads only where there is more. ---- */
 
+/* A cached key's (or value's) hd floats, KEYS_AHEAD keys ahead: a head's keys are a short stream,
+   over before the hardware prefetcher has ramped up. */
+static inline void prefetch_key(const float *k, long kt, int hd) {
+    for (int c = 0; c < hd; c += 16) __builtin_prefetch(k + KEYS_AHEAD * kt + c);
+}
+
 /* s[key] = q . k[key] * scale for every key, kt apart. Every key's score comes from the same
    instructions whatever the number of keys (a last short group re-reads its last key), so a row's
    numbers do not depend on the padding its batch adds. */
@@ -539,6 +546,7 @@ static void scores(const float *q, const float *k, long kt, int keys, int hd, fl
             float out4[R];
             for (int r = 0; r < R; r++) {
                 const float *kr = k + (long)(key + r < keys ? key + r : keys - 1) * kt;
+                prefetch_key(kr, kt, hd);
                 a[r] = _mm512_setzero_ps();
                 for (int c = 0; c < hd / 16; c++) a[r] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr + 16 * c), a[r]);
             }
@@ -550,6 +558,7 @@ static void scores(const float *q, const float *k, long kt, int keys, int hd, fl
 #endif
     for (int key = 0; key < keys; key++) {
         float d = 0;
+        prefetch_key(k + key * kt, kt, hd);
 #pragma omp simd reduction(+:d)
         for (int c = 0; c < hd; c++) d += q[c] * k[key * kt + c];
         s[key] = d * scale;
@@ -576,6 +585,7 @@ SHARED void attend_one(int j, const float *q, long qb, long qh, long qt, const f
     for (int c = 0; c < hd; c++) out[c] = 0;
     for (int key = 0; key < keys; key++) {
         float e = s[key] / sum;
+        prefetch_key(vv + key * kt, kt, hd);
 #pragma omp simd
         for (int c = 0; c < hd; c++) out[c] += e * vv[key * kt + c];
     }
