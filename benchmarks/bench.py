@@ -204,26 +204,8 @@ def kernel_figures(folder: Path, args: argparse.Namespace, rows: list[dict]) -> 
                                     t_ref, "s", higher=False, target="not slower",
                                     note=f"{chosen.kernel} vs {theirs.kernel}"))
                     del chosen
-                    if quantize != "none":
-                        rows.append(page_figure(folder, mine, ours, quantize, prompt, opts, args.repeats, mock))
             del mine, theirs
     start_figures(folder, args, rows)
-
-
-def page_figure(folder: Path, mine: BioGptForCausalLM, kernel: str, quantize: str, prompt: list[int],
-                opts: GenerationOptions, repeats: int, mock: object) -> dict:
-    """Greedy decode on our kernels with the weights in one buffer advised for 2 MB pages (what
-    loading does: native/arena.py) against the same kernels on the weights where they were made."""
-    from biogpt_cli import loading
-
-    with mock.patch.object(loading, "settle", lambda model: 0):
-        unsettled = load_with(folder, kernel, quantize, 1, torch_attention=False)
-    generate(unsettled, [prompt], GenerationOptions(max_new_tokens=2))
-    t, t_ref = compare(lambda: generate(mine, [prompt], opts), lambda: generate(unsettled, [prompt], opts),
-                       4 * repeats)  # a few percent: more pairs than the other rows
-    n = opts.max_new_tokens
-    return row(f"greedy decode, {quantize}: our weights in 2 MB pages vs 4 KB pages", n / t, n / t_ref, "tokens/s",
-               higher=True, target="", note=f"{kernel} on both; madvise(MADV_HUGEPAGE) on one buffer")
 
 
 KERNEL_TARGETS = {("greedy decode", "float32"): ">= 80% of bound", ("greedy decode", "int8"): ">= 75% of bound",

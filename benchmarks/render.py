@@ -68,8 +68,6 @@ def performance_page(found: list[tuple[str, dict]]) -> str:
            "would be another large dependency; `torch.utils.cpp_extension` compiles against torch's large "
            "headers, far slower at first use, and ties the library to torch's ABI; ONNX Runtime's "
            "`MatMulNBits` covers int4/int8 only and brings a runtime with its own thread pool beside torch's. "
-           "The int8 and int4 weights sit in one buffer advised for 2 MB pages (`native/arena.py`; the rows "
-           "`our weights in 2 MB pages vs 4 KB pages` time the same kernels both ways). "
            "A machine without a compiler keeps torch's kernels. Each kernel competes with torch's on the "
            "model's own weights at the first load (`choose_kernel`), so a figure where torch's kernel is "
            "faster on a CPU is what that CPU's users keep: the rows `... the product's choice vs torch's` "

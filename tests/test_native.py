@@ -4,7 +4,6 @@ build cached, one OpenMP runtime, and torch's kernels where ours cannot be built
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -347,53 +346,3 @@ def test_choose_kernel_times_ours_as_decoding_runs_them(monkeypatch):
     monkeypatch.setattr(linear, "run_linears", lambda layers, rows: lambda: called.append(rows))
     monkeypatch.setattr(NativeInt8Linear, "forward", lambda *a: pytest.fail("timed layer by layer"))
     assert linear._time(ours, 5, torch.float32) >= 0 and called == [5] * 4
-
-
-def _advice(address: int) -> list[str]:
-    """The VmFlags (/proc/self/smaps) of the mapping that holds `address`."""
-    low = high = -1
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        if re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", line.split(" ", 1)[0]):
-            low, high = (int(x, 16) for x in line.split(" ", 1)[0].split("-"))
-        elif line.startswith("VmFlags:") and low <= address < high:
-            return line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
-def test_quantized_weights_are_settled_in_one_huge_page_buffer(tmp_path, monkeypatch):
-    """A loaded int8/int4 model's streamed tensors lie in one buffer from a 2 MB boundary, in
-    order, advised for huge pages; a tensor two layers share is copied once, and the layers'
-    outputs are the same bits as before the move."""
-    import mmap
-
-    from torch import nn
-
-    from biogpt_cli.native.arena import HUGE, settle
-
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
-        pytest.skip("no MADV_HUGEPAGE on this OS: the tensors stay where they are")
-    torch.manual_seed(4)
-    a, b = NativeInt8Linear.quantize(nn.Linear(256, 128)), NativeInt4Linear.quantize(nn.Linear(256, 128))
-    shared = NativeInt4Linear.from_tensors(b.tensors())
-    model = nn.ModuleList([a, b, shared, nn.Linear(4, 4)])
-    x = torch.randn(3, 256)
-    before = [m(x) for m in (a, b)]
-    old = [b.packed.data_ptr(), a.packed.data_ptr()]
-    moved = settle(model)
-    tensors = [getattr(m, name) for m in (a, b) for name in m.streams]
-    assert moved == sum(-(-t.nbytes // 64) * 64 for t in tensors)
-    assert a.packed.data_ptr() % HUGE == 0 and b.packed.data_ptr() not in old
-    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
-    assert [t.data_ptr() for t in tensors] == sorted(t.data_ptr() for t in tensors)
-    assert shared.packed.data_ptr() == b.packed.data_ptr() and shared.mins.data_ptr() == b.mins.data_ptr()
-    assert all(torch.equal(m(x), y) for m, y in zip((a, b), before, strict=True))
-    assert "hg" in _advice(a.packed.data_ptr())  # MADV_HUGEPAGE: the OS may back it with 2 MB pages
-
-    from biogpt_cli import BioGptForCausalLM
-    from tests.conftest import make_reference
-
-    make_reference(tmp_path, seed=2, hidden_size=128, intermediate_size=256, vocab_size=200)
-    monkeypatch.setenv("BIOGPT_KERNEL", "int4-native")
-    loaded = BioGptForCausalLM.from_pretrained(tmp_path, quantize="int4", rows=1)
-    streamed = [getattr(m, name) for m in loaded.modules() for name in getattr(m, "streams", ())]
-    assert len(streamed) > 6 and len({t.untyped_storage().data_ptr() for t in streamed}) == 1

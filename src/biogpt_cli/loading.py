@@ -37,7 +37,6 @@ from .identity import cache_limit, file_sha256, prune
 from .linear import cache_dir, choose_kernel, is_kernel, optimize
 from .model import LAYER_NORM_EPS, BioGptDecoderLayer, BioGptModel
 from .native import ops
-from .native.arena import settle
 from .native.stack import Stack
 from .prepared import for_kernel, load_prepared, prepared_path, save_prepared
 from .tokenizer import BioGptTokenizer
@@ -291,13 +290,11 @@ def from_state_dict(cls: type[nn.Module], config: BioGptConfig, state: dict[str,
     units = [model, *(m for m in model.modules() if isinstance(m, BioGptDecoderLayer))]
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:  # packing is single-threaded C++
         list(pool.map(prepare, units))
+    for m in model.modules() if kernels and native.library() is not None else ():
+        if isinstance(m, BioGptModel):
+            m.stack = Stack.build(m.layers, m.config.num_attention_heads, LAYER_NORM_EPS)
     if quantized and prepared is not None and not cached:
         save_prepared(model, prepared)
-    if kernels and native.library() is not None:
-        settle(model)  # before the stack keeps the weights' addresses
-        for m in model.modules():
-            if isinstance(m, BioGptModel):
-                m.stack = Stack.build(m.layers, m.config.num_attention_heads, LAYER_NORM_EPS)
     _trim_heap()
     for t in small.values():
         release(t)

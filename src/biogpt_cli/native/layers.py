@@ -52,7 +52,6 @@ class _Native(nn.Module):
     out_features: int
     gelu = False
     max_rows = MAX_ROWS  # more rows a call: `many`
-    streams: tuple[str, ...] = ()  # the tensors the kernel reads whole each call (`arena.settle`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.requires_grad:
@@ -103,8 +102,6 @@ class NativeLinear(_Native):
 
 class NativeInt8Linear(_Native):
     """Symmetric int8 weights, one scale a row (|q| <= 127), in blocks of 4 rows by 64 columns."""
-
-    streams = ("packed", "sums", "scales")
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -162,7 +159,6 @@ class NativeInt4Linear(_Native):
     kernel, a prompt's rows included (torch's int4 GEMM is no faster on them)."""
 
     max_rows = 1 << 62
-    streams = ("packed", "scales", "mins")
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                  bias: torch.Tensor | None) -> None:
