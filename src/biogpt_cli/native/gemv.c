@@ -200,14 +200,11 @@ void quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, int thre
 }
 
 #if VNNI
-#define MB 6         /* activation rows that share each weight load (int8) */
-#define Q4MB 6       /* and int4 */
+#define MB 6         /* activation rows that share each weight load (int8 and int4) */
 #elif AVX2
 #define MB 2
-#define Q4MB 2
 #else
 #define MB 1
-#define Q4MB 1
 #endif
 
 #if defined(__AVX512F__)
@@ -347,7 +344,7 @@ void q8_finish(const int32_t *acc, const float *sx, const float *scale, const fl
 INLINE void q4_rows(const uint8_t *w, const float *sc, const int8_t *x, long xs, int K, int mb, float *out) {
     int groups = K / G4;
 #if VNNI
-    __m512 f[Q4MB][R];
+    __m512 f[MB][R];
     const __m512i low = _mm512_set1_epi8(0x0F);
     UNROLL
     for (int m = 0; m < mb; m++)
@@ -373,7 +370,7 @@ INLINE void q4_rows(const uint8_t *w, const float *sc, const int8_t *x, long xs,
     UNROLL
     for (int m = 0; m < mb; m++) sum4_ps(f[m], out + m * R);
 #elif AVX2
-    __m256 f[Q4MB][R];
+    __m256 f[MB][R];
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     UNROLL
     for (int m = 0; m < mb; m++)
@@ -435,11 +432,11 @@ static void q4_part(const linear_t *L, const acts_t *x, float *y, int M, int mod
         int n = i * R;
         const uint8_t *w = (const uint8_t *)L->w + (long)n * K / 2;
         const float *s = (const float *)L->a + (long)n * groups, *mins = (const float *)L->c + (long)n * groups;
-        float acc[Q4MB * R];
-        for (int m = 0; m < M; m += Q4MB) {
-            int mb = M - m < Q4MB ? M - m : Q4MB;
+        float acc[MB * R];
+        for (int m = 0; m < M; m += MB) {
+            int mb = M - m < MB ? M - m : MB;
 #define Q4_ROWS(k) q4_rows(w, s, x->q + (long)m * K, K, K, k, acc)
-            BY_ROWS(mb, Q4MB, Q4_ROWS)
+            BY_ROWS(mb, MB, Q4_ROWS)
             for (int j = 0; j < mb; j++) {
                 const int32_t *xs = x->gsum + (long)(m + j) * groups;
                 for (int r = 0; r < R; r++) {
